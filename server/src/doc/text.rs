@@ -1,0 +1,807 @@
+//! Collaborative text: an automerge Text object addressed in Unicode code points.
+//!
+//! Writes arrive as Braid patches (absolute code-point ranges against the write's parents)
+//! or as a whole new text, which is diffed against the parents' text so concurrent edits
+//! still merge. Automerge's diffs (sequential splices) are turned back into Braid's form by
+//! [`absolute_patches`].
+
+use automerge::PatchAction;
+use automerge::{AutoCommit, ChangeHash, ObjId, ROOT, ReadDoc, transaction::Transactable};
+
+use super::am::{AmDoc, Genesis};
+use super::versions::Resolved;
+use super::{Applied, DocError, DocWrite, Outcome};
+use crate::model::Version;
+use crate::update::{Range, TextPatch, UpdateBody, WriteBody};
+
+/// A text resource's document.
+pub struct TextDoc {
+    base: AmDoc,
+    obj: ObjId,
+}
+
+impl TextDoc {
+    pub fn new() -> Self {
+        Self::from_base(AmDoc::new(Genesis::Text))
+    }
+
+    pub(crate) fn from_base(base: AmDoc) -> Self {
+        let obj = match base.am.get(ROOT, Genesis::Text.key()) {
+            Ok(Some((_, id))) => id,
+            _ => unreachable!("the genesis change creates the text object"),
+        };
+        TextDoc { base, obj }
+    }
+
+    pub(crate) fn base(&mut self) -> &mut AmDoc {
+        &mut self.base
+    }
+
+    pub fn frontier(&mut self) -> Version {
+        self.base.frontier()
+    }
+
+    /// The current text.
+    pub fn text(&self) -> String {
+        self.base.am.text(&self.obj).unwrap_or_default()
+    }
+
+    fn text_at_heads(&self, heads: &[ChangeHash]) -> String {
+        self.base.am.text_at(&self.obj, heads).unwrap_or_default()
+    }
+
+    /// The text at a version; ids inside a run resolve to a prefix of that run's events.
+    pub fn text_at(&mut self, version: &Version) -> Result<String, DocError> {
+        let resolved = self.base.resolve_each(version)?;
+        let partial: Vec<_> = resolved
+            .iter()
+            .filter_map(|r| match r {
+                Resolved::Within { change, events } => Some((*change, *events)),
+                Resolved::Change(_) => None,
+            })
+            .collect();
+        if partial.is_empty() {
+            let heads = self.base.heads_for(version)?;
+            return Ok(self.text_at_heads(&heads));
+        }
+        // A version inside a run names a state that was never a whole change. Only a
+        // single id is meaningful here (the run's own frontier); combinations with other
+        // ids inside runs are not.
+        let [(change, events)] = partial[..] else {
+            return Err(DocError::UnknownVersion(version.ids().to_vec()));
+        };
+        if resolved.len() != 1 {
+            return Err(DocError::UnknownVersion(version.ids().to_vec()));
+        }
+        let deps = self
+            .base
+            .am
+            .get_change_meta_by_hash(&change)
+            .map(|m| m.deps.clone())
+            .ok_or_else(|| DocError::Corrupt("indexed change is missing".into()))?;
+        let before = self.text_at_heads(&deps);
+        let patches = self.patches_between(&deps, &[change])?;
+        Ok(apply_event_prefix(&before, &patches, events))
+    }
+
+    /// Each change after `from` with its own patches (against its own parents).
+    pub fn history_since(
+        &mut self,
+        from: &Version,
+    ) -> Result<Vec<(crate::model::VersionId, Version, UpdateBody)>, DocError> {
+        let changes = self.base.changes_since(from)?;
+        let mut out = Vec::with_capacity(changes.len());
+        for e in changes {
+            let patches = self.patches_between(&e.deps, &[e.hash])?;
+            out.push((e.id, e.parents, UpdateBody::Text(patches)));
+        }
+        Ok(out)
+    }
+
+    /// Patches that take a client at `from` to the current text.
+    pub fn diff_from(&mut self, from: &Version) -> Result<Vec<TextPatch>, DocError> {
+        let before = self.base.heads_for(from)?;
+        let after = self.base.heads();
+        self.patches_between(&before, &after)
+    }
+
+    fn patches_between(
+        &mut self,
+        before: &[ChangeHash],
+        after: &[ChangeHash],
+    ) -> Result<Vec<TextPatch>, DocError> {
+        if same(before, after) {
+            return Ok(Vec::new());
+        }
+        let base_len = self.base.am.length_at(&self.obj, before);
+        let obj = self.obj.clone();
+        let ops = self
+            .base
+            .am
+            .diff(before, after)
+            .into_iter()
+            .filter(|p| p.obj == obj)
+            .filter_map(|p| match p.action {
+                PatchAction::SpliceText { index, value, .. } => Some(SeqOp::Insert {
+                    at: index,
+                    text: value.make_string(),
+                }),
+                PatchAction::DeleteSeq { index, length } => Some(SeqOp::Delete {
+                    at: index,
+                    len: length,
+                }),
+                _ => None,
+            });
+        Ok(absolute_patches(base_len, ops))
+    }
+
+    /// Applies a write; see [`super::Document::apply`].
+    pub fn apply(&mut self, w: &DocWrite<'_>, time_secs: i64) -> Result<Outcome, DocError> {
+        let old_frontier = self.base.frontier();
+        let (parents_version, parent_heads) = match w.parents {
+            Some(p) => (p.clone(), self.base.heads_for(p)?),
+            None => (old_frontier.clone(), self.base.heads()),
+        };
+        let base_text = self.text_at_heads(&parent_heads);
+        let base_len = base_text.chars().count();
+        let patches = match w.body {
+            WriteBody::Full { media_type, body } => {
+                if let Some(m) = media_type {
+                    super::check_media_type(crate::model::Kind::Text, m)?;
+                }
+                let new = std::str::from_utf8(body).map_err(|_| DocError::NotUtf8)?;
+                diff_texts(&base_text, new)
+            }
+            WriteBody::Patches(ps) => checked_patches(ps, base_len)?,
+        };
+        let n: u64 = patches
+            .iter()
+            .map(|p| (p.end - p.start + p.content.chars().count()) as u64)
+            .sum();
+        if n == 0 && w.version.is_none() && !w.force {
+            return Ok(Outcome::Unchanged);
+        }
+        let Some(id) = self.base.choose_id(w.version, w.agent_hint, n) else {
+            return Ok(Outcome::Unchanged);
+        };
+        let obj = self.obj.clone();
+        let committed = self
+            .base
+            .commit_at(&parent_heads, &id, n, time_secs, |am: &mut AutoCommit| {
+                // Absolute ranges against the parents: apply right to left so earlier offsets
+                // stay valid.
+                for p in patches.iter().rev() {
+                    am.splice_text(&obj, p.start, (p.end - p.start) as isize, &p.content)
+                        .map_err(|e| DocError::Corrupt(format!("splice failed: {e}")))?;
+                }
+                Ok(())
+            })?;
+        let new_frontier = self.base.frontier();
+        let event_patches = if committed.was_current {
+            patches
+        } else {
+            let old_heads = self.base.heads_for(&old_frontier)?;
+            let now = self.base.heads();
+            self.patches_between(&old_heads, &now)?
+        };
+        Ok(Outcome::Applied(Applied {
+            id: committed.id,
+            parents: parents_version,
+            n,
+            change: committed.bytes,
+            event_parents: old_frontier,
+            event_version: new_frontier,
+            body: UpdateBody::Text(event_patches),
+        }))
+    }
+}
+
+impl Default for TextDoc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn same(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
+    a.len() == b.len() && a.iter().all(|h| b.contains(h))
+}
+
+/// Turns Braid text patches into checked, sorted code-point edits against a text of
+/// `len` code points.
+fn checked_patches(ps: &[crate::update::Patch], len: usize) -> Result<Vec<TextPatch>, DocError> {
+    let mut out = Vec::with_capacity(ps.len());
+    for p in ps {
+        let Range::Text { start, end } = p.range else {
+            return Err(DocError::WrongUnit {
+                kind: "text",
+                expected: "text [start:end]",
+            });
+        };
+        let content = std::str::from_utf8(&p.content).map_err(|_| DocError::NotUtf8)?;
+        out.push(TextPatch {
+            start,
+            end,
+            content: content.to_string(),
+        });
+    }
+    out.sort_by_key(|p| (p.start, p.end));
+    let mut prev_end = 0;
+    for p in &out {
+        if p.end > len {
+            return Err(DocError::OutOfRange(format!(
+                "text [{}:{}] reaches past the end of the text ({len} code points at the parents)",
+                p.start, p.end
+            )));
+        }
+        if p.start < prev_end {
+            return Err(DocError::BadPatch(format!(
+                "text patches overlap at [{}:{}]",
+                p.start, p.end
+            )));
+        }
+        prev_end = p.end;
+    }
+    Ok(out)
+}
+
+/// The code-point edits that turn `old` into `new` (for whole-body writes).
+pub fn diff_texts(old: &str, new: &str) -> Vec<TextPatch> {
+    let mut out: Vec<TextPatch> = Vec::new();
+    let mut pos = 0usize; // in `old`, code points
+    for chunk in dissimilar::diff(old, new) {
+        match chunk {
+            dissimilar::Chunk::Equal(s) => pos += s.chars().count(),
+            dissimilar::Chunk::Delete(s) => {
+                let n = s.chars().count();
+                match out.last_mut() {
+                    Some(last) if last.end == pos => last.end += n,
+                    _ => out.push(TextPatch {
+                        start: pos,
+                        end: pos + n,
+                        content: String::new(),
+                    }),
+                }
+                pos += n;
+            }
+            dissimilar::Chunk::Insert(s) => match out.last_mut() {
+                Some(last) if last.end == pos => last.content.push_str(s),
+                _ => out.push(TextPatch {
+                    start: pos,
+                    end: pos,
+                    content: s.to_string(),
+                }),
+            },
+        }
+    }
+    out
+}
+
+/// One sequential edit, as automerge reports them: positions are in the text as it is
+/// after the edits before it.
+#[derive(Debug, Clone)]
+pub enum SeqOp {
+    Insert { at: usize, text: String },
+    Delete { at: usize, len: usize },
+}
+
+/// Converts sequential edits on a text of `base_len` code points into Braid's form:
+/// disjoint patches, sorted, with ranges in the coordinates of the original text.
+pub fn absolute_patches(base_len: usize, ops: impl IntoIterator<Item = SeqOp>) -> Vec<TextPatch> {
+    #[derive(Debug)]
+    enum Piece {
+        Orig { start: usize, len: usize },
+        Ins(Vec<char>),
+    }
+    impl Piece {
+        fn len(&self) -> usize {
+            match self {
+                Piece::Orig { len, .. } => *len,
+                Piece::Ins(c) => c.len(),
+            }
+        }
+        fn split(self, at: usize) -> (Piece, Piece) {
+            match self {
+                Piece::Orig { start, len } => (
+                    Piece::Orig { start, len: at },
+                    Piece::Orig {
+                        start: start + at,
+                        len: len - at,
+                    },
+                ),
+                Piece::Ins(mut c) => {
+                    let tail = c.split_off(at);
+                    (Piece::Ins(c), Piece::Ins(tail))
+                }
+            }
+        }
+    }
+    /// Splits the pieces so that a piece boundary falls at `pos`; returns its index.
+    fn boundary(pieces: &mut Vec<Piece>, pos: usize) -> usize {
+        let mut acc = 0;
+        for i in 0..pieces.len() {
+            let l = pieces[i].len();
+            if acc == pos {
+                return i;
+            }
+            if pos < acc + l {
+                let p = pieces.remove(i);
+                let (a, b) = p.split(pos - acc);
+                pieces.insert(i, b);
+                pieces.insert(i, a);
+                return i + 1;
+            }
+            acc += l;
+        }
+        pieces.len()
+    }
+
+    let mut pieces = vec![Piece::Orig {
+        start: 0,
+        len: base_len,
+    }];
+    pieces.retain(|p| p.len() > 0);
+    for op in ops {
+        match op {
+            SeqOp::Insert { at, text } => {
+                if text.is_empty() {
+                    continue;
+                }
+                let i = boundary(&mut pieces, at);
+                pieces.insert(i, Piece::Ins(text.chars().collect()));
+            }
+            SeqOp::Delete { at, len } => {
+                if len == 0 {
+                    continue;
+                }
+                let i = boundary(&mut pieces, at);
+                let j = boundary(&mut pieces, at + len);
+                pieces.drain(i..j);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut orig_pos = 0;
+    let mut pending = String::new();
+    for p in pieces {
+        match p {
+            Piece::Orig { start, len } => {
+                if start > orig_pos || !pending.is_empty() {
+                    out.push(TextPatch {
+                        start: orig_pos,
+                        end: start,
+                        content: std::mem::take(&mut pending),
+                    });
+                }
+                orig_pos = start + len;
+            }
+            Piece::Ins(c) => pending.extend(c),
+        }
+    }
+    if orig_pos < base_len || !pending.is_empty() {
+        out.push(TextPatch {
+            start: orig_pos,
+            end: base_len,
+            content: pending,
+        });
+    }
+    out
+}
+
+/// Applies Braid patches (absolute against `text`) to `text`.
+pub fn apply_patches(text: &str, patches: &[TextPatch]) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for p in patches {
+        out.extend(&chars[at..p.start.min(chars.len())]);
+        out.push_str(&p.content);
+        at = p.end.min(chars.len());
+    }
+    out.extend(&chars[at.min(chars.len())..]);
+    out
+}
+
+/// The text after the first `events` events of an edit: patch by patch from the left,
+/// each deleting right to left and then inserting left to right (the `text-runs` order).
+fn apply_event_prefix(text: &str, patches: &[TextPatch], events: u64) -> String {
+    let mut left = events as usize;
+    let mut partial = Vec::new();
+    for p in patches {
+        if left == 0 {
+            break;
+        }
+        let del = p.end - p.start;
+        let ins: Vec<char> = p.content.chars().collect();
+        let take_del = del.min(left);
+        left -= take_del;
+        let take_ins = ins.len().min(left);
+        left -= take_ins;
+        // Deleting right to left: the last `take_del` code points of the range go first.
+        partial.push(TextPatch {
+            start: p.end - take_del,
+            end: p.end,
+            content: ins[..take_ins].iter().collect(),
+        });
+    }
+    apply_patches(text, &partial)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::VersionId;
+    use crate::update::Patch;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    fn id(s: &str) -> VersionId {
+        VersionId::parse(s).unwrap()
+    }
+    fn tp(start: usize, end: usize, c: &str) -> crate::update::Patch {
+        Patch {
+            range: Range::Text { start, end },
+            content: Bytes::copy_from_slice(c.as_bytes()),
+        }
+    }
+    fn put(
+        doc: &mut TextDoc,
+        v: Option<&str>,
+        parents: Option<&[&str]>,
+        body: WriteBody,
+    ) -> Result<Outcome, DocError> {
+        let vid = v.map(id);
+        let parents = parents.map(|p| p.iter().map(|s| id(s)).collect::<Version>());
+        doc.apply(
+            &DocWrite {
+                body: &body,
+                version: vid.as_ref(),
+                parents: parents.as_ref(),
+                agent_hint: None,
+                force: false,
+            },
+            0,
+        )
+    }
+    fn full(s: &str) -> WriteBody {
+        WriteBody::Full {
+            media_type: None,
+            body: Bytes::copy_from_slice(s.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn the_harness_sequence() {
+        let mut d = TextDoc::new();
+        let Outcome::Applied(a) = put(&mut d, None, None, full("hello")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.id.seq(), 4);
+        let v1 = a.id.to_string();
+        put(
+            &mut d,
+            Some("bob-5"),
+            Some(&[&v1]),
+            WriteBody::Patches(vec![tp(5, 5, " world")]),
+        )
+        .unwrap();
+        put(
+            &mut d,
+            Some("carol-2"),
+            Some(&["bob-5"]),
+            WriteBody::Patches(vec![tp(0, 1, "H"), tp(11, 11, "!")]),
+        )
+        .unwrap();
+        put(
+            &mut d,
+            Some("dave-5"),
+            Some(&["carol-2"]),
+            WriteBody::Patches(vec![tp(5, 11, "")]),
+        )
+        .unwrap();
+        assert_eq!(d.text(), "Hello!");
+        assert_eq!(d.text_at(&Version::one(id("bob-5"))).unwrap(), "hello world");
+        // Concurrent edits on the same parents merge.
+        let Outcome::Applied(e) = put(
+            &mut d,
+            Some("erin-0"),
+            Some(&["dave-5"]),
+            WriteBody::Patches(vec![tp(0, 0, "A")]),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            e.body_patches(),
+            vec![TextPatch {
+                start: 0,
+                end: 0,
+                content: "A".into()
+            }]
+        );
+        let Outcome::Applied(f) = put(
+            &mut d,
+            Some("fred-0"),
+            Some(&["dave-5"]),
+            WriteBody::Patches(vec![tp(6, 6, "Z")]),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.text(), "AHello!Z");
+        assert_eq!(f.event_parents, Version::one(id("erin-0")));
+        assert_eq!(f.event_version, Version::new(vec![id("erin-0"), id("fred-0")]));
+        assert_eq!(
+            f.body_patches(),
+            vec![TextPatch {
+                start: 7,
+                end: 7,
+                content: "Z".into()
+            }]
+        );
+        assert_eq!(
+            d.diff_from(&Version::one(id("bob-5"))).unwrap(),
+            apply_diff_check(
+                "hello world",
+                "AHello!Z",
+                &d.diff_from(&Version::one(id("bob-5"))).unwrap()
+            )
+        );
+    }
+
+    fn apply_diff_check(from: &str, to: &str, p: &[TextPatch]) -> Vec<TextPatch> {
+        assert_eq!(apply_patches(from, p), to);
+        p.to_vec()
+    }
+
+    impl Applied {
+        fn body_patches(&self) -> Vec<TextPatch> {
+            match &self.body {
+                UpdateBody::Text(p) => p.clone(),
+                _ => panic!(),
+            }
+        }
+    }
+
+    #[test]
+    fn intermediate_versions_of_a_run() {
+        let mut d = TextDoc::new();
+        put(&mut d, Some("amy-2"), Some(&[]), full("abc")).unwrap();
+        assert_eq!(d.text_at(&Version::one(id("amy-0"))).unwrap(), "a");
+        assert_eq!(d.text_at(&Version::one(id("amy-1"))).unwrap(), "ab");
+        assert_eq!(d.text_at(&Version::one(id("amy-2"))).unwrap(), "abc");
+        put(
+            &mut d,
+            Some("bo-2"),
+            Some(&["amy-2"]),
+            WriteBody::Patches(vec![tp(1, 3, "X")]),
+        )
+        .unwrap();
+        assert_eq!(d.text(), "aX");
+        // Deletes go right to left: after one event "c" is gone.
+        assert_eq!(d.text_at(&Version::one(id("bo-0"))).unwrap(), "ab");
+        assert_eq!(d.text_at(&Version::one(id("bo-1"))).unwrap(), "a");
+        assert!(matches!(
+            d.text_at(&Version::one(id("bo-3"))),
+            Err(DocError::UnknownVersion(_))
+        ));
+    }
+
+    #[test]
+    fn bad_writes_change_nothing() {
+        let mut d = TextDoc::new();
+        put(&mut d, Some("a-4"), None, full("hello")).unwrap();
+        let before = d.frontier();
+        assert!(matches!(
+            put(&mut d, None, None, WriteBody::Patches(vec![tp(99, 99, "x")])),
+            Err(DocError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            put(
+                &mut d,
+                None,
+                None,
+                WriteBody::Patches(vec![tp(0, 3, "x"), tp(2, 4, "y")])
+            ),
+            Err(DocError::BadPatch(_))
+        ));
+        assert!(matches!(
+            put(&mut d, None, Some(&["nope-1"]), full("x")),
+            Err(DocError::UnknownVersion(_))
+        ));
+        let bad = WriteBody::Patches(vec![Patch {
+            range: Range::Text { start: 0, end: 0 },
+            content: Bytes::from_static(b"\xff"),
+        }]);
+        assert!(matches!(put(&mut d, None, None, bad), Err(DocError::NotUtf8)));
+        assert_eq!(d.frontier(), before);
+        assert_eq!(d.text(), "hello");
+    }
+
+    #[test]
+    fn duplicates_and_no_ops_are_unchanged() {
+        let mut d = TextDoc::new();
+        put(&mut d, Some("a-4"), None, full("hello")).unwrap();
+        assert!(matches!(
+            put(&mut d, Some("a-4"), None, full("other")).unwrap(),
+            Outcome::Unchanged
+        ));
+        assert!(matches!(
+            put(&mut d, Some("a-2"), None, full("other")).unwrap(),
+            Outcome::Unchanged
+        ));
+        assert!(matches!(
+            put(&mut d, None, None, full("hello")).unwrap(),
+            Outcome::Unchanged
+        ));
+        assert_eq!(d.text(), "hello");
+    }
+
+    #[test]
+    fn unversioned_writes_by_one_peer_do_not_collide() {
+        let mut d = TextDoc::new();
+        let w = |b| WriteBody::Full {
+            media_type: None,
+            body: Bytes::from_static(b),
+        };
+        let a = d
+            .apply(
+                &DocWrite {
+                    body: &w(b"ab"),
+                    version: None,
+                    parents: None,
+                    agent_hint: Some("zed"),
+                    force: false,
+                },
+                0,
+            )
+            .unwrap();
+        let b = d
+            .apply(
+                &DocWrite {
+                    body: &w(b"ba"),
+                    version: None,
+                    parents: None,
+                    agent_hint: Some("zed"),
+                    force: false,
+                },
+                0,
+            )
+            .unwrap();
+        let (Outcome::Applied(a), Outcome::Applied(b)) = (a, b) else {
+            panic!()
+        };
+        assert_eq!(a.id, id("zed-1"));
+        assert_ne!(a.id, b.id);
+        assert_eq!(d.text(), "ba");
+    }
+
+    #[test]
+    fn reload_from_save_and_changes_keeps_versions() {
+        let mut d = TextDoc::new();
+        let Outcome::Applied(a) = put(&mut d, Some("a-4"), None, full("hello")).unwrap() else {
+            panic!()
+        };
+        let snap = d.base().save();
+        let Outcome::Applied(b) = put(
+            &mut d,
+            Some("b-0"),
+            Some(&["a-4"]),
+            WriteBody::Patches(vec![tp(5, 5, "!")]),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let changes = vec![super::super::am::decode_change(&b.change).unwrap()];
+        let mut r = TextDoc::from_base(AmDoc::load(Genesis::Text, Some(&snap), changes).unwrap());
+        assert_eq!(r.text(), "hello!");
+        assert_eq!(r.frontier(), Version::one(id("b-0")));
+        assert_eq!(r.text_at(&Version::one(id("a-4"))).unwrap(), "hello");
+        let _ = a;
+    }
+
+    #[test]
+    fn absolute_patches_examples() {
+        // Insert then delete inside the insert.
+        let p = absolute_patches(
+            3,
+            vec![
+                SeqOp::Insert {
+                    at: 1,
+                    text: "xyz".into(),
+                },
+                SeqOp::Delete { at: 2, len: 1 },
+            ],
+        );
+        assert_eq!(
+            p,
+            vec![TextPatch {
+                start: 1,
+                end: 1,
+                content: "xz".into()
+            }]
+        );
+        // Delete spanning original text and an insert.
+        let p = absolute_patches(
+            4,
+            vec![
+                SeqOp::Insert {
+                    at: 2,
+                    text: "__".into(),
+                },
+                SeqOp::Delete { at: 1, len: 3 },
+            ],
+        );
+        assert_eq!(apply_patches("abcd", &p), "acd");
+        assert_eq!(absolute_patches(0, vec![]), vec![]);
+    }
+
+    fn arb_ops(len: usize) -> impl Strategy<Value = Vec<(bool, usize, usize, String)>> {
+        let _ = len;
+        prop::collection::vec((any::<bool>(), 0usize..40, 0usize..6, "[a-zé😀]{0,4}"), 0..12)
+    }
+
+    proptest! {
+        #[test]
+        fn absolute_patches_reproduce_sequential_edits(base in "[a-zé😀 ]{0,30}", ops in arb_ops(0)) {
+            let mut cur: Vec<char> = base.chars().collect();
+            let mut seq = Vec::new();
+            for (ins, at, len, text) in ops {
+                let at = at.min(cur.len());
+                if ins {
+                    cur.splice(at..at, text.chars());
+                    seq.push(SeqOp::Insert { at, text });
+                } else {
+                    let len = len.min(cur.len() - at);
+                    cur.drain(at..at + len);
+                    seq.push(SeqOp::Delete { at, len });
+                }
+            }
+            let want: String = cur.into_iter().collect();
+            let patches = absolute_patches(base.chars().count(), seq);
+            for w in patches.windows(2) {
+                prop_assert!(w[0].end <= w[1].start);
+            }
+            prop_assert_eq!(apply_patches(&base, &patches), want);
+        }
+
+        #[test]
+        fn whole_text_diffs_reproduce_the_new_text(a in "[a-cé😀 ]{0,40}", b in "[a-cé😀 ]{0,40}") {
+            prop_assert_eq!(apply_patches(&a, &diff_texts(&a, &b)), b);
+        }
+
+        /// Several peers edit from random earlier versions; every version's diff to now
+        /// reproduces the current text, and a reload converges to the same text.
+        #[test]
+        fn concurrent_edits_converge(edits in prop::collection::vec((0usize..6, 0usize..30, 0usize..4, "[a-z]{0,3}"), 1..25)) {
+            let mut d = TextDoc::new();
+            let mut seen: Vec<(Version, String)> = vec![(Version::root(), String::new())];
+            let mut changes = Vec::new();
+            for (k, (pick, at, del, ins)) in edits.into_iter().enumerate() {
+                let (parents, text) = seen[pick % seen.len()].clone();
+                let len = text.chars().count();
+                let at = at.min(len);
+                let del = del.min(len - at);
+                let body = WriteBody::Patches(vec![tp(at, at + del, &ins)]);
+                let agent = format!("p{k}");
+                let n = (del + ins.chars().count()) as u64;
+                let vid = VersionId::new(agent, n.max(1) - 1).unwrap();
+                match d.apply(&DocWrite { body: &body, version: Some(&vid), parents: Some(&parents), agent_hint: None, force: false }, 0).unwrap() {
+                    Outcome::Applied(a) => {
+                        changes.push(a.change.clone());
+                        seen.push((d.frontier(), d.text()));
+                    }
+                    Outcome::Unchanged => {}
+                }
+            }
+            let now = d.text();
+            for (v, t) in &seen {
+                let p = d.diff_from(v).unwrap();
+                prop_assert_eq!(apply_patches(t, &p), now.clone());
+            }
+            let decoded = changes.iter().map(|c| super::super::am::decode_change(c).unwrap()).collect();
+            let mut r = TextDoc::from_base(AmDoc::load(Genesis::Text, None, decoded).unwrap());
+            prop_assert_eq!(r.text(), now);
+            prop_assert_eq!(r.frontier(), d.frontier());
+        }
+    }
+}
