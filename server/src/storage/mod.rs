@@ -1,0 +1,227 @@
+//! Durable storage: one [`Storage`] trait, two backends.
+//!
+//! * [`postgres::PostgresStorage`]: tokio-postgres with a deadpool pool; schema from the
+//!   numbered SQL files in `migrations/`, applied at start-up and tracked by refinery.
+//! * [`sqlite::SqliteStorage`]: the embedded default, a SQLite file in the data dir (WAL,
+//!   `synchronous=FULL`); see ARCHITECTURE.md for why SQLite.
+//!
+//! The model (DESIGN.md §2): a resource row per (namespace, path) with its kind and media
+//! type; an append-only log of changes per resource numbered by `seq`; at most one snapshot
+//! per resource that folds the log up to some `seq`; blobs by BLAKE3 hash for bytes
+//! resources. Both backends pass the same suite ([`suite`]).
+//!
+//! **Durability contract:** [`Storage::append`] returns only after the changes are
+//! committed to disk (fsync), and concurrent appends are group-committed: many callers'
+//! changes share one transaction, which is what makes durable writes fast.
+//!
+//! This module knows nothing of documents, HTTP or subscribers: changes are opaque bytes.
+
+pub mod postgres;
+pub mod sqlite;
+pub mod suite;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use plait_bridge::Identity;
+
+use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
+
+/// A resource's row id.
+pub type ResourceId = i64;
+/// Position of a change in its resource's log (1, 2, …; gap-free, in commit order).
+pub type Seq = i64;
+
+/// A resource as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceRow {
+    pub id: ResourceId,
+    pub kind: Kind,
+    pub media_type: String,
+    /// The seq of the last change appended.
+    pub head_seq: Seq,
+}
+
+/// A stored change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChange {
+    pub seq: Seq,
+    /// Braid version id of the change.
+    pub version: String,
+    /// Braid parents as a header value (`"a-1", "b-2"`).
+    pub parents: String,
+    /// Who made it, when known.
+    pub author: Option<Identity>,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// An automerge change, or for bytes resources the BLAKE3 hash of the value.
+    pub data: Bytes,
+    /// For bytes resources: the media type of the value.
+    pub meta: Option<String>,
+}
+
+/// A change to append.
+#[derive(Debug, Clone)]
+pub struct NewChange {
+    pub version: String,
+    pub parents: String,
+    pub author: Option<Identity>,
+    pub at_ms: i64,
+    pub data: Bytes,
+    pub meta: Option<String>,
+    /// For bytes resources: the value, stored under its BLAKE3 hash (`data`).
+    pub blob: Option<Bytes>,
+}
+
+/// Everything needed to rebuild a resource's document.
+#[derive(Debug, Clone)]
+pub struct LoadedResource {
+    pub row: ResourceRow,
+    /// `(upto_seq, bytes)`: a snapshot covering changes up to `upto_seq`.
+    pub snapshot: Option<(Seq, Bytes)>,
+    /// Changes after the snapshot, in order.
+    pub changes: Vec<StoredChange>,
+    /// For bytes resources: the value of the latest change.
+    pub blob: Option<Bytes>,
+}
+
+/// Which resource an append goes to.
+// Short-lived and passed by value once per append; boxing the key would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Target {
+    Existing(ResourceId),
+    /// Create the resource if it does not exist (another process may have just made it).
+    Create {
+        key: ResourceKey,
+        kind: Kind,
+        media_type: String,
+    },
+}
+
+/// The result of an append: where the changes landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub resource: ResourceId,
+    pub first_seq: Seq,
+    pub last_seq: Seq,
+}
+
+/// A line of a namespace listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceSummary {
+    pub path: ResourcePath,
+    pub kind: Kind,
+    pub media_type: String,
+    pub head_seq: Seq,
+}
+
+/// Why storage failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    /// The database cannot be reached or refused the work; the caller may retry later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The request contradicts what is stored (e.g. created with another kind).
+    #[error("{0}")]
+    Conflict(String),
+    /// The resource this append targets no longer exists.
+    #[error("the resource was deleted")]
+    Gone,
+    /// Stored data does not make sense.
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+    /// The database refused a statement for another reason.
+    #[error("storage failed: {0}")]
+    Failed(String),
+}
+
+/// Durable storage of resources and their change logs.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// `"postgres"` or `"embedded"`.
+    fn backend(&self) -> &'static str;
+
+    /// The resource with its latest snapshot and the changes after it; `None` if absent.
+    async fn load(&self, key: &ResourceKey) -> Result<Option<LoadedResource>, StorageError>;
+
+    /// Appends changes to one resource, durably. Returns after commit.
+    async fn append(&self, target: Target, changes: Vec<NewChange>) -> Result<Appended, StorageError>;
+
+    /// Changes of a resource with `seq > after`, in order.
+    async fn changes_after(&self, id: ResourceId, after: Seq) -> Result<Vec<StoredChange>, StorageError>;
+
+    /// Stores a snapshot covering changes `..= upto` and drops those changes.
+    async fn save_snapshot(&self, id: ResourceId, upto: Seq, data: Bytes) -> Result<(), StorageError>;
+
+    /// For bytes resources: drops changes before `keep_from` and values no change uses.
+    async fn drop_changes_before(&self, id: ResourceId, keep_from: Seq) -> Result<(), StorageError>;
+
+    /// Deletes a resource with all its changes; `false` if it did not exist.
+    async fn delete(&self, key: &ResourceKey) -> Result<bool, StorageError>;
+
+    /// Resources of a namespace whose path starts with `prefix`, after `after`, by path.
+    async fn list(
+        &self,
+        namespace: &Namespace,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ResourceSummary>, StorageError>;
+
+    /// A small instance-wide setting (e.g. which identity owns this database).
+    async fn get_setting(&self, name: &str) -> Result<Option<String>, StorageError>;
+    async fn put_setting(&self, name: &str, value: &str) -> Result<(), StorageError>;
+}
+
+/// Smallest string greater than every string that starts with `prefix` (for range scans),
+/// or `None` when there is none.
+pub(crate) fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        if let Some(next) = char::from_u32(last as u32 + 1) {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// Group-commit limits shared by both backends.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitLimits {
+    /// Most changes folded into one transaction.
+    pub max_changes: usize,
+    /// Most bytes of change data folded into one transaction.
+    pub max_bytes: usize,
+}
+
+impl Default for CommitLimits {
+    fn default() -> Self {
+        CommitLimits {
+            max_changes: 2_000,
+            max_bytes: 16 << 20,
+        }
+    }
+}
+
+pub(crate) fn kind_from_code(code: i16) -> Result<Kind, StorageError> {
+    Kind::from_code(code).ok_or_else(|| StorageError::Corrupt(format!("unknown kind code {code}")))
+}
+
+pub(crate) fn identity_from_bytes(bytes: Option<Vec<u8>>) -> Result<Option<Identity>, StorageError> {
+    bytes
+        .map(|b| Identity::from_bytes(&b).map_err(|e| StorageError::Corrupt(e.to_string())))
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_upper_bound;
+
+    #[test]
+    fn prefix_bounds() {
+        assert_eq!(prefix_upper_bound("abc").as_deref(), Some("abd"));
+        assert_eq!(prefix_upper_bound("a/").as_deref(), Some("a0"));
+        assert_eq!(prefix_upper_bound(""), None);
+    }
+}

@@ -1,0 +1,623 @@
+//! Postgres storage: tokio-postgres with a deadpool pool.
+//!
+//! The schema is the numbered SQL in `migrations/`, embedded at build time and applied at
+//! start-up by refinery under an advisory lock, so several processes starting at once
+//! migrate once.
+//!
+//! Appends are group-committed: callers queue their appends; [`COMMITTERS`] worker tasks
+//! each take everything queued (up to [`CommitLimits`]) and write it in one transaction of
+//! five statements whatever the batch size (lock the resource rows in id order, create
+//! missing resources, advance their `head_seq`, insert all changes, insert all blobs). If
+//! a batch fails, its appends are retried one by one so a bad one fails alone.
+//! `synchronous_commit` is left on: the commit returns after the WAL is flushed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_postgres::NoTls;
+
+use super::{
+    Appended, CommitLimits, LoadedResource, NewChange, ResourceId, ResourceRow, ResourceSummary, Seq,
+    Storage, StorageError, StoredChange, Target, identity_from_bytes, kind_from_code, prefix_upper_bound,
+};
+use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+/// Concurrent group-commit workers (each holds one pooled connection while committing).
+pub const COMMITTERS: usize = 3;
+
+/// Key of the advisory lock taken while migrating.
+const MIGRATION_LOCK: i64 = 0x706c_6169_745f_6d69;
+
+/// The Postgres backend.
+pub struct PostgresStorage {
+    pool: Pool,
+    appends: mpsc::UnboundedSender<AppendJob>,
+}
+
+struct AppendJob {
+    target: Target,
+    changes: Vec<NewChange>,
+    reply: oneshot::Sender<Result<Appended, StorageError>>,
+}
+
+fn pg_err(e: tokio_postgres::Error) -> StorageError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        if code == "23503" {
+            return StorageError::Gone;
+        }
+        if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
+            return StorageError::Unavailable(db.message().to_string());
+        }
+        return StorageError::Failed(format!("{}: {}", code, db.message()));
+    }
+    StorageError::Unavailable(e.to_string())
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StorageError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_err(e),
+        other => StorageError::Unavailable(other.to_string()),
+    }
+}
+
+impl PostgresStorage {
+    /// Connects, migrates, and starts the committers.
+    pub async fn connect(url: &str, pool_size: usize, limits: CommitLimits) -> Result<Self, StorageError> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StorageError::Unavailable(format!("bad database URL: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(COMMITTERS + 1))
+            .build()
+            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        {
+            let mut client = pool.get().await.map_err(pool_err)?;
+            client
+                .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(pg_err)?;
+            let client: &mut tokio_postgres::Client = &mut client;
+            let migrated = embedded::migrations::runner().run_async(client).await;
+            client
+                .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(pg_err)?;
+            migrated.map_err(|e| StorageError::Failed(format!("migrations: {e}")))?;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..COMMITTERS {
+            tokio::spawn(committer(pool.clone(), rx.clone(), limits));
+        }
+        Ok(PostgresStorage { pool, appends: tx })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StorageError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+}
+
+/// A group-commit worker: take what is queued, commit it as one transaction.
+async fn committer(pool: Pool, rx: Arc<Mutex<mpsc::UnboundedReceiver<AppendJob>>>, limits: CommitLimits) {
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let weight = |j: &AppendJob| {
+                j.changes
+                    .iter()
+                    .map(|c| c.data.len() + c.blob.as_ref().map_or(0, Bytes::len))
+                    .sum::<usize>()
+            };
+            let (mut n, mut bytes) = (first.changes.len(), weight(&first));
+            let mut batch = vec![first];
+            while n < limits.max_changes && bytes < limits.max_bytes {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        n += job.changes.len();
+                        bytes += weight(&job);
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let mut client = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                let e = pool_err(e);
+                for j in batch {
+                    let _ = j.reply.send(Err(e.clone()));
+                }
+                continue;
+            }
+        };
+        let jobs: Vec<(Target, Vec<NewChange>)> = batch
+            .iter()
+            .map(|j| (j.target.clone(), j.changes.clone()))
+            .collect();
+        match commit_batch(&mut client, &jobs).await {
+            Ok(results) => {
+                for (j, r) in batch.into_iter().zip(results) {
+                    let _ = j.reply.send(r);
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                let _ = batch.into_iter().next().map(|j| j.reply.send(Err(e)));
+            }
+            Err(StorageError::Unavailable(m)) => {
+                for j in batch {
+                    let _ = j.reply.send(Err(StorageError::Unavailable(m.clone())));
+                }
+            }
+            Err(_) => {
+                // Something in the batch was refused: retry each alone.
+                for j in batch {
+                    let one = [(j.target.clone(), j.changes.clone())];
+                    let r = match commit_batch(&mut client, &one).await {
+                        Ok(mut v) => v.pop().unwrap_or(Err(StorageError::Failed("no result".into()))),
+                        Err(e) => Err(e),
+                    };
+                    let _ = j.reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+/// Writes a batch of appends in one transaction. Per-append refusals that can be decided
+/// without failing the transaction (deleted resource, kind conflict) are per-job results.
+async fn commit_batch(
+    client: &mut deadpool_postgres::Object,
+    jobs: &[(Target, Vec<NewChange>)],
+) -> Result<Vec<Result<Appended, StorageError>>, StorageError> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let mut results: Vec<Option<Result<ResourceId, StorageError>>> = vec![None; jobs.len()];
+
+    // 1. Create missing resources (or find the ones another writer just created).
+    let creates: Vec<(usize, &ResourceKey, Kind, &str)> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (t, _))| match t {
+            Target::Create {
+                key,
+                kind,
+                media_type,
+            } => Some((i, key, *kind, media_type.as_str())),
+            Target::Existing(_) => None,
+        })
+        .collect();
+    if !creates.is_empty() {
+        let ns: Vec<&[u8]> = creates
+            .iter()
+            .map(|c| c.1.namespace.as_bytes().as_slice())
+            .collect();
+        let paths: Vec<&str> = creates.iter().map(|c| c.1.path.as_str()).collect();
+        let kinds: Vec<i16> = creates.iter().map(|c| c.2.code()).collect();
+        let types: Vec<&str> = creates.iter().map(|c| c.3).collect();
+        let rows = tx
+            .query(
+                "INSERT INTO resources (namespace, path, kind, media_type)
+                 SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::int2[], $4::text[])
+                 ON CONFLICT (namespace, path) DO UPDATE SET updated_at = now()
+                 RETURNING id, namespace, path, kind",
+                &[&ns, &paths, &kinds, &types],
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut found: HashMap<(Vec<u8>, String), (i64, i16)> = HashMap::new();
+        for r in rows {
+            found.insert(
+                (r.get::<_, Vec<u8>>(1), r.get::<_, String>(2)),
+                (r.get(0), r.get(3)),
+            );
+        }
+        for (i, key, kind, _) in &creates {
+            let got = found.get(&(key.namespace.as_bytes().to_vec(), key.path.as_str().to_string()));
+            results[*i] = Some(match got {
+                Some((id, code)) if *code == kind.code() => Ok(*id),
+                Some((_, code)) => Err(StorageError::Conflict(format!(
+                    "{key} was just created as {} by another writer",
+                    kind_from_code(*code).map(Kind::name).unwrap_or("?")
+                ))),
+                None => Err(StorageError::Failed(format!("{key} was not created"))),
+            });
+        }
+    }
+    for (i, (t, _)) in jobs.iter().enumerate() {
+        if let Target::Existing(id) = t {
+            results[i] = Some(Ok(*id));
+        }
+    }
+
+    // 2. Lock the rows in id order (several processes may commit at once), then advance
+    //    each resource's head_seq by the number of changes going to it.
+    let mut counts: HashMap<i64, i64> = HashMap::new();
+    for (i, (_, changes)) in jobs.iter().enumerate() {
+        if let Some(Ok(id)) = &results[i] {
+            *counts.entry(*id).or_default() += changes.len() as i64;
+        }
+    }
+    let mut ids: Vec<i64> = counts.keys().copied().collect();
+    ids.sort_unstable();
+    let ns: Vec<i64> = ids.iter().map(|id| counts[id]).collect();
+    tx.execute(
+        "SELECT 1 FROM resources WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &[&ids],
+    )
+    .await
+    .map_err(pg_err)?;
+    let rows = tx
+        .query(
+            "UPDATE resources r SET head_seq = r.head_seq + d.n, updated_at = now()
+             FROM UNNEST($1::int8[], $2::int8[]) AS d(id, n)
+             WHERE r.id = d.id RETURNING r.id, r.head_seq",
+            &[&ids, &ns],
+        )
+        .await
+        .map_err(pg_err)?;
+    // Next free seq per resource, counting down from the new head in job order.
+    let mut next: HashMap<i64, i64> = HashMap::new();
+    for r in rows {
+        let (id, head): (i64, i64) = (r.get(0), r.get(1));
+        next.insert(id, head - counts[&id] + 1);
+    }
+
+    // 3. All changes and blobs in one statement each.
+    let mut c_res = Vec::new();
+    let mut c_seq = Vec::new();
+    let mut c_ver = Vec::new();
+    let mut c_par = Vec::new();
+    let mut c_auth: Vec<Option<&[u8]>> = Vec::new();
+    let mut c_at = Vec::new();
+    let mut c_data: Vec<&[u8]> = Vec::new();
+    let mut c_meta: Vec<Option<&str>> = Vec::new();
+    let mut b_hash: Vec<&[u8]> = Vec::new();
+    let mut b_data: Vec<&[u8]> = Vec::new();
+    let mut b_size: Vec<i64> = Vec::new();
+    let mut out = Vec::with_capacity(jobs.len());
+    for (i, (_, changes)) in jobs.iter().enumerate() {
+        let r = match results[i].take().expect("every job has a target") {
+            Err(e) => Err(e),
+            Ok(id) => match next.get_mut(&id) {
+                None => Err(StorageError::Gone),
+                Some(seq) => {
+                    let first = *seq;
+                    for c in changes {
+                        c_res.push(id);
+                        c_seq.push(*seq);
+                        c_ver.push(c.version.as_str());
+                        c_par.push(c.parents.as_str());
+                        c_auth.push(c.author.as_ref().map(|a| a.as_bytes().as_slice()));
+                        c_at.push(c.at_ms);
+                        c_data.push(c.data.as_ref());
+                        c_meta.push(c.meta.as_deref());
+                        if let Some(b) = &c.blob {
+                            b_hash.push(c.data.as_ref());
+                            b_data.push(b.as_ref());
+                            b_size.push(b.len() as i64);
+                        }
+                        *seq += 1;
+                    }
+                    Ok(Appended {
+                        resource: id,
+                        first_seq: first,
+                        last_seq: *seq - 1,
+                    })
+                }
+            },
+        };
+        out.push(r);
+    }
+    if !c_res.is_empty() {
+        tx.execute(
+            "INSERT INTO changes (resource_id, seq, version, parents, author, at_ms, data, meta)
+             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::bytea[], $6::int8[], $7::bytea[], $8::text[])",
+            &[&c_res, &c_seq, &c_ver, &c_par, &c_auth, &c_at, &c_data, &c_meta],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    if !b_hash.is_empty() {
+        tx.execute(
+            "INSERT INTO blobs (hash, data, size) SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[])
+             ON CONFLICT (hash) DO NOTHING",
+            &[&b_hash, &b_data, &b_size],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    tx.commit().await.map_err(pg_err)?;
+    Ok(out)
+}
+
+fn change_from_row(r: &tokio_postgres::Row) -> Result<StoredChange, StorageError> {
+    Ok(StoredChange {
+        seq: r.get(0),
+        version: r.get(1),
+        parents: r.get(2),
+        author: identity_from_bytes(r.get(3))?,
+        at_ms: r.get(4),
+        data: Bytes::from(r.get::<_, Vec<u8>>(5)),
+        meta: r.get(6),
+    })
+}
+
+const CHANGE_COLUMNS: &str = "seq, version, parents, author, at_ms, data, meta";
+
+/// Deletes blobs among `hashes` that no change refers to any more.
+async fn collect_blobs(
+    tx: &deadpool_postgres::Transaction<'_>,
+    hashes: &[Vec<u8>],
+) -> Result<(), StorageError> {
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "DELETE FROM blobs b WHERE b.hash = ANY($1)
+         AND NOT EXISTS (SELECT 1 FROM changes c WHERE c.meta IS NOT NULL AND c.data = b.hash)",
+        &[&hashes],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Storage for PostgresStorage {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn load(&self, key: &ResourceKey) -> Result<Option<LoadedResource>, StorageError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg_err)?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT id, kind, media_type, head_seq FROM resources WHERE namespace = $1 AND path = $2",
+                &[&key.namespace.as_bytes().as_slice(), &key.path.as_str()],
+            )
+            .await
+            .map_err(pg_err)?
+        else {
+            return Ok(None);
+        };
+        let id: i64 = row.get(0);
+        let snapshot = tx
+            .query_opt(
+                "SELECT upto_seq, data FROM snapshots WHERE resource_id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| (r.get::<_, i64>(0), Bytes::from(r.get::<_, Vec<u8>>(1))));
+        let after = snapshot.as_ref().map_or(0, |s| s.0);
+        let changes = tx
+            .query(
+                &format!(
+                    "SELECT {CHANGE_COLUMNS} FROM changes WHERE resource_id = $1 AND seq > $2 ORDER BY seq"
+                ),
+                &[&id, &after],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(change_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let blob = match changes.last() {
+            Some(c) if c.meta.is_some() => Some(Bytes::from(
+                tx.query_opt("SELECT data FROM blobs WHERE hash = $1", &[&c.data.as_ref()])
+                    .await
+                    .map_err(pg_err)?
+                    .ok_or_else(|| StorageError::Corrupt("a bytes value is missing".into()))?
+                    .get::<_, Vec<u8>>(0),
+            )),
+            _ => None,
+        };
+        tx.commit().await.map_err(pg_err)?;
+        Ok(Some(LoadedResource {
+            row: ResourceRow {
+                id,
+                kind: kind_from_code(row.get(1))?,
+                media_type: row.get(2),
+                head_seq: row.get(3),
+            },
+            snapshot,
+            changes,
+            blob,
+        }))
+    }
+
+    async fn append(&self, target: Target, changes: Vec<NewChange>) -> Result<Appended, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.appends
+            .send(AppendJob {
+                target,
+                changes,
+                reply,
+            })
+            .map_err(|_| StorageError::Unavailable("the committers have stopped".into()))?;
+        rx.await
+            .map_err(|_| StorageError::Unavailable("the committers have stopped".into()))?
+    }
+
+    async fn changes_after(&self, id: ResourceId, after: Seq) -> Result<Vec<StoredChange>, StorageError> {
+        let client = self.client().await?;
+        client
+            .query(
+                &format!(
+                    "SELECT {CHANGE_COLUMNS} FROM changes WHERE resource_id = $1 AND seq > $2 ORDER BY seq"
+                ),
+                &[&id, &after],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(change_from_row)
+            .collect()
+    }
+
+    async fn save_snapshot(&self, id: ResourceId, upto: Seq, data: Bytes) -> Result<(), StorageError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let exists = tx
+            .query_opt("SELECT 1 FROM resources WHERE id = $1 FOR UPDATE", &[&id])
+            .await
+            .map_err(pg_err)?;
+        if exists.is_none() {
+            return Err(StorageError::Gone);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        tx.execute(
+            "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (resource_id) DO UPDATE SET upto_seq = EXCLUDED.upto_seq, data = EXCLUDED.data, at_ms = EXCLUDED.at_ms
+             WHERE EXCLUDED.upto_seq >= snapshots.upto_seq",
+            &[&id, &upto, &data.as_ref(), &now],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.execute(
+            "DELETE FROM changes WHERE resource_id = $1 AND seq <= $2",
+            &[&id, &upto],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn drop_changes_before(&self, id: ResourceId, keep_from: Seq) -> Result<(), StorageError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let hashes: Vec<Vec<u8>> = tx
+            .query(
+                "DELETE FROM changes WHERE resource_id = $1 AND seq < $2 RETURNING data, meta",
+                &[&id, &keep_from],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .filter(|r| r.get::<_, Option<String>>(1).is_some())
+            .map(|r| r.get(0))
+            .collect();
+        collect_blobs(&tx, &hashes).await?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn delete(&self, key: &ResourceKey) -> Result<bool, StorageError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let ns = key.namespace.as_bytes().as_slice();
+        let hashes: Vec<Vec<u8>> = tx
+            .query(
+                "SELECT c.data FROM changes c JOIN resources r ON r.id = c.resource_id
+                 WHERE r.namespace = $1 AND r.path = $2 AND c.meta IS NOT NULL",
+                &[&ns, &key.path.as_str()],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let n = tx
+            .execute(
+                "DELETE FROM resources WHERE namespace = $1 AND path = $2",
+                &[&ns, &key.path.as_str()],
+            )
+            .await
+            .map_err(pg_err)?;
+        collect_blobs(&tx, &hashes).await?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(n > 0)
+    }
+
+    async fn list(
+        &self,
+        namespace: &Namespace,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ResourceSummary>, StorageError> {
+        let client = self.client().await?;
+        let (lower, strict) = match after {
+            Some(a) if a >= prefix => (a.to_string(), true),
+            _ => (prefix.to_string(), false),
+        };
+        let upper = prefix_upper_bound(prefix);
+        let rows = client
+            .query(
+                "SELECT path, kind, media_type, head_seq FROM resources
+                 WHERE namespace = $1
+                   AND (path > $2 OR (path = $2 AND NOT $3))
+                   AND ($4::text IS NULL OR path < $4)
+                 ORDER BY path LIMIT $5",
+                &[
+                    &namespace.as_bytes().as_slice(),
+                    &lower,
+                    &strict,
+                    &upper,
+                    &(limit as i64),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(ResourceSummary {
+                    path: ResourcePath::new(r.get::<_, String>(0))
+                        .map_err(|e| StorageError::Corrupt(e.to_string()))?,
+                    kind: kind_from_code(r.get(1))?,
+                    media_type: r.get(2),
+                    head_seq: r.get(3),
+                })
+            })
+            .collect()
+    }
+
+    async fn get_setting(&self, name: &str) -> Result<Option<String>, StorageError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt("SELECT value FROM settings WHERE name = $1", &[&name])
+            .await
+            .map_err(pg_err)?
+            .map(|r| r.get(0)))
+    }
+
+    async fn put_setting(&self, name: &str, value: &str) -> Result<(), StorageError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO settings (name, value) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                &[&name, &value],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,682 @@
+//! The embedded store: one SQLite file in the data dir.
+//!
+//! SQLite (bundled through rusqlite) was chosen over pure-Rust engines because it is the
+//! most widely deployed and tested embedded database there is, its file format is stable
+//! and documented, its durability under power loss is specified, and the same library
+//! reads statebus' sqlite stores for import.
+//!
+//! All writes go through one writer thread that owns the only writing connection. It takes
+//! every request waiting in its queue, runs them in one `BEGIN IMMEDIATE` transaction (each
+//! in a savepoint, so one bad request fails alone) and commits once: with WAL and
+//! `synchronous=FULL`, that commit is the fsync every waiting caller was waiting for.
+//! Reads use separate connections, which WAL lets run beside the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Appended, CommitLimits, LoadedResource, NewChange, ResourceId, ResourceRow, ResourceSummary, Seq,
+    Storage, StorageError, StoredChange, Target, identity_from_bytes, kind_from_code, prefix_upper_bound,
+};
+use crate::model::{Namespace, ResourceKey, ResourcePath};
+
+mod embedded {
+    refinery::embed_migrations!("src/storage/sqlite_migrations");
+}
+
+/// Most idle read connections kept open.
+const MAX_IDLE_READERS: usize = 4;
+
+/// The embedded store.
+pub struct SqliteStorage {
+    path: PathBuf,
+    writes: mpsc::UnboundedSender<WriteJob>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StorageError>>;
+
+/// A request to the writer thread.
+enum WriteJob {
+    Append {
+        target: Target,
+        changes: Vec<NewChange>,
+        reply: Reply<Appended>,
+    },
+    Snapshot {
+        id: ResourceId,
+        upto: Seq,
+        data: Bytes,
+        reply: Reply<()>,
+    },
+    DropBefore {
+        id: ResourceId,
+        keep_from: Seq,
+        reply: Reply<()>,
+    },
+    Delete {
+        key: ResourceKey,
+        reply: Reply<bool>,
+    },
+    PutSetting {
+        name: String,
+        value: String,
+        reply: Reply<()>,
+    },
+}
+
+impl WriteJob {
+    fn weight(&self) -> (usize, usize) {
+        match self {
+            WriteJob::Append { changes, .. } => (
+                changes.len(),
+                changes
+                    .iter()
+                    .map(|c| c.data.len() + c.blob.as_ref().map_or(0, |b| b.len()))
+                    .sum(),
+            ),
+            WriteJob::Snapshot { data, .. } => (1, data.len()),
+            _ => (1, 0),
+        }
+    }
+}
+
+fn sql_err(e: rusqlite::Error) -> StorageError {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::SystemIoFailure
+            ) =>
+        {
+            StorageError::Unavailable(e.to_string())
+        }
+        other => StorageError::Failed(other.to_string()),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn open(path: &Path, write: bool) -> Result<Connection, StorageError> {
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(sql_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(sql_err)?;
+    conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;")
+        .map_err(sql_err)?;
+    Ok(conn)
+}
+
+impl SqliteStorage {
+    /// Opens (creating if needed) the store at `path` and applies its migrations.
+    pub fn open(path: &Path, limits: CommitLimits) -> Result<Self, StorageError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StorageError::Unavailable(format!("{}: {e}", dir.display())))?;
+        }
+        let mut conn = open(path, true)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(sql_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StorageError::Unavailable(format!(
+                "cannot use WAL mode (got {mode})"
+            )));
+        }
+        embedded::migrations::runner()
+            .run(&mut conn)
+            .map_err(|e| StorageError::Corrupt(format!("migrations: {e}")))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("plait-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, limits))
+            .map_err(|e| StorageError::Unavailable(e.to_string()))?;
+        Ok(SqliteStorage {
+            path: path.to_path_buf(),
+            writes: tx,
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    async fn write<T>(&self, job: impl FnOnce(Reply<T>) -> WriteJob) -> Result<T, StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.writes
+            .send(job(tx))
+            .map_err(|_| StorageError::Unavailable("the writer thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| StorageError::Unavailable("the writer thread has stopped".into()))?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StorageError> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().expect("reader pool").pop();
+            let mut conn = match pooled {
+                Some(c) => c,
+                None => open(&path, false)?,
+            };
+            let out = f(&mut conn);
+            let mut pool = readers.lock().expect("reader pool");
+            if pool.len() < MAX_IDLE_READERS {
+                pool.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| StorageError::Unavailable(format!("reader task: {e}")))?
+    }
+}
+
+/// The writer thread: batch what is queued, one transaction, one commit.
+fn writer_loop(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<WriteJob>, limits: CommitLimits) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        let (mut n, mut bytes) = batch[0].weight();
+        while n < limits.max_changes && bytes < limits.max_bytes {
+            match rx.try_recv() {
+                Ok(job) => {
+                    let (dn, db) = job.weight();
+                    n += dn;
+                    bytes += db;
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, batch);
+    }
+}
+
+/// Results computed inside the transaction, delivered only after it commits.
+enum Done {
+    Appended(Reply<Appended>, Result<Appended, StorageError>),
+    Unit(Reply<()>, Result<(), StorageError>),
+    Bool(Reply<bool>, Result<bool, StorageError>),
+}
+
+fn run_batch(conn: &mut Connection, batch: Vec<WriteJob>) {
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(batch, sql_err(e)),
+    };
+    let mut done = Vec::with_capacity(batch.len());
+    let mut tx = tx;
+    for job in batch {
+        done.push(run_in_savepoint(&mut tx, job));
+    }
+    match tx.commit() {
+        Ok(()) => {
+            for d in done {
+                match d {
+                    Done::Appended(r, v) => drop(r.send(v)),
+                    Done::Unit(r, v) => drop(r.send(v)),
+                    Done::Bool(r, v) => drop(r.send(v)),
+                }
+            }
+        }
+        Err(e) => {
+            let e = sql_err(e);
+            for d in done {
+                match d {
+                    Done::Appended(r, _) => drop(r.send(Err(e.clone()))),
+                    Done::Unit(r, _) => drop(r.send(Err(e.clone()))),
+                    Done::Bool(r, _) => drop(r.send(Err(e.clone()))),
+                }
+            }
+        }
+    }
+}
+
+fn fail_all(batch: Vec<WriteJob>, e: StorageError) {
+    for job in batch {
+        match job {
+            WriteJob::Append { reply, .. } => drop(reply.send(Err(e.clone()))),
+            WriteJob::Snapshot { reply, .. }
+            | WriteJob::DropBefore { reply, .. }
+            | WriteJob::PutSetting { reply, .. } => drop(reply.send(Err(e.clone()))),
+            WriteJob::Delete { reply, .. } => drop(reply.send(Err(e.clone()))),
+        }
+    }
+}
+
+/// Runs one job in a savepoint: on error only that job's work is undone.
+fn run_in_savepoint(tx: &mut Transaction<'_>, job: WriteJob) -> Done {
+    fn scoped<T>(
+        tx: &mut Transaction<'_>,
+        f: impl FnOnce(&Connection) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let sp = tx.savepoint().map_err(sql_err)?;
+        match f(&sp) {
+            Ok(v) => {
+                sp.commit().map_err(sql_err)?;
+                Ok(v)
+            }
+            Err(e) => {
+                drop(sp); // rolls back
+                Err(e)
+            }
+        }
+    }
+    match job {
+        WriteJob::Append {
+            target,
+            changes,
+            reply,
+        } => Done::Appended(reply, scoped(tx, |t| append(t, target, &changes))),
+        WriteJob::Snapshot {
+            id,
+            upto,
+            data,
+            reply,
+        } => Done::Unit(reply, scoped(tx, |t| snapshot(t, id, upto, &data))),
+        WriteJob::DropBefore { id, keep_from, reply } => {
+            Done::Unit(reply, scoped(tx, |t| drop_before(t, id, keep_from)))
+        }
+        WriteJob::Delete { key, reply } => Done::Bool(reply, scoped(tx, |t| delete(t, &key))),
+        WriteJob::PutSetting { name, value, reply } => Done::Unit(
+            reply,
+            scoped(tx, |t| {
+                t.execute(
+                    "INSERT INTO settings (name, value) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    params![name, value],
+                )
+                .map(|_| ())
+                .map_err(sql_err)
+            }),
+        ),
+    }
+}
+
+fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appended, StorageError> {
+    let now = now_ms();
+    let (id, head) =
+        match target {
+            Target::Existing(id) => {
+                let head: Option<Seq> = t
+                    .query_row("SELECT head_seq FROM resources WHERE id = ?1", [id], |r| r.get(0))
+                    .optional()
+                    .map_err(sql_err)?;
+                (id, head.ok_or(StorageError::Gone)?)
+            }
+            Target::Create {
+                key,
+                kind,
+                media_type,
+            } => {
+                t.execute(
+                "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5) ON CONFLICT (namespace, path) DO NOTHING",
+                params![key.namespace.as_bytes().as_slice(), key.path.as_str(), kind.code(), media_type, now],
+            )
+            .map_err(sql_err)?;
+                let (id, code, head): (i64, i16, Seq) = t
+                    .query_row(
+                        "SELECT id, kind, head_seq FROM resources WHERE namespace = ?1 AND path = ?2",
+                        params![key.namespace.as_bytes().as_slice(), key.path.as_str()],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .map_err(sql_err)?;
+                if kind_from_code(code)? != kind {
+                    return Err(StorageError::Conflict(format!(
+                        "{key} was just created as {} by another writer",
+                        kind_from_code(code)?.name()
+                    )));
+                }
+                (id, head)
+            }
+        };
+    let mut insert = t
+        .prepare_cached(
+            "INSERT INTO changes (resource_id, seq, version, parents, author, at_ms, data, meta)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .map_err(sql_err)?;
+    let mut blob = t
+        .prepare_cached(
+            "INSERT INTO blobs (hash, data, size) VALUES (?1, ?2, ?3) ON CONFLICT (hash) DO NOTHING",
+        )
+        .map_err(sql_err)?;
+    let mut seq = head;
+    for c in changes {
+        seq += 1;
+        insert
+            .execute(params![
+                id,
+                seq,
+                c.version,
+                c.parents,
+                c.author.as_ref().map(|a| a.as_bytes().to_vec()),
+                c.at_ms,
+                c.data.as_ref(),
+                c.meta
+            ])
+            .map_err(sql_err)?;
+        if let Some(b) = &c.blob {
+            blob.execute(params![c.data.as_ref(), b.as_ref(), b.len() as i64])
+                .map_err(sql_err)?;
+        }
+    }
+    t.execute(
+        "UPDATE resources SET head_seq = ?2, updated_ms = ?3 WHERE id = ?1",
+        params![id, seq, now],
+    )
+    .map_err(sql_err)?;
+    Ok(Appended {
+        resource: id,
+        first_seq: head + 1,
+        last_seq: seq,
+    })
+}
+
+fn snapshot(t: &Connection, id: ResourceId, upto: Seq, data: &[u8]) -> Result<(), StorageError> {
+    let exists: bool = t
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM resources WHERE id = ?1)",
+            [id],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    if !exists {
+        return Err(StorageError::Gone);
+    }
+    t.execute(
+        "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (resource_id) DO UPDATE SET upto_seq = excluded.upto_seq, data = excluded.data, at_ms = excluded.at_ms
+         WHERE excluded.upto_seq >= snapshots.upto_seq",
+        params![id, upto, data, now_ms()],
+    )
+    .map_err(sql_err)?;
+    t.execute(
+        "DELETE FROM changes WHERE resource_id = ?1 AND seq <= ?2",
+        params![id, upto],
+    )
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+/// Deletes blobs among `hashes` that no change refers to any more.
+fn collect_blobs(t: &Connection, hashes: &[Vec<u8>]) -> Result<(), StorageError> {
+    let mut stmt = t
+        .prepare_cached(
+            "DELETE FROM blobs WHERE hash = ?1
+             AND NOT EXISTS (SELECT 1 FROM changes WHERE meta IS NOT NULL AND data = ?1)",
+        )
+        .map_err(sql_err)?;
+    for h in hashes {
+        stmt.execute([h]).map_err(sql_err)?;
+    }
+    Ok(())
+}
+
+fn blob_hashes(t: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<Vec<Vec<u8>>, StorageError> {
+    let mut stmt = t.prepare(sql).map_err(sql_err)?;
+    let rows = stmt.query_map(p, |r| r.get::<_, Vec<u8>>(0)).map_err(sql_err)?;
+    rows.collect::<Result<_, _>>().map_err(sql_err)
+}
+
+fn drop_before(t: &Connection, id: ResourceId, keep_from: Seq) -> Result<(), StorageError> {
+    let hashes = blob_hashes(
+        t,
+        "SELECT data FROM changes WHERE resource_id = ?1 AND seq < ?2 AND meta IS NOT NULL",
+        params![id, keep_from],
+    )?;
+    t.execute(
+        "DELETE FROM changes WHERE resource_id = ?1 AND seq < ?2",
+        params![id, keep_from],
+    )
+    .map_err(sql_err)?;
+    collect_blobs(t, &hashes)
+}
+
+fn delete(t: &Connection, key: &ResourceKey) -> Result<bool, StorageError> {
+    let ns = key.namespace.as_bytes().as_slice();
+    let hashes = blob_hashes(
+        t,
+        "SELECT c.data FROM changes c JOIN resources r ON r.id = c.resource_id
+         WHERE r.namespace = ?1 AND r.path = ?2 AND c.meta IS NOT NULL",
+        params![ns, key.path.as_str()],
+    )?;
+    let n = t
+        .execute(
+            "DELETE FROM resources WHERE namespace = ?1 AND path = ?2",
+            params![ns, key.path.as_str()],
+        )
+        .map_err(sql_err)?;
+    collect_blobs(t, &hashes)?;
+    Ok(n > 0)
+}
+
+fn read_changes(conn: &Connection, id: ResourceId, after: Seq) -> Result<Vec<StoredChange>, StorageError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT seq, version, parents, author, at_ms, data, meta FROM changes
+             WHERE resource_id = ?1 AND seq > ?2 ORDER BY seq",
+        )
+        .map_err(sql_err)?;
+    let rows = stmt
+        .query_map(params![id, after], |r| {
+            Ok((
+                r.get::<_, Seq>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<Vec<u8>>>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+            ))
+        })
+        .map_err(sql_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, version, parents, author, at_ms, data, meta) = row.map_err(sql_err)?;
+        out.push(StoredChange {
+            seq,
+            version,
+            parents,
+            author: identity_from_bytes(author)?,
+            at_ms,
+            data: data.into(),
+            meta,
+        });
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn load(&self, key: &ResourceKey) -> Result<Option<LoadedResource>, StorageError> {
+        let key = key.clone();
+        self.read(move |conn| {
+            let t = conn.transaction().map_err(sql_err)?;
+            let row: Option<(i64, i16, String, Seq)> = t
+                .query_row(
+                    "SELECT id, kind, media_type, head_seq FROM resources WHERE namespace = ?1 AND path = ?2",
+                    params![key.namespace.as_bytes().as_slice(), key.path.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()
+                .map_err(sql_err)?;
+            let Some((id, code, media_type, head_seq)) = row else {
+                return Ok(None);
+            };
+            let snapshot: Option<(Seq, Vec<u8>)> = t
+                .query_row(
+                    "SELECT upto_seq, data FROM snapshots WHERE resource_id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(sql_err)?;
+            let after = snapshot.as_ref().map_or(0, |s| s.0);
+            let changes = read_changes(&t, id, after)?;
+            let blob = match changes.last() {
+                Some(c) if c.meta.is_some() => Some(
+                    t.query_row("SELECT data FROM blobs WHERE hash = ?1", [c.data.as_ref()], |r| {
+                        r.get::<_, Vec<u8>>(0)
+                    })
+                    .optional()
+                    .map_err(sql_err)?
+                    .ok_or_else(|| StorageError::Corrupt("a bytes value is missing".into()))?
+                    .into(),
+                ),
+                _ => None,
+            };
+            Ok(Some(LoadedResource {
+                row: ResourceRow {
+                    id,
+                    kind: kind_from_code(code)?,
+                    media_type,
+                    head_seq,
+                },
+                snapshot: snapshot.map(|(s, d)| (s, d.into())),
+                changes,
+                blob,
+            }))
+        })
+        .await
+    }
+
+    async fn append(&self, target: Target, changes: Vec<NewChange>) -> Result<Appended, StorageError> {
+        self.write(|reply| WriteJob::Append {
+            target,
+            changes,
+            reply,
+        })
+        .await
+    }
+
+    async fn changes_after(&self, id: ResourceId, after: Seq) -> Result<Vec<StoredChange>, StorageError> {
+        self.read(move |conn| read_changes(conn, id, after)).await
+    }
+
+    async fn save_snapshot(&self, id: ResourceId, upto: Seq, data: Bytes) -> Result<(), StorageError> {
+        self.write(|reply| WriteJob::Snapshot {
+            id,
+            upto,
+            data,
+            reply,
+        })
+        .await
+    }
+
+    async fn drop_changes_before(&self, id: ResourceId, keep_from: Seq) -> Result<(), StorageError> {
+        self.write(|reply| WriteJob::DropBefore { id, keep_from, reply })
+            .await
+    }
+
+    async fn delete(&self, key: &ResourceKey) -> Result<bool, StorageError> {
+        let key = key.clone();
+        self.write(|reply| WriteJob::Delete { key, reply }).await
+    }
+
+    async fn list(
+        &self,
+        namespace: &Namespace,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ResourceSummary>, StorageError> {
+        let ns = namespace.as_bytes().to_vec();
+        let lower = match after {
+            Some(a) if a >= prefix => a.to_string(),
+            _ => prefix.to_string(),
+        };
+        let strict = after.is_some_and(|a| a >= prefix);
+        let upper = prefix_upper_bound(prefix);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT path, kind, media_type, head_seq FROM resources
+                     WHERE namespace = ?1
+                       AND (path > ?2 OR (path = ?2 AND NOT ?3))
+                       AND (?4 IS NULL OR path < ?4)
+                     ORDER BY path LIMIT ?5",
+                )
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map(params![ns, lower, strict, upper, limit as i64], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i16>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Seq>(3)?,
+                    ))
+                })
+                .map_err(sql_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (path, code, media_type, head_seq) = row.map_err(sql_err)?;
+                out.push(ResourceSummary {
+                    path: ResourcePath::new(path).map_err(|e| StorageError::Corrupt(e.to_string()))?,
+                    kind: kind_from_code(code)?,
+                    media_type,
+                    head_seq,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_setting(&self, name: &str) -> Result<Option<String>, StorageError> {
+        let name = name.to_string();
+        self.read(move |conn| {
+            conn.query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| r.get(0))
+                .optional()
+                .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn put_setting(&self, name: &str, value: &str) -> Result<(), StorageError> {
+        let (name, value) = (name.to_string(), value.to_string());
+        self.write(|reply| WriteJob::PutSetting { name, value, reply })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passes_the_storage_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        super::super::suite::run(|| {
+            let path = dir.path().join(format!("{}.db", rand::random::<u64>()));
+            async move {
+                Arc::new(SqliteStorage::open(&path, CommitLimits::default()).unwrap()) as Arc<dyn Storage>
+            }
+        })
+        .await;
+    }
+}
