@@ -1,0 +1,64 @@
+//! The `plait` command line (clap).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::LogFormat;
+
+/// Plait: a self-hosted state server for Braid and Statebus apps.
+#[derive(Debug, Parser)]
+#[command(name = "plait", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (embedded store in the data dir unless a database URL is given).
+    Serve(ServeArgs),
+    /// Print the instance identity, creating the key if the data dir has none.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on, e.g. 127.0.0.1:7524 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Directory for the identity key and the embedded store.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Store everything in Postgres (also PLAIT_DATABASE_URL or DATABASE_URL).
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// A TOML settings file; the environment and flags override it.
+    #[arg(long, value_name = "FILE", env = "PLAIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Directory holding the identity key.
+    #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(a: LogFormatArg) -> Self {
+        match a {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}

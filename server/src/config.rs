@@ -1,0 +1,251 @@
+//! Settings: defaults, then a TOML file (`--config`), then `PLAIT_*` environment
+//! variables, then command-line flags — each overriding the one before.
+//!
+//! Every limit is a named setting with a default, and is published at
+//! `/.well-known/plait`. Nested settings are set from the environment with `__`, e.g.
+//! `PLAIT_LIMITS__MAX_BODY_BYTES=1048576`. `DATABASE_URL` is honoured too, below
+//! `PLAIT_DATABASE_URL`.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7524"
+//! data_dir = "/var/lib/plait"
+//! database_url = "postgres://plait@localhost/plait"
+//!
+//! [limits]
+//! max_body_bytes = 10485760
+//! max_connections = 10000
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The port `plait serve` listens on by default ("plait" on a phone keypad starts 7-5-2-4).
+pub const DEFAULT_PORT: u16 = 7524;
+
+/// All settings of `plait serve`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: String,
+    /// Where the identity key and the embedded store live. Default: the platform's data
+    /// directory (`~/.local/share/plait` on Linux).
+    pub data_dir: Option<PathBuf>,
+    /// Postgres to store everything in; without it the embedded store is used.
+    pub database_url: Option<String>,
+    /// Postgres connections in the pool.
+    pub database_pool: usize,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+    pub limits: Limits,
+    pub engine: EngineSettings,
+}
+
+/// Limits on what clients may do ("speed bumps").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// Connections served at once; further clients wait in the accept queue.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers.
+    pub header_read_timeout_secs: u64,
+    /// On SIGTERM, how long open requests get to finish before the server exits.
+    pub shutdown_grace_secs: u64,
+}
+
+/// Memory and batching of live documents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Events a subscriber may fall behind before it gets one coalesced update instead.
+    pub subscriber_queue: usize,
+    /// Documents kept in memory while unused.
+    pub warm_resources: usize,
+    /// Changes after which a document is snapshotted and its change log compacted.
+    pub snapshot_every: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: format!("127.0.0.1:{DEFAULT_PORT}"),
+            data_dir: None,
+            database_url: None,
+            database_pool: 16,
+            log_format: LogFormat::Text,
+            limits: Limits::default(),
+            engine: EngineSettings::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 10 << 20,
+            max_connections: 10_000,
+            header_read_timeout_secs: 30,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        let e = crate::engine::EngineConfig::default();
+        EngineSettings {
+            subscriber_queue: e.subscriber_queue,
+            warm_resources: e.warm_resources,
+            snapshot_every: e.snapshot_every,
+        }
+    }
+}
+
+impl EngineSettings {
+    pub fn engine_config(&self) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            subscriber_queue: self.subscriber_queue,
+            warm_resources: self.warm_resources,
+            snapshot_every: self.snapshot_every,
+            ..Default::default()
+        }
+    }
+}
+
+/// Settings given on the command line (only those present override).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Top-level settings the environment may set (`PLAIT_<NAME>`); nested ones use `__`.
+const ENV_SETTINGS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "database_url",
+    "database_pool",
+    "log_format",
+];
+
+impl Config {
+    /// Loads settings from the layers described in the module docs.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, String> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(format!("config file {} does not exist", path.display()));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig
+            .merge(Env::raw().only(&["DATABASE_URL"]))
+            .merge(
+                Env::prefixed("PLAIT_")
+                    .filter(|k| {
+                        let k = k.as_str().to_ascii_lowercase();
+                        ENV_SETTINGS.contains(&k.as_str())
+                            || k.starts_with("limits__")
+                            || k.starts_with("engine__")
+                    })
+                    .split("__"),
+            )
+            .merge(Serialized::defaults(overrides));
+        let cfg: Config = fig.extract().map_err(|e| format!("bad settings: {e}"))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.limits.max_connections == 0 {
+            return Err("limits.max_connections must be at least 1".into());
+        }
+        if self.engine.subscriber_queue == 0 {
+            return Err("engine.subscriber_queue must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The data directory: configured, or the platform default.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
+/// `~/.local/share/plait` on Linux (XDG), the platform's equivalent elsewhere.
+pub fn default_data_dir() -> PathBuf {
+    directories::ProjectDirs::from("", "", "plait")
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from(".plait"))
+}
+
+#[cfg(test)]
+// figment's test jail returns its own large error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_override_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "plait.toml",
+                "listen = \"127.0.0.1:1\"\n[limits]\nmax_body_bytes = 5\nmax_connections = 7\n",
+            )?;
+            jail.set_env("PLAIT_LIMITS__MAX_CONNECTIONS", "9");
+            jail.set_env("DATABASE_URL", "postgres://low/db");
+            jail.set_env("PLAIT_BIN", "/not/a/setting");
+            let c = Config::load(Some(Path::new("plait.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.listen, "127.0.0.1:1");
+            assert_eq!(c.limits.max_body_bytes, 5);
+            assert_eq!(c.limits.max_connections, 9);
+            assert_eq!(c.database_url.as_deref(), Some("postgres://low/db"));
+            jail.set_env("PLAIT_DATABASE_URL", "postgres://high/db");
+            let o = Overrides {
+                listen: Some("127.0.0.1:2".into()),
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("plait.toml")), &o).unwrap();
+            assert_eq!(c.listen, "127.0.0.1:2");
+            assert_eq!(c.database_url.as_deref(), Some("postgres://high/db"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn typos_in_the_file_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("plait.toml", "[limits]\nmax_body_byte = 5\n")?;
+            let e = Config::load(Some(Path::new("plait.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.contains("max_body_byte"), "{e}");
+            assert!(Config::load(Some(Path::new("missing.toml")), &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let c = Config::default();
+        assert_eq!(c.limits.max_body_bytes, 10 * 1024 * 1024);
+        assert!(c.listen.starts_with("127.0.0.1:"));
+        assert!(c.database_url.is_none());
+    }
+}

@@ -1,0 +1,532 @@
+//! The actor that owns one resource's document.
+//!
+//! Invariants kept here:
+//! * Nothing reaches readers, subscribers or the writer's reply before the storage append
+//!   that holds it has returned (durable).
+//! * Writes waiting in the mailbox are applied together and stored in one append.
+//! * If an append fails, the in-memory document (which already holds the failed changes)
+//!   is dropped and reloaded from storage before the next command.
+//! * `known_through` is the highest seq such that the document holds every change up to
+//!   it; a snapshot never claims more than that, so compaction cannot lose another
+//!   process's changes.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Command, EngineConfig, EngineError, Event, Origin, Shared, State, Write, WriteResult, digest};
+use crate::braid::format_version;
+use crate::doc::{BytesDoc, BytesValue, DocWrite, Document, Outcome};
+use crate::model::{Kind, ResourceKey, Version, VersionId};
+use crate::storage::{LoadedResource, NewChange, ResourceId, Seq, Storage, Target};
+use crate::update::{Update, UpdateBody, WriteBody};
+
+/// Most commands taken from the mailbox in one round.
+const MAX_ROUND: usize = 1024;
+
+pub(crate) fn spawn(
+    key: ResourceKey,
+    storage: Arc<dyn Storage>,
+    config: EngineConfig,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Command>,
+) {
+    let actor = Actor {
+        key,
+        storage,
+        config,
+        shared,
+        rx,
+        res: None,
+        event_seq: 0,
+    };
+    tokio::spawn(actor.run());
+}
+
+struct Actor {
+    key: ResourceKey,
+    storage: Arc<dyn Storage>,
+    config: EngineConfig,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Command>,
+    /// `None` until loaded (or after a failure that requires a reload).
+    res: Option<Res>,
+    event_seq: u64,
+}
+
+enum Res {
+    Missing,
+    Present(Box<Present>),
+}
+
+struct Present {
+    /// `None` until the first append creates the row.
+    id: Option<ResourceId>,
+    kind: Kind,
+    media_type: String,
+    doc: Document,
+    known_through: Seq,
+    since_snapshot: usize,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+type WriteReply = oneshot::Sender<Result<WriteResult, EngineError>>;
+
+impl Actor {
+    async fn run(mut self) {
+        while let Some(first) = self.rx.recv().await {
+            let mut round = vec![first];
+            while round.len() < MAX_ROUND {
+                match self.rx.try_recv() {
+                    Ok(c) => round.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.handle(round).await;
+        }
+    }
+
+    async fn handle(&mut self, round: Vec<Command>) {
+        if self.res.is_none()
+            && let Err(e) = self.load().await
+        {
+            for c in round {
+                fail(c, e.clone());
+            }
+            return;
+        }
+        let mut cmds = round.into_iter().peekable();
+        while let Some(cmd) = cmds.next() {
+            match cmd {
+                Command::Write(w, reply) => {
+                    let mut writes = vec![(w, reply)];
+                    while let Some(Command::Write(..)) = cmds.peek() {
+                        if let Some(Command::Write(w, r)) = cmds.next() {
+                            writes.push((w, r));
+                        }
+                    }
+                    self.write_batch(writes).await;
+                }
+                Command::Delete(reply) => {
+                    let r = self.delete().await;
+                    let _ = reply.send(r);
+                }
+                Command::Read(reply) => {
+                    let _ = reply.send(Ok(self.current()));
+                }
+                Command::ReadAt(v, reply) => {
+                    let _ = reply.send(self.read_at(&v));
+                }
+                Command::Snapshot(reply) => {
+                    let _ = reply.send(Ok((self.current(), self.event_seq)));
+                }
+                Command::CatchUp { from, strict, reply } => {
+                    let _ = reply.send(self.catch_up(&from, strict).map(|u| (u, self.event_seq)));
+                }
+                Command::History(from, reply) => {
+                    let _ = reply.send(self.history(&from));
+                }
+            }
+            if self.res.is_none() {
+                // A failed append dropped the document: reload before the next command.
+                let rest: Vec<Command> = cmds.collect();
+                if !rest.is_empty() {
+                    Box::pin(self.handle(rest)).await;
+                }
+                return;
+            }
+        }
+    }
+
+    fn current(&self) -> Arc<State> {
+        self.shared
+            .current
+            .load()
+            .as_ref()
+            .clone()
+            .unwrap_or_else(|| Arc::new(State::missing()))
+    }
+
+    async fn load(&mut self) -> Result<(), EngineError> {
+        let loaded = self.storage.load(&self.key).await?;
+        let res = match loaded {
+            None => Res::Missing,
+            Some(l) => Res::Present(Box::new(build(l)?)),
+        };
+        self.res = Some(res);
+        self.publish_state();
+        Ok(())
+    }
+
+    /// Renders the current state for readers.
+    fn publish_state(&mut self) {
+        let state = match &mut self.res {
+            Some(Res::Present(p)) => {
+                let body = p.doc.render();
+                let media_type = match &p.doc {
+                    Document::Bytes(b) => b
+                        .current()
+                        .map(|c| c.media_type.clone())
+                        .unwrap_or_else(|| p.media_type.clone()),
+                    _ => p.media_type.clone(),
+                };
+                State {
+                    kind: Some(p.kind),
+                    media_type,
+                    version: p.doc.frontier(),
+                    digest: digest(&body),
+                    body,
+                }
+            }
+            _ => State::missing(),
+        };
+        self.shared.current.store(Arc::new(Some(Arc::new(state))));
+    }
+
+    fn publish_event(&mut self, mut ev: Event) {
+        self.event_seq += 1;
+        ev.seq = self.event_seq;
+        let _ = self.shared.events.send(Arc::new(ev));
+    }
+
+    async fn write_batch(&mut self, writes: Vec<(Box<Write>, WriteReply)>) {
+        let now = now_ms();
+        let mut create: Option<Target> = None;
+        let mut changes: Vec<NewChange> = Vec::new();
+        let mut events: Vec<Event> = Vec::new();
+        let mut replies: Vec<(WriteReply, Version, bool)> = Vec::new();
+        for (w, reply) in writes {
+            if matches!(self.res, Some(Res::Missing)) {
+                match start_resource(&w.body) {
+                    Ok((kind, media_type)) => {
+                        create = Some(Target::Create {
+                            key: self.key.clone(),
+                            kind,
+                            media_type: media_type.clone(),
+                        });
+                        self.res = Some(Res::Present(Box::new(Present {
+                            id: None,
+                            kind,
+                            media_type,
+                            doc: Document::new(kind),
+                            known_through: 0,
+                            since_snapshot: 0,
+                        })));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
+                }
+            }
+            let Some(Res::Present(p)) = &mut self.res else {
+                unreachable!("made present above")
+            };
+            let creating = p.id.is_none() && changes.is_empty();
+            let dw = DocWrite {
+                body: &w.body,
+                version: w.version.as_ref(),
+                parents: w.parents.as_ref(),
+                agent_hint: w.peer.as_deref(),
+                force: creating,
+            };
+            match p.doc.apply(&dw, now / 1000) {
+                Err(e) => {
+                    if creating {
+                        // Nothing was stored for a resource this write was to create.
+                        self.res = Some(Res::Missing);
+                        create = None;
+                    }
+                    let _ = reply.send(Err(e.into()));
+                }
+                Ok(Outcome::Unchanged) => {
+                    let v = p.doc.frontier();
+                    replies.push((reply, v, false));
+                }
+                Ok(Outcome::Applied(a)) => {
+                    let (meta, blob) = match (&p.doc, &a.body) {
+                        (Document::Bytes(b), UpdateBody::Snapshot(body)) => {
+                            (b.current().map(|c| c.media_type.clone()), Some(body.clone()))
+                        }
+                        _ => (None, None),
+                    };
+                    let media_type = meta.clone().unwrap_or_else(|| p.media_type.clone());
+                    changes.push(NewChange {
+                        version: a.id.to_string(),
+                        parents: format_version(&a.parents),
+                        author: w.author,
+                        at_ms: now,
+                        data: Bytes::from(a.change),
+                        meta,
+                        blob,
+                    });
+                    replies.push((reply, a.event_version.clone(), true));
+                    events.push(Event {
+                        seq: 0,
+                        parents: a.event_parents,
+                        version: a.event_version,
+                        body: a.body,
+                        media_type,
+                        digest: None,
+                        origin: Some(Origin {
+                            peer: w.peer.clone(),
+                            write: a.id,
+                            write_parents: a.parents,
+                        }),
+                        wire: OnceLock::new(),
+                    });
+                }
+            }
+        }
+        if changes.is_empty() {
+            for (reply, v, changed) in replies {
+                let _ = reply.send(Ok(WriteResult { version: v, changed }));
+            }
+            return;
+        }
+        let Some(Res::Present(p)) = &mut self.res else {
+            unreachable!("changes imply a document")
+        };
+        let target = match (create, p.id) {
+            (Some(t), _) => t,
+            (None, Some(id)) => Target::Existing(id),
+            (None, None) => unreachable!("a new resource has a create target"),
+        };
+        let n = changes.len();
+        match self.storage.append(target, changes).await {
+            Ok(app) => {
+                p.id = Some(app.resource);
+                let contiguous = app.first_seq == p.known_through + 1;
+                if contiguous {
+                    p.known_through = app.last_seq;
+                    p.since_snapshot += n;
+                }
+                self.publish_state();
+                let digest = self.current().digest.clone();
+                let last = events.len() - 1;
+                for (i, mut ev) in events.into_iter().enumerate() {
+                    if i == last {
+                        ev.digest = Some(digest.clone());
+                    }
+                    self.publish_event(ev);
+                }
+                for (reply, v, changed) in replies {
+                    let _ = reply.send(Ok(WriteResult { version: v, changed }));
+                }
+                if contiguous {
+                    self.maybe_compact();
+                } else {
+                    // Another process appended in between, so this document lacks some
+                    // changes: reload it before the next command.
+                    tracing::debug!(key = %self.key, "changes from another process; reloading");
+                    self.res = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "append failed; reloading the document");
+                for (reply, _, _) in replies {
+                    let _ = reply.send(Err(e.clone().into()));
+                }
+                self.res = None;
+            }
+        }
+    }
+
+    /// Snapshots the document in the background once enough changes have piled up.
+    fn maybe_compact(&mut self) {
+        let Some(Res::Present(p)) = &mut self.res else {
+            return;
+        };
+        let Some(id) = p.id else { return };
+        if p.since_snapshot < self.config.snapshot_every.max(1) {
+            return;
+        }
+        p.since_snapshot = 0;
+        let upto = p.known_through;
+        let storage = self.storage.clone();
+        let key = self.key.clone();
+        match p.doc.save() {
+            Some(bytes) => {
+                tokio::spawn(async move {
+                    if let Err(e) = storage.save_snapshot(id, upto, bytes.into()).await {
+                        tracing::warn!(%key, error = %e, "snapshot failed");
+                    }
+                });
+            }
+            None => {
+                tokio::spawn(async move {
+                    if let Err(e) = storage.drop_changes_before(id, upto).await {
+                        tracing::warn!(%key, error = %e, "compaction failed");
+                    }
+                });
+            }
+        }
+    }
+
+    async fn delete(&mut self) -> Result<bool, EngineError> {
+        let existed = self.storage.delete(&self.key).await?;
+        let parents = match &mut self.res {
+            Some(Res::Present(p)) => p.doc.frontier(),
+            _ => Version::root(),
+        };
+        let was_present = matches!(self.res, Some(Res::Present(_)));
+        self.res = Some(Res::Missing);
+        self.publish_state();
+        if existed || was_present {
+            self.publish_event(Event {
+                seq: 0,
+                parents,
+                version: Version::root(),
+                body: UpdateBody::Missing,
+                media_type: String::new(),
+                digest: None,
+                origin: None,
+                wire: OnceLock::new(),
+            });
+        }
+        Ok(existed)
+    }
+
+    fn read_at(&mut self, v: &Version) -> Result<(Bytes, Version), EngineError> {
+        match &mut self.res {
+            Some(Res::Present(p)) => {
+                let body = p.doc.render_at(v)?;
+                Ok((body, p.doc.frontier()))
+            }
+            _ if v.is_root() => Ok((Bytes::new(), Version::root())),
+            _ => Err(crate::doc::DocError::UnknownVersion(v.ids().to_vec()).into()),
+        }
+    }
+
+    fn catch_up(&mut self, from: &Version, strict: bool) -> Result<Update, EngineError> {
+        let state = self.current();
+        match &mut self.res {
+            Some(Res::Present(p)) => {
+                let version = p.doc.frontier();
+                let (parents, body) = match p.doc.knows(from) {
+                    Ok(()) => (from.clone(), p.doc.diff_from(from)?),
+                    Err(e) if strict => return Err(e.into()),
+                    // A version from before a delete, or never seen: start over.
+                    Err(_) => (Version::root(), UpdateBody::Snapshot(state.body.clone())),
+                };
+                Ok(Update {
+                    version,
+                    parents,
+                    body,
+                    media_type: state.media_type.clone(),
+                    digest: Some(state.digest.clone()),
+                })
+            }
+            _ if strict && !from.is_root() => {
+                Err(crate::doc::DocError::UnknownVersion(from.ids().to_vec()).into())
+            }
+            _ => Ok(Update {
+                version: Version::root(),
+                parents: from.clone(),
+                body: UpdateBody::Missing,
+                media_type: state.media_type.clone(),
+                digest: None,
+            }),
+        }
+    }
+
+    fn history(&mut self, from: &Version) -> Result<Vec<Update>, EngineError> {
+        let media_type = self.current().media_type.clone();
+        match &mut self.res {
+            Some(Res::Present(p)) => Ok(p
+                .doc
+                .history_since(from)?
+                .into_iter()
+                .map(|(id, parents, body)| Update {
+                    version: Version::one(id),
+                    parents,
+                    body,
+                    media_type: media_type.clone(),
+                    digest: None,
+                })
+                .collect()),
+            _ if from.is_root() => Ok(Vec::new()),
+            _ => Err(crate::doc::DocError::UnknownVersion(from.ids().to_vec()).into()),
+        }
+    }
+}
+
+/// The kind and media type of a resource created by this write.
+fn start_resource(body: &WriteBody) -> Result<(Kind, String), EngineError> {
+    match body {
+        WriteBody::Full { media_type, .. } => {
+            let kind = Kind::for_media_type(media_type.as_deref());
+            let media_type = match (kind, media_type) {
+                (Kind::Text, Some(m)) if m.trim().to_ascii_lowercase().starts_with("text/") => m.clone(),
+                (Kind::Text, _) => kind.default_media_type().to_string(),
+                (_, Some(m)) => m.clone(),
+                (_, None) => kind.default_media_type().to_string(),
+            };
+            Ok((kind, media_type))
+        }
+        WriteBody::Patches(ps) => match ps.first().map(|p| &p.range) {
+            Some(crate::update::Range::Text { .. }) => {
+                Ok((Kind::Text, Kind::Text.default_media_type().into()))
+            }
+            Some(crate::update::Range::Json(_)) => Ok((Kind::Json, Kind::Json.default_media_type().into())),
+            Some(crate::update::Range::Bytes { .. }) => Err(EngineError::CannotCreate(
+                "there are no bytes to patch yet; PUT the whole value first".into(),
+            )),
+            None => Err(EngineError::CannotCreate(
+                "an empty patch list cannot create a resource".into(),
+            )),
+        },
+    }
+}
+
+/// Rebuilds a document from what storage holds.
+fn build(l: LoadedResource) -> Result<Present, EngineError> {
+    let known_through = l.row.head_seq;
+    let doc = match l.row.kind {
+        Kind::Bytes => {
+            let ids = l.changes.iter().filter_map(|c| VersionId::parse(&c.version).ok());
+            let current = match (l.changes.last(), l.blob) {
+                (Some(c), Some(body)) => Some(BytesValue {
+                    id: VersionId::parse(&c.version)
+                        .map_err(|e| crate::doc::DocError::Corrupt(e.to_string()))?,
+                    media_type: c.meta.clone().unwrap_or_else(|| l.row.media_type.clone()),
+                    body,
+                }),
+                _ => None,
+            };
+            Document::Bytes(BytesDoc::load(current, ids))
+        }
+        kind => Document::load_automerge(
+            kind,
+            l.snapshot.as_ref().map(|(_, b)| b.as_ref()),
+            l.changes.iter().map(|c| c.data.as_ref()),
+        )?,
+    };
+    Ok(Present {
+        id: Some(l.row.id),
+        kind: l.row.kind,
+        media_type: l.row.media_type,
+        doc,
+        known_through,
+        since_snapshot: l.changes.len(),
+    })
+}
+
+fn fail(c: Command, e: EngineError) {
+    match c {
+        Command::Write(_, r) => drop(r.send(Err(e))),
+        Command::Delete(r) => drop(r.send(Err(e))),
+        Command::Read(r) => drop(r.send(Err(e))),
+        Command::ReadAt(_, r) => drop(r.send(Err(e))),
+        Command::Snapshot(r) => drop(r.send(Err(e))),
+        Command::CatchUp { reply, .. } => drop(reply.send(Err(e))),
+        Command::History(_, r) => drop(r.send(Err(e))),
+    }
+}

@@ -1,0 +1,352 @@
+//! The engine: live resources, their writers, and the subscription hub.
+//!
+//! Each resource in use has one [`actor`] task that owns its [`Document`]. Writes are
+//! messages to that actor, which applies every write waiting in its mailbox, stores the
+//! resulting changes in one durable append (group commit), and only then answers the
+//! writers, publishes the new state for readers and announces the changes to subscribers.
+//! So nothing is visible before it is durable, and a hot document's writes are batched.
+//!
+//! Readers never wait for the actor: the current state of a loaded resource is an
+//! [`arc_swap::ArcSwap`] they read without locking. Subscribers get [`Event`]s through a
+//! bounded broadcast queue (see [`subscription`] for what happens when one falls behind).
+//!
+//! Resources not used recently are dropped from memory: the registry holds them weakly and a
+//! small LRU keeps the warm ones alive. This module knows nothing of HTTP or of Braid bytes.
+//!
+//! [`Document`]: crate::doc::Document
+
+mod actor;
+pub mod subscription;
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use lru::LruCache;
+use plait_bridge::Identity;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::doc::DocError;
+use crate::model::{Kind, ResourceKey, Version, VersionId};
+use crate::storage::{Storage, StorageError};
+use crate::update::{Update, UpdateBody, WriteBody};
+
+pub use subscription::{Delivery, Subscription};
+
+/// Tunables of the engine (named settings; see `config`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Events a subscriber may fall behind before it is caught up with one coalesced update.
+    pub subscriber_queue: usize,
+    /// Resources kept in memory while nobody uses them.
+    pub warm_resources: usize,
+    /// Changes after which a document is snapshotted and its log compacted.
+    pub snapshot_every: usize,
+    /// Commands waiting for one resource before writers are made to wait.
+    pub mailbox: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            subscriber_queue: 256,
+            warm_resources: 1024,
+            snapshot_every: 1000,
+            mailbox: 4096,
+        }
+    }
+}
+
+/// Why the engine could not do something.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Doc(#[from] DocError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A patch write to a resource that does not exist, in a unit that cannot start one.
+    #[error("{0}")]
+    CannotCreate(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// A write as the engine takes it.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub body: WriteBody,
+    pub version: Option<VersionId>,
+    pub parents: Option<Version>,
+    pub peer: Option<String>,
+    pub author: Option<Identity>,
+}
+
+/// What a write did.
+#[derive(Debug, Clone)]
+pub struct WriteResult {
+    /// The resource's version after the write.
+    pub version: Version,
+    /// False when the write changed nothing (a repeat, or no difference).
+    pub changed: bool,
+}
+
+/// The state readers see: the current representation of a resource.
+#[derive(Debug)]
+pub struct State {
+    /// `None` when the resource does not exist.
+    pub kind: Option<Kind>,
+    pub media_type: String,
+    pub version: Version,
+    pub body: Bytes,
+    /// `sha-256=:<base64>:` of `body`.
+    pub digest: String,
+}
+
+impl State {
+    pub(crate) fn missing() -> State {
+        State {
+            kind: None,
+            media_type: Kind::Text.default_media_type().to_string(),
+            version: Version::root(),
+            body: Bytes::new(),
+            digest: digest(b""),
+        }
+    }
+
+    pub fn exists(&self) -> bool {
+        self.kind.is_some()
+    }
+}
+
+/// `sha-256=:<base64>:` (RFC 9530 `Repr-Digest`).
+pub fn digest(body: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let h = sha2::Sha256::digest(body);
+    format!(
+        "sha-256=:{}:",
+        base64::engine::general_purpose::STANDARD.encode(h)
+    )
+}
+
+/// One step of a resource's history as subscribers see it.
+#[derive(Debug)]
+pub struct Event {
+    /// Position in this resource's event stream (per process, from 1).
+    pub seq: u64,
+    /// Frontier before and after.
+    pub parents: Version,
+    pub version: Version,
+    pub body: UpdateBody,
+    pub media_type: String,
+    pub digest: Option<String>,
+    /// The write that caused it, for echo suppression.
+    pub origin: Option<Origin>,
+    /// Cache of the Braid encoding, filled by the first subscriber that sends it; every
+    /// subscriber at `parents` sends these same bytes.
+    pub wire: OnceLock<Bytes>,
+}
+
+impl Event {
+    pub fn update(&self) -> Update {
+        Update {
+            version: self.version.clone(),
+            parents: self.parents.clone(),
+            body: self.body.clone(),
+            media_type: self.media_type.clone(),
+            digest: self.digest.clone(),
+        }
+    }
+}
+
+/// Who caused an event.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub peer: Option<String>,
+    /// The id the write was stored under, and what it was based on.
+    pub write: VersionId,
+    pub write_parents: Version,
+}
+
+/// Commands to a resource's actor.
+pub(crate) enum Command {
+    Write(Box<Write>, oneshot::Sender<Result<WriteResult, EngineError>>),
+    Delete(oneshot::Sender<Result<bool, EngineError>>),
+    /// The current state (loading the resource first if needed).
+    Read(oneshot::Sender<Result<Arc<State>, EngineError>>),
+    /// The representation at a version, and the current version.
+    ReadAt(Version, oneshot::Sender<Result<(Bytes, Version), EngineError>>),
+    /// The current state and the last event seq it includes.
+    Snapshot(oneshot::Sender<Result<(Arc<State>, u64), EngineError>>),
+    /// What takes a subscriber at `from` to now, and the last event seq that includes.
+    /// With `strict`, an unknown `from` is an error; otherwise it gets the whole value.
+    CatchUp {
+        from: Version,
+        strict: bool,
+        reply: oneshot::Sender<Result<(Update, u64), EngineError>>,
+    },
+    /// The changes after `from`, each as an update.
+    History(Version, oneshot::Sender<Result<Vec<Update>, EngineError>>),
+}
+
+/// What a live resource shares with readers and subscribers.
+pub(crate) struct Shared {
+    /// The current state, or `None` until the actor has loaded the resource.
+    pub current: ArcSwap<Option<Arc<State>>>,
+    pub events: broadcast::Sender<Arc<Event>>,
+}
+
+/// A live resource: the way to its actor. Dropping the last handle stops the actor.
+pub struct ResourceHandle {
+    pub key: ResourceKey,
+    mailbox: mpsc::Sender<Command>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl ResourceHandle {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Command,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.mailbox
+            .send(make(tx))
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+}
+
+/// The engine: a handle to every live resource. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    storage: Arc<dyn Storage>,
+    config: EngineConfig,
+    registry: Mutex<HashMap<ResourceKey, Weak<ResourceHandle>>>,
+    warm: Mutex<LruCache<ResourceKey, Arc<ResourceHandle>>>,
+}
+
+impl Engine {
+    pub fn new(storage: Arc<dyn Storage>, config: EngineConfig) -> Engine {
+        let cap = NonZeroUsize::new(config.warm_resources.max(1)).expect("non-zero");
+        Engine {
+            inner: Arc::new(Inner {
+                storage,
+                config,
+                registry: Mutex::new(HashMap::new()),
+                warm: Mutex::new(LruCache::new(cap)),
+            }),
+        }
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.inner.storage
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The live handle for a resource, starting its actor if needed.
+    pub fn resource(&self, key: &ResourceKey) -> Arc<ResourceHandle> {
+        let mut registry = self.inner.registry.lock().expect("registry");
+        let handle = match registry.get(key).and_then(Weak::upgrade) {
+            Some(h) => h,
+            None => {
+                let (tx, rx) = mpsc::channel(self.inner.config.mailbox.max(1));
+                let (events, _) = broadcast::channel(self.inner.config.subscriber_queue.max(1));
+                let shared = Arc::new(Shared {
+                    current: ArcSwap::from_pointee(None),
+                    events,
+                });
+                let h = Arc::new(ResourceHandle {
+                    key: key.clone(),
+                    mailbox: tx,
+                    shared: shared.clone(),
+                });
+                actor::spawn(
+                    key.clone(),
+                    self.inner.storage.clone(),
+                    self.inner.config.clone(),
+                    shared,
+                    rx,
+                );
+                if registry.len() > 4 * self.inner.config.warm_resources + 1024 {
+                    registry.retain(|_, w| w.strong_count() > 0);
+                }
+                registry.insert(key.clone(), Arc::downgrade(&h));
+                h
+            }
+        };
+        drop(registry);
+        self.inner
+            .warm
+            .lock()
+            .expect("warm")
+            .put(key.clone(), handle.clone());
+        handle
+    }
+
+    /// The current state of a resource.
+    pub async fn read(&self, key: &ResourceKey) -> Result<Arc<State>, EngineError> {
+        let h = self.resource(key);
+        if let Some(state) = h.shared.current.load().as_ref() {
+            return Ok(state.clone());
+        }
+        h.ask(Command::Read).await
+    }
+
+    /// The representation at `version` and the current version.
+    pub async fn read_at(
+        &self,
+        key: &ResourceKey,
+        version: Version,
+    ) -> Result<(Bytes, Version), EngineError> {
+        self.resource(key).ask(|r| Command::ReadAt(version, r)).await
+    }
+
+    /// The updates after `from`, one per change.
+    pub async fn history(&self, key: &ResourceKey, from: Version) -> Result<Vec<Update>, EngineError> {
+        self.resource(key).ask(|r| Command::History(from, r)).await
+    }
+
+    /// Applies a write; returns after it is durable.
+    pub async fn write(&self, key: &ResourceKey, write: Write) -> Result<WriteResult, EngineError> {
+        self.resource(key)
+            .ask(|r| Command::Write(Box::new(write), r))
+            .await
+    }
+
+    /// Deletes a resource; `false` if it did not exist.
+    pub async fn delete(&self, key: &ResourceKey) -> Result<bool, EngineError> {
+        self.resource(key).ask(Command::Delete).await
+    }
+
+    /// Subscribes to a resource. With `parents`, the first update takes the client from
+    /// there; without, it is the whole current state. `peer` enables echo suppression.
+    pub async fn subscribe(
+        &self,
+        key: &ResourceKey,
+        parents: Option<Version>,
+        peer: Option<String>,
+    ) -> Result<Subscription, EngineError> {
+        Subscription::open(self.resource(key), parents, peer).await
+    }
+
+    /// Resources currently in memory (for status).
+    pub fn live_resources(&self) -> usize {
+        self.inner
+            .registry
+            .lock()
+            .expect("registry")
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
+    }
+}

@@ -1,0 +1,141 @@
+//! The HTTP server: accepting connections, routing, and shutting down gracefully.
+//!
+//! Connections are accepted only while a permit from a semaphore of
+//! `limits.max_connections` is free, so past the limit clients wait in the kernel's
+//! accept queue instead of exhausting file descriptors. Each connection speaks HTTP/1.1 or
+//! cleartext HTTP/2 (many subscriptions on one connection).
+//!
+//! On shutdown the listener stops, every open subscription ends its response cleanly,
+//! in-flight requests get `limits.shutdown_grace_secs` to finish, and then the process
+//! exits.
+
+pub mod error;
+pub mod resource;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::routing::get;
+use http::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use plait_bridge::Identity;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Limits;
+use crate::engine::Engine;
+
+/// What every request handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    pub engine: Engine,
+    /// The instance's identity: whose namespace `/` is.
+    pub identity: Identity,
+    pub limits: Arc<Limits>,
+    /// Cancelled when the server begins to shut down; open subscriptions end on it.
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+}
+
+/// The routes: well-known resources, then every other path is a Braid resource.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/.well-known/plait", get(well_known))
+        .fallback(|State(app): State<App>, req: Request<Body>| resource::handle(app, req))
+        .with_state(app)
+}
+
+/// `GET /.well-known/plait`: who this server is and the limits it applies.
+async fn well_known(State(app): State<App>) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "name": "plait",
+        "version": env!("CARGO_PKG_VERSION"),
+        "id": app.identity.to_string(),
+        "store": app.engine.storage().backend(),
+        "uptime_secs": app.started.elapsed().as_secs(),
+        "resources_in_memory": app.engine.live_resources(),
+        "limits": {
+            "max_body_bytes": app.limits.max_body_bytes,
+            "max_connections": app.limits.max_connections,
+            "header_read_timeout_secs": app.limits.header_read_timeout_secs,
+            "subscriber_queue": app.engine.config().subscriber_queue,
+            "min_heartbeat_ms": crate::braid::headers::MIN_HEARTBEAT.as_millis() as u64,
+        },
+    }))
+}
+
+/// Serves connections from `listener` until `app.shutdown` is cancelled, then drains.
+pub async fn serve(listener: TcpListener, app: App) {
+    let limits = app.limits.clone();
+    let shutdown = app.shutdown.clone();
+    let router = router(app);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs.max(1)));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    let grace = Duration::from_secs(limits.shutdown_grace_secs);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            open = tracker.len(),
+            "connections still open after the grace period; closing them"
+        );
+    }
+}
+
+/// The remote address of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);

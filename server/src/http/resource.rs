@@ -1,0 +1,380 @@
+//! Braid-HTTP on resources: GET, HEAD, PUT/PATCH, DELETE, OPTIONS, and `Subscribe`.
+//!
+//! The request is parsed into typed values here (path → [`ResourceKey`], headers →
+//! [`BraidHeaders`], body → [`WriteBody`]); the engine does the work; the answer is
+//! written with [`crate::braid::frame`]. This module is the only one that sees both HTTP
+//! and the engine.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use percent_encoding::percent_decode_str;
+use tokio_util::sync::CancellationToken;
+
+use super::App;
+use super::error::ApiError;
+use crate::braid::{BraidHeaders, format_version, frame};
+use crate::engine::{Delivery, Subscription, Write};
+use crate::model::{Kind, PathError, ResourceKey, ResourcePath, Version};
+use crate::update::{Update, UpdateBody};
+
+/// Methods a resource answers.
+pub const ALLOW: &str = "GET, HEAD, PUT, PATCH, DELETE, OPTIONS";
+
+/// Headers clients may send and read (browsers need them listed for CORS).
+const BRAID_HEADERS: &str = "Version, Parents, Current-Version, Subscribe, Heartbeats, Merge-Type, Patches, Peer, \
+     Content-Range, Repr-Digest, Accept-Subscribe, Editable, Plait-Error";
+
+/// Handles a request for a resource.
+pub async fn handle(app: App, req: Request<Body>) -> Response<Body> {
+    let mut res = match route(&app, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    add_common_headers(res.headers_mut());
+    res
+}
+
+fn add_common_headers(h: &mut HeaderMap) {
+    h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    h.insert(
+        "access-control-expose-headers",
+        HeaderValue::from_static(BRAID_HEADERS),
+    );
+    h.insert(
+        "range-request-allow-methods",
+        HeaderValue::from_static("PATCH, PUT"),
+    );
+    h.insert(
+        "range-request-allow-units",
+        HeaderValue::from_static("text, json, bytes"),
+    );
+}
+
+async fn route(app: &App, req: Request<Body>) -> Result<Response<Body>, ApiError> {
+    let key = resource_key(app, req.uri().path())?;
+    let braid = BraidHeaders::parse(req.headers())?;
+    match *req.method() {
+        Method::OPTIONS => Ok(options(req.headers())),
+        Method::GET | Method::HEAD => get(app, key, braid, req).await,
+        Method::PUT | Method::PATCH => put(app, key, braid, req).await,
+        Method::DELETE => delete(app, key).await,
+        _ => Err(ApiError::method_not_allowed(ALLOW)),
+    }
+}
+
+/// Maps a URL path to a resource: `/<path>` is the instance's namespace, `/~<id>/<path>`
+/// another identity's.
+pub fn resource_key(app: &App, raw_path: &str) -> Result<ResourceKey, ApiError> {
+    let decoded = percent_decode_str(raw_path)
+        .decode_utf8()
+        .map_err(|_| ApiError::from(PathError::Encoding))?;
+    let path = decoded.strip_prefix('/').unwrap_or(&decoded);
+    if let Some(rest) = path.strip_prefix('~') {
+        let (id, inner) = rest.split_once('/').unwrap_or((rest, ""));
+        let ns = id.parse().map_err(|e: plait_bridge::IdentityError| {
+            PathError::BadNamespace(id.to_string(), e.to_string())
+        })?;
+        return Ok(ResourceKey::new(ns, ResourcePath::new(inner)?));
+    }
+    Ok(ResourceKey::new(app.identity, ResourcePath::new(path)?))
+}
+
+fn options(req: &HeaderMap) -> Response<Body> {
+    let mut res = Response::new(Body::empty());
+    let h = res.headers_mut();
+    h.insert("allow", HeaderValue::from_static(ALLOW));
+    h.insert("access-control-allow-methods", HeaderValue::from_static(ALLOW));
+    let asked = req
+        .get("access-control-request-headers")
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("*"));
+    h.insert("access-control-allow-headers", asked);
+    h.insert("access-control-max-age", HeaderValue::from_static("86400"));
+    res
+}
+
+/// Whether the client asked for JSON (then a missing resource is a 404, not empty text).
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json") || a.contains("+json"))
+}
+
+async fn get(
+    app: &App,
+    key: ResourceKey,
+    braid: BraidHeaders,
+    req: Request<Body>,
+) -> Result<Response<Body>, ApiError> {
+    let head = req.method() == Method::HEAD;
+    let json = wants_json(req.headers());
+    if braid.subscribe.is_some() {
+        if braid.version.is_some() {
+            return Err(ApiError::bad_request(
+                "Version is not allowed with Subscribe; use Parents to resume from a version",
+            ));
+        }
+        return subscribe(app, key, braid, json, head).await;
+    }
+    if let Some(version) = braid.version {
+        let (body, current) = app.engine.read_at(&key, version.clone()).await?;
+        let state = app.engine.read(&key).await?;
+        let mut res = representation(
+            if head { Bytes::new() } else { body },
+            &state.media_type,
+            Some(&version),
+        );
+        set(res.headers_mut(), "current-version", &format_version(&current));
+        return Ok(res);
+    }
+    if let Some(parents) = braid.parents {
+        return history(app, key, parents, head).await;
+    }
+    let state = app.engine.read(&key).await?;
+    if !state.exists() && json {
+        return Err(ApiError::not_found(format!("{} does not exist", key.path)));
+    }
+    let mut res = representation(
+        if head { Bytes::new() } else { state.body.clone() },
+        &state.media_type,
+        Some(&state.version),
+    );
+    if head {
+        set(res.headers_mut(), "content-length", &state.body.len().to_string());
+    }
+    set(res.headers_mut(), "repr-digest", &state.digest);
+    if state.kind == Some(Kind::Text) || !state.exists() {
+        set(res.headers_mut(), "merge-type", "simpleton");
+    }
+    Ok(res)
+}
+
+fn representation(body: Bytes, media_type: &str, version: Option<&Version>) -> Response<Body> {
+    let mut res = Response::new(Body::from(body));
+    let h = res.headers_mut();
+    set(h, "content-type", media_type);
+    if let Some(v) = version {
+        set(h, "version", &format_version(v));
+    }
+    h.insert("accept-subscribe", HeaderValue::from_static("true"));
+    h.insert("editable", HeaderValue::from_static("true"));
+    h.insert(
+        "vary",
+        HeaderValue::from_static("Version, Parents, Subscribe, Accept"),
+    );
+    res
+}
+
+fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+/// `GET` with `Parents` and no `Subscribe`: the updates since then, as a finished 209.
+async fn history(
+    app: &App,
+    key: ResourceKey,
+    parents: Version,
+    head: bool,
+) -> Result<Response<Body>, ApiError> {
+    let updates = app.engine.history(&key, parents).await?;
+    let state = app.engine.read(&key).await?;
+    let mut body = Vec::new();
+    for u in &updates {
+        body.extend_from_slice(&frame::encode_update(u));
+    }
+    let mut res = Response::new(if head { Body::empty() } else { Body::from(body) });
+    *res.status_mut() = StatusCode::from_u16(209).expect("209");
+    res.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(b"Multiresponse"));
+    let h = res.headers_mut();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("application/http-history"),
+    );
+    set(h, "repr-type", &state.media_type);
+    set(h, "current-version", &format_version(&state.version));
+    Ok(res)
+}
+
+async fn subscribe(
+    app: &App,
+    key: ResourceKey,
+    braid: BraidHeaders,
+    json: bool,
+    head: bool,
+) -> Result<Response<Body>, ApiError> {
+    let sub = app
+        .engine
+        .subscribe(&key, braid.parents.clone(), braid.peer.clone())
+        .await?;
+    let state = app.engine.read(&key).await?;
+    let media_type = if state.exists() {
+        state.media_type.clone()
+    } else if json {
+        Kind::Json.default_media_type().to_string()
+    } else {
+        Kind::Text.default_media_type().to_string()
+    };
+    let mut res = Response::new(if head {
+        Body::empty()
+    } else {
+        Body::from_stream(updates(sub, json, braid.heartbeats, app.shutdown.clone()))
+    });
+    *res.status_mut() = StatusCode::from_u16(209).expect("209");
+    res.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(b"Multiresponse"));
+    let h = res.headers_mut();
+    set(h, "subscribe", braid.subscribe.as_deref().unwrap_or("true"));
+    h.insert(
+        "cache-control",
+        HeaderValue::from_static("no-cache, no-transform, no-store"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    set(h, "content-type", &media_type);
+    set(h, "current-version", &format_version(&state.version));
+    if state.kind == Some(Kind::Text) || (!state.exists() && !json) {
+        h.insert("merge-type", HeaderValue::from_static("simpleton"));
+    }
+    h.insert("editable", HeaderValue::from_static("true"));
+    h.insert("accept-subscribe", HeaderValue::from_static("true"));
+    if let Some(hb) = braid.heartbeats {
+        set(h, "heartbeats", &format!("{}s", trim_float(hb.as_secs_f64())));
+    }
+    Ok(res)
+}
+
+fn trim_float(f: f64) -> String {
+    let s = format!("{f:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// The body of a 209: update blocks as they come, blank lines as heartbeats; it ends when
+/// the server shuts down.
+fn updates(
+    sub: Subscription,
+    json: bool,
+    heartbeats: Option<Duration>,
+    shutdown: CancellationToken,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    struct St {
+        sub: Subscription,
+        json: bool,
+        beat: Option<tokio::time::Interval>,
+        shutdown: CancellationToken,
+    }
+    let beat = heartbeats.map(|d| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    futures::stream::unfold(St { sub, json, beat, shutdown }, |mut st| async move {
+        let bytes = tokio::select! {
+            biased;
+            _ = st.shutdown.cancelled() => return None,
+            d = st.sub.next() => match d? {
+                Delivery::Shared(ev) => ev.wire.get_or_init(|| frame::encode_update(&ev.update())).clone(),
+                Delivery::Own(u) => encode_for(&u, st.json),
+            },
+            _ = async { st.beat.as_mut().expect("guarded").tick().await }, if st.beat.is_some() => {
+                Bytes::from_static(frame::HEARTBEAT)
+            }
+        };
+        Some((Ok(bytes), st))
+    })
+    .boxed()
+}
+
+/// A subscriber's own update. A text client asking about a resource that does not exist
+/// sees an empty text document (braid-text's model); a JSON client sees a 404 block.
+fn encode_for(u: &Update, json: bool) -> Bytes {
+    if matches!(u.body, UpdateBody::Missing) && !json && u.parents.is_root() {
+        return frame::encode_update(&Update {
+            body: UpdateBody::Snapshot(Bytes::new()),
+            ..u.clone()
+        });
+    }
+    frame::encode_update(u)
+}
+
+async fn put(
+    app: &App,
+    key: ResourceKey,
+    braid: BraidHeaders,
+    req: Request<Body>,
+) -> Result<Response<Body>, ApiError> {
+    if key.namespace != app.identity {
+        return Err(ApiError::forbidden(format!(
+            "~{} is another identity's namespace; this server does not accept writes to it",
+            key.namespace
+        )));
+    }
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, &parts.headers, app.limits.max_body_bytes).await?;
+    let write_body = crate::braid::patch::parse_write_body(&parts.headers, body)?;
+    let version = match braid.version {
+        None => None,
+        Some(v) => match v.ids() {
+            [] => None,
+            [one] => Some(one.clone()),
+            _ => return Err(ApiError::bad_request("a PUT names one version id")),
+        },
+    };
+    let result = app
+        .engine
+        .write(
+            &key,
+            Write {
+                body: write_body,
+                version,
+                parents: braid.parents,
+                peer: braid.peer,
+                author: None,
+            },
+        )
+        .await?;
+    let mut res = Response::new(Body::empty());
+    set(res.headers_mut(), "version", &format_version(&result.version));
+    Ok(res)
+}
+
+/// Reads a body up to `limit` bytes; 413 beyond, decided from `Content-Length` when given.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(declared, limit));
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ApiError::too_large(None, limit))
+        }
+        Err(e) => Err(ApiError::bad_request(format!("could not read the body: {e}"))),
+    }
+}
+
+async fn delete(app: &App, key: ResourceKey) -> Result<Response<Body>, ApiError> {
+    if key.namespace != app.identity {
+        return Err(ApiError::forbidden(format!(
+            "~{} is another identity's namespace; this server does not accept writes to it",
+            key.namespace
+        )));
+    }
+    if app.engine.delete(&key).await? {
+        let mut res = Response::new(Body::empty());
+        *res.status_mut() = StatusCode::NO_CONTENT;
+        Ok(res)
+    } else {
+        Err(ApiError::not_found(format!("{} does not exist", key.path)))
+    }
+}

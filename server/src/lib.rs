@@ -1,0 +1,14 @@
+//! `plait-server`: the Plait state server as a library; `src/main.rs` is the `plait` binary.
+//!
+//! See ARCHITECTURE.md at the repository root for the code map.
+
+pub mod braid;
+pub mod cli;
+pub mod config;
+pub mod doc;
+pub mod engine;
+pub mod http;
+pub mod model;
+pub mod serve;
+pub mod storage;
+pub mod update;

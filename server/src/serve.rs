@@ -1,0 +1,112 @@
+//! `plait serve`: puts the parts together — data dir, identity, storage, engine, HTTP —
+//! and runs until SIGINT or SIGTERM.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use fs4::fs_std::FileExt;
+use plait_bridge::Keypair;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::http::{self, App};
+use crate::storage::postgres::PostgresStorage;
+use crate::storage::sqlite::SqliteStorage;
+use crate::storage::{CommitLimits, Storage};
+
+/// File name of the instance key in the data dir.
+pub const IDENTITY_FILE: &str = "identity.pem";
+/// File name of the embedded store in the data dir.
+pub const EMBEDDED_FILE: &str = "plait.db";
+/// Setting naming the identity a database belongs to.
+const OWNER_SETTING: &str = "instance_identity";
+
+/// Creates the data dir (mode 0700 when new) and loads or makes the instance key.
+pub fn open_identity(data_dir: &Path) -> anyhow::Result<(Keypair, bool)> {
+    if !data_dir.exists() {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    Ok(Keypair::load_or_create(&data_dir.join(IDENTITY_FILE))?)
+}
+
+/// Runs the server until a signal arrives.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let data_dir = cfg.data_dir();
+    let (keys, created) = open_identity(&data_dir)?;
+    let identity = keys.identity();
+    if created {
+        tracing::info!(%identity, path = %data_dir.join(IDENTITY_FILE).display(), "created a new instance identity");
+    }
+    // The embedded store may have one server only; keep the lock for the process's life.
+    let mut _lock = None;
+    let storage: Arc<dyn Storage> = match &cfg.database_url {
+        Some(url) => Arc::new(
+            PostgresStorage::connect(url, cfg.database_pool, CommitLimits::default())
+                .await
+                .context("connecting to Postgres")?,
+        ),
+        None => {
+            let lock_path = data_dir.join("plait.lock");
+            let lock = std::fs::File::create(&lock_path)
+                .with_context(|| format!("creating {}", lock_path.display()))?;
+            if !lock.try_lock_exclusive().unwrap_or(false) {
+                bail!(
+                    "another plait server is using {} (its embedded store takes one server)",
+                    data_dir.display()
+                );
+            }
+            _lock = Some(lock);
+            Arc::new(
+                SqliteStorage::open(&data_dir.join(EMBEDDED_FILE), CommitLimits::default())
+                    .context("opening the embedded store")?,
+            )
+        }
+    };
+    match storage.get_setting(OWNER_SETTING).await? {
+        None => storage.put_setting(OWNER_SETTING, &identity.to_string()).await?,
+        Some(owner) if owner == identity.to_string() => {}
+        Some(owner) => bail!(
+            "this database belongs to instance {owner}, but {} holds the key of {identity}",
+            data_dir.join(IDENTITY_FILE).display()
+        ),
+    }
+    let engine = Engine::new(storage.clone(), cfg.engine.engine_config());
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    tracing::info!(%identity, store = storage.backend(), data_dir = %data_dir.display(), "plait {}", env!("CARGO_PKG_VERSION"));
+    tracing::info!("listening on http://{addr}");
+    let app = App {
+        engine,
+        identity,
+        limits: Arc::new(cfg.limits.clone()),
+        shutdown,
+        started: Instant::now(),
+    };
+    http::serve(listener, app).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
+    shutdown.cancel();
+}
