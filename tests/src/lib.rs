@@ -1,0 +1,7 @@
+//! Support for the workspace tests in `tests/tests/`: a throwaway Postgres cluster
+//! ([`pg`]) and real `plait` processes ([`plait`]). Nothing here is a stand-in: tests talk
+//! to a real server binary over real sockets, backed by a real database.
+
+pub mod pg;
+pub mod plait;
+pub mod wire;

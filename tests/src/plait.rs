@@ -1,0 +1,196 @@
+//! Real `plait` server processes for tests.
+//!
+//! The binary is `target/<profile>/plait` next to the test executable (built by
+//! `cargo build --workspace --bins`, which `tests/run` does), or `PLAIT_BIN`.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Which store a test server uses.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// The embedded store in the data dir.
+    Embedded,
+    /// Postgres at this URL.
+    Postgres(String),
+}
+
+impl Store {
+    /// A fresh Postgres database on the test cluster.
+    pub fn fresh_postgres() -> Store {
+        Store::Postgres(crate::pg::fresh_database())
+    }
+}
+
+/// The path of the `plait` binary under test.
+pub fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("PLAIT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("plait");
+    assert!(
+        bin.exists(),
+        "{} does not exist: run `cargo build --workspace --bins` first (tests/run does), or set PLAIT_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `plait serve`.
+pub struct Plait {
+    pub addr: SocketAddr,
+    pub store: Store,
+    pub extra_args: Vec<String>,
+    data_dir: tempfile::TempDir,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Plait {
+    /// Starts a server on a free port with a fresh data dir.
+    pub fn start(store: Store) -> Plait {
+        Self::start_with(store, &[])
+    }
+
+    /// Starts a server with extra `plait serve` arguments.
+    pub fn start_with(store: Store, extra: &[&str]) -> Plait {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut p = Plait {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            store,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            data_dir,
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        p.spawn("127.0.0.1:0");
+        p
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    fn spawn(&mut self, listen: &str) {
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(self.data_dir.path());
+        if let Store::Postgres(url) = &self.store {
+            cmd.arg("--database-url").arg(url);
+        }
+        cmd.args(&self.extra_args);
+        cmd.env_remove("DATABASE_URL").env_remove("PLAIT_DATABASE_URL");
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("PLAIT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn plait");
+        let (tx, rx) = mpsc::channel();
+        for stream in [
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = self.log.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Some(i) = line.find("listening on http://") {
+                        let rest = &line[i + "listening on http://".len()..];
+                        let addr: String = rest
+                            .chars()
+                            .take_while(|c| !c.is_whitespace() && *c != '/')
+                            .collect();
+                        let _ = tx.send(addr);
+                    }
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => self.addr = addr.parse().expect("listening address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("plait did not start within 60 s; its output:\n{}", self.log());
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// Everything the server has printed.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// `kill -9`: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        for _ in 0..300 {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        panic!(
+            "plait did not exit within 15 s of SIGTERM; output:\n{}",
+            self.log()
+        );
+    }
+
+    /// Starts the server again on the same data dir and store (and the same port if free).
+    pub fn restart(&mut self) {
+        self.kill9();
+        let listen = self.addr.to_string();
+        self.spawn(&listen);
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Plait {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
