@@ -67,15 +67,33 @@ pub async fn send(
     send_raw(addr, &build(addr, method, path, headers, body, true)).await
 }
 
-/// Sends raw bytes and reads until the server closes.
+/// Sends raw bytes and reads until the server closes. Reading runs while writing, so a
+/// server that answers early (413) and closes is seen as it is, not as a broken pipe.
 pub async fn send_raw(addr: SocketAddr, raw: &[u8]) -> Response {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(raw).await.expect("write request");
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    let raw = raw.to_vec();
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&raw).await;
+        wr
+    });
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
+    let mut chunk = [0u8; 65536];
+    let read = async {
+        loop {
+            match rd.read(&mut chunk).await {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                // A reset after the response arrived (the server closed with unread input).
+                Err(_) if parse_head(&buf).is_some() => break,
+                Err(e) => panic!("read response: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
         .await
-        .expect("response within 20 s")
-        .expect("read response");
+        .expect("response within 20 s");
+    drop(writer.await);
     let (status, headers, rest) = parse_head(&buf).expect("a response head");
     let body = if header(&headers, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         let mut d = Dechunker::default();
