@@ -109,7 +109,10 @@ pub async fn send_raw(addr: SocketAddr, raw: &[u8]) -> Response {
     }
 }
 
-fn parse_head(buf: &[u8]) -> Option<(u16, Vec<(String, String)>, &[u8])> {
+/// Header lines as (name, value).
+pub type Headers = Vec<(String, String)>;
+
+fn parse_head(buf: &[u8]) -> Option<(u16, Headers, &[u8])> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&buf[..end]).ok()?;
     let mut lines = head.split("\r\n");

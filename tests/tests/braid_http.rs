@@ -391,7 +391,8 @@ async fn concurrent_writes_merge(store: Store) {
 async fn bad_input_is_refused_and_stores_nothing(store: Store) {
     let p = Plait::start_with(store, &[]);
     put(&p, "/b", &[("Version", "\"a-4\"")], "hello").await;
-    let cases: Vec<(Vec<(&str, &str)>, &str, u16)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, u16);
+    let cases: Vec<Case> = vec![
         (vec![("Version", "a-5")], "x", 400),        // unquoted version
         (vec![("Parents", "\"a-4\",,")], "x", 400),  // malformed list
         (vec![("Merge-Type", "ot-json")], "x", 400), // unknown merge type
@@ -426,9 +427,9 @@ async fn bad_input_is_refused_and_stores_nothing(store: Store) {
     let big = vec![b'x'; 10 * 1024 * 1024 + 1];
     let r = wire::send(p.addr, "PUT", "/b", &[], &big).await;
     assert_eq!(r.status, 413);
-    let mut raw =
-        format!("PUT /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-            .into_bytes();
+    let mut raw = "PUT /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        .as_bytes()
+        .to_vec();
     for _ in 0..11 {
         raw.extend_from_slice(format!("{:x}\r\n", 1024 * 1024).as_bytes());
         raw.extend(std::iter::repeat_n(b'y', 1024 * 1024));

@@ -80,6 +80,7 @@ fn config_file_then_environment_then_flags() {
     let r = rt.block_on(wire::send(addr, "PUT", "/x", &[], &[b'a'; 1001]));
     assert_eq!(r.status, 413);
     child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[test]
@@ -157,6 +158,7 @@ fn serve_with_no_arguments_uses_the_default_data_dir() {
         .map_while(Result::ok)
         .any(|l| l.contains("listening on http://"));
     child.kill().unwrap();
+    child.wait().unwrap();
     assert!(found);
     assert!(home.path().join(".local/share/plait/identity.pem").exists());
     assert!(home.path().join(".local/share/plait/plait.db").exists());
