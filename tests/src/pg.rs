@@ -19,6 +19,8 @@ pub struct Cluster {
     port: u16,
     user: String,
     bin: PathBuf,
+    /// The data directory, for clusters this process made (stop/start need it).
+    data: Option<PathBuf>,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -94,6 +96,16 @@ impl Cluster {
         if let Ok(url) = std::env::var("DATABASE_URL") {
             return Cluster::existing(&url);
         }
+        Cluster::make()
+    }
+
+    /// A cluster of this test's own, even when `DATABASE_URL` is set: for tests that stop
+    /// and restart the database server.
+    pub fn private() -> Cluster {
+        Cluster::make().unwrap_or_else(|e| panic!("cannot start Postgres for tests: {e}"))
+    }
+
+    fn make() -> Result<Cluster, String> {
         let bin = pg_bin()?;
         let dir = std::env::temp_dir().join(format!(
             "plait-pg-{}-{}",
@@ -180,6 +192,7 @@ impl Cluster {
             port,
             user: "postgres".into(),
             bin,
+            data: Some(data),
         })
     }
 
@@ -203,6 +216,7 @@ impl Cluster {
             port: port.parse().map_err(|_| "bad port in DATABASE_URL")?,
             user: user.into(),
             bin: pg_bin().unwrap_or_else(|_| PathBuf::from("")),
+            data: None,
         })
     }
 
@@ -234,8 +248,63 @@ impl Cluster {
         format!("{}/{}", self.base, name)
     }
 
-    /// `pg_ctl` stop/start of the shared cluster (for restart-under-load tests).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        let data = self
+            .data
+            .as_ref()
+            .expect("only clusters made here can be stopped");
+        let data = data.to_str().unwrap();
+        let mut full = vec!["-D", data, "-w", "-t", "60"];
+        full.extend_from_slice(args);
+        let out = as_owner(&self.bin, "pg_ctl", &full)
+            .stdout(Stdio::null())
+            .output()
+            .expect("pg_ctl runs");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the database server (fast shutdown: open connections are cut).
+    pub fn stop(&self) {
+        self.ctl(&["-m", "fast", "stop"]);
+    }
+
+    /// Starts it again with the same settings.
+    pub fn start_again(&self) {
+        let data = self.data.as_ref().expect("made here");
+        let dir = data.parent().unwrap();
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300 -c shared_buffers=64MB",
+            self.port,
+            dir.display()
+        );
+        let log = dir.join("log").to_str().unwrap().to_string();
+        self.ctl(&["-o", &opts, "-l", &log, "start"]);
+    }
+
+    /// Runs SQL with psql against a database URL of this cluster; returns its output.
+    pub fn psql(&self, url: &str, sql: &str) -> String {
+        let tool = if self.bin.as_os_str().is_empty() {
+            PathBuf::from("psql")
+        } else {
+            self.bin.join("psql")
+        };
+        let out = Command::new(tool)
+            .args(["-X", "-A", "-t", "-d", url, "-c", sql])
+            .output()
+            .expect("psql runs");
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }

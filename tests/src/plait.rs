@@ -43,12 +43,18 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// A data dir this server owns (removed with it) or shares with another server.
+enum DataDir {
+    Owned(tempfile::TempDir),
+    Shared(PathBuf),
+}
+
 /// A running `plait serve`.
 pub struct Plait {
     pub addr: SocketAddr,
     pub store: Store,
     pub extra_args: Vec<String>,
-    data_dir: tempfile::TempDir,
+    data_dir: DataDir,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
 }
@@ -61,7 +67,21 @@ impl Plait {
 
     /// Starts a server with extra `plait serve` arguments.
     pub fn start_with(store: Store, extra: &[&str]) -> Plait {
-        let data_dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = DataDir::Owned(tempfile::tempdir().expect("temp dir"));
+        Self::launch(store, data_dir, extra)
+    }
+
+    /// A second server process of the same instance: same data dir (so the same
+    /// identity) and the same store. Only Postgres can be shared.
+    pub fn start_sharing(other: &Plait, extra: &[&str]) -> Plait {
+        Self::launch(
+            other.store.clone(),
+            DataDir::Shared(other.data_dir().to_path_buf()),
+            extra,
+        )
+    }
+
+    fn launch(store: Store, data_dir: DataDir, extra: &[&str]) -> Plait {
         let mut p = Plait {
             addr: "127.0.0.1:0".parse().unwrap(),
             store,
@@ -75,7 +95,10 @@ impl Plait {
     }
 
     pub fn data_dir(&self) -> &Path {
-        self.data_dir.path()
+        match &self.data_dir {
+            DataDir::Owned(d) => d.path(),
+            DataDir::Shared(p) => p,
+        }
     }
 
     fn spawn(&mut self, listen: &str) {
@@ -84,7 +107,7 @@ impl Plait {
             .arg("--listen")
             .arg(listen)
             .arg("--data-dir")
-            .arg(self.data_dir.path());
+            .arg(self.data_dir());
         if let Store::Postgres(url) = &self.store {
             cmd.arg("--database-url").arg(url);
         }

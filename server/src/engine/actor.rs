@@ -10,12 +10,16 @@
 //!   it; a snapshot never claims more than that, so compaction cannot lose another
 //!   process's changes.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Command, EngineConfig, EngineError, Event, Origin, Shared, State, Write, WriteResult, digest};
+use super::{
+    Command, EngineConfig, EngineError, Event, Origin, ResourceHandle, Shared, State, Write, WriteResult,
+    digest,
+};
 use crate::braid::format_version;
 use crate::doc::{BytesDoc, BytesValue, DocWrite, Document, Outcome};
 use crate::model::{Kind, ResourceKey, Version, VersionId};
@@ -25,19 +29,29 @@ use crate::update::{Update, UpdateBody, WriteBody};
 /// Most commands taken from the mailbox in one round.
 const MAX_ROUND: usize = 1024;
 
-pub(crate) fn spawn(
-    key: ResourceKey,
-    storage: Arc<dyn Storage>,
-    config: EngineConfig,
-    shared: Arc<Shared>,
-    rx: mpsc::Receiver<Command>,
-) {
+/// What an actor starts with.
+pub(crate) struct Setup {
+    pub key: ResourceKey,
+    pub storage: Arc<dyn Storage>,
+    pub config: EngineConfig,
+    pub shared: Arc<Shared>,
+    pub rx: mpsc::Receiver<Command>,
+    /// The engine's map of live resources by row id, and this actor's own handle (weak,
+    /// so the actor never keeps itself alive) to put in it.
+    pub by_id: Arc<Mutex<HashMap<ResourceId, Weak<ResourceHandle>>>>,
+    pub me: Weak<ResourceHandle>,
+}
+
+pub(crate) fn spawn(s: Setup) {
     let actor = Actor {
-        key,
-        storage,
-        config,
-        shared,
-        rx,
+        key: s.key,
+        storage: s.storage,
+        config: s.config,
+        shared: s.shared,
+        rx: s.rx,
+        by_id: s.by_id,
+        me: s.me,
+        registered: None,
         res: None,
         event_seq: 0,
     };
@@ -50,9 +64,24 @@ struct Actor {
     config: EngineConfig,
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Command>,
+    by_id: Arc<Mutex<HashMap<ResourceId, Weak<ResourceHandle>>>>,
+    me: Weak<ResourceHandle>,
+    /// The id under which this actor is in `by_id`.
+    registered: Option<ResourceId>,
     /// `None` until loaded (or after a failure that requires a reload).
     res: Option<Res>,
     event_seq: u64,
+}
+
+impl Drop for Actor {
+    fn drop(&mut self) {
+        if let Some(id) = self.registered {
+            let mut ids = self.by_id.lock().expect("ids");
+            if ids.get(&id).is_some_and(|w| w.strong_count() == 0) {
+                ids.remove(&id);
+            }
+        }
+    }
 }
 
 enum Res {
@@ -133,6 +162,14 @@ impl Actor {
                 Command::History(from, reply) => {
                     let _ = reply.send(self.history(&from));
                 }
+                Command::Refresh => {
+                    self.shared
+                        .refresh_queued
+                        .store(false, std::sync::atomic::Ordering::Release);
+                    if let Err(e) = self.refresh().await {
+                        tracing::warn!(key = %self.key, error = %e, "could not read another process's changes");
+                    }
+                }
             }
             if self.res.is_none() {
                 // A failed append dropped the document: reload before the next command.
@@ -154,14 +191,91 @@ impl Actor {
             .unwrap_or_else(|| Arc::new(State::missing()))
     }
 
+    /// (Re)loads the resource from storage. If readers had seen an earlier state, the
+    /// difference is announced to subscribers.
     async fn load(&mut self) -> Result<(), EngineError> {
+        let before = self.shared.current.load().as_ref().clone();
         let loaded = self.storage.load(&self.key).await?;
         let res = match loaded {
             None => Res::Missing,
             Some(l) => Res::Present(Box::new(build(l)?)),
         };
         self.res = Some(res);
+        self.register();
         self.publish_state();
+        if let Some(before) = before {
+            self.announce_since(&before)?;
+        }
+        Ok(())
+    }
+
+    /// Puts this actor in the engine's map of live resources by id, once it has an id.
+    fn register(&mut self) {
+        let id = match &self.res {
+            Some(Res::Present(p)) => p.id,
+            _ => None,
+        };
+        if let Some(id) = id
+            && self.registered != Some(id)
+        {
+            self.by_id.lock().expect("ids").insert(id, self.me.clone());
+            self.registered = Some(id);
+        }
+    }
+
+    /// Reads what other processes appended (or reloads when that is not enough: a
+    /// delete, a compaction past what this process holds, a bytes value) and announces it.
+    async fn refresh(&mut self) -> Result<(), EngineError> {
+        let before = self.current();
+        let tail = match &mut self.res {
+            Some(Res::Present(p)) if !matches!(p.doc, Document::Bytes(_)) => match p.id {
+                Some(id) => {
+                    let changes = self.storage.changes_after(id, p.known_through).await?;
+                    match changes.first() {
+                        Some(first) if first.seq == p.known_through + 1 => {
+                            p.doc.apply_remote(changes.iter().map(|c| c.data.as_ref()))?;
+                            p.known_through = changes.last().map_or(p.known_through, |c| c.seq);
+                            p.since_snapshot += changes.len();
+                            true
+                        }
+                        _ => false,
+                    }
+                }
+                None => false,
+            },
+            _ => false,
+        };
+        if tail {
+            self.publish_state();
+            self.announce_since(&before)?;
+            self.maybe_compact();
+            Ok(())
+        } else {
+            self.load().await
+        }
+    }
+
+    /// Sends subscribers one event from the state readers saw before to the current one.
+    fn announce_since(&mut self, before: &State) -> Result<(), EngineError> {
+        let now = self.current();
+        if now.version == before.version && now.exists() == before.exists() {
+            return Ok(());
+        }
+        let u = self.catch_up(&before.version, false)?;
+        self.publish_event(Event {
+            seq: 0,
+            parents: if before.exists() {
+                before.version.clone()
+            } else {
+                Version::root()
+            },
+            version: u.version,
+            body: u.body,
+            media_type: u.media_type,
+            digest: u.digest,
+            origin: None,
+            wire: OnceLock::new(),
+        });
         Ok(())
     }
 
@@ -303,6 +417,7 @@ impl Actor {
         match self.storage.append(target, changes).await {
             Ok(app) => {
                 p.id = Some(app.resource);
+                let newly_known = self.registered != Some(app.resource);
                 let contiguous = app.first_seq == p.known_through + 1;
                 if contiguous {
                     p.known_through = app.last_seq;
@@ -319,6 +434,9 @@ impl Actor {
                 }
                 for (reply, v, changed) in replies {
                     let _ = reply.send(Ok(WriteResult { version: v, changed }));
+                }
+                if newly_known {
+                    self.register();
                 }
                 if contiguous {
                     self.maybe_compact();
@@ -528,5 +646,6 @@ fn fail(c: Command, e: EngineError) {
         Command::Snapshot(r) => drop(r.send(Err(e))),
         Command::CatchUp { reply, .. } => drop(reply.send(Err(e))),
         Command::History(_, r) => drop(r.send(Err(e))),
+        Command::Refresh => {}
     }
 }

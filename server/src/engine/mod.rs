@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::doc::DocError;
 use crate::model::{Kind, ResourceKey, Version, VersionId};
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Notice, ResourceId, Storage, StorageError};
 use crate::update::{Update, UpdateBody, WriteBody};
 
 pub use subscription::{Delivery, Subscription};
@@ -189,6 +189,8 @@ pub(crate) enum Command {
     },
     /// The changes after `from`, each as an update.
     History(Version, oneshot::Sender<Result<Vec<Update>, EngineError>>),
+    /// Another process changed the resource: read what is new and announce it.
+    Refresh,
 }
 
 /// What a live resource shares with readers and subscribers.
@@ -196,6 +198,8 @@ pub(crate) struct Shared {
     /// The current state, or `None` until the actor has loaded the resource.
     pub current: ArcSwap<Option<Arc<State>>>,
     pub events: broadcast::Sender<Arc<Event>>,
+    /// A `Refresh` is queued; more notices about this resource need not queue another.
+    pub refresh_queued: std::sync::atomic::AtomicBool,
 }
 
 /// A live resource: the way to its actor. Dropping the last handle stops the actor.
@@ -206,6 +210,20 @@ pub struct ResourceHandle {
 }
 
 impl ResourceHandle {
+    /// Asks the actor to read what other processes changed; at most one such request waits.
+    fn refresh(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.shared.refresh_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.mailbox.try_send(Command::Refresh) {
+            let h = self.clone();
+            tokio::spawn(async move {
+                let _ = h.mailbox.send(Command::Refresh).await;
+            });
+        }
+    }
+
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Command,
@@ -230,19 +248,30 @@ struct Inner {
     config: EngineConfig,
     registry: Mutex<HashMap<ResourceKey, Weak<ResourceHandle>>>,
     warm: Mutex<LruCache<ResourceKey, Arc<ResourceHandle>>>,
+    /// Live resources by row id, for notices from other processes (actors add themselves
+    /// once they know their id).
+    by_id: Arc<Mutex<HashMap<ResourceId, Weak<ResourceHandle>>>>,
 }
 
 impl Engine {
+    /// An engine over `storage`. Must be called inside a tokio runtime: when other
+    /// processes share the store, a task follows their notices.
     pub fn new(storage: Arc<dyn Storage>, config: EngineConfig) -> Engine {
         let cap = NonZeroUsize::new(config.warm_resources.max(1)).expect("non-zero");
-        Engine {
+        let notices = storage.take_notices();
+        let engine = Engine {
             inner: Arc::new(Inner {
                 storage,
                 config,
                 registry: Mutex::new(HashMap::new()),
                 warm: Mutex::new(LruCache::new(cap)),
+                by_id: Arc::new(Mutex::new(HashMap::new())),
             }),
+        };
+        if let Some(rx) = notices {
+            tokio::spawn(follow(Arc::downgrade(&engine.inner), rx));
         }
+        engine
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -264,19 +293,22 @@ impl Engine {
                 let shared = Arc::new(Shared {
                     current: ArcSwap::from_pointee(None),
                     events,
+                    refresh_queued: Default::default(),
                 });
                 let h = Arc::new(ResourceHandle {
                     key: key.clone(),
                     mailbox: tx,
                     shared: shared.clone(),
                 });
-                actor::spawn(
-                    key.clone(),
-                    self.inner.storage.clone(),
-                    self.inner.config.clone(),
+                actor::spawn(actor::Setup {
+                    key: key.clone(),
+                    storage: self.inner.storage.clone(),
+                    config: self.inner.config.clone(),
                     shared,
                     rx,
-                );
+                    by_id: self.inner.by_id.clone(),
+                    me: Arc::downgrade(&h),
+                });
                 if registry.len() > 4 * self.inner.config.warm_resources + 1024 {
                     registry.retain(|_, w| w.strong_count() > 0);
                 }
@@ -339,6 +371,16 @@ impl Engine {
         Subscription::open(self.resource(key), parents, peer).await
     }
 
+    /// The live handle for a resource if it is in memory.
+    fn live(&self, key: &ResourceKey) -> Option<Arc<ResourceHandle>> {
+        self.inner
+            .registry
+            .lock()
+            .expect("registry")
+            .get(key)
+            .and_then(Weak::upgrade)
+    }
+
     /// Resources currently in memory (for status).
     pub fn live_resources(&self) -> usize {
         self.inner
@@ -348,5 +390,60 @@ impl Engine {
             .values()
             .filter(|w| w.strong_count() > 0)
             .count()
+    }
+}
+
+/// Routes other processes' notices to the live resources they concern.
+async fn follow(engine: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Notice>) {
+    while let Some(notice) = rx.recv().await {
+        let Some(inner) = engine.upgrade() else { return };
+        let engine = Engine { inner };
+        let by_id = |id: ResourceId| {
+            engine
+                .inner
+                .by_id
+                .lock()
+                .expect("ids")
+                .get(&id)
+                .and_then(Weak::upgrade)
+        };
+        match notice {
+            Notice::Appended {
+                resource, created, ..
+            } => match by_id(resource) {
+                Some(h) => h.refresh(),
+                // A resource another process just created may be one waited for here.
+                None if created => {
+                    if let Ok(Some(key)) = engine.inner.storage.key_of(resource).await
+                        && let Some(h) = engine.live(&key)
+                    {
+                        h.refresh();
+                    }
+                }
+                None => {}
+            },
+            Notice::Deleted { resource } => {
+                if let Some(h) = by_id(resource) {
+                    h.refresh();
+                }
+            }
+            Notice::Resync => {
+                let live: Vec<_> = engine
+                    .inner
+                    .registry
+                    .lock()
+                    .expect("registry")
+                    .values()
+                    .filter_map(Weak::upgrade)
+                    .collect();
+                tracing::info!(
+                    resources = live.len(),
+                    "notices may have been missed; checking live resources"
+                );
+                for h in live {
+                    h.refresh();
+                }
+            }
+        }
     }
 }

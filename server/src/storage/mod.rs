@@ -106,6 +106,23 @@ pub struct Appended {
     pub last_seq: Seq,
 }
 
+/// A wake-up from another process sharing the store. It carries ids only: the changes
+/// themselves are read from the tables, so a lost notice costs latency, never data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Changes up to `last_seq` were appended to `resource` (`created`: its first ones).
+    Appended {
+        resource: ResourceId,
+        last_seq: Seq,
+        created: bool,
+    },
+    /// The resource was deleted.
+    Deleted { resource: ResourceId },
+    /// Notices may have been missed (the listening connection was re-established):
+    /// everything live should be checked.
+    Resync,
+}
+
 /// A line of a namespace listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceSummary {
@@ -168,6 +185,16 @@ pub trait Storage: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ResourceSummary>, StorageError>;
 
+    /// The resource a row id belongs to (for notices about resources this process has
+    /// not loaded yet).
+    async fn key_of(&self, id: ResourceId) -> Result<Option<ResourceKey>, StorageError>;
+
+    /// Notices of what other processes sharing this store changed, for the one caller
+    /// that takes them (the engine). `None` for a store only one process can open.
+    fn take_notices(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Notice>> {
+        None
+    }
+
     /// A small instance-wide setting (e.g. which identity owns this database).
     async fn get_setting(&self, name: &str) -> Result<Option<String>, StorageError>;
     async fn put_setting(&self, name: &str, value: &str) -> Result<(), StorageError>;
@@ -206,6 +233,12 @@ impl Default for CommitLimits {
 
 pub(crate) fn kind_from_code(code: i16) -> Result<Kind, StorageError> {
     Kind::from_code(code).ok_or_else(|| StorageError::Corrupt(format!("unknown kind code {code}")))
+}
+
+pub(crate) fn key_from_row(namespace: &[u8], path: String) -> Result<ResourceKey, StorageError> {
+    let ns = Identity::from_bytes(namespace).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    let path = ResourcePath::new(path).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    Ok(ResourceKey::new(ns, path))
 }
 
 pub(crate) fn identity_from_bytes(bytes: Option<Vec<u8>>) -> Result<Option<Identity>, StorageError> {

@@ -21,8 +21,9 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
-    Appended, CommitLimits, LoadedResource, NewChange, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, Target, identity_from_bytes, kind_from_code, prefix_upper_bound,
+    Appended, CommitLimits, LoadedResource, NewChange, Notice, ResourceId, ResourceRow, ResourceSummary, Seq,
+    Storage, StorageError, StoredChange, Target, identity_from_bytes, key_from_row, kind_from_code,
+    prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
@@ -36,10 +37,21 @@ pub const COMMITTERS: usize = 3;
 /// Key of the advisory lock taken while migrating.
 const MIGRATION_LOCK: i64 = 0x706c_6169_745f_6d69;
 
+/// The channel processes sharing a database wake each other on.
+const CHANNEL: &str = "plait_changes";
+/// Postgres refuses NOTIFY payloads of 8000 bytes or more.
+const MAX_PAYLOAD: usize = 7_800;
+/// How long to wait for a pooled connection, or for a new one, before answering 503.
+const POOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The Postgres backend.
 pub struct PostgresStorage {
     pool: Pool,
     appends: mpsc::UnboundedSender<AppendJob>,
+    /// Names this process in its notices, so it can ignore its own.
+    origin: Arc<str>,
+    config: tokio_postgres::Config,
+    notices_taken: std::sync::atomic::AtomicBool,
 }
 
 struct AppendJob {
@@ -72,11 +84,14 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StorageError {
 impl PostgresStorage {
     /// Connects, migrates, and starts the committers.
     pub async fn connect(url: &str, pool_size: usize, limits: CommitLimits) -> Result<Self, StorageError> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StorageError::Unavailable(format!("bad database URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(POOL_TIMEOUT);
+        }
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -84,6 +99,10 @@ impl PostgresStorage {
         );
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(COMMITTERS + 1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(POOL_TIMEOUT))
+            .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| StorageError::Unavailable(e.to_string()))?;
         {
@@ -102,10 +121,17 @@ impl PostgresStorage {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
+        let origin: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
         for _ in 0..COMMITTERS {
-            tokio::spawn(committer(pool.clone(), rx.clone(), limits));
+            tokio::spawn(committer(pool.clone(), rx.clone(), limits, origin.clone()));
         }
-        Ok(PostgresStorage { pool, appends: tx })
+        Ok(PostgresStorage {
+            pool,
+            appends: tx,
+            origin,
+            config,
+            notices_taken: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StorageError> {
@@ -114,7 +140,12 @@ impl PostgresStorage {
 }
 
 /// A group-commit worker: take what is queued, commit it as one transaction.
-async fn committer(pool: Pool, rx: Arc<Mutex<mpsc::UnboundedReceiver<AppendJob>>>, limits: CommitLimits) {
+async fn committer(
+    pool: Pool,
+    rx: Arc<Mutex<mpsc::UnboundedReceiver<AppendJob>>>,
+    limits: CommitLimits,
+    origin: Arc<str>,
+) {
     loop {
         let batch = {
             let mut rx = rx.lock().await;
@@ -155,9 +186,22 @@ async fn committer(pool: Pool, rx: Arc<Mutex<mpsc::UnboundedReceiver<AppendJob>>
             .collect();
         match commit_batch(&mut client, &jobs).await {
             Ok(results) => {
+                let entries: Vec<String> = results
+                    .iter()
+                    .flatten()
+                    .map(|a| {
+                        format!(
+                            "{}:{}{}",
+                            a.resource,
+                            a.last_seq,
+                            if a.first_seq == 1 { ":c" } else { "" }
+                        )
+                    })
+                    .collect();
                 for (j, r) in batch.into_iter().zip(results) {
                     let _ = j.reply.send(r);
                 }
+                notify(&mut client, &origin, &entries).await;
             }
             Err(e) if batch.len() == 1 => {
                 let _ = batch.into_iter().next().map(|j| j.reply.send(Err(e)));
@@ -346,6 +390,113 @@ async fn commit_batch(
     }
     tx.commit().await.map_err(pg_err)?;
     Ok(out)
+}
+
+/// Wakes other processes: after the commit, in a transaction of its own that need not
+/// wait for the disk (a lost notice only delays a follower, which reads the tables).
+async fn notify(client: &mut deadpool_postgres::Object, origin: &str, entries: &[String]) {
+    if entries.is_empty() {
+        return;
+    }
+    let mut payloads = Vec::new();
+    let mut cur = format!("{origin}|");
+    for e in entries {
+        if cur.len() + e.len() + 1 > MAX_PAYLOAD {
+            payloads.push(std::mem::replace(&mut cur, format!("{origin}|")));
+        }
+        if !cur.ends_with('|') {
+            cur.push(',');
+        }
+        cur.push_str(e);
+    }
+    payloads.push(cur);
+    let sent = async {
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL synchronous_commit TO OFF").await?;
+        for p in &payloads {
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, p]).await?;
+        }
+        tx.commit().await
+    };
+    if let Err(e) = sent.await {
+        tracing::debug!(error = %e, "notify failed; followers will catch up on their next notice");
+    }
+}
+
+/// Parses a notice payload: `<origin>|<id>:<seq>[:c],…` or `<origin>|d<id>`.
+fn parse_notice(payload: &str) -> Option<(&str, Vec<Notice>)> {
+    let (origin, rest) = payload.split_once('|')?;
+    let mut out = Vec::new();
+    for e in rest.split(',').filter(|e| !e.is_empty()) {
+        if let Some(id) = e.strip_prefix('d') {
+            out.push(Notice::Deleted {
+                resource: id.parse().ok()?,
+            });
+            continue;
+        }
+        let mut parts = e.split(':');
+        let resource = parts.next()?.parse().ok()?;
+        let last_seq = parts.next()?.parse().ok()?;
+        let created = parts.next() == Some("c");
+        out.push(Notice::Appended {
+            resource,
+            last_seq,
+            created,
+        });
+    }
+    Some((origin, out))
+}
+
+/// Listens for other processes' notices on a connection of its own, reconnecting after
+/// failures; after a reconnect it sends `Resync`, since notices may have been missed.
+async fn listen(config: tokio_postgres::Config, origin: Arc<str>, tx: mpsc::UnboundedSender<Notice>) {
+    use futures::StreamExt;
+    let mut connected_before = false;
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut conn)) => {
+                let (mtx, mut mrx) = mpsc::unbounded_channel::<String>();
+                let driver = tokio::spawn(async move {
+                    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    while let Some(Ok(m)) = messages.next().await {
+                        if let tokio_postgres::AsyncMessage::Notification(n) = m
+                            && mtx.send(n.payload().to_string()).is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                if client.batch_execute(&format!("LISTEN {CHANNEL}")).await.is_ok() {
+                    if connected_before && tx.send(Notice::Resync).is_err() {
+                        driver.abort();
+                        return;
+                    }
+                    connected_before = true;
+                    while let Some(payload) = mrx.recv().await {
+                        match parse_notice(&payload) {
+                            Some((o, _)) if o == &*origin => {}
+                            Some((_, notices)) => {
+                                for n in notices {
+                                    if tx.send(n).is_err() {
+                                        driver.abort();
+                                        return;
+                                    }
+                                }
+                            }
+                            None => tracing::warn!(payload, "unreadable notice"),
+                        }
+                    }
+                    tracing::warn!("lost the notice connection; reconnecting");
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot open the notice connection; retrying"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 fn change_from_row(r: &tokio_postgres::Row) -> Result<StoredChange, StorageError> {
@@ -544,16 +695,38 @@ impl Storage for PostgresStorage {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let n = tx
-            .execute(
-                "DELETE FROM resources WHERE namespace = $1 AND path = $2",
+        let deleted = tx
+            .query_opt(
+                "DELETE FROM resources WHERE namespace = $1 AND path = $2 RETURNING id",
                 &[&ns, &key.path.as_str()],
             )
             .await
             .map_err(pg_err)?;
         collect_blobs(&tx, &hashes).await?;
         tx.commit().await.map_err(pg_err)?;
-        Ok(n > 0)
+        let Some(row) = deleted else { return Ok(false) };
+        let id: i64 = row.get(0);
+        notify(&mut client, &self.origin, &[format!("d{id}")]).await;
+        Ok(true)
+    }
+
+    async fn key_of(&self, id: ResourceId) -> Result<Option<ResourceKey>, StorageError> {
+        let client = self.client().await?;
+        client
+            .query_opt("SELECT namespace, path FROM resources WHERE id = $1", &[&id])
+            .await
+            .map_err(pg_err)?
+            .map(|r| key_from_row(&r.get::<_, Vec<u8>>(0), r.get(1)))
+            .transpose()
+    }
+
+    fn take_notices(&self) -> Option<mpsc::UnboundedReceiver<Notice>> {
+        if self.notices_taken.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(listen(self.config.clone(), self.origin.clone(), tx));
+        Some(rx)
     }
 
     async fn list(

@@ -21,7 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Appended, CommitLimits, LoadedResource, NewChange, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, Target, identity_from_bytes, kind_from_code, prefix_upper_bound,
+    Storage, StorageError, StoredChange, Target, identity_from_bytes, key_from_row, kind_from_code,
+    prefix_upper_bound,
 };
 use crate::model::{Namespace, ResourceKey, ResourcePath};
 
@@ -643,6 +644,19 @@ impl Storage for SqliteStorage {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn key_of(&self, id: ResourceId) -> Result<Option<ResourceKey>, StorageError> {
+        self.read(move |conn| {
+            let row: Option<(Vec<u8>, String)> = conn
+                .query_row("SELECT namespace, path FROM resources WHERE id = ?1", [id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+                .map_err(sql_err)?;
+            row.map(|(ns, path)| key_from_row(&ns, path)).transpose()
         })
         .await
     }

@@ -1,0 +1,161 @@
+//! Several `plait serve` processes on one Postgres: a subscriber on one sees, in order and
+//! without loss, what is written through another — including creations and deletions — and
+//! concurrent writers on both converge.
+
+use std::time::Duration;
+
+use plait_tests::plait::{Plait, Store};
+use plait_tests::wire::{self, Block};
+
+const T: Duration = Duration::from_secs(10);
+
+fn json(b: &Block) -> serde_json::Value {
+    serde_json::from_slice(b.body.as_deref().unwrap_or_default()).unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_one_process_sees_every_write_made_through_another_in_order() {
+    let a = Plait::start(Store::fresh_postgres());
+    let b = Plait::start_sharing(&a, &[]);
+    // Subscribed on B before the resource exists: its creation on A arrives too.
+    let mut s = wire::subscribe(
+        b.addr,
+        "/feed",
+        &[("Subscribe", "true"), ("Accept", "application/json")],
+    )
+    .await;
+    assert_eq!(s.next_block(T).await.unwrap().status, Some(404));
+    for n in 1..=200 {
+        let body = format!("{{\"n\":{n}}}");
+        let r = wire::send(
+            a.addr,
+            "PUT",
+            "/feed",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    // Updates may be coalesced when they arrive together, but never reordered or lost:
+    // the values seen increase and end at the last write.
+    let mut last = 0;
+    while last < 200 {
+        let b = s
+            .next_block(T)
+            .await
+            .unwrap_or_else(|| panic!("stalled after n = {last}"));
+        let n = json(&b)["n"].as_i64().unwrap();
+        assert!(n > last, "saw {n} after {last}");
+        last = n;
+    }
+    // Reads on B are current too.
+    let r = wire::send(b.addr, "GET", "/feed", &[], b"").await;
+    assert_eq!(json_body(&r)["n"], 200);
+    // A delete on A reaches B's subscriber.
+    assert_eq!(wire::send(a.addr, "DELETE", "/feed", &[], b"").await.status, 204);
+    assert_eq!(s.next_block(T).await.unwrap().status, Some(404));
+}
+
+fn json_body(r: &wire::Response) -> serde_json::Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_text_edits_on_two_processes_converge() {
+    let a = Plait::start(Store::fresh_postgres());
+    let b = Plait::start_sharing(&a, &[]);
+    let r = wire::send(a.addr, "PUT", "/doc", &[("Version", "\"root-2\"")], b"abc").await;
+    assert_eq!(r.status, 200);
+    // Let B load it, then edit on both sides from the same parents, many times.
+    assert_eq!(wire::send(b.addr, "GET", "/doc", &[], b"").await.text(), "abc");
+    let mut sa = wire::subscribe(a.addr, "/doc", &[("Subscribe", "true")]).await;
+    let mut sb = wire::subscribe(b.addr, "/doc", &[("Subscribe", "true")]).await;
+    let writes = |addr, tag: &'static str| async move {
+        for i in 0..40 {
+            let body = format!("{tag}{i}");
+            let r = wire::send(
+                addr,
+                "PUT",
+                "/doc",
+                &[("Content-Range", "text [0:0]")],
+                body.as_bytes(),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    };
+    tokio::join!(writes(a.addr, "A"), writes(b.addr, "B"));
+    // Both processes end with the same text containing every edit.
+    let mut texts = Vec::new();
+    for p in [&a, &b] {
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = wire::send(p.addr, "GET", "/doc", &[], b"").await.text();
+            if (0..40).all(|i| text.contains(&format!("A{i}")) && text.contains(&format!("B{i}"))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        texts.push(text);
+    }
+    assert_eq!(texts[0], texts[1]);
+    assert!(texts[0].ends_with("abc"));
+    for i in 0..40 {
+        assert!(texts[0].contains(&format!("A{i}")) && texts[0].contains(&format!("B{i}")));
+    }
+    // Both subscribers are live (their streams carry updates from both processes).
+    assert!(sa.next_block(T).await.is_some());
+    assert!(sb.next_block(T).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_notices_are_caught_up_when_the_listener_reconnects() {
+    let url = plait_tests::pg::fresh_database();
+    let a = Plait::start(Store::Postgres(url.clone()));
+    let b = Plait::start_sharing(&a, &[]);
+    wire::send(
+        a.addr,
+        "PUT",
+        "/x",
+        &[("Content-Type", "application/json")],
+        b"{\"n\":0}",
+    )
+    .await;
+    let mut s = wire::subscribe(
+        b.addr,
+        "/x",
+        &[("Subscribe", "true"), ("Accept", "application/json")],
+    )
+    .await;
+    assert_eq!(json(&s.next_block(T).await.unwrap())["n"], 0);
+    // Cut every listening connection, then write while they are down: those notices are lost.
+    let killed = plait_tests::pg::cluster().psql(
+        &url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    );
+    assert_eq!(killed.trim(), "2", "both processes' listeners were cut");
+    for n in 1..=5 {
+        let body = format!("{{\"n\":{n}}}");
+        assert_eq!(
+            wire::send(
+                a.addr,
+                "PUT",
+                "/x",
+                &[("Content-Type", "application/json")],
+                body.as_bytes()
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    // B notices it may have missed something when it reconnects, and catches up.
+    let mut last = 0;
+    while last < 5 {
+        let blk = s.next_block(T).await.expect("B catches up after reconnecting");
+        last = json(&blk)["n"].as_i64().unwrap();
+    }
+    assert!(b.log().contains("notices may have been missed"), "{}", b.log());
+}
