@@ -82,7 +82,8 @@ async fn postgres_restarted_mid_load() {
         statuses.get(&503).copied().unwrap_or(0) > 0,
         "writes during the outage were refused: {statuses:?}"
     );
-    for (w, n) in acked.lock().unwrap().iter() {
+    let acked = acked.lock().unwrap().clone();
+    for (w, n) in acked.iter() {
         let r = wire::send(p.addr, "GET", &format!("/w/{w}"), &[], b"").await;
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert!(
