@@ -13,10 +13,13 @@
 //! (`Lagged`), it skips what it missed and sends one coalesced update (text: the patches
 //! from its client's version to now; JSON and bytes: the current value). It is not cut off.
 //!
-//! **Echo suppression** (simpleton): a client that sent an edit has already applied it, so
-//! when the event of its own edit arrives and nothing else happened concurrently, the
-//! subscriber with the same `Peer` sends nothing and just moves its version forward; if
-//! something did happen, it sends the correction from the client's edit to the merge.
+//! **Echo suppression** (simpleton): a client that sent an edit has applied it and moved to
+//! its own version (a simpleton client then refuses any update whose parents are not that
+//! version). So when the event of a client's own edit reaches the subscriber with the same
+//! `Peer`, the subscriber takes the client to be at that edit: it sends nothing if nothing
+//! else happened concurrently, and otherwise the correction from the edit to the merge.
+//! A client's own writes made through another process are not recognised (their events
+//! carry no origin), so a simpleton client should write where it subscribes.
 
 use std::sync::Arc;
 
@@ -123,14 +126,16 @@ impl Subscription {
             if let Some(o) = &ev.origin
                 && o.peer.is_some()
                 && o.peer == self.peer
-                && self.version == o.write_parents
             {
+                // The client moved to its own edit when it sent it, whatever it had been
+                // sent before (updates it had not applied yet it now refuses, as their
+                // parents are not its version). From there it needs nothing, or the
+                // correction to the merge.
                 let client_has = Version::one(o.write.clone());
+                self.version = client_has.clone();
                 if ev.version == client_has {
-                    self.version = client_has;
                     continue;
                 }
-                self.version = client_has;
             }
             match &ev.body {
                 UpdateBody::Text(_) if self.version != ev.parents => match self.catch_up().await? {
