@@ -31,6 +31,7 @@ on_both_stores!(
     bad_input_is_refused_and_stores_nothing,
     heartbeats,
     namespaces,
+    simpleton_clients_converge_after_concurrent_edits,
 );
 
 async fn put(p: &Plait, path: &str, headers: &[(&str, &str)], body: &str) -> wire::Response {
@@ -500,4 +501,101 @@ async fn namespaces(store: Store) {
         Some("version, parents, peer")
     );
     assert!(r.header("access-control-allow-methods").unwrap().contains("PUT"));
+}
+
+/// A client that behaves like braid-text's simpleton client: it keeps (version, text),
+/// applies an update only when the update's parents are its version, and moves to its own
+/// version as soon as it sends an edit.
+struct Simpleton {
+    peer: &'static str,
+    version: String,
+    text: String,
+    sub: Subscription,
+}
+
+impl Simpleton {
+    async fn open(p: &Plait, path: &str, peer: &'static str) -> Simpleton {
+        let mut sub = wire::subscribe(
+            p.addr,
+            path,
+            &[("Subscribe", "true"), ("Peer", peer), ("Merge-Type", "simpleton")],
+        )
+        .await;
+        let first = next(&mut sub).await;
+        Simpleton {
+            peer,
+            version: first.header("version").unwrap().to_string(),
+            text: first.body_text(),
+            sub,
+        }
+    }
+
+    async fn edit(&mut self, p: &Plait, path: &str, at: usize, insert: &str, events_so_far: usize) {
+        let version = format!("\"{}-{}\"", self.peer, events_so_far + insert.chars().count() - 1);
+        let r = put(
+            p,
+            path,
+            &[
+                ("Version", &version),
+                ("Parents", &self.version),
+                ("Peer", self.peer),
+                ("Content-Range", &format!("text [{at}:{at}]")),
+            ],
+            insert,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let mut chars: Vec<char> = self.text.chars().collect();
+        chars.splice(at..at, insert.chars());
+        self.text = chars.into_iter().collect();
+        self.version = version;
+    }
+
+    /// Applies updates until the text is `want`; updates on other parents are refused.
+    async fn until(&mut self, want: &str) {
+        while self.text != want {
+            let u = self
+                .sub
+                .next_block(T)
+                .await
+                .unwrap_or_else(|| panic!("{} stuck at {:?} (wanted {want:?})", self.peer, self.text));
+            if u.header("parents") != Some(self.version.as_str()) {
+                continue;
+            }
+            let mut chars: Vec<char> = self.text.chars().collect();
+            let mut off: isize = 0;
+            for (range, content) in patches(&u) {
+                let (x, y) = range
+                    .trim_start_matches("text [")
+                    .trim_end_matches(']')
+                    .split_once(':')
+                    .unwrap();
+                let (x, y): (isize, isize) = (x.parse().unwrap(), y.parse().unwrap());
+                chars.splice((x + off) as usize..(y + off) as usize, content.chars());
+                off += content.chars().count() as isize - (y - x);
+            }
+            self.text = chars.into_iter().collect();
+            self.version = u.header("version").unwrap().to_string();
+        }
+    }
+}
+
+async fn simpleton_clients_converge_after_concurrent_edits(store: Store) {
+    let p = Plait::start(store);
+    put(&p, "/s", &[("Version", "\"base-4\""), ("Parents", "")], "hello").await;
+    let mut a = Simpleton::open(&p, "/s", "pa").await;
+    let mut b = Simpleton::open(&p, "/s", "pb").await;
+    // Both edit on the same version: one is applied as is, the other merged.
+    a.edit(&p, "/s", 5, " A", 0).await;
+    b.edit(&p, "/s", 0, "B ", 0).await;
+    a.until("B hello A").await;
+    b.until("B hello A").await;
+    assert_eq!(get(&p, "/s", &[]).await.text(), "B hello A");
+    // Neither got its own edit echoed back: the next thing each sees is the other's edit.
+    a.edit(&p, "/s", 9, "!", 2).await;
+    b.until("B hello A!").await;
+    assert!(
+        a.sub.next_block(Duration::from_millis(300)).await.is_none(),
+        "no echo of a's own edit"
+    );
 }
