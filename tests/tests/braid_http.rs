@@ -32,6 +32,7 @@ on_both_stores!(
     heartbeats,
     namespaces,
     simpleton_clients_converge_after_concurrent_edits,
+    repr_digest_is_verified,
 );
 
 async fn put(p: &Plait, path: &str, headers: &[(&str, &str)], body: &str) -> wire::Response {
@@ -598,4 +599,68 @@ async fn simpleton_clients_converge_after_concurrent_edits(store: Store) {
         a.sub.next_block(Duration::from_millis(300)).await.is_none(),
         "no echo of a's own edit"
     );
+}
+
+fn sha256(s: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    format!(
+        "sha-256=:{}:",
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(s))
+    )
+}
+
+async fn repr_digest_is_verified(store: Store) {
+    let p = Plait::start(store);
+    let r = put(&p, "/d", &[("Repr-Digest", &sha256(b"hello"))], "hello").await;
+    assert_eq!(r.status, 200);
+    let r = put(
+        &p,
+        "/d",
+        &[
+            ("Content-Range", "text [5:5]"),
+            ("Repr-Digest", &sha256(b"hello")),
+        ],
+        "!",
+    )
+    .await;
+    assert_eq!(r.status, 550, "{}", r.text());
+    assert_eq!(r.header("plait-error"), Some("digest-mismatch"));
+    assert_eq!(get(&p, "/d", &[]).await.text(), "hello", "nothing stored");
+    let r = put(
+        &p,
+        "/d",
+        &[
+            ("Content-Range", "text [5:5]"),
+            ("Repr-Digest", &sha256(b"hello!")),
+        ],
+        "!",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // JSON is checked against its canonical serialization; other algorithms are ignored.
+    let r = put(
+        &p,
+        "/j",
+        &[
+            ("Content-Type", "application/json"),
+            ("Repr-Digest", &sha256(br#"{"a":1,"b":2}"#)),
+        ],
+        r#"{"b": 2, "a": 1}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = put(
+        &p,
+        "/j",
+        &[
+            ("Content-Type", "application/json"),
+            ("Repr-Digest", "sha-512=:AAAA:"),
+        ],
+        "[]",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = put(&p, "/j", &[("Repr-Digest", "sha-256=:nope:")], "[]").await;
+    assert_eq!(r.status, 400);
 }

@@ -33,6 +33,9 @@ pub struct BraidHeaders {
     pub peer: Option<String>,
     pub merge_type: Option<MergeType>,
     pub heartbeats: Option<Duration>,
+    /// The SHA-256 the client says the representation has after its write
+    /// (`Repr-Digest: sha-256=:<base64>:`; other algorithms are ignored).
+    pub repr_digest: Option<[u8; 32]>,
 }
 
 impl BraidHeaders {
@@ -64,6 +67,10 @@ impl BraidHeaders {
         let heartbeats = text("heartbeats")?
             .map(|v| parse_heartbeats(v).map_err(|e| BraidError::header("Heartbeats", &e)))
             .transpose()?;
+        let repr_digest = text("repr-digest")?
+            .map(|v| parse_repr_digest(v).map_err(|e| BraidError::header("Repr-Digest", &e)))
+            .transpose()?
+            .flatten();
         Ok(BraidHeaders {
             subscribe,
             version,
@@ -71,6 +78,7 @@ impl BraidHeaders {
             peer,
             merge_type,
             heartbeats,
+            repr_digest,
         })
     }
 }
@@ -124,6 +132,32 @@ fn push_json_string(out: &mut String, s: &str) {
         }
     }
     out.push('"');
+}
+
+/// The `sha-256` member of a `Repr-Digest` dictionary (RFC 9530), if there is one.
+fn parse_repr_digest(value: &str) -> Result<Option<[u8; 32]>, String> {
+    use base64::Engine as _;
+    for member in value.split(',') {
+        let Some((alg, v)) = member.trim().split_once('=') else {
+            return Err(format!("{value:?} is not a digest dictionary"));
+        };
+        if !alg.trim().eq_ignore_ascii_case("sha-256") {
+            continue;
+        }
+        let b64 = v
+            .trim()
+            .strip_prefix(':')
+            .and_then(|v| v.strip_suffix(':'))
+            .ok_or_else(|| format!("sha-256 value {v:?} is not :base64:"))?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| format!("sha-256 value {v:?} is not base64"))?;
+        return bytes
+            .try_into()
+            .map(Some)
+            .map_err(|_| "a sha-256 digest is 32 bytes".to_string());
+    }
+    Ok(None)
 }
 
 /// `Peer: alice` (braid-http 1.3) or `Peer: "alice"` (1.4, a structured-field string).
@@ -252,6 +286,18 @@ mod tests {
             BraidHeaders::parse(&headers(&[("merge-type", "ot-json")])),
             Err(BraidError::MergeType(_))
         ));
+    }
+
+    #[test]
+    fn repr_digests() {
+        let d = parse_repr_digest("sha-256=:LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ=:")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d[0], 0x2c);
+        assert_eq!(parse_repr_digest("sha-512=:AAAA:").unwrap(), None);
+        assert!(parse_repr_digest("sha-256=:AAAA:").is_err());
+        assert!(parse_repr_digest("sha-256=nocolons").is_err());
+        assert!(parse_repr_digest("garbage").is_err());
     }
 
     #[test]

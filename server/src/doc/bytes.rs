@@ -97,6 +97,7 @@ impl BytesDoc {
                 (cur.media_type.clone(), patch_bytes(&cur.body, ps)?)
             }
         };
+        super::check_digest(w.digest, &body)?;
         if w.version.is_none()
             && !w.force
             && self
@@ -184,6 +185,7 @@ mod tests {
             parents,
             agent_hint: Some("cam"),
             force: false,
+            digest: None,
         }
     }
 

@@ -100,6 +100,9 @@ impl JsonDoc {
                 v
             }
         };
+        if w.digest.is_some() {
+            super::check_digest(w.digest, &serde_json::to_vec(&new).expect("JSON serializes"))?;
+        }
         if new == old && w.version.is_none() && !w.force {
             return Ok(Outcome::Unchanged);
         }
@@ -437,6 +440,7 @@ mod tests {
                 parents,
                 agent_hint: None,
                 force: false,
+                digest: None,
             },
             0,
         )
@@ -518,6 +522,7 @@ mod tests {
                     parents: None,
                     agent_hint: None,
                     force: false,
+                    digest: None,
                 },
                 0,
             );
@@ -535,7 +540,8 @@ mod tests {
                     version: None,
                     parents: None,
                     agent_hint: None,
-                    force: false
+                    force: false,
+                    digest: None
                 },
                 0
             )

@@ -33,6 +33,9 @@ pub struct DocWrite<'a> {
     pub agent_hint: Option<&'a str>,
     /// Record a change even if the write changes nothing (it creates the resource).
     pub force: bool,
+    /// The SHA-256 the representation must have at the write's own version (its parents
+    /// plus this edit); a mismatch refuses the write.
+    pub digest: Option<&'a [u8; 32]>,
 }
 
 /// The result of a write.
@@ -85,8 +88,21 @@ pub enum DocError {
     MediaType { have: &'static str, got: String },
     #[error("{0}")]
     Conflict(String),
+    #[error("Repr-Digest does not match the representation after this write")]
+    DigestMismatch,
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
+}
+
+/// Refuses a write whose result does not have the digest the client expected.
+pub(crate) fn check_digest(expected: Option<&[u8; 32]>, result: &[u8]) -> Result<(), DocError> {
+    use sha2::Digest as _;
+    match expected {
+        Some(want) if sha2::Sha256::digest(result).as_slice() != want.as_slice() => {
+            Err(DocError::DigestMismatch)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks that a whole-body write's media type fits the resource's kind.

@@ -154,6 +154,9 @@ impl TextDoc {
             }
             WriteBody::Patches(ps) => checked_patches(ps, base_len)?,
         };
+        if w.digest.is_some() {
+            super::check_digest(w.digest, apply_patches(&base_text, &patches).as_bytes())?;
+        }
         let n: u64 = patches
             .iter()
             .map(|p| (p.end - p.start + p.content.chars().count()) as u64)
@@ -458,6 +461,7 @@ mod tests {
                 parents: parents.as_ref(),
                 agent_hint: None,
                 force: false,
+                digest: None,
             },
             0,
         )
@@ -651,6 +655,7 @@ mod tests {
                     parents: None,
                     agent_hint: Some("zed"),
                     force: false,
+                    digest: None,
                 },
                 0,
             )
@@ -663,6 +668,7 @@ mod tests {
                     parents: None,
                     agent_hint: Some("zed"),
                     force: false,
+                    digest: None,
                 },
                 0,
             )
@@ -785,7 +791,7 @@ mod tests {
                 let agent = format!("p{k}");
                 let n = (del + ins.chars().count()) as u64;
                 let vid = VersionId::new(agent, n.max(1) - 1).unwrap();
-                match d.apply(&DocWrite { body: &body, version: Some(&vid), parents: Some(&parents), agent_hint: None, force: false }, 0).unwrap() {
+                match d.apply(&DocWrite { body: &body, version: Some(&vid), parents: Some(&parents), agent_hint: None, force: false, digest: None }, 0).unwrap() {
                     Outcome::Applied(a) => {
                         changes.push(a.change.clone());
                         seen.push((d.frontier(), d.text()));

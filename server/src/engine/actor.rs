@@ -350,6 +350,7 @@ impl Actor {
                 parents: w.parents.as_ref(),
                 agent_hint: w.peer.as_deref(),
                 force: creating,
+                digest: w.digest.as_ref(),
             };
             match p.doc.apply(&dw, now / 1000) {
                 Err(e) => {

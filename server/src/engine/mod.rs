@@ -81,6 +81,8 @@ pub struct Write {
     pub parents: Option<Version>,
     pub peer: Option<String>,
     pub author: Option<Identity>,
+    /// SHA-256 the representation must have after this write (`Repr-Digest`).
+    pub digest: Option<[u8; 32]>,
 }
 
 /// What a write did.

@@ -123,6 +123,13 @@ impl From<DocError> for ApiError {
             DocError::OutOfRange(_) => ApiError::new(416, "range-not-satisfiable", e.to_string()),
             DocError::MediaType { .. } => ApiError::new(415, "wrong-media-type", e.to_string()),
             DocError::Conflict(_) => ApiError::new(409, "conflict", e.to_string()),
+            // braid-text answers 550, and its simpleton client does not retry on it (it
+            // retries other errors); a 4xx here would make it resend forever.
+            DocError::DigestMismatch => {
+                let mut err = ApiError::new(550, "digest-mismatch", e.to_string());
+                err.phrase = Some("Repr-Digest Mismatch");
+                err
+            }
             DocError::Corrupt(_) => {
                 tracing::error!(error = %e, "damaged document");
                 ApiError::new(500, "internal", e.to_string())

@@ -337,6 +337,7 @@ async fn put(
                 parents: braid.parents,
                 peer: braid.peer,
                 author: None,
+                digest: braid.repr_digest,
             },
         )
         .await?;
