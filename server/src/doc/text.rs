@@ -142,20 +142,29 @@ impl TextDoc {
             Some(p) => (p.clone(), self.base.heads_for(p)?),
             None => (old_frontier.clone(), self.base.heads()),
         };
-        let base_text = self.text_at_heads(&parent_heads);
-        let base_len = base_text.chars().count();
+        // The text itself is only needed to diff a whole body or check a digest; patches
+        // need the length alone, which is far cheaper on a long document.
+        let needs_text = matches!(w.body, WriteBody::Full { .. }) || w.digest.is_some();
+        let base_text = needs_text.then(|| self.text_at_heads(&parent_heads));
+        let base_len = match &base_text {
+            Some(t) => t.chars().count(),
+            None if w.parents.is_none() => self.base.am.length(&self.obj),
+            None => self.base.am.length_at(&self.obj, &parent_heads),
+        };
         let patches = match w.body {
             WriteBody::Full { media_type, body } => {
                 if let Some(m) = media_type {
                     super::check_media_type(crate::model::Kind::Text, m)?;
                 }
                 let new = std::str::from_utf8(body).map_err(|_| DocError::NotUtf8)?;
-                diff_texts(&base_text, new)
+                diff_texts(base_text.as_deref().unwrap_or_default(), new)
             }
             WriteBody::Patches(ps) => checked_patches(ps, base_len)?,
         };
-        if w.digest.is_some() {
-            super::check_digest(w.digest, apply_patches(&base_text, &patches).as_bytes())?;
+        if let Some(t) = &base_text
+            && w.digest.is_some()
+        {
+            super::check_digest(w.digest, apply_patches(t, &patches).as_bytes())?;
         }
         let n: u64 = patches
             .iter()

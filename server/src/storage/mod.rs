@@ -185,6 +185,10 @@ pub trait Storage: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ResourceSummary>, StorageError>;
 
+    /// Bytes a namespace occupies in storage (changes, values and snapshots of its
+    /// resources; a value shared by several resources counts for each).
+    async fn namespace_bytes(&self, namespace: &Namespace) -> Result<u64, StorageError>;
+
     /// The resource a row id belongs to (for notices about resources this process has
     /// not loaded yet).
     async fn key_of(&self, id: ResourceId) -> Result<Option<ResourceKey>, StorageError>;

@@ -294,14 +294,20 @@ async fn commit_batch(
     // 2. Lock the rows in id order (several processes may commit at once), then advance
     //    each resource's head_seq by the number of changes going to it.
     let mut counts: HashMap<i64, i64> = HashMap::new();
+    let mut added: HashMap<i64, i64> = HashMap::new();
     for (i, (_, changes)) in jobs.iter().enumerate() {
         if let Some(Ok(id)) = &results[i] {
             *counts.entry(*id).or_default() += changes.len() as i64;
+            *added.entry(*id).or_default() += changes
+                .iter()
+                .map(|c| (c.data.len() + c.blob.as_ref().map_or(0, Bytes::len)) as i64)
+                .sum::<i64>();
         }
     }
     let mut ids: Vec<i64> = counts.keys().copied().collect();
     ids.sort_unstable();
     let ns: Vec<i64> = ids.iter().map(|id| counts[id]).collect();
+    let bs: Vec<i64> = ids.iter().map(|id| added[id]).collect();
     tx.execute(
         "SELECT 1 FROM resources WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         &[&ids],
@@ -310,10 +316,10 @@ async fn commit_batch(
     .map_err(pg_err)?;
     let rows = tx
         .query(
-            "UPDATE resources r SET head_seq = r.head_seq + d.n, updated_at = now()
-             FROM UNNEST($1::int8[], $2::int8[]) AS d(id, n)
+            "UPDATE resources r SET head_seq = r.head_seq + d.n, bytes = r.bytes + d.b, updated_at = now()
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[]) AS d(id, n, b)
              WHERE r.id = d.id RETURNING r.id, r.head_seq",
-            &[&ids, &ns],
+            &[&ids, &ns, &bs],
         )
         .await
         .map_err(pg_err)?;
@@ -513,6 +519,22 @@ fn change_from_row(r: &tokio_postgres::Row) -> Result<StoredChange, StorageError
 
 const CHANGE_COLUMNS: &str = "seq, version, parents, author, at_ms, data, meta";
 
+/// Recounts the bytes a resource occupies (after its log was folded or trimmed).
+async fn recount(tx: &deadpool_postgres::Transaction<'_>, id: ResourceId) -> Result<(), StorageError> {
+    tx.execute(
+        "UPDATE resources SET bytes =
+            COALESCE((SELECT octet_length(data) FROM snapshots WHERE resource_id = $1), 0)
+          + COALESCE((SELECT SUM(octet_length(c.data) + COALESCE(b.size, 0)) FROM changes c
+                      LEFT JOIN blobs b ON c.meta IS NOT NULL AND b.hash = c.data
+                      WHERE c.resource_id = $1), 0)
+         WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(())
+}
+
 /// Deletes blobs among `hashes` that no change refers to any more.
 async fn collect_blobs(
     tx: &deadpool_postgres::Transaction<'_>,
@@ -659,6 +681,7 @@ impl Storage for PostgresStorage {
         )
         .await
         .map_err(pg_err)?;
+        recount(&tx, id).await?;
         tx.commit().await.map_err(pg_err)
     }
 
@@ -677,6 +700,7 @@ impl Storage for PostgresStorage {
             .map(|r| r.get(0))
             .collect();
         collect_blobs(&tx, &hashes).await?;
+        recount(&tx, id).await?;
         tx.commit().await.map_err(pg_err)
     }
 
@@ -708,6 +732,19 @@ impl Storage for PostgresStorage {
         let id: i64 = row.get(0);
         notify(&mut client, &self.origin, &[format!("d{id}")]).await;
         Ok(true)
+    }
+
+    async fn namespace_bytes(&self, namespace: &Namespace) -> Result<u64, StorageError> {
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one(
+                "SELECT COALESCE(SUM(bytes), 0)::int8 FROM resources WHERE namespace = $1",
+                &[&namespace.as_bytes().as_slice()],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(n.max(0) as u64)
     }
 
     async fn key_of(&self, id: ResourceId) -> Result<Option<ResourceKey>, StorageError> {

@@ -363,8 +363,10 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
         )
         .map_err(sql_err)?;
     let mut seq = head;
+    let mut added: i64 = 0;
     for c in changes {
         seq += 1;
+        added += (c.data.len() + c.blob.as_ref().map_or(0, |b| b.len())) as i64;
         insert
             .execute(params![
                 id,
@@ -383,8 +385,8 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
         }
     }
     t.execute(
-        "UPDATE resources SET head_seq = ?2, updated_ms = ?3 WHERE id = ?1",
-        params![id, seq, now],
+        "UPDATE resources SET head_seq = ?2, updated_ms = ?3, bytes = bytes + ?4 WHERE id = ?1",
+        params![id, seq, now, added],
     )
     .map_err(sql_err)?;
     Ok(Appended {
@@ -417,7 +419,7 @@ fn snapshot(t: &Connection, id: ResourceId, upto: Seq, data: &[u8]) -> Result<()
         params![id, upto],
     )
     .map_err(sql_err)?;
-    Ok(())
+    recount(t, id)
 }
 
 /// Deletes blobs among `hashes` that no change refers to any more.
@@ -440,6 +442,21 @@ fn blob_hashes(t: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<Ve
     rows.collect::<Result<_, _>>().map_err(sql_err)
 }
 
+/// Recounts the bytes a resource occupies (after its log was folded or trimmed).
+fn recount(t: &Connection, id: ResourceId) -> Result<(), StorageError> {
+    t.execute(
+        "UPDATE resources SET bytes =
+            COALESCE((SELECT length(data) FROM snapshots WHERE resource_id = ?1), 0)
+          + COALESCE((SELECT SUM(length(c.data) + COALESCE(b.size, 0)) FROM changes c
+                      LEFT JOIN blobs b ON c.meta IS NOT NULL AND b.hash = c.data
+                      WHERE c.resource_id = ?1), 0)
+         WHERE id = ?1",
+        [id],
+    )
+    .map(|_| ())
+    .map_err(sql_err)
+}
+
 fn drop_before(t: &Connection, id: ResourceId, keep_from: Seq) -> Result<(), StorageError> {
     let hashes = blob_hashes(
         t,
@@ -451,7 +468,8 @@ fn drop_before(t: &Connection, id: ResourceId, keep_from: Seq) -> Result<(), Sto
         params![id, keep_from],
     )
     .map_err(sql_err)?;
-    collect_blobs(t, &hashes)
+    collect_blobs(t, &hashes)?;
+    recount(t, id)
 }
 
 fn delete(t: &Connection, key: &ResourceKey) -> Result<bool, StorageError> {
@@ -644,6 +662,20 @@ impl Storage for SqliteStorage {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn namespace_bytes(&self, namespace: &Namespace) -> Result<u64, StorageError> {
+        let ns = namespace.as_bytes().to_vec();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT COALESCE(SUM(bytes), 0) FROM resources WHERE namespace = ?1",
+                [ns],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(sql_err)
         })
         .await
     }

@@ -50,6 +50,43 @@ where
     deletes_remove_everything(make().await).await;
     listing_by_prefix(make().await).await;
     settings_and_namespaces(make().await).await;
+    namespace_bytes_follow_the_log(make().await).await;
+}
+
+async fn namespace_bytes_follow_the_log(s: Arc<dyn Storage>) {
+    let ns = Keypair::generate();
+    let id = ns.identity();
+    assert_eq!(s.namespace_bytes(&id).await.unwrap(), 0);
+    let a = s
+        .append(
+            create(&key(&ns, "t"), Kind::Text),
+            vec![change("a-0", &[1; 100]), change("a-1", &[2; 50])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.namespace_bytes(&id).await.unwrap(), 150);
+    let mut v = change("b-0", blake3::hash(b"value").as_bytes());
+    v.meta = Some("image/png".into());
+    v.blob = Some(Bytes::from_static(&[7; 1000]));
+    let b = s
+        .append(create(&key(&ns, "img"), Kind::Bytes), vec![v])
+        .await
+        .unwrap();
+    assert_eq!(s.namespace_bytes(&id).await.unwrap(), 150 + 32 + 1000);
+    // A snapshot replaces the changes it folds.
+    s.save_snapshot(a.resource, 2, Bytes::from_static(&[0; 20]))
+        .await
+        .unwrap();
+    assert_eq!(s.namespace_bytes(&id).await.unwrap(), 20 + 32 + 1000);
+    s.drop_changes_before(b.resource, 1).await.unwrap();
+    assert_eq!(s.namespace_bytes(&id).await.unwrap(), 20 + 32 + 1000);
+    assert!(s.delete(&key(&ns, "img")).await.unwrap());
+    assert_eq!(s.namespace_bytes(&id).await.unwrap(), 20);
+    // Other namespaces are not counted.
+    assert_eq!(
+        s.namespace_bytes(&Keypair::generate().identity()).await.unwrap(),
+        0
+    );
 }
 
 async fn appends_number_changes_and_load_returns_them(s: Arc<dyn Storage>) {
