@@ -173,6 +173,7 @@ fn hot_doc(c: &mut Criterion, trace: &Trace) {
     for n in [1_000, 10_000, 100_000, trace.edits.len()] {
         let mut d = doc_with(trace, n);
         let mut len = d.text().chars().count();
+        g.bench_function(format!("render_after_{n}"), |b| b.iter(|| black_box(d.text())));
         g.bench_function(format!("after_{n}"), |b| {
             b.iter(|| {
                 put(

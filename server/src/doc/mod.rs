@@ -184,7 +184,7 @@ impl Document {
             .map(am::decode_change)
             .collect::<Result<Vec<_>, _>>()?;
         match self {
-            Document::Text(d) => d.base().apply_remote(decoded),
+            Document::Text(d) => d.apply_remote(decoded),
             Document::Json(d) => d.base().apply_remote(decoded),
             Document::Bytes(_) => Err(DocError::Corrupt(
                 "bytes resources take no automerge changes".into(),

@@ -18,6 +18,9 @@ use crate::update::{Range, TextPatch, UpdateBody, WriteBody};
 pub struct TextDoc {
     base: AmDoc,
     obj: ObjId,
+    /// The current text, kept up to date with the same patches subscribers get, so
+    /// reading it costs a copy instead of a walk over the document's history.
+    rope: ropey::Rope,
 }
 
 impl TextDoc {
@@ -30,11 +33,32 @@ impl TextDoc {
             Ok(Some((_, id))) => id,
             _ => unreachable!("the genesis change creates the text object"),
         };
-        TextDoc { base, obj }
+        let rope = ropey::Rope::from_str(&base.am.text(&obj).unwrap_or_default());
+        TextDoc { base, obj, rope }
     }
 
     pub(crate) fn base(&mut self) -> &mut AmDoc {
         &mut self.base
+    }
+
+    /// Applies changes made elsewhere and re-reads the text.
+    pub(crate) fn apply_remote(&mut self, changes: Vec<automerge::Change>) -> Result<(), DocError> {
+        self.base.apply_remote(changes)?;
+        self.rope = ropey::Rope::from_str(&self.automerge_text());
+        Ok(())
+    }
+
+    /// The text as automerge holds it (what the rope must always equal).
+    pub fn automerge_text(&self) -> String {
+        self.base.am.text(&self.obj).unwrap_or_default()
+    }
+
+    /// Applies Braid patches (absolute against the current text) to the rope.
+    fn rope_apply(&mut self, patches: &[TextPatch]) {
+        for p in patches.iter().rev() {
+            self.rope.remove(p.start..p.end);
+            self.rope.insert(p.start, &p.content);
+        }
     }
 
     pub fn frontier(&mut self) -> Version {
@@ -43,7 +67,12 @@ impl TextDoc {
 
     /// The current text.
     pub fn text(&self) -> String {
-        self.base.am.text(&self.obj).unwrap_or_default()
+        self.rope.to_string()
+    }
+
+    /// The current length in code points.
+    pub fn len_chars(&self) -> usize {
+        self.rope.len_chars()
     }
 
     fn text_at_heads(&self, heads: &[ChangeHash]) -> String {
@@ -145,10 +174,13 @@ impl TextDoc {
         // The text itself is only needed to diff a whole body or check a digest; patches
         // need the length alone, which is far cheaper on a long document.
         let needs_text = matches!(w.body, WriteBody::Full { .. }) || w.digest.is_some();
-        let base_text = needs_text.then(|| self.text_at_heads(&parent_heads));
+        let base_text = needs_text.then(|| match w.parents {
+            None => self.text(),
+            Some(_) => self.text_at_heads(&parent_heads),
+        });
         let base_len = match &base_text {
             Some(t) => t.chars().count(),
-            None if w.parents.is_none() => self.base.am.length(&self.obj),
+            None if w.parents.is_none() => self.rope.len_chars(),
             None => self.base.am.length_at(&self.obj, &parent_heads),
         };
         let patches = match w.body {
@@ -196,6 +228,7 @@ impl TextDoc {
             let now = self.base.heads();
             self.patches_between(&old_heads, &now)?
         };
+        self.rope_apply(&event_patches);
         Ok(Outcome::Applied(Applied {
             id: committed.id,
             parents: parents_version,
@@ -809,6 +842,7 @@ mod tests {
                 }
             }
             let now = d.text();
+            prop_assert_eq!(&now, &d.automerge_text());
             for (v, t) in &seen {
                 let p = d.diff_from(v).unwrap();
                 prop_assert_eq!(apply_patches(t, &p), now.clone());

@@ -18,7 +18,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Command, EngineConfig, EngineError, Event, Origin, ResourceHandle, Shared, State, Write, WriteResult,
-    digest,
 };
 use crate::braid::format_version;
 use crate::doc::{BytesDoc, BytesValue, DocWrite, Document, Outcome};
@@ -272,7 +271,7 @@ impl Actor {
             version: u.version,
             body: u.body,
             media_type: u.media_type,
-            digest: u.digest,
+            reaches: Some(self.current()),
             origin: None,
             wire: OnceLock::new(),
         });
@@ -291,13 +290,7 @@ impl Actor {
                         .unwrap_or_else(|| p.media_type.clone()),
                     _ => p.media_type.clone(),
                 };
-                State {
-                    kind: Some(p.kind),
-                    media_type,
-                    version: p.doc.frontier(),
-                    digest: digest(&body),
-                    body,
-                }
+                State::new(Some(p.kind), media_type, p.doc.frontier(), body)
             }
             _ => State::missing(),
         };
@@ -389,7 +382,7 @@ impl Actor {
                         version: a.event_version,
                         body: a.body,
                         media_type,
-                        digest: None,
+                        reaches: None,
                         origin: Some(Origin {
                             peer: w.peer.clone(),
                             write: a.id,
@@ -425,11 +418,11 @@ impl Actor {
                     p.since_snapshot += n;
                 }
                 self.publish_state();
-                let digest = self.current().digest.clone();
+                let reached = self.current();
                 let last = events.len() - 1;
                 for (i, mut ev) in events.into_iter().enumerate() {
                     if i == last {
-                        ev.digest = Some(digest.clone());
+                        ev.reaches = Some(reached.clone());
                     }
                     self.publish_event(ev);
                 }
@@ -505,7 +498,7 @@ impl Actor {
                 version: Version::root(),
                 body: UpdateBody::Missing,
                 media_type: String::new(),
-                digest: None,
+                reaches: None,
                 origin: None,
                 wire: OnceLock::new(),
             });
@@ -540,7 +533,7 @@ impl Actor {
                     parents,
                     body,
                     media_type: state.media_type.clone(),
-                    digest: Some(state.digest.clone()),
+                    digest: Some(state.digest().to_string()),
                 })
             }
             _ if strict && !from.is_root() => {

@@ -102,23 +102,37 @@ pub struct State {
     pub media_type: String,
     pub version: Version,
     pub body: Bytes,
-    /// `sha-256=:<base64>:` of `body`.
-    pub digest: String,
+    /// `sha-256=:<base64>:` of `body`, computed the first time someone asks.
+    digest: OnceLock<String>,
 }
 
 impl State {
-    pub(crate) fn missing() -> State {
+    pub(crate) fn new(kind: Option<Kind>, media_type: String, version: Version, body: Bytes) -> State {
         State {
-            kind: None,
-            media_type: Kind::Text.default_media_type().to_string(),
-            version: Version::root(),
-            body: Bytes::new(),
-            digest: digest(b""),
+            kind,
+            media_type,
+            version,
+            body,
+            digest: OnceLock::new(),
         }
+    }
+
+    pub(crate) fn missing() -> State {
+        State::new(
+            None,
+            Kind::Text.default_media_type().to_string(),
+            Version::root(),
+            Bytes::new(),
+        )
     }
 
     pub fn exists(&self) -> bool {
         self.kind.is_some()
+    }
+
+    /// `sha-256=:<base64>:` of the body.
+    pub fn digest(&self) -> &str {
+        self.digest.get_or_init(|| digest(&self.body))
     }
 }
 
@@ -143,7 +157,9 @@ pub struct Event {
     pub version: Version,
     pub body: UpdateBody,
     pub media_type: String,
-    pub digest: Option<String>,
+    /// The state this event reaches, when that was current (the last event of a batch):
+    /// updates that reach the current version carry its digest.
+    pub reaches: Option<Arc<State>>,
     /// The write that caused it, for echo suppression.
     pub origin: Option<Origin>,
     /// Cache of the Braid encoding, filled by the first subscriber that sends it; every
@@ -158,7 +174,7 @@ impl Event {
             parents: self.parents.clone(),
             body: self.body.clone(),
             media_type: self.media_type.clone(),
-            digest: self.digest.clone(),
+            digest: self.reaches.as_ref().map(|s| s.digest().to_string()),
         }
     }
 }

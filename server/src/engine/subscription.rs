@@ -70,7 +70,7 @@ impl Subscription {
                         UpdateBody::Missing
                     },
                     media_type: state.media_type.clone(),
-                    digest: state.exists().then(|| state.digest.clone()),
+                    digest: state.exists().then(|| state.digest().to_string()),
                 };
                 (Some(update), state.version.clone(), seq)
             }

@@ -148,7 +148,7 @@ async fn get(
     if head {
         set(res.headers_mut(), "content-length", &state.body.len().to_string());
     }
-    set(res.headers_mut(), "repr-digest", &state.digest);
+    set(res.headers_mut(), "repr-digest", state.digest());
     if state.kind == Some(Kind::Text) || !state.exists() {
         set(res.headers_mut(), "merge-type", "simpleton");
     }
