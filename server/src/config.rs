@@ -52,6 +52,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Connections served at once; further clients wait in the accept queue.
     pub max_connections: usize,
+    /// Requests (subscriptions) one HTTP/2 connection may have open at once; an HTTP/1.1
+    /// connection has one at a time.
+    pub max_streams_per_connection: u32,
     /// Time a client has to send its request headers.
     pub header_read_timeout_secs: u64,
     /// On SIGTERM, how long open requests get to finish before the server exits.
@@ -96,6 +99,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 10 << 20,
             max_connections: 10_000,
+            max_streams_per_connection: 256,
             header_read_timeout_secs: 30,
             shutdown_grace_secs: 10,
         }

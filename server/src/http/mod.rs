@@ -61,14 +61,26 @@ async fn well_known(State(app): State<App>) -> axum::Json<serde_json::Value> {
         "store": app.engine.storage().backend(),
         "uptime_secs": app.started.elapsed().as_secs(),
         "resources_in_memory": app.engine.live_resources(),
+        "rss_bytes": rss_bytes(),
         "limits": {
             "max_body_bytes": app.limits.max_body_bytes,
             "max_connections": app.limits.max_connections,
+            "max_streams_per_connection": app.limits.max_streams_per_connection,
+            "max_streams_per_connection": app.limits.max_streams_per_connection,
             "header_read_timeout_secs": app.limits.header_read_timeout_secs,
             "subscriber_queue": app.engine.config().subscriber_queue,
             "min_heartbeat_ms": crate::braid::headers::MIN_HEARTBEAT.as_millis() as u64,
         },
     }))
+}
+
+/// Resident memory of this process (Linux: `/proc/self/statm`), for status and load tests.
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system setting.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096))
 }
 
 /// Serves connections from `listener` until `app.shutdown` is cancelled, then drains.
@@ -86,7 +98,7 @@ pub async fn serve(listener: TcpListener, app: App) {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(limits.max_streams_per_connection.max(1));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,

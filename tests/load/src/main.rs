@@ -1,0 +1,519 @@
+//! `plait-load`: drives a running Plait server with real Braid subscriptions and writes, and
+//! reports latency percentiles, throughput, server memory and bytes per subscription.
+//!
+//! Workloads (see BENCHMARKS.md for the recorded runs and `tests/load/run` for set-ups):
+//! * `fanout` — N subscribers (one HTTP/1.1 connection each) to one resource; a writer PUTs
+//!   timestamped JSON; delivery latency = receive time − write time, per subscriber and
+//!   update. `--stalled M` adds M subscribers that never read. `--write-url` writes through
+//!   another server process (two instances on one Postgres).
+//! * `idle` — N subscriptions held open over HTTP/2 streams (many per connection); reports
+//!   the server's resident memory per subscription.
+//! * `puts` — durable PUTs from C concurrent keep-alive connections to R resources;
+//!   acknowledgement latency and throughput.
+//!
+//! Everything is measured on the wire: the tool speaks raw HTTP/1.1 (and h2 for `idle`) so
+//! its own overhead stays small next to the server's.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+#[derive(Parser)]
+#[command(name = "plait-load", about = "Load generator for Plait")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One resource, many subscribers, timestamped writes.
+    Fanout {
+        /// Server the subscribers connect to, e.g. http://127.0.0.1:7524
+        #[arg(long)]
+        url: String,
+        /// Server the writer PUTs to (default: --url).
+        #[arg(long)]
+        write_url: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        subs: usize,
+        /// Subscribers that never read their responses.
+        #[arg(long, default_value_t = 0)]
+        stalled: usize,
+        #[arg(long, default_value_t = 100)]
+        updates: usize,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        #[arg(long, default_value = "/bench/fanout")]
+        path: String,
+    },
+    /// Many idle subscriptions over HTTP/2; server memory per subscription.
+    Idle {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 10_000)]
+        subs: usize,
+        /// HTTP/2 connections to spread them over.
+        #[arg(long, default_value_t = 100)]
+        conns: usize,
+        /// Distinct resources subscribed to (subscription i takes resource i % resources).
+        #[arg(long, default_value_t = 1)]
+        resources: usize,
+    },
+    /// Durable PUT throughput and acknowledgement latency.
+    Puts {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        resources: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// `json` (a small object per PUT) or `text` (a small insertion per PUT).
+        #[arg(long, default_value = "json")]
+        kind: String,
+    },
+}
+
+fn addr_of(url: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let host = rest.split('/').next().unwrap_or(rest);
+    host.parse().with_context(|| format!("{host} is not IP:PORT"))
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as u64
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn summary(h: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "count": h.len(),
+        "p50_ms": ms(h.value_at_quantile(0.50)),
+        "p99_ms": ms(h.value_at_quantile(0.99)),
+        "p999_ms": ms(h.value_at_quantile(0.999)),
+        "max_ms": ms(h.max()),
+    })
+}
+
+/// The server's resident memory, from its status resource.
+async fn server_rss(addr: SocketAddr) -> anyhow::Result<u64> {
+    let (status, body) = request(addr, "GET", "/.well-known/plait", &[], b"").await?;
+    if status != 200 {
+        bail!("status resource answered {status}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    v["rss_bytes"].as_u64().context("no rss_bytes in /.well-known/plait")
+}
+
+/// One request on a fresh connection; returns status and body.
+async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut c = Conn::default();
+    c.send(&mut s, method, path, headers, body).await?;
+    let (status, body) = c.recv(&mut s).await?;
+    Ok((status, body))
+}
+
+/// A keep-alive HTTP/1.1 client connection's read buffer.
+#[derive(Default)]
+struct Conn {
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn send(&mut self, s: &mut TcpStream, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> anyhow::Result<()> {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: load\r\nContent-Length: {}\r\n", body.len());
+        for (k, v) in headers {
+            req.push_str(k);
+            req.push_str(": ");
+            req.push_str(v);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        let mut out = req.into_bytes();
+        out.extend_from_slice(body);
+        s.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// Reads one response with a `Content-Length` body (what PUT and GET answers have).
+    async fn recv(&mut self, s: &mut TcpStream) -> anyhow::Result<(u16, Vec<u8>)> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end])?.to_string();
+                let status: u16 = head.split(' ').nth(1).context("status line")?.parse()?;
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                while self.buf.len() < end + 4 + len {
+                    self.fill(s).await?;
+                }
+                let body = self.buf[end + 4..end + 4 + len].to_vec();
+                self.buf.drain(..end + 4 + len);
+                return Ok((status, body));
+            }
+            self.fill(s).await?;
+        }
+    }
+
+    async fn fill(&mut self, s: &mut TcpStream) -> anyhow::Result<()> {
+        let mut chunk = [0u8; 16384];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Pulls `"t":<digits>` out of an update body.
+fn stamp(body: &[u8]) -> Option<u64> {
+    let at = find(body, b"\"t\":")? + 4;
+    let digits: Vec<u8> = body[at..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+/// A subscriber over HTTP/1.1 that records the latency of every stamped update.
+async fn subscriber(addr: SocketAddr, path: String, ready: Arc<AtomicUsize>, lat: Arc<Mutex<Histogram<u64>>>, got: Arc<AtomicU64>, stop: Arc<tokio::sync::Notify>) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n\r\n").as_bytes()).await?;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 16384];
+    // Response head.
+    let body_start = loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("closed before the response head");
+        }
+        raw.extend_from_slice(&chunk[..n]);
+        if let Some(e) = find(&raw, b"\r\n\r\n") {
+            if !raw.starts_with(b"HTTP/1.1 209") {
+                bail!("not a subscription: {}", String::from_utf8_lossy(&raw[..e]));
+            }
+            break e + 4;
+        }
+    };
+    raw.drain(..body_start);
+    let mut dechunked = Vec::new();
+    let mut local = hist();
+    let mut first = true;
+    loop {
+        // De-chunk what we have.
+        while let Some(nl) = find(&raw, b"\r\n") {
+            let size = usize::from_str_radix(std::str::from_utf8(&raw[..nl])?.trim(), 16)?;
+            if raw.len() < nl + 2 + size + 2 {
+                break;
+            }
+            dechunked.extend_from_slice(&raw[nl + 2..nl + 2 + size]);
+            raw.drain(..nl + 2 + size + 2);
+        }
+        // Whole update blocks: headers, blank line, Content-Length bytes.
+        loop {
+            let skip = dechunked.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+            dechunked.drain(..skip);
+            let Some(he) = find(&dechunked, b"\r\n\r\n") else { break };
+            let head = std::str::from_utf8(&dechunked[..he])?;
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: ").and_then(|v| v.trim().parse::<usize>().ok()))
+                .unwrap_or(0);
+            if dechunked.len() < he + 4 + len {
+                break;
+            }
+            let t = stamp(&dechunked[he + 4..he + 4 + len]);
+            dechunked.drain(..he + 4 + len);
+            if first {
+                first = false;
+                ready.fetch_add(1, Ordering::SeqCst);
+            }
+            if let Some(t) = t {
+                local.record(now_us().saturating_sub(t).max(1))?;
+                got.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let n = tokio::select! {
+            r = s.read(&mut chunk) => r?,
+            _ = stop.notified() => break,
+        };
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    lat.lock().await.add(&local)?;
+    Ok(())
+}
+
+/// A subscriber that reads nothing after the head: its socket buffers fill and stay full.
+async fn stalled(addr: SocketAddr, path: String) -> anyhow::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_recv_buffer_size(4096)?;
+    socket.set_nonblocking(true)?;
+    let s = tokio::net::TcpSocket::from_std_stream(socket.into());
+    let mut s = s.connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n\r\n").as_bytes()).await?;
+    Ok(s)
+}
+
+async fn fanout(url: &str, write_url: Option<&str>, subs: usize, n_stalled: usize, updates: usize, interval: Duration, path: &str) -> anyhow::Result<serde_json::Value> {
+    let addr = addr_of(url)?;
+    let waddr = addr_of(write_url.unwrap_or(url))?;
+    request(waddr, "PUT", path, &[("Content-Type", "application/json")], b"{\"start\":true}").await?;
+    let rss0 = server_rss(addr).await?;
+    let ready = Arc::new(AtomicUsize::new(0));
+    let got = Arc::new(AtomicU64::new(0));
+    let lat = Arc::new(Mutex::new(hist()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut tasks = Vec::new();
+    let t_connect = Instant::now();
+    for i in 0..subs {
+        tasks.push(tokio::spawn(subscriber(addr, path.to_string(), ready.clone(), lat.clone(), got.clone(), stop.clone())));
+        if i % 500 == 499 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut stalled_conns = Vec::new();
+    for _ in 0..n_stalled {
+        stalled_conns.push(stalled(addr, path.to_string()).await?);
+    }
+    while ready.load(Ordering::SeqCst) < subs {
+        if t_connect.elapsed() > Duration::from_secs(120) {
+            bail!("only {} of {subs} subscribers got their first update", ready.load(Ordering::SeqCst));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let connect_s = t_connect.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss1 = server_rss(addr).await?;
+    // The writer: one keep-alive connection, timestamped JSON.
+    let mut w = TcpStream::connect(waddr).await?;
+    w.set_nodelay(true)?;
+    let mut wc = Conn::default();
+    let mut acks = hist();
+    let t0 = Instant::now();
+    for i in 0..updates {
+        let body = format!("{{\"t\":{},\"i\":{i}}}", now_us());
+        let sent = Instant::now();
+        wc.send(&mut w, "PUT", path, &[("Content-Type", "application/json")], body.as_bytes()).await?;
+        let (status, text) = wc.recv(&mut w).await?;
+        if status != 200 {
+            bail!("PUT answered {status}: {}", String::from_utf8_lossy(&text));
+        }
+        acks.record(sent.elapsed().as_micros().max(1) as u64)?;
+        tokio::time::sleep(interval).await;
+    }
+    let write_s = t0.elapsed().as_secs_f64();
+    let want = (subs * updates) as u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.load(Ordering::Relaxed) < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss2 = server_rss(addr).await?;
+    stop.notify_waiters();
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(stalled_conns);
+    let lat = lat.lock().await;
+    Ok(serde_json::json!({
+        "workload": "fanout",
+        "subscribers": subs,
+        "stalled": n_stalled,
+        "updates": updates,
+        "interval_ms": interval.as_millis() as u64,
+        "delivered": got.load(Ordering::Relaxed),
+        "expected": want,
+        "connect_secs": connect_s,
+        "deliveries_per_sec": got.load(Ordering::Relaxed) as f64 / write_s,
+        "delivery_latency": summary(&lat),
+        "put_ack_latency": summary(&acks),
+        "server_rss_before": rss0,
+        "server_rss_subscribed": rss1,
+        "server_rss_end": rss2,
+        "server_bytes_per_subscription": (rss1.saturating_sub(rss0)) / (subs + n_stalled).max(1) as u64,
+    }))
+}
+
+async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow::Result<serde_json::Value> {
+    let addr = addr_of(url)?;
+    for r in 0..resources {
+        request(addr, "PUT", &format!("/bench/idle/{r}"), &[("Content-Type", "application/json")], b"{\"idle\":true}").await?;
+    }
+    let rss0 = server_rss(addr).await?;
+    let per_conn = subs.div_ceil(conns.max(1));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut holders = Vec::new();
+    for c in 0..conns {
+        let n = per_conn.min(subs.saturating_sub(c * per_conn));
+        if n == 0 {
+            break;
+        }
+        let opened = opened.clone();
+        holders.push(tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await?;
+            let (client, conn) = h2::client::Builder::new().initial_window_size(65_535).handshake::<_, bytes::Bytes>(tcp).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut client = client;
+            let mut streams = Vec::with_capacity(n);
+            for k in 0..n {
+                let i = c * per_conn + k;
+                client = client.ready().await?;
+                let req = http::Request::get(format!("http://{addr}/bench/idle/{}", i % resources))
+                    .header("subscribe", "true")
+                    .header("accept", "application/json")
+                    .body(())?;
+                let (resp, _) = client.send_request(req, true)?;
+                streams.push(resp);
+            }
+            let mut bodies = Vec::with_capacity(n);
+            for resp in streams {
+                let resp = resp.await?;
+                if resp.status().as_u16() != 209 {
+                    bail!("subscription answered {}", resp.status());
+                }
+                let mut body = resp.into_body();
+                // The first update (the current value) arrives; then the stream stays idle.
+                if let Some(d) = body.data().await {
+                    let d = d?;
+                    let _ = body.flow_control().release_capacity(d.len());
+                }
+                opened.fetch_add(1, Ordering::SeqCst);
+                bodies.push(body);
+            }
+            // Hold everything open until the process ends.
+            std::future::pending::<()>().await;
+            drop((client, bodies));
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    while opened.load(Ordering::SeqCst) < subs {
+        if let Some(h) = holders.iter().find(|h| h.is_finished()) {
+            bail!("a connection failed early: {:?}", h.is_finished());
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("only {} of {subs} subscriptions opened", opened.load(Ordering::SeqCst));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let open_s = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1 = server_rss(addr).await?;
+    Ok(serde_json::json!({
+        "workload": "idle",
+        "subscriptions": subs,
+        "http2_connections": holders.len(),
+        "resources": resources,
+        "open_secs": open_s,
+        "server_rss_before": rss0,
+        "server_rss_after": rss1,
+        "server_bytes_per_subscription": rss1.saturating_sub(rss0) / subs.max(1) as u64,
+    }))
+}
+
+async fn puts(url: &str, resources: usize, concurrency: usize, seconds: u64, kind: &str) -> anyhow::Result<serde_json::Value> {
+    let addr = addr_of(url)?;
+    let text = match kind {
+        "json" => false,
+        "text" => true,
+        other => bail!("--kind is json or text, not {other}"),
+    };
+    let lat = Arc::new(Mutex::new(hist()));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (lat, done, errors) = (lat.clone(), done.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            let mut c = Conn::default();
+            let mut local = hist();
+            let mut i = 0u64;
+            while Instant::now() < end {
+                let r = (w as u64 * 7919 + i * 104_729) as usize % resources;
+                let path = format!("/bench/puts/{r}");
+                let sent = Instant::now();
+                if text {
+                    c.send(&mut s, "PUT", &path, &[("Content-Range", "text [0:0]")], b"x").await?;
+                } else {
+                    let body = format!("{{\"w\":{w},\"i\":{i}}}");
+                    c.send(&mut s, "PUT", &path, &[("Content-Type", "application/json")], body.as_bytes()).await?;
+                }
+                let (status, _) = c.recv(&mut s).await?;
+                if status == 200 {
+                    local.record(sent.elapsed().as_micros().max(1) as u64)?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+            lat.lock().await.add(&local)?;
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    let t0 = Instant::now();
+    for t in tasks {
+        t.await??;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let lat = lat.lock().await;
+    Ok(serde_json::json!({
+        "workload": "puts",
+        "kind": kind,
+        "resources": resources,
+        "concurrency": concurrency,
+        "seconds": secs,
+        "acknowledged": done.load(Ordering::Relaxed),
+        "errors": errors.load(Ordering::Relaxed),
+        "puts_per_sec": done.load(Ordering::Relaxed) as f64 / secs,
+        "ack_latency": summary(&lat),
+        "server_rss": server_rss(addr).await.ok(),
+    }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Fanout { url, write_url, subs, stalled, updates, interval_ms, path } => {
+                fanout(&url, write_url.as_deref(), subs, stalled, updates, Duration::from_millis(interval_ms), &path).await
+            }
+            Cmd::Idle { url, subs, conns, resources } => idle(&url, subs, conns, resources).await,
+            Cmd::Puts { url, resources, concurrency, seconds, kind } => puts(&url, resources, concurrency, seconds, &kind).await,
+        }
+    })?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
