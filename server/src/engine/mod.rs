@@ -399,6 +399,12 @@ impl Engine {
             .and_then(Weak::upgrade)
     }
 
+    /// Open subscriptions, over all resources in memory (for status).
+    pub fn subscriptions(&self) -> usize {
+        let live: Vec<_> = self.inner.registry.lock().expect("registry").values().filter_map(Weak::upgrade).collect();
+        live.iter().map(|h| h.shared.events.receiver_count()).sum()
+    }
+
     /// Resources currently in memory (for status).
     pub fn live_resources(&self) -> usize {
         self.inner

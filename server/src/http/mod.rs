@@ -61,6 +61,7 @@ async fn well_known(State(app): State<App>) -> axum::Json<serde_json::Value> {
         "store": app.engine.storage().backend(),
         "uptime_secs": app.started.elapsed().as_secs(),
         "resources_in_memory": app.engine.live_resources(),
+        "subscriptions": app.engine.subscriptions(),
         "rss_bytes": rss_bytes(),
         "limits": {
             "max_body_bytes": app.limits.max_body_bytes,

@@ -112,14 +112,18 @@ fn summary(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
-/// The server's resident memory, from its status resource.
-async fn server_rss(addr: SocketAddr) -> anyhow::Result<u64> {
+/// The server's status resource.
+async fn server_status(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
     let (status, body) = request(addr, "GET", "/.well-known/plait", &[], b"").await?;
     if status != 200 {
         bail!("status resource answered {status}");
     }
-    let v: serde_json::Value = serde_json::from_slice(&body)?;
-    v["rss_bytes"].as_u64().context("no rss_bytes in /.well-known/plait")
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// The server's resident memory, from its status resource.
+async fn server_rss(addr: SocketAddr) -> anyhow::Result<u64> {
+    server_status(addr).await?["rss_bytes"].as_u64().context("no rss_bytes in /.well-known/plait")
 }
 
 /// One request on a fresh connection; returns status and body.
@@ -383,8 +387,16 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
                 let _ = conn.await;
             });
             let mut client = client;
-            let mut streams = Vec::with_capacity(n);
+            let mut readers = Vec::with_capacity(n);
+            let here = Arc::new(AtomicUsize::new(0));
             for k in 0..n {
+                // Open in waves of 50, each waiting for the previous wave's first updates:
+                // h2 refuses to buffer many small unread frames on one connection.
+                if k % 50 == 0 {
+                    while here.load(Ordering::SeqCst) < k {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
                 let i = c * per_conn + k;
                 client = client.ready().await?;
                 let req = http::Request::get(format!("http://{addr}/bench/idle/{}", i % resources))
@@ -392,32 +404,42 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
                     .header("accept", "application/json")
                     .body(())?;
                 let (resp, _) = client.send_request(req, true)?;
-                streams.push(resp);
+                let (opened, here) = (opened.clone(), here.clone());
+                // Each stream is read as its data arrives, as a real client would.
+                readers.push(tokio::spawn(async move {
+                    let resp = resp.await?;
+                    if resp.status().as_u16() != 209 {
+                        bail!("subscription answered {}", resp.status());
+                    }
+                    let mut body = resp.into_body();
+                    let mut first = true;
+                    while let Some(d) = body.data().await {
+                        let d = d?;
+                        let _ = body.flow_control().release_capacity(d.len());
+                        if std::mem::take(&mut first) {
+                            opened.fetch_add(1, Ordering::SeqCst);
+                            here.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Ok::<(), anyhow::Error>(())
+                }));
             }
-            let mut bodies = Vec::with_capacity(n);
-            for resp in streams {
-                let resp = resp.await?;
-                if resp.status().as_u16() != 209 {
-                    bail!("subscription answered {}", resp.status());
-                }
-                let mut body = resp.into_body();
-                // The first update (the current value) arrives; then the stream stays idle.
-                if let Some(d) = body.data().await {
-                    let d = d?;
-                    let _ = body.flow_control().release_capacity(d.len());
-                }
-                opened.fetch_add(1, Ordering::SeqCst);
-                bodies.push(body);
+            // Hold the connection open until the process ends; report a stream's failure.
+            for r in readers {
+                r.await??;
             }
-            // Hold everything open until the process ends.
-            std::future::pending::<()>().await;
-            drop((client, bodies));
+            drop(client);
             Ok::<(), anyhow::Error>(())
         }));
     }
     while opened.load(Ordering::SeqCst) < subs {
-        if let Some(h) = holders.iter().find(|h| h.is_finished()) {
-            bail!("a connection failed early: {:?}", h.is_finished());
+        if let Some(i) = holders.iter().position(|h| h.is_finished()) {
+            let err = match holders.swap_remove(i).await {
+                Ok(Ok(())) => "ended".to_string(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) => e.to_string(),
+            };
+            bail!("an HTTP/2 connection failed after {} subscriptions opened: {err}", opened.load(Ordering::SeqCst));
         }
         if t0.elapsed() > Duration::from_secs(600) {
             bail!("only {} of {subs} subscriptions opened", opened.load(Ordering::SeqCst));
@@ -426,7 +448,8 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
     }
     let open_s = t0.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss1 = server_rss(addr).await?;
+    let status = server_status(addr).await?;
+    let rss1 = status["rss_bytes"].as_u64().context("rss_bytes")?;
     Ok(serde_json::json!({
         "workload": "idle",
         "subscriptions": subs,
@@ -435,6 +458,7 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
         "open_secs": open_s,
         "server_rss_before": rss0,
         "server_rss_after": rss1,
+        "server_counts_subscriptions": status["subscriptions"],
         "server_bytes_per_subscription": rss1.saturating_sub(rss0) / subs.max(1) as u64,
     }))
 }
