@@ -401,7 +401,14 @@ impl Engine {
 
     /// Open subscriptions, over all resources in memory (for status).
     pub fn subscriptions(&self) -> usize {
-        let live: Vec<_> = self.inner.registry.lock().expect("registry").values().filter_map(Weak::upgrade).collect();
+        let live: Vec<_> = self
+            .inner
+            .registry
+            .lock()
+            .expect("registry")
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
         live.iter().map(|h| h.shared.events.receiver_count()).sum()
     }
 

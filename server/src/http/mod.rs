@@ -32,6 +32,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::Limits;
 use crate::engine::Engine;
 
+/// Most bytes buffered per HTTP/1.1 connection (hyper's read and write buffers each).
+const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
+
 /// What every request handler can reach. Cheap to clone.
 #[derive(Clone)]
 pub struct App {
@@ -95,7 +98,9 @@ pub async fn serve(listener: TcpListener, app: App) {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs.max(1)));
+        .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs.max(1)))
+        // Bounds what a connection whose client stopped reading can hold in memory.
+        .max_buf_size(MAX_CONNECTION_BUFFER);
     builder
         .http2()
         .timer(TokioTimer::new())

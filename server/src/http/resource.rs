@@ -268,17 +268,20 @@ fn updates(
         sub: Subscription,
         json: bool,
         beat: Option<tokio::time::Interval>,
-        shutdown: CancellationToken,
+        /// Registered once for the whole stream, not once per update (this is a hot path:
+        /// every subscriber polls it for every update).
+        shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     }
     let beat = heartbeats.map(|d| {
         let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
+    let shutdown = Box::pin(shutdown.cancelled_owned());
     futures::stream::unfold(St { sub, json, beat, shutdown }, |mut st| async move {
         let bytes = tokio::select! {
             biased;
-            _ = st.shutdown.cancelled() => return None,
+            _ = st.shutdown.as_mut() => return None,
             d = st.sub.next() => match d? {
                 Delivery::Shared(ev) => ev.wire.get_or_init(|| frame::encode_update(&ev.update())).clone(),
                 Delivery::Own(u) => encode_for(&u, st.json),

@@ -54,6 +54,10 @@ enum Cmd {
         interval_ms: u64,
         #[arg(long, default_value = "/bench/fanout")]
         path: String,
+        /// Before measuring, write one value of this many KiB, so that subscribers that do
+        /// not read have full socket buffers (as a really stalled client does).
+        #[arg(long, default_value_t = 0)]
+        prefill_kib: usize,
     },
     /// Many idle subscriptions over HTTP/2; server memory per subscription.
     Idle {
@@ -91,7 +95,10 @@ fn addr_of(url: &str) -> anyhow::Result<SocketAddr> {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as u64
 }
 
 fn hist() -> Histogram<u64> {
@@ -123,11 +130,19 @@ async fn server_status(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
 
 /// The server's resident memory, from its status resource.
 async fn server_rss(addr: SocketAddr) -> anyhow::Result<u64> {
-    server_status(addr).await?["rss_bytes"].as_u64().context("no rss_bytes in /.well-known/plait")
+    server_status(addr).await?["rss_bytes"]
+        .as_u64()
+        .context("no rss_bytes in /.well-known/plait")
 }
 
 /// One request on a fresh connection; returns status and body.
-async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(addr).await?;
     let mut c = Conn::default();
     c.send(&mut s, method, path, headers, body).await?;
@@ -142,8 +157,18 @@ struct Conn {
 }
 
 impl Conn {
-    async fn send(&mut self, s: &mut TcpStream, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> anyhow::Result<()> {
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: load\r\nContent-Length: {}\r\n", body.len());
+    async fn send(
+        &mut self,
+        s: &mut TcpStream,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> anyhow::Result<()> {
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: load\r\nContent-Length: {}\r\n",
+            body.len()
+        );
         for (k, v) in headers {
             req.push_str(k);
             req.push_str(": ");
@@ -167,7 +192,8 @@ impl Conn {
                     .lines()
                     .find_map(|l| {
                         let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
                     })
                     .unwrap_or(0);
                 while self.buf.len() < end + 4 + len {
@@ -199,14 +225,29 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// Pulls `"t":<digits>` out of an update body.
 fn stamp(body: &[u8]) -> Option<u64> {
     let at = find(body, b"\"t\":")? + 4;
-    let digits: Vec<u8> = body[at..].iter().take_while(|b| b.is_ascii_digit()).copied().collect();
+    let digits: Vec<u8> = body[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .copied()
+        .collect();
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
 /// A subscriber over HTTP/1.1 that records the latency of every stamped update.
-async fn subscriber(addr: SocketAddr, path: String, ready: Arc<AtomicUsize>, lat: Arc<Mutex<Histogram<u64>>>, got: Arc<AtomicU64>, stop: Arc<tokio::sync::Notify>) -> anyhow::Result<()> {
+async fn subscriber(
+    addr: SocketAddr,
+    path: String,
+    ready: Arc<AtomicUsize>,
+    lat: Arc<Mutex<Histogram<u64>>>,
+    got: Arc<AtomicU64>,
+    stop: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<()> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n\r\n").as_bytes()).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
     let mut raw = Vec::new();
     let mut chunk = [0u8; 16384];
     // Response head.
@@ -239,13 +280,21 @@ async fn subscriber(addr: SocketAddr, path: String, ready: Arc<AtomicUsize>, lat
         }
         // Whole update blocks: headers, blank line, Content-Length bytes.
         loop {
-            let skip = dechunked.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+            let skip = dechunked
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
             dechunked.drain(..skip);
-            let Some(he) = find(&dechunked, b"\r\n\r\n") else { break };
+            let Some(he) = find(&dechunked, b"\r\n\r\n") else {
+                break;
+            };
             let head = std::str::from_utf8(&dechunked[..he])?;
             let len = head
                 .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: ").and_then(|v| v.trim().parse::<usize>().ok()))
+                .find_map(|l| {
+                    l.strip_prefix("Content-Length: ")
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                })
                 .unwrap_or(0);
             if dechunked.len() < he + 4 + len {
                 break;
@@ -281,14 +330,35 @@ async fn stalled(addr: SocketAddr, path: String) -> anyhow::Result<TcpStream> {
     socket.set_nonblocking(true)?;
     let s = tokio::net::TcpSocket::from_std_stream(socket.into());
     let mut s = s.connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n\r\n").as_bytes()).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
     Ok(s)
 }
 
-async fn fanout(url: &str, write_url: Option<&str>, subs: usize, n_stalled: usize, updates: usize, interval: Duration, path: &str) -> anyhow::Result<serde_json::Value> {
+#[allow(clippy::too_many_arguments)]
+async fn fanout(
+    url: &str,
+    write_url: Option<&str>,
+    subs: usize,
+    n_stalled: usize,
+    updates: usize,
+    interval: Duration,
+    path: &str,
+    prefill_kib: usize,
+) -> anyhow::Result<serde_json::Value> {
     let addr = addr_of(url)?;
     let waddr = addr_of(write_url.unwrap_or(url))?;
-    request(waddr, "PUT", path, &[("Content-Type", "application/json")], b"{\"start\":true}").await?;
+    request(
+        waddr,
+        "PUT",
+        path,
+        &[("Content-Type", "application/json")],
+        b"{\"start\":true}",
+    )
+    .await?;
     let rss0 = server_rss(addr).await?;
     let ready = Arc::new(AtomicUsize::new(0));
     let got = Arc::new(AtomicU64::new(0));
@@ -297,7 +367,14 @@ async fn fanout(url: &str, write_url: Option<&str>, subs: usize, n_stalled: usiz
     let mut tasks = Vec::new();
     let t_connect = Instant::now();
     for i in 0..subs {
-        tasks.push(tokio::spawn(subscriber(addr, path.to_string(), ready.clone(), lat.clone(), got.clone(), stop.clone())));
+        tasks.push(tokio::spawn(subscriber(
+            addr,
+            path.to_string(),
+            ready.clone(),
+            lat.clone(),
+            got.clone(),
+            stop.clone(),
+        )));
         if i % 500 == 499 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -308,11 +385,29 @@ async fn fanout(url: &str, write_url: Option<&str>, subs: usize, n_stalled: usiz
     }
     while ready.load(Ordering::SeqCst) < subs {
         if t_connect.elapsed() > Duration::from_secs(120) {
-            bail!("only {} of {subs} subscribers got their first update", ready.load(Ordering::SeqCst));
+            bail!(
+                "only {} of {subs} subscribers got their first update",
+                ready.load(Ordering::SeqCst)
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let connect_s = t_connect.elapsed().as_secs_f64();
+    if prefill_kib > 0 {
+        let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(prefill_kib * 1024));
+        let (status, _) = request(
+            waddr,
+            "PUT",
+            path,
+            &[("Content-Type", "application/json")],
+            big.as_bytes(),
+        )
+        .await?;
+        if status != 200 {
+            bail!("prefill PUT answered {status}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss1 = server_rss(addr).await?;
     // The writer: one keep-alive connection, timestamped JSON.
@@ -324,7 +419,14 @@ async fn fanout(url: &str, write_url: Option<&str>, subs: usize, n_stalled: usiz
     for i in 0..updates {
         let body = format!("{{\"t\":{},\"i\":{i}}}", now_us());
         let sent = Instant::now();
-        wc.send(&mut w, "PUT", path, &[("Content-Type", "application/json")], body.as_bytes()).await?;
+        wc.send(
+            &mut w,
+            "PUT",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .await?;
         let (status, text) = wc.recv(&mut w).await?;
         if status != 200 {
             bail!("PUT answered {status}: {}", String::from_utf8_lossy(&text));
@@ -367,7 +469,14 @@ async fn fanout(url: &str, write_url: Option<&str>, subs: usize, n_stalled: usiz
 async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow::Result<serde_json::Value> {
     let addr = addr_of(url)?;
     for r in 0..resources {
-        request(addr, "PUT", &format!("/bench/idle/{r}"), &[("Content-Type", "application/json")], b"{\"idle\":true}").await?;
+        request(
+            addr,
+            "PUT",
+            &format!("/bench/idle/{r}"),
+            &[("Content-Type", "application/json")],
+            b"{\"idle\":true}",
+        )
+        .await?;
     }
     let rss0 = server_rss(addr).await?;
     let per_conn = subs.div_ceil(conns.max(1));
@@ -382,7 +491,10 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
         let opened = opened.clone();
         holders.push(tokio::spawn(async move {
             let tcp = TcpStream::connect(addr).await?;
-            let (client, conn) = h2::client::Builder::new().initial_window_size(65_535).handshake::<_, bytes::Bytes>(tcp).await?;
+            let (client, conn) = h2::client::Builder::new()
+                .initial_window_size(65_535)
+                .handshake::<_, bytes::Bytes>(tcp)
+                .await?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -439,10 +551,16 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
                 Ok(Err(e)) => format!("{e:#}"),
                 Err(e) => e.to_string(),
             };
-            bail!("an HTTP/2 connection failed after {} subscriptions opened: {err}", opened.load(Ordering::SeqCst));
+            bail!(
+                "an HTTP/2 connection failed after {} subscriptions opened: {err}",
+                opened.load(Ordering::SeqCst)
+            );
         }
         if t0.elapsed() > Duration::from_secs(600) {
-            bail!("only {} of {subs} subscriptions opened", opened.load(Ordering::SeqCst));
+            bail!(
+                "only {} of {subs} subscriptions opened",
+                opened.load(Ordering::SeqCst)
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -463,7 +581,13 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
     }))
 }
 
-async fn puts(url: &str, resources: usize, concurrency: usize, seconds: u64, kind: &str) -> anyhow::Result<serde_json::Value> {
+async fn puts(
+    url: &str,
+    resources: usize,
+    concurrency: usize,
+    seconds: u64,
+    kind: &str,
+) -> anyhow::Result<serde_json::Value> {
     let addr = addr_of(url)?;
     let text = match kind {
         "json" => false,
@@ -488,10 +612,18 @@ async fn puts(url: &str, resources: usize, concurrency: usize, seconds: u64, kin
                 let path = format!("/bench/puts/{r}");
                 let sent = Instant::now();
                 if text {
-                    c.send(&mut s, "PUT", &path, &[("Content-Range", "text [0:0]")], b"x").await?;
+                    c.send(&mut s, "PUT", &path, &[("Content-Range", "text [0:0]")], b"x")
+                        .await?;
                 } else {
                     let body = format!("{{\"w\":{w},\"i\":{i}}}");
-                    c.send(&mut s, "PUT", &path, &[("Content-Type", "application/json")], body.as_bytes()).await?;
+                    c.send(
+                        &mut s,
+                        "PUT",
+                        &path,
+                        &[("Content-Type", "application/json")],
+                        body.as_bytes(),
+                    )
+                    .await?;
                 }
                 let (status, _) = c.recv(&mut s).await?;
                 if status == 200 {
@@ -531,11 +663,42 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report = rt.block_on(async {
         match cli.cmd {
-            Cmd::Fanout { url, write_url, subs, stalled, updates, interval_ms, path } => {
-                fanout(&url, write_url.as_deref(), subs, stalled, updates, Duration::from_millis(interval_ms), &path).await
+            Cmd::Fanout {
+                url,
+                write_url,
+                subs,
+                stalled,
+                updates,
+                interval_ms,
+                path,
+                prefill_kib,
+            } => {
+                let interval = Duration::from_millis(interval_ms);
+                fanout(
+                    &url,
+                    write_url.as_deref(),
+                    subs,
+                    stalled,
+                    updates,
+                    interval,
+                    &path,
+                    prefill_kib,
+                )
+                .await
             }
-            Cmd::Idle { url, subs, conns, resources } => idle(&url, subs, conns, resources).await,
-            Cmd::Puts { url, resources, concurrency, seconds, kind } => puts(&url, resources, concurrency, seconds, &kind).await,
+            Cmd::Idle {
+                url,
+                subs,
+                conns,
+                resources,
+            } => idle(&url, subs, conns, resources).await,
+            Cmd::Puts {
+                url,
+                resources,
+                concurrency,
+                seconds,
+                kind,
+            } => puts(&url, resources, concurrency, seconds, &kind).await,
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&report)?);
