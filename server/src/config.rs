@@ -59,6 +59,14 @@ pub struct Limits {
     pub header_read_timeout_secs: u64,
     /// On SIGTERM, how long open requests get to finish before the server exits.
     pub shutdown_grace_secs: u64,
+    /// Sustained writes per second per writer (an identity, or a client address);
+    /// 0 = unlimited. Over it: 429 with Retry-After.
+    pub writes_per_second: u32,
+    /// Writes a writer may make at once above the sustained rate.
+    pub write_burst: u32,
+    /// Bytes one namespace (an identity's tree of state) may occupy in storage; 0 =
+    /// unlimited. Over it: 413.
+    pub max_stored_bytes_per_namespace: u64,
 }
 
 /// Memory and batching of live documents.
@@ -102,6 +110,10 @@ impl Default for Limits {
             max_streams_per_connection: 256,
             header_read_timeout_secs: 30,
             shutdown_grace_secs: 10,
+            writes_per_second: crate::engine::WriteLimits::default().writes_per_second,
+            write_burst: crate::engine::WriteLimits::default().write_burst,
+            max_stored_bytes_per_namespace: crate::engine::WriteLimits::default()
+                .max_stored_bytes_per_namespace,
         }
     }
 }
@@ -117,12 +129,18 @@ impl Default for EngineSettings {
     }
 }
 
-impl EngineSettings {
+impl Config {
+    /// The engine's part of the settings.
     pub fn engine_config(&self) -> crate::engine::EngineConfig {
         crate::engine::EngineConfig {
-            subscriber_queue: self.subscriber_queue,
-            warm_resources: self.warm_resources,
-            snapshot_every: self.snapshot_every,
+            subscriber_queue: self.engine.subscriber_queue,
+            warm_resources: self.engine.warm_resources,
+            snapshot_every: self.engine.snapshot_every,
+            limits: crate::engine::WriteLimits {
+                writes_per_second: self.limits.writes_per_second,
+                write_burst: self.limits.write_burst,
+                max_stored_bytes_per_namespace: self.limits.max_stored_bytes_per_namespace,
+            },
             ..Default::default()
         }
     }

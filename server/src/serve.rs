@@ -80,7 +80,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             data_dir.join(IDENTITY_FILE).display()
         ),
     }
-    let engine = Engine::new(storage.clone(), cfg.engine.engine_config());
+    let engine = Engine::new(storage.clone(), cfg.engine_config());
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;

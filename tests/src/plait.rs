@@ -54,6 +54,8 @@ pub struct Plait {
     pub addr: SocketAddr,
     pub store: Store,
     pub extra_args: Vec<String>,
+    /// Environment for the server (settings as `PLAIT_*`).
+    pub env: Vec<(String, String)>,
     data_dir: DataDir,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
@@ -67,8 +69,18 @@ impl Plait {
 
     /// Starts a server with extra `plait serve` arguments.
     pub fn start_with(store: Store, extra: &[&str]) -> Plait {
+        Self::start_with_env(store, extra, &[])
+    }
+
+    /// Starts a server with extra arguments and settings from the environment
+    /// (e.g. `("PLAIT_LIMITS__WRITES_PER_SECOND", "5")`). Unless set here, the write rate
+    /// limit is off: tests that write fast must not trip it by accident.
+    pub fn start_with_env(store: Store, extra: &[&str], env: &[(&str, &str)]) -> Plait {
         let data_dir = DataDir::Owned(tempfile::tempdir().expect("temp dir"));
-        Self::launch(store, data_dir, extra)
+        let mut p = Self::new(store, data_dir, extra);
+        p.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        p.spawn("127.0.0.1:0");
+        p
     }
 
     /// A second server process of the same instance: same data dir (so the same
@@ -82,16 +94,21 @@ impl Plait {
     }
 
     fn launch(store: Store, data_dir: DataDir, extra: &[&str]) -> Plait {
-        let mut p = Plait {
+        let mut p = Self::new(store, data_dir, extra);
+        p.spawn("127.0.0.1:0");
+        p
+    }
+
+    fn new(store: Store, data_dir: DataDir, extra: &[&str]) -> Plait {
+        Plait {
             addr: "127.0.0.1:0".parse().unwrap(),
             store,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             data_dir,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
-        };
-        p.spawn("127.0.0.1:0");
-        p
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -113,6 +130,8 @@ impl Plait {
         }
         cmd.args(&self.extra_args);
         cmd.env_remove("DATABASE_URL").env_remove("PLAIT_DATABASE_URL");
+        cmd.env("PLAIT_LIMITS__WRITES_PER_SECOND", "0");
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.env(
             "RUST_LOG",
             std::env::var("PLAIT_TEST_LOG").unwrap_or_else(|_| "info".into()),

@@ -16,6 +16,7 @@
 //! [`Document`]: crate::doc::Document
 
 mod actor;
+pub mod limits;
 pub mod subscription;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use crate::model::{Kind, ResourceKey, Version, VersionId};
 use crate::storage::{Notice, ResourceId, Storage, StorageError};
 use crate::update::{Update, UpdateBody, WriteBody};
 
+pub use limits::{WriteLimits, Writer};
 pub use subscription::{Delivery, Subscription};
 
 /// Tunables of the engine (named settings; see `config`).
@@ -46,6 +48,8 @@ pub struct EngineConfig {
     pub snapshot_every: usize,
     /// Commands waiting for one resource before writers are made to wait.
     pub mailbox: usize,
+    /// Speed bumps on writes.
+    pub limits: WriteLimits,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +59,7 @@ impl Default for EngineConfig {
             warm_resources: 1024,
             snapshot_every: 1000,
             mailbox: 4096,
+            limits: WriteLimits::default(),
         }
     }
 }
@@ -71,6 +76,12 @@ pub enum EngineError {
     CannotCreate(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The writer went over `limits.writes_per_second`.
+    #[error("too many writes; try again in {retry_after:?}")]
+    RateLimited { retry_after: std::time::Duration },
+    /// The namespace would go over `limits.max_stored_bytes_per_namespace`.
+    #[error("the namespace holds {used} bytes; limits.max_stored_bytes_per_namespace is {limit}")]
+    QuotaExceeded { used: u64, limit: u64 },
 }
 
 /// A write as the engine takes it.
@@ -83,6 +94,18 @@ pub struct Write {
     pub author: Option<Identity>,
     /// SHA-256 the representation must have after this write (`Repr-Digest`).
     pub digest: Option<[u8; 32]>,
+    /// Who is writing, for the rate limit.
+    pub writer: Writer,
+}
+
+impl Write {
+    /// Bytes the write brings (what the quota counts before storing).
+    fn size(&self) -> u64 {
+        match &self.body {
+            WriteBody::Full { body, .. } => body.len() as u64,
+            WriteBody::Patches(ps) => ps.iter().map(|p| p.content.len() as u64).sum(),
+        }
+    }
 }
 
 /// What a write did.
@@ -266,6 +289,7 @@ struct Inner {
     config: EngineConfig,
     registry: Mutex<HashMap<ResourceKey, Weak<ResourceHandle>>>,
     warm: Mutex<LruCache<ResourceKey, Arc<ResourceHandle>>>,
+    limiter: limits::Limiter,
     /// Live resources by row id, for notices from other processes (actors add themselves
     /// once they know their id).
     by_id: Arc<Mutex<HashMap<ResourceId, Weak<ResourceHandle>>>>,
@@ -280,12 +304,24 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 storage,
-                config,
                 registry: Mutex::new(HashMap::new()),
                 warm: Mutex::new(LruCache::new(cap)),
+                limiter: limits::Limiter::new(config.limits),
                 by_id: Arc::new(Mutex::new(HashMap::new())),
+                config,
             }),
         };
+        let weak = Arc::downgrade(&engine.inner);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                match weak.upgrade() {
+                    Some(inner) => inner.limiter.prune(),
+                    None => return,
+                }
+            }
+        });
         if let Some(rx) = notices {
             tokio::spawn(follow(Arc::downgrade(&engine.inner), rx));
         }
@@ -366,11 +402,30 @@ impl Engine {
         self.resource(key).ask(|r| Command::History(from, r)).await
     }
 
-    /// Applies a write; returns after it is durable.
+    /// Applies a write; returns after it is durable. Writes over a limit are refused
+    /// before anything is done.
     pub async fn write(&self, key: &ResourceKey, write: Write) -> Result<WriteResult, EngineError> {
-        self.resource(key)
+        let limiter = &self.inner.limiter;
+        limiter.check_rate(&write.writer)?;
+        let size = write.size();
+        if write.writer != Writer::Internal {
+            limiter
+                .check_quota(self.inner.storage.as_ref(), &key.namespace, size)
+                .await?;
+        }
+        let result = self
+            .resource(key)
             .ask(|r| Command::Write(Box::new(write), r))
-            .await
+            .await?;
+        if result.changed {
+            limiter.count(&key.namespace, size);
+        }
+        Ok(result)
+    }
+
+    /// The write limits in force.
+    pub fn write_limits(&self) -> WriteLimits {
+        self.inner.limiter.limits()
     }
 
     /// Deletes a resource; `false` if it did not exist.

@@ -160,6 +160,19 @@ impl From<EngineError> for ApiError {
             EngineError::CannotCreate(m) => ApiError::new(409, "conflict", m),
             EngineError::ShuttingDown => ApiError::new(503, "shutting-down", "the server is shutting down")
                 .with_header("retry-after", "1".into()),
+            EngineError::RateLimited { retry_after } => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                ApiError::new(
+                    429,
+                    "rate-limited",
+                    format!(
+                        "too many writes from this client (limits.writes_per_second); retry in {} ms",
+                        retry_after.as_millis().max(1)
+                    ),
+                )
+                .with_header("retry-after", secs.max(1).to_string())
+            }
+            e @ EngineError::QuotaExceeded { .. } => ApiError::new(413, "quota-exceeded", e.to_string()),
         }
     }
 }

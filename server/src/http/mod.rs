@@ -73,6 +73,9 @@ async fn well_known(State(app): State<App>) -> axum::Json<serde_json::Value> {
             "max_streams_per_connection": app.limits.max_streams_per_connection,
             "header_read_timeout_secs": app.limits.header_read_timeout_secs,
             "subscriber_queue": app.engine.config().subscriber_queue,
+            "writes_per_second": app.engine.write_limits().writes_per_second,
+            "write_burst": app.engine.write_limits().write_burst,
+            "max_stored_bytes_per_namespace": app.engine.write_limits().max_stored_bytes_per_namespace,
             "min_heartbeat_ms": crate::braid::headers::MIN_HEARTBEAT.as_millis() as u64,
         },
     }))

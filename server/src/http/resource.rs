@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::App;
 use super::error::ApiError;
 use crate::braid::{BraidHeaders, format_version, frame};
-use crate::engine::{Delivery, Subscription, Write};
+use crate::engine::{Delivery, Subscription, Write, Writer};
 use crate::model::{Kind, PathError, ResourceKey, ResourcePath, Version};
 use crate::update::{Update, UpdateBody};
 
@@ -320,6 +320,10 @@ async fn put(
         )));
     }
     let (parts, body) = req.into_parts();
+    let writer = match parts.extensions.get::<super::Peer>() {
+        Some(peer) => Writer::Address(peer.0.ip()),
+        None => Writer::Internal,
+    };
     let body = read_body(body, &parts.headers, app.limits.max_body_bytes).await?;
     let write_body = crate::braid::patch::parse_write_body(&parts.headers, body)?;
     let version = match braid.version {
@@ -341,6 +345,7 @@ async fn put(
                 peer: braid.peer,
                 author: None,
                 digest: braid.repr_digest,
+                writer,
             },
         )
         .await?;

@@ -1,0 +1,183 @@
+//! Speed bumps on writes: a rate per writer and a storage quota per namespace.
+//!
+//! Every write passes here before it reaches a resource's actor, whatever protocol it came
+//! in by, so the limits hold for all writers alike. A refusal stores nothing.
+//!
+//! * **Rate**: a token bucket per writer (`writes_per_second`, `write_burst`). A writer is
+//!   the identity that signed the request when there is one, else the client's address.
+//! * **Quota**: a namespace may occupy `max_stored_bytes_per_namespace` bytes in storage.
+//!   Usage is read from storage at most once a second per namespace and counted forward
+//!   from writes in between, so the check costs no query on the hot path.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use plait_bridge::Identity;
+
+use super::EngineError;
+use crate::model::Namespace;
+use crate::storage::Storage;
+
+/// How long a namespace's usage figure is trusted before it is read again.
+const USAGE_TTL: Duration = Duration::from_secs(1);
+
+/// The write limits (named settings; see `config::Limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteLimits {
+    /// Sustained writes per second per writer; 0 turns rate limiting off.
+    pub writes_per_second: u32,
+    /// Writes a writer may make at once above the sustained rate.
+    pub write_burst: u32,
+    /// Bytes a namespace may occupy in storage; 0 turns the quota off.
+    pub max_stored_bytes_per_namespace: u64,
+}
+
+impl Default for WriteLimits {
+    fn default() -> Self {
+        WriteLimits {
+            writes_per_second: 2_000,
+            write_burst: 4_000,
+            max_stored_bytes_per_namespace: 1 << 30,
+        }
+    }
+}
+
+/// Who is writing, for the rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Writer {
+    /// A request signed by (or a session of) this identity.
+    Identity(Identity),
+    /// An anonymous client at this address.
+    Address(IpAddr),
+    /// The server itself (imports, replicas of other instances): not limited.
+    Internal,
+}
+
+pub(crate) struct Limiter {
+    limits: WriteLimits,
+    rate: Option<DefaultKeyedRateLimiter<Writer>>,
+    /// namespace → (bytes, when read from storage).
+    usage: Mutex<HashMap<Namespace, (u64, Instant)>>,
+}
+
+impl Limiter {
+    pub(crate) fn new(limits: WriteLimits) -> Limiter {
+        let rate = NonZeroU32::new(limits.writes_per_second).map(|per_sec| {
+            let burst = NonZeroU32::new(limits.write_burst.max(limits.writes_per_second)).unwrap_or(per_sec);
+            RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst))
+        });
+        Limiter {
+            limits,
+            rate,
+            usage: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn limits(&self) -> WriteLimits {
+        self.limits
+    }
+
+    /// Takes one write from `writer`'s bucket, or says when to come back.
+    pub(crate) fn check_rate(&self, writer: &Writer) -> Result<(), EngineError> {
+        let (Some(rate), false) = (&self.rate, matches!(writer, Writer::Internal)) else {
+            return Ok(());
+        };
+        rate.check_key(writer)
+            .map_err(|not_until| EngineError::RateLimited {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            })
+    }
+
+    /// Refuses a write of `incoming` bytes that would take `ns` over its quota.
+    pub(crate) async fn check_quota(
+        &self,
+        storage: &dyn Storage,
+        ns: &Namespace,
+        incoming: u64,
+    ) -> Result<(), EngineError> {
+        let limit = self.limits.max_stored_bytes_per_namespace;
+        if limit == 0 {
+            return Ok(());
+        }
+        let cached = self.usage.lock().expect("usage").get(ns).copied();
+        let used = match cached {
+            Some((bytes, at)) if at.elapsed() < USAGE_TTL => bytes,
+            _ => {
+                let bytes = storage.namespace_bytes(ns).await?;
+                self.usage
+                    .lock()
+                    .expect("usage")
+                    .insert(*ns, (bytes, Instant::now()));
+                bytes
+            }
+        };
+        if used.saturating_add(incoming) > limit {
+            return Err(EngineError::QuotaExceeded { used, limit });
+        }
+        Ok(())
+    }
+
+    /// Counts an accepted write toward its namespace until the next reading.
+    pub(crate) fn count(&self, ns: &Namespace, bytes: u64) {
+        if let Some((used, _)) = self.usage.lock().expect("usage").get_mut(ns) {
+            *used = used.saturating_add(bytes);
+        }
+    }
+
+    /// Forgets idle writers' buckets and stale usage figures.
+    pub(crate) fn prune(&self) {
+        if let Some(rate) = &self.rate {
+            rate.retain_recent();
+            rate.shrink_to_fit();
+        }
+        self.usage
+            .lock()
+            .expect("usage")
+            .retain(|_, (_, at)| at.elapsed() < USAGE_TTL * 60);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_per_writer() {
+        let l = Limiter::new(WriteLimits {
+            writes_per_second: 1,
+            write_burst: 3,
+            max_stored_bytes_per_namespace: 0,
+        });
+        let a = Writer::Address("10.0.0.1".parse().unwrap());
+        let b = Writer::Address("10.0.0.2".parse().unwrap());
+        for _ in 0..3 {
+            l.check_rate(&a).unwrap();
+        }
+        let Err(EngineError::RateLimited { retry_after }) = l.check_rate(&a) else {
+            panic!("fourth write refused")
+        };
+        assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
+        l.check_rate(&b).unwrap();
+        for _ in 0..10 {
+            l.check_rate(&Writer::Internal).unwrap();
+        }
+    }
+
+    #[test]
+    fn zero_turns_rate_limiting_off() {
+        let l = Limiter::new(WriteLimits {
+            writes_per_second: 0,
+            write_burst: 0,
+            max_stored_bytes_per_namespace: 0,
+        });
+        let a = Writer::Address("10.0.0.1".parse().unwrap());
+        for _ in 0..10_000 {
+            l.check_rate(&a).unwrap();
+        }
+    }
+}
