@@ -8,6 +8,9 @@ pub mod frame;
 pub mod headers;
 pub mod patch;
 
+#[cfg(test)]
+mod robustness;
+
 pub use headers::{BraidHeaders, MergeType, format_version, parse_version};
 
 /// A request the codec cannot read. Every variant is the client's doing (HTTP 400).

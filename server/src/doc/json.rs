@@ -587,6 +587,21 @@ mod tests {
     }
 
     proptest! {
+        /// Any path and content against any value: an answer, never a panic.
+        #[test]
+        fn patches_never_panic(
+            v in arb_json(),
+            steps in prop::collection::vec(prop_oneof![
+                "[a-c]".prop_map(JsonStep::Key),
+                (-4i64..6).prop_map(JsonStep::Index),
+                ((-4i64..6), (-4i64..6)).prop_map(|(a, b)| JsonStep::Slice(a, b)),
+            ], 0..4),
+            content in prop_oneof![Just(String::new()), Just("[1,2]".to_string()), Just("\"s\"".to_string()), Just("{".to_string()), "[0-9]{1,3}"],
+        ) {
+            let mut target = v;
+            let _ = apply_json_patch(&mut target, &Patch { range: Range::Json(steps), content: Bytes::from(content) });
+        }
+
         #[test]
         fn any_sequence_of_values_reads_back(vs in prop::collection::vec(arb_json(), 1..6)) {
             let mut d = JsonDoc::new();

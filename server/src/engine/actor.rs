@@ -28,6 +28,21 @@ use crate::update::{Update, UpdateBody, WriteBody};
 /// Most commands taken from the mailbox in one round.
 const MAX_ROUND: usize = 1024;
 
+/// Document work on more than this many bytes (a large write, loading a long history) is
+/// moved off the async workers, which other connections need.
+const HEAVY_BYTES: u64 = 256 * 1024;
+
+/// Runs `f`, telling the runtime first when it will hold the thread for long.
+fn cpu_bound<T>(heavy: bool, f: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if heavy && multi_thread {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
 /// What an actor starts with.
 pub(crate) struct Setup {
     pub key: ResourceKey,
@@ -197,7 +212,11 @@ impl Actor {
         let loaded = self.storage.load(&self.key).await?;
         let res = match loaded {
             None => Res::Missing,
-            Some(l) => Res::Present(Box::new(build(l)?)),
+            Some(l) => {
+                let bytes = l.snapshot.as_ref().map_or(0, |s| s.1.len())
+                    + l.changes.iter().map(|c| c.data.len()).sum::<usize>();
+                Res::Present(Box::new(cpu_bound(bytes as u64 > HEAVY_BYTES, || build(l))?))
+            }
         };
         self.res = Some(res);
         self.register();
@@ -345,7 +364,8 @@ impl Actor {
                 force: creating,
                 digest: w.digest.as_ref(),
             };
-            match p.doc.apply(&dw, now / 1000) {
+            let heavy = w.size() > HEAVY_BYTES;
+            match cpu_bound(heavy, || p.doc.apply(&dw, now / 1000)) {
                 Err(e) => {
                     if creating {
                         // Nothing was stored for a resource this write was to create.

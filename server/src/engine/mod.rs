@@ -100,7 +100,7 @@ pub struct Write {
 
 impl Write {
     /// Bytes the write brings (what the quota counts before storing).
-    fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         match &self.body {
             WriteBody::Full { body, .. } => body.len() as u64,
             WriteBody::Patches(ps) => ps.iter().map(|p| p.content.len() as u64).sum(),
