@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the code map.
 
+pub mod accounts;
 pub mod braid;
 pub mod cli;
 pub mod config;
@@ -10,5 +11,6 @@ pub mod engine;
 pub mod http;
 pub mod model;
 pub mod serve;
+pub mod statebus;
 pub mod storage;
 pub mod update;

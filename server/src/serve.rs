@@ -89,10 +89,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(wait_for_signal(shutdown.clone()));
     tracing::info!(%identity, store = storage.backend(), data_dir = %data_dir.display(), "plait {}", env!("CARGO_PKG_VERSION"));
     tracing::info!("listening on http://{addr}");
+    let accounts = crate::accounts::Accounts::new(engine.clone(), Arc::new(keys));
     let app = App {
         engine,
         identity,
         limits: Arc::new(cfg.limits.clone()),
+        accounts,
         shutdown,
         started: Instant::now(),
     };

@@ -677,13 +677,14 @@ async fn repr_digest_is_verified(store: Store) {
     )
     .await;
     assert_eq!(r.status, 200);
-    // JSON is checked against its canonical serialization; other algorithms are ignored.
+    // JSON is checked against its canonical serialization (compact, keys in the order
+    // written); other algorithms are ignored.
     let r = put(
         &p,
         "/j",
         &[
             ("Content-Type", "application/json"),
-            ("Repr-Digest", &sha256(br#"{"a":1,"b":2}"#)),
+            ("Repr-Digest", &sha256(br#"{"b":2,"a":1}"#)),
         ],
         r#"{"b": 2, "a": 1}"#,
     )

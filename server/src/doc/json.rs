@@ -103,7 +103,7 @@ impl JsonDoc {
         if w.digest.is_some() {
             super::check_digest(w.digest, &serde_json::to_vec(&new).expect("JSON serializes"))?;
         }
-        if new == old && w.version.is_none() && !w.force {
+        if same(&new, &old) && w.version.is_none() && !w.force {
             return Ok(Outcome::Unchanged);
         }
         let Some(id) = self.base.choose_id(w.version, w.agent_hint, 1) else {
@@ -181,7 +181,7 @@ pub fn apply_json_patch(target: &mut Value, patch: &Patch) -> Result<(), String>
         (JsonStep::Key(k), Value::Object(o)) => {
             match content {
                 Some(c) => o.insert(k.clone(), c),
-                None => o.remove(k),
+                None => o.shift_remove(k),
             };
         }
         (JsonStep::Index(i), Value::Array(a)) => {
@@ -250,10 +250,22 @@ fn read_value(am: &AutoCommit, v: AmValue<'_>, id: &ObjId, heads: Option<&[Chang
     match v {
         AmValue::Scalar(s) => scalar_to_json(&s),
         AmValue::Object(ObjType::Map | ObjType::Table) => {
-            let keys: Vec<String> = match heads {
+            let mut keys: Vec<String> = match heads {
                 Some(h) => am.keys_at(id, h).collect(),
                 None => am.keys(id).collect(),
             };
+            keys.retain(|k| k != ORDER_KEY);
+            // Keys in the order they were written; any the order list does not know of
+            // (written by software that does not keep it) come after, sorted.
+            if let Some(Value::Array(order)) = read_prop(am, id, ORDER_KEY.into(), heads) {
+                let pos = |k: &String| {
+                    order
+                        .iter()
+                        .position(|o| o.as_str() == Some(k.as_str()))
+                        .unwrap_or(usize::MAX)
+                };
+                keys.sort_by_key(pos);
+            }
             let mut m = Map::new();
             for k in keys {
                 if let Some(v) = read_prop(am, id, k.clone().into(), heads) {
@@ -326,7 +338,7 @@ fn reconcile_prop(
     old: Option<&Value>,
     new: &Value,
 ) -> Result<(), DocError> {
-    if old == Some(new) {
+    if old.is_some_and(|o| same(o, new)) {
         return Ok(());
     }
     let existing = am.get(obj, prop.clone()).map_err(am_err)?;
@@ -338,7 +350,7 @@ fn reconcile_prop(
             for (k, v) in n {
                 reconcile_prop(am, &id, k.as_str().into(), o.get(k), v)?;
             }
-            Ok(())
+            sync_order(am, &id, n)
         }
         (Some(Value::Array(o)), Value::Array(n), Some((AmValue::Object(ObjType::List), id))) => {
             reconcile_list(am, &id, o, n)
@@ -347,17 +359,61 @@ fn reconcile_prop(
     }
 }
 
+/// Hidden key of a map's key order: JavaScript apps see an object's keys in the order they
+/// were written (`JSON.stringify` compares by it), while automerge maps sort them. Kept as an
+/// automerge list, so keys added concurrently are all kept.
+const ORDER_KEY: &str = "\u{0}order";
+
+/// Makes a map's order list say `m`'s key order, with the fewest edits.
+fn sync_order(am: &mut AutoCommit, id: &ObjId, m: &Map<String, Value>) -> Result<(), DocError> {
+    let want: Vec<Value> = m.keys().map(|k| Value::String(k.clone())).collect();
+    match am.get(id, ORDER_KEY).map_err(am_err)? {
+        Some((AmValue::Object(ObjType::List), list)) => {
+            let have = match read_prop(am, id, ORDER_KEY.into(), None) {
+                Some(Value::Array(a)) => a,
+                _ => Vec::new(),
+            };
+            if have != want {
+                reconcile_list(am, &list, &have, &want)
+            } else {
+                Ok(())
+            }
+        }
+        _ => {
+            let list = am.put_object(id, ORDER_KEY, ObjType::List).map_err(am_err)?;
+            for (i, k) in want.into_iter().enumerate() {
+                put_value(am, &list, i.into(), &k, true)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Equality that also compares the order of object keys (serde_json's ignores it).
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y)
+                    .all(|((ka, va), (kb, vb))| ka == kb && same(va, vb))
+        }
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same(p, q)),
+        _ => a == b,
+    }
+}
+
 /// Keeps the common prefix and suffix of a list, reconciles the middle element by element,
 /// then deletes or inserts the rest.
 fn reconcile_list(am: &mut AutoCommit, id: &ObjId, old: &[Value], new: &[Value]) -> Result<(), DocError> {
-    let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+    let prefix = old.iter().zip(new).take_while(|(a, b)| same(a, b)).count();
     let max_suffix = old.len().min(new.len()) - prefix;
     let suffix = old
         .iter()
         .rev()
         .zip(new.iter().rev())
         .take(max_suffix)
-        .take_while(|(a, b)| a == b)
+        .take_while(|(a, b)| same(a, b))
         .count();
     let old_mid = &old[prefix..old.len() - suffix];
     let new_mid = &new[prefix..new.len() - suffix];
@@ -401,6 +457,7 @@ fn put_value(am: &mut AutoCommit, obj: &ObjId, prop: Prop, v: &Value, insert: bo
             for (k, x) in m {
                 put_value(am, &child, k.as_str().into(), x, false)?;
             }
+            sync_order(am, &child, m)?;
         }
         Value::Array(a) => {
             for (i, x) in a.iter().enumerate() {
@@ -480,6 +537,58 @@ mod tests {
         assert_eq!(d.value(), json!(42));
         write(&mut d, full(&json!([1, "two", null, 2.5])), None);
         assert_eq!(d.value(), json!([1, "two", null, 2.5]));
+    }
+
+    #[test]
+    fn keys_keep_the_order_they_were_written_in() {
+        let mut d = JsonDoc::new();
+        write(
+            &mut d,
+            WriteBody::Full {
+                media_type: None,
+                body: Bytes::from_static(br#"{"n":1,"s":"hello","list":[1,{"z":1,"a":2}]}"#),
+            },
+            None,
+        );
+        assert_eq!(
+            serde_json::to_string(&d.value()).unwrap(),
+            r#"{"n":1,"s":"hello","list":[1,{"z":1,"a":2}]}"#
+        );
+        // Reordering alone is a change (JavaScript sees it), and sticks.
+        let r = write(
+            &mut d,
+            WriteBody::Full {
+                media_type: None,
+                body: Bytes::from_static(br#"{"list":[1,{"z":1,"a":2}],"s":"hello","n":1}"#),
+            },
+            None,
+        );
+        assert!(matches!(r, Outcome::Applied(_)));
+        assert_eq!(
+            serde_json::to_string(&d.value()).unwrap(),
+            r#"{"list":[1,{"z":1,"a":2}],"s":"hello","n":1}"#
+        );
+        // New keys go last; deleted ones leave no gap.
+        write(
+            &mut d,
+            WriteBody::Patches(vec![patch(".new", "true"), patch(".s", "")]),
+            None,
+        );
+        assert_eq!(
+            serde_json::to_string(&d.value()).unwrap(),
+            r#"{"list":[1,{"z":1,"a":2}],"n":1,"new":true}"#
+        );
+        // Keys added concurrently are all kept.
+        let base = d.frontier();
+        let mut v: Value = d.value();
+        v["x"] = json!(1);
+        write(&mut d, full(&v), Some(&base));
+        let mut w: Value = serde_json::from_str(r#"{"list":[1,{"z":1,"a":2}],"n":1,"new":true}"#).unwrap();
+        w["y"] = json!(2);
+        write(&mut d, full(&w), Some(&base));
+        let keys: Vec<String> = d.value().as_object().unwrap().keys().cloned().collect();
+        assert_eq!(&keys[..3], ["list", "n", "new"]);
+        assert!(keys.contains(&"x".to_string()) && keys.contains(&"y".to_string()));
     }
 
     #[test]

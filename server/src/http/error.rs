@@ -152,6 +152,18 @@ impl From<StorageError> for ApiError {
     }
 }
 
+impl From<crate::statebus::access::AccessError> for ApiError {
+    fn from(e: crate::statebus::access::AccessError) -> Self {
+        use crate::statebus::access::AccessError;
+        match e {
+            AccessError::Forbidden(m) => ApiError::forbidden(m),
+            AccessError::Key(k) => ApiError::bad_request(k.to_string()),
+            AccessError::Path(p) => p.into(),
+            AccessError::Engine(e) => e.into(),
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {

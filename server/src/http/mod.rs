@@ -42,6 +42,8 @@ pub struct App {
     /// The instance's identity: whose namespace `/` is.
     pub identity: Identity,
     pub limits: Arc<Limits>,
+    /// Accounts and sessions (Statebus `current_user`).
+    pub accounts: crate::accounts::Accounts,
     /// Cancelled when the server begins to shut down; open subscriptions end on it.
     pub shutdown: CancellationToken,
     pub started: Instant,
@@ -51,8 +53,21 @@ pub struct App {
 pub fn router(app: App) -> Router {
     Router::new()
         .route("/.well-known/plait", get(well_known))
+        .route("/_connect_to_statebus_/websocket", get(statebus_websocket))
         .fallback(|State(app): State<App>, req: Request<Body>| resource::handle(app, req))
         .with_state(app)
+}
+
+/// The Statebus websocket (both dialects), at the path statebus clients use.
+async fn statebus_websocket(
+    State(app): State<App>,
+    axum::Extension(Peer(peer)): axum::Extension<Peer>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> axum::response::Response {
+    let max = app.limits.max_body_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| crate::statebus::session::run(socket, app, peer.ip()))
 }
 
 /// `GET /.well-known/plait`: who this server is and the limits it applies.

@@ -20,6 +20,8 @@ use super::error::ApiError;
 use crate::braid::{BraidHeaders, format_version, frame};
 use crate::engine::{Delivery, Subscription, Write, Writer};
 use crate::model::{Kind, PathError, ResourceKey, ResourcePath, Version};
+use crate::statebus::access::{self, Resolved, Viewer};
+use crate::statebus::keys::{KeyError, StatebusKey};
 use crate::update::{Update, UpdateBody};
 
 /// Methods a resource answers.
@@ -28,6 +30,10 @@ pub const ALLOW: &str = "GET, HEAD, PUT, PATCH, DELETE, OPTIONS";
 /// Headers clients may send and read (browsers need them listed for CORS).
 const BRAID_HEADERS: &str = "Version, Parents, Current-Version, Subscribe, Heartbeats, Merge-Type, Patches, Peer, \
      Content-Range, Repr-Digest, Accept-Subscribe, Editable, Plait-Error";
+
+/// Headers browsers may send (listed when a preflight does not say which it wants).
+const REQUEST_HEADERS: &str = "subscribe, peer, version, parents, merge-type, content-type, content-range, \
+     patches, heartbeats, repr-digest, cache-control, put-order, accept";
 
 /// Handles a request for a resource.
 pub async fn handle(app: App, req: Request<Body>) -> Response<Body> {
@@ -56,20 +62,95 @@ fn add_common_headers(h: &mut HeaderMap) {
 }
 
 async fn route(app: &App, req: Request<Body>) -> Result<Response<Body>, ApiError> {
-    let key = resource_key(app, req.uri().path())?;
     let braid = BraidHeaders::parse(req.headers())?;
-    match *req.method() {
-        Method::OPTIONS => Ok(options(req.headers())),
-        Method::GET | Method::HEAD => get(app, key, braid, req).await,
-        Method::PUT | Method::PATCH => put(app, key, braid, req).await,
-        Method::DELETE => delete(app, key).await,
-        _ => Err(ApiError::method_not_allowed(ALLOW)),
+    let client = Client::of(req.headers(), braid.peer.as_deref());
+    let viewer = Viewer {
+        account: app.accounts.session(&client.id).await?,
+    };
+    let target = resolve_path(app, req.uri().path(), &viewer).await?;
+    let method = req.method().clone();
+    let mut res = match (target, method) {
+        (_, Method::OPTIONS) => options(req.headers()),
+        (Resolved::CurrentUser, _) => current_user(app, &client.id, viewer, braid, req).await?,
+        (Resolved::Resource(access), Method::GET | Method::HEAD) => {
+            if !access.read {
+                return Err(ApiError::forbidden("only its owner reads this resource"));
+            }
+            let key = access
+                .key
+                .ok_or_else(|| ApiError::not_found("there is no such account"))?;
+            get(app, key, braid, req).await?
+        }
+        (Resolved::Resource(access), Method::PUT | Method::PATCH | Method::DELETE) => {
+            let Some(key) = access.key.filter(|_| access.write) else {
+                return Err(ApiError::forbidden(
+                    "this client may not write here (another identity's namespace, or someone else's account)",
+                ));
+            };
+            if req.method() == Method::DELETE {
+                delete(app, key).await?
+            } else {
+                let writer = match (viewer.identity(), req.extensions().get::<super::Peer>()) {
+                    (Some(id), _) => Writer::Identity(id),
+                    (None, Some(peer)) => Writer::Address(peer.0.ip()),
+                    (None, None) => Writer::Internal,
+                };
+                put(app, key, braid, req, writer, viewer.identity()).await?
+            }
+        }
+        _ => return Err(ApiError::method_not_allowed(ALLOW)),
+    };
+    if client.new {
+        // The reference server's cookie: the id a browser keeps across requests, which
+        // sessions are bound to.
+        let cookie = format!("peer={}; Path=/; Max-Age=630720000; SameSite=Lax", client.id);
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            res.headers_mut().append(http::header::SET_COOKIE, v);
+        }
+    }
+    Ok(res)
+}
+
+/// The client behind a request: its `Peer` header or `peer` cookie, or a new id.
+struct Client {
+    id: String,
+    /// The id was made up for this request and is to be set as the `peer` cookie.
+    new: bool,
+}
+
+impl Client {
+    fn of(headers: &HeaderMap, peer: Option<&str>) -> Client {
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        let cookie = headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().strip_prefix("peer="))
+            .find(|v| ok(v))
+            .map(str::to_string);
+        match (peer.filter(|p| ok(p)), cookie) {
+            (_, Some(c)) => Client { id: c, new: false },
+            (Some(p), None) => Client {
+                id: p.to_string(),
+                new: true,
+            },
+            (None, None) => Client {
+                id: format!("{:024x}", rand::random::<u128>() >> 32),
+                new: true,
+            },
+        }
     }
 }
 
-/// Maps a URL path to a resource: `/<path>` is the instance's namespace, `/~<id>/<path>`
-/// another identity's.
-pub fn resource_key(app: &App, raw_path: &str) -> Result<ResourceKey, ApiError> {
+/// Maps a URL path to what it names: `/<key>` a Statebus key in the instance's namespace
+/// (plain state, `@name` accounts, `current_user`), `/~<id>/<path>` another namespace.
+async fn resolve_path(app: &App, raw_path: &str, viewer: &Viewer) -> Result<Resolved, ApiError> {
     let decoded = percent_decode_str(raw_path)
         .decode_utf8()
         .map_err(|_| ApiError::from(PathError::Encoding))?;
@@ -79,9 +160,21 @@ pub fn resource_key(app: &App, raw_path: &str) -> Result<ResourceKey, ApiError> 
         let ns = id.parse().map_err(|e: plait_bridge::IdentityError| {
             PathError::BadNamespace(id.to_string(), e.to_string())
         })?;
-        return Ok(ResourceKey::new(ns, ResourcePath::new(inner)?));
+        let key = ResourceKey::new(ns, ResourcePath::new(inner)?);
+        return Ok(Resolved::Resource(access::direct(
+            &app.accounts,
+            app.identity,
+            &key,
+            viewer,
+        )?));
     }
-    Ok(ResourceKey::new(app.identity, ResourcePath::new(path)?))
+    let key = match StatebusKey::parse(path) {
+        Ok(k) => k,
+        // `/` is the resource with the empty path.
+        Err(KeyError::Empty) => StatebusKey::Plain(String::new()),
+        Err(e) => return Err(ApiError::bad_request(e.to_string())),
+    };
+    Ok(access::resolve(&app.accounts, app.identity, &key, viewer).await?)
 }
 
 fn options(req: &HeaderMap) -> Response<Body> {
@@ -92,7 +185,7 @@ fn options(req: &HeaderMap) -> Response<Body> {
     let asked = req
         .get("access-control-request-headers")
         .cloned()
-        .unwrap_or_else(|| HeaderValue::from_static("*"));
+        .unwrap_or_else(|| HeaderValue::from_static(REQUEST_HEADERS));
     h.insert("access-control-allow-headers", asked);
     h.insert("access-control-max-age", HeaderValue::from_static("86400"));
     res
@@ -312,18 +405,10 @@ async fn put(
     key: ResourceKey,
     braid: BraidHeaders,
     req: Request<Body>,
+    writer: Writer,
+    author: Option<plait_bridge::Identity>,
 ) -> Result<Response<Body>, ApiError> {
-    if key.namespace != app.identity {
-        return Err(ApiError::forbidden(format!(
-            "~{} is another identity's namespace; this server does not accept writes to it",
-            key.namespace
-        )));
-    }
     let (parts, body) = req.into_parts();
-    let writer = match parts.extensions.get::<super::Peer>() {
-        Some(peer) => Writer::Address(peer.0.ip()),
-        None => Writer::Internal,
-    };
     let body = read_body(body, &parts.headers, app.limits.max_body_bytes).await?;
     let write_body = crate::braid::patch::parse_write_body(&parts.headers, body)?;
     let version = match braid.version {
@@ -343,7 +428,7 @@ async fn put(
                 version,
                 parents: braid.parents,
                 peer: braid.peer,
-                author: None,
+                author,
                 digest: braid.repr_digest,
                 writer,
             },
@@ -352,6 +437,143 @@ async fn put(
     let mut res = Response::new(Body::empty());
     set(res.headers_mut(), "version", &format_version(&result.version));
     Ok(res)
+}
+
+/// `current_user` over HTTP, for the client named by the `peer` cookie or `Peer` header:
+/// GET reads it, PUT `{"login_as": {name, pass}}` / `{"logout": true}` /
+/// `{"create_account": {name, pass, email}}` acts on it (answered with the new value; a
+/// refusal is in its `error` field, as Statebus clients expect), Subscribe follows it.
+async fn current_user(
+    app: &App,
+    client: &str,
+    viewer: Viewer,
+    braid: BraidHeaders,
+    req: Request<Body>,
+) -> Result<Response<Body>, ApiError> {
+    use crate::statebus::session::current_user_value;
+    use crate::statebus::wire::Dialect;
+    let json = |v: &serde_json::Value| Bytes::from(serde_json::to_vec(v).expect("JSON serializes"));
+    match *req.method() {
+        Method::GET | Method::HEAD if braid.subscribe.is_some() => {
+            let key = app
+                .accounts
+                .session_key(client)
+                .ok_or_else(|| ApiError::bad_request("bad client id"))?;
+            let sub = app.engine.subscribe(&key, None, None).await?;
+            let accounts = app.accounts.clone();
+            let shutdown = app.shutdown.clone();
+            let stream = futures::stream::unfold(
+                (sub, accounts, shutdown),
+                move |(mut sub, accounts, shutdown)| async move {
+                    let d = tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        d = sub.next() => d?,
+                    };
+                    let body = match &d {
+                        Delivery::Shared(ev) => ev.body.clone(),
+                        Delivery::Own(u) => u.body.clone(),
+                    };
+                    let value = match body {
+                        UpdateBody::Snapshot(b) => serde_json::from_slice(&b).ok(),
+                        _ => None,
+                    };
+                    let account = accounts.account_of_session(value.as_ref()).await.ok().flatten();
+                    let v = current_user_value(Dialect::V7, &Viewer { account }, None);
+                    let update = Update {
+                        version: Version::root(),
+                        parents: Version::root(),
+                        body: UpdateBody::Snapshot(Bytes::from(
+                            serde_json::to_vec(&v).expect("JSON serializes"),
+                        )),
+                        media_type: "application/json".into(),
+                        digest: None,
+                    };
+                    Some((
+                        Ok::<_, std::io::Error>(frame::encode_update(&update)),
+                        (sub, accounts, shutdown),
+                    ))
+                },
+            );
+            let mut res = Response::new(Body::from_stream(stream));
+            *res.status_mut() = StatusCode::from_u16(209).expect("209");
+            let h = res.headers_mut();
+            set(h, "subscribe", braid.subscribe.as_deref().unwrap_or("true"));
+            h.insert(
+                "cache-control",
+                HeaderValue::from_static("no-cache, no-transform, no-store"),
+            );
+            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            h.insert("content-type", HeaderValue::from_static("application/json"));
+            Ok(res)
+        }
+        Method::GET | Method::HEAD => {
+            let mut res = Response::new(Body::from(json(&current_user_value(Dialect::V7, &viewer, None))));
+            res.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            Ok(res)
+        }
+        Method::PUT => {
+            let (parts, body) = req.into_parts();
+            let body = read_body(body, &parts.headers, app.limits.max_body_bytes).await?;
+            let cmd: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::bad_request(format!("current_user takes a JSON command: {e}")))?;
+            // Accept the statebus state shape too: {"key": "current_user", "val": {...}}.
+            let cmd = cmd.get("val").cloned().unwrap_or(cmd);
+            let mut account = viewer.account;
+            let mut error = None;
+            if let Some(c) = cmd.get("create_account") {
+                let name = c
+                    .get("name")
+                    .or_else(|| c.get("login"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("");
+                match c.get("pass").and_then(|v| v.as_str()) {
+                    Some(pass) => {
+                        if let Err(e) = app
+                            .accounts
+                            .create(name, pass, c.get("email").and_then(|v| v.as_str()))
+                            .await
+                        {
+                            error = Some(e.to_string());
+                        }
+                    }
+                    None => error = Some(crate::accounts::BAD_FIELDS.to_string()),
+                }
+            }
+            if let Some(c) = cmd.get("login_as") {
+                let name = c
+                    .get("name")
+                    .or_else(|| c.get("login"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("");
+                let pass = c.get("pass").and_then(|v| v.as_str()).unwrap_or("");
+                match app.accounts.verify(name, pass).await {
+                    Ok(a) => {
+                        app.accounts.bind(client, &a).await?;
+                        account = Some(a);
+                    }
+                    Err(e) => error = Some(e.to_string()),
+                }
+            }
+            if cmd
+                .get("logout")
+                .is_some_and(|v| v.as_bool() != Some(false) && !v.is_null())
+            {
+                app.accounts.unbind(client).await?;
+                account = None;
+            }
+            let v = current_user_value(Dialect::V7, &Viewer { account }, error.as_deref());
+            let mut res = Response::new(Body::from(json(&v)));
+            res.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            if error.is_some() {
+                res.headers_mut()
+                    .insert("plait-error", HeaderValue::from_static("refused"));
+            }
+            Ok(res)
+        }
+        _ => Err(ApiError::method_not_allowed("GET, HEAD, PUT, OPTIONS")),
+    }
 }
 
 /// Reads a body up to `limit` bytes; 413 beyond, decided from `Content-Length` when given.
@@ -373,12 +595,6 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
 }
 
 async fn delete(app: &App, key: ResourceKey) -> Result<Response<Body>, ApiError> {
-    if key.namespace != app.identity {
-        return Err(ApiError::forbidden(format!(
-            "~{} is another identity's namespace; this server does not accept writes to it",
-            key.namespace
-        )));
-    }
     if app.engine.delete(&key).await? {
         let mut res = Response::new(Body::empty());
         *res.status_mut() = StatusCode::NO_CONTENT;

@@ -1,0 +1,1 @@
+//! Import of statebus stores (file_store db, sqlite cache, Postgres store).

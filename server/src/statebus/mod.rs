@@ -1,0 +1,14 @@
+//! Statebus compatibility: the websocket protocol (v7 and v6 dialects), accounts and
+//! `current_user`, permissions, and import of statebus stores.
+//!
+//! [`keys`] classifies Statebus keys; [`wire`] is the message codec (the only place that
+//! knows Statebus frames); [`access`] decides where a key lives and who may read or write
+//! it, for the websocket and for Braid-HTTP alike; [`session`] serves one websocket;
+//! [`import`] loads a statebus server's store. State itself is the engine's: a Statebus key
+//! is a JSON resource, so websocket and Braid-HTTP clients see each other's writes live.
+
+pub mod access;
+pub mod import;
+pub mod keys;
+pub mod session;
+pub mod wire;
