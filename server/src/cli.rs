@@ -20,6 +20,30 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the instance identity, creating the key if the data dir has none.
     Keygen(KeygenArgs),
+    /// Load data from another server's store.
+    #[command(subcommand)]
+    Import(ImportCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// A statebus server's store: its file_store `db` file, its sqlite file (table
+    /// `cache`), or its Postgres database (`postgres://…`, table `store`). Accounts keep
+    /// their passwords; importing again is safe. With the embedded store, stop the server
+    /// first.
+    Statebus {
+        /// The `db` file, the sqlite file, or a postgres:// URL.
+        source: String,
+        /// Where Plait's identity and embedded store are.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Import into Postgres (also PLAIT_DATABASE_URL or DATABASE_URL).
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+        /// A TOML settings file.
+        #[arg(long, value_name = "FILE", env = "PLAIT_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use plait_server::cli::{Cli, Command};
+use plait_server::cli::{Cli, Command, ImportCommand};
 use plait_server::config::{Config, LogFormat, Overrides};
 use tracing_subscriber::EnvFilter;
 
@@ -13,6 +13,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Keygen(args) => keygen(args),
+        Command::Import(ImportCommand::Statebus {
+            source,
+            data_dir,
+            database_url,
+            config,
+        }) => import_statebus(&source, data_dir, database_url, config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,4 +68,38 @@ fn keygen(args: plait_server::cli::KeygenArgs) -> anyhow::Result<()> {
     }
     println!("{}", keys.identity());
     Ok(())
+}
+
+fn import_statebus(
+    source: &str,
+    data_dir: Option<std::path::PathBuf>,
+    database_url: Option<String>,
+    config: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    use plait_server::statebus::import;
+    let overrides = Overrides {
+        data_dir,
+        database_url,
+        ..Default::default()
+    };
+    let cfg = Config::load(config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
+    init_logging(LogFormat::Text);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let source = import::Source::detect(source)?;
+            let entries = source.entries().await?;
+            let instance = plait_server::serve::open_instance(&cfg).await?;
+            let mut engine_cfg = cfg.engine_config();
+            engine_cfg.limits.writes_per_second = 0;
+            let engine = plait_server::engine::Engine::new(instance.storage.clone(), engine_cfg);
+            let accounts = plait_server::accounts::Accounts::new(engine.clone(), instance.keys.clone());
+            let report = import::import(&engine, &accounts, instance.keys.identity(), entries).await?;
+            for (key, why) in &report.skipped {
+                eprintln!("skipped {key}: {why}");
+            }
+            println!("imported from {source:?}: {report}");
+            Ok(())
+        })
 }

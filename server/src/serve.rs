@@ -39,16 +39,25 @@ pub fn open_identity(data_dir: &Path) -> anyhow::Result<(Keypair, bool)> {
     Ok(Keypair::load_or_create(&data_dir.join(IDENTITY_FILE))?)
 }
 
-/// Runs the server until a signal arrives.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// An opened instance: its key, its storage, and (embedded store) the lock that keeps other
+/// processes out of the data dir for as long as this value lives.
+pub struct Instance {
+    pub keys: Arc<Keypair>,
+    pub storage: Arc<dyn Storage>,
+    pub data_dir: std::path::PathBuf,
+    _lock: Option<std::fs::File>,
+}
+
+/// Opens the data dir, the identity and the store named by `cfg`, and checks that the
+/// store belongs to this identity.
+pub async fn open_instance(cfg: &Config) -> anyhow::Result<Instance> {
     let data_dir = cfg.data_dir();
     let (keys, created) = open_identity(&data_dir)?;
     let identity = keys.identity();
     if created {
         tracing::info!(%identity, path = %data_dir.join(IDENTITY_FILE).display(), "created a new instance identity");
     }
-    // The embedded store may have one server only; keep the lock for the process's life.
-    let mut _lock = None;
+    let mut lock = None;
     let storage: Arc<dyn Storage> = match &cfg.database_url {
         Some(url) => Arc::new(
             PostgresStorage::connect(url, cfg.database_pool, CommitLimits::default())
@@ -57,15 +66,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ),
         None => {
             let lock_path = data_dir.join("plait.lock");
-            let lock = std::fs::File::create(&lock_path)
+            let file = std::fs::File::create(&lock_path)
                 .with_context(|| format!("creating {}", lock_path.display()))?;
-            if !lock.try_lock_exclusive().unwrap_or(false) {
+            if !file.try_lock_exclusive().unwrap_or(false) {
                 bail!(
                     "another plait server is using {} (its embedded store takes one server)",
                     data_dir.display()
                 );
             }
-            _lock = Some(lock);
+            lock = Some(file);
             Arc::new(
                 SqliteStorage::open(&data_dir.join(EMBEDDED_FILE), CommitLimits::default())
                     .context("opening the embedded store")?,
@@ -80,6 +89,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             data_dir.join(IDENTITY_FILE).display()
         ),
     }
+    Ok(Instance {
+        keys: Arc::new(keys),
+        storage,
+        data_dir,
+        _lock: lock,
+    })
+}
+
+/// Runs the server until a signal arrives.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let instance = open_instance(&cfg).await?;
+    let identity = instance.keys.identity();
+    let storage = instance.storage.clone();
+    let data_dir = instance.data_dir.clone();
     let engine = Engine::new(storage.clone(), cfg.engine_config());
     let listener = TcpListener::bind(&cfg.listen)
         .await
@@ -89,7 +112,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(wait_for_signal(shutdown.clone()));
     tracing::info!(%identity, store = storage.backend(), data_dir = %data_dir.display(), "plait {}", env!("CARGO_PKG_VERSION"));
     tracing::info!("listening on http://{addr}");
-    let accounts = crate::accounts::Accounts::new(engine.clone(), Arc::new(keys));
+    let accounts = crate::accounts::Accounts::new(engine.clone(), instance.keys.clone());
     let app = App {
         engine,
         identity,
@@ -99,6 +122,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         started: Instant::now(),
     };
     http::serve(listener, app).await;
+    drop(instance);
     tracing::info!("stopped");
     Ok(())
 }

@@ -111,6 +111,11 @@ impl Plait {
         }
     }
 
+    /// Serves `dir` (an existing data dir) from the next start on.
+    pub fn use_data_dir(&mut self, dir: &Path) {
+        self.data_dir = DataDir::Shared(dir.to_path_buf());
+    }
+
     pub fn data_dir(&self) -> &Path {
         match &self.data_dir {
             DataDir::Owned(d) => d.path(),

@@ -78,7 +78,7 @@ pub async fn send_raw(addr: SocketAddr, raw: &[u8]) -> Response {
         wr
     });
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 65536];
+    let mut chunk = vec![0u8; 65536];
     let read = async {
         loop {
             match rd.read(&mut chunk).await {
