@@ -63,6 +63,13 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormatArg>,
+    /// Forward requests whose path starts with PREFIX to the origin URL (repeatable), e.g.
+    /// `--proxy /api=http://127.0.0.1:3000`.
+    #[arg(long = "proxy", value_name = "PREFIX=URL")]
+    pub proxy: Vec<crate::config::ProxyRoute>,
+    /// Serve the static files of DIR (for paths that name a file in it).
+    #[arg(long, value_name = "DIR")]
+    pub web_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -42,6 +42,47 @@ pub struct Config {
     pub log_format: LogFormat,
     pub limits: Limits,
     pub engine: EngineSettings,
+    /// Path prefixes served by other servers (`[[proxy]]` tables; `--proxy PREFIX=URL`).
+    pub proxy: Vec<ProxyRoute>,
+    /// A directory of static files served at `/` (for paths that name a file in it).
+    pub web_dir: Option<PathBuf>,
+}
+
+/// A path prefix forwarded to an upstream origin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyRoute {
+    /// Requests whose path starts with this go upstream (the longest matching prefix wins).
+    pub prefix: String,
+    /// `http://host:port`; the request's path and query are kept as they are.
+    pub upstream: String,
+    /// The upstream does not speak Braid: Plait polls it for subscribers.
+    #[serde(default)]
+    pub live: bool,
+    /// How often a live route is polled, while anyone subscribes.
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_poll_ms() -> u64 {
+    1000
+}
+
+impl std::str::FromStr for ProxyRoute {
+    type Err = String;
+
+    /// `PREFIX=URL` (the command line form).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (prefix, upstream) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: a route is PREFIX=URL"))?;
+        Ok(ProxyRoute {
+            prefix: prefix.to_string(),
+            upstream: upstream.to_string(),
+            live: false,
+            poll_interval_ms: default_poll_ms(),
+        })
+    }
 }
 
 /// Limits on what clients may do ("speed bumps").
@@ -59,6 +100,17 @@ pub struct Limits {
     pub header_read_timeout_secs: u64,
     /// On SIGTERM, how long open requests get to finish before the server exits.
     pub shutdown_grace_secs: u64,
+    /// Time to connect to an upstream before answering 502.
+    pub proxy_connect_timeout_ms: u64,
+    /// Time for an upstream to start its answer before answering 504.
+    pub proxy_response_timeout_ms: u64,
+    /// Idle upstream connections are kept this long for reuse.
+    pub proxy_idle_timeout_secs: u64,
+    /// Largest request body forwarded to an upstream (413 above it).
+    pub max_proxy_body_bytes: u64,
+    /// After the last local subscriber leaves, the shared upstream subscription (or poller)
+    /// stays this long, for subscribers that come right back.
+    pub proxy_subscription_grace_ms: u64,
     /// Sustained writes per second per writer (an identity, or a client address);
     /// 0 = unlimited. Over it: 429 with Retry-After.
     pub writes_per_second: u32,
@@ -98,6 +150,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             limits: Limits::default(),
             engine: EngineSettings::default(),
+            proxy: Vec::new(),
+            web_dir: None,
         }
     }
 }
@@ -110,6 +164,11 @@ impl Default for Limits {
             max_streams_per_connection: 256,
             header_read_timeout_secs: 30,
             shutdown_grace_secs: 10,
+            proxy_connect_timeout_ms: 5_000,
+            proxy_response_timeout_ms: 30_000,
+            proxy_idle_timeout_secs: 90,
+            max_proxy_body_bytes: 100 << 20,
+            proxy_subscription_grace_ms: 5_000,
             writes_per_second: crate::engine::WriteLimits::default().writes_per_second,
             write_burst: crate::engine::WriteLimits::default().write_burst,
             max_stored_bytes_per_namespace: crate::engine::WriteLimits::default()
@@ -157,6 +216,11 @@ pub struct Overrides {
     pub database_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub web_dir: Option<PathBuf>,
+    /// Routes from the command line, added to those of the file.
+    #[serde(skip)]
+    pub proxy: Vec<ProxyRoute>,
 }
 
 /// Top-level settings the environment may set (`PLAIT_<NAME>`); nested ones use `__`.
@@ -191,7 +255,8 @@ impl Config {
                     .split("__"),
             )
             .merge(Serialized::defaults(overrides));
-        let cfg: Config = fig.extract().map_err(|e| format!("bad settings: {e}"))?;
+        let mut cfg: Config = fig.extract().map_err(|e| format!("bad settings: {e}"))?;
+        cfg.proxy.extend(overrides.proxy.iter().cloned());
         cfg.check()?;
         Ok(cfg)
     }
@@ -202,6 +267,20 @@ impl Config {
         }
         if self.engine.subscriber_queue == 0 {
             return Err("engine.subscriber_queue must be at least 1".into());
+        }
+        for r in &self.proxy {
+            if !r.prefix.starts_with('/') {
+                return Err(format!("proxy prefix {:?} must start with /", r.prefix));
+            }
+            let ok = r.upstream.parse::<http::Uri>().is_ok_and(|u| {
+                u.scheme_str() == Some("http") && u.authority().is_some() && matches!(u.path(), "" | "/")
+            });
+            if !ok {
+                return Err(format!(
+                    "proxy upstream {:?} must be http://host:port (no path)",
+                    r.upstream
+                ));
+            }
         }
         Ok(())
     }

@@ -46,6 +46,8 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         database_url: args.database_url,
         log_format: args.log_format.map(Into::into),
+        web_dir: args.web_dir,
+        proxy: args.proxy,
     };
     let cfg = Config::load(args.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
     init_logging(cfg.log_format);

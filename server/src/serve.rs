@@ -113,11 +113,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(%identity, store = storage.backend(), data_dir = %data_dir.display(), "plait {}", env!("CARGO_PKG_VERSION"));
     tracing::info!("listening on http://{addr}");
     let accounts = crate::accounts::Accounts::new(engine.clone(), instance.keys.clone());
+    let proxy =
+        crate::proxy::Proxy::new(&cfg.proxy, &cfg.limits, shutdown.clone()).map_err(anyhow::Error::msg)?;
+    let web = match &cfg.web_dir {
+        Some(d) => Some(Arc::new(
+            crate::http::static_files::StaticFiles::new(d).map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
+    for r in &cfg.proxy {
+        tracing::info!(prefix = %r.prefix, upstream = %r.upstream, live = r.live, "proxy route");
+    }
     let app = App {
         engine,
         identity,
         limits: Arc::new(cfg.limits.clone()),
         accounts,
+        proxy,
+        web,
         shutdown,
         started: Instant::now(),
     };

@@ -5,4 +5,5 @@
 pub mod node;
 pub mod pg;
 pub mod plait;
+pub mod upstream;
 pub mod wire;

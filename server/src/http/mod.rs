@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod resource;
+pub mod static_files;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +45,10 @@ pub struct App {
     pub limits: Arc<Limits>,
     /// Accounts and sessions (Statebus `current_user`).
     pub accounts: crate::accounts::Accounts,
+    /// Routes to upstream origins, if any are configured.
+    pub proxy: Option<Arc<crate::proxy::Proxy>>,
+    /// Static files, if a web dir is configured.
+    pub web: Option<Arc<static_files::StaticFiles>>,
     /// Cancelled when the server begins to shut down; open subscriptions end on it.
     pub shutdown: CancellationToken,
     pub started: Instant,
@@ -54,8 +59,45 @@ pub fn router(app: App) -> Router {
     Router::new()
         .route("/.well-known/plait", get(well_known))
         .route("/_connect_to_statebus_/websocket", get(statebus_websocket))
-        .fallback(|State(app): State<App>, req: Request<Body>| resource::handle(app, req))
+        .fallback(dispatch)
         .with_state(app)
+}
+
+/// Decides who answers a request that is not a well-known route: a proxy route (longest
+/// prefix), then a static file, then the state. Requests that would make this server an
+/// open proxy are refused first.
+async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response::Response {
+    if req.method() == http::Method::CONNECT {
+        return error::ApiError::new(
+            405,
+            "not-a-proxy",
+            "CONNECT is refused: this server is not an open proxy",
+        )
+        .into_response();
+    }
+    // An HTTP/1 request naming another host (absolute form); HTTP/2 always names one.
+    if req.version() < http::Version::HTTP_2 && req.uri().authority().is_some() {
+        return error::ApiError::bad_request(
+            "absolute-form requests are refused: this server is not an open proxy",
+        )
+        .into_response();
+    }
+    if let Some(proxy) = &app.proxy
+        && let Some(route) = proxy.route_for(req.uri().path())
+    {
+        let route = route.clone();
+        let peer = req
+            .extensions()
+            .get::<Peer>()
+            .map_or(SocketAddr::from(([127, 0, 0, 1], 0)), |p| p.0);
+        return proxy.handle(&route, req, peer).await;
+    }
+    if let Some(web) = &app.web
+        && let Some(res) = web.serve(req.method(), req.uri().path(), req.headers()).await
+    {
+        return res;
+    }
+    resource::handle(app, req).await
 }
 
 /// The Statebus websocket (both dialects), at the path statebus clients use.

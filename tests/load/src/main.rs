@@ -10,6 +10,9 @@
 //!   the server's resident memory per subscription.
 //! * `puts` — durable PUTs from C concurrent keep-alive connections to R resources;
 //!   acknowledgement latency and throughput.
+//! * `gets` — GETs of one path from C concurrent keep-alive connections; with `--proxy-url`
+//!   the same load runs against the server direct and then through a proxy, in one run,
+//!   and the report gives the proxy's added latency.
 //!
 //! Everything is measured on the wire: the tool speaks raw HTTP/1.1 (and h2 for `idle`) so
 //! its own overhead stays small next to the server's.
@@ -85,6 +88,21 @@ enum Cmd {
         /// `json` (a small object per PUT) or `text` (a small insertion per PUT).
         #[arg(long, default_value = "json")]
         kind: String,
+    },
+    /// GET throughput and latency; direct and through a proxy when `--proxy-url` is given.
+    Gets {
+        /// The server that holds the resource.
+        #[arg(long)]
+        url: String,
+        /// A proxy in front of it: the same path is fetched through it too.
+        #[arg(long)]
+        proxy_url: Option<String>,
+        #[arg(long, default_value = "/app/doc")]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
 }
 
@@ -658,6 +676,81 @@ async fn puts(
     }))
 }
 
+/// GETs `path` from `concurrency` keep-alive connections for `seconds`.
+async fn gets_once(
+    addr: SocketAddr,
+    path: &str,
+    concurrency: usize,
+    seconds: u64,
+) -> anyhow::Result<(f64, u64, Histogram<u64>)> {
+    let lat = Arc::new(Mutex::new(hist()));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (lat, done, errors, path) = (lat.clone(), done.clone(), errors.clone(), path.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            let mut c = Conn::default();
+            let mut local = hist();
+            while Instant::now() < end {
+                let sent = Instant::now();
+                c.send(&mut s, "GET", &path, &[], b"").await?;
+                let (status, _) = c.recv(&mut s).await?;
+                if status == 200 {
+                    local.record(sent.elapsed().as_micros().max(1) as u64)?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            lat.lock().await.add(&local)?;
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    let t0 = Instant::now();
+    for t in tasks {
+        t.await??;
+    }
+    let rate = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+    let lat = lat.lock().await.clone();
+    Ok((rate, errors.load(Ordering::Relaxed), lat))
+}
+
+async fn gets(
+    url: &str,
+    proxy_url: Option<&str>,
+    path: &str,
+    concurrency: usize,
+    seconds: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let direct_addr = addr_of(url)?;
+    let (status, _) = request(direct_addr, "GET", path, &[], b"").await?;
+    if status != 200 {
+        bail!("GET {path} answered {status}: put something there first");
+    }
+    let (rate, errors, lat) = gets_once(direct_addr, path, concurrency, seconds).await?;
+    let direct = serde_json::json!({"gets_per_sec": rate, "errors": errors, "latency": summary(&lat)});
+    let Some(proxy_url) = proxy_url else {
+        return Ok(
+            serde_json::json!({"workload": "gets", "path": path, "concurrency": concurrency, "direct": direct}),
+        );
+    };
+    let (prate, perrors, plat) = gets_once(addr_of(proxy_url)?, path, concurrency, seconds).await?;
+    let added = |q: f64| ms(plat.value_at_quantile(q)) - ms(lat.value_at_quantile(q));
+    Ok(serde_json::json!({
+        "workload": "gets",
+        "path": path,
+        "concurrency": concurrency,
+        "direct": direct,
+        "proxied": {"gets_per_sec": prate, "errors": perrors, "latency": summary(&plat)},
+        "added_latency_ms": {"p50": added(0.5), "p99": added(0.99)},
+        "throughput_ratio": prate / rate,
+    }))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -699,6 +792,13 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 kind,
             } => puts(&url, resources, concurrency, seconds, &kind).await,
+            Cmd::Gets {
+                url,
+                proxy_url,
+                path,
+                concurrency,
+                seconds,
+            } => gets(&url, proxy_url.as_deref(), &path, concurrency, seconds).await,
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&report)?);
