@@ -1,10 +1,19 @@
 //! `plait-bridge`: the peer-to-peer side of Plait.
 //!
-//! Today it holds identities ([`identity`]): ed25519 key pairs, their one text encoding, and
-//! key files. The libp2p node, signed DHT records, invites and sealed (age) replicas will live
-//! here too. This crate knows nothing of HTTP or SQL: it reaches storage only through traits
-//! that the server implements.
+//! * [`identity`]: ed25519 key pairs, their one text encoding, key files.
+//! * [`sign`]: the one way values are signed (domain-separated JSON).
+//! * [`record`]: signed, sequence-numbered address records — the DHT as DNS.
+//! * [`invite`]: invite links, join requests, member certs and the member set.
+//! * [`node`]: the libp2p node (TCP, noise, yamux, identify, ping, Kademlia with record
+//!   filtering, request-response), gated to members at connection time.
+//!
+//! This crate knows nothing of HTTP or SQL: the server carries join requests over HTTP and
+//! gives the node a directory for its state.
 
 pub mod identity;
+pub mod invite;
+pub mod node;
+pub mod record;
+pub mod sign;
 
 pub use identity::{Identity, IdentityError, Keypair};

@@ -23,6 +23,43 @@ pub enum Command {
     /// Load data from another server's store.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// Print a one-line invite link to this server's network (creating the network, with
+    /// this server as its root, if it has none yet).
+    Invite {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// How many servers may join with the link.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long the link is valid, in seconds.
+        #[arg(long, default_value_t = 7 * 24 * 3600)]
+        ttl_secs: u64,
+    },
+    /// Join a network with an invite link: the running server presents it to the inviter.
+    Join {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The link `plait invite` printed.
+        link: String,
+    },
+    /// Print the running server's peer-to-peer status: addresses, network, members, peers.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Look an identity up in the network's DHT and connect to it.
+    Resolve {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The identity (52 characters).
+        id: String,
+    },
+    /// Dial a peer by address (MULTIADDR/p2p/PEER_ID); reports whether it admitted us.
+    Connect {
+        #[command(flatten)]
+        admin: AdminArgs,
+        addr: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +107,20 @@ pub struct ServeArgs {
     /// Serve the static files of DIR (for paths that name a file in it).
     #[arg(long, value_name = "DIR")]
     pub web_dir: Option<PathBuf>,
+    /// Listen for peers on MULTIADDR (repeatable), e.g. /ip4/0.0.0.0/tcp/7525.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub p2p_listen: Vec<String>,
+    /// Do not run the peer-to-peer node.
+    #[arg(long)]
+    pub no_p2p: bool,
+}
+
+/// How a command finds the running server: its data dir (as `plait serve` was given).
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The running server's data dir (its admin socket is there).
+    #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,11 @@ pub struct Config {
     pub proxy: Vec<ProxyRoute>,
     /// A directory of static files served at `/` (for paths that name a file in it).
     pub web_dir: Option<PathBuf>,
+    /// The URL other machines reach this server's HTTP at (put in invite links); default:
+    /// the address it listens on.
+    pub public_url: Option<String>,
+    /// The peer-to-peer node (`[p2p]`): listen addresses, DHT name, connection limits.
+    pub p2p: plait_bridge::node::NodeSettings,
 }
 
 /// A path prefix forwarded to an upstream origin.
@@ -152,6 +157,8 @@ impl Default for Config {
             engine: EngineSettings::default(),
             proxy: Vec::new(),
             web_dir: None,
+            public_url: None,
+            p2p: plait_bridge::node::NodeSettings::default(),
         }
     }
 }
@@ -221,6 +228,12 @@ pub struct Overrides {
     /// Routes from the command line, added to those of the file.
     #[serde(skip)]
     pub proxy: Vec<ProxyRoute>,
+    /// `--p2p-listen` addresses: when given, they replace the configured ones.
+    #[serde(skip)]
+    pub p2p_listen: Vec<String>,
+    /// `--no-p2p`.
+    #[serde(skip)]
+    pub no_p2p: bool,
 }
 
 /// Top-level settings the environment may set (`PLAIT_<NAME>`); nested ones use `__`.
@@ -230,6 +243,7 @@ const ENV_SETTINGS: &[&str] = &[
     "database_url",
     "database_pool",
     "log_format",
+    "public_url",
 ];
 
 impl Config {
@@ -251,12 +265,19 @@ impl Config {
                         ENV_SETTINGS.contains(&k.as_str())
                             || k.starts_with("limits__")
                             || k.starts_with("engine__")
+                            || k.starts_with("p2p__")
                     })
                     .split("__"),
             )
             .merge(Serialized::defaults(overrides));
         let mut cfg: Config = fig.extract().map_err(|e| format!("bad settings: {e}"))?;
         cfg.proxy.extend(overrides.proxy.iter().cloned());
+        if !overrides.p2p_listen.is_empty() {
+            cfg.p2p.listen = overrides.p2p_listen.clone();
+        }
+        if overrides.no_p2p {
+            cfg.p2p.enabled = false;
+        }
         cfg.check()?;
         Ok(cfg)
     }

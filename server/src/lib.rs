@@ -10,6 +10,7 @@ pub mod doc;
 pub mod engine;
 pub mod http;
 pub mod model;
+pub mod p2p;
 pub mod proxy;
 pub mod serve;
 pub mod statebus;

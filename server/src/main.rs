@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use plait_server::cli::{Cli, Command, ImportCommand};
 use plait_server::config::{Config, LogFormat, Overrides};
+use plait_server::p2p::AdminRequest;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -19,6 +20,29 @@ fn main() -> ExitCode {
             database_url,
             config,
         }) => import_statebus(&source, data_dir, database_url, config),
+        Command::Invite {
+            admin,
+            uses,
+            ttl_secs,
+        } => admin_command(admin, AdminRequest::Invite { uses, ttl_secs }, |r| {
+            r["link"].as_str().unwrap_or_default().to_string()
+        }),
+        Command::Join { admin, link } => admin_command(admin, AdminRequest::Join { link }, |r| {
+            format!(
+                "joined {} through {}",
+                r["dht"].as_str().unwrap_or(""),
+                r["inviter"].as_str().unwrap_or("")
+            )
+        }),
+        Command::Status { admin } => admin_command(admin, AdminRequest::Status, |r| {
+            serde_json::to_string_pretty(r).unwrap_or_default()
+        }),
+        Command::Resolve { admin, id } => admin_command(admin, AdminRequest::Resolve { id }, |r| {
+            serde_json::to_string_pretty(r).unwrap_or_default()
+        }),
+        Command::Connect { admin, addr } => admin_command(admin, AdminRequest::Connect { addr }, |r| {
+            format!("connected to {}", r["connected"].as_str().unwrap_or(""))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,6 +72,8 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         log_format: args.log_format.map(Into::into),
         web_dir: args.web_dir,
         proxy: args.proxy,
+        p2p_listen: args.p2p_listen,
+        no_p2p: args.no_p2p,
     };
     let cfg = Config::load(args.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
     init_logging(cfg.log_format);
@@ -55,6 +81,23 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(plait_server::serve::run(cfg))
+}
+
+/// Sends one command to the running server's admin socket and prints the answer.
+fn admin_command(
+    admin: plait_server::cli::AdminArgs,
+    req: AdminRequest,
+    show: impl FnOnce(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    let dir = admin
+        .data_dir
+        .unwrap_or_else(plait_server::config::default_data_dir);
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(plait_server::p2p::admin_request(&dir, &req))?;
+    println!("{}", show(&result));
+    Ok(())
 }
 
 fn keygen(args: plait_server::cli::KeygenArgs) -> anyhow::Result<()> {

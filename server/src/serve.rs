@@ -111,7 +111,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
     tracing::info!(%identity, store = storage.backend(), data_dir = %data_dir.display(), "plait {}", env!("CARGO_PKG_VERSION"));
-    tracing::info!("listening on http://{addr}");
     let accounts = crate::accounts::Accounts::new(engine.clone(), instance.keys.clone());
     let proxy =
         crate::proxy::Proxy::new(&cfg.proxy, &cfg.limits, shutdown.clone()).map_err(anyhow::Error::msg)?;
@@ -124,6 +123,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for r in &cfg.proxy {
         tracing::info!(prefix = %r.prefix, upstream = %r.upstream, live = r.live, "proxy route");
     }
+    let p2p = if cfg.p2p.enabled {
+        let node = plait_bridge::node::Node::start(
+            plait_bridge::Keypair::from_secret_bytes(&instance.keys.secret_bytes()),
+            data_dir.clone(),
+            cfg.p2p.clone(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the p2p node: {e}"))?;
+        tracing::info!(peer_id = %node.status().peer_id, "p2p node started");
+        let public_url = cfg.public_url.clone().unwrap_or_else(|| {
+            let host = if addr.ip().is_unspecified() {
+                std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+            } else {
+                addr
+            };
+            format!("http://{host}")
+        });
+        let p2p = Arc::new(crate::p2p::P2p::new(node, instance.keys.clone(), &public_url));
+        if let Err(e) = crate::p2p::serve_admin(&data_dir, p2p.clone(), shutdown.clone()).await {
+            tracing::warn!(error = %e, "no admin socket: `plait invite`, `plait join` and `plait status` cannot reach this server");
+        }
+        Some(p2p)
+    } else {
+        None
+    };
     let app = App {
         engine,
         identity,
@@ -131,9 +155,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         accounts,
         proxy,
         web,
+        p2p,
         shutdown,
         started: Instant::now(),
     };
+    // Logged once everything is ready: scripts and tests wait for this line.
+    tracing::info!("listening on http://{addr}");
     http::serve(listener, app).await;
     drop(instance);
     tracing::info!("stopped");

@@ -134,6 +134,10 @@ impl Plait {
             cmd.arg("--database-url").arg(url);
         }
         cmd.args(&self.extra_args);
+        // The p2p node is off unless a test asks for it (by giving it an address).
+        if !self.extra_args.iter().any(|a| a == "--p2p-listen") {
+            cmd.arg("--no-p2p");
+        }
         cmd.env_remove("DATABASE_URL").env_remove("PLAIT_DATABASE_URL");
         cmd.env("PLAIT_LIMITS__WRITES_PER_SECOND", "0");
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));

@@ -49,6 +49,8 @@ pub struct App {
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
     /// Static files, if a web dir is configured.
     pub web: Option<Arc<static_files::StaticFiles>>,
+    /// The peer-to-peer node, unless it is off.
+    pub p2p: Option<Arc<crate::p2p::P2p>>,
     /// Cancelled when the server begins to shut down; open subscriptions end on it.
     pub shutdown: CancellationToken,
     pub started: Instant,
@@ -59,6 +61,7 @@ pub fn router(app: App) -> Router {
     Router::new()
         .route("/.well-known/plait", get(well_known))
         .route("/_connect_to_statebus_/websocket", get(statebus_websocket))
+        .route("/.well-known/plait/join", axum::routing::post(join))
         .fallback(dispatch)
         .with_state(app)
 }
@@ -127,15 +130,41 @@ async fn well_known(State(app): State<App>) -> axum::Json<serde_json::Value> {
             "max_body_bytes": app.limits.max_body_bytes,
             "max_connections": app.limits.max_connections,
             "max_streams_per_connection": app.limits.max_streams_per_connection,
-            "max_streams_per_connection": app.limits.max_streams_per_connection,
             "header_read_timeout_secs": app.limits.header_read_timeout_secs,
             "subscriber_queue": app.engine.config().subscriber_queue,
             "writes_per_second": app.engine.write_limits().writes_per_second,
             "write_burst": app.engine.write_limits().write_burst,
             "max_stored_bytes_per_namespace": app.engine.write_limits().max_stored_bytes_per_namespace,
             "min_heartbeat_ms": crate::braid::headers::MIN_HEARTBEAT.as_millis() as u64,
+            "proxy_connect_timeout_ms": app.limits.proxy_connect_timeout_ms,
+            "proxy_response_timeout_ms": app.limits.proxy_response_timeout_ms,
+            "proxy_idle_timeout_secs": app.limits.proxy_idle_timeout_secs,
+            "max_proxy_body_bytes": app.limits.max_proxy_body_bytes,
+            "proxy_subscription_grace_ms": app.limits.proxy_subscription_grace_ms,
+        },
+        "p2p": match &app.p2p {
+            Some(p) => serde_json::json!({ "enabled": true, "status": p.node.status() }),
+            None => serde_json::json!({ "enabled": false }),
         },
     }))
+}
+
+/// An invitee's server presents an invite (`plait join`): answered with a grant, or 403.
+async fn join(State(app): State<App>, req: Request<Body>) -> axum::response::Response {
+    let Some(p2p) = &app.p2p else {
+        return error::ApiError::not_found("this server runs no p2p node").into_response();
+    };
+    let body = match axum::body::to_bytes(req.into_body(), crate::p2p::MAX_JOIN_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error::ApiError::new(413, "body-too-large", "a join request is at most 64 KiB")
+                .into_response();
+        }
+    };
+    match p2p.admit(&body).await {
+        Ok(grant) => axum::response::IntoResponse::into_response(axum::Json(grant)),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Resident memory of this process (Linux: `/proc/self/statm`), for status and load tests.

@@ -1,0 +1,1056 @@
+//! The libp2p node: this instance on the peer-to-peer network.
+//!
+//! One swarm keyed by the instance identity (the same ed25519 key, so the `PeerId` is
+//! derived from it): TCP with noise and yamux; identify and ping; Kademlia under a protocol
+//! name that carries the DHT's name (`/plait/kad/<dht>/1.0.0`), with record filtering on so
+//! only records that [`AddressRecord::check`] accepts are stored; a request-response
+//! protocol over which members exchange member certs.
+//!
+//! **Gate.** Only members of the node's DHT may connect (libp2p's allow list, checked when a
+//! connection is established, in both directions). Invitees are admitted out of band (the
+//! server carries the [`JoinRequest`] over HTTP to the inviter), then connect as members.
+//! When a node admits someone it tells its connected peers, which check the cert chain and
+//! tell theirs, so every member soon accepts every other.
+//!
+//! **State** (members, held records, known peer addresses) is kept in JSON files in the
+//! directory the server gives, so a restarted node rejoins at once.
+//!
+//! The node runs as one task; [`Node`] is the handle the server holds. It knows nothing of
+//! HTTP, SQL or documents.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, identify, kad, noise, ping, tcp,
+    yamux,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+pub use libp2p::Multiaddr;
+
+use crate::identity::{Identity, Keypair};
+use crate::invite::{Invite, InviteError, JoinRequest, MemberCert, Membership};
+use crate::record::AddressRecord;
+
+/// Settings of the node (named, with defaults, published by the server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSettings {
+    /// Whether the node runs at all (`plait serve --no-p2p` turns it off).
+    pub enabled: bool,
+    /// Multiaddrs to listen on (`--p2p-listen`, repeatable).
+    pub listen: Vec<String>,
+    /// The DHT a node creates when it makes its first invite without having joined one.
+    pub dht: String,
+    /// Established connections in all.
+    pub max_connections: u32,
+    /// Established connections per peer.
+    pub max_connections_per_peer: u32,
+    /// How long a published address record lives.
+    pub record_ttl_secs: u64,
+    /// How often the node republishes its record.
+    pub republish_secs: u64,
+    /// Records this node holds for others, at most.
+    pub max_records: usize,
+    /// How long a lookup may take.
+    pub query_timeout_secs: u64,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            enabled: true,
+            listen: vec!["/ip4/0.0.0.0/tcp/7525".into()],
+            dht: "plait".into(),
+            max_connections: 256,
+            max_connections_per_peer: 4,
+            record_ttl_secs: 24 * 3600,
+            republish_secs: 3600,
+            max_records: 4096,
+            query_timeout_secs: 10,
+        }
+    }
+}
+
+/// What the node reports about itself.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub peer_id: String,
+    /// Addresses the node listens on.
+    pub listen: Vec<String>,
+    /// The DHT it belongs to (`None` until it makes an invite or joins).
+    pub dht: Option<String>,
+    pub root: Option<Identity>,
+    pub members: usize,
+    /// Members connected now.
+    pub connected: Vec<Identity>,
+    /// Connections to anyone (members, and peers dialled by hand that have not yet hung up).
+    pub connected_peers: usize,
+    /// Address records held for others.
+    pub records_held: usize,
+    /// Records offered to this node and refused (unsigned, forged, stale, oversize...).
+    pub records_refused: u64,
+}
+
+/// What an inviter hands an admitted invitee.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinGrant {
+    pub dht: String,
+    pub root: Identity,
+    /// Every member cert the inviter holds (the invitee's among them).
+    pub certs: Vec<MemberCert>,
+    /// Bootstrap peer: the inviter and its addresses.
+    pub inviter: Identity,
+    pub inviter_addrs: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Invite(#[from] InviteError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0} was not found in the DHT")]
+    NotFound(String),
+    #[error("the node has stopped")]
+    Stopped,
+    #[error("{0}")]
+    Io(String),
+}
+
+enum Cmd {
+    Invite {
+        join_url: String,
+        ttl_secs: u64,
+        uses: u32,
+        reply: oneshot::Sender<Result<Invite, NodeError>>,
+    },
+    Admit {
+        req: Box<JoinRequest>,
+        reply: oneshot::Sender<Result<JoinGrant, NodeError>>,
+    },
+    Joined {
+        grant: Box<JoinGrant>,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    Resolve {
+        id: Identity,
+        reply: oneshot::Sender<Result<AddressRecord, NodeError>>,
+    },
+    Connect {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<Identity, NodeError>>,
+    },
+    Held {
+        id: Identity,
+        reply: oneshot::Sender<Option<AddressRecord>>,
+    },
+    Offer {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+}
+
+/// The handle to a running node.
+#[derive(Clone)]
+pub struct Node {
+    cmd: mpsc::Sender<Cmd>,
+    status: Arc<Mutex<Status>>,
+    identity: Identity,
+}
+
+/// The libp2p key of an instance key.
+pub fn libp2p_keypair(keys: &Keypair) -> libp2p::identity::Keypair {
+    libp2p::identity::Keypair::ed25519_from_bytes(keys.secret_bytes()).expect("an ed25519 secret is 32 bytes")
+}
+
+/// The `PeerId` of an identity.
+pub fn peer_id_of(id: &Identity) -> PeerId {
+    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(id.as_bytes())
+        .expect("identities are ed25519 keys");
+    libp2p::identity::PublicKey::from(pk).to_peer_id()
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// Starts a node listening on `settings.listen`, keeping its state in `state_dir`.
+    pub async fn start(keys: Keypair, state_dir: PathBuf, settings: NodeSettings) -> Result<Node, NodeError> {
+        let listen = settings
+            .listen
+            .iter()
+            .map(|a| {
+                a.parse::<Multiaddr>()
+                    .map_err(|e| NodeError::Refused(format!("p2p listen address {a:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let identity = keys.identity();
+        let status = Arc::new(Mutex::new(Status {
+            peer_id: peer_id_of(&identity).to_string(),
+            ..Status::default()
+        }));
+        let (tx, rx) = mpsc::channel(64);
+        let state = Persisted::load(&state_dir);
+        let mut runner = Runner::new(keys, settings, state_dir, state, status.clone())?;
+        for a in &listen {
+            runner
+                .swarm
+                .listen_on(a.clone())
+                .map_err(|e| NodeError::Io(format!("p2p listen on {a}: {e}")))?;
+        }
+        tokio::spawn(runner.run(rx));
+        Ok(Node {
+            cmd: tx,
+            status,
+            identity,
+        })
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.lock().expect("status").clone()
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd.send(make(tx)).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Makes an invite to this node's DHT (creating one, with this node as root, if it has
+    /// none yet). Invitees present it at `join_url`.
+    pub async fn invite(&self, join_url: String, ttl_secs: u64, uses: u32) -> Result<Invite, NodeError> {
+        self.ask(|reply| Cmd::Invite {
+            join_url,
+            ttl_secs,
+            uses,
+            reply,
+        })
+        .await?
+    }
+
+    /// Inviter side: admits the sender of `req` if its invite is one of ours and valid.
+    pub async fn admit(&self, req: JoinRequest) -> Result<JoinGrant, NodeError> {
+        self.ask(|reply| Cmd::Admit {
+            req: Box::new(req),
+            reply,
+        })
+        .await?
+    }
+
+    /// Invitee side: takes the grant (members, bootstrap peer) and connects.
+    pub async fn joined(&self, grant: JoinGrant) -> Result<(), NodeError> {
+        self.ask(|reply| Cmd::Joined {
+            grant: Box::new(grant),
+            reply,
+        })
+        .await?
+    }
+
+    /// Looks `id` up in the DHT (checking the record) and dials it.
+    pub async fn resolve(&self, id: Identity) -> Result<AddressRecord, NodeError> {
+        self.ask(|reply| Cmd::Resolve { id, reply }).await?
+    }
+
+    /// Dials an address; answers with the identity that answered.
+    pub async fn connect(&self, addr: Multiaddr) -> Result<Identity, NodeError> {
+        self.ask(|reply| Cmd::Connect { addr, reply }).await?
+    }
+
+    /// The record this node holds for `id`, if any.
+    pub async fn held_record(&self, id: Identity) -> Result<Option<AddressRecord>, NodeError> {
+        self.ask(|reply| Cmd::Held { id, reply }).await
+    }
+
+    /// Sends an arbitrary record to the DHT's closest peers, unchecked — what a misbehaving
+    /// member could do. For tests that check that peers refuse forged and stale records.
+    #[doc(hidden)]
+    pub async fn offer_raw_record(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), NodeError> {
+        self.cmd
+            .send(Cmd::Offer { key, value })
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
+    /// A join request for `invite` signed with `keys`, carrying this node's addresses.
+    pub fn join_request(&self, keys: &Keypair, invite: Invite) -> JoinRequest {
+        JoinRequest::new(invite, keys, self.status().listen)
+    }
+}
+
+/// Members exchange certs over this protocol.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Rpc {
+    Members(Vec<MemberCert>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum RpcReply {
+    Members(Vec<MemberCert>),
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gate: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    rpc: request_response::json::Behaviour<Rpc, RpcReply>,
+}
+
+/// What is kept on disk.
+#[derive(Default, Serialize, Deserialize)]
+struct Persisted {
+    membership: Option<Membership>,
+    /// Last known addresses of members.
+    #[serde(default)]
+    peers: HashMap<Identity, Vec<String>>,
+    /// Records held for others (checked again when loaded).
+    #[serde(default)]
+    records: Vec<AddressRecord>,
+}
+
+const STATE_FILE: &str = "p2p-state.json";
+
+impl Persisted {
+    fn load(dir: &Path) -> Persisted {
+        match std::fs::read(dir.join(STATE_FILE)) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "p2p state unreadable; starting afresh");
+                Persisted::default()
+            }),
+            Err(_) => Persisted::default(),
+        }
+    }
+
+    fn save(&self, dir: &Path) {
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(self).expect("state serializes"))?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, dir.join(STATE_FILE))
+        };
+        if let Err(e) = write() {
+            tracing::warn!(error = %e, "could not save p2p state");
+        }
+    }
+}
+
+/// A DHT lookup in flight: whom for, who waits, the best record so far.
+type Lookup = (
+    Identity,
+    Vec<oneshot::Sender<Result<AddressRecord, NodeError>>>,
+    Option<AddressRecord>,
+);
+
+struct Runner {
+    keys: Keypair,
+    settings: NodeSettings,
+    dir: PathBuf,
+    state: Persisted,
+    status: Arc<Mutex<Status>>,
+    swarm: Swarm<Behaviour>,
+    /// Members by PeerId.
+    by_peer: HashMap<PeerId, Identity>,
+    /// Lookups in flight: the identity, who waits, the best record so far.
+    lookups: HashMap<kad::QueryId, Lookup>,
+    /// Hand-made dials in flight, by connection.
+    dials: HashMap<ConnectionId, oneshot::Sender<Result<Identity, NodeError>>>,
+    /// Hand-made dials that connected: answered when the peer speaks to us (it admitted
+    /// us) or hangs up (it did not).
+    admitted_wait: HashMap<PeerId, Vec<oneshot::Sender<Result<Identity, NodeError>>>>,
+    connected: HashSet<PeerId>,
+    listen: Vec<Multiaddr>,
+    records_refused: u64,
+    published_seq: u64,
+}
+
+impl Runner {
+    fn new(
+        keys: Keypair,
+        settings: NodeSettings,
+        dir: PathBuf,
+        state: Persisted,
+        status: Arc<Mutex<Status>>,
+    ) -> Result<Runner, NodeError> {
+        let dht = state
+            .membership
+            .as_ref()
+            .map_or(settings.dht.clone(), |m| m.dht.clone());
+        let swarm = build_swarm(&keys, &settings, &dht)?;
+        let mut r = Runner {
+            keys,
+            settings,
+            dir,
+            state,
+            status,
+            swarm,
+            by_peer: HashMap::new(),
+            lookups: HashMap::new(),
+            dials: HashMap::new(),
+            admitted_wait: HashMap::new(),
+            connected: HashSet::new(),
+            listen: Vec::new(),
+            records_refused: 0,
+            published_seq: 0,
+        };
+        r.restore();
+        Ok(r)
+    }
+
+    fn dht(&self) -> Option<&str> {
+        self.state.membership.as_ref().map(|m| m.dht.as_str())
+    }
+
+    /// Puts the persisted members, addresses and records back into the swarm.
+    fn restore(&mut self) {
+        let Some(m) = self.state.membership.clone() else {
+            return;
+        };
+        for id in m.members() {
+            self.allow(id);
+        }
+        let now = now_secs();
+        let records = std::mem::take(&mut self.state.records);
+        for r in records {
+            let key = AddressRecord::key_for(&m.dht, &r.id);
+            if AddressRecord::check(&r.encode(), &key, &m.dht, now, None).is_ok() {
+                self.store_record(&r);
+            }
+        }
+        let peers: Vec<(Identity, Vec<String>)> =
+            self.state.peers.iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (id, addrs) in peers {
+            if id == self.keys.identity() || !m.is_member(&id) {
+                continue;
+            }
+            let pid = peer_id_of(&id);
+            for a in addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+                self.swarm.behaviour_mut().kad.add_address(&pid, a);
+            }
+            let _ = self.swarm.dial(pid);
+        }
+    }
+
+    fn allow(&mut self, id: Identity) {
+        if id == self.keys.identity() {
+            return;
+        }
+        let pid = peer_id_of(&id);
+        self.by_peer.insert(pid, id);
+        self.swarm.behaviour_mut().gate.allow_peer(pid);
+    }
+
+    fn save(&mut self) {
+        self.state.records = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .store_mut()
+            .records()
+            .filter_map(|r| serde_json::from_slice::<AddressRecord>(&r.value).ok())
+            .filter(|r| r.id != self.keys.identity())
+            .collect();
+        self.state.save(&self.dir);
+    }
+
+    fn publish_status(&mut self) {
+        let mut s = self.status.lock().expect("status");
+        s.listen = self.listen.iter().map(|a| a.to_string()).collect();
+        s.dht = self.dht().map(str::to_string);
+        s.root = self.state.membership.as_ref().map(|m| m.root);
+        s.members = self.state.membership.as_ref().map_or(0, |m| m.members().len());
+        s.connected = self
+            .connected
+            .iter()
+            .filter_map(|p| self.by_peer.get(p).copied())
+            .collect();
+        s.connected.sort();
+        s.connected_peers = self.connected.len();
+        s.records_held = self.swarm.behaviour_mut().kad.store_mut().records().count();
+        s.records_refused = self.records_refused;
+    }
+
+    fn store_record(&mut self, r: &AddressRecord) {
+        let Some(dht) = self.dht().map(str::to_string) else {
+            return;
+        };
+        let mut rec = kad::Record::new(
+            kad::RecordKey::new(&AddressRecord::key_for(&dht, &r.id)),
+            r.encode(),
+        );
+        rec.expires =
+            Some(std::time::Instant::now() + Duration::from_secs(r.expires_at.saturating_sub(now_secs())));
+        if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().put(rec) {
+            tracing::debug!(error = %e, "record not stored");
+        }
+    }
+
+    /// The sequence number of the record held for the identity under `key`, if any.
+    fn held_seq(&mut self, key: &kad::RecordKey) -> Option<u64> {
+        let held = self.swarm.behaviour_mut().kad.store_mut().get(key)?;
+        serde_json::from_slice::<AddressRecord>(&held.value)
+            .ok()
+            .map(|r| r.seq)
+    }
+
+    /// Signs and publishes this node's addresses.
+    fn publish_record(&mut self) {
+        let Some(dht) = self.dht().map(str::to_string) else {
+            return;
+        };
+        let addrs: Vec<String> = self.listen.iter().map(|a| a.to_string()).collect();
+        if addrs.is_empty() {
+            return;
+        }
+        // Milliseconds since the epoch: increasing across restarts.
+        self.published_seq = now_millis().max(self.published_seq + 1);
+        let r = AddressRecord::new(
+            &self.keys,
+            &dht,
+            self.published_seq,
+            addrs,
+            now_secs(),
+            self.settings.record_ttl_secs,
+        );
+        let mut rec = kad::Record::new(
+            kad::RecordKey::new(&AddressRecord::key_for(&dht, &r.id)),
+            r.encode(),
+        );
+        rec.expires = Some(std::time::Instant::now() + Duration::from_secs(self.settings.record_ttl_secs));
+        if let Err(e) = self.swarm.behaviour_mut().kad.put_record(rec, kad::Quorum::One) {
+            tracing::debug!(error = %e, "could not publish the address record");
+        }
+    }
+
+    /// Sends our certs to a connected member.
+    fn send_certs(&mut self, peer: PeerId, certs: Vec<MemberCert>) {
+        if !certs.is_empty() {
+            self.swarm
+                .behaviour_mut()
+                .rpc
+                .send_request(&peer, Rpc::Members(certs));
+        }
+    }
+
+    /// Takes certs from a peer; passes what is new on to the other connected peers.
+    fn merge_certs(&mut self, from: Option<PeerId>, certs: Vec<MemberCert>) {
+        let Some(m) = self.state.membership.as_mut() else {
+            return;
+        };
+        let added = m.merge(certs.clone());
+        if added.is_empty() {
+            return;
+        }
+        tracing::info!(new = added.len(), "learned new members");
+        for id in &added {
+            self.allow(*id);
+        }
+        let new: Vec<MemberCert> = certs.into_iter().filter(|c| added.contains(&c.member)).collect();
+        let peers: Vec<PeerId> = self
+            .connected
+            .iter()
+            .copied()
+            .filter(|p| Some(*p) != from)
+            .collect();
+        for p in peers {
+            self.send_certs(p, new.clone());
+        }
+        self.save();
+        self.publish_status();
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut republish = tokio::time::interval(Duration::from_secs(self.settings.republish_secs.max(1)));
+        republish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(c) => self.command(c),
+                    None => break,
+                },
+                ev = self.swarm.select_next_some() => self.event(ev),
+                _ = republish.tick() => self.publish_record(),
+            }
+        }
+        self.save();
+    }
+
+    fn command(&mut self, c: Cmd) {
+        match c {
+            Cmd::Invite {
+                join_url,
+                ttl_secs,
+                uses,
+                reply,
+            } => {
+                if self.state.membership.is_none() {
+                    let dht = self.settings.dht.clone();
+                    self.state.membership = Some(Membership::new(&dht, self.keys.identity()));
+                    tracing::info!(dht = %dht, "created DHT {dht} with this node as its root");
+                    self.save();
+                    self.publish_record();
+                }
+                let m = self.state.membership.as_ref().expect("made above");
+                let addrs = self.listen.iter().map(|a| a.to_string()).collect();
+                let inv = Invite::new(
+                    &self.keys,
+                    &m.dht,
+                    m.root,
+                    addrs,
+                    join_url,
+                    now_secs() + ttl_secs,
+                    uses,
+                );
+                self.publish_status();
+                let _ = reply.send(Ok(inv));
+            }
+            Cmd::Admit { req, reply } => {
+                let Some(m) = self.state.membership.as_mut() else {
+                    let _ = reply.send(Err(NodeError::Invite(InviteError::NotMine)));
+                    return;
+                };
+                match m.admit(&self.keys, &req, now_secs()) {
+                    Ok(cert) => {
+                        let grant = JoinGrant {
+                            dht: m.dht.clone(),
+                            root: m.root,
+                            certs: m.certs(),
+                            inviter: self.keys.identity(),
+                            inviter_addrs: self.listen.iter().map(|a| a.to_string()).collect(),
+                        };
+                        tracing::info!(member = %req.member, "admitted a new member");
+                        self.allow(req.member);
+                        let pid = peer_id_of(&req.member);
+                        for a in req.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+                            self.swarm.behaviour_mut().kad.add_address(&pid, a);
+                        }
+                        let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+                        for p in peers {
+                            self.send_certs(p, vec![cert.clone()]);
+                        }
+                        self.save();
+                        self.publish_status();
+                        let _ = reply.send(Ok(grant));
+                    }
+                    Err(e) => {
+                        tracing::info!(member = %req.member, error = %e, "refused a join request");
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Cmd::Joined { grant, reply } => {
+                if let Some(m) = &self.state.membership
+                    && (m.dht != grant.dht || m.root != grant.root)
+                {
+                    let _ = reply.send(Err(NodeError::Refused(format!(
+                        "this node already belongs to DHT {:?}; one DHT per node for now",
+                        m.dht
+                    ))));
+                    return;
+                }
+                if grant.dht != self.settings.dht && self.state.membership.is_none() {
+                    // The Kademlia protocol carries the DHT's name: rebuild for this one.
+                    match build_swarm(&self.keys, &self.settings, &grant.dht) {
+                        Ok(s) => {
+                            let old = std::mem::replace(&mut self.swarm, s);
+                            let listen: Vec<Multiaddr> = old.listeners().cloned().collect();
+                            drop(old);
+                            self.listen.clear();
+                            for a in listen {
+                                let _ = self.swarm.listen_on(a);
+                            }
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                let mut m = self
+                    .state
+                    .membership
+                    .take()
+                    .unwrap_or_else(|| Membership::new(&grant.dht, grant.root));
+                m.merge(grant.certs.clone());
+                if !m.is_member(&self.keys.identity()) {
+                    let _ = reply.send(Err(NodeError::Refused(
+                        "the grant does not admit this node".into(),
+                    )));
+                    return;
+                }
+                let members = m.members();
+                self.state.membership = Some(m);
+                for id in members {
+                    self.allow(id);
+                }
+                let pid = peer_id_of(&grant.inviter);
+                for a in grant
+                    .inviter_addrs
+                    .iter()
+                    .filter_map(|a| a.parse::<Multiaddr>().ok())
+                {
+                    self.swarm.behaviour_mut().kad.add_address(&pid, a);
+                }
+                self.state
+                    .peers
+                    .insert(grant.inviter, grant.inviter_addrs.clone());
+                let _ = self.swarm.dial(pid);
+                self.save();
+                self.publish_status();
+                tracing::info!(dht = %grant.dht, inviter = %grant.inviter, "joined");
+                let _ = reply.send(Ok(()));
+            }
+            Cmd::Resolve { id, reply } => {
+                let Some(dht) = self.dht().map(str::to_string) else {
+                    let _ = reply.send(Err(NodeError::Refused("this node has joined no DHT".into())));
+                    return;
+                };
+                let key = kad::RecordKey::new(&AddressRecord::key_for(&dht, &id));
+                let q = self.swarm.behaviour_mut().kad.get_record(key);
+                self.lookups.insert(q, (id, vec![reply], None));
+            }
+            Cmd::Connect { addr, reply } => {
+                // Dialling a named peer by hand is the operator's choice: our side allows
+                // it; the other side's gate decides.
+                if let Some(Protocol::P2p(pid)) = addr.iter().last() {
+                    self.swarm.behaviour_mut().gate.allow_peer(pid);
+                }
+                let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+                let conn = opts.connection_id();
+                if let Err(e) = self.swarm.dial(opts) {
+                    let _ = reply.send(Err(NodeError::Refused(format!("cannot dial {addr}: {e}"))));
+                    return;
+                }
+                self.dials.insert(conn, reply);
+            }
+            Cmd::Offer { key, value } => {
+                let peers: Vec<PeerId> = self.connected.iter().copied().collect();
+                let rec = kad::Record::new(kad::RecordKey::new(&key), value);
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .put_record_to(rec, peers.into_iter(), kad::Quorum::One);
+            }
+            Cmd::Held { id, reply } => {
+                let held = self.dht().map(str::to_string).and_then(|dht| {
+                    let key = kad::RecordKey::new(&AddressRecord::key_for(&dht, &id));
+                    let r = self.swarm.behaviour_mut().kad.store_mut().get(&key)?;
+                    serde_json::from_slice(&r.value).ok()
+                });
+                let _ = reply.send(held);
+            }
+        }
+    }
+
+    fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "p2p listening on {address}");
+                if !self.listen.contains(&address) {
+                    self.listen.push(address);
+                }
+                self.publish_status();
+                self.publish_record();
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let addr = endpoint.get_remote_address().clone();
+                if let Some(waiting) = self.dials.remove(&connection_id) {
+                    self.admitted_wait.entry(peer_id).or_default().push(waiting);
+                    // A peer with nothing to say to a non-member still answers a request.
+                    self.swarm
+                        .behaviour_mut()
+                        .rpc
+                        .send_request(&peer_id, Rpc::Members(Vec::new()));
+                }
+                if num_established.get() == 1 {
+                    self.connected.insert(peer_id);
+                    if endpoint.is_dialer() {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                    let certs = self
+                        .state
+                        .membership
+                        .as_ref()
+                        .map(|m| m.certs())
+                        .unwrap_or_default();
+                    self.send_certs(peer_id, certs);
+                    self.publish_record();
+                    self.publish_status();
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.connected.remove(&peer_id);
+                self.publish_status();
+                if let Some(waiting) = self.admitted_wait.remove(&peer_id) {
+                    for w in waiting {
+                        let _ = w.send(Err(NodeError::Refused(format!(
+                            "{peer_id} hung up: this node is not admitted there"
+                        ))));
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id, error, ..
+            } => {
+                if let Some(w) = self.dials.remove(&connection_id) {
+                    let _ = w.send(Err(NodeError::Refused(format!("dial failed: {error}"))));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if let Some(id) = self.by_peer.get(&peer_id).copied() {
+                    let addrs: Vec<Multiaddr> = info.listen_addrs.into_iter().filter(is_dialable).collect();
+                    for a in &addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
+                    }
+                    self.state
+                        .peers
+                        .insert(id, addrs.iter().map(|a| a.to_string()).collect());
+                    self.save();
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(ev)) => self.kad_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
+                peer,
+                message,
+                ..
+            })) => {
+                if let Some(waiting) = self.admitted_wait.remove(&peer) {
+                    let id = self.by_peer.get(&peer).copied();
+                    for w in waiting {
+                        let _ = w.send(id.ok_or_else(|| {
+                            NodeError::Refused(format!("{peer} is not a member of this node's DHT"))
+                        }));
+                    }
+                }
+                match message {
+                    request_response::Message::Request {
+                        request: Rpc::Members(certs),
+                        channel,
+                        ..
+                    } => {
+                        self.merge_certs(Some(peer), certs);
+                        let ours = self
+                            .state
+                            .membership
+                            .as_ref()
+                            .map(|m| m.certs())
+                            .unwrap_or_default();
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .rpc
+                            .send_response(channel, RpcReply::Members(ours));
+                    }
+                    request_response::Message::Response {
+                        response: RpcReply::Members(certs),
+                        ..
+                    } => {
+                        self.merge_certs(Some(peer), certs);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn kad_event(&mut self, ev: kad::Event) {
+        match ev {
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(rec),
+                        ..
+                    },
+            } => {
+                let Some(dht) = self.dht().map(str::to_string) else {
+                    return;
+                };
+                let held = self.held_seq(&rec.key);
+                match AddressRecord::check(&rec.value, rec.key.as_ref(), &dht, now_secs(), held) {
+                    Ok(r) => {
+                        self.store_record(&r);
+                        self.save();
+                        self.publish_status();
+                    }
+                    Err(e) => {
+                        self.records_refused += 1;
+                        tracing::warn!(from = %source, error = %e, "refused a DHT record");
+                        self.publish_status();
+                    }
+                }
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetRecord(res),
+                step,
+                ..
+            } => {
+                let Some(dht) = self.dht().map(str::to_string) else {
+                    return;
+                };
+                let mut done = step.last;
+                match res {
+                    Ok(kad::GetRecordOk::FoundRecord(found)) => {
+                        if let Some((_, _, best)) = self.lookups.get_mut(&id) {
+                            let held = best.as_ref().map(|b| b.seq);
+                            match AddressRecord::check(
+                                &found.record.value,
+                                found.record.key.as_ref(),
+                                &dht,
+                                now_secs(),
+                                held,
+                            ) {
+                                Ok(r) => *best = Some(r),
+                                Err(e) => {
+                                    self.records_refused += 1;
+                                    tracing::warn!(error = %e, "ignored a bad record in a lookup");
+                                }
+                            }
+                        }
+                    }
+                    Ok(kad::GetRecordOk::FinishedWithNoAdditionalRecord { .. }) => done = true,
+                    Err(_) => done = true,
+                }
+                let found = self.lookups.get(&id).is_some_and(|l| l.2.is_some());
+                if (done || found)
+                    && let Some((who, waiting, best)) = self.lookups.remove(&id)
+                {
+                    if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
+                    let answer = match best {
+                        Some(r) => {
+                            let pid = peer_id_of(&who);
+                            for a in r.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+                                self.swarm.behaviour_mut().kad.add_address(&pid, a);
+                            }
+                            self.state.peers.insert(who, r.addrs.clone());
+                            self.store_record(&r);
+                            if !self.connected.contains(&pid) {
+                                let _ = self.swarm.dial(pid);
+                            }
+                            Ok(r)
+                        }
+                        None => Err(NodeError::NotFound(who.to_string())),
+                    };
+                    for w in waiting {
+                        let _ = w.send(match &answer {
+                            Ok(r) => Ok(r.clone()),
+                            Err(_) => Err(NodeError::NotFound(who.to_string())),
+                        });
+                    }
+                    self.publish_status();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Loopback and unspecified addresses are not worth telling others about, except on a
+/// machine where everything is loopback (tests, one-host set-ups).
+fn is_dialable(a: &Multiaddr) -> bool {
+    !a.iter().any(|p| {
+        matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())
+            || matches!(p, Protocol::Ip6(ip) if ip.is_unspecified())
+    })
+}
+
+fn build_swarm(keys: &Keypair, settings: &NodeSettings, dht: &str) -> Result<Swarm<Behaviour>, NodeError> {
+    let kad_protocol = StreamProtocol::try_from_owned(format!("/plait/kad/{dht}/1.0.0"))
+        .map_err(|e| NodeError::Refused(format!("bad DHT name {dht:?}: {e}")))?;
+    let max_records = settings.max_records;
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(settings.max_connections))
+        .with_max_established_per_peer(Some(settings.max_connections_per_peer));
+    let query_timeout = Duration::from_secs(settings.query_timeout_secs);
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(libp2p_keypair(keys))
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NodeError::Io(e.to_string()))?
+        .with_behaviour(|key| {
+            let peer = key.public().to_peer_id();
+            let mut cfg = kad::Config::new(kad_protocol);
+            cfg.set_record_filtering(kad::StoreInserts::FilterBoth);
+            cfg.set_kbucket_inserts(kad::BucketInserts::OnConnected);
+            cfg.set_publication_interval(None);
+            cfg.set_query_timeout(query_timeout);
+            cfg.set_max_packet_size(16 * 1024);
+            let store = MemoryStore::with_config(
+                peer,
+                MemoryStoreConfig {
+                    max_records,
+                    max_value_bytes: crate::record::MAX_RECORD_BYTES,
+                    ..Default::default()
+                },
+            );
+            let mut kad = kad::Behaviour::with_config(peer, store, cfg);
+            kad.set_mode(Some(kad::Mode::Server));
+            Behaviour {
+                gate: allow_block_list::Behaviour::default(),
+                limits: connection_limits::Behaviour::new(limits),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/plait/id/1.0.0".into(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::default(),
+                kad,
+                rpc: request_response::json::Behaviour::new(
+                    [(StreamProtocol::new("/plait/members/1.0.0"), ProtocolSupport::Full)],
+                    request_response::Config::default(),
+                ),
+            }
+        })
+        .map_err(|e| NodeError::Io(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    Ok(swarm)
+}

@@ -1,0 +1,123 @@
+//! Real libp2p nodes on loopback (in one process): an invite chain, lookups through the
+//! DHT, the gate, and record filtering.
+
+use std::time::Duration;
+
+use plait_bridge::Keypair;
+use plait_bridge::node::{Node, NodeSettings};
+use plait_bridge::record::AddressRecord;
+
+const T: Duration = Duration::from_secs(10);
+
+async fn node(dir: &tempfile::TempDir) -> (Node, Keypair) {
+    let keys = Keypair::generate();
+    let settings = NodeSettings {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        ..NodeSettings::default()
+    };
+    let n = Node::start(
+        Keypair::from_secret_bytes(&keys.secret_bytes()),
+        dir.path().to_path_buf(),
+        settings,
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while n.status().listen.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (n, keys)
+}
+
+async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + T;
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invite_chain_lookup_gate_and_record_filtering() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, ka) = node(&dirs[0]).await;
+    let (b, kb) = node(&dirs[1]).await;
+    let (c, kc) = node(&dirs[2]).await;
+    let (d, _kd) = node(&dirs[3]).await;
+
+    // A invites B.
+    let inv = a.invite("unused".into(), 600, 1).await.unwrap();
+    let grant = a.admit(b.join_request(&kb, inv.clone())).await.unwrap();
+    b.joined(grant).await.unwrap();
+    until("A and B connected", async || {
+        a.status().connected.contains(&kb.identity())
+    })
+    .await;
+    // The invite is used up.
+    assert!(a.admit(d.join_request(&Keypair::generate(), inv)).await.is_err());
+
+    // B invites C; C is handed B only, not A's address.
+    let inv = b.invite("unused".into(), 600, 1).await.unwrap();
+    let grant = b.admit(c.join_request(&kc, inv)).await.unwrap();
+    assert_eq!(grant.inviter, kb.identity());
+    c.joined(grant).await.unwrap();
+    until("A learns C is a member", async || a.status().members == 3).await;
+    until("A's record reaches B", async || {
+        b.held_record(ka.identity()).await.unwrap().is_some()
+    })
+    .await;
+
+    // C resolves A through the DHT and connects to it.
+    let rec = c.resolve(ka.identity()).await.unwrap();
+    assert_eq!(rec.id, ka.identity());
+    assert_eq!(rec.addrs, a.status().listen);
+    until("C connects to A", async || {
+        c.status().connected.contains(&ka.identity())
+    })
+    .await;
+
+    // D, never invited, is refused by A.
+    let a_addr: libp2p::Multiaddr = format!("{}/p2p/{}", a.status().listen[0], a.status().peer_id)
+        .parse()
+        .unwrap();
+    let err = d.connect(a_addr).await.expect_err("a non-member was admitted");
+    assert!(err.to_string().contains("not admitted"), "{err}");
+    assert_eq!(a.status().connected_peers, 2, "A holds a connection to D");
+    assert_eq!(d.status().connected_peers, 0);
+    // The same dial by a member works.
+    let b_to_a: libp2p::Multiaddr = format!("{}/p2p/{}", a.status().listen[0], a.status().peer_id)
+        .parse()
+        .unwrap();
+    assert_eq!(b.connect(b_to_a).await.unwrap(), ka.identity());
+
+    // A member offering a forged record for A, and a stale one, gets them refused.
+    let key = AddressRecord::key_for("plait", &ka.identity());
+    let good = b.held_record(ka.identity()).await.unwrap().unwrap();
+    let mut forged = good.clone();
+    forged.addrs = vec!["/ip4/10.6.6.6/tcp/1".into()];
+    forged.seq += 1_000_000;
+    let stale = AddressRecord::new(
+        &ka,
+        "plait",
+        1,
+        vec!["/ip4/10.0.0.1/tcp/1".into()],
+        good.expires_at - 3600,
+        3600,
+    );
+    let refused_before = b.status().records_refused;
+    c.offer_raw_record(key.clone(), forged.encode()).await.unwrap();
+    c.offer_raw_record(key.clone(), stale.encode()).await.unwrap();
+    c.offer_raw_record(key, b"not a record".to_vec()).await.unwrap();
+    until("B refuses three records", async || {
+        b.status().records_refused >= refused_before + 3
+    })
+    .await;
+    assert_eq!(b.held_record(ka.identity()).await.unwrap().unwrap(), good);
+}

@@ -1,0 +1,268 @@
+//! The server's side of the peer-to-peer node: joining over HTTP and the admin socket.
+//!
+//! * Invites name the inviter's join endpoint (`POST /.well-known/plait/join`, served by
+//!   `http`): the invitee's server posts a [`JoinRequest`] there and gets a [`JoinGrant`]
+//!   (member certs and the inviter's addresses), then connects over libp2p as a member.
+//! * The admin socket (`admin.sock` in the data dir, mode 0600, so file permissions guard
+//!   it) is how `plait invite`, `plait join`, `plait status`, `plait resolve` and
+//!   `plait connect` reach the running server: one JSON request line, one JSON answer line.
+//!
+//! What the network does lives in `plait_bridge::node`; this module only carries requests
+//! to it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use plait_bridge::Keypair;
+use plait_bridge::invite::{Invite, InviteError, JoinRequest};
+use plait_bridge::node::{JoinGrant, Node, NodeError};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::http::error::ApiError;
+
+/// The admin socket's file name in the data dir.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+/// Largest join request accepted over HTTP.
+pub const MAX_JOIN_BYTES: usize = 64 * 1024;
+/// Longest admin request line.
+const MAX_ADMIN_LINE: usize = 64 * 1024;
+
+/// A command on the admin socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum AdminRequest {
+    Invite { uses: u32, ttl_secs: u64 },
+    Join { link: String },
+    Status,
+    Resolve { id: String },
+    Connect { addr: String },
+}
+
+/// The answer to an admin command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdminResponse {
+    pub ok: bool,
+    #[serde(default)]
+    pub result: serde_json::Value,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The running node and what joining needs.
+pub struct P2p {
+    pub node: Node,
+    keys: Arc<Keypair>,
+    /// Where invitees post join requests (in the invites this server makes).
+    join_url: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl P2p {
+    pub fn new(node: Node, keys: Arc<Keypair>, public_url: &str) -> P2p {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+        P2p {
+            node,
+            keys,
+            join_url: format!("{}/.well-known/plait/join", public_url.trim_end_matches('/')),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    /// Inviter side of `POST /.well-known/plait/join`.
+    pub async fn admit(&self, body: &[u8]) -> Result<JoinGrant, ApiError> {
+        let req: JoinRequest = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("not a join request: {e}")))?;
+        self.node.admit(req).await.map_err(|e| match e {
+            NodeError::Invite(e @ (InviteError::Expired | InviteError::UsedUp)) => {
+                ApiError::new(403, "invite-refused", e.to_string())
+            }
+            NodeError::Invite(e) => ApiError::new(403, "invite-refused", e.to_string()),
+            NodeError::Stopped => ApiError::new(503, "p2p-stopped", "the p2p node has stopped"),
+            other => ApiError::new(403, "invite-refused", other.to_string()),
+        })
+    }
+
+    /// Invitee side: presents `link` to the inviter and takes what it grants.
+    async fn join(&self, link: &str) -> Result<serde_json::Value, String> {
+        let invite = Invite::from_link(link).map_err(|e| e.to_string())?;
+        let req = self.node.join_request(&self.keys, invite.clone());
+        let uri: http::Uri = invite
+            .join_url
+            .parse()
+            .map_err(|e| format!("the invite's join URL: {e}"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(format!("the invite's join URL {uri} is not http://"));
+        }
+        let mut http_req = http::Request::new(Full::new(Bytes::from(
+            serde_json::to_vec(&req).expect("serializes"),
+        )));
+        *http_req.method_mut() = http::Method::POST;
+        *http_req.uri_mut() = uri.clone();
+        http_req.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(20), self.client.request(http_req))
+            .await
+            .map_err(|_| format!("{uri} did not answer in time"))?
+            .map_err(|e| format!("cannot reach the inviter at {uri}: {e}"))?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), 4 << 20)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the inviter's answer: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!(
+                "the inviter refused: {} {}",
+                status.as_u16(),
+                String::from_utf8_lossy(&body).trim()
+            ));
+        }
+        let grant: JoinGrant =
+            serde_json::from_slice(&body).map_err(|e| format!("the inviter's answer: {e}"))?;
+        let (dht, inviter) = (grant.dht.clone(), grant.inviter);
+        self.node.joined(grant).await.map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({ "dht": dht, "inviter": inviter }))
+    }
+
+    async fn handle(&self, req: AdminRequest) -> Result<serde_json::Value, String> {
+        match req {
+            AdminRequest::Invite { uses, ttl_secs } => {
+                if uses == 0 {
+                    return Err("an invite needs at least one use".into());
+                }
+                let inv = self
+                    .node
+                    .invite(self.join_url.clone(), ttl_secs, uses)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(
+                    serde_json::json!({ "link": inv.to_link(), "dht": inv.dht, "expires_at": inv.expires_at, "uses": uses }),
+                )
+            }
+            AdminRequest::Join { link } => self.join(&link).await,
+            AdminRequest::Status => Ok(serde_json::to_value(self.node.status()).expect("serializes")),
+            AdminRequest::Resolve { id } => {
+                let id = id
+                    .parse()
+                    .map_err(|e| format!("{id:?} is not an identity: {e}"))?;
+                let r = self.node.resolve(id).await.map_err(|e| e.to_string())?;
+                Ok(serde_json::to_value(r).expect("serializes"))
+            }
+            AdminRequest::Connect { addr } => {
+                let a = addr
+                    .parse()
+                    .map_err(|e| format!("{addr:?} is not a multiaddr: {e}"))?;
+                let id = self.node.connect(a).await.map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "connected": id }))
+            }
+        }
+    }
+}
+
+/// Serves the admin socket in `data_dir` until `shutdown`.
+pub async fn serve_admin(data_dir: &Path, p2p: Arc<P2p>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let path = data_dir.join(ADMIN_SOCKET);
+    if UnixStream::connect(&path).await.is_ok() {
+        anyhow::bail!(
+            "{} is in use: another plait serves this data dir's admin socket",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin socket accept failed");
+                        continue;
+                    }
+                },
+            };
+            let p2p = p2p.clone();
+            tokio::spawn(async move {
+                if let Err(e) = admin_connection(stream, &p2p).await {
+                    tracing::debug!(error = %e, "admin connection ended");
+                }
+            });
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(())
+}
+
+async fn admin_connection(stream: UnixStream, p2p: &P2p) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r.take(MAX_ADMIN_LINE as u64 + 1)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let answer = match serde_json::from_str::<AdminRequest>(&line) {
+            Ok(req) => match p2p.handle(req).await {
+                Ok(result) => AdminResponse {
+                    ok: true,
+                    result,
+                    error: None,
+                },
+                Err(e) => AdminResponse {
+                    ok: false,
+                    result: serde_json::Value::Null,
+                    error: Some(e),
+                },
+            },
+            Err(e) => AdminResponse {
+                ok: false,
+                result: serde_json::Value::Null,
+                error: Some(format!("bad admin request: {e}")),
+            },
+        };
+        let mut out = serde_json::to_vec(&answer).expect("serializes");
+        out.push(b'\n');
+        w.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Client side, for the CLI: sends `req` to the server running on `data_dir`.
+pub async fn admin_request(data_dir: &Path, req: &AdminRequest) -> anyhow::Result<serde_json::Value> {
+    let path: PathBuf = data_dir.join(ADMIN_SOCKET);
+    let stream = UnixStream::connect(&path).await.with_context(|| {
+        format!(
+            "no running plait found at {} (start `plait serve --data-dir {}` with p2p on)",
+            path.display(),
+            data_dir.display()
+        )
+    })?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let answer = BufReader::new(r)
+        .lines()
+        .next_line()
+        .await?
+        .context("the server closed the admin socket without answering")?;
+    let a: AdminResponse = serde_json::from_str(&answer)?;
+    if a.ok {
+        Ok(a.result)
+    } else {
+        anyhow::bail!(a.error.unwrap_or_else(|| "failed".into()))
+    }
+}

@@ -1,0 +1,215 @@
+//! The network between instances, with real `plait` processes on 127.0.0.1: an invite
+//! chain made with the CLI (`plait invite`, `plait join` through the admin socket), a
+//! lookup through the DHT of an address nobody handed over, the gate refusing a server
+//! that was never invited, used-up and tampered invites refused, and a member that
+//! restarts rejoining from its saved state.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use plait_tests::plait::{Plait, Store, binary};
+use plait_tests::wire;
+
+const T: Duration = Duration::from_secs(20);
+
+fn p2p_plait() -> Plait {
+    Plait::start_with(Store::Embedded, &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"])
+}
+
+/// Runs `plait <args> --data-dir <p's dir>`: success and what it printed.
+fn admin(p: &Plait, args: &[&str]) -> (bool, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .arg("--data-dir")
+        .arg(p.data_dir())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text.trim().to_string())
+}
+
+fn ok(p: &Plait, args: &[&str]) -> String {
+    let (success, text) = admin(p, args);
+    assert!(success, "plait {args:?} failed: {text}\nserver log:\n{}", p.log());
+    text
+}
+
+fn well_known(p: &Plait) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt.block_on(wire::send(p.addr, "GET", "/.well-known/plait", &[], b""));
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn p2p(p: &Plait) -> serde_json::Value {
+    well_known(p)["p2p"]["status"].clone()
+}
+
+fn id(p: &Plait) -> String {
+    well_known(p)["id"].as_str().unwrap().to_string()
+}
+
+fn connected(p: &Plait) -> Vec<String> {
+    p2p(p)["connected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + T;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn decode_link(link: &str) -> serde_json::Value {
+    let b64 = link.strip_prefix("plait-invite:").unwrap();
+    serde_json::from_slice(&data_encoding::BASE64URL_NOPAD.decode(b64.as_bytes()).unwrap()).unwrap()
+}
+
+#[test]
+fn invite_chain_dht_lookup_gate_and_restart() {
+    let a = p2p_plait();
+    let mut b = p2p_plait();
+    let c = p2p_plait();
+    let d = p2p_plait();
+    let (ida, idb, idc) = (id(&a), id(&b), id(&c));
+
+    // Before any invite a server belongs to no network.
+    assert!(p2p(&a)["dht"].is_null());
+
+    // A invites B (A's network is created by its first invite).
+    let link = ok(&a, &["invite"]);
+    assert!(
+        link.starts_with("plait-invite:") && !link.contains(char::is_whitespace),
+        "{link}"
+    );
+    assert!(ok(&b, &["join", &link]).contains(&ida));
+    until("A and B connect", || connected(&a).contains(&idb));
+    assert_eq!(p2p(&a)["dht"], "plait");
+
+    // The link was for one use; a second server cannot use it.
+    let (joined, why) = admin(&d, &["join", &link]);
+    assert!(!joined && why.contains("used up"), "{why}");
+    // A tampered link is refused before anything is sent.
+    let mut inv = decode_link(&link);
+    inv["uses"] = 99.into();
+    let forged = format!(
+        "plait-invite:{}",
+        data_encoding::BASE64URL_NOPAD.encode(inv.to_string().as_bytes())
+    );
+    let (joined, why) = admin(&d, &["join", &forged]);
+    assert!(!joined && why.contains("signature"), "{why}");
+
+    // B invites C. C's link carries B's addresses, not A's.
+    let link = ok(&b, &["invite"]);
+    let inv = decode_link(&link);
+    assert_eq!(inv["inviter"], idb.as_str());
+    let a_addrs: Vec<String> = p2p(&a)["listen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().into())
+        .collect();
+    assert!(!link.contains(&a_addrs[0]) && !inv.to_string().contains(&a_addrs[0]));
+    ok(&c, &["join", &link]);
+    // A learns from B that C is a member.
+    until("A learns of C", || p2p(&a)["members"] == 3);
+
+    // C looks A up in the DHT: A's signed record, with A's addresses; C connects.
+    let mut found = None;
+    until("C resolves A", || {
+        let (success, text) = admin(&c, &["resolve", &ida]);
+        if success {
+            found = Some(serde_json::from_str::<serde_json::Value>(&text).unwrap());
+        }
+        success
+    });
+    let rec = found.unwrap();
+    assert_eq!(rec["id"], ida.as_str());
+    let got: Vec<String> = rec["addrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().into())
+        .collect();
+    assert_eq!(got, a_addrs);
+    until("C connects to A", || {
+        connected(&c).contains(&ida) && connected(&a).contains(&idc)
+    });
+
+    // D was never admitted: A hangs up on it.
+    let a_peer = p2p(&a)["peer_id"].as_str().unwrap().to_string();
+    let (dialled, why) = admin(&d, &["connect", &format!("{}/p2p/{a_peer}", a_addrs[0])]);
+    assert!(!dialled && why.contains("not admitted"), "{why}");
+    assert!(!connected(&a).iter().any(|i| *i != idb && *i != idc));
+    // The same dial from a member is admitted.
+    assert!(ok(&b, &["connect", &format!("{}/p2p/{a_peer}", a_addrs[0])]).contains(&ida));
+
+    // `plait status` prints the same.
+    let status: serde_json::Value = serde_json::from_str(&ok(&a, &["status"])).unwrap();
+    assert_eq!(status["members"], 3);
+    assert_eq!(status["dht"], "plait");
+
+    // B restarts (kill -9): it rejoins from its saved state, without any invite.
+    b.restart();
+    until("B is back with A and C", || {
+        let s = p2p(&b);
+        s["members"] == 3 && connected(&b).contains(&ida) && connected(&b).contains(&idc)
+    });
+    until("A sees B again", || connected(&a).contains(&idb));
+}
+
+#[test]
+fn the_admin_commands_explain_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .args(["status", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no running plait"), "{err}");
+    // A server with p2p off answers joins with 404 and has no admin socket.
+    let p = Plait::start(Store::Embedded);
+    assert_eq!(well_known(&p)["p2p"]["enabled"], false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt.block_on(wire::send(p.addr, "POST", "/.well-known/plait/join", &[], b"{}"));
+    assert_eq!(r.status, 404);
+    let (success, _) = admin(&p, &["invite"]);
+    assert!(!success);
+    // Garbage at the join endpoint of a server with p2p on is a 400; a valid-looking
+    // request with someone else's invite is a 403.
+    let q = p2p_plait();
+    let r = rt.block_on(wire::send(
+        q.addr,
+        "POST",
+        "/.well-known/plait/join",
+        &[],
+        b"{not json",
+    ));
+    assert_eq!(r.status, 400);
+    let other = p2p_plait();
+    let link = ok(&other, &["invite"]);
+    let inv = decode_link(&link);
+    let keys = plait_bridge::Keypair::generate();
+    let invite: plait_bridge::invite::Invite = serde_json::from_value(inv).unwrap();
+    let req = plait_bridge::invite::JoinRequest::new(invite, &keys, vec![]);
+    let body = serde_json::to_vec(&req).unwrap();
+    let r = rt.block_on(wire::send(q.addr, "POST", "/.well-known/plait/join", &[], &body));
+    assert_eq!(r.status, 403, "{}", r.text());
+}
