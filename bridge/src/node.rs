@@ -92,6 +92,8 @@ pub struct Status {
     pub dht: Option<String>,
     pub root: Option<Identity>,
     pub members: usize,
+    /// Who they are.
+    pub member_ids: Vec<Identity>,
     /// Members connected now.
     pub connected: Vec<Identity>,
     /// Connections to anyone (members, and peers dialled by hand that have not yet hung up).
@@ -101,6 +103,24 @@ pub struct Status {
     /// Records offered to this node and refused (unsigned, forged, stale, oversize...).
     pub records_refused: u64,
 }
+
+/// What a node answers when a member fetches from it: the server implements this (the
+/// bridge carries opaque bytes and knows nothing of documents). `path` names what is
+/// asked for; `body` is the asker's request, the answer is the server's reply.
+pub trait Serve: Send + Sync + 'static {
+    fn fetch(
+        &self,
+        from: Identity,
+        path: String,
+        body: Vec<u8>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>>;
+}
+
+/// Largest fetch frame (base64 inside JSON): servers keep answers well below it.
+pub const MAX_FETCH_BYTES: u64 = 64 << 20;
+
+/// How long a fetch may take (a server may hold a fetch open until it has news).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What an inviter hands an admitted invitee.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +144,8 @@ pub enum NodeError {
     NotFound(String),
     #[error("the node has stopped")]
     Stopped,
+    #[error("cannot reach {0}")]
+    Unreachable(String),
     #[error("{0}")]
     Io(String),
 }
@@ -154,6 +176,12 @@ enum Cmd {
     Held {
         id: Identity,
         reply: oneshot::Sender<Option<AddressRecord>>,
+    },
+    Fetch {
+        id: Identity,
+        path: String,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
     },
     Offer {
         key: Vec<u8>,
@@ -197,7 +225,13 @@ fn now_millis() -> u64 {
 
 impl Node {
     /// Starts a node listening on `settings.listen`, keeping its state in `state_dir`.
-    pub async fn start(keys: Keypair, state_dir: PathBuf, settings: NodeSettings) -> Result<Node, NodeError> {
+    /// `server` answers other members' fetches (none: this node only asks).
+    pub async fn start(
+        keys: Keypair,
+        state_dir: PathBuf,
+        settings: NodeSettings,
+        server: Option<Arc<dyn Serve>>,
+    ) -> Result<Node, NodeError> {
         let listen = settings
             .listen
             .iter()
@@ -213,7 +247,7 @@ impl Node {
         }));
         let (tx, rx) = mpsc::channel(64);
         let state = Persisted::load(&state_dir);
-        let mut runner = Runner::new(keys, settings, state_dir, state, status.clone())?;
+        let mut runner = Runner::new(keys, settings, state_dir, state, status.clone(), server)?;
         for a in &listen {
             runner
                 .swarm
@@ -282,6 +316,23 @@ impl Node {
         self.ask(|reply| Cmd::Connect { addr, reply }).await?
     }
 
+    /// Asks the member `id` for `path` (finding it through the DHT if need be) and waits
+    /// for its answer.
+    pub async fn fetch(&self, id: Identity, path: String, body: Vec<u8>) -> Result<Vec<u8>, NodeError> {
+        self.ask(|reply| Cmd::Fetch {
+            id,
+            path,
+            body,
+            reply,
+        })
+        .await?
+    }
+
+    /// Whether `id` is a member of this node's DHT.
+    pub fn is_member(&self, id: &Identity) -> bool {
+        self.status.lock().expect("status").member_ids.contains(id)
+    }
+
     /// The record this node holds for `id`, if any.
     pub async fn held_record(&self, id: Identity) -> Result<Option<AddressRecord>, NodeError> {
         self.ask(|reply| Cmd::Held { id, reply }).await
@@ -303,6 +354,29 @@ impl Node {
     }
 }
 
+/// A fetch between members; bodies are base64 in the JSON frame.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FetchRequest {
+    path: String,
+    body: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum FetchReply {
+    Ok(String),
+    Refused(String),
+}
+
+fn b64(b: &[u8]) -> String {
+    data_encoding::BASE64_NOPAD.encode(b)
+}
+
+fn unb64(s: &str) -> Result<Vec<u8>, NodeError> {
+    data_encoding::BASE64_NOPAD
+        .decode(s.as_bytes())
+        .map_err(|e| NodeError::Refused(format!("bad fetch frame: {e}")))
+}
+
 /// Members exchange certs over this protocol.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Rpc {
@@ -322,6 +396,7 @@ struct Behaviour {
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
     rpc: request_response::json::Behaviour<Rpc, RpcReply>,
+    fetch: request_response::json::Behaviour<FetchRequest, FetchReply>,
 }
 
 /// What is kept on disk.
@@ -371,6 +446,12 @@ type Lookup = (
     Option<AddressRecord>,
 );
 
+/// An answer to a member's fetch, on its way back to the event loop.
+type Answer = (request_response::ResponseChannel<FetchReply>, FetchReply);
+
+/// A fetch waiting for its peer to be found.
+type QueuedFetch = (String, Vec<u8>, oneshot::Sender<Result<Vec<u8>, NodeError>>);
+
 struct Runner {
     keys: Keypair,
     settings: NodeSettings,
@@ -391,6 +472,17 @@ struct Runner {
     listen: Vec<Multiaddr>,
     records_refused: u64,
     published_seq: u64,
+    /// Answers fetches from members.
+    server: Option<Arc<dyn Serve>>,
+    /// Our fetches in flight.
+    outbound: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NodeError>>>,
+    /// Fetches waiting for a lookup of their peer.
+    queued: HashMap<Identity, Vec<QueuedFetch>>,
+    /// Answers to members' fetches, computed off the event loop.
+    answers: (
+        mpsc::UnboundedSender<Answer>,
+        Option<mpsc::UnboundedReceiver<Answer>>,
+    ),
 }
 
 impl Runner {
@@ -400,6 +492,7 @@ impl Runner {
         dir: PathBuf,
         state: Persisted,
         status: Arc<Mutex<Status>>,
+        server: Option<Arc<dyn Serve>>,
     ) -> Result<Runner, NodeError> {
         let dht = state
             .membership
@@ -421,6 +514,13 @@ impl Runner {
             listen: Vec::new(),
             records_refused: 0,
             published_seq: 0,
+            server,
+            outbound: HashMap::new(),
+            queued: HashMap::new(),
+            answers: {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (tx, Some(rx))
+            },
         };
         r.restore();
         Ok(r)
@@ -488,6 +588,12 @@ impl Runner {
         s.dht = self.dht().map(str::to_string);
         s.root = self.state.membership.as_ref().map(|m| m.root);
         s.members = self.state.membership.as_ref().map_or(0, |m| m.members().len());
+        s.member_ids = self
+            .state
+            .membership
+            .as_ref()
+            .map(|m| m.members())
+            .unwrap_or_default();
         s.connected = self
             .connected
             .iter()
@@ -551,6 +657,38 @@ impl Runner {
         }
     }
 
+    /// Starts a DHT lookup of `id` (one at a time per identity).
+    fn lookup(&mut self, id: Identity, reply: Option<oneshot::Sender<Result<AddressRecord, NodeError>>>) {
+        if let Some((_, l)) = self.lookups.iter_mut().find(|(_, l)| l.0 == id) {
+            l.1.extend(reply);
+            return;
+        }
+        let Some(dht) = self.dht().map(str::to_string) else {
+            if let Some(r) = reply {
+                let _ = r.send(Err(NodeError::Refused("this node has joined no DHT".into())));
+            }
+            return;
+        };
+        let key = kad::RecordKey::new(&AddressRecord::key_for(&dht, &id));
+        let q = self.swarm.behaviour_mut().kad.get_record(key);
+        self.lookups.insert(q, (id, reply.into_iter().collect(), None));
+    }
+
+    fn send_fetch(
+        &mut self,
+        pid: PeerId,
+        path: String,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
+    ) {
+        let req = FetchRequest {
+            path,
+            body: b64(&body),
+        };
+        let rid = self.swarm.behaviour_mut().fetch.send_request(&pid, req);
+        self.outbound.insert(rid, reply);
+    }
+
     /// Sends our certs to a connected member.
     fn send_certs(&mut self, peer: PeerId, certs: Vec<MemberCert>) {
         if !certs.is_empty() {
@@ -591,6 +729,7 @@ impl Runner {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut republish = tokio::time::interval(Duration::from_secs(self.settings.republish_secs.max(1)));
         republish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut answers = self.answers.1.take().expect("taken once");
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -598,6 +737,9 @@ impl Runner {
                     None => break,
                 },
                 ev = self.swarm.select_next_some() => self.event(ev),
+                Some((channel, reply)) = answers.recv() => {
+                    let _ = self.swarm.behaviour_mut().fetch.send_response(channel, reply);
+                }
                 _ = republish.tick() => self.publish_record(),
             }
         }
@@ -734,9 +876,8 @@ impl Runner {
                     let _ = reply.send(Err(NodeError::Refused("this node has joined no DHT".into())));
                     return;
                 };
-                let key = kad::RecordKey::new(&AddressRecord::key_for(&dht, &id));
-                let q = self.swarm.behaviour_mut().kad.get_record(key);
-                self.lookups.insert(q, (id, vec![reply], None));
+                let _ = dht;
+                self.lookup(id, Some(reply));
             }
             Cmd::Connect { addr, reply } => {
                 // Dialling a named peer by hand is the operator's choice: our side allows
@@ -759,6 +900,34 @@ impl Runner {
                     .behaviour_mut()
                     .kad
                     .put_record_to(rec, peers.into_iter(), kad::Quorum::One);
+            }
+            Cmd::Fetch {
+                id,
+                path,
+                body,
+                reply,
+            } => {
+                if id == self.keys.identity() {
+                    let _ = reply.send(Err(NodeError::Refused(
+                        "a node does not fetch from itself".into(),
+                    )));
+                    return;
+                }
+                if !self.state.membership.as_ref().is_some_and(|m| m.is_member(&id)) {
+                    let _ = reply.send(Err(NodeError::Refused(format!(
+                        "{id} is not a member of this node's network"
+                    ))));
+                    return;
+                }
+                let pid = peer_id_of(&id);
+                let known =
+                    self.connected.contains(&pid) || self.state.peers.get(&id).is_some_and(|a| !a.is_empty());
+                if known {
+                    self.send_fetch(pid, path, body, reply);
+                } else {
+                    self.queued.entry(id).or_default().push((path, body, reply));
+                    self.lookup(id, None);
+                }
             }
             Cmd::Held { id, reply } => {
                 let held = self.dht().map(str::to_string).and_then(|dht| {
@@ -852,6 +1021,7 @@ impl Runner {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(ev)) => self.kad_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Fetch(ev)) => self.fetch_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
                 peer,
                 message,
@@ -890,6 +1060,66 @@ impl Runner {
                     } => {
                         self.merge_certs(Some(peer), certs);
                     }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn fetch_event(&mut self, ev: request_response::Event<FetchRequest, FetchReply>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let tx = self.answers.0.clone();
+                    let (Some(from), Some(server)) = (self.by_peer.get(&peer).copied(), self.server.clone())
+                    else {
+                        let why = if self.server.is_none() {
+                            "this node serves nothing"
+                        } else {
+                            "not a member"
+                        };
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .fetch
+                            .send_response(channel, FetchReply::Refused(why.into()));
+                        return;
+                    };
+                    tokio::spawn(async move {
+                        let reply = match unb64(&request.body) {
+                            Ok(body) => match server.fetch(from, request.path, body).await {
+                                Ok(b) => FetchReply::Ok(b64(&b)),
+                                Err(e) => FetchReply::Refused(e),
+                            },
+                            Err(e) => FetchReply::Refused(e.to_string()),
+                        };
+                        let _ = tx.send((channel, reply));
+                    });
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(reply) = self.outbound.remove(&request_id) {
+                        let _ = reply.send(match response {
+                            FetchReply::Ok(b) => unb64(&b),
+                            FetchReply::Refused(why) => Err(NodeError::Refused(why)),
+                        });
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                if matches!(error, request_response::OutboundFailure::DialFailure)
+                    && let Some(id) = self.by_peer.get(&peer).copied()
+                {
+                    // Its addresses are stale (it moved, or restarted on another port):
+                    // the next fetch looks it up in the DHT again.
+                    self.state.peers.remove(&id);
+                }
+                if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Err(NodeError::Unreachable(format!("{peer}: {error}"))));
                 }
             }
             _ => {}
@@ -955,10 +1185,9 @@ impl Runner {
                     Ok(kad::GetRecordOk::FinishedWithNoAdditionalRecord { .. }) => done = true,
                     Err(_) => done = true,
                 }
-                let found = self.lookups.get(&id).is_some_and(|l| l.2.is_some());
-                if (done || found)
-                    && let Some((who, waiting, best)) = self.lookups.remove(&id)
-                {
+                // Every record found is checked and the newest kept, so a stale copy (ours,
+                // or a peer's) never wins over a fresher one found later in the query.
+                if done && let Some((who, waiting, best)) = self.lookups.remove(&id) {
                     if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
                         q.finish();
                     }
@@ -982,6 +1211,13 @@ impl Runner {
                             Ok(r) => Ok(r.clone()),
                             Err(_) => Err(NodeError::NotFound(who.to_string())),
                         });
+                    }
+                    for (path, body, reply) in self.queued.remove(&who).unwrap_or_default() {
+                        if answer.is_ok() {
+                            self.send_fetch(peer_id_of(&who), path, body, reply);
+                        } else {
+                            let _ = reply.send(Err(NodeError::NotFound(who.to_string())));
+                        }
                     }
                     self.publish_status();
                 }
@@ -1046,6 +1282,13 @@ fn build_swarm(keys: &Keypair, settings: &NodeSettings, dht: &str) -> Result<Swa
                 rpc: request_response::json::Behaviour::new(
                     [(StreamProtocol::new("/plait/members/1.0.0"), ProtocolSupport::Full)],
                     request_response::Config::default(),
+                ),
+                fetch: request_response::Behaviour::with_codec(
+                    request_response::json::codec::Codec::default()
+                        .set_request_size_maximum(MAX_FETCH_BYTES)
+                        .set_response_size_maximum(MAX_FETCH_BYTES),
+                    [(StreamProtocol::new("/plait/fetch/1.0.0"), ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(FETCH_TIMEOUT),
                 ),
             }
         })

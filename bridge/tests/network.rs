@@ -9,6 +9,25 @@ use plait_bridge::record::AddressRecord;
 
 const T: Duration = Duration::from_secs(10);
 
+/// Answers a fetch with who asked, for what, and what they sent.
+struct Echo;
+
+impl plait_bridge::node::Serve for Echo {
+    fn fetch(
+        &self,
+        from: plait_bridge::Identity,
+        path: String,
+        body: Vec<u8>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            if path == "refuse" {
+                return Err("no".into());
+            }
+            Ok(format!("{from} {path} {}", String::from_utf8_lossy(&body)).into_bytes())
+        })
+    }
+}
+
 async fn node(dir: &tempfile::TempDir) -> (Node, Keypair) {
     let keys = Keypair::generate();
     let settings = NodeSettings {
@@ -19,6 +38,7 @@ async fn node(dir: &tempfile::TempDir) -> (Node, Keypair) {
         Keypair::from_secret_bytes(&keys.secret_bytes()),
         dir.path().to_path_buf(),
         settings,
+        Some(std::sync::Arc::new(Echo)),
     )
     .await
     .unwrap();
@@ -82,6 +102,16 @@ async fn invite_chain_lookup_gate_and_record_filtering() {
         c.status().connected.contains(&ka.identity())
     })
     .await;
+
+    // Members fetch from each other; D cannot fetch from a member.
+    let got = c
+        .fetch(ka.identity(), "doc".into(), b"hi".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(got, format!("{} doc hi", kc.identity()).into_bytes());
+    let err = c.fetch(ka.identity(), "refuse".into(), vec![]).await.unwrap_err();
+    assert!(err.to_string().contains("no"), "{err}");
+    assert!(d.fetch(ka.identity(), "doc".into(), vec![]).await.is_err());
 
     // D, never invited, is refused by A.
     let a_addr: libp2p::Multiaddr = format!("{}/p2p/{}", a.status().listen[0], a.status().peer_id)

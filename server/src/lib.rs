@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod doc;
 pub mod engine;
+pub mod federation;
 pub mod http;
 pub mod model;
 pub mod p2p;

@@ -99,7 +99,8 @@ impl fmt::Display for ResourceKey {
 }
 
 /// The three kinds of resource (DESIGN.md §2). The kind is fixed when a resource is created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// Collaborative text (`text/*`): an automerge text object, patched in code points.
     Text,

@@ -124,10 +124,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(prefix = %r.prefix, upstream = %r.upstream, live = r.live, "proxy route");
     }
     let p2p = if cfg.p2p.enabled {
+        let home = Arc::new(crate::federation::Home {
+            engine: engine.clone(),
+            identity,
+        });
         let node = plait_bridge::node::Node::start(
             plait_bridge::Keypair::from_secret_bytes(&instance.keys.secret_bytes()),
             data_dir.clone(),
             cfg.p2p.clone(),
+            Some(home),
         )
         .await
         .map_err(|e| anyhow::anyhow!("starting the p2p node: {e}"))?;
@@ -148,6 +153,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let federation = p2p
+        .as_ref()
+        .map(|p| Arc::new(crate::federation::Federation::new(engine.clone(), p.node.clone())));
     let app = App {
         engine,
         identity,
@@ -156,6 +164,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         proxy,
         web,
         p2p,
+        federation,
         shutdown,
         started: Instant::now(),
     };

@@ -213,3 +213,148 @@ fn the_admin_commands_explain_what_is_missing() {
     let r = rt.block_on(wire::send(q.addr, "POST", "/.well-known/plait/join", &[], &body));
     assert_eq!(r.status, 403, "{}", r.text());
 }
+
+/// A invites B, B invites C; returns once A knows all three.
+fn chain(a: &Plait, b: &Plait, c: &Plait) {
+    let link = ok(a, &["invite"]);
+    ok(b, &["join", &link]);
+    let link = ok(b, &["invite"]);
+    ok(c, &["join", &link]);
+    until("A knows all three members", || p2p(a)["members"] == 3);
+    until("B knows all three members", || p2p(b)["members"] == 3);
+}
+
+async fn put_json(p: &Plait, path: &str, body: &str) {
+    let r = wire::send(
+        p.addr,
+        "PUT",
+        path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "PUT {path}: {}", r.text());
+}
+
+#[test]
+fn federation_is_live_and_survives_a_restart() {
+    let a = p2p_plait();
+    let mut b = p2p_plait();
+    let c = p2p_plait();
+    chain(&a, &b, &c);
+    let (ida, idb) = (id(&a), id(&b));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let json = [("Subscribe", "true"), ("Accept", "application/json")];
+
+    // A subscriber on C to A's document sees A's writes live.
+    let mut s = rt.block_on(async {
+        put_json(&a, "/doc", r#"{"n":1}"#).await;
+        let mut s = wire::subscribe(c.addr, &format!("/~{ida}/doc"), &json).await;
+        assert_eq!(s.status, 209);
+        assert_eq!(s.header("plait-replica"), Some("live"));
+        assert_eq!(s.next_block(T).await.unwrap().body_text(), r#"{"n":1}"#);
+        for n in 2..=5 {
+            put_json(&a, "/doc", &format!(r#"{{"n":{n}}}"#)).await;
+            let mut seen = s.next_block(T).await.unwrap().body_text();
+            // Updates may coalesce; each arrives or is overtaken by a later one.
+            while seen != format!(r#"{{"n":{n}}}"#) {
+                seen = s.next_block(T).await.expect("the update arrives").body_text();
+            }
+        }
+        // The replica is read-only on C; a plain read there is in step.
+        let r = wire::send(
+            c.addr,
+            "PUT",
+            &format!("/~{ida}/doc"),
+            &[("Content-Type", "application/json")],
+            b"{}",
+        )
+        .await;
+        assert_eq!(r.status, 403);
+        let r = wire::send(
+            c.addr,
+            "GET",
+            &format!("/~{ida}/doc"),
+            &[("Accept", "application/json")],
+            b"",
+        )
+        .await;
+        assert_eq!((r.status, r.text().as_str()), (200, r#"{"n":5}"#));
+        assert_eq!(r.header("plait-replica"), Some("live"));
+        // Text documents too, with their Braid versions.
+        let r = wire::send(
+            a.addr,
+            "PUT",
+            "/text",
+            &[("Content-Type", "text/plain"), ("Version", "\"ann-4\"")],
+            b"hello",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let r = wire::send(
+            a.addr,
+            "PUT",
+            "/text",
+            &[
+                ("Content-Range", "text [5:5]"),
+                ("Version", "\"ann-10\""),
+                ("Parents", "\"ann-4\""),
+            ],
+            b" world",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let r = wire::send(c.addr, "GET", &format!("/~{ida}/text"), &[], b"").await;
+        assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+        assert_eq!(r.header("version"), Some("\"ann-10\""));
+        s
+    });
+
+    // B's notes, subscribed from C, through B going away and coming back.
+    let mut notes = rt.block_on(async {
+        put_json(&b, "/notes", r#"{"v":1}"#).await;
+        let mut n = wire::subscribe(c.addr, &format!("/~{idb}/notes"), &json).await;
+        assert_eq!(n.next_block(T).await.unwrap().body_text(), r#"{"v":1}"#);
+        n
+    });
+    b.kill9();
+    rt.block_on(async {
+        // C still serves its replica, and says it is offline.
+        let r = wire::send(
+            c.addr,
+            "GET",
+            &format!("/~{idb}/notes"),
+            &[("Accept", "application/json")],
+            b"",
+        )
+        .await;
+        assert_eq!((r.status, r.text().as_str()), (200, r#"{"v":1}"#));
+        assert_eq!(r.header("plait-replica"), Some("offline"));
+    });
+    b.restart();
+    rt.block_on(async {
+        // A write made as soon as B is back reaches the subscriber that stayed on C.
+        put_json(&b, "/notes", r#"{"v":2}"#).await;
+        let mut seen = notes
+            .next_block(T)
+            .await
+            .expect("B's write after its restart")
+            .body_text();
+        while seen != r#"{"v":2}"# {
+            seen = notes
+                .next_block(T)
+                .await
+                .expect("B's write after its restart")
+                .body_text();
+        }
+        put_json(&b, "/notes", r#"{"v":3}"#).await;
+        assert_eq!(notes.next_block(T).await.unwrap().body_text(), r#"{"v":3}"#);
+        // A's document stayed live meanwhile.
+        put_json(&a, "/doc", r#"{"n":6}"#).await;
+        assert_eq!(s.next_block(T).await.unwrap().body_text(), r#"{"n":6}"#);
+    });
+}

@@ -281,6 +281,48 @@ impl AmDoc {
             .collect())
     }
 
+    /// Changes a replica holding `have` lacks (all but genesis when `have` names nothing
+    /// known here), with each one's Braid id and parents.
+    pub(crate) fn export(&mut self, have: &[ChangeHash]) -> Vec<Exported> {
+        let known: Vec<ChangeHash> = have
+            .iter()
+            .copied()
+            .filter(|h| self.am.get_change_meta_by_hash(h).is_some())
+            .collect();
+        let changes = self.am.get_changes(&known);
+        changes
+            .into_iter()
+            .filter(|c| c.hash() != self.genesis)
+            .map(|c| self.describe(c))
+            .collect()
+    }
+
+    /// A change with its Braid id and parents (from the version index).
+    fn describe(&self, c: Change) -> Exported {
+        let hash = c.hash();
+        let version = self
+            .index
+            .id_of(&hash)
+            .map_or_else(|| hash.to_string(), |id| id.to_string());
+        let parents = crate::braid::format_version(&self.index.version_of(c.deps()));
+        Exported {
+            bytes: c.raw_bytes().to_vec(),
+            version,
+            parents,
+        }
+    }
+
+    /// Applies a peer's changes and describes the ones that were new here (in the order
+    /// given, which [`export`](Self::export) makes causal).
+    pub(crate) fn import(&mut self, changes: Vec<Change>) -> Result<Vec<Exported>, DocError> {
+        let fresh: Vec<Change> = changes
+            .into_iter()
+            .filter(|c| self.am.get_change_meta_by_hash(&c.hash()).is_none())
+            .collect();
+        self.apply_remote(fresh.clone())?;
+        Ok(fresh.into_iter().map(|c| self.describe(c)).collect())
+    }
+
     pub(crate) fn save(&mut self) -> Vec<u8> {
         self.am.save()
     }
@@ -289,6 +331,14 @@ impl AmDoc {
     pub(crate) fn change_count(&self) -> usize {
         self.index.len() + 1
     }
+}
+
+/// A change as it travels between replicas: its bytes, Braid id and parents.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    pub bytes: Vec<u8>,
+    pub version: String,
+    pub parents: String,
 }
 
 /// One change in a history listing.

@@ -277,6 +277,47 @@ impl Document {
         }
     }
 
+    /// The automerge heads (replicas compare them to know what the other lacks); bytes
+    /// documents have none.
+    pub fn heads(&mut self) -> Vec<automerge::ChangeHash> {
+        match self {
+            Document::Text(d) => d.base().heads(),
+            Document::Json(d) => d.base().heads(),
+            Document::Bytes(_) => Vec::new(),
+        }
+    }
+
+    /// The changes a replica at `have` lacks (automerge kinds; bytes have none).
+    pub fn export(&mut self, have: &[automerge::ChangeHash]) -> Vec<am::Exported> {
+        match self {
+            Document::Text(d) => d.base().export(have),
+            Document::Json(d) => d.base().export(have),
+            Document::Bytes(_) => Vec::new(),
+        }
+    }
+
+    /// Applies a peer's changes; returns those that were new here.
+    pub fn import<'a>(
+        &mut self,
+        changes: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<am::Exported>, DocError> {
+        let decoded = changes
+            .into_iter()
+            .map(am::decode_change)
+            .collect::<Result<Vec<_>, _>>()?;
+        match self {
+            Document::Text(d) => {
+                let fresh = d.base().import(decoded)?;
+                d.resync_rope();
+                Ok(fresh)
+            }
+            Document::Json(d) => d.base().import(decoded),
+            Document::Bytes(_) => Err(DocError::Corrupt(
+                "bytes resources take no automerge changes".into(),
+            )),
+        }
+    }
+
     /// A compact snapshot of the whole document (automerge kinds only).
     pub fn save(&mut self) -> Option<Vec<u8>> {
         match self {

@@ -48,6 +48,11 @@ impl TextDoc {
         Ok(())
     }
 
+    /// Rebuilds the rope after changes went into the base directly.
+    pub(crate) fn resync_rope(&mut self) {
+        self.rope = ropey::Rope::from_str(&self.automerge_text());
+    }
+
     /// The text as automerge holds it (what the rope must always equal).
     pub fn automerge_text(&self) -> String {
         self.base.am.text(&self.obj).unwrap_or_default()

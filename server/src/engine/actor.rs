@@ -176,6 +176,25 @@ impl Actor {
                 Command::History(from, reply) => {
                     let _ = reply.send(self.history(&from));
                 }
+                Command::Heads(reply) => {
+                    let heads = match &mut self.res {
+                        Some(Res::Present(p)) => p.doc.heads(),
+                        _ => Vec::new(),
+                    };
+                    let _ = reply.send(Ok(heads));
+                }
+                Command::Export(have, reply) => {
+                    let _ = reply.send(Ok(self.export(&have)));
+                }
+                Command::Import {
+                    kind,
+                    media_type,
+                    changes,
+                    reply,
+                } => {
+                    let r = self.import(kind, media_type, changes).await;
+                    let _ = reply.send(r);
+                }
                 Command::Refresh => {
                     self.shared
                         .refresh_queued
@@ -471,6 +490,122 @@ impl Actor {
         }
     }
 
+    fn export(&mut self, have: &[automerge::ChangeHash]) -> Option<super::Export> {
+        let Some(Res::Present(p)) = &mut self.res else {
+            return None;
+        };
+        let changes = p
+            .doc
+            .export(have)
+            .into_iter()
+            .map(|c| Bytes::from(c.bytes))
+            .collect();
+        Some(super::Export {
+            kind: p.kind,
+            media_type: p.media_type.clone(),
+            changes,
+            heads: p.doc.heads(),
+        })
+    }
+
+    /// Applies a peer's changes to this replica, stores the new ones, and announces them.
+    async fn import(
+        &mut self,
+        kind: Kind,
+        media_type: String,
+        changes: Vec<Bytes>,
+    ) -> Result<bool, EngineError> {
+        if kind == Kind::Bytes {
+            return Err(EngineError::Doc(crate::doc::DocError::Corrupt(
+                "bytes resources take no automerge changes".into(),
+            )));
+        }
+        let before = self.current();
+        let mut create = None;
+        if matches!(self.res, Some(Res::Missing)) {
+            create = Some(Target::Create {
+                key: self.key.clone(),
+                kind,
+                media_type: media_type.clone(),
+            });
+            self.res = Some(Res::Present(Box::new(Present {
+                id: None,
+                kind,
+                media_type,
+                doc: Document::new(kind),
+                known_through: 0,
+                since_snapshot: 0,
+            })));
+        }
+        let Some(Res::Present(p)) = &mut self.res else {
+            unreachable!("made present above")
+        };
+        if p.kind != kind {
+            return Err(EngineError::Doc(crate::doc::DocError::Corrupt(format!(
+                "the replica is {} but the home sends {}",
+                p.kind.name(),
+                kind.name()
+            ))));
+        }
+        let heavy = changes.iter().map(Bytes::len).sum::<usize>() as u64 > HEAVY_BYTES;
+        let fresh = match cpu_bound(heavy, || p.doc.import(changes.iter().map(|c| c.as_ref()))) {
+            Ok(f) => f,
+            Err(e) => {
+                // The document may hold part of the batch: reload it from storage.
+                self.res = None;
+                return Err(e.into());
+            }
+        };
+        if fresh.is_empty() {
+            if create.is_some() {
+                self.res = Some(Res::Missing);
+            }
+            return Ok(false);
+        }
+        let now = now_ms();
+        let n = fresh.len();
+        let new: Vec<NewChange> = fresh
+            .into_iter()
+            .map(|c| NewChange {
+                version: c.version,
+                parents: c.parents,
+                author: None,
+                at_ms: now,
+                data: Bytes::from(c.bytes),
+                meta: None,
+                blob: None,
+            })
+            .collect();
+        let target = match (create, p.id) {
+            (Some(t), _) => t,
+            (None, Some(id)) => Target::Existing(id),
+            (None, None) => unreachable!("a present resource without an id is being created"),
+        };
+        match self.storage.append(target, new).await {
+            Ok(app) => {
+                p.id = Some(app.resource);
+                let contiguous = app.first_seq == p.known_through + 1;
+                if contiguous {
+                    p.known_through = app.last_seq;
+                    p.since_snapshot += n;
+                }
+                self.register();
+                self.publish_state();
+                self.announce_since(&before)?;
+                if contiguous {
+                    self.maybe_compact();
+                } else {
+                    self.res = None;
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                self.res = None;
+                Err(e.into())
+            }
+        }
+    }
+
     /// Snapshots the document in the background once enough changes have piled up.
     fn maybe_compact(&mut self) {
         let Some(Res::Present(p)) = &mut self.res else {
@@ -660,6 +795,9 @@ fn fail(c: Command, e: EngineError) {
         Command::Snapshot(r) => drop(r.send(Err(e))),
         Command::CatchUp { reply, .. } => drop(reply.send(Err(e))),
         Command::History(_, r) => drop(r.send(Err(e))),
+        Command::Heads(r) => drop(r.send(Err(e))),
+        Command::Export(_, r) => drop(r.send(Err(e))),
+        Command::Import { reply, .. } => drop(reply.send(Err(e))),
         Command::Refresh => {}
     }
 }

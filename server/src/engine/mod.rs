@@ -232,6 +232,31 @@ pub(crate) enum Command {
     History(Version, oneshot::Sender<Result<Vec<Update>, EngineError>>),
     /// Another process changed the resource: read what is new and announce it.
     Refresh,
+    /// The automerge heads (empty for a missing or bytes resource).
+    Heads(oneshot::Sender<Result<Vec<automerge::ChangeHash>, EngineError>>),
+    /// What a replica holding these heads lacks (federation).
+    Export(
+        Vec<automerge::ChangeHash>,
+        oneshot::Sender<Result<Option<Export>, EngineError>>,
+    ),
+    /// A peer's changes to a replica: applied, stored, announced; `true` if any were new.
+    Import {
+        kind: Kind,
+        media_type: String,
+        changes: Vec<Bytes>,
+        reply: oneshot::Sender<Result<bool, EngineError>>,
+    },
+}
+
+/// What a replica lacks of a resource, from the resource's home.
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub kind: Kind,
+    pub media_type: String,
+    /// For text and JSON: the automerge changes, in causal order.
+    pub changes: Vec<Bytes>,
+    /// The home's heads after them.
+    pub heads: Vec<automerge::ChangeHash>,
 }
 
 /// What a live resource shares with readers and subscribers.
@@ -421,6 +446,40 @@ impl Engine {
             limiter.count(&key.namespace, size);
         }
         Ok(result)
+    }
+
+    /// Federation, at the resource's home: the changes a replica holding `have` lacks;
+    /// `None` when the resource does not exist.
+    pub async fn export(
+        &self,
+        key: &ResourceKey,
+        have: Vec<automerge::ChangeHash>,
+    ) -> Result<Option<Export>, EngineError> {
+        self.resource(key).ask(|r| Command::Export(have, r)).await
+    }
+
+    /// The resource's automerge heads: what a replica holds.
+    pub async fn heads(&self, key: &ResourceKey) -> Result<Vec<automerge::ChangeHash>, EngineError> {
+        self.resource(key).ask(Command::Heads).await
+    }
+
+    /// Federation, at a replica: applies and stores the home's changes and tells
+    /// subscribers, as for any write. `true` if anything was new.
+    pub async fn import(
+        &self,
+        key: &ResourceKey,
+        kind: Kind,
+        media_type: String,
+        changes: Vec<Bytes>,
+    ) -> Result<bool, EngineError> {
+        self.resource(key)
+            .ask(|reply| Command::Import {
+                kind,
+                media_type,
+                changes,
+                reply,
+            })
+            .await
     }
 
     /// The write limits in force.

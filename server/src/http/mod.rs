@@ -51,6 +51,8 @@ pub struct App {
     pub web: Option<Arc<static_files::StaticFiles>>,
     /// The peer-to-peer node, unless it is off.
     pub p2p: Option<Arc<crate::p2p::P2p>>,
+    /// Replicas of other members' resources (with the p2p node).
+    pub federation: Option<Arc<crate::federation::Federation>>,
     /// Cancelled when the server begins to shut down; open subscriptions end on it.
     pub shutdown: CancellationToken,
     pub started: Instant,

@@ -29,7 +29,7 @@ pub const ALLOW: &str = "GET, HEAD, PUT, PATCH, DELETE, OPTIONS";
 
 /// Headers clients may send and read (browsers need them listed for CORS).
 const BRAID_HEADERS: &str = "Version, Parents, Current-Version, Subscribe, Heartbeats, Merge-Type, Patches, Peer, \
-     Content-Range, Repr-Digest, Accept-Subscribe, Editable, Plait-Error";
+     Content-Range, Repr-Digest, Accept-Subscribe, Editable, Plait-Error, Plait-Replica";
 
 /// Headers browsers may send (listed when a preflight does not say which it wants).
 const REQUEST_HEADERS: &str = "subscribe, peer, version, parents, merge-type, content-type, content-range, \
@@ -79,7 +79,10 @@ async fn route(app: &App, req: Request<Body>) -> Result<Response<Body>, ApiError
             let key = access
                 .key
                 .ok_or_else(|| ApiError::not_found("there is no such account"))?;
-            get(app, key, braid, req).await?
+            match app.federation.as_ref().filter(|f| f.is_remote(&key)) {
+                Some(fed) => get_replica(app, fed, key, braid, req).await?,
+                None => get(app, key, braid, req).await?,
+            }
         }
         (Resolved::Resource(access), Method::PUT | Method::PATCH | Method::DELETE) => {
             let Some(key) = access.key.filter(|_| access.write) else {
@@ -294,6 +297,36 @@ async fn history(
     );
     set(h, "repr-type", &state.media_type);
     set(h, "current-version", &format_version(&state.version));
+    Ok(res)
+}
+
+/// A read of another member's resource: served from the local replica, which is synced
+/// first (a plain read) or kept live for as long as the subscription lasts.
+/// `Plait-Replica` says how the replica stands: `live`, `syncing` or `offline` (its home
+/// cannot be reached; this is the last state synced).
+async fn get_replica(
+    app: &App,
+    fed: &std::sync::Arc<crate::federation::Federation>,
+    key: ResourceKey,
+    braid: BraidHeaders,
+    req: Request<Body>,
+) -> Result<Response<Body>, ApiError> {
+    if braid.subscribe.is_some() {
+        let attached = fed.attach(&key).await;
+        let state = attached.state();
+        let res = get(app, key, braid, req).await?;
+        let (mut parts, body) = res.into_parts();
+        set(&mut parts.headers, "plait-replica", state.header());
+        // The replica stays live while this response is being streamed.
+        let body = Body::from_stream(futures::StreamExt::map(body.into_data_stream(), move |chunk| {
+            let _keep = &attached;
+            chunk
+        }));
+        return Ok(Response::from_parts(parts, body));
+    }
+    let state = fed.sync_once(&key).await;
+    let mut res = get(app, key, braid, req).await?;
+    set(res.headers_mut(), "plait-replica", state.header());
     Ok(res)
 }
 
