@@ -19,11 +19,12 @@
 //! HTTP, SQL or documents.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
@@ -224,11 +225,11 @@ fn now_millis() -> u64 {
 }
 
 impl Node {
-    /// Starts a node listening on `settings.listen`, keeping its state in `state_dir`.
+    /// Starts a node listening on `settings.listen`, keeping its state in `store`.
     /// `server` answers other members' fetches (none: this node only asks).
     pub async fn start(
         keys: Keypair,
-        state_dir: PathBuf,
+        store: Arc<dyn StateStore>,
         settings: NodeSettings,
         server: Option<Arc<dyn Serve>>,
     ) -> Result<Node, NodeError> {
@@ -246,8 +247,10 @@ impl Node {
             ..Status::default()
         }));
         let (tx, rx) = mpsc::channel(64);
-        let state = Persisted::load(&state_dir);
-        let mut runner = Runner::new(keys, settings, state_dir, state, status.clone(), server)?;
+        let state = Persisted::from_bytes(store.load().await.map_err(NodeError::Io)?);
+        let (save_tx, save_rx) = mpsc::unbounded_channel();
+        tokio::spawn(saver(store, save_rx));
+        let mut runner = Runner::new(keys, settings, save_tx, state, status.clone(), server)?;
         for a in &listen {
             runner
                 .swarm
@@ -411,30 +414,80 @@ struct Persisted {
     records: Vec<AddressRecord>,
 }
 
-const STATE_FILE: &str = "p2p-state.json";
-
 impl Persisted {
-    fn load(dir: &Path) -> Persisted {
-        match std::fs::read(dir.join(STATE_FILE)) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+    fn from_bytes(bytes: Option<Vec<u8>>) -> Persisted {
+        match bytes {
+            Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "p2p state unreadable; starting afresh");
                 Persisted::default()
             }),
-            Err(_) => Persisted::default(),
+            None => Persisted::default(),
         }
     }
+}
 
-    fn save(&self, dir: &Path) {
-        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(self).expect("state serializes"))?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, dir.join(STATE_FILE))
-        };
-        if let Err(e) = write() {
-            tracing::warn!(error = %e, "could not save p2p state");
+/// Where a node keeps its state (members, peers' addresses, records held). The server
+/// implements it over its storage; [`FileStore`] keeps it in a file.
+pub trait StateStore: Send + Sync + 'static {
+    fn load(&self) -> BoxFuture<'static, Result<Option<Vec<u8>>, String>>;
+    fn save(&self, bytes: Vec<u8>) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// A [`StateStore`] in one file, replaced atomically.
+pub struct FileStore(pub PathBuf);
+
+impl StateStore for FileStore {
+    fn load(&self) -> BoxFuture<'static, Result<Option<Vec<u8>>, String>> {
+        let path = self.0.clone();
+        Box::pin(async move {
+            match tokio::fs::read(&path).await {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("{}: {e}", path.display())),
+            }
+        })
+    }
+
+    fn save(&self, bytes: Vec<u8>) -> BoxFuture<'static, Result<(), String>> {
+        let path = self.0.clone();
+        Box::pin(async move {
+            let tmp = path.with_extension("tmp");
+            let shown = path.display().to_string();
+            let write = move || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)
+            };
+            tokio::task::spawn_blocking(write)
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{shown}: {e}"))
+        })
+    }
+}
+
+/// A save of the node's state; `ack` is told once it (or a later one) is stored.
+struct SaveJob {
+    bytes: Vec<u8>,
+    ack: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// Writes the node's state in order, coalescing saves that queue up behind a slow one.
+async fn saver(store: Arc<dyn StateStore>, mut rx: mpsc::UnboundedReceiver<SaveJob>) {
+    while let Some(first) = rx.recv().await {
+        let mut last = first.bytes;
+        let mut acks: Vec<Box<dyn FnOnce() + Send>> = first.ack.into_iter().collect();
+        while let Ok(more) = rx.try_recv() {
+            last = more.bytes;
+            acks.extend(more.ack);
+        }
+        if let Err(e) = store.save(last).await {
+            tracing::warn!(error = %e, "could not save the p2p state");
+        }
+        for a in acks {
+            a();
         }
     }
 }
@@ -455,7 +508,7 @@ type QueuedFetch = (String, Vec<u8>, oneshot::Sender<Result<Vec<u8>, NodeError>>
 struct Runner {
     keys: Keypair,
     settings: NodeSettings,
-    dir: PathBuf,
+    saves: mpsc::UnboundedSender<SaveJob>,
     state: Persisted,
     status: Arc<Mutex<Status>>,
     swarm: Swarm<Behaviour>,
@@ -489,7 +542,7 @@ impl Runner {
     fn new(
         keys: Keypair,
         settings: NodeSettings,
-        dir: PathBuf,
+        saves: mpsc::UnboundedSender<SaveJob>,
         state: Persisted,
         status: Arc<Mutex<Status>>,
         server: Option<Arc<dyn Serve>>,
@@ -502,7 +555,7 @@ impl Runner {
         let mut r = Runner {
             keys,
             settings,
-            dir,
+            saves,
             state,
             status,
             swarm,
@@ -569,7 +622,13 @@ impl Runner {
         self.swarm.behaviour_mut().gate.allow_peer(pid);
     }
 
+    /// Queues a save of the state.
     fn save(&mut self) {
+        self.save_then(None);
+    }
+
+    /// Queues a save; `ack` runs once it is stored.
+    fn save_then(&mut self, ack: Option<Box<dyn FnOnce() + Send>>) {
         self.state.records = self
             .swarm
             .behaviour_mut()
@@ -579,7 +638,8 @@ impl Runner {
             .filter_map(|r| serde_json::from_slice::<AddressRecord>(&r.value).ok())
             .filter(|r| r.id != self.keys.identity())
             .collect();
-        self.state.save(&self.dir);
+        let bytes = serde_json::to_vec_pretty(&self.state).expect("state serializes");
+        let _ = self.saves.send(SaveJob { bytes, ack });
     }
 
     fn publish_status(&mut self) {
@@ -799,9 +859,11 @@ impl Runner {
                         for p in peers {
                             self.send_certs(p, vec![cert.clone()]);
                         }
-                        self.save();
                         self.publish_status();
-                        let _ = reply.send(Ok(grant));
+                        // The grant goes out once the admission (and the invite's use) is stored.
+                        self.save_then(Some(Box::new(move || {
+                            let _ = reply.send(Ok(grant));
+                        })));
                     }
                     Err(e) => {
                         tracing::info!(member = %req.member, error = %e, "refused a join request");
@@ -866,10 +928,11 @@ impl Runner {
                     .peers
                     .insert(grant.inviter, grant.inviter_addrs.clone());
                 let _ = self.swarm.dial(pid);
-                self.save();
                 self.publish_status();
                 tracing::info!(dht = %grant.dht, inviter = %grant.inviter, "joined");
-                let _ = reply.send(Ok(()));
+                self.save_then(Some(Box::new(move || {
+                    let _ = reply.send(Ok(()));
+                })));
             }
             Cmd::Resolve { id, reply } => {
                 let Some(dht) = self.dht().map(str::to_string) else {

@@ -36,7 +36,7 @@ async fn node(dir: &tempfile::TempDir) -> (Node, Keypair) {
     };
     let n = Node::start(
         Keypair::from_secret_bytes(&keys.secret_bytes()),
-        dir.path().to_path_buf(),
+        std::sync::Arc::new(plait_bridge::node::FileStore(dir.path().join("p2p-state.json"))),
         settings,
         Some(std::sync::Arc::new(Echo)),
     )

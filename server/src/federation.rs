@@ -105,10 +105,13 @@ impl Home {
         }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
+            let t = std::time::Instant::now();
             let export = engine
                 .export(&key, have.clone())
                 .await
                 .map_err(|e| e.to_string())?;
+            let n = export.as_ref().map_or(0, |e| e.changes.len());
+            tracing::debug!(%key, changes = n, ms = t.elapsed().as_millis() as u64, "exported");
             let news = match &export {
                 Some(e) => !e.changes.is_empty(),
                 None => !have.is_empty(),
@@ -322,6 +325,7 @@ impl Federation {
             have,
             wait_ms: wait.as_millis() as u64,
         };
+        let t = std::time::Instant::now();
         let answer = self
             .node
             .fetch(
@@ -331,13 +335,18 @@ impl Federation {
             )
             .await
             .map_err(|e| e.to_string())?;
+        let fetched_ms = t.elapsed().as_millis() as u64;
         let (header, changes) = decode_answer(&answer)?;
+        let n = changes.len();
         match header.kind {
             Some(kind) if header.exists && !changes.is_empty() => {
+                let t = std::time::Instant::now();
                 self.engine
                     .import(key, kind, header.media_type, changes)
                     .await
                     .map_err(|e| e.to_string())?;
+                let import_ms = t.elapsed().as_millis() as u64;
+                tracing::debug!(%key, changes = n, bytes = answer.len(), fetched_ms, import_ms, "imported");
             }
             _ => {}
         }

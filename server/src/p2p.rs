@@ -57,6 +57,36 @@ pub struct AdminResponse {
     pub error: Option<String>,
 }
 
+/// The node's state (members, peers, records held) kept as a setting in the store, so it
+/// lives with the rest of the instance's data (and is shared by processes on one Postgres).
+pub struct StoredState(pub Arc<dyn crate::storage::Storage>);
+
+const STATE_SETTING: &str = "p2p_state";
+
+impl plait_bridge::node::StateStore for StoredState {
+    fn load(&self) -> futures::future::BoxFuture<'static, Result<Option<Vec<u8>>, String>> {
+        let storage = self.0.clone();
+        Box::pin(async move {
+            let v = storage
+                .get_setting(STATE_SETTING)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(v.map(String::into_bytes))
+        })
+    }
+
+    fn save(&self, bytes: Vec<u8>) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let storage = self.0.clone();
+        Box::pin(async move {
+            let text = String::from_utf8(bytes).map_err(|e| e.to_string())?;
+            storage
+                .put_setting(STATE_SETTING, &text)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 /// The running node and what joining needs.
 pub struct P2p {
     pub node: Node,

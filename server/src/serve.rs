@@ -130,7 +130,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         });
         let node = plait_bridge::node::Node::start(
             plait_bridge::Keypair::from_secret_bytes(&instance.keys.secret_bytes()),
-            data_dir.clone(),
+            Arc::new(crate::p2p::StoredState(storage.clone())),
             cfg.p2p.clone(),
             Some(home),
         )

@@ -2,7 +2,8 @@
 //! chain made with the CLI (`plait invite`, `plait join` through the admin socket), a
 //! lookup through the DHT of an address nobody handed over, the gate refusing a server
 //! that was never invited, used-up and tampered invites refused, and a member that
-//! restarts rejoining from its saved state.
+//! restarts rejoining from its saved state (embedded store, and Postgres), and federation:
+//! live replicas of another member's resources, through that member's restart.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,7 +14,11 @@ use plait_tests::wire;
 const T: Duration = Duration::from_secs(20);
 
 fn p2p_plait() -> Plait {
-    Plait::start_with(Store::Embedded, &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"])
+    p2p_plait_on(Store::Embedded)
+}
+
+fn p2p_plait_on(store: Store) -> Plait {
+    Plait::start_with(store, &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"])
 }
 
 /// Runs `plait <args> --data-dir <p's dir>`: success and what it printed.
@@ -239,7 +244,8 @@ async fn put_json(p: &Plait, path: &str, body: &str) {
 #[test]
 fn federation_is_live_and_survives_a_restart() {
     let a = p2p_plait();
-    let mut b = p2p_plait();
+    // B keeps its state (node state included) in Postgres, and restarts.
+    let mut b = p2p_plait_on(Store::fresh_postgres());
     let c = p2p_plait();
     chain(&a, &b, &c);
     let (ida, idb) = (id(&a), id(&b));

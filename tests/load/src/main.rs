@@ -57,6 +57,10 @@ enum Cmd {
         interval_ms: u64,
         #[arg(long, default_value = "/bench/fanout")]
         path: String,
+        /// Path the writer PUTs to (default: --path). With federation the subscribers read
+        /// `/~<home>/x` on a replica while the writer writes `/x` at the home.
+        #[arg(long)]
+        write_path: Option<String>,
         /// Before measuring, write one value of this many KiB, so that subscribers that do
         /// not read have full socket buffers (as a really stalled client does).
         #[arg(long, default_value_t = 0)]
@@ -88,6 +92,25 @@ enum Cmd {
         /// `json` (a small object per PUT) or `text` (a small insertion per PUT).
         #[arg(long, default_value = "json")]
         kind: String,
+    },
+    /// Federation sync: writes N changes to a text document at its home, then times how
+    /// long a replica on another member takes to hold them all.
+    Sync {
+        /// The home server (where the document is written).
+        #[arg(long)]
+        home: String,
+        /// The replica server (another member of the home's network).
+        #[arg(long)]
+        replica: String,
+        /// The home's identity (the replica reads `/~<id>/<path>`).
+        #[arg(long)]
+        home_id: String,
+        #[arg(long, default_value_t = 100_000)]
+        changes: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value = "/bench/sync")]
+        path: String,
     },
     /// GET throughput and latency; direct and through a proxy when `--proxy-url` is given.
     Gets {
@@ -365,14 +388,16 @@ async fn fanout(
     updates: usize,
     interval: Duration,
     path: &str,
+    write_path: Option<&str>,
     prefill_kib: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let addr = addr_of(url)?;
     let waddr = addr_of(write_url.unwrap_or(url))?;
+    let wpath = write_path.unwrap_or(path);
     request(
         waddr,
         "PUT",
-        path,
+        wpath,
         &[("Content-Type", "application/json")],
         b"{\"start\":true}",
     )
@@ -416,7 +441,7 @@ async fn fanout(
         let (status, _) = request(
             waddr,
             "PUT",
-            path,
+            wpath,
             &[("Content-Type", "application/json")],
             big.as_bytes(),
         )
@@ -440,7 +465,7 @@ async fn fanout(
         wc.send(
             &mut w,
             "PUT",
-            path,
+            wpath,
             &[("Content-Type", "application/json")],
             body.as_bytes(),
         )
@@ -676,6 +701,95 @@ async fn puts(
     }))
 }
 
+fn header_of(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+/// A GET that keeps the response head (for its headers).
+async fn get_with_head(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, usize)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let end = find(&buf, b"\r\n\r\n").context("no response head")?;
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let status: u16 = head.split(' ').nth(1).context("status line")?.parse()?;
+    Ok((status, head, buf.len() - end - 4))
+}
+
+async fn sync(
+    home: &str,
+    replica: &str,
+    home_id: &str,
+    changes: usize,
+    concurrency: usize,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let (haddr, raddr) = (addr_of(home)?, addr_of(replica)?);
+    // Write the history: `changes` one-character insertions from concurrent writers.
+    let next = Arc::new(AtomicUsize::new(0));
+    let t_write = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, path) = (next.clone(), path.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(haddr).await?;
+            s.set_nodelay(true)?;
+            let mut c = Conn::default();
+            while next.fetch_add(1, Ordering::Relaxed) < changes {
+                c.send(&mut s, "PUT", &path, &[("Content-Range", "text [0:0]")], b"x")
+                    .await?;
+                let (status, body) = c.recv(&mut s).await?;
+                if status != 200 {
+                    bail!("PUT answered {status}: {}", String::from_utf8_lossy(&body));
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let write_s = t_write.elapsed().as_secs_f64();
+    let (status, head, len) = get_with_head(haddr, path).await?;
+    if status != 200 {
+        bail!("GET at the home answered {status}");
+    }
+    let want = header_of(&head, "version").context("the home's answer has no Version")?;
+    // Time until the replica holds the same version (each read makes it fetch what it lacks).
+    let rpath = format!("/~{home_id}{path}");
+    let t0 = Instant::now();
+    let mut reads = 0;
+    loop {
+        let (status, head, rlen) = get_with_head(raddr, &rpath).await?;
+        reads += 1;
+        if status == 200 && header_of(&head, "version").as_deref() == Some(want.as_str()) {
+            if rlen != len {
+                bail!("the replica has the version but {rlen} bytes, not {len}");
+            }
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("the replica did not catch up in 10 minutes");
+        }
+    }
+    let sync_s = t0.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "workload": "sync",
+        "changes": changes,
+        "write_seconds": write_s,
+        "text_bytes": len,
+        "sync_seconds": sync_s,
+        "changes_per_sec": changes as f64 / sync_s,
+        "replica_reads": reads,
+        "replica_rss": server_rss(raddr).await.ok(),
+    }))
+}
+
 /// GETs `path` from `concurrency` keep-alive connections for `seconds`.
 async fn gets_once(
     addr: SocketAddr,
@@ -764,6 +878,7 @@ fn main() -> anyhow::Result<()> {
                 updates,
                 interval_ms,
                 path,
+                write_path,
                 prefill_kib,
             } => {
                 let interval = Duration::from_millis(interval_ms);
@@ -775,6 +890,7 @@ fn main() -> anyhow::Result<()> {
                     updates,
                     interval,
                     &path,
+                    write_path.as_deref(),
                     prefill_kib,
                 )
                 .await
@@ -792,6 +908,14 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 kind,
             } => puts(&url, resources, concurrency, seconds, &kind).await,
+            Cmd::Sync {
+                home,
+                replica,
+                home_id,
+                changes,
+                concurrency,
+                path,
+            } => sync(&home, &replica, &home_id, changes, concurrency, &path).await,
             Cmd::Gets {
                 url,
                 proxy_url,
