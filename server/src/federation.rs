@@ -14,7 +14,8 @@
 //! Fetch frames: the request is JSON ([`PullRequest`]); the answer is a JSON header line
 //! ([`PullHeader`]) followed by the changes' bytes back to back (lengths in the header).
 //!
-//! Only text and JSON resources are federated; bytes resources answer with a refusal.
+//! Text and JSON resources travel as automerge changes; a bytes resource travels as its
+//! value, sent when the replica's digest differs from the home's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,6 +47,9 @@ pub struct PullRequest {
     pub have: Vec<String>,
     /// Wait up to this long for something new (0: answer at once).
     pub wait_ms: u64,
+    /// For bytes resources: the digest of the value the replica holds.
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 /// The header of a home's answer.
@@ -58,6 +62,9 @@ pub struct PullHeader {
     pub lens: Vec<usize>,
     /// More changes remain (the answer was cut at its size limit).
     pub more: bool,
+    /// For bytes resources: the value's digest (the one "change" is the value).
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 /// This instance as the home of its resources.
@@ -112,15 +119,23 @@ impl Home {
                 .map_err(|e| e.to_string())?;
             let n = export.as_ref().map_or(0, |e| e.changes.len());
             tracing::debug!(%key, changes = n, ms = t.elapsed().as_millis() as u64, "exported");
-            let news = match &export {
-                Some(e) => !e.changes.is_empty(),
-                None => !have.is_empty(),
-            };
+            // Bytes resources travel by value, compared by digest.
+            let mut value = None;
             if let Some(e) = &export
                 && e.kind == Kind::Bytes
             {
-                return Err("bytes resources are not federated yet".into());
+                let state = engine.read(&key).await.map_err(|e| e.to_string())?;
+                value = Some((
+                    state.body.clone(),
+                    state.media_type.clone(),
+                    state.digest().to_string(),
+                ));
             }
+            let news = match (&export, &value) {
+                (_, Some((_, _, digest))) => req.digest.as_deref() != Some(digest.as_str()),
+                (Some(e), None) => !e.changes.is_empty(),
+                (None, _) => !have.is_empty() || req.digest.is_some(),
+            };
             let waiting = sub
                 .as_mut()
                 .filter(|_| !news && tokio::time::Instant::now() < deadline);
@@ -128,6 +143,20 @@ impl Home {
                 && let Ok(Some(_)) = tokio::time::timeout_at(deadline, s.next()).await
             {
                 continue;
+            }
+            if let Some((body, media_type, digest)) = value {
+                let header = PullHeader {
+                    exists: true,
+                    kind: Some(Kind::Bytes),
+                    media_type,
+                    lens: vec![body.len()],
+                    more: false,
+                    digest: Some(digest),
+                };
+                let mut out = serde_json::to_vec(&header).expect("serializes");
+                out.push(b'\n');
+                out.extend_from_slice(&body);
+                return Ok(out);
             }
             return Ok(encode_answer(export));
         }
@@ -143,6 +172,7 @@ fn encode_answer(export: Option<crate::engine::Export>) -> Vec<u8> {
                 media_type: String::new(),
                 lens: Vec::new(),
                 more: false,
+                digest: None,
             },
             Vec::new(),
         ),
@@ -164,6 +194,7 @@ fn encode_answer(export: Option<crate::engine::Export>) -> Vec<u8> {
                     media_type: e.media_type,
                     lens: taken.iter().map(Bytes::len).collect(),
                     more,
+                    digest: None,
                 },
                 taken,
             )
@@ -321,9 +352,12 @@ impl Federation {
             .iter()
             .map(|h| h.to_string())
             .collect();
+        let local = self.engine.read(key).await.map_err(|e| e.to_string())?;
+        let digest = (local.kind == Some(Kind::Bytes)).then(|| local.digest().to_string());
         let req = PullRequest {
             have,
             wait_ms: wait.as_millis() as u64,
+            digest,
         };
         let t = std::time::Instant::now();
         let answer = self
@@ -339,6 +373,21 @@ impl Federation {
         let (header, changes) = decode_answer(&answer)?;
         let n = changes.len();
         match header.kind {
+            Some(Kind::Bytes) if header.exists && changes.len() == 1 => {
+                let write = crate::engine::Write {
+                    body: crate::update::WriteBody::Full {
+                        media_type: Some(header.media_type),
+                        body: changes.into_iter().next().expect("one value"),
+                    },
+                    version: None,
+                    parents: None,
+                    peer: None,
+                    author: None,
+                    digest: None,
+                    writer: crate::engine::Writer::Internal,
+                };
+                self.engine.write(key, write).await.map_err(|e| e.to_string())?;
+            }
             Some(kind) if header.exists && !changes.is_empty() => {
                 let t = std::time::Instant::now();
                 self.engine

@@ -317,6 +317,26 @@ fn federation_is_live_and_survives_a_restart() {
         let r = wire::send(c.addr, "GET", &format!("/~{ida}/text"), &[], b"").await;
         assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
         assert_eq!(r.header("version"), Some("\"ann-10\""));
+        // Bytes resources travel by value, compared by digest.
+        let png = [0x89u8, b'P', b'N', b'G', 0, 1, 2, 3];
+        let r = wire::send(a.addr, "PUT", "/logo", &[("Content-Type", "image/png")], &png).await;
+        assert_eq!(r.status, 200);
+        let r = wire::send(c.addr, "GET", &format!("/~{ida}/logo"), &[], b"").await;
+        assert_eq!(
+            (r.status, r.body.as_slice(), r.header("content-type")),
+            (200, &png[..], Some("image/png"))
+        );
+        let r = wire::send(
+            a.addr,
+            "PUT",
+            "/logo",
+            &[("Content-Type", "image/png")],
+            b"\x89PNG v2",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let r = wire::send(c.addr, "GET", &format!("/~{ida}/logo"), &[], b"").await;
+        assert_eq!(r.body.as_slice(), b"\x89PNG v2");
         s
     });
 
