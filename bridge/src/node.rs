@@ -1,7 +1,7 @@
 //! The libp2p node: this instance on the peer-to-peer network.
 //!
 //! One swarm keyed by the instance identity (the same ed25519 key, so the `PeerId` is
-//! derived from it): TCP with noise and yamux; identify and ping; Kademlia under a protocol
+//! derived from it): TCP with noise and yamux, and QUIC; identify and ping; Kademlia under a protocol
 //! name that carries the DHT's name (`/plait/kad/<dht>/1.0.0`), with record filtering on so
 //! only records that [`AddressRecord::check`] accepts are stored; a request-response
 //! protocol over which members exchange member certs.
@@ -71,7 +71,10 @@ impl Default for NodeSettings {
     fn default() -> Self {
         NodeSettings {
             enabled: true,
-            listen: vec!["/ip4/0.0.0.0/tcp/7525".into()],
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/7525".into(),
+                "/ip4/0.0.0.0/udp/7525/quic-v1".into(),
+            ],
             dht: "plait".into(),
             max_connections: 256,
             max_connections_per_peer: 4,
@@ -1315,6 +1318,13 @@ fn build_swarm(keys: &Keypair, settings: &NodeSettings, dht: &str) -> Result<Swa
             yamux::Config::default,
         )
         .map_err(|e| NodeError::Io(e.to_string()))?
+        // QUIC learns that a peer vanished (a crash sends nothing) only when the connection
+        // idles out; keep that short, so a restarted peer is reconnected to promptly.
+        .with_quic_config(|mut c| {
+            c.max_idle_timeout = 4_000;
+            c.keep_alive_interval = Duration::from_millis(1_500);
+            c
+        })
         .with_behaviour(|key| {
             let peer = key.public().to_peer_id();
             let mut cfg = kad::Config::new(kad_protocol);

@@ -18,7 +18,15 @@ fn p2p_plait() -> Plait {
 }
 
 fn p2p_plait_on(store: Store) -> Plait {
-    Plait::start_with(store, &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"])
+    Plait::start_with(
+        store,
+        &[
+            "--p2p-listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--p2p-listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ],
+    )
 }
 
 /// Runs `plait <args> --data-dir <p's dir>`: success and what it printed.
@@ -85,7 +93,8 @@ fn decode_link(link: &str) -> serde_json::Value {
 #[test]
 fn invite_chain_dht_lookup_gate_and_restart() {
     let a = p2p_plait();
-    let mut b = p2p_plait();
+    // B listens on QUIC only: C, handed B's addresses, reaches it over QUIC.
+    let mut b = Plait::start_with(Store::Embedded, &["--p2p-listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
     let c = p2p_plait();
     let d = p2p_plait();
     let (ida, idb, idc) = (id(&a), id(&b), id(&c));
@@ -116,10 +125,11 @@ fn invite_chain_dht_lookup_gate_and_restart() {
     let (joined, why) = admin(&d, &["join", &forged]);
     assert!(!joined && why.contains("signature"), "{why}");
 
-    // B invites C. C's link carries B's addresses, not A's.
+    // B invites C. C's link carries B's addresses (QUIC), not A's.
     let link = ok(&b, &["invite"]);
     let inv = decode_link(&link);
     assert_eq!(inv["inviter"], idb.as_str());
+    assert!(inv["addrs"][0].as_str().unwrap().ends_with("/quic-v1"), "{inv}");
     let a_addrs: Vec<String> = p2p(&a)["listen"]
         .as_array()
         .unwrap()
