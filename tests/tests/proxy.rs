@@ -473,3 +473,55 @@ async fn a_browser_runs_an_app_through_the_proxy_and_web_dir() {
         "the API call reached the upstream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn braid_cache_resumes_from_parents_and_sends_the_clients_heartbeats() {
+    let u = Plait::start(Store::Embedded);
+    let (p, _dir) = plait_with(
+        &format!("[[proxy]]\nprefix = \"/doc\"\nupstream = \"http://{}\"\n", u.addr),
+        &[],
+    );
+    let put = |body: &'static str, version: &'static str, parents: Option<&'static str>| {
+        let addr = u.addr;
+        async move {
+            let mut h = vec![("Version", version)];
+            if let Some(pa) = parents {
+                h.push(("Parents", pa));
+            }
+            assert_eq!(
+                wire::send(addr, "PUT", "/doc", &h, body.as_bytes()).await.status,
+                200
+            );
+        }
+    };
+    put("hello", "\"bob-4\"", None).await;
+    // A first local subscriber opens the shared upstream subscription.
+    let mut first = wire::subscribe(p.addr, "/doc", &[("Subscribe", "true")]).await;
+    assert_eq!(first.next_block(T).await.unwrap().body_text(), "hello");
+    // A client at the cached version gets nothing until something changes, then the change.
+    let mut at_head =
+        wire::subscribe(p.addr, "/doc", &[("Subscribe", "true"), ("Parents", "\"bob-4\"")]).await;
+    assert_eq!(at_head.status, 209);
+    let extra = at_head.next_block(Duration::from_millis(300)).await;
+    assert!(extra.is_none(), "{extra:?}");
+    put("hello world", "\"bob-10\"", Some("\"bob-4\"")).await;
+    let b = at_head.next_block(T).await.unwrap();
+    assert_eq!(b.header("version"), Some("\"bob-10\""));
+    assert_eq!(apply("hello", &b), "hello world");
+    // A client at a version the cache no longer starts from is answered by the upstream
+    // with only what it lacks: patches, not a snapshot.
+    let mut old = wire::subscribe(p.addr, "/doc", &[("Subscribe", "true"), ("Parents", "\"bob-4\"")]).await;
+    let b = old.next_block(T).await.unwrap();
+    assert!(b.body.is_none(), "a snapshot instead of what was missing: {b:?}");
+    assert_eq!(apply("hello", &b), "hello world");
+    // Heartbeats at the client's rate, whatever the upstream subscription uses.
+    let mut beats = wire::subscribe(p.addr, "/doc", &[("Subscribe", "true"), ("Heartbeats", "0.5")]).await;
+    assert_eq!(beats.header("heartbeats"), Some("0.5s"));
+    // A newcomer gets the cached state: the upstream's snapshot and the update after it.
+    assert_eq!(beats.next_block(T).await.unwrap().body_text(), "hello");
+    assert_eq!(apply("hello", &beats.next_block(T).await.unwrap()), "hello world");
+    let seen = beats.raw_for(Duration::from_millis(100)).await.len();
+    let raw = beats.raw_for(Duration::from_millis(1300)).await;
+    let after = String::from_utf8_lossy(&raw[seen..]).to_string();
+    assert!(after.matches("\r\n").count() >= 2, "no heartbeats: {after:?}");
+}

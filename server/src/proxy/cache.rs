@@ -50,10 +50,11 @@ enum Answer {
     Failed(u16, &'static str, String),
 }
 
-/// The cached state: blocks since the last snapshot.
+/// The cached state: blocks since the last snapshot, each with the version it reaches.
 #[derive(Default)]
 struct Cache {
     blocks: Vec<Bytes>,
+    versions: Vec<Option<Version>>,
     bytes: usize,
     last_version: Option<Version>,
 }
@@ -63,10 +64,12 @@ impl Cache {
         let framed = b.framed();
         if b.snapshot || b.status == Some(404) {
             self.blocks.clear();
+            self.versions.clear();
             self.bytes = 0;
         }
         self.bytes += framed.len();
         self.blocks.push(framed.clone());
+        self.versions.push(b.version.clone());
         if b.version.is_some() {
             self.last_version = b.version.clone();
         }
@@ -74,11 +77,23 @@ impl Cache {
     }
 
     fn joined(&self) -> Bytes {
+        self.joined_from(0)
+    }
+
+    fn joined_from(&self, start: usize) -> Bytes {
         let mut out = BytesMut::with_capacity(self.bytes);
-        for b in &self.blocks {
+        for b in &self.blocks[start.min(self.blocks.len())..] {
             out.extend_from_slice(b);
         }
         out.freeze()
+    }
+
+    /// What takes a client at `parents` to the cached state: the blocks after the one that
+    /// reached `parents` (nothing if it is the last), or `None` when the cache does not
+    /// hold that version.
+    fn since(&self, parents: &Version) -> Option<Bytes> {
+        let i = self.versions.iter().rposition(|v| v.as_ref() == Some(parents))?;
+        Some(self.joined_from(i + 1))
     }
 }
 
@@ -159,17 +174,26 @@ pub async fn subscribe(
         }
         Answer::Failed(status, code, why) => return ApiError::new(status, code, why).into_response(),
     };
+    // A client resuming from `Parents` gets what it lacks from the cache; when the cache
+    // does not hold its version, it gets its own upstream request, which can answer it.
+    let braid = crate::braid::headers::BraidHeaders::parse(req.headers()).ok();
+    let parents = braid.as_ref().and_then(|b| b.parents.clone());
+    let heartbeats = braid.as_ref().and_then(|b| b.heartbeats);
     // Subscribe to the queue and read the cache under one lock: nothing falls between.
     let (initial, rx) = {
         let cache = up.cache.lock().expect("cache");
-        (cache.joined(), up.tx.subscribe())
+        let initial = match &parents {
+            None => Some(cache.joined()),
+            Some(p) => cache.since(p),
+        };
+        (initial, up.tx.subscribe())
     };
-    let mut res = Response::new(Body::from_stream(stream(
-        local,
-        initial,
-        rx,
-        proxy.shutdown.clone(),
-    )));
+    let Some(initial) = initial else {
+        drop(local);
+        return forward::forward(proxy, route, req, peer).await;
+    };
+    let body = stream(local, initial, rx, heartbeats, proxy.shutdown.clone());
+    let mut res = Response::new(Body::from_stream(body));
     *res.status_mut() = StatusCode::from_u16(209).expect("209");
     let h = res.headers_mut();
     for (k, v) in forward::end_to_end(&head, false) {
@@ -190,35 +214,63 @@ pub async fn subscribe(
         HeaderValue::from_static("no-cache, no-transform, no-store"),
     );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // Heartbeats are between Plait and this client (the upstream's are Plait's own).
+    h.remove("heartbeats");
+    if let Some(hb) = heartbeats
+        && let Ok(v) = HeaderValue::from_str(&format!("{}s", hb.as_secs_f64()))
+    {
+        h.insert("heartbeats", v);
+    }
     res
 }
 
-/// A local subscriber's body: the cached state, then each update.
+/// A local subscriber's body: the cached state, then each update, and blank-line
+/// heartbeats at the rate the client asked for.
 fn stream(
     local: Local,
     initial: Bytes,
     rx: broadcast::Receiver<Bytes>,
+    heartbeats: Option<Duration>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    struct St {
+        local: Local,
+        first: Option<Bytes>,
+        rx: broadcast::Receiver<Bytes>,
+        beat: Option<tokio::time::Interval>,
+        shutdown: tokio_util::sync::CancellationToken,
+    }
+    let beat = heartbeats.map(|d| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
     let first = (!initial.is_empty()).then_some(initial);
-    futures::stream::unfold(
-        (local, first, rx, shutdown),
-        |(local, first, mut rx, shutdown)| async move {
-            if let Some(b) = first {
-                return Some((Ok(b), (local, None, rx, shutdown)));
+    let st = St {
+        local,
+        first,
+        rx,
+        beat,
+        shutdown,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        if let Some(b) = st.first.take() {
+            return Some((Ok(b), st));
+        }
+        let b = tokio::select! {
+            _ = st.shutdown.cancelled() => return None,
+            _ = async { st.beat.as_mut().expect("guarded").tick().await }, if st.beat.is_some() => {
+                Bytes::from_static(crate::braid::frame::HEARTBEAT)
             }
-            let b = tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                r = rx.recv() => match r {
-                    Ok(b) => b,
-                    // Fell behind: start again from the cached snapshot.
-                    Err(broadcast::error::RecvError::Lagged(_)) => local.0.cache.lock().expect("cache").joined(),
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                },
-            };
-            Some((Ok(b), (local, None, rx, shutdown)))
-        },
-    )
+            r = st.rx.recv() => match r {
+                Ok(b) => b,
+                // Fell behind: start again from the cached snapshot.
+                Err(broadcast::error::RecvError::Lagged(_)) => st.local.0.cache.lock().expect("cache").joined(),
+                Err(broadcast::error::RecvError::Closed) => return None,
+            },
+        };
+        Some((Ok(b), st))
+    })
 }
 
 /// Waits until there has been no local subscriber for `grace`.
@@ -436,5 +488,6 @@ async fn refresh_snapshot(proxy: &Arc<Proxy>, up: &Arc<Upstream>) {
     };
     let block = encode_update(&update);
     cache.blocks = vec![block.clone()];
+    cache.versions = vec![Some(update.version.clone())];
     cache.bytes = block.len();
 }
