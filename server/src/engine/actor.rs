@@ -350,21 +350,7 @@ impl Actor {
         for (w, reply) in writes {
             if matches!(self.res, Some(Res::Missing)) {
                 match start_resource(&w.body) {
-                    Ok((kind, media_type)) => {
-                        create = Some(Target::Create {
-                            key: self.key.clone(),
-                            kind,
-                            media_type: media_type.clone(),
-                        });
-                        self.res = Some(Res::Present(Box::new(Present {
-                            id: None,
-                            kind,
-                            media_type,
-                            doc: Document::new(kind),
-                            known_through: 0,
-                            since_snapshot: 0,
-                        })));
-                    }
+                    Ok((kind, media_type)) => create = Some(self.begin_resource(kind, media_type)),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                         continue;
@@ -523,19 +509,7 @@ impl Actor {
         let before = self.current();
         let mut create = None;
         if matches!(self.res, Some(Res::Missing)) {
-            create = Some(Target::Create {
-                key: self.key.clone(),
-                kind,
-                media_type: media_type.clone(),
-            });
-            self.res = Some(Res::Present(Box::new(Present {
-                id: None,
-                kind,
-                media_type,
-                doc: Document::new(kind),
-                known_through: 0,
-                since_snapshot: 0,
-            })));
+            create = Some(self.begin_resource(kind, media_type));
         }
         let Some(Res::Present(p)) = &mut self.res else {
             unreachable!("made present above")
@@ -604,6 +578,25 @@ impl Actor {
                 Err(e.into())
             }
         }
+    }
+
+    /// Makes a missing resource present with an empty document, to be created in storage
+    /// by the first append (the target returned).
+    fn begin_resource(&mut self, kind: Kind, media_type: String) -> Target {
+        let target = Target::Create {
+            key: self.key.clone(),
+            kind,
+            media_type: media_type.clone(),
+        };
+        self.res = Some(Res::Present(Box::new(Present {
+            id: None,
+            kind,
+            media_type,
+            doc: Document::new(kind),
+            known_through: 0,
+            since_snapshot: 0,
+        })));
+        target
     }
 
     /// Snapshots the document in the background once enough changes have piled up.

@@ -15,7 +15,6 @@
 //! the cached state again (a snapshot and what follows), never slowing the others.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::HeaderMap;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{broadcast, watch};
 
 use super::{Proxy, Route, forward};
 use crate::braid::format_version;
@@ -103,21 +102,17 @@ pub struct Upstream {
     answer: watch::Sender<Option<Answer>>,
     cache: Mutex<Cache>,
     tx: broadcast::Sender<Bytes>,
-    /// Local subscribers; changed only under the proxy's subscription map lock.
-    locals: AtomicUsize,
-    idle: Notify,
+    /// Local subscribers; joined only under the proxy's subscription map lock.
+    locals: super::Locals,
 }
 
-/// Counts a local subscriber for as long as it lives.
-struct Local(Arc<Upstream>);
-
-impl Drop for Local {
-    fn drop(&mut self) {
-        if self.0.locals.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_one();
-        }
+impl super::Shared for Upstream {
+    fn locals(&self) -> &super::Locals {
+        &self.locals
     }
 }
+
+type Local = super::Local<Upstream>;
 
 /// Serves a local subscription to `url` through the shared upstream subscription.
 pub async fn subscribe(
@@ -140,8 +135,7 @@ pub async fn subscribe(
                     answer,
                     cache: Mutex::new(Cache::default()),
                     tx,
-                    locals: AtomicUsize::new(0),
-                    idle: Notify::new(),
+                    locals: super::Locals::default(),
                 });
                 map.insert(key.clone(), Arc::downgrade(&up));
                 let accept = req.headers().get(http::header::ACCEPT).cloned();
@@ -149,8 +143,7 @@ pub async fn subscribe(
                 up
             }
         };
-        up.locals.fetch_add(1, Ordering::AcqRel);
-        Local(up)
+        Local::join(up)
     };
     let up = local.0.clone();
     let mut answers = up.answer.subscribe();
@@ -276,13 +269,13 @@ fn stream(
 /// Waits until there has been no local subscriber for `grace`.
 async fn idle_for(up: &Upstream, grace: Duration) {
     loop {
-        if up.locals.load(Ordering::Acquire) == 0 {
+        if up.locals.count() == 0 {
             tokio::time::sleep(grace).await;
-            if up.locals.load(Ordering::Acquire) == 0 {
+            if up.locals.count() == 0 {
                 return;
             }
         } else {
-            up.idle.notified().await;
+            up.locals.emptied().await;
         }
     }
 }
@@ -357,7 +350,7 @@ async fn run(proxy: Arc<Proxy>, route: Route, up: Arc<Upstream>, key: String, ac
             _ = tokio::time::sleep(backoff) => {}
             _ = &mut idle => {
                 let map = proxy.subscriptions.lock().expect("subscriptions");
-                if up.locals.load(Ordering::Acquire) == 0 {
+                if up.locals.count() == 0 {
                     drop(map);
                     break;
                 }
@@ -394,7 +387,7 @@ async fn relay<'a>(
             _ = &mut *idle => {
                 // Close only if still nobody, checked under the map lock new subscribers take.
                 let map = proxy.subscriptions.lock().expect("subscriptions");
-                if up.locals.load(Ordering::Acquire) == 0 {
+                if up.locals.count() == 0 {
                     drop(map);
                     tracing::debug!(url = %up.url, "no local subscribers; closing the upstream subscription");
                     return true;

@@ -30,6 +30,53 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Limits, ProxyRoute};
 
+/// The local subscribers of something shared (an upstream subscription, a poller): how
+/// many there are, and a wake-up for its task when the last one leaves. Joining happens
+/// under the owner's map lock, so a task that sees none under that lock can end.
+#[derive(Default)]
+pub(crate) struct Locals {
+    count: std::sync::atomic::AtomicUsize,
+    emptied: tokio::sync::Notify,
+}
+
+impl Locals {
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves after the last subscriber has left (at once if that happened unobserved).
+    pub(crate) async fn emptied(&self) {
+        self.emptied.notified().await;
+    }
+}
+
+/// Something local subscribers share.
+pub(crate) trait Shared {
+    fn locals(&self) -> &Locals;
+}
+
+/// One local subscriber of `T`, counted for as long as it lives.
+pub(crate) struct Local<T: Shared>(pub(crate) Arc<T>);
+
+impl<T: Shared> Local<T> {
+    pub(crate) fn join(shared: Arc<T>) -> Local<T> {
+        shared
+            .locals()
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Local(shared)
+    }
+}
+
+impl<T: Shared> Drop for Local<T> {
+    fn drop(&mut self) {
+        let l = self.0.locals();
+        if l.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            l.emptied.notify_one();
+        }
+    }
+}
+
 /// A route: a path prefix and its upstream.
 #[derive(Debug, Clone)]
 pub struct Route {

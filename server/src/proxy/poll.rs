@@ -6,7 +6,6 @@
 //! new version (`<poller>-<n>`, parents the previous one). A 404 becomes a "missing" update.
 //! The poller stops when nobody has subscribed for `proxy_subscription_grace_ms`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{broadcast, watch};
 
 use super::Proxy;
 use crate::braid::frame::encode_update;
@@ -36,19 +35,16 @@ pub struct Poller {
     /// Whether the first poll worked (`Err` holds the refusal for waiting subscribers).
     ready: watch::Sender<Option<Result<(), Refusal>>>,
     tx: broadcast::Sender<Bytes>,
-    locals: AtomicUsize,
-    idle: Notify,
+    locals: super::Locals,
 }
 
-struct Local(Arc<Poller>);
-
-impl Drop for Local {
-    fn drop(&mut self) {
-        if self.0.locals.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_one();
-        }
+impl super::Shared for Poller {
+    fn locals(&self) -> &super::Locals {
+        &self.locals
     }
 }
+
+type Local = super::Local<Poller>;
 
 /// Serves a local subscription to a live route.
 pub async fn subscribe(
@@ -70,16 +66,14 @@ pub async fn subscribe(
                     current: Mutex::new(None),
                     ready,
                     tx,
-                    locals: AtomicUsize::new(0),
-                    idle: Notify::new(),
+                    locals: super::Locals::default(),
                 });
                 map.insert(key.clone(), Arc::downgrade(&p));
                 tokio::spawn(run(proxy.clone(), p.clone(), key, interval));
                 p
             }
         };
-        p.locals.fetch_add(1, Ordering::AcqRel);
-        Local(p)
+        Local::join(p)
     };
     let p = local.0.clone();
     let mut ready = p.ready.subscribe();
@@ -163,15 +157,15 @@ async fn run(proxy: Arc<Proxy>, p: Arc<Poller>, key: String, interval: Duration)
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = p.idle.notified() => {}
+            _ = p.locals.emptied() => {}
             _ = proxy.shutdown.cancelled() => return,
         }
-        if p.locals.load(Ordering::Acquire) == 0 {
+        if p.locals.count() == 0 {
             let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
             if since.elapsed() >= proxy.settings.grace {
                 // Under the map's lock, so no new subscriber can join a poller that is leaving.
                 let mut map = proxy.pollers.lock().expect("pollers");
-                if p.locals.load(Ordering::Acquire) == 0 {
+                if p.locals.count() == 0 {
                     map.remove(&key);
                     return;
                 }
