@@ -191,6 +191,22 @@ impl Plait {
         self.child = Some(child);
     }
 
+    /// The server's status resource (`/.well-known/plait`), fetched from outside any runtime.
+    pub fn well_known(&self) -> serde_json::Value {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let r = rt.block_on(crate::wire::send(
+            self.addr,
+            "GET",
+            "/.well-known/plait",
+            &[],
+            b"",
+        ));
+        serde_json::from_slice(&r.body).expect("the status resource is JSON")
+    }
+
     /// Everything the server has printed.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()

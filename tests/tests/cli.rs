@@ -5,15 +5,6 @@ use std::process::Command;
 use plait_tests::plait::{Plait, Store, binary};
 use plait_tests::wire;
 
-fn well_known(p: &Plait) -> serde_json::Value {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let r = rt.block_on(wire::send(p.addr, "GET", "/.well-known/plait", &[], b""));
-    serde_json::from_slice(&r.body).unwrap()
-}
-
 #[test]
 fn keygen_prints_the_identity_the_server_uses() {
     let p = Plait::start(Store::Embedded);
@@ -25,7 +16,7 @@ fn keygen_prints_the_identity_the_server_uses() {
         .unwrap();
     assert!(out.status.success());
     let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert_eq!(serde_json::Value::String(id.clone()), well_known(&p)["id"]);
+    assert_eq!(serde_json::Value::String(id.clone()), p.well_known()["id"]);
     // The key file is private.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(p.data_dir().join("identity.pem"))

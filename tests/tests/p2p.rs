@@ -51,21 +51,12 @@ fn ok(p: &Plait, args: &[&str]) -> String {
     text
 }
 
-fn well_known(p: &Plait) -> serde_json::Value {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let r = rt.block_on(wire::send(p.addr, "GET", "/.well-known/plait", &[], b""));
-    serde_json::from_slice(&r.body).unwrap()
-}
-
 fn p2p(p: &Plait) -> serde_json::Value {
-    well_known(p)["p2p"]["status"].clone()
+    p.well_known()["p2p"]["status"].clone()
 }
 
 fn id(p: &Plait) -> String {
-    well_known(p)["id"].as_str().unwrap().to_string()
+    p.well_known()["id"].as_str().unwrap().to_string()
 }
 
 fn connected(p: &Plait) -> Vec<String> {
@@ -198,7 +189,7 @@ fn the_admin_commands_explain_what_is_missing() {
     assert!(err.contains("no running plait"), "{err}");
     // A server with p2p off answers joins with 404 and has no admin socket.
     let p = Plait::start(Store::Embedded);
-    assert_eq!(well_known(&p)["p2p"]["enabled"], false);
+    assert_eq!(p.well_known()["p2p"]["enabled"], false);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
