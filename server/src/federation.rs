@@ -14,8 +14,9 @@
 //! Fetch frames: the request is JSON ([`PullRequest`]); the answer is a JSON header line
 //! ([`PullHeader`]) followed by the changes' bytes back to back (lengths in the header).
 //!
-//! Text and JSON resources travel as automerge changes; a bytes resource travels as its
-//! value, sent when the replica's digest differs from the home's.
+//! Text and JSON resources travel as automerge changes — or, to a replica that holds
+//! nothing of a long history, as the whole compact document, stored as its first snapshot;
+//! a bytes resource travels as its value, sent when the replica's digest differs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,6 +66,9 @@ pub struct PullHeader {
     /// For bytes resources: the value's digest (the one "change" is the value).
     #[serde(default)]
     pub digest: Option<String>,
+    /// The one "change" is the whole document (for a replica that held nothing).
+    #[serde(default)]
+    pub snapshot: bool,
 }
 
 /// This instance as the home of its resources.
@@ -152,6 +156,7 @@ impl Home {
                     lens: vec![body.len()],
                     more: false,
                     digest: Some(digest),
+                    snapshot: false,
                 };
                 let mut out = serde_json::to_vec(&header).expect("serializes");
                 out.push(b'\n');
@@ -173,8 +178,26 @@ fn encode_answer(export: Option<crate::engine::Export>) -> Vec<u8> {
                 lens: Vec::new(),
                 more: false,
                 digest: None,
+                snapshot: false,
             },
             Vec::new(),
+        ),
+        Some(crate::engine::Export {
+            kind,
+            media_type,
+            snapshot: Some(doc),
+            ..
+        }) => (
+            PullHeader {
+                exists: true,
+                kind: Some(kind),
+                media_type,
+                lens: vec![doc.len()],
+                more: false,
+                digest: None,
+                snapshot: true,
+            },
+            vec![doc],
         ),
         Some(e) => {
             let mut size = 0;
@@ -195,6 +218,7 @@ fn encode_answer(export: Option<crate::engine::Export>) -> Vec<u8> {
                     lens: taken.iter().map(Bytes::len).collect(),
                     more,
                     digest: None,
+                    snapshot: false,
                 },
                 taken,
             )
@@ -373,6 +397,19 @@ impl Federation {
         let (header, changes) = decode_answer(&answer)?;
         let n = changes.len();
         match header.kind {
+            Some(kind) if header.exists && header.snapshot && changes.len() == 1 => {
+                let doc = changes.into_iter().next().expect("one document");
+                let t = std::time::Instant::now();
+                let took = self
+                    .engine
+                    .import_snapshot(key, kind, header.media_type, doc)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let import_ms = t.elapsed().as_millis() as u64;
+                tracing::debug!(%key, bytes = answer.len(), fetched_ms, import_ms, took, "imported a snapshot");
+                // Not taken (the replica was not empty after all): fetch changes at once.
+                return Ok(!took);
+            }
             Some(Kind::Bytes) if header.exists && changes.len() == 1 => {
                 let write = crate::engine::Write {
                     body: crate::update::WriteBody::Full {
@@ -452,6 +489,7 @@ mod tests {
             kind: Kind::Text,
             media_type: "text/plain".into(),
             changes: vec![Bytes::from_static(b"abc"), Bytes::from_static(b"\n\nde")],
+            snapshot: None,
             heads: Vec::new(),
         };
         let bytes = encode_answer(Some(e));

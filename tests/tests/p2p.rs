@@ -318,6 +318,20 @@ fn federation_is_live_and_survives_a_restart() {
         let r = wire::send(c.addr, "GET", &format!("/~{ida}/text"), &[], b"").await;
         assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
         assert_eq!(r.header("version"), Some("\"ann-10\""));
+        // A long history reaches an empty replica as one compact document; later changes
+        // follow as changes.
+        for _ in 0..300 {
+            let r = wire::send(a.addr, "PUT", "/long", &[("Content-Range", "text [0:0]")], b"x").await;
+            assert_eq!(r.status, 200);
+        }
+        let home = wire::send(a.addr, "GET", "/long", &[], b"").await;
+        let r = wire::send(c.addr, "GET", &format!("/~{ida}/long"), &[], b"").await;
+        assert_eq!(r.text(), "x".repeat(300));
+        assert_eq!(r.header("version"), home.header("version"));
+        let r = wire::send(a.addr, "PUT", "/long", &[("Content-Range", "text [0:0]")], b"y").await;
+        assert_eq!(r.status, 200);
+        let r = wire::send(c.addr, "GET", &format!("/~{ida}/long"), &[], b"").await;
+        assert_eq!(r.text(), format!("y{}", "x".repeat(300)));
         // Bytes resources travel by value, compared by digest.
         let png = [0x89u8, b'P', b'N', b'G', 0, 1, 2, 3];
         let r = wire::send(a.addr, "PUT", "/logo", &[("Content-Type", "image/png")], &png).await;

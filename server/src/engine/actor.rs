@@ -113,6 +113,9 @@ struct Present {
     since_snapshot: usize,
 }
 
+/// Past this many changes, an empty replica is sent the whole document, not the changes.
+const SNAPSHOT_SYNC_AFTER: usize = 256;
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -185,6 +188,15 @@ impl Actor {
                 }
                 Command::Export(have, reply) => {
                     let _ = reply.send(Ok(self.export(&have)));
+                }
+                Command::ImportSnapshot {
+                    kind,
+                    media_type,
+                    snapshot,
+                    reply,
+                } => {
+                    let r = self.import_snapshot(kind, media_type, snapshot).await;
+                    let _ = reply.send(r);
                 }
                 Command::Import {
                     kind,
@@ -480,6 +492,20 @@ impl Actor {
         let Some(Res::Present(p)) = &mut self.res else {
             return None;
         };
+        // A replica that holds nothing of a long history gets the whole document.
+        if have.is_empty() && p.kind != Kind::Bytes && p.doc.change_count() > SNAPSHOT_SYNC_AFTER {
+            let heavy = p.doc.change_count() > 10_000;
+            let snapshot = cpu_bound(heavy, || p.doc.save()).map(Bytes::from);
+            if snapshot.is_some() {
+                return Some(super::Export {
+                    kind: p.kind,
+                    media_type: p.media_type.clone(),
+                    changes: Vec::new(),
+                    snapshot,
+                    heads: p.doc.heads(),
+                });
+            }
+        }
         let changes = p
             .doc
             .export(have)
@@ -490,8 +516,56 @@ impl Actor {
             kind: p.kind,
             media_type: p.media_type.clone(),
             changes,
+            snapshot: None,
             heads: p.doc.heads(),
         })
+    }
+
+    /// Starts an empty replica from its home's whole document, stored as one snapshot.
+    async fn import_snapshot(
+        &mut self,
+        kind: Kind,
+        media_type: String,
+        snapshot: Bytes,
+    ) -> Result<bool, EngineError> {
+        if !matches!(self.res, Some(Res::Missing)) {
+            return Ok(false);
+        }
+        if kind == Kind::Bytes {
+            return Err(EngineError::Doc(crate::doc::DocError::Corrupt(
+                "bytes resources have no automerge snapshot".into(),
+            )));
+        }
+        let before = self.current();
+        let heavy = snapshot.len() > 64 << 10;
+        let doc = cpu_bound(heavy, || {
+            Document::load_automerge(kind, Some(snapshot.as_ref()), std::iter::empty::<&[u8]>())
+        })?;
+        match self
+            .storage
+            .create_from_snapshot(&self.key, kind, &media_type, snapshot)
+            .await?
+        {
+            // Created meanwhile (another process): reload, and take changes from there.
+            None => {
+                self.res = None;
+                Ok(false)
+            }
+            Some(id) => {
+                self.res = Some(Res::Present(Box::new(Present {
+                    id: Some(id),
+                    kind,
+                    media_type,
+                    doc,
+                    known_through: 0,
+                    since_snapshot: 0,
+                })));
+                self.register();
+                self.publish_state();
+                self.announce_since(&before)?;
+                Ok(true)
+            }
+        }
     }
 
     /// Applies a peer's changes to this replica, stores the new ones, and announces them.
@@ -791,6 +865,7 @@ fn fail(c: Command, e: EngineError) {
         Command::Heads(r) => drop(r.send(Err(e))),
         Command::Export(_, r) => drop(r.send(Err(e))),
         Command::Import { reply, .. } => drop(reply.send(Err(e))),
+        Command::ImportSnapshot { reply, .. } => drop(reply.send(Err(e))),
         Command::Refresh => {}
     }
 }

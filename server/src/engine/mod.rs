@@ -239,6 +239,14 @@ pub(crate) enum Command {
         Vec<automerge::ChangeHash>,
         oneshot::Sender<Result<Option<Export>, EngineError>>,
     ),
+    /// A home's whole document for an empty replica: stored as its snapshot, announced;
+    /// `false` if the replica is not empty (nothing done).
+    ImportSnapshot {
+        kind: Kind,
+        media_type: String,
+        snapshot: Bytes,
+        reply: oneshot::Sender<Result<bool, EngineError>>,
+    },
     /// A peer's changes to a replica: applied, stored, announced; `true` if any were new.
     Import {
         kind: Kind,
@@ -255,6 +263,9 @@ pub struct Export {
     pub media_type: String,
     /// For text and JSON: the automerge changes, in causal order.
     pub changes: Vec<Bytes>,
+    /// Instead of changes, for a replica that holds nothing of a long history: the whole
+    /// document, compact (loading it is far cheaper than applying its changes one by one).
+    pub snapshot: Option<Bytes>,
     /// The home's heads after them.
     pub heads: Vec<automerge::ChangeHash>,
 }
@@ -477,6 +488,25 @@ impl Engine {
                 kind,
                 media_type,
                 changes,
+                reply,
+            })
+            .await
+    }
+
+    /// Federation, at an empty replica: takes the home's whole document as its start.
+    /// `false` when the replica already holds something (then changes are the way).
+    pub async fn import_snapshot(
+        &self,
+        key: &ResourceKey,
+        kind: Kind,
+        media_type: String,
+        snapshot: Bytes,
+    ) -> Result<bool, EngineError> {
+        self.resource(key)
+            .ask(|reply| Command::ImportSnapshot {
+                kind,
+                media_type,
+                snapshot,
                 reply,
             })
             .await

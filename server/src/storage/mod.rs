@@ -170,6 +170,17 @@ pub trait Storage: Send + Sync + 'static {
     /// Stores a snapshot covering changes `..= upto` and drops those changes.
     async fn save_snapshot(&self, id: ResourceId, upto: Seq, data: Bytes) -> Result<(), StorageError>;
 
+    /// Creates a resource whose content is one snapshot (covering seq 0, so its first
+    /// change will be seq 1), in one transaction: a replica's first sync. `None` when the
+    /// resource exists already; nothing is changed then.
+    async fn create_from_snapshot(
+        &self,
+        key: &ResourceKey,
+        kind: Kind,
+        media_type: &str,
+        data: Bytes,
+    ) -> Result<Option<ResourceId>, StorageError>;
+
     /// For bytes resources: drops changes before `keep_from` and values no change uses.
     async fn drop_changes_before(&self, id: ResourceId, keep_from: Seq) -> Result<(), StorageError>;
 

@@ -685,6 +685,45 @@ impl Storage for PostgresStorage {
         tx.commit().await.map_err(pg_err)
     }
 
+    async fn create_from_snapshot(
+        &self,
+        key: &ResourceKey,
+        kind: Kind,
+        media_type: &str,
+        data: Bytes,
+    ) -> Result<Option<ResourceId>, StorageError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let row = tx
+            .query_opt(
+                "INSERT INTO resources (namespace, path, kind, media_type) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (namespace, path) DO NOTHING RETURNING id",
+                &[
+                    &key.namespace.as_bytes().as_slice(),
+                    &key.path.as_str(),
+                    &kind.code(),
+                    &media_type,
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let id: ResourceId = row.get(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        tx.execute(
+            "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES ($1, 0, $2, $3)",
+            &[&id, &data.as_ref(), &now],
+        )
+        .await
+        .map_err(pg_err)?;
+        recount(&tx, id).await?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(Some(id))
+    }
+
     async fn drop_changes_before(&self, id: ResourceId, keep_from: Seq) -> Result<(), StorageError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;

@@ -24,7 +24,7 @@ use super::{
     Storage, StorageError, StoredChange, Target, identity_from_bytes, key_from_row, kind_from_code,
     prefix_upper_bound,
 };
-use crate::model::{Namespace, ResourceKey, ResourcePath};
+use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
 mod embedded {
     refinery::embed_migrations!("src/storage/sqlite_migrations");
@@ -69,6 +69,13 @@ enum WriteJob {
         value: String,
         reply: Reply<()>,
     },
+    Seed {
+        key: ResourceKey,
+        kind: Kind,
+        media_type: String,
+        data: Bytes,
+        reply: Reply<Option<ResourceId>>,
+    },
 }
 
 impl WriteJob {
@@ -81,7 +88,7 @@ impl WriteJob {
                     .map(|c| c.data.len() + c.blob.as_ref().map_or(0, |b| b.len()))
                     .sum(),
             ),
-            WriteJob::Snapshot { data, .. } => (1, data.len()),
+            WriteJob::Snapshot { data, .. } | WriteJob::Seed { data, .. } => (1, data.len()),
             _ => (1, 0),
         }
     }
@@ -217,6 +224,10 @@ enum Done {
     Appended(Reply<Appended>, Result<Appended, StorageError>),
     Unit(Reply<()>, Result<(), StorageError>),
     Bool(Reply<bool>, Result<bool, StorageError>),
+    Id(
+        Reply<Option<ResourceId>>,
+        Result<Option<ResourceId>, StorageError>,
+    ),
 }
 
 fn run_batch(conn: &mut Connection, batch: Vec<WriteJob>) {
@@ -236,6 +247,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<WriteJob>) {
                     Done::Appended(r, v) => drop(r.send(v)),
                     Done::Unit(r, v) => drop(r.send(v)),
                     Done::Bool(r, v) => drop(r.send(v)),
+                    Done::Id(r, v) => drop(r.send(v)),
                 }
             }
         }
@@ -246,6 +258,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<WriteJob>) {
                     Done::Appended(r, _) => drop(r.send(Err(e.clone()))),
                     Done::Unit(r, _) => drop(r.send(Err(e.clone()))),
                     Done::Bool(r, _) => drop(r.send(Err(e.clone()))),
+                    Done::Id(r, _) => drop(r.send(Err(e.clone()))),
                 }
             }
         }
@@ -260,6 +273,7 @@ fn fail_all(batch: Vec<WriteJob>, e: StorageError) {
             | WriteJob::DropBefore { reply, .. }
             | WriteJob::PutSetting { reply, .. } => drop(reply.send(Err(e.clone()))),
             WriteJob::Delete { reply, .. } => drop(reply.send(Err(e.clone()))),
+            WriteJob::Seed { reply, .. } => drop(reply.send(Err(e.clone()))),
         }
     }
 }
@@ -298,6 +312,13 @@ fn run_in_savepoint(tx: &mut Transaction<'_>, job: WriteJob) -> Done {
             Done::Unit(reply, scoped(tx, |t| drop_before(t, id, keep_from)))
         }
         WriteJob::Delete { key, reply } => Done::Bool(reply, scoped(tx, |t| delete(t, &key))),
+        WriteJob::Seed {
+            key,
+            kind,
+            media_type,
+            data,
+            reply,
+        } => Done::Id(reply, scoped(tx, |t| seed(t, &key, kind, &media_type, &data))),
         WriteJob::PutSetting { name, value, reply } => Done::Unit(
             reply,
             scoped(tx, |t| {
@@ -394,6 +415,42 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
         first_seq: head + 1,
         last_seq: seq,
     })
+}
+
+/// Creates a resource whose whole content is a snapshot (covering seq 0); `None` if it
+/// exists already (nothing is changed then).
+fn seed(
+    t: &Connection,
+    key: &ResourceKey,
+    kind: Kind,
+    media_type: &str,
+    data: &[u8],
+) -> Result<Option<ResourceId>, StorageError> {
+    let now = now_ms();
+    let inserted = t
+        .execute(
+            "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5) ON CONFLICT (namespace, path) DO NOTHING",
+            params![
+                key.namespace.as_bytes().as_slice(),
+                key.path.as_str(),
+                kind.code(),
+                media_type,
+                now
+            ],
+        )
+        .map_err(sql_err)?;
+    if inserted == 0 {
+        return Ok(None);
+    }
+    let id = t.last_insert_rowid();
+    t.execute(
+        "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES (?1, 0, ?2, ?3)",
+        params![id, data, now],
+    )
+    .map_err(sql_err)?;
+    recount(t, id)?;
+    Ok(Some(id))
 }
 
 fn snapshot(t: &Connection, id: ResourceId, upto: Seq, data: &[u8]) -> Result<(), StorageError> {
@@ -615,6 +672,24 @@ impl Storage for SqliteStorage {
     async fn delete(&self, key: &ResourceKey) -> Result<bool, StorageError> {
         let key = key.clone();
         self.write(|reply| WriteJob::Delete { key, reply }).await
+    }
+
+    async fn create_from_snapshot(
+        &self,
+        key: &ResourceKey,
+        kind: Kind,
+        media_type: &str,
+        data: Bytes,
+    ) -> Result<Option<ResourceId>, StorageError> {
+        let (key, media_type) = (key.clone(), media_type.to_string());
+        self.write(|reply| WriteJob::Seed {
+            key,
+            kind,
+            media_type,
+            data,
+            reply,
+        })
+        .await
     }
 
     async fn list(

@@ -46,6 +46,7 @@ where
     create_races_and_kind_conflicts(make().await).await;
     concurrent_appends_are_gap_free(make().await).await;
     snapshots_fold_the_log(make().await).await;
+    a_resource_can_start_from_a_snapshot(make().await).await;
     bytes_values_and_collection(make().await).await;
     deletes_remove_everything(make().await).await;
     listing_by_prefix(make().await).await;
@@ -235,6 +236,36 @@ async fn snapshots_fold_the_log(s: Arc<dyn Storage>) {
         .await
         .unwrap();
     assert_eq!(b.first_seq, 4);
+}
+
+async fn a_resource_can_start_from_a_snapshot(s: Arc<dyn Storage>) {
+    let ns = Keypair::generate();
+    let k = key(&ns, "seeded");
+    let id = s
+        .create_from_snapshot(&k, Kind::Json, "application/json", Bytes::from_static(b"SEED"))
+        .await
+        .unwrap()
+        .expect("created");
+    let l = s.load(&k).await.unwrap().unwrap();
+    assert_eq!(l.row.id, id);
+    assert_eq!(l.row.kind, Kind::Json);
+    assert_eq!(l.snapshot, Some((0, Bytes::from_static(b"SEED"))));
+    assert!(l.changes.is_empty());
+    assert!(s.namespace_bytes(&ns.identity()).await.unwrap() >= 4);
+    // A second seed changes nothing; changes then start at seq 1.
+    let again = s
+        .create_from_snapshot(&k, Kind::Json, "application/json", Bytes::from_static(b"OTHER"))
+        .await
+        .unwrap();
+    assert_eq!(again, None);
+    let a = s
+        .append(Target::Existing(id), vec![change("a-0", b"1")])
+        .await
+        .unwrap();
+    assert_eq!((a.first_seq, a.last_seq), (1, 1));
+    let l = s.load(&k).await.unwrap().unwrap();
+    assert_eq!(l.snapshot.unwrap().1, Bytes::from_static(b"SEED"));
+    assert_eq!(l.changes.len(), 1);
 }
 
 async fn bytes_values_and_collection(s: Arc<dyn Storage>) {
