@@ -937,14 +937,7 @@ impl Runner {
                     let _ = reply.send(Ok(()));
                 })));
             }
-            Cmd::Resolve { id, reply } => {
-                let Some(dht) = self.dht().map(str::to_string) else {
-                    let _ = reply.send(Err(NodeError::Refused("this node has joined no DHT".into())));
-                    return;
-                };
-                let _ = dht;
-                self.lookup(id, Some(reply));
-            }
+            Cmd::Resolve { id, reply } => self.lookup(id, Some(reply)),
             Cmd::Connect { addr, reply } => {
                 // Dialling a named peer by hand is the operator's choice: our side allows
                 // it; the other side's gate decides.
@@ -1044,7 +1037,11 @@ impl Runner {
                         .map(|m| m.certs())
                         .unwrap_or_default();
                     self.send_certs(peer_id, certs);
-                    self.publish_record();
+                    // The first peer after being alone (start-up, a join, a network outage):
+                    // the record could not reach anyone before, so publish it now.
+                    if self.connected.len() == 1 {
+                        self.publish_record();
+                    }
                     self.publish_status();
                 }
             }

@@ -29,9 +29,14 @@ impl plait_bridge::node::Serve for Echo {
 }
 
 async fn node(dir: &tempfile::TempDir) -> (Node, Keypair) {
+    node_in(dir, "plait").await
+}
+
+async fn node_in(dir: &tempfile::TempDir, dht: &str) -> (Node, Keypair) {
     let keys = Keypair::generate();
     let settings = NodeSettings {
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        dht: dht.into(),
         ..NodeSettings::default()
     };
     let n = Node::start(
@@ -150,4 +155,28 @@ async fn invite_chain_lookup_gate_and_record_filtering() {
     })
     .await;
     assert_eq!(b.held_record(ka.identity()).await.unwrap().unwrap(), good);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_a_dht_of_another_name() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, ka) = node_in(&dirs[0], "friends").await;
+    let (b, kb) = node(&dirs[1]).await;
+    let inv = a.invite("unused".into(), 600, 1).await.unwrap();
+    assert_eq!(inv.dht, "friends");
+    b.joined(a.admit(b.join_request(&kb, inv)).await.unwrap())
+        .await
+        .unwrap();
+    // B speaks the other DHT's Kademlia now: it finds A's record through it.
+    until("B joins A's DHT", async || {
+        b.status().dht.as_deref() == Some("friends")
+    })
+    .await;
+    until("A and B connect", async || {
+        a.status().connected.contains(&kb.identity())
+    })
+    .await;
+    let rec = b.resolve(ka.identity()).await.unwrap();
+    assert_eq!(rec.dht, "friends");
+    assert!(!b.status().listen.is_empty(), "B listens again after switching");
 }
