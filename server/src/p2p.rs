@@ -20,7 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use plait_bridge::Keypair;
-use plait_bridge::invite::{Invite, InviteError, JoinRequest};
+use plait_bridge::invite::{Invite, JoinRequest};
 use plait_bridge::node::{JoinGrant, Node, NodeError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -113,12 +113,9 @@ impl P2p {
         let req: JoinRequest = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("not a join request: {e}")))?;
         self.node.admit(req).await.map_err(|e| match e {
-            NodeError::Invite(e @ (InviteError::Expired | InviteError::UsedUp)) => {
-                ApiError::new(403, "invite-refused", e.to_string())
-            }
-            NodeError::Invite(e) => ApiError::new(403, "invite-refused", e.to_string()),
             NodeError::Stopped => ApiError::new(503, "p2p-stopped", "the p2p node has stopped"),
-            other => ApiError::new(403, "invite-refused", other.to_string()),
+            // Expired, used up, not ours, another DHT, a bad signature: the reason says which.
+            refused => ApiError::new(403, "invite-refused", refused.to_string()),
         })
     }
 
