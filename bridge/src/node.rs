@@ -120,6 +120,9 @@ pub trait Serve: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>>;
 }
 
+/// How often a node with peers refreshes its Kademlia routing table.
+const BOOTSTRAP_EVERY: Duration = Duration::from_secs(300);
+
 /// Largest fetch frame (base64 inside JSON): servers keep answers well below it.
 pub const MAX_FETCH_BYTES: u64 = 64 << 20;
 
@@ -793,6 +796,8 @@ impl Runner {
         let mut republish = tokio::time::interval(Duration::from_secs(self.settings.republish_secs.max(1)));
         republish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut answers = self.answers.1.take().expect("taken once");
+        let mut bootstrap = tokio::time::interval(BOOTSTRAP_EVERY);
+        bootstrap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -804,6 +809,11 @@ impl Runner {
                     let _ = self.swarm.behaviour_mut().fetch.send_response(channel, reply);
                 }
                 _ = republish.tick() => self.publish_record(),
+                _ = bootstrap.tick() => {
+                    if !self.connected.is_empty() {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
             }
         }
         self.save();
@@ -1328,6 +1338,9 @@ fn build_swarm(keys: &Keypair, settings: &NodeSettings, dht: &str) -> Result<Swa
             cfg.set_record_filtering(kad::StoreInserts::FilterBoth);
             cfg.set_kbucket_inserts(kad::BucketInserts::OnConnected);
             cfg.set_publication_interval(None);
+            // Kademlia's own periodic bootstrap warns every 5 minutes on a node that has no
+            // peers yet (every fresh install); the node bootstraps itself when it has some.
+            cfg.set_periodic_bootstrap_interval(None);
             cfg.set_query_timeout(query_timeout);
             cfg.set_max_packet_size(16 * 1024);
             let store = MemoryStore::with_config(
