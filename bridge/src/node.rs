@@ -258,10 +258,12 @@ impl Node {
         tokio::spawn(saver(store, save_rx));
         let mut runner = Runner::new(keys, settings, save_tx, state, status.clone(), server)?;
         for a in &listen {
-            runner
-                .swarm
-                .listen_on(a.clone())
-                .map_err(|e| NodeError::Io(format!("p2p listen on {a}: {e}")))?;
+            // An address that cannot be used (its port taken, say by another process on the
+            // same data dir) costs only that listener: the node still dials out and serves
+            // the peers that reach it elsewhere.
+            if let Err(e) = runner.swarm.listen_on(a.clone()) {
+                tracing::warn!(address = %a, error = %e, "p2p cannot listen on {a}");
+            }
         }
         tokio::spawn(runner.run(rx));
         Ok(Node {
