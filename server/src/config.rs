@@ -136,6 +136,9 @@ pub struct EngineSettings {
     pub warm_resources: usize,
     /// Changes after which a document is snapshotted and its change log compacted.
     pub snapshot_every: usize,
+    /// Milliseconds the correction to a simpleton client's own edit waits, so the client
+    /// has its PUT's answer first (braid-text's server waits likewise).
+    pub correction_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -191,6 +194,7 @@ impl Default for EngineSettings {
             subscriber_queue: e.subscriber_queue,
             warm_resources: e.warm_resources,
             snapshot_every: e.snapshot_every,
+            correction_delay_ms: e.correction_delay.as_millis() as u64,
         }
     }
 }
@@ -202,6 +206,7 @@ impl Config {
             subscriber_queue: self.engine.subscriber_queue,
             warm_resources: self.engine.warm_resources,
             snapshot_every: self.engine.snapshot_every,
+            correction_delay: std::time::Duration::from_millis(self.engine.correction_delay_ms),
             limits: crate::engine::WriteLimits {
                 writes_per_second: self.limits.writes_per_second,
                 write_burst: self.limits.write_burst,

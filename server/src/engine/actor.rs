@@ -68,6 +68,7 @@ pub(crate) fn spawn(s: Setup) {
         registered: None,
         res: None,
         event_seq: 0,
+        peer_writes: lru::LruCache::new(PEER_WRITES.try_into().expect("non-zero")),
     };
     tokio::spawn(actor.run());
 }
@@ -85,7 +86,16 @@ struct Actor {
     /// `None` until loaded (or after a failure that requires a reload).
     res: Option<Res>,
     event_seq: u64,
+    /// Each writing peer's latest write and its event: a subscriber that fell behind
+    /// and lost the events of its own client's edits still starts that client's update
+    /// from where the client is.
+    peer_writes: lru::LruCache<String, (u64, VersionId)>,
 }
+
+/// Writing peers remembered per live resource. A peer forgotten here only matters while
+/// its subscriber is behind by more than this many other peers' writes; it then gets an
+/// update from an older version, which its client refuses until the next one.
+const PEER_WRITES: usize = 1024;
 
 impl Drop for Actor {
     fn drop(&mut self) {
@@ -173,7 +183,17 @@ impl Actor {
                 Command::Snapshot(reply) => {
                     let _ = reply.send(Ok((self.current(), self.event_seq)));
                 }
-                Command::CatchUp { from, strict, reply } => {
+                Command::CatchUp {
+                    from,
+                    strict,
+                    peer,
+                    own_after,
+                    reply,
+                } => {
+                    let from = match peer.and_then(|p| self.peer_writes.peek(&p).cloned()) {
+                        Some((seq, write)) if seq > own_after => Version::one(write),
+                        _ => from,
+                    };
                     let _ = reply.send(self.catch_up(&from, strict).map(|u| (u, self.event_seq)));
                 }
                 Command::History(from, reply) => {
@@ -350,6 +370,11 @@ impl Actor {
     fn publish_event(&mut self, mut ev: Event) {
         self.event_seq += 1;
         ev.seq = self.event_seq;
+        if let Some(o) = &ev.origin
+            && let Some(peer) = &o.peer
+        {
+            self.peer_writes.put(peer.clone(), (ev.seq, o.write.clone()));
+        }
         let _ = self.shared.events.send(Arc::new(ev));
     }
 

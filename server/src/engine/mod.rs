@@ -48,6 +48,8 @@ pub struct EngineConfig {
     pub snapshot_every: usize,
     /// Commands waiting for one resource before writers are made to wait.
     pub mailbox: usize,
+    /// How long the correction to a writer's own edit waits (see `subscription`).
+    pub correction_delay: std::time::Duration,
     /// Speed bumps on writes.
     pub limits: WriteLimits,
 }
@@ -59,6 +61,7 @@ impl Default for EngineConfig {
             warm_resources: 1024,
             snapshot_every: 1000,
             mailbox: 4096,
+            correction_delay: std::time::Duration::from_millis(25),
             limits: WriteLimits::default(),
         }
     }
@@ -223,9 +226,13 @@ pub(crate) enum Command {
     Snapshot(oneshot::Sender<Result<(Arc<State>, u64), EngineError>>),
     /// What takes a subscriber at `from` to now, and the last event seq that includes.
     /// With `strict`, an unknown `from` is an error; otherwise it gets the whole value.
+    /// When `peer` wrote after event `own_after`, its client is at its latest write
+    /// instead (it moved there when it sent it), and the update starts from that.
     CatchUp {
         from: Version,
         strict: bool,
+        peer: Option<String>,
+        own_after: u64,
         reply: oneshot::Sender<Result<(Update, u64), EngineError>>,
     },
     /// The changes after `from`, each as an update.
@@ -277,6 +284,8 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<Arc<Event>>,
     /// A `Refresh` is queued; more notices about this resource need not queue another.
     pub refresh_queued: std::sync::atomic::AtomicBool,
+    /// [`EngineConfig::correction_delay`].
+    pub correction_delay: std::time::Duration,
 }
 
 /// A live resource: the way to its actor. Dropping the last handle stops the actor.
@@ -384,6 +393,7 @@ impl Engine {
                     current: ArcSwap::from_pointee(None),
                     events,
                     refresh_queued: Default::default(),
+                    correction_delay: self.inner.config.correction_delay,
                 });
                 let h = Arc::new(ResourceHandle {
                     key: key.clone(),

@@ -134,6 +134,7 @@ async fn well_known(State(app): State<App>) -> axum::Json<serde_json::Value> {
             "max_streams_per_connection": app.limits.max_streams_per_connection,
             "header_read_timeout_secs": app.limits.header_read_timeout_secs,
             "subscriber_queue": app.engine.config().subscriber_queue,
+            "correction_delay_ms": app.engine.config().correction_delay.as_millis() as u64,
             "writes_per_second": app.engine.write_limits().writes_per_second,
             "write_burst": app.engine.write_limits().write_burst,
             "max_stored_bytes_per_namespace": app.engine.write_limits().max_stored_bytes_per_namespace,
