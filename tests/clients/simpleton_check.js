@@ -31,14 +31,18 @@ async function until (pred, ms) {
     return false
 }
 
-// A text box bound to one simpleton client; `online` once its first state arrived.
+// A text box bound to one simpleton client; `online` once its first state arrived. A
+// restart binds a new client to a new box: a stopped client may still be sending its last
+// edits, and must keep seeing its own text, not the new client's.
 function editor (url) {
-    var e = {text: '', online: false, errors: [], client: null}
+    var e = {online: false, errors: [], client: null, box: {text: ''}}
+    Object.defineProperty(e, 'text', {get: () => e.box.text, set: t => { e.box.text = t }})
     e.start = () => {
+        var box = e.box = {text: e.box.text}
         e.online = false
         e.client = simpleton_client(url, {
-            get_state: () => e.text,
-            on_state: s => { e.text = s; e.online = true },
+            get_state: () => box.text,
+            on_state: s => { box.text = s; if (e.box === box) e.online = true },
             on_error: err => { if (!/abort/i.test(String(err && (err.name + err.message)))) e.errors.push(String(err)) },
         })
     }
