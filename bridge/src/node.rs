@@ -25,14 +25,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use libp2p::core::transport::ListenerId;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, identify, kad, noise, ping, tcp,
-    yamux,
+    PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, dcutr, identify, kad, noise, ping,
+    relay, tcp, yamux,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -65,6 +67,20 @@ pub struct NodeSettings {
     pub max_records: usize,
     /// How long a lookup may take.
     pub query_timeout_secs: u64,
+    /// Members to be reachable through, for a node that others cannot dial (behind NAT):
+    /// multiaddrs ending in `/p2p/<peer id>` (`--p2p-relay`, repeatable). The node keeps a
+    /// reservation on each, publishes the relayed addresses in its record, and upgrades
+    /// relayed connections to direct ones by hole punching (DCUtR) where the NATs allow.
+    pub relays: Vec<String>,
+    /// Whether this node relays for members (only members can connect to it at all).
+    pub relay_server: bool,
+    /// Relayed connections this node carries at once.
+    pub relay_max_circuits: usize,
+    /// How long one relayed connection may last before the relay closes it (the ends
+    /// then reconnect).
+    pub relay_max_circuit_secs: u64,
+    /// Bytes one relayed connection may carry before the relay closes it.
+    pub relay_max_circuit_bytes: u64,
 }
 
 impl Default for NodeSettings {
@@ -82,7 +98,33 @@ impl Default for NodeSettings {
             republish_secs: 3600,
             max_records: 4096,
             query_timeout_secs: 10,
+            relays: Vec::new(),
+            relay_server: true,
+            relay_max_circuits: 64,
+            relay_max_circuit_secs: 3600,
+            relay_max_circuit_bytes: 1 << 30,
         }
+    }
+}
+
+impl NodeSettings {
+    /// Refuses settings the node could not use, saying which and why.
+    pub fn check(&self) -> Result<(), String> {
+        for a in &self.listen {
+            a.parse::<Multiaddr>()
+                .map_err(|e| format!("p2p listen address {a:?} is not a multiaddr: {e}"))?;
+        }
+        for r in &self.relays {
+            let ends_in_peer = r
+                .parse::<Multiaddr>()
+                .is_ok_and(|a| matches!(a.iter().last(), Some(Protocol::P2p(_))));
+            if !ends_in_peer {
+                return Err(format!(
+                    "p2p relay {r:?} must be a multiaddr ending in /p2p/<peer id>"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -122,6 +164,10 @@ pub trait Serve: Send + Sync + 'static {
 
 /// How often a node with peers refreshes its Kademlia routing table.
 const BOOTSTRAP_EVERY: Duration = Duration::from_secs(300);
+
+/// How often a node makes again the relay reservations it lost (a relay restarted, the
+/// network went away).
+const RELAY_RETRY: Duration = Duration::from_secs(10);
 
 /// Largest fetch frame (base64 inside JSON): servers keep answers well below it.
 pub const MAX_FETCH_BYTES: u64 = 64 << 20;
@@ -408,6 +454,9 @@ struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     rpc: request_response::json::Behaviour<Rpc, RpcReply>,
     fetch: request_response::json::Behaviour<FetchRequest, FetchReply>,
+    relay: Toggle<relay::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
 }
 
 /// What is kept on disk.
@@ -531,6 +580,8 @@ struct Runner {
     admitted_wait: HashMap<PeerId, Vec<oneshot::Sender<Result<Identity, NodeError>>>>,
     connected: HashSet<PeerId>,
     listen: Vec<Multiaddr>,
+    /// Reservations asked of relays (`settings.relays`), by relayed address.
+    relay_listeners: HashMap<Multiaddr, ListenerId>,
     records_refused: u64,
     published_seq: u64,
     /// Answers fetches from members.
@@ -573,6 +624,7 @@ impl Runner {
             admitted_wait: HashMap::new(),
             connected: HashSet::new(),
             listen: Vec::new(),
+            relay_listeners: HashMap::new(),
             records_refused: 0,
             published_seq: 0,
             server,
@@ -696,6 +748,36 @@ impl Runner {
             .map(|r| r.seq)
     }
 
+    fn is_relay(&self, peer: &PeerId) -> bool {
+        self.settings.relays.iter().any(|r| {
+            r.parse::<Multiaddr>()
+                .is_ok_and(|a| a.iter().last() == Some(Protocol::P2p(*peer)))
+        })
+    }
+
+    /// Asks each configured relay that holds no reservation for us for one (only members
+    /// are let in, so not before this node has joined).
+    fn reserve_relays(&mut self) {
+        if self.state.membership.is_none() {
+            return;
+        }
+        for r in self.settings.relays.clone() {
+            let Ok(relay) = r.parse::<Multiaddr>() else {
+                continue;
+            };
+            let circuit = relay.with(Protocol::P2pCircuit);
+            if self.relay_listeners.contains_key(&circuit) {
+                continue;
+            }
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(id) => {
+                    self.relay_listeners.insert(circuit, id);
+                }
+                Err(e) => tracing::warn!(relay = %r, error = %e, "cannot ask {r} to relay for this node"),
+            }
+        }
+    }
+
     /// Signs and publishes this node's addresses.
     fn publish_record(&mut self) {
         let Some(dht) = self.dht().map(str::to_string) else {
@@ -800,6 +882,8 @@ impl Runner {
         let mut answers = self.answers.1.take().expect("taken once");
         let mut bootstrap = tokio::time::interval(BOOTSTRAP_EVERY);
         bootstrap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut relays = tokio::time::interval(RELAY_RETRY);
+        relays.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -816,6 +900,7 @@ impl Runner {
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
                     }
                 }
+                _ = relays.tick() => self.reserve_relays(),
             }
         }
         self.save();
@@ -904,6 +989,7 @@ impl Runner {
                             let listen: Vec<Multiaddr> = old.listeners().cloned().collect();
                             drop(old);
                             self.listen.clear();
+                            self.relay_listeners.clear();
                             for a in listen {
                                 let _ = self.swarm.listen_on(a);
                             }
@@ -1015,12 +1101,56 @@ impl Runner {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "p2p listening on {address}");
+                // The addresses this node listens on are the ones it publishes as its own;
+                // a relay offers reservations only once it has such an external address.
+                if self.settings.relay_server && !address.iter().any(|p| p == Protocol::P2pCircuit) {
+                    self.swarm.add_external_address(address.clone());
+                }
                 if !self.listen.contains(&address) {
                     self.listen.push(address);
                 }
                 self.publish_status();
                 self.publish_record();
             }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen.retain(|a| a != &address);
+                self.publish_status();
+                self.publish_record();
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                let before = self.relay_listeners.len();
+                self.relay_listeners.retain(|_, id| *id != listener_id);
+                if self.relay_listeners.len() < before {
+                    tracing::info!(reason = ?reason, "a relay reservation ended; asking again in {}s", RELAY_RETRY.as_secs());
+                }
+                self.listen.retain(|a| !addresses.contains(a));
+                self.publish_status();
+                self.publish_record();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal: false,
+                    ..
+                },
+            )) => {
+                tracing::info!(relay = %relay_peer_id, "reachable through relay {relay_peer_id}");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => {
+                    tracing::info!(peer = %remote_peer_id, "direct connection to {remote_peer_id} by hole punching")
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed")
+                }
+            },
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
@@ -1039,6 +1169,11 @@ impl Runner {
                 }
                 if num_established.get() == 1 {
                     self.connected.insert(peer_id);
+                    // Connected to a relay of ours (after a join, say): reserve over this
+                    // connection rather than wait for the next retry.
+                    if self.is_relay(&peer_id) {
+                        self.reserve_relays();
+                    }
                     if endpoint.is_dialer() {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
@@ -1319,6 +1454,15 @@ fn build_swarm(keys: &Keypair, settings: &NodeSettings, dht: &str) -> Result<Swa
         .with_max_established(Some(settings.max_connections))
         .with_max_established_per_peer(Some(settings.max_connections_per_peer));
     let query_timeout = Duration::from_secs(settings.query_timeout_secs);
+    // Only members connect to this node at all (the gate), so it relays for members only;
+    // their relayed connections carry federation, so the limits are generous.
+    let relay_config = settings.relay_server.then(|| relay::Config {
+        max_circuits: settings.relay_max_circuits,
+        max_circuits_per_peer: settings.relay_max_circuits,
+        max_circuit_duration: Duration::from_secs(settings.relay_max_circuit_secs),
+        max_circuit_bytes: settings.relay_max_circuit_bytes,
+        ..relay::Config::default()
+    });
     let swarm = libp2p::SwarmBuilder::with_existing_identity(libp2p_keypair(keys))
         .with_tokio()
         .with_tcp(
@@ -1334,7 +1478,9 @@ fn build_swarm(keys: &Keypair, settings: &NodeSettings, dht: &str) -> Result<Swa
             c.keep_alive_interval = Duration::from_millis(1_500);
             c
         })
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NodeError::Io(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
             let peer = key.public().to_peer_id();
             let mut cfg = kad::Config::new(kad_protocol);
             cfg.set_record_filtering(kad::StoreInserts::FilterBoth);
@@ -1375,6 +1521,9 @@ fn build_swarm(keys: &Keypair, settings: &NodeSettings, dht: &str) -> Result<Swa
                     [(StreamProtocol::new("/plait/fetch/1.0.0"), ProtocolSupport::Full)],
                     request_response::Config::default().with_request_timeout(FETCH_TIMEOUT),
                 ),
+                relay: Toggle::from(relay_config.map(|c| relay::Behaviour::new(peer, c))),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(peer),
             }
         })
         .map_err(|e| NodeError::Io(e.to_string()))?

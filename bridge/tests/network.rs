@@ -180,3 +180,62 @@ async fn joining_a_dht_of_another_name() {
     assert_eq!(rec.dht, "friends");
     assert!(!b.status().listen.is_empty(), "B listens again after switching");
 }
+
+/// H listens nowhere (a home machine behind NAT: it can only dial out) and names R as its
+/// relay. C, given only R, finds H through the DHT — its record holds relayed addresses —
+/// and fetches from it through R.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_be_dialled_is_reached_through_a_relay() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (r, _kr) = node(&dirs[0]).await;
+    let relay = format!("{}/p2p/{}", r.status().listen[0], r.status().peer_id);
+    let kh = Keypair::generate();
+    let h = Node::start(
+        Keypair::from_secret_bytes(&kh.secret_bytes()),
+        std::sync::Arc::new(plait_bridge::node::FileStore(
+            dirs[1].path().join("p2p-state.json"),
+        )),
+        NodeSettings {
+            listen: vec![],
+            relays: vec![relay.clone()],
+            ..NodeSettings::default()
+        },
+        Some(std::sync::Arc::new(Echo)),
+    )
+    .await
+    .unwrap();
+    let (c, kc) = node(&dirs[2]).await;
+
+    let inv = r.invite("unused".into(), 600, 2).await.unwrap();
+    h.joined(r.admit(h.join_request(&kh, inv.clone())).await.unwrap())
+        .await
+        .unwrap();
+    until("H is reachable through R", async || {
+        h.status().listen.iter().any(|a| a.contains("p2p-circuit"))
+    })
+    .await;
+    assert!(
+        h.status().listen.iter().all(|a| a.starts_with(&relay)),
+        "H has only relayed addresses: {:?}",
+        h.status().listen
+    );
+    c.joined(r.admit(c.join_request(&kc, inv)).await.unwrap())
+        .await
+        .unwrap();
+    until("H's record reaches R", async || {
+        r.held_record(kh.identity()).await.unwrap().is_some()
+    })
+    .await;
+    let rec = c.resolve(kh.identity()).await.unwrap();
+    assert!(
+        rec.addrs.iter().all(|a| a.contains("/p2p-circuit")),
+        "{:?}",
+        rec.addrs
+    );
+    let got = c
+        .fetch(kh.identity(), "doc".into(), b"via R".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(got, format!("{} doc via R", kc.identity()).into_bytes());
+    assert!(c.status().connected.contains(&kh.identity()));
+}

@@ -110,6 +110,10 @@ pub struct ServeArgs {
     /// Listen for peers on MULTIADDR (repeatable), e.g. /ip4/0.0.0.0/tcp/7525.
     #[arg(long, value_name = "MULTIADDR")]
     pub p2p_listen: Vec<String>,
+    /// Be reachable through the member at MULTIADDR (ending in /p2p/<peer id>; repeatable):
+    /// for a machine others cannot dial, behind NAT.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub p2p_relay: Vec<String>,
     /// Do not run the peer-to-peer node.
     #[arg(long)]
     pub no_p2p: bool,

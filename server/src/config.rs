@@ -236,6 +236,9 @@ pub struct Overrides {
     /// `--p2p-listen` addresses: when given, they replace the configured ones.
     #[serde(skip)]
     pub p2p_listen: Vec<String>,
+    /// `--p2p-relay` addresses, added to the configured ones.
+    #[serde(skip)]
+    pub p2p_relays: Vec<String>,
     /// `--no-p2p`.
     #[serde(skip)]
     pub no_p2p: bool,
@@ -280,6 +283,7 @@ impl Config {
         if !overrides.p2p_listen.is_empty() {
             cfg.p2p.listen = overrides.p2p_listen.clone();
         }
+        cfg.p2p.relays.extend(overrides.p2p_relays.iter().cloned());
         if overrides.no_p2p {
             cfg.p2p.enabled = false;
         }
@@ -294,6 +298,7 @@ impl Config {
         if self.engine.subscriber_queue == 0 {
             return Err("engine.subscriber_queue must be at least 1".into());
         }
+        self.p2p.check()?;
         for r in &self.proxy {
             if !r.prefix.starts_with('/') {
                 return Err(format!("proxy prefix {:?} must start with /", r.prefix));
@@ -329,6 +334,30 @@ pub fn default_data_dir() -> PathBuf {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relays_come_from_file_and_flags_and_must_name_their_peer() {
+        figment::Jail::expect_with(|jail| {
+            let peer = "12D3KooWAbbZPU3PYGnAqFhDZXEBTv2rYXnYfQqNGozJUkcLiSty";
+            jail.create_file(
+                "plait.toml",
+                &format!("[p2p]\nrelays = [\"/ip4/10.0.0.1/tcp/7525/p2p/{peer}\"]\n"),
+            )?;
+            let o = Overrides {
+                p2p_relays: vec![format!("/dns4/relay.example/udp/7525/quic-v1/p2p/{peer}")],
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("plait.toml")), &o).unwrap();
+            assert_eq!(c.p2p.relays.len(), 2);
+            let o = Overrides {
+                p2p_relays: vec!["/ip4/10.0.0.1/tcp/7525".into()],
+                ..Default::default()
+            };
+            let e = Config::load(None, &o).unwrap_err();
+            assert!(e.contains("must be a multiaddr ending in /p2p/<peer id>"), "{e}");
+            Ok(())
+        });
+    }
 
     #[test]
     fn layers_override_in_order() {

@@ -76,6 +76,7 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         web_dir: args.web_dir,
         proxy: args.proxy,
         p2p_listen: args.p2p_listen,
+        p2p_relays: args.p2p_relay,
         no_p2p: args.no_p2p,
     };
     let cfg = Config::load(args.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;

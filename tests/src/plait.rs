@@ -57,6 +57,8 @@ pub struct Plait {
     /// Environment for the server (settings as `PLAIT_*`).
     pub env: Vec<(String, String)>,
     data_dir: DataDir,
+    /// The network namespace the server runs in (`ip netns exec`), if not the test's own.
+    netns: Option<String>,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
 }
@@ -83,6 +85,16 @@ impl Plait {
         p
     }
 
+    /// Starts a server listening on `listen` (e.g. `10.1.2.3:0`), inside network namespace
+    /// `netns` when given (see [`crate::netns::NetNs`]).
+    pub fn start_at(store: Store, listen: &str, netns: Option<&str>, extra: &[&str]) -> Plait {
+        let data_dir = DataDir::Owned(tempfile::tempdir().expect("temp dir"));
+        let mut p = Self::new(store, data_dir, extra);
+        p.netns = netns.map(str::to_string);
+        p.spawn(listen);
+        p
+    }
+
     /// A second server process of the same instance: same data dir (so the same
     /// identity) and the same store. Only Postgres can be shared.
     pub fn start_sharing(other: &Plait, extra: &[&str]) -> Plait {
@@ -106,6 +118,7 @@ impl Plait {
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             data_dir,
+            netns: None,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
         }
@@ -124,7 +137,14 @@ impl Plait {
     }
 
     fn spawn(&mut self, listen: &str) {
-        let mut cmd = Command::new(binary());
+        let mut cmd = match &self.netns {
+            None => Command::new(binary()),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary());
+                c
+            }
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg(listen)

@@ -399,3 +399,69 @@ fn federation_is_live_and_survives_a_restart() {
         assert_eq!(s.next_block(T).await.unwrap().body_text(), r#"{"n":6}"#);
     });
 }
+
+/// H runs in a network namespace of its own and listens for peers only on that namespace's
+/// loopback: nobody can dial it, it can only dial out (a home machine behind NAT). It names
+/// R, a member the others can reach, as its relay. C, handed only R's invite, follows H's
+/// document live: it finds H's relayed address through the DHT and reaches H through R.
+#[test]
+fn a_member_nobody_can_dial_is_followed_through_a_relay() {
+    let net = plait_tests::netns::NetNs::new("nat");
+    let r = Plait::start_at(
+        Store::Embedded,
+        &format!("{}:0", net.host),
+        None,
+        &["--p2p-listen", &format!("/ip4/{}/tcp/0", net.host)],
+    );
+    until("R listens for peers", || p2p(&r)["listen"][0].is_string());
+    let relay = format!(
+        "{}/p2p/{}",
+        p2p(&r)["listen"][0].as_str().unwrap(),
+        p2p(&r)["peer_id"].as_str().unwrap()
+    );
+    let h = Plait::start_at(
+        Store::Embedded,
+        &format!("{}:0", net.inner),
+        Some(&net.name),
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0", "--p2p-relay", &relay],
+    );
+    let c = p2p_plait();
+    let link = ok(&r, &["invite", "--uses", "2"]);
+    ok(&h, &["join", &link]);
+    ok(&c, &["join", &link]);
+    until("H is reachable through R", || {
+        p2p(&h)["listen"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str().unwrap().starts_with(&format!("{relay}/p2p-circuit")))
+    });
+    let idh = id(&h);
+    // C finds H's relayed address through the DHT (once H's record has reached R).
+    until("C resolves H to its relayed address", || {
+        let (found, text) = admin(&c, &["resolve", &idh]);
+        found && text.contains(&format!("{relay}/p2p-circuit"))
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        put_json(&h, "/doc", r#"{"n":1}"#).await;
+        let json = [("Subscribe", "true"), ("Accept", "application/json")];
+        let mut s = wire::subscribe(c.addr, &format!("/~{idh}/doc"), &json).await;
+        assert_eq!(s.status, 209, "{}", c.log());
+        assert_eq!(
+            s.header("plait-replica"),
+            Some("live"),
+            "C:\n{}\nH:\n{}",
+            c.log(),
+            h.log()
+        );
+        assert_eq!(s.next_block(T).await.unwrap().body_text(), r#"{"n":1}"#);
+        put_json(&h, "/doc", r#"{"n":2}"#).await;
+        assert_eq!(s.next_block(T).await.unwrap().body_text(), r#"{"n":2}"#);
+    });
+    assert!(connected(&c).contains(&idh), "C is connected to H");
+}
