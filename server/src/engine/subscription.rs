@@ -244,29 +244,21 @@ mod tests {
         }
     }
 
-    /// A subscriber falls behind while its client and another peer edit concurrently: the
-    /// events of its client's edit are lost to it, yet the update it then sends starts from
-    /// that edit (where the client is), not from the version it last sent.
-    #[tokio::test]
-    async fn overtaken_subscriber_starts_from_its_clients_edit() {
+    /// "hello" at `base-4`; client `pa` subscribed there; then two concurrent edits on it:
+    /// another peer's (`pw-1`, "W " at 0), then the client's own (`pa-1`, " A" at 5).
+    async fn concurrent_edits(config: EngineConfig) -> (tempfile::TempDir, Engine, super::Subscription) {
         let dir = tempfile::tempdir().unwrap();
         let storage = SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap();
-        let config = EngineConfig {
-            subscriber_queue: 1,
-            ..EngineConfig::default()
-        };
         let engine = Engine::new(Arc::new(storage), config);
         let key = ResourceKey::new(Keypair::generate().identity(), ResourcePath::new("/s").unwrap());
         let mut base = insert(0, "hello", "base-4", "x-0", "base");
         base.parents = Some(Version::root());
         engine.write(&key, base).await.unwrap();
-
         let base = Version::one(VersionId::parse("base-4").unwrap());
-        let mut sub = engine
+        let sub = engine
             .subscribe(&key, Some(base), Some("pa".into()))
             .await
             .unwrap();
-        // Two concurrent edits on "hello": another peer's, then this client's own.
         engine
             .write(&key, insert(0, "W ", "pw-1", "base-4", "pw"))
             .await
@@ -275,6 +267,19 @@ mod tests {
             .write(&key, insert(5, " A", "pa-1", "base-4", "pa"))
             .await
             .unwrap();
+        (dir, engine, sub)
+    }
+
+    /// A subscriber falls behind while its client and another peer edit concurrently: the
+    /// events of its client's edit are lost to it, yet the update it then sends starts from
+    /// that edit (where the client is), not from the version it last sent.
+    #[tokio::test]
+    async fn overtaken_subscriber_starts_from_its_clients_edit() {
+        let (_dir, _engine, mut sub) = concurrent_edits(EngineConfig {
+            subscriber_queue: 1,
+            ..EngineConfig::default()
+        })
+        .await;
 
         let correction = next(&mut sub).await;
         assert_eq!(
@@ -296,30 +301,11 @@ mod tests {
     /// again after giving up on it (as a heartbeat does) still gets it.
     #[tokio::test]
     async fn a_correction_waits_and_survives_a_cancelled_next() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap();
-        let config = EngineConfig {
+        let (_dir, _engine, mut sub) = concurrent_edits(EngineConfig {
             correction_delay: Duration::from_millis(1500),
             ..EngineConfig::default()
-        };
-        let engine = Engine::new(Arc::new(storage), config);
-        let key = ResourceKey::new(Keypair::generate().identity(), ResourcePath::new("/s").unwrap());
-        let mut base = insert(0, "hello", "base-4", "x-0", "base");
-        base.parents = Some(Version::root());
-        engine.write(&key, base).await.unwrap();
-        let base = Version::one(VersionId::parse("base-4").unwrap());
-        let mut sub = engine
-            .subscribe(&key, Some(base), Some("pa".into()))
-            .await
-            .unwrap();
-        engine
-            .write(&key, insert(0, "W ", "pw-1", "base-4", "pw"))
-            .await
-            .unwrap();
-        engine
-            .write(&key, insert(5, " A", "pa-1", "base-4", "pa"))
-            .await
-            .unwrap();
+        })
+        .await;
 
         // The other peer's edit, as it was made.
         match tokio::time::timeout(Duration::from_secs(5), sub.next())
