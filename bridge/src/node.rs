@@ -285,6 +285,7 @@ impl Node {
         settings: NodeSettings,
         server: Option<Arc<dyn Serve>>,
     ) -> Result<Node, NodeError> {
+        settings.check().map_err(NodeError::Refused)?;
         let listen = settings
             .listen
             .iter()
@@ -580,7 +581,9 @@ struct Runner {
     admitted_wait: HashMap<PeerId, Vec<oneshot::Sender<Result<Identity, NodeError>>>>,
     connected: HashSet<PeerId>,
     listen: Vec<Multiaddr>,
-    /// Reservations asked of relays (`settings.relays`), by relayed address.
+    /// The relays of `settings.relays`: each one's peer and relayed address.
+    relays: Vec<(PeerId, Multiaddr)>,
+    /// Reservations asked of relays, by relayed address.
     relay_listeners: HashMap<Multiaddr, ListenerId>,
     records_refused: u64,
     published_seq: u64,
@@ -611,6 +614,17 @@ impl Runner {
             .as_ref()
             .map_or(settings.dht.clone(), |m| m.dht.clone());
         let swarm = build_swarm(&keys, &settings, &dht)?;
+        let relays = settings
+            .relays
+            .iter()
+            .filter_map(|r| {
+                let a = r.parse::<Multiaddr>().ok()?;
+                let Some(Protocol::P2p(peer)) = a.iter().last() else {
+                    return None;
+                };
+                Some((peer, a.with(Protocol::P2pCircuit)))
+            })
+            .collect();
         let mut r = Runner {
             keys,
             settings,
@@ -624,6 +638,7 @@ impl Runner {
             admitted_wait: HashMap::new(),
             connected: HashSet::new(),
             listen: Vec::new(),
+            relays,
             relay_listeners: HashMap::new(),
             records_refused: 0,
             published_seq: 0,
@@ -749,10 +764,7 @@ impl Runner {
     }
 
     fn is_relay(&self, peer: &PeerId) -> bool {
-        self.settings.relays.iter().any(|r| {
-            r.parse::<Multiaddr>()
-                .is_ok_and(|a| a.iter().last() == Some(Protocol::P2p(*peer)))
-        })
+        self.relays.iter().any(|(p, _)| p == peer)
     }
 
     /// Asks each configured relay that holds no reservation for us for one (only members
@@ -761,11 +773,7 @@ impl Runner {
         if self.state.membership.is_none() {
             return;
         }
-        for r in self.settings.relays.clone() {
-            let Ok(relay) = r.parse::<Multiaddr>() else {
-                continue;
-            };
-            let circuit = relay.with(Protocol::P2pCircuit);
+        for (_, circuit) in self.relays.clone() {
             if self.relay_listeners.contains_key(&circuit) {
                 continue;
             }
@@ -773,7 +781,9 @@ impl Runner {
                 Ok(id) => {
                     self.relay_listeners.insert(circuit, id);
                 }
-                Err(e) => tracing::warn!(relay = %r, error = %e, "cannot ask {r} to relay for this node"),
+                Err(e) => {
+                    tracing::warn!(relay = %circuit, error = %e, "cannot ask {circuit} to relay for this node")
+                }
             }
         }
     }
