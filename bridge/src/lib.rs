@@ -4,12 +4,16 @@
 //! * [`sign`]: the one way values are signed (domain-separated JSON).
 //! * [`record`]: signed, sequence-numbered address records — the DHT as DNS.
 //! * [`invite`]: invite links, join requests, member certs and the member set.
-//! * [`node`]: the libp2p node (TCP, noise, yamux, identify, ping, Kademlia with record
-//!   filtering, request-response), gated to members at connection time.
+//! * [`node`]: the libp2p node, a member of any number of named DHTs; the handle the
+//!   server holds.
+//! * `dht`: one membership — a swarm (TCP, QUIC, noise, yamux, identify, ping, Kademlia with
+//!   record filtering, request-response, relay, DCUtR) gated to one DHT's members at
+//!   connection time.
 //!
 //! This crate knows nothing of HTTP or SQL: the server carries join requests over HTTP and
 //! gives the node a directory for its state.
 
+mod dht;
 pub mod identity;
 pub mod invite;
 pub mod node;

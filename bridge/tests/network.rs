@@ -1,5 +1,5 @@
 //! Real libp2p nodes on loopback (in one process): an invite chain, lookups through the
-//! DHT, the gate, and record filtering.
+//! DHT, the gate, record filtering, relays, and one node in several DHTs at once.
 
 use std::time::Duration;
 
@@ -34,6 +34,11 @@ async fn node(dir: &tempfile::TempDir) -> (Node, Keypair) {
 
 async fn node_in(dir: &tempfile::TempDir, dht: &str) -> (Node, Keypair) {
     let keys = Keypair::generate();
+    (start_with(dir, &keys, dht).await, keys)
+}
+
+/// Starts (or restarts) the node of `keys` on the state in `dir`.
+async fn start_with(dir: &tempfile::TempDir, keys: &Keypair, dht: &str) -> Node {
     let settings = NodeSettings {
         listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
         dht: dht.into(),
@@ -55,7 +60,7 @@ async fn node_in(dir: &tempfile::TempDir, dht: &str) -> (Node, Keypair) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (n, keys)
+    n
 }
 
 async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
@@ -78,22 +83,29 @@ async fn invite_chain_lookup_gate_and_record_filtering() {
     let (d, _kd) = node(&dirs[3]).await;
 
     // A invites B.
-    let inv = a.invite("unused".into(), 600, 1).await.unwrap();
-    let grant = a.admit(b.join_request(&kb, inv.clone())).await.unwrap();
+    let inv = a.invite(None, "unused".into(), 600, 1).await.unwrap();
+    let grant = a
+        .admit(b.join_request(&kb, inv.clone()).await.unwrap())
+        .await
+        .unwrap();
     b.joined(grant).await.unwrap();
     until("A and B connected", async || {
-        a.status().connected.contains(&kb.identity())
+        a.status().peers.connected.contains(&kb.identity())
     })
     .await;
     // The invite is used up.
-    assert!(a.admit(d.join_request(&Keypair::generate(), inv)).await.is_err());
+    assert!(
+        a.admit(d.join_request(&Keypair::generate(), inv).await.unwrap())
+            .await
+            .is_err()
+    );
 
     // B invites C; C is handed B only, not A's address.
-    let inv = b.invite("unused".into(), 600, 1).await.unwrap();
-    let grant = b.admit(c.join_request(&kc, inv)).await.unwrap();
+    let inv = b.invite(None, "unused".into(), 600, 1).await.unwrap();
+    let grant = b.admit(c.join_request(&kc, inv).await.unwrap()).await.unwrap();
     assert_eq!(grant.inviter, kb.identity());
     c.joined(grant).await.unwrap();
-    until("A learns C is a member", async || a.status().members == 3).await;
+    until("A learns C is a member", async || a.status().peers.members == 3).await;
     until("A's record reaches B", async || {
         b.held_record(ka.identity()).await.unwrap().is_some()
     })
@@ -104,7 +116,7 @@ async fn invite_chain_lookup_gate_and_record_filtering() {
     assert_eq!(rec.id, ka.identity());
     assert_eq!(rec.addrs, a.status().listen);
     until("C connects to A", async || {
-        c.status().connected.contains(&ka.identity())
+        c.status().peers.connected.contains(&ka.identity())
     })
     .await;
 
@@ -124,8 +136,8 @@ async fn invite_chain_lookup_gate_and_record_filtering() {
         .unwrap();
     let err = d.connect(a_addr).await.expect_err("a non-member was admitted");
     assert!(err.to_string().contains("not admitted"), "{err}");
-    assert_eq!(a.status().connected_peers, 2, "A holds a connection to D");
-    assert_eq!(d.status().connected_peers, 0);
+    assert_eq!(a.status().peers.connected_peers, 2, "A holds a connection to D");
+    assert_eq!(d.status().peers.connected_peers, 0);
     // The same dial by a member works.
     let b_to_a: libp2p::Multiaddr = format!("{}/p2p/{}", a.status().listen[0], a.status().peer_id)
         .parse()
@@ -146,12 +158,12 @@ async fn invite_chain_lookup_gate_and_record_filtering() {
         good.expires_at - 3600,
         3600,
     );
-    let refused_before = b.status().records_refused;
+    let refused_before = b.status().peers.records_refused;
     c.offer_raw_record(key.clone(), forged.encode()).await.unwrap();
     c.offer_raw_record(key.clone(), stale.encode()).await.unwrap();
     c.offer_raw_record(key, b"not a record".to_vec()).await.unwrap();
     until("B refuses three records", async || {
-        b.status().records_refused >= refused_before + 3
+        b.status().peers.records_refused >= refused_before + 3
     })
     .await;
     assert_eq!(b.held_record(ka.identity()).await.unwrap().unwrap(), good);
@@ -162,18 +174,21 @@ async fn joining_a_dht_of_another_name() {
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let (a, ka) = node_in(&dirs[0], "friends").await;
     let (b, kb) = node(&dirs[1]).await;
-    let inv = a.invite("unused".into(), 600, 1).await.unwrap();
+    let inv = a.invite(None, "unused".into(), 600, 1).await.unwrap();
     assert_eq!(inv.dht, "friends");
-    b.joined(a.admit(b.join_request(&kb, inv)).await.unwrap())
+    b.joined(a.admit(b.join_request(&kb, inv).await.unwrap()).await.unwrap())
         .await
         .unwrap();
     // B speaks the other DHT's Kademlia now: it finds A's record through it.
     until("B joins A's DHT", async || {
-        b.status().dht.as_deref() == Some("friends")
+        b.status()
+            .dhts
+            .iter()
+            .any(|d| d.dht.as_deref() == Some("friends"))
     })
     .await;
     until("A and B connect", async || {
-        a.status().connected.contains(&kb.identity())
+        a.status().peers.connected.contains(&kb.identity())
     })
     .await;
     let rec = b.resolve(ka.identity()).await.unwrap();
@@ -187,7 +202,7 @@ async fn joining_a_dht_of_another_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_cannot_be_dialled_is_reached_through_a_relay() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (r, _kr) = node(&dirs[0]).await;
+    let (r, kr) = node(&dirs[0]).await;
     let relay = format!("{}/p2p/{}", r.status().listen[0], r.status().peer_id);
     let kh = Keypair::generate();
     let h = Node::start(
@@ -206,10 +221,14 @@ async fn a_node_that_cannot_be_dialled_is_reached_through_a_relay() {
     .unwrap();
     let (c, kc) = node(&dirs[2]).await;
 
-    let inv = r.invite("unused".into(), 600, 2).await.unwrap();
-    h.joined(r.admit(h.join_request(&kh, inv.clone())).await.unwrap())
-        .await
-        .unwrap();
+    let inv = r.invite(None, "unused".into(), 600, 2).await.unwrap();
+    h.joined(
+        r.admit(h.join_request(&kh, inv.clone()).await.unwrap())
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     until("H is reachable through R", async || {
         h.status().listen.iter().any(|a| a.contains("p2p-circuit"))
     })
@@ -219,7 +238,7 @@ async fn a_node_that_cannot_be_dialled_is_reached_through_a_relay() {
         "H has only relayed addresses: {:?}",
         h.status().listen
     );
-    c.joined(r.admit(c.join_request(&kc, inv)).await.unwrap())
+    c.joined(r.admit(c.join_request(&kc, inv).await.unwrap()).await.unwrap())
         .await
         .unwrap();
     until("H's record reaches R", async || {
@@ -237,5 +256,115 @@ async fn a_node_that_cannot_be_dialled_is_reached_through_a_relay() {
         .await
         .unwrap();
     assert_eq!(got, format!("{} doc via R", kc.identity()).into_bytes());
-    assert!(c.status().connected.contains(&kh.identity()));
+    let s = c.status().peers;
+    assert!(s.connected.contains(&kh.identity()));
+    assert!(s.direct.contains(&kr.identity()), "{s:?}");
+}
+
+/// A and B each make a DHT of their own; C joins both. C finds and fetches from each
+/// through the DHT it shares with it, on ports of that membership's own; A and B know
+/// nothing of each other's network, and each one's gate keeps the other out. C restarts
+/// and is a member of both again, where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_in_several_dhts() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, ka) = node_in(&dirs[0], "alpha").await;
+    let (b, kb) = node_in(&dirs[1], "beta").await;
+    let (c, kc) = node(&dirs[2]).await;
+
+    let to_alpha = a.invite(None, "unused".into(), 600, 1).await.unwrap();
+    let to_beta = b.invite(None, "unused".into(), 600, 1).await.unwrap();
+    assert_eq!((to_alpha.dht.as_str(), to_beta.dht.as_str()), ("alpha", "beta"));
+    c.joined(
+        a.admit(c.join_request(&kc, to_alpha).await.unwrap())
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    c.joined(
+        b.admit(c.join_request(&kc, to_beta).await.unwrap())
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+
+    let names = |n: &Node| -> Vec<String> { n.status().dhts.iter().filter_map(|d| d.dht.clone()).collect() };
+    assert_eq!(names(&c), ["alpha", "beta"]);
+    let status = c.status();
+    let (alpha, beta) = (&status.dhts[0], &status.dhts[1]);
+    assert!(
+        alpha.listen.iter().all(|x| !beta.listen.contains(x)),
+        "each membership listens on its own ports: {:?} / {:?}",
+        alpha.listen,
+        beta.listen
+    );
+    assert_eq!(status.peers.members, 3, "A, B and C, each counted once");
+    until("C is connected to A and to B", async || {
+        let s = c.status();
+        s.peers.connected.contains(&ka.identity()) && s.peers.connected.contains(&kb.identity())
+    })
+    .await;
+
+    // Each record lives in its own DHT; C resolves and fetches through the right one.
+    until("A's and B's records reach C", async || {
+        c.held_record(ka.identity()).await.unwrap().is_some()
+            && c.held_record(kb.identity()).await.unwrap().is_some()
+    })
+    .await;
+    assert_eq!(c.resolve(ka.identity()).await.unwrap().dht, "alpha");
+    assert_eq!(c.resolve(kb.identity()).await.unwrap().dht, "beta");
+    for (k, what) in [(&ka, "in alpha"), (&kb, "in beta")] {
+        let got = c
+            .fetch(k.identity(), "doc".into(), what.as_bytes().to_vec())
+            .await
+            .unwrap();
+        assert_eq!(got, format!("{} doc {what}", kc.identity()).into_bytes());
+    }
+
+    // A and B share no network: neither learns of the other, nor can ask it anything.
+    assert_eq!(names(&a), ["alpha"]);
+    assert_eq!(a.status().peers.members, 2, "{:?}", a.status().peers.member_ids);
+    assert!(!a.is_member(&kb.identity()));
+    let err = a.fetch(kb.identity(), "doc".into(), vec![]).await.unwrap_err();
+    assert!(err.to_string().contains("not a member"), "{err}");
+    // Dialling B by hand, A is refused at B's gate; dialling C's beta membership, at C's
+    // (A's request may still be answered over its connection to C's alpha membership: the
+    // same peer).
+    let b_addr: libp2p::Multiaddr = format!("{}/p2p/{}", b.status().listen[0], b.status().peer_id)
+        .parse()
+        .unwrap();
+    assert!(a.connect(b_addr).await.is_err(), "B's gate lets A in");
+    let c_beta: libp2p::Multiaddr = format!("{}/p2p/{}", beta.listen[0], status.peer_id)
+        .parse()
+        .unwrap();
+    let _ = a.connect(c_beta).await;
+    let beta_now = &c.status().dhts[1];
+    assert!(
+        !beta_now.peers.connected.contains(&ka.identity()),
+        "C's beta gate lets A in"
+    );
+    assert_eq!(beta_now.peers.connected, vec![kb.identity()]);
+
+    // C restarts on its state: both memberships, the same ports.
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = start_with(&dirs[2], &kc, "plait").await;
+    assert_eq!(names(&c), ["alpha", "beta"]);
+    until("C listens where it did", async || {
+        let s = c.status();
+        s.dhts.len() == 2 && beta.listen.iter().all(|x| s.dhts[1].listen.contains(x))
+    })
+    .await;
+    until("C is back with A and B", async || {
+        let s = c.status();
+        s.peers.connected.contains(&ka.identity()) && s.peers.connected.contains(&kb.identity())
+    })
+    .await;
+    let got = c
+        .fetch(kb.identity(), "doc".into(), b"again".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(got, format!("{} doc again", kc.identity()).into_bytes());
 }

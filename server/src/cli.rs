@@ -23,11 +23,15 @@ pub enum Command {
     /// Load data from another server's store.
     #[command(subcommand)]
     Import(ImportCommand),
-    /// Print a one-line invite link to this server's network (creating the network, with
-    /// this server as its root, if it has none yet).
+    /// Print a one-line invite link to one of this server's networks (creating the network,
+    /// with this server as its root, if it is not a member yet).
     Invite {
         #[command(flatten)]
         admin: AdminArgs,
+        /// The network (DHT) to invite to; by default the one this server belongs to, or
+        /// the `[p2p] dht` setting when it belongs to none or several.
+        #[arg(long)]
+        dht: Option<String>,
         /// How many servers may join with the link.
         #[arg(long, default_value_t = 1)]
         uses: u32,

@@ -22,9 +22,10 @@ fn main() -> ExitCode {
         }) => import_statebus(&source, data_dir, database_url, config),
         Command::Invite {
             admin,
+            dht,
             uses,
             ttl_secs,
-        } => admin_command(admin, AdminRequest::Invite { uses, ttl_secs }, |r| {
+        } => admin_command(admin, AdminRequest::Invite { dht, uses, ttl_secs }, |r| {
             r["link"].as_str().unwrap_or_default().to_string()
         }),
         Command::Join { admin, link } => admin_command(admin, AdminRequest::Join { link }, |r| {

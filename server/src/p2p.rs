@@ -40,11 +40,22 @@ const MAX_ADMIN_LINE: usize = 64 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum AdminRequest {
-    Invite { uses: u32, ttl_secs: u64 },
-    Join { link: String },
+    Invite {
+        #[serde(default)]
+        dht: Option<String>,
+        uses: u32,
+        ttl_secs: u64,
+    },
+    Join {
+        link: String,
+    },
     Status,
-    Resolve { id: String },
-    Connect { addr: String },
+    Resolve {
+        id: String,
+    },
+    Connect {
+        addr: String,
+    },
 }
 
 /// The answer to an admin command.
@@ -122,7 +133,11 @@ impl P2p {
     /// Invitee side: presents `link` to the inviter and takes what it grants.
     async fn join(&self, link: &str) -> Result<serde_json::Value, String> {
         let invite = Invite::from_link(link).map_err(|e| e.to_string())?;
-        let req = self.node.join_request(&self.keys, invite.clone());
+        let req = self
+            .node
+            .join_request(&self.keys, invite.clone())
+            .await
+            .map_err(|e| e.to_string())?;
         let uri: http::Uri = invite
             .join_url
             .parse()
@@ -165,13 +180,13 @@ impl P2p {
 
     async fn handle(&self, req: AdminRequest) -> Result<serde_json::Value, String> {
         match req {
-            AdminRequest::Invite { uses, ttl_secs } => {
+            AdminRequest::Invite { dht, uses, ttl_secs } => {
                 if uses == 0 {
                     return Err("an invite needs at least one use".into());
                 }
                 let inv = self
                     .node
-                    .invite(self.join_url.clone(), ttl_secs, uses)
+                    .invite(dht, self.join_url.clone(), ttl_secs, uses)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(
