@@ -2,8 +2,10 @@
 //! chain made with the CLI (`plait invite`, `plait join` through the admin socket), a
 //! lookup through the DHT of an address nobody handed over, the gate refusing a server
 //! that was never invited, used-up and tampered invites refused, and a member that
-//! restarts rejoining from its saved state (embedded store, and Postgres), and federation:
-//! live replicas of another member's resources, through that member's restart.
+//! restarts rejoining from its saved state (embedded store, and Postgres), federation:
+//! live replicas of another member's resources, through that member's restart, relays and
+//! hole punching between homes behind real NAT routers (network namespaces), and a server
+//! in two networks at once, federating with each and keeping them apart.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -91,7 +93,7 @@ fn invite_chain_dht_lookup_gate_and_restart() {
     let (ida, idb, idc) = (id(&a), id(&b), id(&c));
 
     // Before any invite a server belongs to no network.
-    assert!(p2p(&a)["dht"].is_null());
+    assert_eq!(p2p(&a)["dhts"], serde_json::json!([]));
 
     // A invites B (A's network is created by its first invite).
     let link = ok(&a, &["invite"]);
@@ -101,7 +103,7 @@ fn invite_chain_dht_lookup_gate_and_restart() {
     );
     assert!(ok(&b, &["join", &link]).contains(&ida));
     until("A and B connect", || connected(&a).contains(&idb));
-    assert_eq!(p2p(&a)["dht"], "plait");
+    assert_eq!(p2p(&a)["dhts"][0]["dht"], "plait");
 
     // The link was for one use; a second server cannot use it.
     let (joined, why) = admin(&d, &["join", &link]);
@@ -165,7 +167,7 @@ fn invite_chain_dht_lookup_gate_and_restart() {
     // `plait status` prints the same.
     let status: serde_json::Value = serde_json::from_str(&ok(&a, &["status"])).unwrap();
     assert_eq!(status["members"], 3);
-    assert_eq!(status["dht"], "plait");
+    assert_eq!(status["dhts"][0]["dht"], "plait");
 
     // B restarts (kill -9): it rejoins from its saved state, without any invite.
     b.restart();
@@ -464,4 +466,206 @@ fn a_member_nobody_can_dial_is_followed_through_a_relay() {
         assert_eq!(s.next_block(T).await.unwrap().body_text(), r#"{"n":2}"#);
     });
     assert!(connected(&c).contains(&idh), "C is connected to H");
+}
+
+/// Two homes, each behind its own NAT router (nftables masquerade; nothing unsolicited gets
+/// in), and a VPS R on the internet that relays for members. B follows A's document: the
+/// first connection goes through R, then the two punch a hole (DCUtR) and connect directly,
+/// so A's writes still reach B after R is gone.
+#[test]
+fn homes_behind_nat_punch_a_hole_and_keep_it_without_the_relay() {
+    let lab = plait_tests::netns::NatLab::new("punch", 2);
+    let public = &lab.public;
+    let mut r = Plait::start_at(
+        Store::Embedded,
+        &format!("{public}:0"),
+        None,
+        &[
+            "--p2p-listen",
+            &format!("/ip4/{public}/tcp/0"),
+            "--p2p-listen",
+            &format!("/ip4/{public}/udp/0/quic-v1"),
+        ],
+    );
+    until("R listens for peers", || p2p(&r)["listen"][1].is_string());
+    let relay = format!(
+        "{}/p2p/{}",
+        p2p(&r)["listen"][0].as_str().unwrap(),
+        p2p(&r)["peer_id"].as_str().unwrap()
+    );
+    let port = plait_tests::netns::NatLab::P2P_PORT;
+    let at_home = |h: &plait_tests::netns::Home| {
+        Plait::start_at(
+            Store::Embedded,
+            &format!("{}:0", h.lan),
+            Some(&h.ns),
+            &[
+                "--p2p-listen",
+                &format!("/ip4/0.0.0.0/tcp/{port}"),
+                "--p2p-listen",
+                &format!("/ip4/0.0.0.0/udp/{port}/quic-v1"),
+                "--p2p-relay",
+                &relay,
+            ],
+        )
+    };
+    let (a, b) = (at_home(&lab.homes[0]), at_home(&lab.homes[1]));
+    let link = ok(&r, &["invite", "--uses", "2"]);
+    ok(&a, &["join", &link]);
+    ok(&b, &["join", &link]);
+    let ida = id(&a);
+    until("A is reachable through R", || {
+        p2p(&a)["listen"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().starts_with(&format!("{relay}/p2p-circuit")))
+    });
+    until("B resolves A to its relayed address", || {
+        let (found, text) = admin(&b, &["resolve", &ida]);
+        found && text.contains("/p2p-circuit")
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let json = [("Subscribe", "true"), ("Accept", "application/json")];
+    let mut s = rt.block_on(async {
+        put_json(&a, "/doc", r#"{"n":1}"#).await;
+        let mut s = wire::subscribe(b.addr, &format!("/~{ida}/doc"), &json).await;
+        assert_eq!(
+            (s.status, s.header("plait-replica")),
+            (209, Some("live")),
+            "B:\n{}\nA:\n{}",
+            b.log(),
+            a.log()
+        );
+        assert_eq!(s.next_block(T).await.unwrap().body_text(), r#"{"n":1}"#);
+        s
+    });
+    let direct = |p: &Plait, id: &str| {
+        p2p(p)["direct"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d.as_str() == Some(id))
+    };
+    let deadline = Instant::now() + T;
+    while !direct(&b, &ida) {
+        assert!(
+            Instant::now() < deadline,
+            "no direct connection from B to A: {}\nB:\n{}\nA:\n{}",
+            p2p(&b),
+            b.log(),
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(direct(&a, &id(&b)));
+    assert!(
+        b.log().contains("by hole punching") || a.log().contains("by hole punching"),
+        "the direct connection is DCUtR's"
+    );
+    // Without the relay, A's writes still reach B, over the hole.
+    r.kill9();
+    rt.block_on(async {
+        for n in 2..=3 {
+            put_json(&a, "/doc", &format!(r#"{{"n":{n}}}"#)).await;
+            let mut seen = s.next_block(T).await.unwrap().body_text();
+            while seen != format!(r#"{{"n":{n}}}"#) {
+                seen = s.next_block(T).await.expect("the update arrives").body_text();
+            }
+        }
+    });
+    assert!(direct(&b, &ida), "{}", p2p(&b));
+}
+
+/// B belongs to A's network and makes one of its own (`plait invite --dht friends`) for D.
+/// D follows B's document live through "friends", A through "plait"; D and A share no
+/// network, so neither can reach the other. B restarts in both.
+#[test]
+fn a_server_in_two_networks() {
+    let a = p2p_plait();
+    let mut b = p2p_plait();
+    let d = p2p_plait();
+    let (ida, idb) = (id(&a), id(&b));
+    ok(&b, &["join", &ok(&a, &["invite"])]);
+    let link = ok(&b, &["invite", "--dht", "friends"]);
+    assert_eq!(decode_link(&link)["dht"], "friends");
+    assert!(ok(&d, &["join", &link]).contains("friends"));
+    let names = |p: &Plait| -> Vec<String> {
+        p2p(p)["dhts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["dht"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&b), ["plait", "friends"]);
+    assert_eq!(
+        (names(&a), names(&d)),
+        (vec!["plait".to_string()], vec!["friends".to_string()])
+    );
+    let friends_listen = p2p(&b)["dhts"][1]["listen"].clone();
+    assert_ne!(friends_listen, p2p(&b)["dhts"][0]["listen"]);
+    // With two networks, `plait invite` must be told which: the `[p2p] dht` setting's.
+    assert_eq!(decode_link(&ok(&b, &["invite"]))["dht"], "plait");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let json = [("Subscribe", "true"), ("Accept", "application/json")];
+    rt.block_on(async {
+        put_json(&b, "/doc", r#"{"n":1}"#).await;
+        put_json(&a, "/mine", r#"{"a":1}"#).await;
+        let mut on_d = wire::subscribe(d.addr, &format!("/~{idb}/doc"), &json).await;
+        let mut on_a = wire::subscribe(a.addr, &format!("/~{idb}/doc"), &json).await;
+        for s in [&mut on_d, &mut on_a] {
+            assert_eq!((s.status, s.header("plait-replica")), (209, Some("live")));
+            assert_eq!(s.next_block(T).await.unwrap().body_text(), r#"{"n":1}"#);
+        }
+        put_json(&b, "/doc", r#"{"n":2}"#).await;
+        for s in [&mut on_d, &mut on_a] {
+            let mut seen = s.next_block(T).await.unwrap().body_text();
+            while seen != r#"{"n":2}"# {
+                seen = s.next_block(T).await.expect("the update arrives").body_text();
+            }
+        }
+        // D is no member of A's network: A's namespace is not followed from D.
+        let r = wire::send(
+            d.addr,
+            "GET",
+            &format!("/~{ida}/mine"),
+            &[("Accept", "application/json")],
+            b"",
+        )
+        .await;
+        assert!(
+            r.header("plait-replica").is_none() && !r.text().contains("\"a\""),
+            "{} {}",
+            r.status,
+            r.text()
+        );
+    });
+    // Nor can D reach A by hand: A's gate hangs up.
+    let a_addr = format!(
+        "{}/p2p/{}",
+        p2p(&a)["listen"][0].as_str().unwrap(),
+        p2p(&a)["peer_id"].as_str().unwrap()
+    );
+    let (dialled, why) = admin(&d, &["connect", &a_addr]);
+    assert!(!dialled && why.contains("not admitted"), "{why}");
+
+    // B restarts (kill -9): both memberships come back, "friends" where it listened.
+    b.restart();
+    until("B is back in both networks", || {
+        let s = p2p(&b);
+        s["dhts"].as_array().is_some_and(|d| d.len() == 2) && s["dhts"][1]["listen"] == friends_listen
+    });
+    until("B is back with A and D", || {
+        connected(&b).contains(&ida) && connected(&b).contains(&id(&d))
+    });
 }
