@@ -111,18 +111,11 @@ pub struct Home {
     pub router_public: String,
 }
 
+/// Runs `cmd args` inside namespace `ns`.
 fn in_ns(ns: &str, cmd: &str, args: &[&str]) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, cmd])
-        .args(args)
-        .output()
-        .expect("run ip netns exec");
-    assert!(
-        out.status.success(),
-        "{cmd} {} in {ns}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut all = vec!["netns", "exec", ns, cmd];
+    all.extend_from_slice(args);
+    ip(&all);
 }
 
 impl NatLab {

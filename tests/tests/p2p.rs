@@ -232,6 +232,20 @@ fn chain(a: &Plait, b: &Plait, c: &Plait) {
     until("B knows all three members", || p2p(b)["members"] == 3);
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Reads updates until one has body `want`: updates may coalesce, so each write arrives or is
+/// overtaken by a later one.
+async fn until_body(s: &mut wire::Subscription, want: &str) {
+    while s.next_block(T).await.expect("the update arrives").body_text() != want {}
+}
+
 async fn put_json(p: &Plait, path: &str, body: &str) {
     let r = wire::send(
         p.addr,
@@ -252,11 +266,7 @@ fn federation_is_live_and_survives_a_restart() {
     let c = p2p_plait();
     chain(&a, &b, &c);
     let (ida, idb) = (id(&a), id(&b));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let json = [("Subscribe", "true"), ("Accept", "application/json")];
 
     // A subscriber on C to A's document sees A's writes live.
@@ -268,11 +278,7 @@ fn federation_is_live_and_survives_a_restart() {
         assert_eq!(s.next_block(T).await.unwrap().body_text(), r#"{"n":1}"#);
         for n in 2..=5 {
             put_json(&a, "/doc", &format!(r#"{{"n":{n}}}"#)).await;
-            let mut seen = s.next_block(T).await.unwrap().body_text();
-            // Updates may coalesce; each arrives or is overtaken by a later one.
-            while seen != format!(r#"{{"n":{n}}}"#) {
-                seen = s.next_block(T).await.expect("the update arrives").body_text();
-            }
+            until_body(&mut s, &format!(r#"{{"n":{n}}}"#)).await;
         }
         // The replica is read-only on C; a plain read there is in step.
         let r = wire::send(
@@ -382,18 +388,7 @@ fn federation_is_live_and_survives_a_restart() {
     rt.block_on(async {
         // A write made as soon as B is back reaches the subscriber that stayed on C.
         put_json(&b, "/notes", r#"{"v":2}"#).await;
-        let mut seen = notes
-            .next_block(T)
-            .await
-            .expect("B's write after its restart")
-            .body_text();
-        while seen != r#"{"v":2}"# {
-            seen = notes
-                .next_block(T)
-                .await
-                .expect("B's write after its restart")
-                .body_text();
-        }
+        until_body(&mut notes, r#"{"v":2}"#).await;
         put_json(&b, "/notes", r#"{"v":3}"#).await;
         assert_eq!(notes.next_block(T).await.unwrap().body_text(), r#"{"v":3}"#);
         // A's document stayed live meanwhile.
@@ -444,11 +439,7 @@ fn a_member_nobody_can_dial_is_followed_through_a_relay() {
         let (found, text) = admin(&c, &["resolve", &idh]);
         found && text.contains(&format!("{relay}/p2p-circuit"))
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         put_json(&h, "/doc", r#"{"n":1}"#).await;
         let json = [("Subscribe", "true"), ("Accept", "application/json")];
@@ -525,11 +516,7 @@ fn homes_behind_nat_punch_a_hole_and_keep_it_without_the_relay() {
         let (found, text) = admin(&b, &["resolve", &ida]);
         found && text.contains("/p2p-circuit")
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let json = [("Subscribe", "true"), ("Accept", "application/json")];
     let mut s = rt.block_on(async {
         put_json(&a, "/doc", r#"{"n":1}"#).await;
@@ -572,10 +559,7 @@ fn homes_behind_nat_punch_a_hole_and_keep_it_without_the_relay() {
     rt.block_on(async {
         for n in 2..=3 {
             put_json(&a, "/doc", &format!(r#"{{"n":{n}}}"#)).await;
-            let mut seen = s.next_block(T).await.unwrap().body_text();
-            while seen != format!(r#"{{"n":{n}}}"#) {
-                seen = s.next_block(T).await.expect("the update arrives").body_text();
-            }
+            until_body(&mut s, &format!(r#"{{"n":{n}}}"#)).await;
         }
     });
     assert!(direct(&b, &ida), "{}", p2p(&b));
@@ -612,11 +596,7 @@ fn a_server_in_two_networks() {
     // With two networks, `plait invite` must be told which: the `[p2p] dht` setting's.
     assert_eq!(decode_link(&ok(&b, &["invite"]))["dht"], "plait");
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let json = [("Subscribe", "true"), ("Accept", "application/json")];
     rt.block_on(async {
         put_json(&b, "/doc", r#"{"n":1}"#).await;
@@ -629,10 +609,7 @@ fn a_server_in_two_networks() {
         }
         put_json(&b, "/doc", r#"{"n":2}"#).await;
         for s in [&mut on_d, &mut on_a] {
-            let mut seen = s.next_block(T).await.unwrap().body_text();
-            while seen != r#"{"n":2}"# {
-                seen = s.next_block(T).await.expect("the update arrives").body_text();
-            }
+            until_body(s, r#"{"n":2}"#).await;
         }
         // D is no member of A's network: A's namespace is not followed from D.
         let r = wire::send(
