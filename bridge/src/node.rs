@@ -671,3 +671,43 @@ async fn saver(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::invite::Membership;
+
+    fn state(dht: &str) -> DhtState {
+        DhtState {
+            membership: Some(Membership::new(dht, Keypair::generate().identity())),
+            ..DhtState::default()
+        }
+    }
+
+    #[test]
+    fn saved_state_of_one_dht_or_several_loads() {
+        // A node from before several DHTs kept one membership's state at the top.
+        let old = serde_json::to_vec(&state("plait")).unwrap();
+        let p = Persisted::from_bytes(Some(old));
+        assert_eq!(p.dhts.len(), 1);
+        assert_eq!(p.dhts[0].membership.as_ref().unwrap().dht, "plait");
+
+        let both = Persisted {
+            dhts: vec![state("plait"), state("friends"), DhtState::default()],
+        };
+        let p = Persisted::from_bytes(Some(serde_json::to_vec(&both).unwrap()));
+        let names: Vec<&str> = p
+            .dhts
+            .iter()
+            .map(|d| d.membership.as_ref().unwrap().dht.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["plait", "friends"],
+            "a swarm that joined nothing is not kept"
+        );
+
+        assert!(Persisted::from_bytes(Some(b"not json".to_vec())).dhts.is_empty());
+        assert!(Persisted::from_bytes(None).dhts.is_empty());
+    }
+}
