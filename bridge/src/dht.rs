@@ -698,6 +698,15 @@ impl Runner {
         self.outbound.insert(rid, reply);
     }
 
+    /// Every member cert this node holds (none before it belongs to the DHT).
+    fn our_certs(&self) -> Vec<MemberCert> {
+        self.state
+            .membership
+            .as_ref()
+            .map(|m| m.certs())
+            .unwrap_or_default()
+    }
+
     /// Sends our certs to a connected member.
     fn send_certs(&mut self, peer: PeerId, certs: Vec<MemberCert>) {
         if !certs.is_empty() {
@@ -1048,13 +1057,7 @@ impl Runner {
                     if endpoint.is_dialer() {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
-                    let certs = self
-                        .state
-                        .membership
-                        .as_ref()
-                        .map(|m| m.certs())
-                        .unwrap_or_default();
-                    self.send_certs(peer_id, certs);
+                    self.send_certs(peer_id, self.our_certs());
                     // The first peer after being alone (start-up, a join, a network outage):
                     // the record could not reach anyone before, so publish it now.
                     if self.connected.len() == 1 {
@@ -1134,12 +1137,7 @@ impl Runner {
                         ..
                     } => {
                         self.merge_certs(Some(peer), certs);
-                        let ours = self
-                            .state
-                            .membership
-                            .as_ref()
-                            .map(|m| m.certs())
-                            .unwrap_or_default();
+                        let ours = self.our_certs();
                         let _ = self
                             .swarm
                             .behaviour_mut()

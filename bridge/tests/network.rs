@@ -63,6 +63,15 @@ async fn start_with(dir: &tempfile::TempDir, keys: &Keypair, dht: &str) -> Node 
     n
 }
 
+/// `invitee` (with key `keys`) presents `inv` to `inviter` and takes the grant it gets.
+async fn join(invitee: &Node, keys: &Keypair, inviter: &Node, inv: plait_bridge::invite::Invite) {
+    let grant = inviter
+        .admit(invitee.join_request(keys, inv).await.unwrap())
+        .await
+        .unwrap();
+    invitee.joined(grant).await.unwrap();
+}
+
 async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + T;
     while !f().await {
@@ -176,9 +185,7 @@ async fn joining_a_dht_of_another_name() {
     let (b, kb) = node(&dirs[1]).await;
     let inv = a.invite(None, "unused".into(), 600, 1).await.unwrap();
     assert_eq!(inv.dht, "friends");
-    b.joined(a.admit(b.join_request(&kb, inv).await.unwrap()).await.unwrap())
-        .await
-        .unwrap();
+    join(&b, &kb, &a, inv).await;
     // B speaks the other DHT's Kademlia now: it finds A's record through it.
     until("B joins A's DHT", async || {
         b.status()
@@ -222,13 +229,7 @@ async fn a_node_that_cannot_be_dialled_is_reached_through_a_relay() {
     let (c, kc) = node(&dirs[2]).await;
 
     let inv = r.invite(None, "unused".into(), 600, 2).await.unwrap();
-    h.joined(
-        r.admit(h.join_request(&kh, inv.clone()).await.unwrap())
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    join(&h, &kh, &r, inv.clone()).await;
     until("H is reachable through R", async || {
         h.status().listen.iter().any(|a| a.contains("p2p-circuit"))
     })
@@ -238,9 +239,7 @@ async fn a_node_that_cannot_be_dialled_is_reached_through_a_relay() {
         "H has only relayed addresses: {:?}",
         h.status().listen
     );
-    c.joined(r.admit(c.join_request(&kc, inv).await.unwrap()).await.unwrap())
-        .await
-        .unwrap();
+    join(&c, &kc, &r, inv).await;
     until("H's record reaches R", async || {
         r.held_record(kh.identity()).await.unwrap().is_some()
     })
@@ -275,20 +274,8 @@ async fn one_node_in_several_dhts() {
     let to_alpha = a.invite(None, "unused".into(), 600, 1).await.unwrap();
     let to_beta = b.invite(None, "unused".into(), 600, 1).await.unwrap();
     assert_eq!((to_alpha.dht.as_str(), to_beta.dht.as_str()), ("alpha", "beta"));
-    c.joined(
-        a.admit(c.join_request(&kc, to_alpha).await.unwrap())
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    c.joined(
-        b.admit(c.join_request(&kc, to_beta).await.unwrap())
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    join(&c, &kc, &a, to_alpha).await;
+    join(&c, &kc, &b, to_beta).await;
 
     let names = |n: &Node| -> Vec<String> { n.status().dhts.iter().filter_map(|d| d.dht.clone()).collect() };
     assert_eq!(names(&c), ["alpha", "beta"]);
