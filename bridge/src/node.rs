@@ -96,6 +96,7 @@ impl Default for NodeSettings {
 impl NodeSettings {
     /// Refuses settings the node could not use, saying which and why.
     pub fn check(&self) -> Result<(), String> {
+        check_dht_name(&self.dht).map_err(|e| format!("p2p dht: {e}"))?;
         for a in &self.listen {
             a.parse::<Multiaddr>()
                 .map_err(|e| format!("p2p listen address {a:?} is not a multiaddr: {e}"))?;
@@ -111,6 +112,25 @@ impl NodeSettings {
             }
         }
         Ok(())
+    }
+}
+
+/// Longest DHT name.
+pub const MAX_DHT_NAME: usize = 64;
+
+/// A DHT name is part of a protocol name and of every record key: 1 to
+/// [`MAX_DHT_NAME`] characters of lowercase ASCII letters, digits, `-` and `_`.
+pub fn check_dht_name(name: &str) -> Result<(), String> {
+    let ok = (1..=MAX_DHT_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a DHT name (1 to {MAX_DHT_NAME} of a-z, 0-9, - and _)"
+        ))
     }
 }
 
@@ -355,6 +375,7 @@ impl Node {
                 "this node is not a member of DHT {name:?}"
             )));
         }
+        check_dht_name(name).map_err(NodeError::Refused)?;
         let fresh = slots.iter().position(|s| s.dht.name().is_none());
         let dht = match fresh {
             Some(n) if slots[n].speaks == name => slots[n].dht.clone(),
@@ -682,6 +703,29 @@ mod tests {
             membership: Some(Membership::new(dht, Keypair::generate().identity())),
             ..DhtState::default()
         }
+    }
+
+    #[test]
+    fn dht_names_are_checked() {
+        for good in ["plait", "friends-2", "a_b", &"x".repeat(MAX_DHT_NAME)] {
+            assert!(check_dht_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Plait",
+            "a/b",
+            "a b",
+            "../x",
+            "ü",
+            &"x".repeat(MAX_DHT_NAME + 1),
+        ] {
+            assert!(check_dht_name(bad).is_err(), "{bad}");
+        }
+        let settings = NodeSettings {
+            dht: "no/slash".into(),
+            ..NodeSettings::default()
+        };
+        assert!(settings.check().unwrap_err().contains("not a DHT name"));
     }
 
     #[test]

@@ -220,6 +220,10 @@ fn the_admin_commands_explain_what_is_missing() {
     let body = serde_json::to_vec(&req).unwrap();
     let r = rt.block_on(wire::send(q.addr, "POST", "/.well-known/plait/join", &[], &body));
     assert_eq!(r.status, 403, "{}", r.text());
+    // A network name that is no DHT name is refused, and makes no network.
+    let (made, why) = admin(&q, &["invite", "--dht", "Bad/Name"]);
+    assert!(!made && why.contains("not a DHT name"), "{why}");
+    assert_eq!(p2p(&q)["dhts"], serde_json::json!([]));
 }
 
 /// A invites B, B invites C; returns once A knows all three.
