@@ -148,6 +148,12 @@ async fn acknowledged_writes_survive_kill_9(store: Store) {
                 n
             }));
         }
+        // The kill lands a while after writes flow: on a busy machine a fresh server's first
+        // acknowledgement (Postgres pool, migrations) can take longer than the jitter below.
+        let flowing = std::time::Instant::now() + Duration::from_secs(30);
+        while acked.lock().unwrap().is_empty() && std::time::Instant::now() < flowing {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tokio::time::sleep(Duration::from_millis(150 + 97 * round as u64)).await;
         p.kill9();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
