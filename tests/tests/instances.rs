@@ -159,3 +159,82 @@ async fn missed_notices_are_caught_up_when_the_listener_reconnects() {
     }
     assert!(b.log().contains("notices may have been missed"), "{}", b.log());
 }
+
+/// A write lands after every write acknowledged before it, whichever process took either:
+/// a client that writes through one process and then through the other never sees its
+/// newer value lose to its older one. (Made on a document that lacks the other process's
+/// latest change, a write would be concurrent with it, and automerge could keep either.)
+/// The processes are made deaf to each other's notices, so the second one's document is
+/// behind when it takes the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_either_process_lands_after_what_was_acknowledged() {
+    const KEYS: usize = 4;
+    const ROUNDS: i64 = 3;
+    let url = plait_tests::pg::fresh_database();
+    let a = Plait::start(Store::Postgres(url.clone()));
+    let b = Plait::start_sharing(&a, &[]);
+    let key = |k: usize| format!("/turns/{k}");
+    let put = |addr, key: String, n: i64| async move {
+        let body = format!("{{\"n\":{n}}}");
+        let r = wire::send(
+            addr,
+            "PUT",
+            &key,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    let read = |addr, key: String| async move {
+        json_body(&wire::send(addr, "GET", &key, &[], b"").await)["n"]
+            .as_i64()
+            .unwrap()
+    };
+    // A subscriber on each process keeps every document live (in memory) on both.
+    let mut subscribers = Vec::new();
+    for k in 0..KEYS {
+        put(a.addr, key(k), 0).await;
+        for p in [&a, &b] {
+            let mut s = wire::subscribe(
+                p.addr,
+                &key(k),
+                &[("Subscribe", "true"), ("Accept", "application/json")],
+            )
+            .await;
+            assert_eq!(json(&s.next_block(T).await.unwrap())["n"], 0);
+            subscribers.push(s);
+        }
+    }
+    for round in 1..=ROUNDS {
+        let cut = plait_tests::pg::cluster().psql(
+            &url,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+        );
+        assert_eq!(cut.trim(), "2", "both processes' listeners were cut");
+        // Well within the second a process waits before listening again.
+        let (older, newer) = (2 * round - 1, 2 * round);
+        for k in 0..KEYS {
+            put(a.addr, key(k), older).await;
+            put(b.addr, key(k), newer).await;
+        }
+        // Once both listen again and have caught up, both hold the newer value.
+        for k in 0..KEYS {
+            let deadline = std::time::Instant::now() + T;
+            loop {
+                let (on_a, on_b) = (read(a.addr, key(k)).await, read(b.addr, key(k)).await);
+                if on_a == on_b && on_a != older - 1 {
+                    assert_eq!(on_a, newer, "{}: {older} then {newer} acknowledged", key(k));
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{}: A holds {on_a}, B holds {on_b}",
+                    key(k)
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

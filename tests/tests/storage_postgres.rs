@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use plait_server::storage::postgres::PostgresStorage;
-use plait_server::storage::{CommitLimits, Storage};
+use plait_server::storage::{CommitLimits, NewChange, Storage, StorageError, Target};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_passes_the_storage_suite() {
@@ -27,4 +27,88 @@ async fn two_processes_migrating_at_once_migrate_once() {
     );
     a.unwrap();
     b.unwrap();
+}
+
+/// A resource one process holds takes no append from another until the hold appends (the
+/// other is then refused as behind) or is dropped (the other lands); readers go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_keeps_other_processes_appends_out() {
+    let url = plait_tests::pg::fresh_database();
+    let a = Arc::new(
+        PostgresStorage::connect(&url, 4, CommitLimits::default())
+            .await
+            .unwrap(),
+    );
+    let b = Arc::new(
+        PostgresStorage::connect(&url, 4, CommitLimits::default())
+            .await
+            .unwrap(),
+    );
+    let change = |v: &str| NewChange {
+        version: v.to_string(),
+        parents: String::new(),
+        author: None,
+        at_ms: 0,
+        data: bytes::Bytes::copy_from_slice(v.as_bytes()),
+        meta: None,
+        blob: None,
+    };
+    let key = plait_server::model::ResourceKey::new(
+        plait_bridge::Keypair::generate().identity(),
+        plait_server::model::ResourcePath::new("held").unwrap(),
+    );
+    let id = a
+        .append(
+            Target::Create {
+                key: key.clone(),
+                kind: plait_server::model::Kind::Text,
+                media_type: "text/plain".into(),
+            },
+            vec![change("a-0")],
+        )
+        .await
+        .unwrap()
+        .resource;
+    let wait = std::time::Duration::from_millis(300);
+
+    let hold = a.hold(id).await.unwrap();
+    let other = tokio::spawn({
+        let b = b.clone();
+        let c = change("b-0");
+        async move { b.append(Target::Existing { id, after: 1 }, vec![c]).await }
+    });
+    tokio::time::sleep(wait).await;
+    assert!(
+        !other.is_finished(),
+        "another process appended to a held resource"
+    );
+    assert_eq!(
+        b.load(&key).await.unwrap().unwrap().row.head_seq,
+        1,
+        "readers are not held up"
+    );
+    hold.append(1, vec![change("a-1")]).await.unwrap();
+    let e = other.await.unwrap().unwrap_err();
+    assert!(matches!(e, StorageError::Behind), "{e:?}");
+
+    let hold = a.hold(id).await.unwrap();
+    let other = tokio::spawn({
+        let b = b.clone();
+        let c = change("b-1");
+        async move { b.append(Target::Existing { id, after: 2 }, vec![c]).await }
+    });
+    tokio::time::sleep(wait).await;
+    assert!(!other.is_finished());
+    drop(hold);
+    assert_eq!(other.await.unwrap().unwrap().first_seq, 3);
+    let versions: Vec<String> = a
+        .load(&key)
+        .await
+        .unwrap()
+        .unwrap()
+        .changes
+        .into_iter()
+        .map(|c| c.version)
+        .collect();
+    assert_eq!(versions, ["a-0", "a-1", "b-1"]);
 }

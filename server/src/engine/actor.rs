@@ -6,8 +6,11 @@
 //! * Writes waiting in the mailbox are applied together and stored in one append.
 //! * If an append fails, the in-memory document (which already holds the failed changes)
 //!   is dropped and reloaded from storage before the next command.
-//! * `known_through` is the highest seq such that the document holds every change up to
-//!   it; a snapshot never claims more than that, so compaction cannot lose another
+//! * `known_through` is the seq the document ends at, and every append is made on it: when
+//!   the store holds more (another process's changes), the append is refused, and the
+//!   writes are made again on the reloaded document under a [`Hold`], so a write always
+//!   lands after every write acknowledged before it.
+//! * A snapshot never claims more than `known_through`, so compaction cannot lose another
 //!   process's changes.
 
 use std::collections::HashMap;
@@ -22,11 +25,15 @@ use super::{
 use crate::braid::format_version;
 use crate::doc::{BytesDoc, BytesValue, DocWrite, Document, Outcome};
 use crate::model::{Kind, ResourceKey, Version, VersionId};
-use crate::storage::{LoadedResource, NewChange, ResourceId, Seq, Storage, Target};
+use crate::storage::{Hold, LoadedResource, NewChange, ResourceId, Seq, Storage, StorageError, Target};
 use crate::update::{Update, UpdateBody, WriteBody};
 
 /// Most commands taken from the mailbox in one round.
 const MAX_ROUND: usize = 1024;
+
+/// Most tries of a write (or an import) whose append keeps finding that other processes
+/// appended first; past it the writer is told to try again later (503).
+const MAX_REMAKES: usize = 8;
 
 /// Document work on more than this many bytes (a large write, loading a long history) is
 /// moved off the async workers, which other connections need.
@@ -378,12 +385,79 @@ impl Actor {
         let _ = self.shared.events.send(Arc::new(ev));
     }
 
-    async fn write_batch(&mut self, writes: Vec<(Box<Write>, WriteReply)>) {
+    /// Applies writes and stores them in one append. When the store holds changes the
+    /// document lacked (another process's, or the late commit of a killed predecessor),
+    /// nothing was stored: the resource is held, reloaded, and the writes made again on
+    /// it, so they land after everything acknowledged before them.
+    async fn write_batch(&mut self, mut writes: Vec<(Box<Write>, WriteReply)>) {
+        let mut hold = None;
+        for made in 1.. {
+            let id = self.present_id();
+            let Some(again) = self.try_write_batch(writes, hold.take()).await else {
+                return;
+            };
+            writes = again;
+            let held = if made == MAX_REMAKES {
+                Err(EngineError::from(StorageError::Behind))
+            } else {
+                self.hold_and_reload(id).await
+            };
+            match held {
+                Ok(h) => hold = h,
+                Err(e) => {
+                    for (_, reply) in writes {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn present_id(&self) -> Option<ResourceId> {
+        match &self.res {
+            Some(Res::Present(p)) => p.id,
+            _ => None,
+        }
+    }
+
+    /// After an append refused as `Behind`: holds the resource (`id`, or the one created
+    /// meanwhile) and reloads it, so what is made on it next cannot be refused again.
+    /// `None` when there is nothing to hold (it was deleted meanwhile).
+    async fn hold_and_reload(
+        &mut self,
+        id: Option<ResourceId>,
+    ) -> Result<Option<Box<dyn Hold>>, EngineError> {
+        let id = match id {
+            Some(id) => Some(id),
+            None => {
+                self.load().await?;
+                self.present_id()
+            }
+        };
+        let hold = match id {
+            None => None,
+            Some(id) => match self.storage.hold(id).await {
+                Ok(h) => Some(h),
+                Err(StorageError::Gone) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        self.load().await?;
+        Ok(hold.filter(|h| self.present_id() == Some(h.resource())))
+    }
+
+    /// One try of [`Self::write_batch`]: the writes back when the append was `Behind`.
+    async fn try_write_batch(
+        &mut self,
+        writes: Vec<(Box<Write>, WriteReply)>,
+        hold: Option<Box<dyn Hold>>,
+    ) -> Option<Vec<(Box<Write>, WriteReply)>> {
         let now = now_ms();
         let mut create: Option<Target> = None;
         let mut changes: Vec<NewChange> = Vec::new();
         let mut events: Vec<Event> = Vec::new();
-        let mut replies: Vec<(WriteReply, Version, bool)> = Vec::new();
+        let mut replies: Vec<(Box<Write>, WriteReply, Version, bool)> = Vec::new();
         for (w, reply) in writes {
             if matches!(self.res, Some(Res::Missing)) {
                 match start_resource(&w.body) {
@@ -418,7 +492,7 @@ impl Actor {
                 }
                 Ok(Outcome::Unchanged) => {
                     let v = p.doc.frontier();
-                    replies.push((reply, v, false));
+                    replies.push((w, reply, v, false));
                 }
                 Ok(Outcome::Applied(a)) => {
                     let (meta, blob) = match (&p.doc, &a.body) {
@@ -437,7 +511,8 @@ impl Actor {
                         meta,
                         blob,
                     });
-                    replies.push((reply, a.event_version.clone(), true));
+                    let peer = w.peer.clone();
+                    replies.push((w, reply, a.event_version.clone(), true));
                     events.push(Event {
                         seq: 0,
                         parents: a.event_parents,
@@ -446,7 +521,7 @@ impl Actor {
                         media_type,
                         reaches: None,
                         origin: Some(Origin {
-                            peer: w.peer.clone(),
+                            peer,
                             write: a.id,
                             write_parents: a.parents,
                         }),
@@ -456,29 +531,34 @@ impl Actor {
             }
         }
         if changes.is_empty() {
-            for (reply, v, changed) in replies {
+            for (_, reply, v, changed) in replies {
                 let _ = reply.send(Ok(WriteResult { version: v, changed }));
             }
-            return;
+            return None;
         }
         let Some(Res::Present(p)) = &mut self.res else {
             unreachable!("changes imply a document")
         };
         let target = match (create, p.id) {
             (Some(t), _) => t,
-            (None, Some(id)) => Target::Existing(id),
+            (None, Some(id)) => Target::Existing {
+                id,
+                after: p.known_through,
+            },
             (None, None) => unreachable!("a new resource has a create target"),
         };
         let n = changes.len();
-        match self.storage.append(target, changes).await {
+        match append(&self.storage, target, hold, changes).await {
             Ok(app) => {
+                debug_assert_eq!(
+                    app.first_seq,
+                    p.known_through + 1,
+                    "appended where the document ends"
+                );
                 p.id = Some(app.resource);
+                p.known_through = app.last_seq;
+                p.since_snapshot += n;
                 let newly_known = self.registered != Some(app.resource);
-                let contiguous = app.first_seq == p.known_through + 1;
-                if contiguous {
-                    p.known_through = app.last_seq;
-                    p.since_snapshot += n;
-                }
                 self.publish_state();
                 let reached = self.current();
                 let last = events.len() - 1;
@@ -488,27 +568,27 @@ impl Actor {
                     }
                     self.publish_event(ev);
                 }
-                for (reply, v, changed) in replies {
+                for (_, reply, v, changed) in replies {
                     let _ = reply.send(Ok(WriteResult { version: v, changed }));
                 }
                 if newly_known {
                     self.register();
                 }
-                if contiguous {
-                    self.maybe_compact();
-                } else {
-                    // Another process appended in between, so this document lacks some
-                    // changes: reload it before the next command.
-                    tracing::debug!(key = %self.key, "changes from another process; reloading");
-                    self.res = None;
-                }
+                self.maybe_compact();
+                None
+            }
+            Err(StorageError::Behind) => {
+                tracing::debug!(key = %self.key, after = p.known_through, "changes from another process; making the writes again");
+                self.res = None;
+                Some(replies.into_iter().map(|(w, reply, _, _)| (w, reply)).collect())
             }
             Err(e) => {
                 tracing::warn!(key = %self.key, error = %e, "append failed; reloading the document");
-                for (reply, _, _) in replies {
+                for (_, reply, _, _) in replies {
                     let _ = reply.send(Err(e.clone().into()));
                 }
                 self.res = None;
+                None
             }
         }
     }
@@ -594,11 +674,34 @@ impl Actor {
     }
 
     /// Applies a peer's changes to this replica, stores the new ones, and announces them.
+    /// When the store holds changes the document lacked, it is reloaded and the import
+    /// made again (the changes are the home's own, so only what is still new is stored).
     async fn import(
         &mut self,
         kind: Kind,
         media_type: String,
         changes: Vec<Bytes>,
+    ) -> Result<bool, EngineError> {
+        let mut hold = None;
+        for _ in 1..MAX_REMAKES {
+            let id = self.present_id();
+            match self
+                .try_import(kind, media_type.clone(), &changes, hold.take())
+                .await
+            {
+                Err(EngineError::Storage(StorageError::Behind)) => hold = self.hold_and_reload(id).await?,
+                done => return done,
+            }
+        }
+        self.try_import(kind, media_type, &changes, hold).await
+    }
+
+    async fn try_import(
+        &mut self,
+        kind: Kind,
+        media_type: String,
+        changes: &[Bytes],
+        hold: Option<Box<dyn Hold>>,
     ) -> Result<bool, EngineError> {
         if kind == Kind::Bytes {
             return Err(EngineError::Doc(crate::doc::DocError::Corrupt(
@@ -651,25 +754,26 @@ impl Actor {
             .collect();
         let target = match (create, p.id) {
             (Some(t), _) => t,
-            (None, Some(id)) => Target::Existing(id),
+            (None, Some(id)) => Target::Existing {
+                id,
+                after: p.known_through,
+            },
             (None, None) => unreachable!("a present resource without an id is being created"),
         };
-        match self.storage.append(target, new).await {
+        match append(&self.storage, target, hold, new).await {
             Ok(app) => {
+                debug_assert_eq!(
+                    app.first_seq,
+                    p.known_through + 1,
+                    "appended where the document ends"
+                );
                 p.id = Some(app.resource);
-                let contiguous = app.first_seq == p.known_through + 1;
-                if contiguous {
-                    p.known_through = app.last_seq;
-                    p.since_snapshot += n;
-                }
+                p.known_through = app.last_seq;
+                p.since_snapshot += n;
                 self.register();
                 self.publish_state();
                 self.announce_since(&before)?;
-                if contiguous {
-                    self.maybe_compact();
-                } else {
-                    self.res = None;
-                }
+                self.maybe_compact();
                 Ok(true)
             }
             Err(e) => {
@@ -876,6 +980,24 @@ fn build(l: LoadedResource) -> Result<Present, EngineError> {
         known_through,
         since_snapshot: l.changes.len(),
     })
+}
+
+/// Appends through the hold when there is one for the target (see
+/// [`Actor::hold_and_reload`]), otherwise through the group commit.
+async fn append(
+    storage: &Arc<dyn Storage>,
+    target: Target,
+    hold: Option<Box<dyn Hold>>,
+    changes: Vec<NewChange>,
+) -> Result<crate::storage::Appended, StorageError> {
+    match (hold, &target) {
+        (Some(h), Target::Existing { id, after }) if h.resource() == *id => h.append(*after, changes).await,
+        (other, _) => {
+            // A hold on anything else is let go first: the group commit would wait for it.
+            drop(other);
+            storage.append(target, changes).await
+        }
+    }
 }
 
 fn fail(c: Command, e: EngineError) {

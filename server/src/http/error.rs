@@ -143,6 +143,10 @@ impl From<StorageError> for ApiError {
         match &e {
             StorageError::Unavailable(_) => ApiError::new(503, "storage-unavailable", e.to_string())
                 .with_header("retry-after", "1".into()),
+            // Other processes kept appending while this write was being made again.
+            StorageError::Behind => {
+                ApiError::new(503, "busy", e.to_string()).with_header("retry-after", "1".into())
+            }
             StorageError::Conflict(_) | StorageError::Gone => ApiError::new(409, "conflict", e.to_string()),
             StorageError::Corrupt(_) | StorageError::Failed(_) => {
                 tracing::error!(error = %e, "storage failure");

@@ -84,13 +84,21 @@ pub struct LoadedResource {
     pub blob: Option<Bytes>,
 }
 
-/// Which resource an append goes to.
+/// Which resource an append goes to, and the state its changes were made on.
+///
+/// An append is refused with [`StorageError::Behind`], storing nothing, when the resource
+/// holds more than its changes were made on: another process appended meanwhile, or the
+/// commit of a process killed a moment ago landed late. The writer then reads what it
+/// lacks and makes its changes again, so a write always lands after every write that was
+/// acknowledged before it (automerge would otherwise treat the two as concurrent and could
+/// keep either).
 // Short-lived and passed by value once per append; boxing the key would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Target {
-    Existing(ResourceId),
-    /// Create the resource if it does not exist (another process may have just made it).
+    /// An existing resource whose log the changes were made on ends at `after`.
+    Existing { id: ResourceId, after: Seq },
+    /// A resource that does not exist yet; refused (`Behind`) if it does.
     Create {
         key: ResourceKey,
         kind: Kind,
@@ -144,6 +152,10 @@ pub enum StorageError {
     /// The resource this append targets no longer exists.
     #[error("the resource was deleted")]
     Gone,
+    /// The resource holds changes this append was not made on (see [`Target`]); nothing
+    /// was stored.
+    #[error("the resource changed meanwhile")]
+    Behind,
     /// Stored data does not make sense.
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
@@ -161,8 +173,16 @@ pub trait Storage: Send + Sync + 'static {
     /// The resource with its latest snapshot and the changes after it; `None` if absent.
     async fn load(&self, key: &ResourceKey) -> Result<Option<LoadedResource>, StorageError>;
 
-    /// Appends changes to one resource, durably. Returns after commit.
+    /// Appends changes to one resource, durably, if it holds exactly what they were made
+    /// on (see [`Target`]). Returns after commit.
     async fn append(&self, target: Target, changes: Vec<NewChange>) -> Result<Appended, StorageError>;
+
+    /// Keeps every other writer, in any process, off one resource until the returned
+    /// [`Hold`] appends or is dropped; `Gone` if it does not exist. For a writer refused
+    /// as `Behind` (see [`Target`]): holding the resource, it reads what it lacks, makes
+    /// its changes again and appends them, and nobody can get in between, so a busy
+    /// resource cannot starve it. Readers are not held up.
+    async fn hold(&self, id: ResourceId) -> Result<Box<dyn Hold>, StorageError>;
 
     /// Changes of a resource with `seq > after`, in order.
     async fn changes_after(&self, id: ResourceId, after: Seq) -> Result<Vec<StoredChange>, StorageError>;
@@ -213,6 +233,16 @@ pub trait Storage: Send + Sync + 'static {
     /// A small instance-wide setting (e.g. which identity owns this database).
     async fn get_setting(&self, name: &str) -> Result<Option<String>, StorageError>;
     async fn put_setting(&self, name: &str, value: &str) -> Result<(), StorageError>;
+}
+
+/// One resource held for one append (see [`Storage::hold`]).
+#[async_trait]
+pub trait Hold: Send {
+    /// The resource held.
+    fn resource(&self) -> ResourceId;
+    /// Appends changes made on the resource as stored through `after`, durably, and
+    /// lets other writers on. Dropping the hold instead lets them on with nothing stored.
+    async fn append(self: Box<Self>, after: Seq, changes: Vec<NewChange>) -> Result<Appended, StorageError>;
 }
 
 /// Smallest string greater than every string that starts with `prefix` (for range scans),

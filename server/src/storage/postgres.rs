@@ -6,9 +6,10 @@
 //!
 //! Appends are group-committed: callers queue their appends; [`COMMITTERS`] worker tasks
 //! each take everything queued (up to [`CommitLimits`]) and write it in one transaction of
-//! five statements whatever the batch size (lock the resource rows in id order, create
-//! missing resources, advance their `head_seq`, insert all changes, insert all blobs). If
-//! a batch fails, its appends are retried one by one so a bad one fails alone.
+//! five statements whatever the batch size (create new resources, lock the resource rows
+//! in id order and read their `head_seq` to check what each append was made on, advance
+//! `head_seq`, insert all changes, insert all blobs). If a batch fails, its appends are
+//! retried one by one so a bad one fails alone.
 //! `synchronous_commit` is left on: the commit returns after the WAL is flushed.
 
 use std::collections::HashMap;
@@ -186,18 +187,7 @@ async fn committer(
             .collect();
         match commit_batch(&mut client, &jobs).await {
             Ok(results) => {
-                let entries: Vec<String> = results
-                    .iter()
-                    .flatten()
-                    .map(|a| {
-                        format!(
-                            "{}:{}{}",
-                            a.resource,
-                            a.last_seq,
-                            if a.first_seq == 1 { ":c" } else { "" }
-                        )
-                    })
-                    .collect();
+                let entries: Vec<String> = results.iter().flatten().map(notice_entry).collect();
                 for (j, r) in batch.into_iter().zip(results) {
                     let _ = j.reply.send(r);
                 }
@@ -227,15 +217,27 @@ async fn committer(
 }
 
 /// Writes a batch of appends in one transaction. Per-append refusals that can be decided
-/// without failing the transaction (deleted resource, kind conflict) are per-job results.
+/// without failing the transaction (a deleted resource, one that holds changes the append
+/// was not made on) are per-job results.
 async fn commit_batch(
     client: &mut deadpool_postgres::Object,
     jobs: &[(Target, Vec<NewChange>)],
 ) -> Result<Vec<Result<Appended, StorageError>>, StorageError> {
     let tx = client.transaction().await.map_err(pg_err)?;
-    let mut results: Vec<Option<Result<ResourceId, StorageError>>> = vec![None; jobs.len()];
+    let out = write_batch(&tx, jobs).await?;
+    tx.commit().await.map_err(pg_err)?;
+    Ok(out)
+}
 
-    // 1. Create missing resources (or find the ones another writer just created).
+/// The statements of [`commit_batch`], in a transaction the caller commits.
+async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
+    tx: &C,
+    jobs: &[(Target, Vec<NewChange>)],
+) -> Result<Vec<Result<Appended, StorageError>>, StorageError> {
+    let mut results: Vec<Option<Result<(ResourceId, Seq), StorageError>>> = vec![None; jobs.len()];
+
+    // 1. Create the resources to be created; one that exists already (another writer just
+    //    made it) is not what those changes were made on.
     let creates: Vec<(usize, &ResourceKey, Kind, &str)> = jobs
         .iter()
         .enumerate()
@@ -245,7 +247,7 @@ async fn commit_batch(
                 kind,
                 media_type,
             } => Some((i, key, *kind, media_type.as_str())),
-            Target::Existing(_) => None,
+            Target::Existing { .. } => None,
         })
         .collect();
     if !creates.is_empty() {
@@ -260,60 +262,76 @@ async fn commit_batch(
             .query(
                 "INSERT INTO resources (namespace, path, kind, media_type)
                  SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::int2[], $4::text[])
-                 ON CONFLICT (namespace, path) DO UPDATE SET updated_at = now()
-                 RETURNING id, namespace, path, kind",
+                 ON CONFLICT (namespace, path) DO NOTHING
+                 RETURNING id, namespace, path",
                 &[&ns, &paths, &kinds, &types],
             )
             .await
             .map_err(pg_err)?;
-        let mut found: HashMap<(Vec<u8>, String), (i64, i16)> = HashMap::new();
+        let mut made: HashMap<(Vec<u8>, String), i64> = HashMap::new();
         for r in rows {
-            found.insert(
-                (r.get::<_, Vec<u8>>(1), r.get::<_, String>(2)),
-                (r.get(0), r.get(3)),
-            );
+            made.insert((r.get::<_, Vec<u8>>(1), r.get::<_, String>(2)), r.get(0));
         }
-        for (i, key, kind, _) in &creates {
-            let got = found.get(&(key.namespace.as_bytes().to_vec(), key.path.as_str().to_string()));
-            results[*i] = Some(match got {
-                Some((id, code)) if *code == kind.code() => Ok(*id),
-                Some((_, code)) => Err(StorageError::Conflict(format!(
-                    "{key} was just created as {} by another writer",
-                    kind_from_code(*code).map(Kind::name).unwrap_or("?")
-                ))),
-                None => Err(StorageError::Failed(format!("{key} was not created"))),
-            });
+        for (i, key, _, _) in &creates {
+            let id = made.get(&(key.namespace.as_bytes().to_vec(), key.path.as_str().to_string()));
+            results[*i] = Some(id.map(|id| (*id, 0)).ok_or(StorageError::Behind));
         }
     }
     for (i, (t, _)) in jobs.iter().enumerate() {
-        if let Target::Existing(id) = t {
-            results[i] = Some(Ok(*id));
+        if let Target::Existing { id, after } = t {
+            results[i] = Some(Ok((*id, *after)));
         }
     }
 
-    // 2. Lock the rows in id order (several processes may commit at once), then advance
-    //    each resource's head_seq by the number of changes going to it.
+    // 2. Lock the rows in id order (several processes may commit at once), check that each
+    //    append was made on what its resource holds, then advance each resource's
+    //    head_seq by the number of changes going to it.
+    let mut ids: Vec<i64> = results
+        .iter()
+        .filter_map(|r| r.as_ref().and_then(|r| r.as_ref().ok()).map(|(id, _)| *id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut head: HashMap<i64, i64> = tx
+        .query(
+            "SELECT id, head_seq FROM resources WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids],
+        )
+        .await
+        .map_err(pg_err)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     let mut counts: HashMap<i64, i64> = HashMap::new();
     let mut added: HashMap<i64, i64> = HashMap::new();
+    let mut checked: Vec<Option<Result<ResourceId, StorageError>>> = Vec::with_capacity(jobs.len());
     for (i, (_, changes)) in jobs.iter().enumerate() {
-        if let Some(Ok(id)) = &results[i] {
-            *counts.entry(*id).or_default() += changes.len() as i64;
-            *added.entry(*id).or_default() += changes
-                .iter()
-                .map(|c| (c.data.len() + c.blob.as_ref().map_or(0, Bytes::len)) as i64)
-                .sum::<i64>();
-        }
+        let r = match results[i].take().expect("every job has a target") {
+            Err(e) => Err(e),
+            Ok((id, after)) => match head.get_mut(&id) {
+                None => Err(StorageError::Gone),
+                Some(h) if *h != after => Err(StorageError::Behind),
+                Some(h) => {
+                    *h += changes.len() as i64;
+                    *counts.entry(id).or_default() += changes.len() as i64;
+                    *added.entry(id).or_default() += changes
+                        .iter()
+                        .map(|c| (c.data.len() + c.blob.as_ref().map_or(0, Bytes::len)) as i64)
+                        .sum::<i64>();
+                    Ok(id)
+                }
+            },
+        };
+        checked.push(Some(r));
     }
-    let mut ids: Vec<i64> = counts.keys().copied().collect();
-    ids.sort_unstable();
+    let mut results = checked;
+    let ids: Vec<i64> = {
+        let mut v: Vec<i64> = counts.keys().copied().collect();
+        v.sort_unstable();
+        v
+    };
     let ns: Vec<i64> = ids.iter().map(|id| counts[id]).collect();
     let bs: Vec<i64> = ids.iter().map(|id| added[id]).collect();
-    tx.execute(
-        "SELECT 1 FROM resources WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        &[&ids],
-    )
-    .await
-    .map_err(pg_err)?;
     let rows = tx
         .query(
             "UPDATE resources r SET head_seq = r.head_seq + d.n, bytes = r.bytes + d.b, updated_at = now()
@@ -394,8 +412,59 @@ async fn commit_batch(
         .await
         .map_err(pg_err)?;
     }
-    tx.commit().await.map_err(pg_err)?;
     Ok(out)
+}
+
+/// How an append is told in a notice (see [`parse_notice`]).
+fn notice_entry(a: &Appended) -> String {
+    format!(
+        "{}:{}{}",
+        a.resource,
+        a.last_seq,
+        if a.first_seq == 1 { ":c" } else { "" }
+    )
+}
+
+/// A resource held for one append: an open transaction on a connection of its own that
+/// holds the resource's row lock, which every append takes first.
+struct PgHold {
+    /// `None` once committed; a hold dropped before that takes its connection out of the
+    /// pool and closes it, which rolls the transaction back.
+    client: Option<deadpool_postgres::Object>,
+    id: ResourceId,
+    origin: Arc<str>,
+}
+
+impl Drop for PgHold {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
+}
+
+#[async_trait]
+impl super::Hold for PgHold {
+    fn resource(&self) -> ResourceId {
+        self.id
+    }
+
+    async fn append(
+        mut self: Box<Self>,
+        after: Seq,
+        changes: Vec<NewChange>,
+    ) -> Result<Appended, StorageError> {
+        let client = self.client.as_mut().expect("held until committed");
+        let jobs = [(Target::Existing { id: self.id, after }, changes)];
+        let appended = write_batch(&*client, &jobs)
+            .await?
+            .pop()
+            .expect("one result per job")?;
+        client.batch_execute("COMMIT").await.map_err(pg_err)?;
+        let mut client = self.client.take().expect("held until committed");
+        notify(&mut client, &self.origin, &[notice_entry(&appended)]).await;
+        Ok(appended)
+    }
 }
 
 /// Wakes other processes: after the commit, in a transaction of its own that need not
@@ -635,6 +704,22 @@ impl Storage for PostgresStorage {
             .map_err(|_| StorageError::Unavailable("the committers have stopped".into()))?;
         rx.await
             .map_err(|_| StorageError::Unavailable("the committers have stopped".into()))?
+    }
+
+    async fn hold(&self, id: ResourceId) -> Result<Box<dyn super::Hold>, StorageError> {
+        let hold = PgHold {
+            client: Some(self.client().await?),
+            id,
+            origin: self.origin.clone(),
+        };
+        let client = hold.client.as_ref().expect("just taken");
+        client.batch_execute("BEGIN").await.map_err(pg_err)?;
+        client
+            .query_opt("SELECT 1 FROM resources WHERE id = $1 FOR UPDATE", &[&id])
+            .await
+            .map_err(pg_err)?
+            .ok_or(StorageError::Gone)?;
+        Ok(Box::new(hold))
     }
 
     async fn changes_after(&self, id: ResourceId, after: Seq) -> Result<Vec<StoredChange>, StorageError> {

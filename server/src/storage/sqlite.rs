@@ -166,12 +166,7 @@ impl SqliteStorage {
     }
 
     async fn write<T>(&self, job: impl FnOnce(Reply<T>) -> WriteJob) -> Result<T, StorageError> {
-        let (tx, rx) = oneshot::channel();
-        self.writes
-            .send(job(tx))
-            .map_err(|_| StorageError::Unavailable("the writer thread has stopped".into()))?;
-        rx.await
-            .map_err(|_| StorageError::Unavailable("the writer thread has stopped".into()))?
+        send_write(&self.writes, job).await
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T, StorageError>
@@ -334,44 +329,75 @@ fn run_in_savepoint(tx: &mut Transaction<'_>, job: WriteJob) -> Done {
     }
 }
 
+/// Hands a job to the writer thread and waits for its result.
+async fn send_write<T>(
+    writes: &mpsc::UnboundedSender<WriteJob>,
+    job: impl FnOnce(Reply<T>) -> WriteJob,
+) -> Result<T, StorageError> {
+    let (tx, rx) = oneshot::channel();
+    writes
+        .send(job(tx))
+        .map_err(|_| StorageError::Unavailable("the writer thread has stopped".into()))?;
+    rx.await
+        .map_err(|_| StorageError::Unavailable("the writer thread has stopped".into()))?
+}
+
+/// A held resource. Only this process opens the file, and in it only the resource's
+/// actor appends to it, so holding needs no lock: the append is checked like any other.
+struct SqliteHold {
+    writes: mpsc::UnboundedSender<WriteJob>,
+    id: ResourceId,
+}
+
+#[async_trait]
+impl super::Hold for SqliteHold {
+    fn resource(&self) -> ResourceId {
+        self.id
+    }
+
+    async fn append(self: Box<Self>, after: Seq, changes: Vec<NewChange>) -> Result<Appended, StorageError> {
+        let target = Target::Existing { id: self.id, after };
+        send_write(&self.writes, |reply| WriteJob::Append {
+            target,
+            changes,
+            reply,
+        })
+        .await
+    }
+}
+
 fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appended, StorageError> {
     let now = now_ms();
-    let (id, head) =
-        match target {
-            Target::Existing(id) => {
-                let head: Option<Seq> = t
-                    .query_row("SELECT head_seq FROM resources WHERE id = ?1", [id], |r| r.get(0))
-                    .optional()
-                    .map_err(sql_err)?;
-                (id, head.ok_or(StorageError::Gone)?)
+    let (id, head) = match target {
+        Target::Existing { id, after } => {
+            let head: Option<Seq> = t
+                .query_row("SELECT head_seq FROM resources WHERE id = ?1", [id], |r| r.get(0))
+                .optional()
+                .map_err(sql_err)?;
+            match head {
+                None => return Err(StorageError::Gone),
+                Some(head) if head != after => return Err(StorageError::Behind),
+                Some(head) => (id, head),
             }
-            Target::Create {
-                key,
-                kind,
-                media_type,
-            } => {
-                t.execute(
-                "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5) ON CONFLICT (namespace, path) DO NOTHING",
-                params![key.namespace.as_bytes().as_slice(), key.path.as_str(), kind.code(), media_type, now],
-            )
-            .map_err(sql_err)?;
-                let (id, code, head): (i64, i16, Seq) = t
-                    .query_row(
-                        "SELECT id, kind, head_seq FROM resources WHERE namespace = ?1 AND path = ?2",
-                        params![key.namespace.as_bytes().as_slice(), key.path.as_str()],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                    )
-                    .map_err(sql_err)?;
-                if kind_from_code(code)? != kind {
-                    return Err(StorageError::Conflict(format!(
-                        "{key} was just created as {} by another writer",
-                        kind_from_code(code)?.name()
-                    )));
-                }
-                (id, head)
+        }
+        Target::Create {
+            key,
+            kind,
+            media_type,
+        } => {
+            let made = t
+                .execute(
+                    "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5) ON CONFLICT (namespace, path) DO NOTHING",
+                    params![key.namespace.as_bytes().as_slice(), key.path.as_str(), kind.code(), media_type, now],
+                )
+                .map_err(sql_err)?;
+            if made == 0 {
+                return Err(StorageError::Behind);
             }
-        };
+            (t.last_insert_rowid(), 0)
+        }
+    };
     let mut insert = t
         .prepare_cached(
             "INSERT INTO changes (resource_id, seq, version, parents, author, at_ms, data, meta)
@@ -648,6 +674,21 @@ impl Storage for SqliteStorage {
             reply,
         })
         .await
+    }
+
+    async fn hold(&self, id: ResourceId) -> Result<Box<dyn super::Hold>, StorageError> {
+        let exists = self
+            .read(move |conn| {
+                conn.query_row("SELECT 1 FROM resources WHERE id = ?1", [id], |_| Ok(()))
+                    .optional()
+                    .map_err(sql_err)
+            })
+            .await?;
+        exists.ok_or(StorageError::Gone)?;
+        Ok(Box::new(SqliteHold {
+            writes: self.writes.clone(),
+            id,
+        }))
     }
 
     async fn changes_after(&self, id: ResourceId, after: Seq) -> Result<Vec<StoredChange>, StorageError> {

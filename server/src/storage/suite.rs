@@ -28,6 +28,11 @@ fn key(ns: &Keypair, path: &str) -> ResourceKey {
     ResourceKey::new(ns.identity(), ResourcePath::new(path).unwrap())
 }
 
+/// An append made on resource `id` as stored through `after`.
+fn on(id: super::ResourceId, after: super::Seq) -> Target {
+    Target::Existing { id, after }
+}
+
 fn create(k: &ResourceKey, kind: Kind) -> Target {
     Target::Create {
         key: k.clone(),
@@ -43,7 +48,8 @@ where
     Fut: Future<Output = Arc<dyn Storage>>,
 {
     appends_number_changes_and_load_returns_them(make().await).await;
-    create_races_and_kind_conflicts(make().await).await;
+    appends_made_on_an_older_state_are_refused(make().await).await;
+    a_held_resource_takes_one_append(make().await).await;
     concurrent_appends_are_gap_free(make().await).await;
     snapshots_fold_the_log(make().await).await;
     a_resource_can_start_from_a_snapshot(make().await).await;
@@ -103,10 +109,7 @@ async fn appends_number_changes_and_load_returns_them(s: Arc<dyn Storage>) {
     let a = s.append(create(&k, Kind::Text), vec![c1, c2]).await.unwrap();
     assert_eq!((a.first_seq, a.last_seq), (1, 2));
     let b = s
-        .append(
-            super::Target::Existing(a.resource),
-            vec![change("carol-2", b"three")],
-        )
+        .append(on(a.resource, 2), vec![change("carol-2", b"three")])
         .await
         .unwrap();
     assert_eq!((b.resource, b.first_seq, b.last_seq), (a.resource, 3, 3));
@@ -136,27 +139,82 @@ async fn appends_number_changes_and_load_returns_them(s: Arc<dyn Storage>) {
     assert_eq!(after.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
 }
 
-async fn create_races_and_kind_conflicts(s: Arc<dyn Storage>) {
+async fn appends_made_on_an_older_state_are_refused(s: Arc<dyn Storage>) {
     let ns = Keypair::generate();
     let k = key(&ns, "doc");
     let a = s
         .append(create(&k, Kind::Json), vec![change("a-0", b"x")])
         .await
         .unwrap();
-    // Creating again (another process racing) appends to the same resource.
-    let b = s
-        .append(create(&k, Kind::Json), vec![change("b-0", b"y")])
+    // Creating again (another process racing) was made on nothing, but "doc" holds a change.
+    for kind in [Kind::Json, Kind::Text] {
+        let e = s
+            .append(create(&k, kind), vec![change("b-0", b"y")])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StorageError::Behind), "{e:?}");
+    }
+    s.append(on(a.resource, 1), vec![change("a-1", b"z")])
         .await
         .unwrap();
-    assert_eq!(a.resource, b.resource);
-    assert_eq!(b.first_seq, 2);
+    // Made on seq 1, but the log now ends at 2.
     let e = s
-        .append(create(&k, Kind::Text), vec![change("c-0", b"z")])
+        .append(on(a.resource, 1), vec![change("c-0", b"w")])
         .await
         .unwrap_err();
-    assert!(matches!(e, StorageError::Conflict(_)), "{e:?}");
-    // The refused append left nothing behind.
-    assert_eq!(s.load(&k).await.unwrap().unwrap().changes.len(), 2);
+    assert!(matches!(e, StorageError::Behind), "{e:?}");
+    // Made on more than is stored.
+    let e = s
+        .append(on(a.resource, 5), vec![change("c-0", b"w")])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Behind), "{e:?}");
+    // The refused appends left nothing behind.
+    let l = s.load(&k).await.unwrap().unwrap();
+    assert_eq!(l.row.head_seq, 2);
+    assert_eq!(
+        l.changes.iter().map(|c| c.version.as_str()).collect::<Vec<_>>(),
+        vec!["a-0", "a-1"]
+    );
+}
+
+async fn a_held_resource_takes_one_append(s: Arc<dyn Storage>) {
+    let ns = Keypair::generate();
+    let k = key(&ns, "held");
+    let a = s
+        .append(create(&k, Kind::Text), vec![change("a-0", b"1")])
+        .await
+        .unwrap();
+    assert!(matches!(s.hold(a.resource + 1000).await, Err(StorageError::Gone)));
+    // A hold dropped stores nothing and lets other writers on.
+    drop(s.hold(a.resource).await.unwrap());
+    let b = s
+        .append(on(a.resource, 1), vec![change("a-1", b"2")])
+        .await
+        .unwrap();
+    assert_eq!(b.first_seq, 2);
+    // A hold's append is checked like any other.
+    let h = s.hold(a.resource).await.unwrap();
+    assert_eq!(h.resource(), a.resource);
+    let e = h.append(1, vec![change("x-0", b"x")]).await.unwrap_err();
+    assert!(matches!(e, StorageError::Behind), "{e:?}");
+    let c = s
+        .hold(a.resource)
+        .await
+        .unwrap()
+        .append(2, vec![change("a-2", b"3"), change("a-3", b"4")])
+        .await
+        .unwrap();
+    assert_eq!((c.first_seq, c.last_seq), (3, 4));
+    let l = s.load(&k).await.unwrap().unwrap();
+    assert_eq!(
+        l.changes.iter().map(|c| c.version.as_str()).collect::<Vec<_>>(),
+        vec!["a-0", "a-1", "a-2", "a-3"]
+    );
+    // Appends go on after a hold.
+    s.append(on(a.resource, 4), vec![change("a-4", b"5")])
+        .await
+        .unwrap();
 }
 
 async fn concurrent_appends_are_gap_free(s: Arc<dyn Storage>) {
@@ -172,27 +230,35 @@ async fn concurrent_appends_are_gap_free(s: Arc<dyn Storage>) {
                 .resource,
         ));
     }
+    // Eight writers per resource, each appending on what it last read and reading again
+    // when another got there first (what an engine in another process does).
     let mut tasks = Vec::new();
     for w in 0..40 {
         let s = s.clone();
-        let (_, id) = ids[w % ids.len()].clone();
+        let (k, id) = ids[w % ids.len()].clone();
         tasks.push(tokio::spawn(async move {
-            let mut seqs = Vec::new();
             for i in 0..10 {
-                let a = s
-                    .append(
-                        super::Target::Existing(id),
-                        vec![
-                            change(&format!("w{w}-{i}"), b"d"),
-                            change(&format!("w{w}-{i}b"), b"e"),
-                        ],
-                    )
-                    .await
-                    .unwrap();
-                assert_eq!(a.last_seq, a.first_seq + 1);
-                seqs.push(a.first_seq);
+                loop {
+                    let after = s.load(&k).await.unwrap().unwrap().row.head_seq;
+                    let r = s
+                        .append(
+                            on(id, after),
+                            vec![
+                                change(&format!("w{w}-{i}"), b"d"),
+                                change(&format!("w{w}-{i}b"), b"e"),
+                            ],
+                        )
+                        .await;
+                    match r {
+                        Ok(a) => {
+                            assert_eq!((a.first_seq, a.last_seq), (after + 1, after + 2));
+                            break;
+                        }
+                        Err(StorageError::Behind) => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
             }
-            seqs
         }));
     }
     for t in tasks {
@@ -203,6 +269,11 @@ async fn concurrent_appends_are_gap_free(s: Arc<dyn Storage>) {
         let seqs: Vec<i64> = l.changes.iter().map(|c| c.seq).collect();
         assert_eq!(seqs, (1..=l.row.head_seq).collect::<Vec<_>>(), "{k}");
         assert_eq!(l.row.head_seq, 1 + 8 * 10 * 2);
+        // Every append landed once.
+        let mut versions: Vec<&str> = l.changes.iter().map(|c| c.version.as_str()).collect();
+        versions.sort_unstable();
+        versions.dedup();
+        assert_eq!(versions.len(), l.changes.len());
     }
 }
 
@@ -232,7 +303,7 @@ async fn snapshots_fold_the_log(s: Arc<dyn Storage>) {
     );
     // Appends continue after the compacted seqs.
     let b = s
-        .append(super::Target::Existing(a.resource), vec![change("a-3", b"4")])
+        .append(on(a.resource, 3), vec![change("a-3", b"4")])
         .await
         .unwrap();
     assert_eq!(b.first_seq, 4);
@@ -258,10 +329,7 @@ async fn a_resource_can_start_from_a_snapshot(s: Arc<dyn Storage>) {
         .await
         .unwrap();
     assert_eq!(again, None);
-    let a = s
-        .append(Target::Existing(id), vec![change("a-0", b"1")])
-        .await
-        .unwrap();
+    let a = s.append(on(id, 0), vec![change("a-0", b"1")]).await.unwrap();
     assert_eq!((a.first_seq, a.last_seq), (1, 1));
     let l = s.load(&k).await.unwrap().unwrap();
     assert_eq!(l.snapshot.unwrap().1, Bytes::from_static(b"SEED"));
@@ -281,12 +349,9 @@ async fn bytes_values_and_collection(s: Arc<dyn Storage>) {
         .append(create(&k, Kind::Bytes), vec![value(b"first", "image/png")])
         .await
         .unwrap();
-    s.append(
-        super::Target::Existing(a.resource),
-        vec![value(b"second", "image/jpeg")],
-    )
-    .await
-    .unwrap();
+    s.append(on(a.resource, 1), vec![value(b"second", "image/jpeg")])
+        .await
+        .unwrap();
     let l = s.load(&k).await.unwrap().unwrap();
     assert_eq!(l.blob, Some(Bytes::from_static(b"second")));
     assert_eq!(l.changes.last().unwrap().meta.as_deref(), Some("image/jpeg"));
@@ -320,7 +385,7 @@ async fn deletes_remove_everything(s: Arc<dyn Storage>) {
     assert!(s.load(&k).await.unwrap().is_none());
     assert!(!s.delete(&k).await.unwrap());
     let e = s
-        .append(super::Target::Existing(a.resource), vec![change("a-1", b"2")])
+        .append(on(a.resource, 1), vec![change("a-1", b"2")])
         .await
         .unwrap_err();
     assert!(matches!(e, StorageError::Gone), "{e:?}");
