@@ -150,8 +150,9 @@ async fn acknowledged_writes_survive_kill_9(store: Store) {
         }
         // The kill lands a while after writes flow: on a busy machine a fresh server's first
         // acknowledgement (Postgres pool, migrations) can take longer than the jitter below.
+        let acked_before = tokens.lock().unwrap().len();
         let flowing = std::time::Instant::now() + Duration::from_secs(30);
-        while acked.lock().unwrap().is_empty() && std::time::Instant::now() < flowing {
+        while tokens.lock().unwrap().len() == acked_before && std::time::Instant::now() < flowing {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(150 + 97 * round as u64)).await;
@@ -164,8 +165,9 @@ async fn acknowledged_writes_survive_kill_9(store: Store) {
         p.restart();
         let acked_now = acked.lock().unwrap().clone();
         assert!(
-            !acked_now.is_empty(),
-            "round {round}: some writes were acknowledged"
+            tokens.lock().unwrap().len() > acked_before,
+            "round {round}: some writes were acknowledged; log:\n{}",
+            p.log()
         );
         for (key, n) in &acked_now {
             let r = wire::send(p.addr, "GET", key, &[], b"").await;
@@ -173,7 +175,11 @@ async fn acknowledged_writes_survive_kill_9(store: Store) {
                 serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("{key}: {}", r.text()));
             let got = v["n"].as_i64().unwrap();
             // The write in flight at the kill may or may not have landed; nothing acknowledged is lost.
-            assert!(got >= *n, "round {round}: {key} acknowledged {n} but holds {got}");
+            assert!(
+                got >= *n,
+                "round {round}: {key} acknowledged {n} but holds {got}; log:\n{}",
+                p.log()
+            );
         }
         eprintln!(
             "round {round}: {} tokens acknowledged so far",
