@@ -147,7 +147,7 @@ impl From<StorageError> for ApiError {
             StorageError::Behind => {
                 ApiError::new(503, "busy", e.to_string()).with_header("retry-after", "1".into())
             }
-            StorageError::Conflict(_) | StorageError::Gone => ApiError::new(409, "conflict", e.to_string()),
+            StorageError::Gone => ApiError::new(409, "conflict", e.to_string()),
             StorageError::Corrupt(_) | StorageError::Failed(_) => {
                 tracing::error!(error = %e, "storage failure");
                 ApiError::new(500, "internal", e.to_string())

@@ -146,9 +146,6 @@ pub enum StorageError {
     /// The database cannot be reached or refused the work; the caller may retry later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
-    /// The request contradicts what is stored (e.g. created with another kind).
-    #[error("{0}")]
-    Conflict(String),
     /// The resource this append targets no longer exists.
     #[error("the resource was deleted")]
     Gone,
