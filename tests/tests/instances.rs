@@ -57,6 +57,17 @@ async fn a_subscriber_on_one_process_sees_every_write_made_through_another_in_or
     assert_eq!(s.next_block(T).await.unwrap().status, Some(404));
 }
 
+/// Cuts both processes' notice connections: for the second each waits before listening
+/// again, neither hears of the other's writes.
+fn cut_listeners(url: &str) {
+    let cut = plait_tests::pg::cluster().psql(
+        url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    );
+    assert_eq!(cut.trim(), "2", "both processes' listeners were cut");
+}
+
 fn json_body(r: &wire::Response) -> serde_json::Value {
     serde_json::from_slice(&r.body).unwrap()
 }
@@ -130,12 +141,7 @@ async fn missed_notices_are_caught_up_when_the_listener_reconnects() {
     .await;
     assert_eq!(json(&s.next_block(T).await.unwrap())["n"], 0);
     // Cut every listening connection, then write while they are down: those notices are lost.
-    let killed = plait_tests::pg::cluster().psql(
-        &url,
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
-    );
-    assert_eq!(killed.trim(), "2", "both processes' listeners were cut");
+    cut_listeners(&url);
     for n in 1..=5 {
         let body = format!("{{\"n\":{n}}}");
         assert_eq!(
@@ -207,12 +213,7 @@ async fn a_write_through_either_process_lands_after_what_was_acknowledged() {
         }
     }
     for round in 1..=ROUNDS {
-        let cut = plait_tests::pg::cluster().psql(
-            &url,
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
-        );
-        assert_eq!(cut.trim(), "2", "both processes' listeners were cut");
+        cut_listeners(&url);
         // Well within the second a process waits before listening again.
         let (older, newer) = (2 * round - 1, 2 * round);
         for k in 0..KEYS {
@@ -236,5 +237,41 @@ async fn a_write_through_either_process_lands_after_what_was_acknowledged() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+/// A process that saw a resource missing and is asked to create it as text, after another
+/// process created it as JSON, answers as if it had known: the kind mismatch is the
+/// writer's error (415), and the JSON value stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_what_another_process_just_created_as_another_kind_is_refused_clearly() {
+    let url = plait_tests::pg::fresh_database();
+    let a = Plait::start(Store::Postgres(url.clone()));
+    let b = Plait::start_sharing(&a, &[]);
+    // B keeps the resource live while it is missing.
+    let mut s = wire::subscribe(
+        b.addr,
+        "/made",
+        &[("Subscribe", "true"), ("Accept", "application/json")],
+    )
+    .await;
+    assert_eq!(s.next_block(T).await.unwrap().status, Some(404));
+    // B does not hear of A's write (for the second its listener takes to come back), so
+    // B's write is made as a create and refused by the store as behind.
+    cut_listeners(&url);
+    let r = wire::send(
+        a.addr,
+        "PUT",
+        "/made",
+        &[("Content-Type", "application/json")],
+        br#"{"by":"a"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = wire::send(b.addr, "PUT", "/made", &[("Content-Type", "text/plain")], b"by b").await;
+    assert_eq!(r.status, 415, "{}", r.text());
+    for p in [&a, &b] {
+        let r = wire::send(p.addr, "GET", "/made", &[], b"").await;
+        assert_eq!(json_body(&r), serde_json::json!({"by": "a"}));
     }
 }
