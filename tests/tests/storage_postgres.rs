@@ -70,13 +70,14 @@ async fn a_hold_keeps_other_processes_appends_out() {
         .unwrap()
         .resource;
     let wait = std::time::Duration::from_millis(300);
+    // The other process's append, made on seq `after`, running on its own.
+    let from_b = |after, c| {
+        let b = b.clone();
+        tokio::spawn(async move { b.append(Target::Existing { id, after }, vec![c]).await })
+    };
 
     let hold = a.hold(id).await.unwrap();
-    let other = tokio::spawn({
-        let b = b.clone();
-        let c = change("b-0");
-        async move { b.append(Target::Existing { id, after: 1 }, vec![c]).await }
-    });
+    let other = from_b(1, change("b-0"));
     tokio::time::sleep(wait).await;
     assert!(
         !other.is_finished(),
@@ -92,11 +93,7 @@ async fn a_hold_keeps_other_processes_appends_out() {
     assert!(matches!(e, StorageError::Behind), "{e:?}");
 
     let hold = a.hold(id).await.unwrap();
-    let other = tokio::spawn({
-        let b = b.clone();
-        let c = change("b-1");
-        async move { b.append(Target::Existing { id, after: 2 }, vec![c]).await }
-    });
+    let other = from_b(2, change("b-1"));
     tokio::time::sleep(wait).await;
     assert!(!other.is_finished());
     drop(hold);

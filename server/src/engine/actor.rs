@@ -287,11 +287,7 @@ impl Actor {
 
     /// Puts this actor in the engine's map of live resources by id, once it has an id.
     fn register(&mut self) {
-        let id = match &self.res {
-            Some(Res::Present(p)) => p.id,
-            _ => None,
-        };
-        if let Some(id) = id
+        if let Some(id) = self.present_id()
             && self.registered != Some(id)
         {
             self.by_id.lock().expect("ids").insert(id, self.me.clone());

@@ -139,6 +139,11 @@ async fn appends_number_changes_and_load_returns_them(s: Arc<dyn Storage>) {
     assert_eq!(after.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
 }
 
+async fn refused_as_behind(s: &Arc<dyn Storage>, target: Target, c: NewChange) {
+    let e = s.append(target, vec![c]).await.unwrap_err();
+    assert!(matches!(e, StorageError::Behind), "{e:?}");
+}
+
 async fn appends_made_on_an_older_state_are_refused(s: Arc<dyn Storage>) {
     let ns = Keypair::generate();
     let k = key(&ns, "doc");
@@ -148,27 +153,15 @@ async fn appends_made_on_an_older_state_are_refused(s: Arc<dyn Storage>) {
         .unwrap();
     // Creating again (another process racing) was made on nothing, but "doc" holds a change.
     for kind in [Kind::Json, Kind::Text] {
-        let e = s
-            .append(create(&k, kind), vec![change("b-0", b"y")])
-            .await
-            .unwrap_err();
-        assert!(matches!(e, StorageError::Behind), "{e:?}");
+        refused_as_behind(&s, create(&k, kind), change("b-0", b"y")).await;
     }
     s.append(on(a.resource, 1), vec![change("a-1", b"z")])
         .await
         .unwrap();
     // Made on seq 1, but the log now ends at 2.
-    let e = s
-        .append(on(a.resource, 1), vec![change("c-0", b"w")])
-        .await
-        .unwrap_err();
-    assert!(matches!(e, StorageError::Behind), "{e:?}");
+    refused_as_behind(&s, on(a.resource, 1), change("c-0", b"w")).await;
     // Made on more than is stored.
-    let e = s
-        .append(on(a.resource, 5), vec![change("c-0", b"w")])
-        .await
-        .unwrap_err();
-    assert!(matches!(e, StorageError::Behind), "{e:?}");
+    refused_as_behind(&s, on(a.resource, 5), change("c-0", b"w")).await;
     // The refused appends left nothing behind.
     let l = s.load(&k).await.unwrap().unwrap();
     assert_eq!(l.row.head_seq, 2);
