@@ -20,6 +20,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the instance identity, creating the key if the data dir has none.
     Keygen(KeygenArgs),
+    /// Print a bearer token of the owner (with no --read/--write: a full owner token), or
+    /// list or revoke tokens.
+    Token(TokenArgs),
     /// Load data from another server's store.
     #[command(subcommand)]
     Import(ImportCommand),
@@ -64,6 +67,32 @@ pub enum Command {
         admin: AdminArgs,
         addr: String,
     },
+}
+
+/// `plait token`: issue, list or revoke bearer tokens.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The data dir whose owner issues the token (the server may be running or not).
+    #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Let the token read under PREFIX (`/path` or `/~<id>/path`; repeatable).
+    #[arg(long = "read", value_name = "PREFIX")]
+    pub read: Vec<String>,
+    /// Let the token write and delete (and read) under PREFIX (repeatable).
+    #[arg(long = "write", value_name = "PREFIX")]
+    pub write: Vec<String>,
+    /// How long the token is valid (e.g. `30d`, `12h`); default: until revoked.
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<humantime::Duration>,
+    /// A note to tell tokens apart in `--list`.
+    #[arg(long, value_name = "TEXT")]
+    pub label: Option<String>,
+    /// List the issued tokens (ids, scopes, expiry; never the tokens themselves).
+    #[arg(long, conflicts_with_all = ["revoke", "read", "write", "ttl", "label"])]
+    pub list: bool,
+    /// Revoke the token with this id.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["read", "write", "ttl", "label"])]
+    pub revoke: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +150,10 @@ pub struct ServeArgs {
     /// Do not run the peer-to-peer node.
     #[arg(long)]
     pub no_p2p: bool,
+    /// Let everyone write and delete (as the Braid and Statebus reference servers do), for
+    /// apps written for them; deny rules still hold. Default: only the owner writes.
+    #[arg(long)]
+    pub public_writes: bool,
 }
 
 /// How a command finds the running server: its data dir (as `plait serve` was given).

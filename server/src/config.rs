@@ -51,6 +51,8 @@ pub struct Config {
     pub public_url: Option<String>,
     /// The peer-to-peer node (`[p2p]`): listen addresses, DHT name, connection limits.
     pub p2p: plait_bridge::node::NodeSettings,
+    /// Who may do what (`[access]`): public writes, sessions, login limits, signatures, CORS.
+    pub access: crate::access::AccessSettings,
 }
 
 /// A path prefix forwarded to an upstream origin.
@@ -162,6 +164,7 @@ impl Default for Config {
             web_dir: None,
             public_url: None,
             p2p: plait_bridge::node::NodeSettings::default(),
+            access: crate::access::AccessSettings::default(),
         }
     }
 }
@@ -242,6 +245,9 @@ pub struct Overrides {
     /// `--no-p2p`.
     #[serde(skip)]
     pub no_p2p: bool,
+    /// `--public-writes`.
+    #[serde(skip)]
+    pub public_writes: bool,
 }
 
 /// Top-level settings the environment may set (`PLAIT_<NAME>`); nested ones use `__`.
@@ -274,6 +280,7 @@ impl Config {
                             || k.starts_with("limits__")
                             || k.starts_with("engine__")
                             || k.starts_with("p2p__")
+                            || k.starts_with("access__")
                     })
                     .split("__"),
             )
@@ -286,6 +293,9 @@ impl Config {
         cfg.p2p.relays.extend(overrides.p2p_relays.iter().cloned());
         if overrides.no_p2p {
             cfg.p2p.enabled = false;
+        }
+        if overrides.public_writes {
+            cfg.access.public_writes = true;
         }
         cfg.check()?;
         Ok(cfg)

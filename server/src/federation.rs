@@ -75,12 +75,17 @@ pub struct PullHeader {
 pub struct Home {
     pub engine: Engine,
     pub identity: Identity,
+    /// A member asks as itself (its libp2p connection proves who it is); the rules say
+    /// what it may read.
+    pub access: crate::access::Access,
 }
 
 impl Home {
     async fn answer(
         engine: Engine,
         identity: Identity,
+        caller: crate::access::Caller,
+        access: crate::access::Access,
         path: String,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, String> {
@@ -90,6 +95,9 @@ impl Home {
             return Err("private resources are their owner's only".into());
         }
         let key = ResourceKey::new(identity, path);
+        access
+            .check(&caller, &key, crate::access::Op::Read)
+            .map_err(|r| r.to_string())?;
         let have = req
             .have
             .iter()
@@ -254,11 +262,20 @@ fn decode_answer(bytes: &[u8]) -> Result<(PullHeader, Vec<Bytes>), String> {
 impl Serve for Home {
     fn fetch(
         &self,
-        _from: Identity,
+        from: Identity,
         path: String,
         body: Vec<u8>,
     ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>> {
-        Box::pin(Home::answer(self.engine.clone(), self.identity, path, body))
+        // Only members hold a connection (the node's gate), so the asker is a member.
+        let caller = self.access.identity(from, true);
+        Box::pin(Home::answer(
+            self.engine.clone(),
+            self.identity,
+            caller,
+            self.access.clone(),
+            path,
+            body,
+        ))
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the code map.
 
-pub mod accounts;
+pub mod access;
 pub mod braid;
 pub mod cli;
 pub mod config;

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Keygen(args) => keygen(args),
+        Command::Token(args) => token(args),
         Command::Import(ImportCommand::Statebus {
             source,
             data_dir,
@@ -79,6 +80,7 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         p2p_listen: args.p2p_listen,
         p2p_relays: args.p2p_relay,
         no_p2p: args.no_p2p,
+        public_writes: args.public_writes,
     };
     let cfg = Config::load(args.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
     init_logging(cfg.log_format);
@@ -120,6 +122,57 @@ fn keygen(args: plait_server::cli::KeygenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `plait token`: works on the data dir's token file, whether or not the server runs.
+fn token(args: plait_server::cli::TokenArgs) -> anyhow::Result<()> {
+    use plait_server::access::tokens::Tokens;
+    let dir = args
+        .data_dir
+        .unwrap_or_else(plait_server::config::default_data_dir);
+    // The instance key is the owner: a token is issued in its name, so the data dir must
+    // be (or become) an instance.
+    let (keys, _) = plait_server::serve::open_identity(&dir)?;
+    let tokens = Tokens::new(&dir);
+    if args.list {
+        for t in tokens.list()? {
+            let scope = if t.is_owner() {
+                "owner".to_string()
+            } else {
+                format!("read {:?} write {:?}", t.read, t.write)
+            };
+            let expires = t
+                .expires_secs
+                .map_or("never".to_string(), |e| {
+                    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e))
+                        .to_string()
+                });
+            println!(
+                "{}\t{}\texpires {}\t{}",
+                t.id,
+                scope,
+                expires,
+                t.label.unwrap_or_default()
+            );
+        }
+        return Ok(());
+    }
+    if let Some(id) = args.revoke {
+        if tokens.revoke(&id)? {
+            println!("revoked {id}");
+            return Ok(());
+        }
+        anyhow::bail!("no token has the id {id}");
+    }
+    let (record, token) = tokens.issue(&args.read, &args.write, args.ttl.map(Into::into), args.label)?;
+    let what = if record.is_owner() {
+        format!("an owner token of {}", keys.identity())
+    } else {
+        format!("a token of {} (read {:?}, write {:?})", keys.identity(), record.read, record.write)
+    };
+    eprintln!("{what}, id {} (revoke with: plait token --revoke {}):", record.id, record.id);
+    println!("{token}");
+    Ok(())
+}
+
 fn import_statebus(
     source: &str,
     data_dir: Option<std::path::PathBuf>,
@@ -144,7 +197,11 @@ fn import_statebus(
             let mut engine_cfg = cfg.engine_config();
             engine_cfg.limits.writes_per_second = 0;
             let engine = plait_server::engine::Engine::new(instance.storage.clone(), engine_cfg);
-            let accounts = plait_server::accounts::Accounts::new(engine.clone(), instance.keys.clone());
+            let accounts = plait_server::access::accounts::Accounts::new(
+                engine.clone(),
+                instance.keys.clone(),
+                &cfg.access,
+            );
             let report = import::import(&engine, &accounts, instance.keys.identity(), entries).await?;
             for (key, why) in &report.skipped {
                 eprintln!("skipped {key}: {why}");

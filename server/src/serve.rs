@@ -111,7 +111,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
     tracing::info!(%identity, store = storage.backend(), data_dir = %data_dir.display(), "plait {}", env!("CARGO_PKG_VERSION"));
-    let accounts = crate::accounts::Accounts::new(engine.clone(), instance.keys.clone());
+    let accounts = crate::access::Accounts::new(engine.clone(), instance.keys.clone(), &cfg.access);
+    let access = crate::access::Access::new(
+        accounts,
+        crate::access::tokens::Tokens::new(&data_dir),
+        cfg.access.clone(),
+    );
+    access.start(&engine).await.context("loading the access rules")?;
     let proxy =
         crate::proxy::Proxy::new(&cfg.proxy, &cfg.limits, shutdown.clone()).map_err(anyhow::Error::msg)?;
     let web = match &cfg.web_dir {
@@ -127,6 +133,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let home = Arc::new(crate::federation::Home {
             engine: engine.clone(),
             identity,
+            access: access.clone(),
         });
         let node = plait_bridge::node::Node::start(
             plait_bridge::Keypair::from_secret_bytes(&instance.keys.secret_bytes()),
@@ -160,7 +167,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         engine,
         identity,
         limits: Arc::new(cfg.limits.clone()),
-        accounts,
+        access,
+        secure_cookies: cfg.public_url.as_deref().is_some_and(|u| u.starts_with("https://")),
         proxy,
         web,
         p2p,
@@ -168,6 +176,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         shutdown,
         started: Instant::now(),
     };
+    tracing::info!(
+        public_writes = cfg.access.public_writes,
+        "the owner writes; an owner token: plait token --data-dir {}",
+        data_dir.display()
+    );
     // Logged once everything is ready: scripts and tests wait for this line.
     tracing::info!("listening on http://{addr}");
     http::serve(listener, app).await;

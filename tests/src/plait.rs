@@ -61,6 +61,8 @@ pub struct Plait {
     netns: Option<String>,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
+    /// An owner token, issued on first use.
+    owner_token: std::sync::OnceLock<String>,
 }
 
 impl Plait {
@@ -121,6 +123,7 @@ impl Plait {
             netns: None,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
+            owner_token: std::sync::OnceLock::new(),
         }
     }
 
@@ -160,6 +163,9 @@ impl Plait {
         }
         cmd.env_remove("DATABASE_URL").env_remove("PLAIT_DATABASE_URL");
         cmd.env("PLAIT_LIMITS__WRITES_PER_SECOND", "0");
+        // Most tests write anonymously, as apps written for the reference servers do; the
+        // access tests turn this off (an entry in `env` wins).
+        cmd.env("PLAIT_ACCESS__PUBLIC_WRITES", "true");
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.env(
             "RUST_LOG",
@@ -211,17 +217,52 @@ impl Plait {
         self.child = Some(child);
     }
 
-    /// The server's status resource (`/.well-known/plait`), fetched from outside any runtime.
+    /// A full owner token of this server (`plait token`), issued once.
+    pub fn owner_token(&self) -> String {
+        self.owner_token
+            .get_or_init(|| self.token(&[]))
+            .clone()
+    }
+
+    /// Runs `plait token --data-dir DIR ARGS…` and returns the token it printed.
+    pub fn token(&self, args: &[&str]) -> String {
+        let out = Command::new(binary())
+            .arg("token")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .output()
+            .expect("run plait token");
+        assert!(
+            out.status.success(),
+            "plait token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .last()
+            .expect("plait token prints a token")
+            .to_string()
+    }
+
+    /// The `Authorization` header of the owner.
+    pub fn owner_auth(&self) -> (&'static str, String) {
+        ("Authorization", format!("Bearer {}", self.owner_token()))
+    }
+
+    /// The server's status resource (`/.well-known/plait`) as the owner sees it, fetched
+    /// from outside any runtime.
     pub fn well_known(&self) -> serde_json::Value {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
+        let (k, v) = self.owner_auth();
         let r = rt.block_on(crate::wire::send(
             self.addr,
             "GET",
             "/.well-known/plait",
-            &[],
+            &[(k, v.as_str())],
             b"",
         ));
         serde_json::from_slice(&r.body).expect("the status resource is JSON")

@@ -23,6 +23,16 @@ impl Response {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+    /// The value of the cookie `name` among the response's `Set-Cookie` headers.
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+            .find_map(|(_, v)| {
+                let first = v.split(';').next()?.trim();
+                first.strip_prefix(name)?.strip_prefix('=').map(str::to_string)
+            })
+    }
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {

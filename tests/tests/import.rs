@@ -30,7 +30,7 @@ fn import(source: &str, data_dir: &std::path::Path) -> (bool, String, String) {
 }
 
 async fn put_json(p: &Plait, path: &str, cookie: &str, body: serde_json::Value) -> serde_json::Value {
-    let c = format!("peer={cookie}");
+    let c = format!("plait_session={cookie}");
     let r = wire::send(
         p.addr,
         "PUT",
@@ -43,7 +43,7 @@ async fn put_json(p: &Plait, path: &str, cookie: &str, body: serde_json::Value) 
 }
 
 async fn get(p: &Plait, path: &str, cookie: &str) -> wire::Response {
-    let c = format!("peer={cookie}");
+    let c = format!("plait_session={cookie}");
     wire::send(p.addr, "GET", path, &[("Cookie", &c)], b"").await
 }
 

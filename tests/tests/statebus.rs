@@ -144,9 +144,9 @@ async fn bad_frames_are_answered_and_the_connection_survives(store: Store) {
     );
 }
 
-/// An HTTP request as a browser would make it, with its `peer` cookie.
+/// An HTTP request as a browser would make it, with its login session cookie.
 async fn as_client(p: &Plait, method: &str, path: &str, cookie: &str, body: &str) -> wire::Response {
-    let c = format!("peer={cookie}");
+    let c = format!("plait_session={cookie}");
     let headers = [("Cookie", c.as_str()), ("Content-Type", "application/json")];
     wire::send(p.addr, method, path, &headers, body.as_bytes()).await
 }
@@ -167,16 +167,17 @@ async fn permissions_over_http(store: Store) {
             403
         );
     }
-    // Create an account and log in over HTTP; the session is the `peer` cookie.
+    // Create an account and log in over HTTP; the session is the `plait_session` cookie,
+    // which scripts cannot read.
     let r = wire::send(p.addr, "GET", "/current_user", &[], b"").await;
-    let cookie = r
-        .header("set-cookie")
-        .expect("a peer cookie")
-        .trim_start_matches("peer=")
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let cookie = r.cookie("plait_session").expect("a session cookie");
+    let set = r
+        .headers
+        .iter()
+        .find(|(k, v)| k.eq_ignore_ascii_case("set-cookie") && v.starts_with("plait_session="))
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Max-Age=2592000"), "{set}");
     let r = as_client(
         &p,
         "PUT",
@@ -233,7 +234,7 @@ async fn permissions_over_http(store: Store) {
             .text(),
         r#""secret""#
     );
-    // Others read the public part only, and write nothing.
+    // Others read the public part only, and write nothing (401: they have no credential).
     assert_eq!(
         as_client(&p, "GET", "/@carol/notes", "stranger", "").await.text(),
         r#""mine""#
@@ -242,19 +243,19 @@ async fn permissions_over_http(store: Store) {
         as_client(&p, "GET", "/@carol/private/diary", "stranger", "")
             .await
             .status,
-        403
+        401
     );
     assert_eq!(
         as_client(&p, "PUT", "/@carol/notes", "stranger", r#""defaced""#)
             .await
             .status,
-        403
+        401
     );
     assert_eq!(
         as_client(&p, "DELETE", "/@carol/notes", "stranger", "")
             .await
             .status,
-        403
+        401
     );
     assert_eq!(
         as_client(&p, "GET", "/@carol/notes", "stranger", "").await.text(),
@@ -280,6 +281,6 @@ async fn permissions_over_http(store: Store) {
         as_client(&p, "PUT", "/@carol/notes", &cookie, r#""x""#)
             .await
             .status,
-        403
+        401
     );
 }

@@ -24,7 +24,15 @@ pub struct ApiError {
     pub reason: String,
     headers: Vec<(&'static str, String)>,
     phrase: Option<&'static str>,
+    /// A machine-readable body (sent as JSON instead of the one-line reason).
+    json: Option<serde_json::Value>,
 }
+
+/// What a client without a credential is told it may use.
+const CHALLENGE: &str = r#"Bearer realm="plait""#;
+/// The signatures this server accepts (RFC 9421 §5.1).
+const ACCEPT_SIGNATURE: &str =
+    r#"sig1=("@method" "@target-uri" "content-digest");alg="ed25519";keyid="<your identity>";created;expires;nonce"#;
 
 impl ApiError {
     pub fn new(status: u16, code: &'static str, reason: impl Into<String>) -> Self {
@@ -34,7 +42,25 @@ impl ApiError {
             reason: reason.into(),
             headers: Vec::new(),
             phrase: None,
+            json: None,
         }
+    }
+
+    /// 401: the request carries no credential that checks out. Names the accepted schemes.
+    pub fn unauthenticated(reason: impl Into<String>) -> Self {
+        Self::new(401, "unauthenticated", reason)
+            .with_header("www-authenticate", CHALLENGE.into())
+            .with_header("accept-signature", ACCEPT_SIGNATURE.into())
+    }
+
+    /// Marks a 401 as caused by a bad bearer token (RFC 6750 `invalid_token`).
+    pub fn invalid_token(mut self) -> Self {
+        self.headers.retain(|(k, _)| *k != "www-authenticate");
+        let reason = self.reason.replace('"', "'");
+        self.with_header(
+            "www-authenticate",
+            format!(r#"{CHALLENGE}, error="invalid_token", error_description="{reason}""#),
+        )
     }
 
     pub fn bad_request(reason: impl Into<String>) -> Self {
@@ -80,13 +106,14 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let mut res = Response::new(Body::from(format!("{}\n", self.reason)));
+        let (body, media_type) = match &self.json {
+            Some(v) => (format!("{v}\n"), "application/json"),
+            None => (format!("{}\n", self.reason), "text/plain; charset=utf-8"),
+        };
+        let mut res = Response::new(Body::from(body));
         *res.status_mut() = self.status;
         let h = res.headers_mut();
-        h.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(media_type));
         h.insert("plait-error", HeaderValue::from_static(self.code));
         for (k, v) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&v) {
@@ -156,11 +183,50 @@ impl From<StorageError> for ApiError {
     }
 }
 
+impl From<crate::access::Refusal> for ApiError {
+    /// 401 when no credential came (the caller may still prove who it is), else 403; the
+    /// body names the rule.
+    fn from(r: crate::access::Refusal) -> Self {
+        let mut e = if r.anonymous {
+            ApiError::unauthenticated(r.reason.clone())
+        } else {
+            ApiError::forbidden(r.reason.clone())
+        };
+        e.json = Some(r.to_json());
+        e
+    }
+}
+
+impl From<crate::access::WriteRefused> for ApiError {
+    fn from(e: crate::access::WriteRefused) -> Self {
+        match e {
+            crate::access::WriteRefused::Refused(r) => r.into(),
+            crate::access::WriteRefused::InvalidRules(m) => ApiError::new(400, "invalid-rules", m),
+        }
+    }
+}
+
+impl From<crate::access::accounts::AccountError> for ApiError {
+    fn from(e: crate::access::accounts::AccountError) -> Self {
+        use crate::access::accounts::AccountError;
+        match e {
+            AccountError::Refused(m) => ApiError::forbidden(m),
+            AccountError::TooMany { limit, retry_after } => {
+                ApiError::new(429, "rate-limited", format!("too many attempts ({limit})"))
+                    .with_header("retry-after", retry_after.as_secs().max(1).to_string())
+            }
+            AccountError::Busy => ApiError::new(503, "busy", e.to_string()).with_header("retry-after", "1".into()),
+            AccountError::Engine(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::statebus::access::AccessError> for ApiError {
     fn from(e: crate::statebus::access::AccessError) -> Self {
         use crate::statebus::access::AccessError;
         match e {
             AccessError::Forbidden(m) => ApiError::forbidden(m),
+            AccessError::Refused(r) => r.into(),
             AccessError::Key(k) => ApiError::bad_request(k.to_string()),
             AccessError::Path(p) => p.into(),
             AccessError::Engine(e) => e.into(),

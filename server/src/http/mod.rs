@@ -43,8 +43,8 @@ pub struct App {
     /// The instance's identity: whose namespace `/` is.
     pub identity: Identity,
     pub limits: Arc<Limits>,
-    /// Accounts and sessions (Statebus `current_user`).
-    pub accounts: crate::accounts::Accounts,
+    /// Who may do what: callers, accounts and sessions, tokens, the rules.
+    pub access: crate::access::Access,
     /// Routes to upstream origins, if any are configured.
     pub proxy: Option<Arc<crate::proxy::Proxy>>,
     /// Static files, if a web dir is configured.
@@ -53,6 +53,8 @@ pub struct App {
     pub p2p: Option<Arc<crate::p2p::P2p>>,
     /// Replicas of other members' resources (with the p2p node).
     pub federation: Option<Arc<crate::federation::Federation>>,
+    /// Cookies are marked `Secure` (the server is reached over HTTPS).
+    pub secure_cookies: bool,
     /// Cancelled when the server begins to shut down; open subscriptions end on it.
     pub shutdown: CancellationToken,
     pub started: Instant,
@@ -65,7 +67,18 @@ pub fn router(app: App) -> Router {
         .route("/_connect_to_statebus_/websocket", get(statebus_websocket))
         .route("/.well-known/plait/join", axum::routing::post(join))
         .fallback(dispatch)
+        .layer(axum::middleware::map_response(no_sniffing))
         .with_state(app)
+}
+
+/// Every response's type is what it says: browsers never guess one (a state written as
+/// text is never run as a script or page).
+async fn no_sniffing(mut res: axum::response::Response) -> axum::response::Response {
+    res.headers_mut().insert(
+        "x-content-type-options",
+        http::HeaderValue::from_static("nosniff"),
+    );
+    res
 }
 
 /// Decides who answers a request that is not a well-known route: a proxy route (longest
@@ -91,6 +104,14 @@ async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response:
         && let Some(route) = proxy.route_for(req.uri().path())
     {
         let route = route.clone();
+        // Reads through the proxy, and the caching proxy's shared subscriptions above
+        // all, are served by this server: the rules say who may read them. What the
+        // proxied app lets its clients write is its own affair.
+        if matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+            && let Err(e) = proxied_read_allowed(&app, req.method(), req.uri(), req.headers()).await
+        {
+            return e.into_response();
+        }
         let peer = req
             .extensions()
             .get::<Peer>()
@@ -105,20 +126,63 @@ async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response:
     resource::handle(app, req).await
 }
 
+/// Whether the caller of a GET through the proxy may read its path (as a path of this
+/// instance's namespace).
+async fn proxied_read_allowed(
+    app: &App,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> Result<(), error::ApiError> {
+    let auth = resource::authenticate(app, method, uri, headers).await?;
+    let path = percent_encoding::percent_decode_str(uri.path())
+        .decode_utf8()
+        .map_err(|_| error::ApiError::bad_request("the path is not UTF-8"))?;
+    let path = crate::model::ResourcePath::new(path.trim_start_matches('/'))?;
+    let key = crate::model::ResourceKey::new(app.identity, path);
+    app.access.check(&auth.caller, &key, crate::access::Op::Read)?;
+    Ok(())
+}
+
 /// The Statebus websocket (both dialects), at the path statebus clients use.
+/// The upgrade request's credential (a bearer token, a signature, a login session cookie)
+/// is the connection's caller until it logs in as an account.
 async fn statebus_websocket(
     State(app): State<App>,
     axum::Extension(Peer(peer)): axum::Extension<Peer>,
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let auth = match resource::authenticate(&app, &method, &uri, &headers).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
     let max = app.limits.max_body_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| crate::statebus::session::run(socket, app, peer.ip()))
+        .on_upgrade(move |socket| {
+            crate::statebus::session::run(socket, app, peer.ip(), auth.caller, auth.session)
+        })
+        .into_response()
 }
 
-/// `GET /.well-known/plait`: who this server is and the limits it applies.
-async fn well_known(State(app): State<App>) -> axum::Json<serde_json::Value> {
+/// `GET /.well-known/plait`: who this server is and the limits it applies. The p2p node's
+/// addresses, members and peers are shown to the owner only.
+async fn well_known(
+    State(app): State<App>,
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let owner = match resource::authenticate(&app, &method, &uri, &headers).await {
+        Ok(a) => matches!(a.caller, crate::access::Caller::Owner),
+        Err(e) => return e.into_response(),
+    };
+    let access = app.access.settings();
     axum::Json(serde_json::json!({
         "name": "plait",
         "version": env!("CARGO_PKG_VERSION"),
@@ -145,11 +209,23 @@ async fn well_known(State(app): State<App>) -> axum::Json<serde_json::Value> {
             "max_proxy_body_bytes": app.limits.max_proxy_body_bytes,
             "proxy_subscription_grace_ms": app.limits.proxy_subscription_grace_ms,
         },
+        "access": {
+            "public_writes": access.public_writes,
+            "rules": format!("/{}", crate::access::RULES_URL_PATH),
+            "credentials": ["Bearer (plait token)", "HTTP Message Signatures (RFC 9421, ed25519)", "login session (current_user)"],
+            "signature_max_skew_secs": access.signature_max_skew_secs,
+            "session_lifetime_secs": access.session_lifetime_secs,
+            "logins_per_minute_per_address": access.logins_per_minute_per_address,
+            "login_failures_per_hour_per_account": access.login_failures_per_hour_per_account,
+            "account_creations_per_hour_per_address": access.account_creations_per_hour_per_address,
+        },
         "p2p": match &app.p2p {
-            Some(p) => serde_json::json!({ "enabled": true, "status": p.node.status() }),
+            Some(p) if owner => serde_json::json!({ "enabled": true, "status": p.node.status() }),
+            Some(_) => serde_json::json!({ "enabled": true }),
             None => serde_json::json!({ "enabled": false }),
         },
     }))
+    .into_response()
 }
 
 /// An invitee's server presents an invite (`plait join`): answered with a grant, or 403.

@@ -18,9 +18,11 @@ use tokio_util::sync::CancellationToken;
 use super::App;
 use super::error::ApiError;
 use crate::braid::{BraidHeaders, format_version, frame};
-use crate::engine::{Delivery, Subscription, Write, Writer};
+use crate::engine::{Delivery, Subscription, Write};
 use crate::model::{Kind, PathError, ResourceKey, ResourcePath, Version};
-use crate::statebus::access::{self, Resolved, Viewer};
+use crate::access::accounts::AccountError;
+use crate::access::{Caller, Op};
+use crate::statebus::access::{self, Resolved, Target};
 use crate::statebus::keys::{KeyError, StatebusKey};
 use crate::update::{Update, UpdateBody};
 
@@ -37,16 +39,39 @@ const REQUEST_HEADERS: &str = "subscribe, peer, version, parents, merge-type, co
 
 /// Handles a request for a resource.
 pub async fn handle(app: App, req: Request<Body>) -> Response<Body> {
+    let origin = req.headers().get(http::header::ORIGIN).cloned();
     let mut res = match route(&app, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    add_common_headers(res.headers_mut());
+    add_common_headers(res.headers_mut(), &app, origin.as_ref());
     res
 }
 
-fn add_common_headers(h: &mut HeaderMap) {
-    h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+fn add_common_headers(h: &mut HeaderMap, app: &App, origin: Option<&HeaderValue>) {
+    // Any page may read; only listed origins may send credentials (cookies).
+    let credentialed = origin.filter(|o| {
+        o.to_str().is_ok_and(|o| {
+            app.access
+                .settings()
+                .cors_credential_origins
+                .iter()
+                .any(|allowed| allowed == o)
+        })
+    });
+    match credentialed {
+        Some(o) => {
+            h.insert("access-control-allow-origin", o.clone());
+            h.insert(
+                "access-control-allow-credentials",
+                HeaderValue::from_static("true"),
+            );
+            h.append("vary", HeaderValue::from_static("Origin"));
+        }
+        None => {
+            h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+        }
+    }
     h.insert(
         "access-control-expose-headers",
         HeaderValue::from_static(BRAID_HEADERS),
@@ -59,54 +84,133 @@ fn add_common_headers(h: &mut HeaderMap) {
         "range-request-allow-units",
         HeaderValue::from_static("text, json, bytes"),
     );
+    // State written through the API is never active content on this origin: an HTML or
+    // SVG state opened in a browser runs in a sandbox, without this origin's cookies or
+    // storage.
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("sandbox"),
+    );
+}
+
+/// Name of the cookie holding an HTTP login session's secret.
+pub const SESSION_COOKIE: &str = "plait_session";
+
+/// The value of the cookie named `name`, if the request has a well-formed one.
+pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix(name)?.strip_prefix('='))
+        .find(|v| ok(v))
+}
+
+/// Who sent a request: a bearer token, a signed request, a login session, or nobody.
+/// A credential that does not check out is refused (401), never taken as anonymous.
+pub(crate) async fn authenticate(
+    app: &App,
+    _method: &Method,
+    _uri: &http::Uri,
+    h: &HeaderMap,
+) -> Result<Authenticated, ApiError> {
+    if let Some(auth) = h.get(http::header::AUTHORIZATION) {
+        let token = auth
+            .to_str()
+            .ok()
+            .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::unauthenticated("only Bearer tokens are accepted in Authorization"))?;
+        let caller = app
+            .access
+            .bearer(token)
+            .map_err(|e| ApiError::unauthenticated(e.to_string()).invalid_token())?;
+        return Ok(Authenticated {
+            caller,
+            session: None,
+            signed: false,
+        });
+    }
+    if let Some(session) = cookie(h, SESSION_COOKIE) {
+        let account = app.access.accounts().session(session).await?;
+        return Ok(Authenticated {
+            caller: account.map_or(Caller::Anonymous, Caller::Account),
+            session: Some(session.to_string()),
+            signed: false,
+        });
+    }
+    Ok(Authenticated {
+        caller: Caller::Anonymous,
+        session: None,
+        signed: false,
+    })
+}
+
+/// The outcome of [`authenticate`].
+pub(crate) struct Authenticated {
+    pub caller: Caller,
+    /// The request's login session secret (from its cookie), logged in or not.
+    pub session: Option<String>,
+    /// The caller proved itself with a message signature: a body must match its
+    /// `Content-Digest`.
+    pub signed: bool,
 }
 
 async fn route(app: &App, req: Request<Body>) -> Result<Response<Body>, ApiError> {
+    if req.method() == Method::OPTIONS {
+        return Ok(options(req.headers()));
+    }
     let braid = BraidHeaders::parse(req.headers())?;
-    let client = Client::of(req.headers(), braid.peer.as_deref());
-    let viewer = Viewer {
-        account: app.accounts.session(&client.id).await?,
-    };
-    let target = resolve_path(app, req.uri().path(), &viewer).await?;
+    let auth = authenticate(app, req.method(), req.uri(), req.headers()).await?;
+    let target = resolve_path(app, req.uri().path()).await?;
     let method = req.method().clone();
+    let new_peer = cookie(req.headers(), "peer").is_none();
     let mut res = match (target, method) {
-        (_, Method::OPTIONS) => options(req.headers()),
-        (Resolved::CurrentUser, _) => current_user(app, &client.id, viewer, braid, req).await?,
-        (Resolved::Resource(access), Method::GET | Method::HEAD) => {
-            if !access.read {
-                return Err(ApiError::forbidden("only its owner reads this resource"));
-            }
-            let key = access
-                .key
-                .ok_or_else(|| ApiError::not_found("there is no such account"))?;
+        (Resolved::CurrentUser, _) => current_user(app, auth, braid, req).await?,
+        (Resolved::Resource(target), Method::GET | Method::HEAD) => {
+            let Some(key) = target.key else {
+                return Err(ApiError::not_found("there is no such account"));
+            };
+            app.access.check(&auth.caller, &key, Op::Read)?;
+            let reader = Reader {
+                caller: auth.caller,
+                watch: app.access.watch(key.clone()),
+            };
             match app.federation.as_ref().filter(|f| f.is_remote(&key)) {
-                Some(fed) => get_replica(app, fed, key, braid, req).await?,
-                None => get(app, key, braid, req).await?,
+                Some(fed) => get_replica(app, fed, key, braid, req, reader).await?,
+                None => get(app, key, braid, req, reader).await?,
             }
         }
-        (Resolved::Resource(access), Method::PUT | Method::PATCH | Method::DELETE) => {
-            let Some(key) = access.key.filter(|_| access.write) else {
-                return Err(ApiError::forbidden(
-                    "this client may not write here (another identity's namespace, or someone else's account)",
-                ));
+        (Resolved::Resource(target), Method::PUT | Method::PATCH | Method::DELETE) => {
+            let Some(key) = target.key else {
+                return Err(ApiError::forbidden("there is no such account"));
             };
             if req.method() == Method::DELETE {
+                app.access.check(&auth.caller, &key, Op::Delete)?;
                 delete(app, key).await?
             } else {
-                let writer = match (viewer.identity(), req.extensions().get::<super::Peer>()) {
-                    (Some(id), _) => Writer::Identity(id),
-                    (None, Some(peer)) => Writer::Address(peer.0.ip()),
-                    (None, None) => Writer::Internal,
-                };
-                put(app, key, braid, req, writer, viewer.identity()).await?
+                // Refused before the body is read.
+                app.access.check(&auth.caller, &key, Op::Write)?;
+                put(app, key, braid, req, &auth).await?
             }
         }
         _ => return Err(ApiError::method_not_allowed(ALLOW)),
     };
-    if client.new {
-        // The reference server's cookie: the id a browser keeps across requests, which
-        // sessions are bound to.
-        let cookie = format!("peer={}; Path=/; Max-Age=630720000; SameSite=Lax", client.id);
+    if new_peer {
+        // The reference server's client id cookie (apps look for it). It carries no
+        // rights: sessions are the `plait_session` cookie's alone.
+        let cookie = format!(
+            "peer={:024x}; Path=/; Max-Age={}; SameSite=Lax; HttpOnly",
+            rand::random::<u128>() >> 32,
+            app.access.accounts().session_lifetime().as_secs()
+        );
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             res.headers_mut().append(http::header::SET_COOKIE, v);
         }
@@ -114,46 +218,17 @@ async fn route(app: &App, req: Request<Body>) -> Result<Response<Body>, ApiError
     Ok(res)
 }
 
-/// The client behind a request: its `Peer` header or `peer` cookie, or a new id.
-struct Client {
-    id: String,
-    /// The id was made up for this request and is to be set as the `peer` cookie.
-    new: bool,
-}
-
-impl Client {
-    fn of(headers: &HeaderMap, peer: Option<&str>) -> Client {
-        let ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 128
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
-        let cookie = headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().strip_prefix("peer="))
-            .find(|v| ok(v))
-            .map(str::to_string);
-        match (peer.filter(|p| ok(p)), cookie) {
-            (_, Some(c)) => Client { id: c, new: false },
-            (Some(p), None) => Client {
-                id: p.to_string(),
-                new: true,
-            },
-            (None, None) => Client {
-                id: format!("{:024x}", rand::random::<u128>() >> 32),
-                new: true,
-            },
-        }
-    }
+/// A reader of a resource, kept with its subscription so that the subscription ends when
+/// the rules take the reader's right away.
+pub(crate) struct Reader {
+    caller: Caller,
+    watch: crate::access::RightWatch,
 }
 
 /// Maps a URL path to what it names: `/<key>` a Statebus key in the instance's namespace
-/// (plain state, `@name` accounts, `current_user`), `/~<id>/<path>` another namespace.
-async fn resolve_path(app: &App, raw_path: &str, viewer: &Viewer) -> Result<Resolved, ApiError> {
+/// (plain state, `@name` accounts, `current_user`, the access rules), `/~<id>/<path>`
+/// another namespace.
+async fn resolve_path(app: &App, raw_path: &str) -> Result<Resolved, ApiError> {
     let decoded = percent_decode_str(raw_path)
         .decode_utf8()
         .map_err(|_| ApiError::from(PathError::Encoding))?;
@@ -163,13 +238,10 @@ async fn resolve_path(app: &App, raw_path: &str, viewer: &Viewer) -> Result<Reso
         let ns = id.parse().map_err(|e: plait_bridge::IdentityError| {
             PathError::BadNamespace(id.to_string(), e.to_string())
         })?;
-        let key = ResourceKey::new(ns, ResourcePath::new(inner)?);
-        return Ok(Resolved::Resource(access::direct(
-            &app.accounts,
-            app.identity,
-            &key,
-            viewer,
-        )?));
+        return Ok(Resolved::Resource(Target {
+            key: Some(ResourceKey::new(ns, ResourcePath::new(inner)?)),
+            profile: None,
+        }));
     }
     let key = match StatebusKey::parse(path) {
         Ok(k) => k,
@@ -177,7 +249,7 @@ async fn resolve_path(app: &App, raw_path: &str, viewer: &Viewer) -> Result<Reso
         Err(KeyError::Empty) => StatebusKey::Plain(String::new()),
         Err(e) => return Err(ApiError::bad_request(e.to_string())),
     };
-    Ok(access::resolve(&app.accounts, app.identity, &key, viewer).await?)
+    Ok(access::resolve(&app.access, &key).await?)
 }
 
 fn options(req: &HeaderMap) -> Response<Body> {
@@ -207,6 +279,7 @@ async fn get(
     key: ResourceKey,
     braid: BraidHeaders,
     req: Request<Body>,
+    reader: Reader,
 ) -> Result<Response<Body>, ApiError> {
     let head = req.method() == Method::HEAD;
     let json = wants_json(req.headers());
@@ -216,7 +289,7 @@ async fn get(
                 "Version is not allowed with Subscribe; use Parents to resume from a version",
             ));
         }
-        return subscribe(app, key, braid, json, head).await;
+        return subscribe(app, key, braid, json, head, reader).await;
     }
     if let Some(version) = braid.version {
         let (body, current) = app.engine.read_at(&key, version.clone()).await?;
@@ -310,11 +383,12 @@ async fn get_replica(
     key: ResourceKey,
     braid: BraidHeaders,
     req: Request<Body>,
+    reader: Reader,
 ) -> Result<Response<Body>, ApiError> {
     if braid.subscribe.is_some() {
         let attached = fed.attach(&key).await;
         let state = attached.state();
-        let res = get(app, key, braid, req).await?;
+        let res = get(app, key, braid, req, reader).await?;
         let (mut parts, body) = res.into_parts();
         set(&mut parts.headers, "plait-replica", state.header());
         // The replica stays live while this response is being streamed.
@@ -325,7 +399,7 @@ async fn get_replica(
         return Ok(Response::from_parts(parts, body));
     }
     let state = fed.sync_once(&key).await;
-    let mut res = get(app, key, braid, req).await?;
+    let mut res = get(app, key, braid, req, reader).await?;
     set(res.headers_mut(), "plait-replica", state.header());
     Ok(res)
 }
@@ -336,6 +410,7 @@ async fn subscribe(
     braid: BraidHeaders,
     json: bool,
     head: bool,
+    reader: Reader,
 ) -> Result<Response<Body>, ApiError> {
     let sub = app
         .engine
@@ -352,7 +427,7 @@ async fn subscribe(
     let mut res = Response::new(if head {
         Body::empty()
     } else {
-        Body::from_stream(updates(sub, json, braid.heartbeats, app.shutdown.clone()))
+        Body::from_stream(updates(sub, json, braid.heartbeats, app.shutdown.clone(), reader))
     });
     *res.status_mut() = StatusCode::from_u16(209).expect("209");
     res.extensions_mut()
@@ -383,12 +458,13 @@ fn trim_float(f: f64) -> String {
 }
 
 /// The body of a 209: update blocks as they come, blank lines as heartbeats; it ends when
-/// the server shuts down.
+/// the server shuts down, or when a rule change takes the reader's right away.
 fn updates(
     sub: Subscription,
     json: bool,
     heartbeats: Option<Duration>,
     shutdown: CancellationToken,
+    reader: Reader,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
     struct St {
         sub: Subscription,
@@ -397,6 +473,7 @@ fn updates(
         /// Registered once for the whole stream, not once per update (this is a hot path:
         /// every subscriber polls it for every update).
         shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+        reader: Reader,
     }
     let beat = heartbeats.map(|d| {
         let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
@@ -404,20 +481,38 @@ fn updates(
         i
     });
     let shutdown = Box::pin(shutdown.cancelled_owned());
-    futures::stream::unfold(St { sub, json, beat, shutdown }, |mut st| async move {
-        let bytes = tokio::select! {
-            biased;
-            _ = st.shutdown.as_mut() => return None,
-            d = st.sub.next() => match d? {
-                Delivery::Shared(ev) => ev.wire.get_or_init(|| frame::encode_update(&ev.update())).clone(),
-                Delivery::Own(u) => encode_for(&u, st.json),
-            },
-            _ = async { st.beat.as_mut().expect("guarded").tick().await }, if st.beat.is_some() => {
-                Bytes::from_static(frame::HEARTBEAT)
+    futures::stream::unfold(
+        St {
+            sub,
+            json,
+            beat,
+            shutdown,
+            reader,
+        },
+        |mut st| async move {
+            loop {
+                let bytes = tokio::select! {
+                    biased;
+                    _ = st.shutdown.as_mut() => return None,
+                    _ = st.reader.watch.changed() => {
+                        if let Err(refusal) = st.reader.watch.check(&st.reader.caller) {
+                            tracing::info!(path = %refusal.path, caller = %st.reader.caller.describe(), "a subscription ends: {refusal}");
+                            return None;
+                        }
+                        continue;
+                    }
+                    d = st.sub.next() => match d? {
+                        Delivery::Shared(ev) => ev.wire.get_or_init(|| frame::encode_update(&ev.update())).clone(),
+                        Delivery::Own(u) => encode_for(&u, st.json),
+                    },
+                    _ = async { st.beat.as_mut().expect("guarded").tick().await }, if st.beat.is_some() => {
+                        Bytes::from_static(frame::HEARTBEAT)
+                    }
+                };
+                return Some((Ok(bytes), st));
             }
-        };
-        Some((Ok(bytes), st))
-    })
+        },
+    )
     .boxed()
 }
 
@@ -438,12 +533,16 @@ async fn put(
     key: ResourceKey,
     braid: BraidHeaders,
     req: Request<Body>,
-    writer: Writer,
-    author: Option<plait_bridge::Identity>,
+    auth: &Authenticated,
 ) -> Result<Response<Body>, ApiError> {
+    let ip = req.extensions().get::<super::Peer>().map(|p| p.0.ip());
     let (parts, body) = req.into_parts();
     let body = read_body(body, &parts.headers, app.limits.max_body_bytes).await?;
+    // SIGNED-DIGEST-CHECK
     let write_body = crate::braid::patch::parse_write_body(&parts.headers, body)?;
+    app.access.check_write(&auth.caller, &key, &write_body)?;
+    let writer = auth.caller.writer(app.identity, ip);
+    let author = auth.caller.author(app.identity);
     let version = match braid.version {
         None => None,
         Some(v) => match v.ids() {
@@ -467,36 +566,41 @@ async fn put(
             },
         )
         .await?;
+    app.access.written(&app.engine, &key).await;
     let mut res = Response::new(Body::empty());
     set(res.headers_mut(), "version", &format_version(&result.version));
     Ok(res)
 }
 
-/// `current_user` over HTTP, for the client named by the `peer` cookie or `Peer` header:
-/// GET reads it, PUT `{"login_as": {name, pass}}` / `{"logout": true}` /
-/// `{"create_account": {name, pass, email}}` acts on it (answered with the new value; a
-/// refusal is in its `error` field, as Statebus clients expect), Subscribe follows it.
+/// `current_user` over HTTP, for the login session of the `plait_session` cookie (made
+/// here when the request has none): GET reads it, PUT `{"login_as": {name, pass}}` /
+/// `{"logout": true}` / `{"logout_everywhere": true}` / `{"create_account": {name, pass,
+/// email}}` acts on it (answered with the new value; a refusal is in its `error` field, as
+/// Statebus clients expect; too many attempts are a 429), Subscribe follows it.
 async fn current_user(
     app: &App,
-    client: &str,
-    viewer: Viewer,
+    auth: Authenticated,
     braid: BraidHeaders,
     req: Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
     use crate::statebus::session::current_user_value;
     use crate::statebus::wire::Dialect;
     let json = |v: &serde_json::Value| Bytes::from(serde_json::to_vec(v).expect("JSON serializes"));
-    match *req.method() {
+    let accounts = app.access.accounts().clone();
+    let (session, new_session) = match auth.session.clone() {
+        Some(s) => (s, false),
+        None => (crate::access::accounts::new_session_secret(), true),
+    };
+    let ip = req.extensions().get::<super::Peer>().map(|p| p.0.ip());
+    let mut res = match *req.method() {
         Method::GET | Method::HEAD if braid.subscribe.is_some() => {
-            let key = app
-                .accounts
-                .session_key(client)
-                .ok_or_else(|| ApiError::bad_request("bad client id"))?;
+            let key = accounts
+                .session_key(&session)
+                .ok_or_else(|| ApiError::bad_request("bad session"))?;
             let sub = app.engine.subscribe(&key, None, None).await?;
-            let accounts = app.accounts.clone();
             let shutdown = app.shutdown.clone();
             let stream = futures::stream::unfold(
-                (sub, accounts, shutdown),
+                (sub, accounts.clone(), shutdown),
                 move |(mut sub, accounts, shutdown)| async move {
                     let d = tokio::select! {
                         _ = shutdown.cancelled() => return None,
@@ -511,7 +615,8 @@ async fn current_user(
                         _ => None,
                     };
                     let account = accounts.account_of_session(value.as_ref()).await.ok().flatten();
-                    let v = current_user_value(Dialect::V7, &Viewer { account }, None);
+                    let caller = account.map_or(Caller::Anonymous, Caller::Account);
+                    let v = current_user_value(Dialect::V7, &caller, None);
                     let update = Update {
                         version: Version::root(),
                         parents: Version::root(),
@@ -537,13 +642,13 @@ async fn current_user(
             );
             h.insert("x-accel-buffering", HeaderValue::from_static("no"));
             h.insert("content-type", HeaderValue::from_static("application/json"));
-            Ok(res)
+            res
         }
         Method::GET | Method::HEAD => {
-            let mut res = Response::new(Body::from(json(&current_user_value(Dialect::V7, &viewer, None))));
+            let mut res = Response::new(Body::from(json(&current_user_value(Dialect::V7, &auth.caller, None))));
             res.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/json"));
-            Ok(res)
+            res
         }
         Method::PUT => {
             let (parts, body) = req.into_parts();
@@ -552,50 +657,57 @@ async fn current_user(
                 .map_err(|e| ApiError::bad_request(format!("current_user takes a JSON command: {e}")))?;
             // Accept the statebus state shape too: {"key": "current_user", "val": {...}}.
             let cmd = cmd.get("val").cloned().unwrap_or(cmd);
-            let mut account = viewer.account;
+            let mut caller = auth.caller.clone();
             let mut error = None;
-            if let Some(c) = cmd.get("create_account") {
-                let name = c
-                    .get("name")
+            let name_of = |c: &serde_json::Value| {
+                c.get("name")
                     .or_else(|| c.get("login"))
                     .and_then(|v| v.as_str())
-                    .unwrap_or("");
+                    .unwrap_or("")
+                    .to_string()
+            };
+            if let Some(c) = cmd.get("create_account") {
                 match c.get("pass").and_then(|v| v.as_str()) {
                     Some(pass) => {
-                        if let Err(e) = app
-                            .accounts
-                            .create(name, pass, c.get("email").and_then(|v| v.as_str()))
-                            .await
-                        {
-                            error = Some(e.to_string());
+                        let email = c.get("email").and_then(|v| v.as_str());
+                        if let Err(e) = accounts.create(&name_of(c), pass, email, ip).await {
+                            error = Some(e);
                         }
                     }
-                    None => error = Some(crate::accounts::BAD_FIELDS.to_string()),
+                    None => error = Some(AccountError::Refused(crate::access::accounts::BAD_FIELDS)),
                 }
             }
             if let Some(c) = cmd.get("login_as") {
-                let name = c
-                    .get("name")
-                    .or_else(|| c.get("login"))
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("");
                 let pass = c.get("pass").and_then(|v| v.as_str()).unwrap_or("");
-                match app.accounts.verify(name, pass).await {
+                match accounts.login(&name_of(c), pass, ip).await {
                     Ok(a) => {
-                        app.accounts.bind(client, &a).await?;
-                        account = Some(a);
+                        accounts.bind(&session, &a).await?;
+                        caller = Caller::Account(a);
                     }
-                    Err(e) => error = Some(e.to_string()),
+                    Err(e) => error = Some(e),
                 }
             }
-            if cmd
-                .get("logout")
-                .is_some_and(|v| v.as_bool() != Some(false) && !v.is_null())
+            let truthy = |k: &str| cmd.get(k).is_some_and(|v| v.as_bool() != Some(false) && !v.is_null());
+            if truthy("logout_everywhere")
+                && let Some(a) = caller.account()
             {
-                app.accounts.unbind(client).await?;
-                account = None;
+                accounts.end_sessions(a).await?;
+                caller = Caller::Anonymous;
             }
-            let v = current_user_value(Dialect::V7, &Viewer { account }, error.as_deref());
+            if truthy("logout") {
+                accounts.unbind(&session).await?;
+                caller = Caller::Anonymous;
+            }
+            if let Some(AccountError::TooMany { limit, retry_after }) = &error {
+                return Err(ApiError::new(429, "rate-limited", format!("{} ({limit})", error.as_ref().expect("matched")))
+                    .with_header("retry-after", retry_after.as_secs().max(1).to_string()));
+            }
+            if let Some(AccountError::Busy) = &error {
+                return Err(ApiError::new(503, "busy", "the server is busy hashing passwords; try again")
+                    .with_header("retry-after", "1".into()));
+            }
+            let error = error.map(|e| e.to_string());
+            let v = current_user_value(Dialect::V7, &caller, error.as_deref());
             let mut res = Response::new(Body::from(json(&v)));
             res.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/json"));
@@ -603,10 +715,22 @@ async fn current_user(
                 res.headers_mut()
                     .insert("plait-error", HeaderValue::from_static("refused"));
             }
-            Ok(res)
+            res
         }
-        _ => Err(ApiError::method_not_allowed("GET, HEAD, PUT, OPTIONS")),
+        _ => return Err(ApiError::method_not_allowed("GET, HEAD, PUT, OPTIONS")),
+    };
+    if new_session || auth.caller.account().is_some() {
+        // Made here, or extended (the session's lifetime slides with use).
+        let cookie = format!(
+            "{SESSION_COOKIE}={session}; Path=/; Max-Age={}; SameSite=Lax; HttpOnly{}",
+            accounts.session_lifetime().as_secs(),
+            if app.secure_cookies { "; Secure" } else { "" }
+        );
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            res.headers_mut().append(http::header::SET_COOKIE, v);
+        }
     }
+    Ok(res)
 }
 
 /// Reads a body up to `limit` bytes; 413 beyond, decided from `Content-Length` when given.

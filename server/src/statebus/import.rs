@@ -23,7 +23,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use super::keys::StatebusKey;
-use crate::accounts::{self, Accounts};
+use crate::access::accounts::{self, Accounts};
 use crate::engine::{Engine, Write, Writer};
 use crate::model::{ResourceKey, ResourcePath};
 use crate::update::WriteBody;

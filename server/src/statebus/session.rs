@@ -23,22 +23,28 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::access::{self, Access, AccessError, Resolved, Viewer};
+use super::access::{self, AccessError, Resolved, Target};
 use super::keys::StatebusKey;
 use super::wire::{self, ClientMessage, Dialect};
-use crate::accounts::{Account, AccountError};
-use crate::engine::{Delivery, Write, Writer};
+use crate::access::accounts::{Account, AccountError};
+use crate::access::{Caller, Op, Refusal};
+use crate::engine::{Delivery, Write};
 use crate::http::App;
 use crate::model::ResourceKey;
 use crate::update::{Patch, Range, UpdateBody, WriteBody};
 
 /// Frames waiting to be sent to one connection.
 const OUTBOX: usize = 1024;
+/// Keys one connection may follow at once (each `get` of a new key starts a forwarding
+/// task and a subscription; `forget` and closing release them).
+const MAX_SUBSCRIPTIONS: usize = 10_000;
 /// How deep nested keyed objects are followed when a state is sent.
 const MAX_LINK_DEPTH: usize = 4;
 
-/// Serves one websocket until it closes or the server shuts down.
-pub async fn run(socket: WebSocket, app: App, ip: IpAddr) {
+/// Serves one websocket until it closes or the server shuts down. `caller` is who the
+/// upgrade request proved to be; `session`, its login session cookie, if any (a browser
+/// logged in over HTTP is logged in here too).
+pub async fn run(socket: WebSocket, app: App, ip: IpAddr, caller: Caller, session: Option<String>) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut outbox) = mpsc::channel::<String>(OUTBOX);
     let writer = tokio::spawn(async move {
@@ -50,7 +56,10 @@ pub async fn run(socket: WebSocket, app: App, ip: IpAddr) {
         let _ = sink.close().await;
     });
     let shutdown = app.shutdown.clone();
-    let mut s = Session::new(app, ip, out);
+    let mut s = Session::new(app, ip, out, caller);
+    if let Some(secret) = session {
+        s.bind_client(secret).await;
+    }
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -75,8 +84,12 @@ struct Session {
     dialect: Option<Dialect>,
     /// Names this connection's writes and subscriptions (echo suppression).
     peer: String,
+    /// The session secret: the login session cookie of the upgrade, or the client id of
+    /// the intro (Statebus binds logins to it).
     client: Option<String>,
-    viewer: Arc<RwLock<Viewer>>,
+    /// Who the upgrade request proved to be; the caller while no account is logged in.
+    base: Caller,
+    viewer: Arc<RwLock<Caller>>,
     subs: HashMap<String, JoinHandle<()>>,
     fetched: HashSet<String>,
     /// Follows the client's session, so a login elsewhere reaches this connection too.
@@ -84,7 +97,7 @@ struct Session {
 }
 
 impl Session {
-    fn new(app: App, ip: IpAddr, out: mpsc::Sender<String>) -> Session {
+    fn new(app: App, ip: IpAddr, out: mpsc::Sender<String>, base: Caller) -> Session {
         Session {
             app,
             ip,
@@ -92,7 +105,8 @@ impl Session {
             dialect: None,
             peer: format!("sb{:016x}", rand::random::<u64>()),
             client: None,
-            viewer: Arc::default(),
+            viewer: Arc::new(RwLock::new(base.clone())),
+            base,
             subs: HashMap::new(),
             fetched: HashSet::new(),
             follower: None,
@@ -112,8 +126,18 @@ impl Session {
         self.dialect.unwrap_or(Dialect::V7)
     }
 
-    fn viewer(&self) -> Viewer {
+    fn viewer(&self) -> Caller {
         self.viewer.read().expect("viewer").clone()
+    }
+
+    /// Logs the connection in as `account`, or (None) back out to the upgrade's caller.
+    fn set_account(&self, account: Option<Account>) {
+        *self.viewer.write().expect("viewer") = account.map_or_else(|| self.base.clone(), Caller::Account);
+    }
+
+    /// Tells the client why, with a machine-readable refusal.
+    async fn refused(&self, r: &Refusal, key: &str) {
+        self.send(wire::refusal(r, key)).await;
     }
 
     async fn send(&self, frame: String) {
@@ -146,37 +170,60 @@ impl Session {
 
     async fn resolve(&self, key: &str) -> Result<Resolved, AccessError> {
         let k = StatebusKey::parse(key)?;
-        access::resolve(&self.app.accounts, self.app.identity, &k, &self.viewer()).await
+        access::resolve(&self.app.access, &k).await
+    }
+
+    /// Resolves a key and checks `op` on it; a refusal is told to the client.
+    async fn target(&self, key: &str, op: Op) -> Result<Resolved, ()> {
+        let resolved = match self.resolve(key).await {
+            Ok(r) => r,
+            Err(AccessError::Refused(r)) => {
+                self.refused(&r, key).await;
+                return Err(());
+            }
+            Err(e) => {
+                self.error(&e.to_string(), Some(key)).await;
+                return Err(());
+            }
+        };
+        if let Resolved::Resource(Target { key: Some(rk), .. }) = &resolved
+            && let Err(r) = self.app.access.check(&self.viewer(), rk, op)
+        {
+            self.refused(&r, key).await;
+            return Err(());
+        }
+        Ok(resolved)
     }
 
     async fn get(&mut self, key: String) {
-        let access = match self.resolve(&key).await {
+        let target = match self.target(&key, Op::Read).await {
             Ok(Resolved::CurrentUser) => return self.current_user(None).await,
-            Ok(Resolved::Resource(a)) => a,
-            Err(e) => {
-                self.error(&e.to_string(), Some(&key)).await;
-                return self.send(wire::state(self.dialect(), &key, None)).await;
-            }
+            Ok(Resolved::Resource(t)) => t,
+            Err(()) => return self.send(wire::state(self.dialect(), &key, None)).await,
         };
-        if !access.read {
-            self.error("only its owner reads this key", Some(&key)).await;
-            return self.send(wire::state(self.dialect(), &key, None)).await;
-        }
-        let Some(rk) = access.key.clone() else {
+        let Some(rk) = target.key.clone() else {
             return self.send(wire::state(self.dialect(), &key, None)).await;
         };
         self.fetched.insert(key.clone());
         if self.subs.contains_key(&key) {
             // Already subscribed: answer this get with the current state.
             let val = read_value(&self.app, &rk).await;
-            let val = render(&self.app, val, &access, &self.viewer()).await;
+            let val = render(&self.app, val, &target, &self.viewer()).await;
             return self.send(wire::state(self.dialect(), &key, val.as_ref())).await;
+        }
+        if self.subs.len() >= MAX_SUBSCRIPTIONS {
+            self.error(
+                &format!("this connection already follows {MAX_SUBSCRIPTIONS} keys; forget some first"),
+                Some(&key),
+            )
+            .await;
+            return self.send(wire::state(self.dialect(), &key, None)).await;
         }
         let task = tokio::spawn(forward(
             self.app.clone(),
             key.clone(),
             rk,
-            access,
+            target,
             self.peer.clone(),
             self.dialect(),
             self.viewer.clone(),
@@ -192,43 +239,33 @@ impl Session {
             version: None,
             parents: None,
             peer: Some(self.peer.clone()),
-            author: viewer.identity(),
+            author: viewer.author(self.app.identity),
             digest: None,
-            writer: match viewer.identity() {
-                Some(id) => Writer::Identity(id),
-                None => Writer::Address(self.ip),
-            },
+            writer: viewer.writer(self.app.identity, Some(self.ip)),
         }
     }
 
     /// Answers a refused write with the key's current state, so the client's cache reverts.
-    async fn revert(&self, key: &str, access: Option<&Access>) {
-        let val = match access.and_then(|a| a.key.clone()) {
-            Some(rk) if access.is_some_and(|a| a.read) => read_value(&self.app, &rk).await,
+    async fn revert(&self, key: &str, target: Option<&Target>) {
+        let readable = |rk: &ResourceKey| self.app.access.check(&self.viewer(), rk, Op::Read).is_ok();
+        let val = match target.and_then(|t| t.key.clone()) {
+            Some(rk) if readable(&rk) => read_value(&self.app, &rk).await,
             _ => None,
         };
         self.send(wire::state(self.dialect(), key, val.as_ref())).await;
     }
 
     async fn set(&mut self, key: &str, val: Option<Value>) {
-        let access = match self.resolve(key).await {
+        let op = if val.is_some() { Op::Write } else { Op::Delete };
+        let target = match self.target(key, op).await {
             Ok(Resolved::CurrentUser) => return self.current_user(val).await,
-            Ok(Resolved::Resource(a)) => a,
-            Err(e) => {
-                self.error(&e.to_string(), Some(key)).await;
-                return self.revert(key, None).await;
-            }
+            Ok(Resolved::Resource(t)) => t,
+            Err(()) => return self.revert(key, None).await,
         };
-        if !access.write || access.key.is_none() {
-            let why = if access.key.is_none() {
-                "no such account"
-            } else {
-                "only its owner writes this key"
-            };
-            self.error(why, Some(key)).await;
-            return self.revert(key, Some(&access)).await;
-        }
-        let rk = access.key.clone().expect("checked");
+        let Some(rk) = target.key.clone() else {
+            self.error("no such account", Some(key)).await;
+            return self.revert(key, Some(&target)).await;
+        };
         let Some(val) = val else {
             // A state without a value: the key has none any more.
             if let Err(e) = self.app.engine.delete(&rk).await {
@@ -236,7 +273,7 @@ impl Session {
             }
             return;
         };
-        let val = match &access.profile {
+        let val = match &target.profile {
             Some(profile) => match self.update_profile(profile, val).await {
                 Ok(v) => v,
                 Err(e) => return self.error(&e.to_string(), Some(key)).await,
@@ -254,17 +291,28 @@ impl Session {
             media_type: Some("application/json".into()),
             body: Bytes::from(serde_json::to_vec(&val).expect("JSON serializes")),
         };
-        if let Err(e) = self.app.engine.write(&rk, self.write_for(body)).await {
-            self.error(&e.to_string(), Some(key)).await;
-            self.revert(key, Some(&access)).await;
+        if let Err(e) = self.app.access.check_write(&self.viewer(), &rk, &body) {
+            match e {
+                crate::access::WriteRefused::Refused(r) => self.refused(&r, key).await,
+                crate::access::WriteRefused::InvalidRules(m) => self.error(&m, Some(key)).await,
+            }
+            return self.revert(key, Some(&target)).await;
+        }
+        match self.app.engine.write(&rk, self.write_for(body)).await {
+            Ok(_) => self.app.access.written(&self.app.engine, &rk).await,
+            Err(e) => {
+                self.error(&e.to_string(), Some(key)).await;
+                self.revert(key, Some(&target)).await;
+            }
         }
     }
 
     /// The owner edits their profile: a new `pass` or `email` goes to the account record;
-    /// the rest is the public profile. The name cannot change.
+    /// the rest is the public profile. The name cannot change. A new password ends the
+    /// account's other sessions; this connection stays logged in.
     async fn update_profile(&self, profile: &Account, val: Value) -> Result<Value, AccountError> {
         let Value::Object(mut m) = val else {
-            return Err(AccountError::Refused(crate::accounts::BAD_FIELDS));
+            return Err(AccountError::Refused(crate::access::accounts::BAD_FIELDS));
         };
         let pass = m.remove("pass");
         let email = m.remove("email");
@@ -272,7 +320,7 @@ impl Session {
         if m.get("name")
             .is_some_and(|n| n.as_str() != Some(profile.name.as_str()))
         {
-            return Err(AccountError::Refused(crate::accounts::BAD_FIELDS));
+            return Err(AccountError::Refused(crate::access::accounts::BAD_FIELDS));
         }
         m.insert("name".into(), Value::String(profile.name.clone()));
         let pass = match pass {
@@ -281,10 +329,13 @@ impl Session {
         };
         let email = email.as_ref().and_then(Value::as_str);
         if pass.is_some() || email.is_some() {
-            self.app
-                .accounts
-                .update(&profile.name, pass.as_deref(), email)
-                .await?;
+            let accounts = self.app.access.accounts();
+            accounts.update(&profile.name, pass.as_deref(), email).await?;
+            if pass.is_some()
+                && let Some(client) = &self.client
+            {
+                accounts.bind(client, profile).await?;
+            }
         }
         Ok(Value::Object(m))
     }
@@ -298,14 +349,14 @@ impl Session {
                 )
                 .await;
         }
-        let access = match self.resolve(key).await {
-            Ok(Resolved::Resource(a)) if a.write && a.key.is_some() && a.profile.is_none() => a,
+        let target = match self.target(key, Op::Write).await {
+            Ok(Resolved::Resource(t)) if t.key.is_some() && t.profile.is_none() => t,
             Ok(_) => {
                 return self
                     .error("this key cannot be patched by this client", Some(key))
                     .await;
             }
-            Err(e) => return self.error(&e.to_string(), Some(key)).await,
+            Err(()) => return,
         };
         let mut typed = Vec::with_capacity(patches.len());
         for (range, content) in patches {
@@ -317,27 +368,36 @@ impl Session {
                 Err(e) => return self.error(&format!("bad range {range:?}: {e}"), Some(key)).await,
             }
         }
-        let rk = access.key.clone().expect("checked");
-        if let Err(e) = self
-            .app
-            .engine
-            .write(&rk, self.write_for(WriteBody::Patches(typed)))
-            .await
-        {
-            self.error(&e.to_string(), Some(key)).await;
-            self.revert(key, Some(&access)).await;
+        let rk = target.key.clone().expect("checked");
+        let body = WriteBody::Patches(typed);
+        if let Err(e) = self.app.access.check_write(&self.viewer(), &rk, &body) {
+            match e {
+                crate::access::WriteRefused::Refused(r) => self.refused(&r, key).await,
+                crate::access::WriteRefused::InvalidRules(m) => self.error(&m, Some(key)).await,
+            }
+            return self.revert(key, Some(&target)).await;
+        }
+        match self.app.engine.write(&rk, self.write_for(body)).await {
+            Ok(_) => self.app.access.written(&self.app.engine, &rk).await,
+            Err(e) => {
+                self.error(&e.to_string(), Some(key)).await;
+                self.revert(key, Some(&target)).await;
+            }
         }
     }
 
     async fn delete(&mut self, key: &str) {
-        match self.resolve(key).await {
-            Ok(Resolved::Resource(a)) if a.write && a.key.is_some() && a.profile.is_none() => {
-                if let Err(e) = self.app.engine.delete(a.key.as_ref().expect("checked")).await {
+        match self.target(key, Op::Delete).await {
+            Ok(Resolved::Resource(Target {
+                key: Some(rk),
+                profile: None,
+            })) => {
+                if let Err(e) = self.app.engine.delete(&rk).await {
                     self.error(&e.to_string(), Some(key)).await;
                 }
             }
             Ok(_) => self.error("this client may not delete this key", Some(key)).await,
-            Err(e) => self.error(&e.to_string(), Some(key)).await,
+            Err(()) => {}
         }
     }
 
@@ -352,52 +412,56 @@ impl Session {
         {
             self.bind_client(client.clone()).await;
         }
+        let accounts = self.app.access.accounts().clone();
         let mut error = None;
-        if let Some(Value::Object(c)) = cmd.get("create_account") {
-            let name = c
-                .get("name")
+        let name_of = |c: &Map<String, Value>| {
+            c.get("name")
                 .or_else(|| c.get("login"))
                 .and_then(Value::as_str)
-                .unwrap_or("");
+                .unwrap_or("")
+                .to_string()
+        };
+        if let Some(Value::Object(c)) = cmd.get("create_account") {
             let pass = c.get("pass").and_then(Value::as_str);
             let email = c.get("email").and_then(Value::as_str);
             match pass {
-                None => error = Some(crate::accounts::BAD_FIELDS.to_string()),
+                None => error = Some(crate::access::accounts::BAD_FIELDS.to_string()),
                 Some(pass) => {
-                    if let Err(e) = self.app.accounts.create(name, pass, email).await {
+                    if let Err(e) = accounts.create(&name_of(c), pass, email, Some(self.ip)).await {
                         error = Some(e.to_string());
                     }
                 }
             }
         }
         if let Some(Value::Object(c)) = cmd.get("login_as") {
-            let name = c
-                .get("name")
-                .or_else(|| c.get("login"))
-                .and_then(Value::as_str)
-                .unwrap_or("");
             let pass = c.get("pass").and_then(Value::as_str).unwrap_or("");
-            match self.app.accounts.verify(name, pass).await {
+            match accounts.login(&name_of(c), pass, Some(self.ip)).await {
                 Ok(account) => {
                     let client = self.client_id();
-                    if let Err(e) = self.app.accounts.bind(&client, &account).await {
+                    if let Err(e) = accounts.bind(&client, &account).await {
                         error = Some(e.to_string());
                     } else {
-                        self.viewer.write().expect("viewer").account = Some(account);
+                        self.set_account(Some(account));
                     }
                 }
                 Err(e) => error = Some(e.to_string()),
             }
         }
-        if cmd
-            .get("logout")
-            .is_some_and(|v| v.as_bool() != Some(false) && !v.is_null())
+        let truthy = |k: &str| cmd.get(k).is_some_and(|v| v.as_bool() != Some(false) && !v.is_null());
+        if truthy("logout_everywhere")
+            && let Some(a) = self.viewer().account()
         {
-            let client = self.client_id();
-            if let Err(e) = self.app.accounts.unbind(&client).await {
+            if let Err(e) = accounts.end_sessions(a).await {
                 error = Some(e.to_string());
             }
-            self.viewer.write().expect("viewer").account = None;
+            self.set_account(None);
+        }
+        if truthy("logout") {
+            let client = self.client_id();
+            if let Err(e) = accounts.unbind(&client).await {
+                error = Some(e.to_string());
+            }
+            self.set_account(None);
         }
         self.push_current_user(error.as_deref()).await;
     }
@@ -405,18 +469,20 @@ impl Session {
     /// The client id, made up for a connection that logs in without an intro.
     fn client_id(&mut self) -> String {
         self.client
-            .get_or_insert_with(|| format!("{:032x}", rand::random::<u128>()))
+            .get_or_insert_with(crate::access::accounts::new_session_secret)
             .clone()
     }
 
     async fn bind_client(&mut self, client: String) {
-        let account = self.app.accounts.session(&client).await.ok().flatten();
-        self.viewer.write().expect("viewer").account = account;
-        if let Some(k) = self.app.accounts.session_key(&client) {
+        let accounts = self.app.access.accounts();
+        let account = accounts.session(&client).await.ok().flatten();
+        self.set_account(account);
+        if let Some(k) = accounts.session_key(&client) {
             self.follower = Some(tokio::spawn(follow_session(
                 self.app.clone(),
                 k,
                 self.dialect(),
+                self.base.clone(),
                 self.viewer.clone(),
                 self.out.clone(),
             )));
@@ -426,7 +492,7 @@ impl Session {
 
     async fn push_current_user(&self, error: Option<&str>) {
         let viewer = self.viewer();
-        let frame = if self.client.is_none() && viewer.account.is_none() && error.is_none() {
+        let frame = if self.client.is_none() && viewer.account().is_none() && error.is_none() {
             wire::state(
                 self.dialect(),
                 "current_user",
@@ -444,9 +510,9 @@ impl Session {
 }
 
 /// The value of `current_user` in each dialect.
-pub fn current_user_value(dialect: Dialect, viewer: &Viewer, error: Option<&str>) -> Value {
+pub fn current_user_value(dialect: Dialect, caller: &Caller, error: Option<&str>) -> Value {
     let mut m = Map::new();
-    let user = match (&viewer.account, dialect) {
+    let user = match (caller.account(), dialect) {
         (None, _) => Value::Null,
         (Some(a), Dialect::V7) => serde_json::json!({ "link": format!("@{}", a.name) }),
         (Some(a), Dialect::V6) => {
@@ -458,7 +524,7 @@ pub fn current_user_value(dialect: Dialect, viewer: &Viewer, error: Option<&str>
         }
     };
     m.insert("user".into(), user);
-    m.insert("logged_in".into(), Value::Bool(viewer.account.is_some()));
+    m.insert("logged_in".into(), Value::Bool(caller.account().is_some()));
     if let Some(e) = error {
         m.insert("error".into(), Value::String(e.to_string()));
     }
@@ -471,7 +537,8 @@ async fn follow_session(
     app: App,
     key: ResourceKey,
     dialect: Dialect,
-    viewer: Arc<RwLock<Viewer>>,
+    base: Caller,
+    viewer: Arc<RwLock<Caller>>,
     out: mpsc::Sender<String>,
 ) {
     let Ok(mut sub) = app.engine.subscribe(&key, None, None).await else {
@@ -487,15 +554,15 @@ async fn follow_session(
             Delivery::Shared(ev) => body_json(&ev.body),
             Delivery::Own(u) => body_json(&u.body),
         };
-        let Ok(account) = app.accounts.account_of_session(value.as_ref()).await else {
+        let Ok(account) = app.access.accounts().account_of_session(value.as_ref()).await else {
             continue;
         };
         let v = {
             let mut w = viewer.write().expect("viewer");
-            if w.account == account {
+            if w.account() == account.as_ref() {
                 continue;
             }
-            w.account = account;
+            *w = account.map_or_else(|| base.clone(), Caller::Account);
             current_user_value(dialect, &w, None)
         };
         if out
@@ -515,16 +582,18 @@ fn body_json(body: &UpdateBody) -> Option<Value> {
     }
 }
 
-/// Forwards a resource's updates to a connection as whole states.
+/// Forwards a resource's updates to a connection as whole states, for as long as the
+/// connection's caller may read it: a rule change that takes the right away ends the
+/// forwarding with a refusal.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     app: App,
     key: String,
     rk: ResourceKey,
-    access: Access,
+    target: Target,
     peer: String,
     dialect: Dialect,
-    viewer: Arc<RwLock<Viewer>>,
+    viewer: Arc<RwLock<Caller>>,
     out: mpsc::Sender<String>,
 ) {
     let mut sub = match app.engine.subscribe(&rk, None, Some(peer)).await {
@@ -535,7 +604,25 @@ async fn forward(
             return;
         }
     };
-    while let Some(d) = sub.next().await {
+    let mut rules = app.access.watch(rk.clone());
+    loop {
+        let d = tokio::select! {
+            // A rule change is seen before any update that follows it.
+            biased;
+            _ = rules.changed() => {
+                let caller = viewer.read().expect("viewer").clone();
+                if let Err(r) = rules.check(&caller) {
+                    let _ = out.send(wire::refusal(&r, &key)).await;
+                    let _ = out.send(wire::state(dialect, &key, None)).await;
+                    return;
+                }
+                continue;
+            }
+            d = sub.next() => match d {
+                Some(d) => d,
+                None => return,
+            },
+        };
         let body = match &d {
             Delivery::Shared(ev) => &ev.body,
             Delivery::Own(u) => &u.body,
@@ -547,7 +634,7 @@ async fn forward(
             UpdateBody::Text(_) => read_value(&app, &rk).await,
         };
         let v = viewer.read().expect("viewer").clone();
-        let val = render(&app, val, &access, &v).await;
+        let val = render(&app, val, &target, &v).await;
         if out.send(wire::state(dialect, &key, val.as_ref())).await.is_err() {
             return;
         }
@@ -579,9 +666,9 @@ pub(crate) async fn read_value(app: &App, rk: &ResourceKey) -> Option<Value> {
 }
 
 /// What the viewer is shown: profiles filtered, links to nested states filled in.
-async fn render(app: &App, val: Option<Value>, access: &Access, viewer: &Viewer) -> Option<Value> {
+async fn render(app: &App, val: Option<Value>, target: &Target, viewer: &Caller) -> Option<Value> {
     let val = val?;
-    let val = match &access.profile {
+    let val = match &target.profile {
         Some(p) => access::view_profile(val, p, viewer),
         None => val,
     };
@@ -592,7 +679,7 @@ async fn render(app: &App, val: Option<Value>, access: &Access, viewer: &Viewer)
 fn fill_links<'a>(
     app: &'a App,
     v: Value,
-    viewer: &'a Viewer,
+    viewer: &'a Caller,
     depth: usize,
 ) -> futures::future::BoxFuture<'a, Value> {
     Box::pin(async move {
@@ -601,10 +688,9 @@ fn fill_links<'a>(
                 if let Some(Value::String(k)) = m.get("key") {
                     let k = k.clone();
                     if let Ok(sk) = StatebusKey::parse(&k)
-                        && let Ok(Resolved::Resource(a)) =
-                            access::resolve(&app.accounts, app.identity, &sk, viewer).await
-                        && a.read
-                        && let Some(rk) = &a.key
+                        && let Ok(Resolved::Resource(t)) = access::resolve(&app.access, &sk).await
+                        && let Some(rk) = &t.key
+                        && app.access.check(viewer, rk, Op::Read).is_ok()
                     {
                         let mut out = Map::new();
                         out.insert("key".into(), Value::String(k));
@@ -708,7 +794,7 @@ mod tests {
 
     #[test]
     fn current_user_shapes() {
-        let v = Viewer::default();
+        let v = Caller::Anonymous;
         assert_eq!(
             current_user_value(Dialect::V7, &v, None),
             json!({"user": null, "logged_in": false})

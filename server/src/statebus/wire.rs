@@ -225,6 +225,19 @@ pub fn error(reason: &str, about: Option<&str>) -> String {
     .to_string()
 }
 
+/// An access refusal: the error frame, with the refusal's machine-readable fields
+/// (`op`, `rule`, and `status` 401 without a credential, 403 otherwise).
+pub fn refusal(r: &crate::access::Refusal, key: &str) -> String {
+    serde_json::json!({
+        "error": r.reason,
+        "about": key,
+        "status": if r.anonymous { 401 } else { 403 },
+        "op": r.op.name(),
+        "rule": r.rule,
+    })
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,428 @@
+//! Ownership and access against the real `plait` binary, with anonymous writes refused (the
+//! default): owner and limited tokens, the rules as state (written, enforced, followed by
+//! open subscriptions), login sessions that nobody else can take over, login limits, and
+//! what is served on the origin — over Braid-HTTP and the Statebus websocket, on both
+//! stores.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use plait_tests::plait::{Plait, Store};
+use plait_tests::wire;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(plait_tests::plait::Store::Embedded).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(plait_tests::plait::Store::fresh_postgres()).await })*
+        }
+    };
+}
+
+on_both_stores!(
+    only_the_owner_writes_by_default,
+    tokens_are_scoped_revocable_and_expire,
+    rules_are_state_the_owner_edits,
+    a_reader_who_loses_the_right_stops_getting_updates,
+    statebus_callers_go_through_the_same_rules,
+);
+
+/// A server whose anonymous writes are refused (the default for a new data dir).
+fn owned(store: Store) -> Plait {
+    Plait::start_with_env(store, &[], &[("PLAIT_ACCESS__PUBLIC_WRITES", "false")])
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+async fn put(p: &Plait, path: &str, headers: &[(&str, &str)], body: &str) -> wire::Response {
+    wire::send(p.addr, "PUT", path, headers, body.as_bytes()).await
+}
+
+fn json_of(r: &wire::Response) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("a JSON body, got {:?}", r.text()))
+}
+
+async fn only_the_owner_writes_by_default(store: Store) {
+    let p = owned(store);
+    // Anonymous: reads, but every write is 401 naming the schemes, and nothing is stored.
+    for (method, path) in [("PUT", "/"), ("PUT", "/notes"), ("PATCH", "/notes"), ("DELETE", "/notes")] {
+        let r = wire::send(p.addr, method, path, &[], b"x").await;
+        assert_eq!(r.status, 401, "{method} {path}: {}", r.text());
+        assert!(r.header("www-authenticate").is_some_and(|h| h.starts_with("Bearer")));
+        assert!(r.header("accept-signature").is_some_and(|h| h.contains("ed25519")));
+        let body = json_of(&r);
+        assert_eq!(body["error"], "unauthenticated");
+        assert_eq!(body["rule"], "/");
+    }
+    assert_eq!(wire::send(p.addr, "GET", "/notes", &[], b"").await.text(), "");
+    // The owner writes and deletes.
+    let owner = bearer(&p.owner_token());
+    let auth = [("Authorization", owner.as_str())];
+    assert_eq!(put(&p, "/notes", &auth, "mine").await.status, 200);
+    assert_eq!(wire::send(p.addr, "GET", "/notes", &[], b"").await.text(), "mine");
+    assert_eq!(wire::send(p.addr, "DELETE", "/notes", &auth, b"").await.status, 204);
+    // A token that is not one is 401, not anonymous.
+    let r = put(&p, "/notes", &[("Authorization", "Bearer plait_nope_nope")], "x").await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").unwrap().contains("invalid_token"));
+    let r = put(&p, "/notes", &[("Authorization", "Basic Zm9vOmJhcg==")], "x").await;
+    assert_eq!(r.status, 401);
+    // State is never active content on this origin; nothing is sniffed.
+    assert_eq!(
+        put(&p, "/page", &[("Authorization", owner.as_str()), ("Content-Type", "text/html")], "<script>1</script>")
+            .await
+            .status,
+        200
+    );
+    let r = wire::send(p.addr, "GET", "/page", &[], b"").await;
+    assert_eq!(r.header("content-security-policy"), Some("sandbox"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    let r = wire::send(p.addr, "GET", "/.well-known/plait", &[], b"").await;
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    // The server says how to get the owner token.
+    assert!(p.log().contains("plait token --data-dir"), "{}", p.log());
+}
+
+async fn tokens_are_scoped_revocable_and_expire(store: Store) {
+    let p = owned(store);
+    let limited = p.token(&["--write", "/a", "--read", "/r", "--label", "ci"]);
+    let auth = bearer(&limited);
+    let h = [("Authorization", auth.as_str())];
+    assert_eq!(put(&p, "/a", &h, "1").await.status, 200);
+    assert_eq!(put(&p, "/a/deeper", &h, "1").await.status, 200);
+    assert_eq!(wire::send(p.addr, "DELETE", "/a/deeper", &h, b"").await.status, 204);
+    // A token for /a used on /b (or /ab) is refused, with the rule and the scope named.
+    for path in ["/b", "/ab", "/r"] {
+        let r = put(&p, path, &h, "1").await;
+        assert_eq!(r.status, 403, "{path}");
+        let body = json_of(&r);
+        assert_eq!(body["error"], "forbidden");
+        assert!(body["reason"].as_str().unwrap().contains("/a"), "{body}");
+    }
+    // Listed (without the token itself), then revoked.
+    let out = std::process::Command::new(plait_tests::plait::binary())
+        .args(["token", "--list", "--data-dir"])
+        .arg(p.data_dir())
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = list.lines().find(|l| l.contains("ci")).expect("the token is listed");
+    assert!(!list.contains(limited.rsplit('_').next().unwrap()));
+    let id = line.split('\t').next().unwrap();
+    let st = std::process::Command::new(plait_tests::plait::binary())
+        .args(["token", "--revoke", id, "--data-dir"])
+        .arg(p.data_dir())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let r = put(&p, "/a", &h, "2").await;
+    assert_eq!(r.status, 401, "a revoked token: {}", r.text());
+    // Tokens are stored hashed.
+    let file = std::fs::read_to_string(p.data_dir().join("tokens.json")).unwrap();
+    assert!(!file.contains(p.owner_token().rsplit('_').next().unwrap()));
+    // An expired token.
+    let short = p.token(&["--ttl", "1s"]);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = put(&p, "/a", &[("Authorization", bearer(&short).as_str())], "3").await;
+    assert_eq!(r.status, 401);
+    assert!(r.text().contains("expired"), "{}", r.text());
+    // Tokens work across restarts.
+    let mut p = p;
+    p.restart();
+    let owner = bearer(&p.owner_token());
+    assert_eq!(put(&p, "/a", &[("Authorization", owner.as_str())], "4").await.status, 200);
+}
+
+/// Logs in over HTTP; returns the session cookie header.
+async fn login(p: &Plait, name: &str, pass: &str, create: bool) -> String {
+    let r = wire::send(p.addr, "GET", "/current_user", &[], b"").await;
+    let cookie = format!("plait_session={}", r.cookie("plait_session").expect("a session cookie"));
+    let h = [("Cookie", cookie.as_str())];
+    if create {
+        let body = json!({"create_account": {"name": name, "pass": pass}}).to_string();
+        let r = put(p, "/current_user", &h, &body).await;
+        assert!(json_of(&r).get("error").is_none(), "{}", r.text());
+    }
+    let body = json!({"login_as": {"name": name, "pass": pass}}).to_string();
+    let r = put(p, "/current_user", &h, &body).await;
+    assert_eq!(json_of(&r)["logged_in"], true, "{}", r.text());
+    cookie
+}
+
+async fn rules_are_state_the_owner_edits(store: Store) {
+    let p = owned(store);
+    let owner = bearer(&p.owner_token());
+    let o = [("Authorization", owner.as_str()), ("Content-Type", "application/json")];
+    // The default rules, readable by the owner only.
+    let r = wire::send(p.addr, "GET", "/.well-known/plait/access", &o, b"").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(json_of(&r)["rules"][0]["path"], "/");
+    assert_eq!(wire::send(p.addr, "GET", "/.well-known/plait/access", &[], b"").await.status, 401);
+    let alice = login(&p, "alice", "pw-alice", true).await;
+    let a = [("Cookie", alice.as_str())];
+    let r = wire::send(p.addr, "GET", "/.well-known/plait/access", &a, b"").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(put(&p, "/.well-known/plait/access", &a, "{\"rules\":[]}").await.status, 403);
+    // Alice, an account, may not write /shared yet.
+    assert_eq!(put(&p, "/shared/a", &a, "hi").await.status, 403);
+    // A document that does not parse is refused and changes nothing.
+    let r = put(&p, "/.well-known/plait/access", &o, r#"{"rules":[{"path":"/","read":["nobody"]}]}"#).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let rules = json!({"rules": [
+        {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
+        {"path": "/shared", "write": ["accounts"], "delete": ["account:alice"]},
+        {"path": "/shared/locked", "deny": {"write": ["account:alice"]}},
+        {"path": "/secret", "deny": {"read": ["everyone"]}},
+    ]});
+    assert_eq!(put(&p, "/.well-known/plait/access", &o, &rules.to_string()).await.status, 200);
+    // In force at once.
+    assert_eq!(put(&p, "/shared/a", &a, "hi").await.status, 200);
+    assert_eq!(wire::send(p.addr, "DELETE", "/shared/a", &a, b"").await.status, 204);
+    let r = put(&p, "/shared/locked/x", &a, "no").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(json_of(&r)["rule"], "/shared/locked");
+    assert_eq!(put(&p, "/elsewhere", &a, "no").await.status, 403);
+    // Bob, another account, writes /shared but may not delete there.
+    let bob = login(&p, "bob", "pw-bob", true).await;
+    let b = [("Cookie", bob.as_str())];
+    assert_eq!(put(&p, "/shared/b", &b, "bob").await.status, 200);
+    assert_eq!(wire::send(p.addr, "DELETE", "/shared/b", &b, b"").await.status, 403);
+    // Deny wins over everyone; the owner still reads.
+    assert_eq!(put(&p, "/secret/x", &o, "\"s\"").await.status, 200);
+    assert_eq!(wire::send(p.addr, "GET", "/secret/x", &[], b"").await.status, 401);
+    assert_eq!(wire::send(p.addr, "GET", "/secret/x", &b, b"").await.status, 403);
+    assert_eq!(wire::send(p.addr, "GET", "/secret/x", &o, b"").await.status, 200);
+    // The rules survive a restart.
+    let mut p = p;
+    p.restart();
+    assert_eq!(put(&p, "/shared/c", &[("Cookie", alice.as_str())], "again").await.status, 200);
+    // Logging out everywhere ends the session.
+    let r = put(&p, "/current_user", &[("Cookie", alice.as_str())], r#"{"logout_everywhere":true}"#).await;
+    assert_eq!(json_of(&r)["logged_in"], false);
+    assert_eq!(put(&p, "/shared/d", &[("Cookie", alice.as_str())], "x").await.status, 401);
+}
+
+async fn a_reader_who_loses_the_right_stops_getting_updates(store: Store) {
+    let p = owned(store);
+    let owner = bearer(&p.owner_token());
+    // A bytes resource: every update is the whole value.
+    let o = [("Authorization", owner.as_str()), ("Content-Type", "application/octet-stream")];
+    assert_eq!(put(&p, "/feed", &o, "0").await.status, 200);
+    let mut reader = wire::subscribe(p.addr, "/feed", &[("Subscribe", "true")]).await;
+    assert_eq!(reader.status, 209);
+    let mut owner_sub = wire::subscribe(p.addr, "/feed", &[("Subscribe", "true"), ("Authorization", owner.as_str())]).await;
+    assert!(reader.next_block(Duration::from_secs(10)).await.is_some());
+    assert!(owner_sub.next_block(Duration::from_secs(10)).await.is_some());
+    assert_eq!(put(&p, "/feed", &o, "1").await.status, 200);
+    assert_eq!(reader.next_block(Duration::from_secs(10)).await.unwrap().body_text(), "1");
+    // The owner takes reading away from everyone but itself.
+    let rules = json!({"rules": [
+        {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
+        {"path": "/feed", "read": ["owner"]},
+    ]});
+    let r = put(
+        &p,
+        "/.well-known/plait/access",
+        &[("Authorization", owner.as_str()), ("Content-Type", "application/json")],
+        &rules.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(put(&p, "/feed", &o, "2").await.status, 200);
+    // The reader's subscription ends without the new state; the owner's goes on.
+    let mut seen = Vec::new();
+    while let Some(b) = reader.next_block(Duration::from_secs(10)).await {
+        seen.push(b.body_text());
+    }
+    assert!(!seen.iter().any(|t| t.contains('2')), "the reader got {seen:?}");
+    assert_eq!(owner_sub.next_block(Duration::from_secs(10)).await.unwrap().body_text(), "1");
+    assert_eq!(owner_sub.next_block(Duration::from_secs(10)).await.unwrap().body_text(), "2");
+    // A new subscription is refused.
+    let again = wire::subscribe(p.addr, "/feed", &[("Subscribe", "true")]).await;
+    assert_eq!(again.status, 401);
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws(p: &Plait, auth: Option<&str>) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/_connect_to_statebus_/websocket", p.addr)
+        .into_client_request()
+        .unwrap();
+    if let Some(a) = auth {
+        req.headers_mut().insert("authorization", a.parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(req).await.expect("websocket opens").0
+}
+
+async fn recv(s: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("the connection is open")
+            .unwrap();
+        if let Message::Text(t) = m {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+/// The next frame about `key` (skipping others).
+async fn recv_about(s: &mut Ws, key: &str) -> Value {
+    loop {
+        let v = recv(s).await;
+        if v["about"] == key || v["set"]["key"] == key {
+            return v;
+        }
+    }
+}
+
+async fn statebus_callers_go_through_the_same_rules(store: Store) {
+    let p = owned(store);
+    let mut anon = ws(&p, None).await;
+    anon.send(Message::text(r#"{"set":{"key":"current_user","val":{"client":"c1"}}}"#)).await.unwrap();
+    // An anonymous set is refused with a reason; the connection stays and the state is unchanged.
+    anon.send(Message::text(r#"{"set":{"key":"chat","val":"spam"}}"#)).await.unwrap();
+    let e = recv_about(&mut anon, "chat").await;
+    assert_eq!(e["status"], 401, "{e}");
+    assert_eq!(e["op"], "write");
+    let revert = recv_about(&mut anon, "chat").await;
+    assert!(revert["set"].get("val").is_none(), "{revert}");
+    anon.send(Message::text(r#"{"delete":"chat"}"#)).await.unwrap();
+    assert_eq!(recv_about(&mut anon, "chat").await["op"], "delete");
+    // The owner's token on the upgrade makes the connection the owner's.
+    let owner = bearer(&p.owner_token());
+    let mut own = ws(&p, Some(&owner)).await;
+    own.send(Message::text(r#"{"set":{"key":"chat","val":"hello"}}"#)).await.unwrap();
+    own.send(Message::text(r#"{"get":".well-known/plait/access"}"#)).await.unwrap();
+    let rules = recv_about(&mut own, ".well-known/plait/access").await;
+    assert_eq!(rules["set"]["val"]["rules"][0]["path"], "/", "{rules}");
+    // Anonymous readers follow chat until the owner takes reading away.
+    anon.send(Message::text(r#"{"get":"chat"}"#)).await.unwrap();
+    assert_eq!(recv_about(&mut anon, "chat").await["set"]["val"], "hello");
+    anon.send(Message::text(r#"{"get":".well-known/plait/access"}"#)).await.unwrap();
+    assert_eq!(recv_about(&mut anon, ".well-known/plait/access").await["status"], 401);
+    let new_rules = json!({"rules": [
+        {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
+        {"path": "/chat", "deny": {"read": ["everyone"]}},
+    ]});
+    own.send(Message::text(
+        json!({"set": {"key": ".well-known/plait/access", "val": new_rules}}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let ended = recv_about(&mut anon, "chat").await;
+    assert_eq!(ended["status"], 401, "{ended}");
+    own.send(Message::text(r#"{"set":{"key":"chat","val":"after"}}"#)).await.unwrap();
+    // The anonymous connection gets its emptied state, never "after".
+    let cleared = recv_about(&mut anon, "chat").await;
+    assert!(cleared["set"].get("val").is_none(), "{cleared}");
+    let quiet = tokio::time::timeout(Duration::from_millis(500), recv(&mut anon)).await;
+    assert!(quiet.is_err(), "nothing more: {quiet:?}");
+    // A bad rules document over the websocket is refused with a reason.
+    own.send(Message::text(r#"{"set":{"key":".well-known/plait/access","val":{"rules":[{"path":"nope"}]}}}"#))
+        .await
+        .unwrap();
+    let e = recv_about(&mut own, ".well-known/plait/access").await;
+    assert!(e["error"].as_str().unwrap().contains("starts with /"), "{e}");
+}
+
+/// A version id that names a writer's peer is no key to its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_id_is_no_session() {
+    let p = owned(Store::Embedded);
+    let alice = login(&p, "alice", "pw", true).await;
+    let r = put(&p, "/@alice/note", &[("Cookie", alice.as_str()), ("Peer", "alicepeer")], "mine").await;
+    assert_eq!(r.status, 200);
+    let version = r.header("version").unwrap().to_string();
+    assert!(version.contains("alicepeer"), "{version}");
+    // Someone who read that version tries it as a peer, a cookie and a session.
+    let agent = "alicepeer";
+    for h in [
+        ("Peer", agent.to_string()),
+        ("Cookie", format!("peer={agent}")),
+        ("Cookie", format!("plait_session={agent}")),
+    ] {
+        let headers = [(h.0, h.1.as_str())];
+        let cu = wire::send(p.addr, "GET", "/current_user", &headers, b"").await;
+        assert_eq!(json_of(&cu)["logged_in"], false, "{h:?}");
+        assert_eq!(put(&p, "/@alice/note", &headers, "defaced").await.status, 401, "{h:?}");
+    }
+    // Nothing stored or served carries the session secret.
+    let secret = alice.trim_start_matches("plait_session=");
+    let history = wire::send(p.addr, "GET", "/@alice/note", &[("Parents", "\"root\"")], b"").await;
+    assert!(!history.text().contains(secret));
+    assert!(!p.log().contains(secret));
+}
+
+/// Sends one request from `from` (a loopback address of its own).
+async fn send_from(from: &str, to: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(to).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {to}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_is_cut_off_while_others_log_in() {
+    let p = owned(Store::Embedded);
+    login(&p, "victim", "right", true).await;
+    login(&p, "other", "right2", true).await;
+    let wrong = json!({"login_as": {"name": "victim", "pass": "wrong"}}).to_string();
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..1000 {
+        let (status, _) = send_from("127.0.0.7", p.addr, "PUT", "/current_user", &wrong).await;
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    // At most the per-address burst was even tried; the rest were refused with 429.
+    assert!(statuses.get(&429).copied().unwrap_or(0) >= 980, "{statuses:?}");
+    let (status, text) = send_from("127.0.0.7", p.addr, "PUT", "/current_user", &wrong).await;
+    assert_eq!(status, 429);
+    assert!(text.to_lowercase().contains("retry-after"), "{text}");
+    // Another address still logs in, to another account.
+    let ok = json!({"login_as": {"name": "other", "pass": "right2"}}).to_string();
+    let (status, text) = send_from("127.0.0.8", p.addr, "PUT", "/current_user", &ok).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"logged_in\":true"), "{text}");
+    // An unknown name and a wrong password get the same answer.
+    let unknown = json!({"login_as": {"name": "nobody-here", "pass": "wrong"}}).to_string();
+    let (_, a) = send_from("127.0.0.9", p.addr, "PUT", "/current_user", &unknown).await;
+    let known = json!({"login_as": {"name": "other", "pass": "wrong"}}).to_string();
+    let (_, b) = send_from("127.0.0.9", p.addr, "PUT", "/current_user", &known).await;
+    let body = |t: &str| t.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    assert_eq!(body(&a), body(&b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_network_to_the_owner_only() {
+    let p = Plait::start_with_env(
+        Store::Embedded,
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+        &[("PLAIT_ACCESS__PUBLIC_WRITES", "false")],
+    );
+    let public: Value = json_of(&wire::send(p.addr, "GET", "/.well-known/plait", &[], b"").await);
+    assert_eq!(public["p2p"], json!({"enabled": true}));
+    assert_eq!(public["access"]["public_writes"], false);
+    assert!(public["limits"].is_object());
+    let (k, v) = p.owner_auth();
+    let own = json_of(&wire::send(p.addr, "GET", "/.well-known/plait", &[(k, v.as_str())], b"").await);
+    assert!(own["p2p"]["status"]["peer_id"].is_string(), "{own}");
+}
