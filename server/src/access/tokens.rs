@@ -4,7 +4,7 @@
 //! A token is `plait_<id>_<secret>`. Only the SHA-256 of the secret is kept, in
 //! `tokens.json` in the data dir (mode 0600), so the file works whether or not the server
 //! runs and survives restarts; a running server notices changes (a new or revoked token)
-//! by the file's modification time. Knows nothing of HTTP or rules beyond [`Prefix`].
+//! because every change renames a new file into place. Knows nothing of HTTP or rules beyond [`Prefix`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -70,11 +70,35 @@ pub enum TokenError {
     Expired,
 }
 
+/// What identifies one version of the token file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        let m = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(FileStamp {
+            modified: m.modified().ok(),
+            len: m.len(),
+            inode,
+        })
+    }
+}
+
 /// The tokens of one data dir.
 pub struct Tokens {
     path: PathBuf,
-    /// The file as last read, with its modification time.
-    cache: Mutex<(Option<SystemTime>, Vec<TokenRecord>)>,
+    /// The file as last read, with what tells a newer file apart (every change is a new
+    /// file renamed into place, so a new inode).
+    cache: Mutex<(Option<FileStamp>, Vec<TokenRecord>)>,
 }
 
 fn now_secs() -> u64 {
@@ -185,14 +209,14 @@ impl Tokens {
             .strip_prefix("plait_")
             .and_then(|t| t.split_once('_'))
             .ok_or(TokenError::Malformed)?;
-        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let stamp = FileStamp::of(&self.path);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.0 != mtime || mtime.is_none() {
+        if cache.0 != stamp || stamp.is_none() {
             let tokens = self.read_file().map(|f| f.tokens).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "the token file cannot be read; no token is accepted");
                 Vec::new()
             });
-            *cache = (mtime, tokens);
+            *cache = (stamp, tokens);
         }
         let record = cache.1.iter().find(|t| t.id == id).ok_or(TokenError::Unknown)?;
         let given = hash(secret);
