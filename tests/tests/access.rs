@@ -426,3 +426,27 @@ async fn the_status_page_shows_the_network_to_the_owner_only() {
     let own = json_of(&wire::send(p.addr, "GET", "/.well-known/plait", &[(k, v.as_str())], b"").await);
     assert!(own["p2p"]["status"]["peer_id"].is_string(), "{own}");
 }
+
+/// In Chromium, HTML written as state runs no script on the server's origin, while the
+/// owner's own page from --web-dir does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_html_runs_no_script_in_a_browser() {
+    let web = tempfile::tempdir().unwrap();
+    let html = "<!doctype html><body><script>document.body.dataset.ran = 'yes'; try { localStorage.x = 1 } catch (e) {}</script></body>";
+    std::fs::write(web.path().join("own.html"), html).unwrap();
+    let p = Plait::start_with_env(
+        Store::Embedded,
+        &["--web-dir", web.path().to_str().unwrap()],
+        &[("PLAIT_ACCESS__PUBLIC_WRITES", "false")],
+    );
+    let owner = bearer(&p.owner_token());
+    let r = put(&p, "/stored", &[("Authorization", owner.as_str()), ("Content-Type", "text/html")], html).await;
+    assert_eq!(r.status, 200);
+    let base = format!("http://{}", p.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        plait_tests::node::run("stored_html.js", &[&base, "/stored", "/own.html"])
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("ok:"), "{out}");
+}

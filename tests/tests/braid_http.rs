@@ -475,13 +475,15 @@ async fn namespaces(store: Store) {
     // `/~<own id>/path` is the same resource as `/path`.
     assert_eq!(get(&p, &format!("/~{me}/mine"), &[]).await.text(), "x");
     let other = plait_bridge::Keypair::generate().identity();
+    // Another namespace is read-only: an anonymous writer is told to prove who it is
+    // (only that namespace's account could write there).
     let r = put(&p, &format!("/~{other}/theirs"), &[], "y").await;
-    assert_eq!(r.status, 403);
+    assert_eq!(r.status, 401);
     assert_eq!(
         wire::send(p.addr, "DELETE", &format!("/~{other}/theirs"), &[], b"")
             .await
             .status,
-        403
+        401
     );
     // CORS preflight.
     let r = wire::send(

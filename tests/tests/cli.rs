@@ -40,7 +40,7 @@ fn config_file_then_environment_then_flags() {
     )
     .unwrap();
     let mut child = Command::new(binary())
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--public-writes", "--config"])
         .arg(&cfg)
         .arg("--data-dir")
         .arg(dir.path().join("data"))

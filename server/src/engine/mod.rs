@@ -30,7 +30,7 @@ use plait_bridge::Identity;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::doc::DocError;
-use crate::model::{Kind, ResourceKey, Version, VersionId};
+use crate::model::{Kind, Namespace, ResourceKey, Version, VersionId};
 use crate::storage::{Notice, ResourceId, Storage, StorageError};
 use crate::update::{Update, UpdateBody, WriteBody};
 
@@ -555,13 +555,20 @@ impl Engine {
 
     /// Open subscriptions, over all resources in memory (for status).
     pub fn subscriptions(&self) -> usize {
+        self.subscriptions_outside(None)
+    }
+
+    /// Open subscriptions to resources outside namespace `except` (the server's own
+    /// followers of its internal state are not clients').
+    pub fn subscriptions_outside(&self, except: Option<Namespace>) -> usize {
         let live: Vec<_> = self
             .inner
             .registry
             .lock()
             .expect("registry")
-            .values()
-            .filter_map(Weak::upgrade)
+            .iter()
+            .filter(|(k, _)| Some(k.namespace) != except)
+            .filter_map(|(_, h)| h.upgrade())
             .collect();
         live.iter().map(|h| h.shared.events.receiver_count()).sum()
     }

@@ -190,7 +190,8 @@ async fn well_known(
         "store": app.engine.storage().backend(),
         "uptime_secs": app.started.elapsed().as_secs(),
         "resources_in_memory": app.engine.live_resources(),
-        "subscriptions": app.engine.subscriptions(),
+        // Clients' subscriptions: not the server's own followers of the rules and sessions.
+        "subscriptions": app.engine.subscriptions_outside(Some(app.access.accounts().master())),
         "rss_bytes": rss_bytes(),
         "limits": {
             "max_body_bytes": app.limits.max_body_bytes,
