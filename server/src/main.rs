@@ -139,12 +139,10 @@ fn token(args: plait_server::cli::TokenArgs) -> anyhow::Result<()> {
             } else {
                 format!("read {:?} write {:?}", t.read, t.write)
             };
-            let expires = t
-                .expires_secs
-                .map_or("never".to_string(), |e| {
-                    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e))
-                        .to_string()
-                });
+            let expires = t.expires_secs.map_or("never".to_string(), |e| {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e))
+                    .to_string()
+            });
             println!(
                 "{}\t{}\texpires {}\t{}",
                 t.id,
@@ -166,9 +164,17 @@ fn token(args: plait_server::cli::TokenArgs) -> anyhow::Result<()> {
     let what = if record.is_owner() {
         format!("an owner token of {}", keys.identity())
     } else {
-        format!("a token of {} (read {:?}, write {:?})", keys.identity(), record.read, record.write)
+        format!(
+            "a token of {} (read {:?}, write {:?})",
+            keys.identity(),
+            record.read,
+            record.write
+        )
     };
-    eprintln!("{what}, id {} (revoke with: plait token --revoke {}):", record.id, record.id);
+    eprintln!(
+        "{what}, id {} (revoke with: plait token --revoke {}):",
+        record.id, record.id
+    );
     println!("{token}");
     Ok(())
 }

@@ -168,7 +168,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         identity,
         limits: Arc::new(cfg.limits.clone()),
         access,
-        secure_cookies: cfg.public_url.as_deref().is_some_and(|u| u.starts_with("https://")),
+        secure_cookies: cfg
+            .public_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://")),
         proxy,
         web,
         p2p,

@@ -219,9 +219,7 @@ impl Plait {
 
     /// A full owner token of this server (`plait token`), issued once.
     pub fn owner_token(&self) -> String {
-        self.owner_token
-            .get_or_init(|| self.token(&[]))
-            .clone()
+        self.owner_token.get_or_init(|| self.token(&[])).clone()
     }
 
     /// Runs `plait token --data-dir DIR ARGS…` and returns the token it printed.

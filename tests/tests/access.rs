@@ -53,11 +53,22 @@ fn json_of(r: &wire::Response) -> Value {
 async fn only_the_owner_writes_by_default(store: Store) {
     let p = owned(store);
     // Anonymous: reads, but every write is 401 naming the schemes, and nothing is stored.
-    for (method, path) in [("PUT", "/"), ("PUT", "/notes"), ("PATCH", "/notes"), ("DELETE", "/notes")] {
+    for (method, path) in [
+        ("PUT", "/"),
+        ("PUT", "/notes"),
+        ("PATCH", "/notes"),
+        ("DELETE", "/notes"),
+    ] {
         let r = wire::send(p.addr, method, path, &[], b"x").await;
         assert_eq!(r.status, 401, "{method} {path}: {}", r.text());
-        assert!(r.header("www-authenticate").is_some_and(|h| h.starts_with("Bearer")));
-        assert!(r.header("accept-signature").is_some_and(|h| h.contains("ed25519")));
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|h| h.starts_with("Bearer"))
+        );
+        assert!(
+            r.header("accept-signature")
+                .is_some_and(|h| h.contains("ed25519"))
+        );
         let body = json_of(&r);
         assert_eq!(body["error"], "unauthenticated");
         assert_eq!(body["rule"], "/");
@@ -68,7 +79,10 @@ async fn only_the_owner_writes_by_default(store: Store) {
     let auth = [("Authorization", owner.as_str())];
     assert_eq!(put(&p, "/notes", &auth, "mine").await.status, 200);
     assert_eq!(wire::send(p.addr, "GET", "/notes", &[], b"").await.text(), "mine");
-    assert_eq!(wire::send(p.addr, "DELETE", "/notes", &auth, b"").await.status, 204);
+    assert_eq!(
+        wire::send(p.addr, "DELETE", "/notes", &auth, b"").await.status,
+        204
+    );
     // A token that is not one is 401, not anonymous.
     let r = put(&p, "/notes", &[("Authorization", "Bearer plait_nope_nope")], "x").await;
     assert_eq!(r.status, 401);
@@ -77,9 +91,14 @@ async fn only_the_owner_writes_by_default(store: Store) {
     assert_eq!(r.status, 401);
     // State is never active content on this origin; nothing is sniffed.
     assert_eq!(
-        put(&p, "/page", &[("Authorization", owner.as_str()), ("Content-Type", "text/html")], "<script>1</script>")
-            .await
-            .status,
+        put(
+            &p,
+            "/page",
+            &[("Authorization", owner.as_str()), ("Content-Type", "text/html")],
+            "<script>1</script>"
+        )
+        .await
+        .status,
         200
     );
     let r = wire::send(p.addr, "GET", "/page", &[], b"").await;
@@ -98,7 +117,10 @@ async fn tokens_are_scoped_revocable_and_expire(store: Store) {
     let h = [("Authorization", auth.as_str())];
     assert_eq!(put(&p, "/a", &h, "1").await.status, 200);
     assert_eq!(put(&p, "/a/deeper", &h, "1").await.status, 200);
-    assert_eq!(wire::send(p.addr, "DELETE", "/a/deeper", &h, b"").await.status, 204);
+    assert_eq!(
+        wire::send(p.addr, "DELETE", "/a/deeper", &h, b"").await.status,
+        204
+    );
     // A token for /a used on /b (or /ab) is refused, with the rule and the scope named.
     for path in ["/b", "/ab", "/r"] {
         let r = put(&p, path, &h, "1").await;
@@ -114,7 +136,10 @@ async fn tokens_are_scoped_revocable_and_expire(store: Store) {
         .output()
         .unwrap();
     let list = String::from_utf8_lossy(&out.stdout).to_string();
-    let line = list.lines().find(|l| l.contains("ci")).expect("the token is listed");
+    let line = list
+        .lines()
+        .find(|l| l.contains("ci"))
+        .expect("the token is listed");
     assert!(!list.contains(limited.rsplit('_').next().unwrap()));
     let id = line.split('\t').next().unwrap();
     let st = std::process::Command::new(plait_tests::plait::binary())
@@ -138,13 +163,21 @@ async fn tokens_are_scoped_revocable_and_expire(store: Store) {
     let mut p = p;
     p.restart();
     let owner = bearer(&p.owner_token());
-    assert_eq!(put(&p, "/a", &[("Authorization", owner.as_str())], "4").await.status, 200);
+    assert_eq!(
+        put(&p, "/a", &[("Authorization", owner.as_str())], "4")
+            .await
+            .status,
+        200
+    );
 }
 
 /// Logs in over HTTP; returns the session cookie header.
 async fn login(p: &Plait, name: &str, pass: &str, create: bool) -> String {
     let r = wire::send(p.addr, "GET", "/current_user", &[], b"").await;
-    let cookie = format!("plait_session={}", r.cookie("plait_session").expect("a session cookie"));
+    let cookie = format!(
+        "plait_session={}",
+        r.cookie("plait_session").expect("a session cookie")
+    );
     let h = [("Cookie", cookie.as_str())];
     if create {
         let body = json!({"create_account": {"name": name, "pass": pass}}).to_string();
@@ -160,21 +193,40 @@ async fn login(p: &Plait, name: &str, pass: &str, create: bool) -> String {
 async fn rules_are_state_the_owner_edits(store: Store) {
     let p = owned(store);
     let owner = bearer(&p.owner_token());
-    let o = [("Authorization", owner.as_str()), ("Content-Type", "application/json")];
+    let o = [
+        ("Authorization", owner.as_str()),
+        ("Content-Type", "application/json"),
+    ];
     // The default rules, readable by the owner only.
     let r = wire::send(p.addr, "GET", "/.well-known/plait/access", &o, b"").await;
     assert_eq!(r.status, 200);
     assert_eq!(json_of(&r)["rules"][0]["path"], "/");
-    assert_eq!(wire::send(p.addr, "GET", "/.well-known/plait/access", &[], b"").await.status, 401);
+    assert_eq!(
+        wire::send(p.addr, "GET", "/.well-known/plait/access", &[], b"")
+            .await
+            .status,
+        401
+    );
     let alice = login(&p, "alice", "pw-alice", true).await;
     let a = [("Cookie", alice.as_str())];
     let r = wire::send(p.addr, "GET", "/.well-known/plait/access", &a, b"").await;
     assert_eq!(r.status, 403);
-    assert_eq!(put(&p, "/.well-known/plait/access", &a, "{\"rules\":[]}").await.status, 403);
+    assert_eq!(
+        put(&p, "/.well-known/plait/access", &a, "{\"rules\":[]}")
+            .await
+            .status,
+        403
+    );
     // Alice, an account, may not write /shared yet.
     assert_eq!(put(&p, "/shared/a", &a, "hi").await.status, 403);
     // A document that does not parse is refused and changes nothing.
-    let r = put(&p, "/.well-known/plait/access", &o, r#"{"rules":[{"path":"/","read":["nobody"]}]}"#).await;
+    let r = put(
+        &p,
+        "/.well-known/plait/access",
+        &o,
+        r#"{"rules":[{"path":"/","read":["nobody"]}]}"#,
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.text());
     let rules = json!({"rules": [
         {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
@@ -182,10 +234,18 @@ async fn rules_are_state_the_owner_edits(store: Store) {
         {"path": "/shared/locked", "deny": {"write": ["account:alice"]}},
         {"path": "/secret", "deny": {"read": ["everyone"]}},
     ]});
-    assert_eq!(put(&p, "/.well-known/plait/access", &o, &rules.to_string()).await.status, 200);
+    assert_eq!(
+        put(&p, "/.well-known/plait/access", &o, &rules.to_string())
+            .await
+            .status,
+        200
+    );
     // In force at once.
     assert_eq!(put(&p, "/shared/a", &a, "hi").await.status, 200);
-    assert_eq!(wire::send(p.addr, "DELETE", "/shared/a", &a, b"").await.status, 204);
+    assert_eq!(
+        wire::send(p.addr, "DELETE", "/shared/a", &a, b"").await.status,
+        204
+    );
     let r = put(&p, "/shared/locked/x", &a, "no").await;
     assert_eq!(r.status, 403);
     assert_eq!(json_of(&r)["rule"], "/shared/locked");
@@ -194,7 +254,10 @@ async fn rules_are_state_the_owner_edits(store: Store) {
     let bob = login(&p, "bob", "pw-bob", true).await;
     let b = [("Cookie", bob.as_str())];
     assert_eq!(put(&p, "/shared/b", &b, "bob").await.status, 200);
-    assert_eq!(wire::send(p.addr, "DELETE", "/shared/b", &b, b"").await.status, 403);
+    assert_eq!(
+        wire::send(p.addr, "DELETE", "/shared/b", &b, b"").await.status,
+        403
+    );
     // Deny wins over everyone; the owner still reads.
     assert_eq!(put(&p, "/secret/x", &o, "\"s\"").await.status, 200);
     assert_eq!(wire::send(p.addr, "GET", "/secret/x", &[], b"").await.status, 401);
@@ -203,26 +266,57 @@ async fn rules_are_state_the_owner_edits(store: Store) {
     // The rules survive a restart.
     let mut p = p;
     p.restart();
-    assert_eq!(put(&p, "/shared/c", &[("Cookie", alice.as_str())], "again").await.status, 200);
+    assert_eq!(
+        put(&p, "/shared/c", &[("Cookie", alice.as_str())], "again")
+            .await
+            .status,
+        200
+    );
     // Logging out everywhere ends the session.
-    let r = put(&p, "/current_user", &[("Cookie", alice.as_str())], r#"{"logout_everywhere":true}"#).await;
+    let r = put(
+        &p,
+        "/current_user",
+        &[("Cookie", alice.as_str())],
+        r#"{"logout_everywhere":true}"#,
+    )
+    .await;
     assert_eq!(json_of(&r)["logged_in"], false);
-    assert_eq!(put(&p, "/shared/d", &[("Cookie", alice.as_str())], "x").await.status, 401);
+    assert_eq!(
+        put(&p, "/shared/d", &[("Cookie", alice.as_str())], "x")
+            .await
+            .status,
+        401
+    );
 }
 
 async fn a_reader_who_loses_the_right_stops_getting_updates(store: Store) {
     let p = owned(store);
     let owner = bearer(&p.owner_token());
     // A bytes resource: every update is the whole value.
-    let o = [("Authorization", owner.as_str()), ("Content-Type", "application/octet-stream")];
+    let o = [
+        ("Authorization", owner.as_str()),
+        ("Content-Type", "application/octet-stream"),
+    ];
     assert_eq!(put(&p, "/feed", &o, "0").await.status, 200);
     let mut reader = wire::subscribe(p.addr, "/feed", &[("Subscribe", "true")]).await;
     assert_eq!(reader.status, 209);
-    let mut owner_sub = wire::subscribe(p.addr, "/feed", &[("Subscribe", "true"), ("Authorization", owner.as_str())]).await;
+    let mut owner_sub = wire::subscribe(
+        p.addr,
+        "/feed",
+        &[("Subscribe", "true"), ("Authorization", owner.as_str())],
+    )
+    .await;
     assert!(reader.next_block(Duration::from_secs(10)).await.is_some());
     assert!(owner_sub.next_block(Duration::from_secs(10)).await.is_some());
     assert_eq!(put(&p, "/feed", &o, "1").await.status, 200);
-    assert_eq!(reader.next_block(Duration::from_secs(10)).await.unwrap().body_text(), "1");
+    assert_eq!(
+        reader
+            .next_block(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .body_text(),
+        "1"
+    );
     // The owner takes reading away from everyone but itself.
     let rules = json!({"rules": [
         {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
@@ -231,7 +325,10 @@ async fn a_reader_who_loses_the_right_stops_getting_updates(store: Store) {
     let r = put(
         &p,
         "/.well-known/plait/access",
-        &[("Authorization", owner.as_str()), ("Content-Type", "application/json")],
+        &[
+            ("Authorization", owner.as_str()),
+            ("Content-Type", "application/json"),
+        ],
         &rules.to_string(),
     )
     .await;
@@ -243,8 +340,22 @@ async fn a_reader_who_loses_the_right_stops_getting_updates(store: Store) {
         seen.push(b.body_text());
     }
     assert!(!seen.iter().any(|t| t.contains('2')), "the reader got {seen:?}");
-    assert_eq!(owner_sub.next_block(Duration::from_secs(10)).await.unwrap().body_text(), "1");
-    assert_eq!(owner_sub.next_block(Duration::from_secs(10)).await.unwrap().body_text(), "2");
+    assert_eq!(
+        owner_sub
+            .next_block(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .body_text(),
+        "1"
+    );
+    assert_eq!(
+        owner_sub
+            .next_block(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .body_text(),
+        "2"
+    );
     // A new subscription is refused.
     let again = wire::subscribe(p.addr, "/feed", &[("Subscribe", "true")]).await;
     assert_eq!(again.status, 401);
@@ -260,7 +371,10 @@ async fn ws(p: &Plait, auth: Option<&str>) -> Ws {
     if let Some(a) = auth {
         req.headers_mut().insert("authorization", a.parse().unwrap());
     }
-    tokio_tungstenite::connect_async(req).await.expect("websocket opens").0
+    tokio_tungstenite::connect_async(req)
+        .await
+        .expect("websocket opens")
+        .0
 }
 
 async fn recv(s: &mut Ws) -> Value {
@@ -289,9 +403,15 @@ async fn recv_about(s: &mut Ws, key: &str) -> Value {
 async fn statebus_callers_go_through_the_same_rules(store: Store) {
     let p = owned(store);
     let mut anon = ws(&p, None).await;
-    anon.send(Message::text(r#"{"set":{"key":"current_user","val":{"client":"c1"}}}"#)).await.unwrap();
+    anon.send(Message::text(
+        r#"{"set":{"key":"current_user","val":{"client":"c1"}}}"#,
+    ))
+    .await
+    .unwrap();
     // An anonymous set is refused with a reason; the connection stays and the state is unchanged.
-    anon.send(Message::text(r#"{"set":{"key":"chat","val":"spam"}}"#)).await.unwrap();
+    anon.send(Message::text(r#"{"set":{"key":"chat","val":"spam"}}"#))
+        .await
+        .unwrap();
     let e = recv_about(&mut anon, "chat").await;
     assert_eq!(e["status"], 401, "{e}");
     assert_eq!(e["op"], "write");
@@ -302,15 +422,24 @@ async fn statebus_callers_go_through_the_same_rules(store: Store) {
     // The owner's token on the upgrade makes the connection the owner's.
     let owner = bearer(&p.owner_token());
     let mut own = ws(&p, Some(&owner)).await;
-    own.send(Message::text(r#"{"set":{"key":"chat","val":"hello"}}"#)).await.unwrap();
-    own.send(Message::text(r#"{"get":".well-known/plait/access"}"#)).await.unwrap();
+    own.send(Message::text(r#"{"set":{"key":"chat","val":"hello"}}"#))
+        .await
+        .unwrap();
+    own.send(Message::text(r#"{"get":".well-known/plait/access"}"#))
+        .await
+        .unwrap();
     let rules = recv_about(&mut own, ".well-known/plait/access").await;
     assert_eq!(rules["set"]["val"]["rules"][0]["path"], "/", "{rules}");
     // Anonymous readers follow chat until the owner takes reading away.
     anon.send(Message::text(r#"{"get":"chat"}"#)).await.unwrap();
     assert_eq!(recv_about(&mut anon, "chat").await["set"]["val"], "hello");
-    anon.send(Message::text(r#"{"get":".well-known/plait/access"}"#)).await.unwrap();
-    assert_eq!(recv_about(&mut anon, ".well-known/plait/access").await["status"], 401);
+    anon.send(Message::text(r#"{"get":".well-known/plait/access"}"#))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_about(&mut anon, ".well-known/plait/access").await["status"],
+        401
+    );
     let new_rules = json!({"rules": [
         {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
         {"path": "/chat", "deny": {"read": ["everyone"]}},
@@ -322,16 +451,20 @@ async fn statebus_callers_go_through_the_same_rules(store: Store) {
     .unwrap();
     let ended = recv_about(&mut anon, "chat").await;
     assert_eq!(ended["status"], 401, "{ended}");
-    own.send(Message::text(r#"{"set":{"key":"chat","val":"after"}}"#)).await.unwrap();
+    own.send(Message::text(r#"{"set":{"key":"chat","val":"after"}}"#))
+        .await
+        .unwrap();
     // The anonymous connection gets its emptied state, never "after".
     let cleared = recv_about(&mut anon, "chat").await;
     assert!(cleared["set"].get("val").is_none(), "{cleared}");
     let quiet = tokio::time::timeout(Duration::from_millis(500), recv(&mut anon)).await;
     assert!(quiet.is_err(), "nothing more: {quiet:?}");
     // A bad rules document over the websocket is refused with a reason.
-    own.send(Message::text(r#"{"set":{"key":".well-known/plait/access","val":{"rules":[{"path":"nope"}]}}}"#))
-        .await
-        .unwrap();
+    own.send(Message::text(
+        r#"{"set":{"key":".well-known/plait/access","val":{"rules":[{"path":"nope"}]}}}"#,
+    ))
+    .await
+    .unwrap();
     let e = recv_about(&mut own, ".well-known/plait/access").await;
     assert!(e["error"].as_str().unwrap().contains("starts with /"), "{e}");
 }
@@ -341,7 +474,13 @@ async fn statebus_callers_go_through_the_same_rules(store: Store) {
 async fn a_version_id_is_no_session() {
     let p = owned(Store::Embedded);
     let alice = login(&p, "alice", "pw", true).await;
-    let r = put(&p, "/@alice/note", &[("Cookie", alice.as_str()), ("Peer", "alicepeer")], "mine").await;
+    let r = put(
+        &p,
+        "/@alice/note",
+        &[("Cookie", alice.as_str()), ("Peer", "alicepeer")],
+        "mine",
+    )
+    .await;
     assert_eq!(r.status, 200);
     let version = r.header("version").unwrap().to_string();
     assert!(version.contains("alicepeer"), "{version}");
@@ -355,7 +494,11 @@ async fn a_version_id_is_no_session() {
         let headers = [(h.0, h.1.as_str())];
         let cu = wire::send(p.addr, "GET", "/current_user", &headers, b"").await;
         assert_eq!(json_of(&cu)["logged_in"], false, "{h:?}");
-        assert_eq!(put(&p, "/@alice/note", &headers, "defaced").await.status, 401, "{h:?}");
+        assert_eq!(
+            put(&p, "/@alice/note", &headers, "defaced").await.status,
+            401,
+            "{h:?}"
+        );
     }
     // Nothing stored or served carries the session secret.
     let secret = alice.trim_start_matches("plait_session=");
@@ -440,7 +583,13 @@ async fn stored_html_runs_no_script_in_a_browser() {
         &[("PLAIT_ACCESS__PUBLIC_WRITES", "false")],
     );
     let owner = bearer(&p.owner_token());
-    let r = put(&p, "/stored", &[("Authorization", owner.as_str()), ("Content-Type", "text/html")], html).await;
+    let r = put(
+        &p,
+        "/stored",
+        &[("Authorization", owner.as_str()), ("Content-Type", "text/html")],
+        html,
+    )
+    .await;
     assert_eq!(r.status, 200);
     let base = format!("http://{}", p.addr);
     let out = tokio::task::spawn_blocking(move || {

@@ -30,7 +30,11 @@ fn judge(name: &str) -> (tempfile::TempDir, PathBuf) {
         .current_dir(&dir)
         .output()
         .expect("npm runs");
-    assert!(out.status.success(), "npm ci: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "npm ci: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (tmp, dir)
 }
 
@@ -61,7 +65,10 @@ fn the_braid_judge_passes_with_public_writes_and_is_refused_without() {
     let owned = Plait::start_with_env(Store::Embedded, &[], &[("PLAIT_ACCESS__PUBLIC_WRITES", "false")]);
     let (ok, text) = run(&dir, &[format!("--url=http://{}", owned.addr)]);
     assert!(!ok, "the braid judge's anonymous writes were accepted:\n{text}");
-    assert!(text.contains("HTTP 401"), "its writes are refused with 401:\n{text}");
+    assert!(
+        text.contains("HTTP 401"),
+        "its writes are refused with 401:\n{text}"
+    );
 }
 
 #[test]
@@ -73,7 +80,10 @@ fn the_statebus_judge_passes_with_public_writes_and_is_refused_without() {
     drop(open);
     let owned = Plait::start_with_env(Store::Embedded, &[], &[("PLAIT_ACCESS__PUBLIC_WRITES", "false")]);
     let (ok, text) = run(&dir, &["--url".into(), format!("http://{}", owned.addr)]);
-    assert!(!ok, "the statebus judge's anonymous writes were accepted:\n{text}");
+    assert!(
+        !ok,
+        "the statebus judge's anonymous writes were accepted:\n{text}"
+    );
     // Its HTTP writes get 401.
     assert!(text.contains("401"), "{text}");
 }

@@ -111,3 +111,22 @@ async fn stored_bytes_per_namespace() {
     assert_eq!(info["limits"]["max_body_bytes"], 10 * 1024 * 1024);
     assert!(info["limits"]["max_streams_per_connection"].as_u64().unwrap() >= 1);
 }
+
+#[tokio::test]
+async fn deletes_count_against_the_writer_rate() {
+    let p = Plait::start_with_env(
+        Store::Embedded,
+        &[],
+        &[
+            ("PLAIT_LIMITS__WRITES_PER_SECOND", "1"),
+            ("PLAIT_LIMITS__WRITE_BURST", "3"),
+        ],
+    );
+    for n in 0..3 {
+        let r = wire::send(p.addr, "DELETE", &format!("/gone/{n}"), &[], b"").await;
+        assert_eq!(r.status, 404, "delete {n} is within the burst");
+    }
+    let r = wire::send(p.addr, "DELETE", "/gone/3", &[], b"").await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+}

@@ -177,7 +177,10 @@ async fn permissions_over_http(store: Store) {
         .find(|(k, v)| k.eq_ignore_ascii_case("set-cookie") && v.starts_with("plait_session="))
         .map(|(_, v)| v.clone())
         .unwrap();
-    assert!(set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Max-Age=2592000"), "{set}");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Max-Age=2592000"),
+        "{set}"
+    );
     let r = as_client(
         &p,
         "PUT",

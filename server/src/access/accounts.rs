@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use sha2::{Digest, Sha256};
 use plait_bridge::{Identity, Keypair};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::engine::{Engine, EngineError, Write, Writer};
@@ -216,7 +216,10 @@ impl Accounts {
                     settings.logins_per_minute_per_address,
                     Duration::from_secs(60),
                 )),
-                failures_by_account: RateLimiter::keyed(quota(settings.login_failures_per_hour_per_account, hour)),
+                failures_by_account: RateLimiter::keyed(quota(
+                    settings.login_failures_per_hour_per_account,
+                    hour,
+                )),
                 locked: Default::default(),
                 creations_by_address: RateLimiter::keyed(quota(
                     settings.account_creations_per_hour_per_address,
@@ -293,12 +296,17 @@ impl Accounts {
     }
 
     /// Runs password hashing in one of the slots, off the async workers.
-    async fn hashing<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, AccountError> {
+    async fn hashing<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AccountError> {
         let _slot = tokio::time::timeout(self.guards.hash_queue, self.guards.hashing.acquire())
             .await
             .map_err(|_| AccountError::Busy)?
             .map_err(|_| AccountError::Busy)?;
-        tokio::task::spawn_blocking(f).await.map_err(|_| AccountError::Busy)
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|_| AccountError::Busy)
     }
 
     /// Creates an account with an argon2id password hash and an empty public profile.
@@ -386,7 +394,13 @@ impl Accounts {
             });
         }
         let h = handle(name);
-        let locked_until = self.guards.locked.lock().unwrap_or_else(|e| e.into_inner()).get(&h).copied();
+        let locked_until = self
+            .guards
+            .locked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&h)
+            .copied();
         if let Some(until) = locked_until.filter(|u| *u > Instant::now()) {
             return Err(AccountError::TooMany {
                 limit: "access.login_failures_per_hour_per_account",
@@ -394,7 +408,9 @@ impl Accounts {
             });
         }
         let record = self.record(name).await?;
-        let hash = record.as_ref().map_or_else(|| DUMMY_HASH.clone(), |r| r.pass.clone());
+        let hash = record
+            .as_ref()
+            .map_or_else(|| DUMMY_HASH.clone(), |r| r.pass.clone());
         let pass = pass.to_string();
         let ok = self.hashing(move || verify_password(&pass, &hash)).await?;
         match record {
@@ -513,7 +529,7 @@ impl Accounts {
     /// Logs a session out.
     pub async fn unbind(&self, secret: &str) -> Result<(), EngineError> {
         if let Some(k) = self.session_key(secret) {
-            self.engine.delete(&k).await?;
+            self.engine.delete(&k, &Writer::Internal).await?;
         }
         Ok(())
     }

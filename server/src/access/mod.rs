@@ -100,7 +100,10 @@ pub enum Caller {
     Account(Account),
     /// An identity that proved itself: a signed request, or a libp2p connection of a
     /// member instance (`member`).
-    Identity { id: Identity, member: bool },
+    Identity {
+        id: Identity,
+        member: bool,
+    },
     /// A bearer token limited to prefixes (a full owner token is [`Caller::Owner`]).
     Token(Arc<Grant>),
     Owner,
@@ -296,7 +299,9 @@ impl Access {
                 }
             }
             // Only checked documents are stored; this is a damaged or foreign one.
-            Err(e) => tracing::warn!(error = %e, "the stored access rules do not parse; keeping the previous ones"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the stored access rules do not parse; keeping the previous ones")
+            }
         }
     }
 
@@ -329,7 +334,11 @@ impl Access {
     /// The caller a bearer token makes.
     pub fn bearer(&self, token: &str) -> Result<Caller, tokens::TokenError> {
         let g = self.inner.tokens.verify(token)?;
-        Ok(if g.owner { Caller::Owner } else { Caller::Token(Arc::new(g)) })
+        Ok(if g.owner {
+            Caller::Owner
+        } else {
+            Caller::Token(Arc::new(g))
+        })
     }
 
     /// The caller an identity that proved itself makes (the owner's key is the owner).
@@ -368,7 +377,10 @@ impl Access {
         }
         let instance = key.namespace == i.owner;
         if !instance && is_private(&key.path) {
-            return Err(refuse(None, "only its owner reads and writes this resource".into()));
+            return Err(refuse(
+                None,
+                "only its owner reads and writes this resource".into(),
+            ));
         }
         if !instance && op != Op::Read {
             return Err(refuse(
@@ -400,7 +412,11 @@ impl Access {
             Verdict::Allowed(_) => Ok(()),
             Verdict::Denied(rule) => Err(refuse(
                 Some(rule.clone()),
-                format!("the access rule {rule} denies {} to {}{scope_note}", op.name(), caller.describe()),
+                format!(
+                    "the access rule {rule} denies {} to {}{scope_note}",
+                    op.name(),
+                    caller.describe()
+                ),
             )),
             Verdict::NotListed(_) | Verdict::NoRule if public => Ok(()),
             Verdict::NotListed(rule) => Err(refuse(
@@ -414,14 +430,22 @@ impl Access {
             Verdict::NoRule if !instance => Ok(()),
             Verdict::NoRule => Err(refuse(
                 None,
-                format!("no access rule allows {} here; only the owner may{scope_note}", op.name()),
+                format!(
+                    "no access rule allows {} here; only the owner may{scope_note}",
+                    op.name()
+                ),
             )),
         }
     }
 
     /// [`Access::check`] for a write, which also checks that a write to the rules leaves
     /// a valid document: the whole document, parsed before it is stored.
-    pub fn check_write(&self, caller: &Caller, key: &ResourceKey, body: &WriteBody) -> Result<(), WriteRefused> {
+    pub fn check_write(
+        &self,
+        caller: &Caller,
+        key: &ResourceKey,
+        body: &WriteBody,
+    ) -> Result<(), WriteRefused> {
         self.check(caller, key, Op::Write)?;
         if *key == self.inner.rules_key {
             match body {

@@ -146,9 +146,7 @@ impl Prefix {
         let (namespace, path) = match rest.strip_prefix('~') {
             Some(r) => {
                 let (id, inner) = r.split_once('/').unwrap_or((r, ""));
-                let id = id
-                    .parse::<Identity>()
-                    .map_err(|e| format!("{s:?}: {e}"))?;
+                let id = id.parse::<Identity>().map_err(|e| format!("{s:?}: {e}"))?;
                 (Some(id), inner)
             }
             None => (None, rest),
@@ -170,8 +168,7 @@ impl Prefix {
         }
         let p = key.path.as_str();
         self.path.is_empty()
-            || (p.starts_with(&self.path)
-                && matches!(p.as_bytes().get(self.path.len()), None | Some(b'/')))
+            || (p.starts_with(&self.path) && matches!(p.as_bytes().get(self.path.len()), None | Some(b'/')))
     }
 
     /// How specific it is (longer wins).
@@ -381,10 +378,22 @@ mod tests {
             {"path": format!("/~{other}/"), "read": [format!("identity:{me}")]},
         ]});
         let rules = Rules::parse(&serde_json::to_vec(&doc).unwrap()).unwrap();
-        let alice = Who { account: Some("alice"), ..ANON };
-        let mallory = Who { account: Some("mallory"), ..ANON };
-        assert_eq!(rules.judge(&ANON, &key(me, "x"), Op::Read, me), Verdict::Allowed("/".into()));
-        assert_eq!(rules.judge(&ANON, &key(me, "x"), Op::Write, me), Verdict::NotListed("/".into()));
+        let alice = Who {
+            account: Some("alice"),
+            ..ANON
+        };
+        let mallory = Who {
+            account: Some("mallory"),
+            ..ANON
+        };
+        assert_eq!(
+            rules.judge(&ANON, &key(me, "x"), Op::Read, me),
+            Verdict::Allowed("/".into())
+        );
+        assert_eq!(
+            rules.judge(&ANON, &key(me, "x"), Op::Write, me),
+            Verdict::NotListed("/".into())
+        );
         assert_eq!(rules.judge(&ANON, &key(me, "x"), Op::Delete, me), Verdict::NoRule);
         assert_eq!(
             rules.judge(&alice, &key(me, "shared/a"), Op::Write, me),
@@ -404,17 +413,32 @@ mod tests {
             Verdict::Allowed("/shared/".into())
         );
         // Another namespace: only its own rules apply.
-        let signed = Who { identity: Some(me), ..ANON };
-        assert!(matches!(rules.judge(&signed, &key(other, "a"), Op::Read, me), Verdict::Allowed(_)));
-        assert!(matches!(rules.judge(&ANON, &key(other, "a"), Op::Read, me), Verdict::NotListed(_)));
+        let signed = Who {
+            identity: Some(me),
+            ..ANON
+        };
+        assert!(matches!(
+            rules.judge(&signed, &key(other, "a"), Op::Read, me),
+            Verdict::Allowed(_)
+        ));
+        assert!(matches!(
+            rules.judge(&ANON, &key(other, "a"), Op::Read, me),
+            Verdict::NotListed(_)
+        ));
     }
 
     #[test]
     fn bad_documents_say_why() {
         for (doc, why) in [
             (r#"{"rules": [{"path": "x"}]}"#, "starts with /"),
-            (r#"{"rules": [{"path": "/", "read": ["nobody"]}]}"#, "not a principal"),
-            (r#"{"rules": [{"path": "/", "raed": ["everyone"]}]}"#, "unknown field"),
+            (
+                r#"{"rules": [{"path": "/", "read": ["nobody"]}]}"#,
+                "not a principal",
+            ),
+            (
+                r#"{"rules": [{"path": "/", "raed": ["everyone"]}]}"#,
+                "unknown field",
+            ),
             (r#"{"rules": [{"path": "/~abc/"}]}"#, "/~abc/"),
             (r#"[1, 2]"#, "not valid"),
         ] {

@@ -261,7 +261,12 @@ mod tests {
         let secret = tok.rsplit('_').next().unwrap();
         assert!(!file.contains(secret));
         let (_, limited) = t
-            .issue(&["/a".into()], &["/a/b".into()], Some(std::time::Duration::from_secs(60)), None)
+            .issue(
+                &["/a".into()],
+                &["/a/b".into()],
+                Some(std::time::Duration::from_secs(60)),
+                None,
+            )
             .unwrap();
         let g = t.verify(&limited).unwrap();
         assert!(!g.owner);
@@ -277,7 +282,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(TOKENS_FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(TOKENS_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

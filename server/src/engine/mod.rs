@@ -528,7 +528,9 @@ impl Engine {
     }
 
     /// Deletes a resource; `false` if it did not exist.
-    pub async fn delete(&self, key: &ResourceKey) -> Result<bool, EngineError> {
+    pub async fn delete(&self, key: &ResourceKey, writer: &Writer) -> Result<bool, EngineError> {
+        // A delete counts against its writer's rate like any write.
+        self.inner.limiter.check_rate(writer)?;
         self.resource(key).ask(Command::Delete).await
     }
 

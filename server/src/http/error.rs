@@ -31,8 +31,7 @@ pub struct ApiError {
 /// What a client without a credential is told it may use.
 const CHALLENGE: &str = r#"Bearer realm="plait""#;
 /// The signatures this server accepts (RFC 9421 §5.1).
-const ACCEPT_SIGNATURE: &str =
-    r#"sig1=("@method" "@target-uri" "content-digest");alg="ed25519";keyid="<your identity>";created;expires;nonce"#;
+const ACCEPT_SIGNATURE: &str = r#"sig1=("@method" "@target-uri" "content-digest");alg="ed25519";keyid="<your identity>";created;expires;nonce"#;
 
 impl ApiError {
     pub fn new(status: u16, code: &'static str, reason: impl Into<String>) -> Self {
@@ -215,7 +214,9 @@ impl From<crate::access::accounts::AccountError> for ApiError {
                 ApiError::new(429, "rate-limited", format!("too many attempts ({limit})"))
                     .with_header("retry-after", retry_after.as_secs().max(1).to_string())
             }
-            AccountError::Busy => ApiError::new(503, "busy", e.to_string()).with_header("retry-after", "1".into()),
+            AccountError::Busy => {
+                ApiError::new(503, "busy", e.to_string()).with_header("retry-after", "1".into())
+            }
             AccountError::Engine(e) => e.into(),
         }
     }

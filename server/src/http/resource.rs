@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::App;
 use super::error::ApiError;
+use crate::access::accounts::AccountError;
+use crate::access::{Caller, Op};
 use crate::braid::{BraidHeaders, format_version, frame};
 use crate::engine::{Delivery, Subscription, Write};
 use crate::model::{Kind, PathError, ResourceKey, ResourcePath, Version};
-use crate::access::accounts::AccountError;
-use crate::access::{Caller, Op};
 use crate::statebus::access::{self, Resolved, Target};
 use crate::statebus::keys::{KeyError, StatebusKey};
 use crate::update::{Update, UpdateBody};
@@ -87,10 +87,7 @@ fn add_common_headers(h: &mut HeaderMap, app: &App, origin: Option<&HeaderValue>
     // State written through the API is never active content on this origin: an HTML or
     // SVG state opened in a browser runs in a sandbox, without this origin's cookies or
     // storage.
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("sandbox"),
-    );
+    h.insert("content-security-policy", HeaderValue::from_static("sandbox"));
 }
 
 /// Name of the cookie holding an HTTP login session's secret.
@@ -194,7 +191,8 @@ async fn route(app: &App, req: Request<Body>) -> Result<Response<Body>, ApiError
             };
             if req.method() == Method::DELETE {
                 app.access.check(&auth.caller, &key, Op::Delete)?;
-                delete(app, key).await?
+                let ip = req.extensions().get::<super::Peer>().map(|p| p.0.ip());
+                delete(app, key, auth.caller.writer(app.identity, ip)).await?
             } else {
                 // Refused before the body is read.
                 app.access.check(&auth.caller, &key, Op::Write)?;
@@ -645,7 +643,11 @@ async fn current_user(
             res
         }
         Method::GET | Method::HEAD => {
-            let mut res = Response::new(Body::from(json(&current_user_value(Dialect::V7, &auth.caller, None))));
+            let mut res = Response::new(Body::from(json(&current_user_value(
+                Dialect::V7,
+                &auth.caller,
+                None,
+            ))));
             res.headers_mut()
                 .insert("content-type", HeaderValue::from_static("application/json"));
             res
@@ -687,7 +689,10 @@ async fn current_user(
                     Err(e) => error = Some(e),
                 }
             }
-            let truthy = |k: &str| cmd.get(k).is_some_and(|v| v.as_bool() != Some(false) && !v.is_null());
+            let truthy = |k: &str| {
+                cmd.get(k)
+                    .is_some_and(|v| v.as_bool() != Some(false) && !v.is_null())
+            };
             if truthy("logout_everywhere")
                 && let Some(a) = caller.account()
             {
@@ -699,12 +704,18 @@ async fn current_user(
                 caller = Caller::Anonymous;
             }
             if let Some(AccountError::TooMany { limit, retry_after }) = &error {
-                return Err(ApiError::new(429, "rate-limited", format!("{} ({limit})", error.as_ref().expect("matched")))
-                    .with_header("retry-after", retry_after.as_secs().max(1).to_string()));
+                return Err(ApiError::new(
+                    429,
+                    "rate-limited",
+                    format!("{} ({limit})", error.as_ref().expect("matched")),
+                )
+                .with_header("retry-after", retry_after.as_secs().max(1).to_string()));
             }
             if let Some(AccountError::Busy) = &error {
-                return Err(ApiError::new(503, "busy", "the server is busy hashing passwords; try again")
-                    .with_header("retry-after", "1".into()));
+                return Err(
+                    ApiError::new(503, "busy", "the server is busy hashing passwords; try again")
+                        .with_header("retry-after", "1".into()),
+                );
             }
             let error = error.map(|e| e.to_string());
             let v = current_user_value(Dialect::V7, &caller, error.as_deref());
@@ -751,8 +762,12 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
-async fn delete(app: &App, key: ResourceKey) -> Result<Response<Body>, ApiError> {
-    if app.engine.delete(&key).await? {
+async fn delete(
+    app: &App,
+    key: ResourceKey,
+    writer: crate::engine::Writer,
+) -> Result<Response<Body>, ApiError> {
+    if app.engine.delete(&key, &writer).await? {
         let mut res = Response::new(Body::empty());
         *res.status_mut() = StatusCode::NO_CONTENT;
         Ok(res)

@@ -245,6 +245,11 @@ impl Session {
         }
     }
 
+    /// Who a delete from this connection is limited as.
+    fn write_for_delete(&self) -> crate::engine::Writer {
+        self.viewer().writer(self.app.identity, Some(self.ip))
+    }
+
     /// Answers a refused write with the key's current state, so the client's cache reverts.
     async fn revert(&self, key: &str, target: Option<&Target>) {
         let readable = |rk: &ResourceKey| self.app.access.check(&self.viewer(), rk, Op::Read).is_ok();
@@ -268,7 +273,7 @@ impl Session {
         };
         let Some(val) = val else {
             // A state without a value: the key has none any more.
-            if let Err(e) = self.app.engine.delete(&rk).await {
+            if let Err(e) = self.app.engine.delete(&rk, &self.write_for_delete()).await {
                 self.error(&e.to_string(), Some(key)).await;
             }
             return;
@@ -392,7 +397,7 @@ impl Session {
                 key: Some(rk),
                 profile: None,
             })) => {
-                if let Err(e) = self.app.engine.delete(&rk).await {
+                if let Err(e) = self.app.engine.delete(&rk, &self.write_for_delete()).await {
                     self.error(&e.to_string(), Some(key)).await;
                 }
             }
@@ -447,7 +452,10 @@ impl Session {
                 Err(e) => error = Some(e.to_string()),
             }
         }
-        let truthy = |k: &str| cmd.get(k).is_some_and(|v| v.as_bool() != Some(false) && !v.is_null());
+        let truthy = |k: &str| {
+            cmd.get(k)
+                .is_some_and(|v| v.as_bool() != Some(false) && !v.is_null())
+        };
         if truthy("logout_everywhere")
             && let Some(a) = self.viewer().account()
         {
