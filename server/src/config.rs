@@ -14,6 +14,7 @@
 //! [limits]
 //! max_body_bytes = 10485760
 //! max_connections = 10000
+//! idle_timeout_secs = 60
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -53,6 +54,10 @@ pub struct Config {
     pub p2p: plait_bridge::node::NodeSettings,
     /// Who may do what (`[access]`): public writes, sessions, login limits, signatures, CORS.
     pub access: crate::access::AccessSettings,
+    /// Reverse proxies in front of this server (IP addresses or CIDR networks): only their
+    /// `Forwarded` / `X-Forwarded-*` headers are believed, and connections from them are
+    /// not counted per address. Default: none.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// A path prefix forwarded to an upstream origin.
@@ -98,7 +103,9 @@ impl std::str::FromStr for ProxyRoute {
 pub struct Limits {
     /// Largest request body accepted (413 above it).
     pub max_body_bytes: usize,
-    /// Connections served at once; further clients wait in the accept queue.
+    /// Connections served at once (websockets included); past it a new connection is
+    /// answered 503 with Retry-After. 0 (the default): from the open-files limit, see
+    /// [`connections_for_open_files`].
     pub max_connections: usize,
     /// Requests (subscriptions) one HTTP/2 connection may have open at once; an HTTP/1.1
     /// connection has one at a time.
@@ -126,6 +133,29 @@ pub struct Limits {
     /// Bytes one namespace (an identity's tree of state) may occupy in storage; 0 =
     /// unlimited. Over it: 413.
     pub max_stored_bytes_per_namespace: u64,
+    /// Deepest nesting of the JSON a write builds: a whole body, or what its patches
+    /// (Braid `Patches: N`, `Content-Range: json`, Statebus patches) make of the value.
+    /// At most 128 (serde_json's parser limit). Over it: 413, nothing stored.
+    pub max_json_depth: usize,
+    /// Most patches in one write (Braid `Patches: N`, a Statebus `patches` list). Over it:
+    /// 413. At most 10,000 (the Braid codec's own bound).
+    pub max_patches_per_request: usize,
+    /// Connections one client address may hold at once (websockets included). Over it a
+    /// new connection is answered 503 with Retry-After.
+    pub max_connections_per_address: usize,
+    /// A connection with no request in flight for this long is closed: an idle keep-alive
+    /// HTTP/1.1 connection, an HTTP/2 connection without streams, a socket that never sent
+    /// a whole request (or HTTP/2 preface). An open subscription is a request in flight.
+    pub idle_timeout_secs: u64,
+    /// Longest wait for the next piece of a request body; a body that stalls longer fails
+    /// its request.
+    pub body_read_timeout_secs: u64,
+    /// HTTP/2 connections and websockets are pinged this often, so a peer that vanished
+    /// is noticed even while its subscriptions are open.
+    pub ping_interval_secs: u64,
+    /// A ping not answered within this (a websocket: nothing received for the interval
+    /// plus this) closes the connection.
+    pub ping_timeout_secs: u64,
 }
 
 /// Memory and batching of live documents.
@@ -165,6 +195,7 @@ impl Default for Config {
             public_url: None,
             p2p: plait_bridge::node::NodeSettings::default(),
             access: crate::access::AccessSettings::default(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -173,7 +204,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 10 << 20,
-            max_connections: 10_000,
+            max_connections: 0,
             max_streams_per_connection: 256,
             header_read_timeout_secs: 30,
             shutdown_grace_secs: 10,
@@ -186,6 +217,13 @@ impl Default for Limits {
             write_burst: crate::engine::WriteLimits::default().write_burst,
             max_stored_bytes_per_namespace: crate::engine::WriteLimits::default()
                 .max_stored_bytes_per_namespace,
+            max_json_depth: crate::engine::WriteLimits::default().max_json_depth,
+            max_patches_per_request: crate::engine::WriteLimits::default().max_patches_per_request,
+            max_connections_per_address: 256,
+            idle_timeout_secs: 60,
+            body_read_timeout_secs: 30,
+            ping_interval_secs: 30,
+            ping_timeout_secs: 20,
         }
     }
 }
@@ -214,6 +252,8 @@ impl Config {
                 writes_per_second: self.limits.writes_per_second,
                 write_burst: self.limits.write_burst,
                 max_stored_bytes_per_namespace: self.limits.max_stored_bytes_per_namespace,
+                max_json_depth: self.limits.max_json_depth,
+                max_patches_per_request: self.limits.max_patches_per_request,
             },
             ..Default::default()
         }
@@ -258,6 +298,7 @@ const ENV_SETTINGS: &[&str] = &[
     "database_pool",
     "log_format",
     "public_url",
+    "trusted_proxies",
 ];
 
 impl Config {
@@ -302,13 +343,22 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.limits.max_connections == 0 {
-            return Err("limits.max_connections must be at least 1".into());
+        if self.limits.max_connections_per_address == 0 {
+            return Err("limits.max_connections_per_address must be at least 1".into());
+        }
+        let depth = crate::doc::json::MAX_JSON_DEPTH;
+        if !(1..=depth).contains(&self.limits.max_json_depth) {
+            return Err(format!("limits.max_json_depth must be 1 to {depth}"));
+        }
+        let patches = crate::braid::patch::MAX_PATCHES;
+        if !(1..=patches).contains(&self.limits.max_patches_per_request) {
+            return Err(format!("limits.max_patches_per_request must be 1 to {patches}"));
         }
         if self.engine.subscriber_queue == 0 {
             return Err("engine.subscriber_queue must be at least 1".into());
         }
         self.p2p.check()?;
+        crate::http::forwarded::TrustedProxies::parse(&self.trusted_proxies)?;
         for r in &self.proxy {
             if !r.prefix.starts_with('/') {
                 return Err(format!("proxy prefix {:?} must start with /", r.prefix));
@@ -326,10 +376,25 @@ impl Config {
         Ok(())
     }
 
+    /// `trusted_proxies`, parsed (checked when the settings were loaded).
+    pub fn trusted_proxies(&self) -> crate::http::forwarded::TrustedProxies {
+        crate::http::forwarded::TrustedProxies::parse(&self.trusted_proxies).unwrap_or_default()
+    }
+
     /// The data directory: configured, or the platform default.
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(default_data_dir)
     }
+}
+
+/// The default `limits.max_connections` for a process that may open `open_files`
+/// descriptors: `(open_files − 256 − database_pool) / 2`, at least 16. 256 descriptors are
+/// kept for files (the embedded store and its journal, the lock, static files being sent,
+/// logs), the p2p node and the admin socket, `database_pool` for Postgres; of the rest,
+/// half, because a proxied request or a websocket tunnel holds a second socket upstream.
+pub fn connections_for_open_files(open_files: u64, database_pool: usize) -> usize {
+    let spare = open_files.saturating_sub(256 + database_pool as u64) / 2;
+    usize::try_from(spare).unwrap_or(usize::MAX).max(16)
 }
 
 /// `~/.local/share/plait` on Linux (XDG), the platform's equivalent elsewhere.
@@ -405,6 +470,13 @@ mod tests {
             assert!(Config::load(Some(Path::new("missing.toml")), &Overrides::default()).is_err());
             Ok(())
         });
+    }
+
+    #[test]
+    fn connections_leave_room_for_files_and_postgres() {
+        assert_eq!(connections_for_open_files(1024, 16), 376);
+        assert_eq!(connections_for_open_files(1 << 20, 16), 524_152);
+        assert_eq!(connections_for_open_files(100, 16), 16);
     }
 
     #[test]

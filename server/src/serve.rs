@@ -25,18 +25,55 @@ pub const EMBEDDED_FILE: &str = "plait.db";
 /// Setting naming the identity a database belongs to.
 const OWNER_SETTING: &str = "instance_identity";
 
-/// Creates the data dir (mode 0700 when new) and loads or makes the instance key.
+/// File name of the embedded store's lock in the data dir.
+const LOCK_FILE: &str = "plait.lock";
+
+/// Creates the data dir (mode 0700) or tightens an existing one, and loads or makes the
+/// instance key (mode 0600; a key file others may read is refused).
 pub fn open_identity(data_dir: &Path) -> anyhow::Result<(Keypair, bool)> {
     if !data_dir.exists() {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
-        }
     }
+    tighten(data_dir, 0o700)?;
     Ok(Keypair::load_or_create(&data_dir.join(IDENTITY_FILE))?)
+}
+
+/// Takes away from `path` (if it exists) any permission `mode` does not grant, with a
+/// warning: the data dir holds the instance key, the store and the admin socket, which
+/// are nobody else's to read.
+fn tighten(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let have = meta.permissions().mode() & 0o777;
+    if have & !mode != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(have & mode))
+            .with_context(|| format!("restricting the permissions of {}", path.display()))?;
+        tracing::warn!(
+            path = %path.display(),
+            was = format!("{have:o}"),
+            now = format!("{:o}", have & mode),
+            "tightened permissions: only this server's user may use the data dir"
+        );
+    }
+    Ok(())
+}
+
+/// Creates `path` with mode 0600 if it does not exist, so it is never readable by others,
+/// even for a moment; tightens it if it exists.
+fn create_private(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    tighten(path, 0o600)?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))
 }
 
 /// An opened instance: its key, its storage, and (embedded store) the lock that keeps other
@@ -65,9 +102,7 @@ pub async fn open_instance(cfg: &Config) -> anyhow::Result<Instance> {
                 .context("connecting to Postgres")?,
         ),
         None => {
-            let lock_path = data_dir.join("plait.lock");
-            let file = std::fs::File::create(&lock_path)
-                .with_context(|| format!("creating {}", lock_path.display()))?;
+            let file = create_private(&data_dir.join(LOCK_FILE))?;
             if !file.try_lock_exclusive().unwrap_or(false) {
                 bail!(
                     "another plait server is using {} (its embedded store takes one server)",
@@ -75,10 +110,13 @@ pub async fn open_instance(cfg: &Config) -> anyhow::Result<Instance> {
                 );
             }
             lock = Some(file);
-            Arc::new(
-                SqliteStorage::open(&data_dir.join(EMBEDDED_FILE), CommitLimits::default())
-                    .context("opening the embedded store")?,
-            )
+            // SQLite makes its journal files (-wal, -shm) with the store's own mode.
+            let db = data_dir.join(EMBEDDED_FILE);
+            drop(create_private(&db)?);
+            for journal in ["-wal", "-shm"] {
+                tighten(&data_dir.join(format!("{EMBEDDED_FILE}{journal}")), 0o600)?;
+            }
+            Arc::new(SqliteStorage::open(&db, CommitLimits::default()).context("opening the embedded store")?)
         }
     };
     match storage.get_setting(OWNER_SETTING).await? {
@@ -97,8 +135,54 @@ pub async fn open_instance(cfg: &Config) -> anyhow::Result<Instance> {
     })
 }
 
+/// Raises the soft limit on open files to the hard one (a server's connections are
+/// files); returns the limit in force.
+fn raise_open_files_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    // Linux refuses an unlimited soft limit for open files; 2^20 is its usual ceiling.
+    let want = if lim.rlim_max == libc::RLIM_INFINITY {
+        1 << 20
+    } else {
+        lim.rlim_max
+    };
+    if lim.rlim_cur < want {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = want;
+        }
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not everywhere
+    let open_files = lim.rlim_cur as u64;
+    Some(open_files)
+}
+
 /// Runs the server until a signal arrives.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
+    // Whatever this process creates (the store, its journals, the admin socket, files of
+    // its libraries) is its user's alone.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    let open_files = raise_open_files_limit();
+    if cfg.limits.max_connections == 0 {
+        cfg.limits.max_connections =
+            crate::config::connections_for_open_files(open_files.unwrap_or(1024), cfg.database_pool);
+    }
+    tracing::info!(
+        open_files,
+        max_connections = cfg.limits.max_connections,
+        "connection limit"
+    );
     let instance = open_instance(&cfg).await?;
     let identity = instance.keys.identity();
     let storage = instance.storage.clone();
@@ -178,6 +262,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         federation,
         shutdown,
         started: Instant::now(),
+        trusted_proxies: Arc::new(cfg.trusted_proxies()),
     };
     tracing::info!(
         public_writes = cfg.access.public_writes,

@@ -1,15 +1,20 @@
 //! The HTTP server: accepting connections, routing, and shutting down gracefully.
 //!
-//! Connections are accepted only while a permit from a semaphore of
-//! `limits.max_connections` is free, so past the limit clients wait in the kernel's
-//! accept queue instead of exhausting file descriptors. Each connection speaks HTTP/1.1 or
-//! cleartext HTTP/2 (many subscriptions on one connection).
+//! Every connection is accepted at once; one past `limits.max_connections` (or past
+//! `limits.max_connections_per_address` for its address) is answered `503` with
+//! `Retry-After` and closed, instead of waiting unanswered in the kernel's accept queue.
+//! A connection keeps its place until its socket closes, also as a websocket. Idle
+//! connections, stalled bodies and peers that stop answering pings are let go
+//! (`conn` has the details). Each connection speaks HTTP/1.1 or cleartext HTTP/2 (many
+//! subscriptions on one connection).
 //!
 //! On shutdown the listener stops, every open subscription ends its response cleanly,
 //! in-flight requests get `limits.shutdown_grace_secs` to finish, and then the process
 //! exits.
 
+pub mod conn;
 pub mod error;
+pub mod forwarded;
 pub mod resource;
 pub mod static_files;
 
@@ -26,7 +31,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use plait_bridge::Identity;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -35,6 +39,8 @@ use crate::engine::Engine;
 
 /// Most bytes buffered per HTTP/1.1 connection (hyper's read and write buffers each).
 const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
+/// `Retry-After` of a connection refused at a connection cap.
+const RETRY_AFTER_SECS: u64 = 5;
 
 /// What every request handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -58,6 +64,8 @@ pub struct App {
     /// Cancelled when the server begins to shut down; open subscriptions end on it.
     pub shutdown: CancellationToken,
     pub started: Instant,
+    /// `trusted_proxies`: whose forwarding headers are believed.
+    pub trusted_proxies: Arc<forwarded::TrustedProxies>,
 }
 
 /// The routes: well-known resources, then every other path is a Braid resource.
@@ -112,11 +120,15 @@ async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response:
         {
             return e.into_response();
         }
-        let peer = req
+        let from = req
             .extensions()
-            .get::<Peer>()
-            .map_or(SocketAddr::from(([127, 0, 0, 1], 0)), |p| p.0);
-        return proxy.handle(&route, req, peer).await;
+            .get::<forwarded::Remote>()
+            .copied()
+            .unwrap_or(forwarded::Remote {
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                trusted: false,
+            });
+        return proxy.handle(&route, req, from).await;
     }
     if let Some(web) = &app.web
         && let Some(res) = web.serve(req.method(), req.uri().path(), req.headers()).await
@@ -209,6 +221,13 @@ async fn well_known(
             "proxy_idle_timeout_secs": app.limits.proxy_idle_timeout_secs,
             "max_proxy_body_bytes": app.limits.max_proxy_body_bytes,
             "proxy_subscription_grace_ms": app.limits.proxy_subscription_grace_ms,
+            "max_json_depth": app.engine.write_limits().max_json_depth,
+            "max_patches_per_request": app.engine.write_limits().max_patches_per_request,
+            "max_connections_per_address": app.limits.max_connections_per_address,
+            "idle_timeout_secs": app.limits.idle_timeout_secs,
+            "body_read_timeout_secs": app.limits.body_read_timeout_secs,
+            "ping_interval_secs": app.limits.ping_interval_secs,
+            "ping_timeout_secs": app.limits.ping_timeout_secs,
         },
         "access": {
             "public_writes": access.public_writes,
@@ -260,8 +279,13 @@ fn rss_bytes() -> Option<u64> {
 pub async fn serve(listener: TcpListener, app: App) {
     let limits = app.limits.clone();
     let shutdown = app.shutdown.clone();
+    let trusted = app.trusted_proxies.clone();
     let router = router(app);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let gate = conn::Gate::new(
+        limits.max_connections,
+        limits.max_connections_per_address,
+        trusted.clone(),
+    );
     let tracker = TaskTracker::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -273,12 +297,13 @@ pub async fn serve(listener: TcpListener, app: App) {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_streams_per_connection.max(1));
+        .max_concurrent_streams(limits.max_streams_per_connection.max(1))
+        // A peer that stopped answering (its subscriptions still open) is let go.
+        .keep_alive_interval(Duration::from_secs(limits.ping_interval_secs.max(1)))
+        .keep_alive_timeout(Duration::from_secs(limits.ping_timeout_secs.max(1)));
+    let idle = Duration::from_secs(limits.idle_timeout_secs.max(1));
+    let body_timeout = Duration::from_secs(limits.body_read_timeout_secs.max(1));
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -291,25 +316,65 @@ pub async fn serve(listener: TcpListener, app: App) {
                 }
             },
         };
+        let slot = match gate.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                tracing::debug!(%peer, ?full, "connection refused: at a connection cap");
+                conn::refuse(&gate, stream, full, RETRY_AFTER_SECS);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
+        let activity = conn::Activity::new();
+        let svc = {
+            let router = router.clone();
+            let activity = activity.clone();
+            let trusted = trusted.clone();
+            tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let in_flight = activity.begin();
+                let mut req = req.map(|b| Body::new(conn::TimedBody::new(b, body_timeout)));
+                let client = forwarded::client_addr(peer, req.headers(), &trusted);
+                req.extensions_mut().insert(Peer(client));
+                req.extensions_mut().insert(forwarded::Remote {
+                    addr: peer,
+                    trusted: trusted.contains(peer.ip()),
+                });
+                let call = tower::ServiceExt::oneshot(router.clone(), req);
+                async move {
+                    let res = call.await?;
+                    // The request stays in flight until its response body is done with.
+                    Ok::<_, std::convert::Infallible>(res.map(|b| {
+                        Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
+                            let _held = &in_flight;
+                            f
+                        }))
+                    }))
+                }
+            })
+        };
+        let svc = TowerToHyperService::new(svc);
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let io = TokioIo::new(conn::Held::new(stream, slot));
+            let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
+                    return;
                 }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                _ = shutdown.cancelled() => {}
+                _ = activity.idle_for(idle) => {
+                    tracing::debug!(%peer, "closing an idle connection");
                 }
             }
-            drop(permit);
+            conn.as_mut().graceful_shutdown();
+            // A peer that does not take part in the goodbye (HTTP/2 waits for a ping's
+            // answer) is cut off after a while; on shutdown the tracker's grace applies.
+            let _ = tokio::time::timeout(idle, conn).await;
         });
     }
     drop(listener);
@@ -323,6 +388,7 @@ pub async fn serve(listener: TcpListener, app: App) {
     }
 }
 
-/// The remote address of a connection.
+/// The client's address: the connection's peer, or the client a trusted proxy forwards
+/// for ([`forwarded::client_addr`]). Per-address limits key on it.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
