@@ -11,7 +11,9 @@
 //! connection is established, in both directions). Invitees are admitted out of band (the
 //! server carries the [`JoinRequest`] over HTTP to the inviter), then connect as members.
 //! When a node admits someone it tells its connected peers, which check the cert chain and
-//! tell theirs, so every member soon accepts every other.
+//! tell theirs, so every member soon accepts every other. A removal travels the same way;
+//! each node that takes it closes the removed member's connections and refuses it from then
+//! on.
 //!
 //! Each membership runs as one task with its own swarm and listeners, so the gate of one
 //! network never lets a member of another in; [`crate::node::Node`] holds one per DHT and
@@ -38,10 +40,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::identity::{Identity, Keypair};
-use crate::invite::{Invite, InviteError, JoinRequest, MemberCert, Membership};
+use crate::invite::{Invite, InviteError, JoinRequest, MemberCert, Membership, Merged, Removal};
 use crate::node::{
-    DhtStatus, FETCH_TIMEOUT, JoinGrant, MAX_FETCH_BYTES, NodeError, NodeSettings, SaveJob, Serve,
-    libp2p_keypair, now_millis, now_secs, peer_id_of,
+    DhtMembers, DhtStatus, FETCH_TIMEOUT, JoinGrant, MAX_FETCH_BYTES, MemberInfo, NodeError, NodeSettings,
+    RemovedInfo, SaveJob, Serve, libp2p_keypair, now_millis, now_secs, peer_id_of,
 };
 use crate::record::AddressRecord;
 
@@ -89,6 +91,14 @@ enum Cmd {
     Offer {
         key: Vec<u8>,
         value: Vec<u8>,
+    },
+    /// Removes a member; answered with the DHT's name.
+    Remove {
+        id: Identity,
+        reply: oneshot::Sender<Result<String, NodeError>>,
+    },
+    Members {
+        reply: oneshot::Sender<Option<DhtMembers>>,
     },
     /// Stops the swarm (closing its listeners) without saving; answered once it is gone.
     Stop {
@@ -216,6 +226,15 @@ impl Dht {
         self.ask(|reply| Cmd::Held { id, reply }).await
     }
 
+    pub async fn remove(&self, id: Identity) -> Result<String, NodeError> {
+        self.ask(|reply| Cmd::Remove { id, reply }).await?
+    }
+
+    /// The members (none for a swarm that has joined nothing).
+    pub async fn members(&self) -> Result<Option<DhtMembers>, NodeError> {
+        self.ask(|reply| Cmd::Members { reply }).await
+    }
+
     pub async fn offer_raw_record(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), NodeError> {
         self.cmd
             .send(Cmd::Offer { key, value })
@@ -253,15 +272,30 @@ fn unb64(s: &str) -> Result<Vec<u8>, NodeError> {
         .map_err(|e| NodeError::Refused(format!("bad fetch frame: {e}")))
 }
 
-/// Members exchange certs over this protocol.
+/// What members tell each other of the member set: certs, and removals (with the certs
+/// their removers gave the members the removed ones had admitted).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct MemberSync {
+    certs: Vec<MemberCert>,
+    #[serde(default)]
+    removed: Vec<Removal>,
+}
+
+impl MemberSync {
+    fn is_empty(&self) -> bool {
+        self.certs.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Members exchange certs and removals over this protocol.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Rpc {
-    Members(Vec<MemberCert>),
+    Members(MemberSync),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum RpcReply {
-    Members(Vec<MemberCert>),
+    Members(MemberSync),
 }
 
 #[derive(NetworkBehaviour)]
@@ -301,8 +335,9 @@ type Lookup = (
     Option<AddressRecord>,
 );
 
-/// An answer to a member's fetch, on its way back to the event loop.
-type Answer = (request_response::ResponseChannel<FetchReply>, FetchReply);
+/// An answer to a member's fetch, on its way back to the event loop (which checks that the
+/// asker is still a member: a fetch may wait for news while it is removed).
+type Answer = (PeerId, request_response::ResponseChannel<FetchReply>, FetchReply);
 
 /// A fetch waiting for its peer to be found.
 type QueuedFetch = (String, Vec<u8>, oneshot::Sender<Result<Vec<u8>, NodeError>>);
@@ -698,50 +733,128 @@ impl Runner {
         self.outbound.insert(rid, reply);
     }
 
-    /// Every member cert this node holds (none before it belongs to the DHT).
-    fn our_certs(&self) -> Vec<MemberCert> {
+    /// Every member cert and removal this node holds (none before it belongs to the DHT).
+    fn our_sync(&self) -> MemberSync {
         self.state
             .membership
             .as_ref()
-            .map(|m| m.certs())
+            .map(|m| MemberSync {
+                certs: m.certs(),
+                removed: m.removals(),
+            })
             .unwrap_or_default()
     }
 
-    /// Sends our certs to a connected member.
-    fn send_certs(&mut self, peer: PeerId, certs: Vec<MemberCert>) {
-        if !certs.is_empty() {
+    /// Sends certs and removals to a connected member.
+    fn send_sync(&mut self, peer: PeerId, sync: MemberSync) {
+        if !sync.is_empty() {
             self.swarm
                 .behaviour_mut()
                 .rpc
-                .send_request(&peer, Rpc::Members(certs));
+                .send_request(&peer, Rpc::Members(sync));
         }
     }
 
-    /// Takes certs from a peer; passes what is new on to the other connected peers.
-    fn merge_certs(&mut self, from: Option<PeerId>, certs: Vec<MemberCert>) {
+    /// Takes certs and removals from a peer; acts on what changed and passes what is new
+    /// on to the other connected members.
+    fn merge_sync(&mut self, from: Option<PeerId>, sync: MemberSync) {
         let Some(m) = self.state.membership.as_mut() else {
             return;
         };
-        let added = m.merge(certs.clone());
-        if added.is_empty() {
+        let merged = m.merge(sync.certs, sync.removed);
+        if merged.is_empty() {
             return;
         }
-        tracing::info!(new = added.len(), "learned new members");
-        for id in &added {
+        self.took(from, merged);
+    }
+
+    /// Acts on a change of the member set: lets the new members in, shuts the removed ones
+    /// out (their connections close at once), tells the other connected members, saves.
+    fn took(&mut self, from: Option<PeerId>, merged: Merged) {
+        if !merged.added.is_empty() {
+            tracing::info!(new = merged.added.len(), "learned new members");
+        }
+        for id in &merged.added {
             self.allow(*id);
         }
-        let new: Vec<MemberCert> = certs.into_iter().filter(|c| added.contains(&c.member)).collect();
+        for id in &merged.gone {
+            tracing::info!(member = %id, dht = %self.swarm_dht, "{id} is no longer a member");
+            self.shut_out(*id);
+        }
+        let sync = MemberSync {
+            certs: merged.certs,
+            removed: merged.removals,
+        };
         let peers: Vec<PeerId> = self
             .connected
             .keys()
             .copied()
-            .filter(|p| Some(*p) != from)
+            .filter(|p| Some(*p) != from && self.by_peer.contains_key(p))
             .collect();
         for p in peers {
-            self.send_certs(p, new.clone());
+            self.send_sync(p, sync.clone());
         }
         self.save();
         self.publish_status();
+    }
+
+    /// Forgets a member that is one no more and closes its connections (the gate's
+    /// `disallow_peer` does both: nothing it sends afterwards, fetches included, arrives).
+    fn shut_out(&mut self, id: Identity) {
+        if id == self.keys.identity() {
+            return;
+        }
+        let pid = peer_id_of(&id);
+        self.by_peer.remove(&pid);
+        self.swarm.behaviour_mut().gate.disallow_peer(pid);
+        // Closing: not counted as connected from now on (the close events find it gone).
+        self.connected.remove(&pid);
+        self.swarm.behaviour_mut().kad.remove_peer(&pid);
+        self.state.peers.remove(&id);
+        if let Some(dht) = self.dht().map(str::to_string) {
+            let key = kad::RecordKey::new(&AddressRecord::key_for(&dht, &id));
+            self.swarm.behaviour_mut().kad.store_mut().remove(&key);
+        }
+        for (_, _, reply) in self.queued.remove(&id).unwrap_or_default() {
+            let _ = reply.send(Err(NodeError::NotMember(id.to_string())));
+        }
+    }
+
+    /// The member set as `plait members` shows it.
+    fn roster(&self) -> Option<DhtMembers> {
+        let m = self.state.membership.as_ref()?;
+        let me = self.keys.identity();
+        let members = m
+            .members()
+            .into_iter()
+            .map(|id| {
+                let conns = self.connected.get(&peer_id_of(&id));
+                let cert = m.cert(&id);
+                MemberInfo {
+                    id,
+                    admitted_by: cert.map(|c| c.by),
+                    admitted_at: cert.map(|c| c.at),
+                    this_node: id == me,
+                    connected: conns.is_some_and(|c| !c.is_empty()),
+                    direct: conns.is_some_and(|c| c.values().any(|a| !is_relayed(a))),
+                }
+            })
+            .collect();
+        let removed = m
+            .removals()
+            .into_iter()
+            .map(|r| RemovedInfo {
+                id: r.member,
+                removed_by: r.by,
+                at: r.at,
+            })
+            .collect();
+        Some(DhtMembers {
+            dht: m.dht.clone(),
+            root: m.root,
+            members,
+            removed,
+        })
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
@@ -760,7 +873,12 @@ impl Runner {
                     None => break None,
                 },
                 ev = self.swarm.select_next_some() => self.event(ev),
-                Some((channel, reply)) = answers.recv() => {
+                Some((peer, channel, reply)) = answers.recv() => {
+                    let reply = if self.by_peer.contains_key(&peer) {
+                        reply
+                    } else {
+                        FetchReply::Refused("not a member".into())
+                    };
                     let _ = self.swarm.behaviour_mut().fetch.send_response(channel, reply);
                 }
                 _ = republish.tick() => self.publish_record(),
@@ -830,6 +948,7 @@ impl Runner {
                             certs: m.certs(),
                             inviter: self.keys.identity(),
                             inviter_addrs: self.listen.iter().map(|a| a.to_string()).collect(),
+                            removed: m.removals(),
                         };
                         tracing::info!(member = %req.member, "admitted a new member");
                         self.allow(req.member);
@@ -839,7 +958,11 @@ impl Runner {
                         }
                         let peers: Vec<PeerId> = self.connected.keys().copied().collect();
                         for p in peers {
-                            self.send_certs(p, vec![cert.clone()]);
+                            let sync = MemberSync {
+                                certs: vec![cert.clone()],
+                                removed: Vec::new(),
+                            };
+                            self.send_sync(p, sync);
                         }
                         self.publish_status();
                         // The grant goes out once the admission (and the invite's use) is stored.
@@ -875,7 +998,7 @@ impl Runner {
                     .membership
                     .clone()
                     .unwrap_or_else(|| Membership::new(&grant.dht, grant.root));
-                m.merge(grant.certs.clone());
+                m.merge(grant.certs.clone(), grant.removed.clone());
                 if !m.is_member(&self.keys.identity()) {
                     let _ = reply.send(Err(NodeError::Refused(
                         "the grant does not admit this node".into(),
@@ -960,6 +1083,29 @@ impl Runner {
             Cmd::Stop { reply } => {
                 let _ = reply.send(());
             }
+            Cmd::Remove { id, reply } => {
+                let Some(m) = self.state.membership.as_mut() else {
+                    let _ = reply.send(Err(NodeError::NotMember(id.to_string())));
+                    return;
+                };
+                match m.remove(&self.keys, id, now_secs()) {
+                    Ok(merged) => {
+                        let dht = m.dht.clone();
+                        tracing::info!(member = %id, dht = %dht, "removed {id} from {dht}");
+                        self.took(None, merged);
+                        // Answered once the removal is stored.
+                        self.save_then(Some(Box::new(move || {
+                            let _ = reply.send(Ok(dht));
+                        })));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Cmd::Members { reply } => {
+                let _ = reply.send(self.roster());
+            }
             Cmd::Held { id, reply } => {
                 let held = self.dht().map(str::to_string).and_then(|dht| {
                     let key = kad::RecordKey::new(&AddressRecord::key_for(&dht, &id));
@@ -1042,7 +1188,7 @@ impl Runner {
                     self.swarm
                         .behaviour_mut()
                         .rpc
-                        .send_request(&peer_id, Rpc::Members(Vec::new()));
+                        .send_request(&peer_id, Rpc::Members(MemberSync::default()));
                 }
                 self.connected
                     .entry(peer_id)
@@ -1057,7 +1203,7 @@ impl Runner {
                     if endpoint.is_dialer() {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
-                    self.send_certs(peer_id, self.our_certs());
+                    self.send_sync(peer_id, self.our_sync());
                     // The first peer after being alone (start-up, a join, a network outage):
                     // the record could not reach anyone before, so publish it now.
                     if self.connected.len() == 1 {
@@ -1132,12 +1278,12 @@ impl Runner {
                 }
                 match message {
                     request_response::Message::Request {
-                        request: Rpc::Members(certs),
+                        request: Rpc::Members(sync),
                         channel,
                         ..
                     } => {
-                        self.merge_certs(Some(peer), certs);
-                        let ours = self.our_certs();
+                        self.merge_sync(Some(peer), sync);
+                        let ours = self.our_sync();
                         let _ = self
                             .swarm
                             .behaviour_mut()
@@ -1145,10 +1291,10 @@ impl Runner {
                             .send_response(channel, RpcReply::Members(ours));
                     }
                     request_response::Message::Response {
-                        response: RpcReply::Members(certs),
+                        response: RpcReply::Members(sync),
                         ..
                     } => {
-                        self.merge_certs(Some(peer), certs);
+                        self.merge_sync(Some(peer), sync);
                     }
                 }
             }
@@ -1183,7 +1329,7 @@ impl Runner {
                             },
                             Err(e) => FetchReply::Refused(e.to_string()),
                         };
-                        let _ = tx.send((channel, reply));
+                        let _ = tx.send((peer, channel, reply));
                     });
                 }
                 request_response::Message::Response { request_id, response } => {
@@ -1425,7 +1571,7 @@ fn build_swarm(keys: &Keypair, settings: &NodeSettings, dht: &str) -> Result<Swa
                 ping: ping::Behaviour::default(),
                 kad,
                 rpc: request_response::json::Behaviour::new(
-                    [(StreamProtocol::new("/plait/members/1.0.0"), ProtocolSupport::Full)],
+                    [(StreamProtocol::new("/plait/members/2.0.0"), ProtocolSupport::Full)],
                     request_response::Config::default(),
                 ),
                 fetch: request_response::Behaviour::with_codec(

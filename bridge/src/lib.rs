@@ -3,7 +3,7 @@
 //! * [`identity`]: ed25519 key pairs, their one text encoding, key files.
 //! * [`sign`]: the one way values are signed (domain-separated JSON).
 //! * [`record`]: signed, sequence-numbered address records — the DHT as DNS.
-//! * [`invite`]: invite links, join requests, member certs and the member set.
+//! * [`invite`]: invite links, join requests, member certs, removals and the member set.
 //! * [`node`]: the libp2p node, a member of any number of named DHTs; the handle the
 //!   server holds.
 //! * `dht`: one membership — a swarm (TCP, QUIC, noise, yamux, identify, ping, Kademlia with

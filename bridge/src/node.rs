@@ -28,7 +28,7 @@ pub use libp2p::Multiaddr;
 
 use crate::dht::{Dht, DhtState, Start};
 use crate::identity::{Identity, Keypair};
-use crate::invite::{Invite, InviteError, JoinRequest, MemberCert};
+use crate::invite::{Invite, InviteError, JoinRequest, MemberCert, Removal};
 use crate::record::AddressRecord;
 
 /// Settings of the node (named, with defaults, published by the server).
@@ -227,6 +227,85 @@ pub struct JoinGrant {
     /// Bootstrap peer: the inviter and its addresses.
     pub inviter: Identity,
     pub inviter_addrs: Vec<String>,
+    /// The members removed from the DHT (so the invitee never takes them for members).
+    #[serde(default)]
+    pub removed: Vec<Removal>,
+}
+
+impl JoinGrant {
+    /// Checks, on the invitee's side, that this grant answers `invite` and admits `me`:
+    /// same DHT and root, the inviter the link names, and among the certs one for `me`
+    /// signed by that inviter. The grant travels over plain HTTP: this is what makes it
+    /// the inviter's word (the link's signature was checked when it was read).
+    pub fn check(&self, invite: &Invite, me: &Identity) -> Result<(), GrantError> {
+        if self.dht != invite.dht {
+            return Err(GrantError::OtherDht {
+                invite: invite.dht.clone(),
+                grant: self.dht.clone(),
+            });
+        }
+        if self.root != invite.root {
+            return Err(GrantError::OtherRoot(self.root.to_string()));
+        }
+        if self.inviter != invite.inviter {
+            return Err(GrantError::OtherInviter {
+                invite: invite.inviter.to_string(),
+                grant: self.inviter.to_string(),
+            });
+        }
+        let signed = self.certs.iter().any(|c| {
+            c.member == *me && c.by == invite.inviter && c.dht == invite.dht && c.check_signature().is_ok()
+        });
+        if !signed {
+            return Err(GrantError::NotSigned(invite.inviter.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// Why an invitee does not take a grant (identities in their text form).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GrantError {
+    #[error("the grant is for DHT {grant:?}, the invite for {invite:?}")]
+    OtherDht { invite: String, grant: String },
+    #[error("the grant names another root ({0}) than the invite")]
+    OtherRoot(String),
+    #[error("the grant comes from {grant}, not from the inviter the link names ({invite})")]
+    OtherInviter { invite: String, grant: String },
+    #[error("the grant holds no cert for this node signed by the inviter the link names ({0})")]
+    NotSigned(String),
+}
+
+/// One DHT's members as `plait members` shows them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DhtMembers {
+    pub dht: String,
+    pub root: Identity,
+    pub members: Vec<MemberInfo>,
+    /// Members removed from it, for good.
+    pub removed: Vec<RemovedInfo>,
+}
+
+/// One member of a DHT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: Identity,
+    /// Who admitted it (`None` for the root).
+    pub admitted_by: Option<Identity>,
+    pub admitted_at: Option<u64>,
+    /// This node itself.
+    pub this_node: bool,
+    pub connected: bool,
+    /// Over at least one direct connection (not only through a relay).
+    pub direct: bool,
+}
+
+/// One removed member.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemovedInfo {
+    pub id: Identity,
+    pub removed_by: Identity,
+    pub at: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +320,12 @@ pub enum NodeError {
     Stopped,
     #[error("cannot reach {0}")]
     Unreachable(String),
+    #[error("the inviter's answer does not hold: {0}")]
+    Grant(#[from] GrantError),
+    #[error("this node is not a member of DHT {0:?}")]
+    NotInDht(String),
+    #[error("{0} is not a member of any of this node's networks")]
+    NotMember(String),
     #[error("{0}")]
     Io(String),
 }
@@ -371,9 +456,7 @@ impl Node {
             return Ok(s.dht.clone());
         }
         if !create {
-            return Err(NodeError::Refused(format!(
-                "this node is not a member of DHT {name:?}"
-            )));
+            return Err(NodeError::NotInDht(name.to_string()));
         }
         check_dht_name(name).map_err(NodeError::Refused)?;
         let fresh = slots.iter().position(|s| s.dht.name().is_none());
@@ -481,12 +564,58 @@ impl Node {
         Ok(JoinRequest::new(invite, keys, m.status().listen))
     }
 
-    /// Invitee side: takes the grant (members, bootstrap peer) and connects.
-    pub async fn joined(&self, grant: JoinGrant) -> Result<(), NodeError> {
+    /// Invitee side: takes the grant (members, bootstrap peer) that answers `invite`, once
+    /// it checks ([`JoinGrant::check`]: nothing is stored or dialled otherwise), and
+    /// connects to the inviter the link names.
+    pub async fn joined(&self, invite: &Invite, grant: JoinGrant) -> Result<(), NodeError> {
+        invite.check_signature()?;
+        grant.check(invite, &self.identity())?;
         self.membership(&grant.dht, true).await?.joined(grant).await?;
         let slots = self.inner.slots.lock().await;
         self.publish(&slots);
         Ok(())
+    }
+
+    /// Every DHT's members, who admitted them and how they are connected.
+    pub async fn members(&self) -> Result<Vec<DhtMembers>, NodeError> {
+        let mut all = Vec::new();
+        for d in self.memberships() {
+            if d.name().is_some()
+                && let Some(m) = d.members().await?
+            {
+                all.push(m);
+            }
+        }
+        Ok(all)
+    }
+
+    /// Removes `id` from DHT `dht`, or (`None`) from every DHT of this node it belongs to:
+    /// its connections here close at once, the gate refuses it from then on, and the
+    /// removal, signed by this node, goes to the other members. Answers the DHTs it was
+    /// removed from.
+    pub async fn remove(&self, id: Identity, dht: Option<String>) -> Result<Vec<String>, NodeError> {
+        let targets: Vec<Dht> = match &dht {
+            Some(name) => vec![self.membership(name, false).await?],
+            None => self
+                .memberships()
+                .into_iter()
+                .filter(|d| d.name().is_some() && d.is_member(&id))
+                .collect(),
+        };
+        if targets.is_empty() {
+            // Say why: removed already somewhere, or a member nowhere.
+            for d in self.memberships().into_iter().filter(|d| d.name().is_some()) {
+                if let Err(e @ NodeError::Invite(InviteError::Removed(_))) = d.remove(id).await {
+                    return Err(e);
+                }
+            }
+            return Err(NodeError::NotMember(id.to_string()));
+        }
+        let mut from = Vec::new();
+        for d in targets {
+            from.push(d.remove(id).await?);
+        }
+        Ok(from)
     }
 
     /// The memberships `id` belongs to first (connected ones before the others), then the
@@ -545,9 +674,7 @@ impl Node {
     /// need be) and waits for its answer.
     pub async fn fetch(&self, id: Identity, path: String, body: Vec<u8>) -> Result<Vec<u8>, NodeError> {
         let Some(d) = self.ask_order(&id).into_iter().find(|d| d.is_member(&id)) else {
-            return Err(NodeError::Refused(format!(
-                "{id} is not a member of any of this node's networks"
-            )));
+            return Err(NodeError::NotMember(id.to_string()));
         };
         d.fetch(id, path, body).await
     }
@@ -703,6 +830,98 @@ mod tests {
             membership: Some(Membership::new(dht, Keypair::generate().identity())),
             ..DhtState::default()
         }
+    }
+
+    #[test]
+    fn a_grant_is_taken_only_from_the_inviter_the_link_names() {
+        use crate::invite::{Invite, InviteError, JoinRequest};
+        let (a, b, x) = (Keypair::generate(), Keypair::generate(), Keypair::generate());
+        let make = |k: &Keypair, root: Identity| {
+            Invite::new(
+                k,
+                "plait",
+                root,
+                vec![],
+                "http://a.example/join".into(),
+                u64::MAX,
+                1,
+            )
+        };
+        let inv = make(&a, a.identity());
+        let mut m = Membership::new("plait", a.identity());
+        m.admit(&a, &JoinRequest::new(inv.clone(), &b, vec![]), 1)
+            .unwrap();
+        let grant = JoinGrant {
+            dht: "plait".into(),
+            root: a.identity(),
+            certs: m.certs(),
+            inviter: a.identity(),
+            inviter_addrs: vec![],
+            removed: vec![],
+        };
+        assert_eq!(grant.check(&inv, &b.identity()), Ok(()));
+
+        // A link re-signed by another key, or naming another inviter, is refused when read.
+        let mut resigned = make(&x, a.identity());
+        resigned.inviter = a.identity();
+        assert_eq!(
+            Invite::from_link(&resigned.to_link()),
+            Err(InviteError::BadInvite(a.identity().to_string()))
+        );
+        let mut swapped = inv.clone();
+        swapped.inviter = x.identity();
+        assert_eq!(
+            Invite::from_link(&swapped.to_link()),
+            Err(InviteError::BadInvite(x.identity().to_string()))
+        );
+
+        // A grant from another network of the same name, or naming another inviter.
+        let mut theirs = Membership::new("plait", x.identity());
+        theirs
+            .admit(&x, &JoinRequest::new(make(&x, x.identity()), &b, vec![]), 1)
+            .unwrap();
+        let other = JoinGrant {
+            root: x.identity(),
+            certs: theirs.certs(),
+            inviter: x.identity(),
+            ..grant.clone()
+        };
+        assert_eq!(
+            other.check(&inv, &b.identity()),
+            Err(GrantError::OtherRoot(x.identity().to_string()))
+        );
+        let named = JoinGrant {
+            inviter: x.identity(),
+            ..grant.clone()
+        };
+        assert!(matches!(
+            named.check(&inv, &b.identity()),
+            Err(GrantError::OtherInviter { .. })
+        ));
+        // The right names, but the cert is signed by another key (or claims A's name).
+        let mut forged = crate::invite::MemberCert::new(&x, "plait", b.identity(), 1);
+        let by_x = JoinGrant {
+            certs: vec![forged.clone()],
+            ..grant.clone()
+        };
+        assert_eq!(
+            by_x.check(&inv, &b.identity()),
+            Err(GrantError::NotSigned(a.identity().to_string()))
+        );
+        forged.by = a.identity();
+        let claimed = JoinGrant {
+            certs: vec![forged],
+            ..grant.clone()
+        };
+        assert_eq!(
+            claimed.check(&inv, &b.identity()),
+            Err(GrantError::NotSigned(a.identity().to_string()))
+        );
+        // A true grant, but for another node.
+        assert_eq!(
+            grant.check(&inv, &x.identity()),
+            Err(GrantError::NotSigned(a.identity().to_string()))
+        );
     }
 
     #[test]

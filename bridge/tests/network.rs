@@ -66,10 +66,10 @@ async fn start_with(dir: &tempfile::TempDir, keys: &Keypair, dht: &str) -> Node 
 /// `invitee` (with key `keys`) presents `inv` to `inviter` and takes the grant it gets.
 async fn join(invitee: &Node, keys: &Keypair, inviter: &Node, inv: plait_bridge::invite::Invite) {
     let grant = inviter
-        .admit(invitee.join_request(keys, inv).await.unwrap())
+        .admit(invitee.join_request(keys, inv.clone()).await.unwrap())
         .await
         .unwrap();
-    invitee.joined(grant).await.unwrap();
+    invitee.joined(&inv, grant).await.unwrap();
 }
 
 async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
@@ -97,7 +97,7 @@ async fn invite_chain_lookup_gate_and_record_filtering() {
         .admit(b.join_request(&kb, inv.clone()).await.unwrap())
         .await
         .unwrap();
-    b.joined(grant).await.unwrap();
+    b.joined(&inv, grant).await.unwrap();
     until("A and B connected", async || {
         a.status().peers.connected.contains(&kb.identity())
     })
@@ -111,9 +111,12 @@ async fn invite_chain_lookup_gate_and_record_filtering() {
 
     // B invites C; C is handed B only, not A's address.
     let inv = b.invite(None, "unused".into(), 600, 1).await.unwrap();
-    let grant = b.admit(c.join_request(&kc, inv).await.unwrap()).await.unwrap();
+    let grant = b
+        .admit(c.join_request(&kc, inv.clone()).await.unwrap())
+        .await
+        .unwrap();
     assert_eq!(grant.inviter, kb.identity());
-    c.joined(grant).await.unwrap();
+    c.joined(&inv, grant).await.unwrap();
     until("A learns C is a member", async || a.status().peers.members == 3).await;
     until("A's record reaches B", async || {
         b.held_record(ka.identity()).await.unwrap().is_some()
@@ -258,6 +261,101 @@ async fn a_node_that_cannot_be_dialled_is_reached_through_a_relay() {
     let s = c.status().peers;
     assert!(s.connected.contains(&kh.identity()));
     assert!(s.direct.contains(&kr.identity()), "{s:?}");
+}
+
+/// A invites B and C; C invites D. A removes C: C's connections to A and B close (B learns
+/// of it from A), C cannot fetch from either, D stays (A adopts it), and C, restarted, is
+/// still refused. A grant that does not answer its invite is refused before anything is
+/// kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_is_shut_out_everywhere() {
+    let dirs: Vec<tempfile::TempDir> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, ka) = node(&dirs[0]).await;
+    let (b, kb) = node(&dirs[1]).await;
+    let kc = Keypair::generate();
+    let c = start_with(&dirs[2], &kc, "plait").await;
+    let (d, kd) = node(&dirs[3]).await;
+    let inv = a.invite(None, "unused".into(), 600, 2).await.unwrap();
+    join(&b, &kb, &a, inv.clone()).await;
+    join(&c, &kc, &a, inv).await;
+    let inv = c.invite(None, "unused".into(), 600, 1).await.unwrap();
+    join(&d, &kd, &c, inv).await;
+    until("B knows all four and is connected to C", async || {
+        b.status().peers.members == 4 && b.status().peers.connected.contains(&kc.identity())
+    })
+    .await;
+    until("A is connected to C", async || {
+        a.status().peers.connected.contains(&kc.identity())
+    })
+    .await;
+    assert!(c.fetch(ka.identity(), "doc".into(), vec![]).await.is_ok());
+
+    // Only the root or C's admitter may remove C: B may not.
+    let err = b.remove(kc.identity(), None).await.unwrap_err();
+    assert!(err.to_string().contains("may remove"), "{err}");
+    assert_eq!(a.remove(kc.identity(), None).await.unwrap(), ["plait"]);
+    assert!(!a.is_member(&kc.identity()));
+    assert!(!a.status().peers.connected.contains(&kc.identity()));
+    until("B learns C is out and hangs up on it", async || {
+        !b.is_member(&kc.identity()) && !b.status().peers.connected.contains(&kc.identity())
+    })
+    .await;
+    // D, whom C admitted, stays: A signed it a new cert.
+    let roster = a.members().await.unwrap();
+    let of_d = roster[0].members.iter().find(|m| m.id == kd.identity()).unwrap();
+    assert_eq!(of_d.admitted_by, Some(ka.identity()));
+    assert_eq!(roster[0].removed[0].id, kc.identity());
+    until("B knows D's new cert", async || {
+        let r = b.members().await.unwrap();
+        r[0].members
+            .iter()
+            .any(|m| m.id == kd.identity() && m.admitted_by == Some(ka.identity()))
+    })
+    .await;
+    assert!(b.is_member(&kd.identity()));
+    // C gets nothing more from A or B.
+    assert!(c.fetch(ka.identity(), "doc".into(), vec![]).await.is_err());
+    assert!(c.fetch(kb.identity(), "doc".into(), vec![]).await.is_err());
+    // Removing it again is refused, and so is removing the root.
+    assert!(a.remove(kc.identity(), None).await.is_err());
+    assert!(a.remove(ka.identity(), None).await.is_err());
+
+    // C restarts from its saved state (which still counts A and B): they refuse it.
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = start_with(&dirs[2], &kc, "plait").await;
+    let a_addr: libp2p::Multiaddr = format!("{}/p2p/{}", a.status().listen[0], a.status().peer_id)
+        .parse()
+        .unwrap();
+    assert!(c.connect(a_addr).await.is_err(), "A lets C in again");
+    assert!(c.fetch(ka.identity(), "doc".into(), vec![]).await.is_err());
+    assert!(!a.status().peers.connected.contains(&kc.identity()));
+
+    // A grant that names another inviter than the invite, or holds no cert for the invitee
+    // signed by the inviter, is refused, and the invitee keeps nothing.
+    let (e, ke) = node(&dirs[4]).await;
+    let inv = a.invite(None, "unused".into(), 600, 1).await.unwrap();
+    let mut grant = a
+        .admit(e.join_request(&ke, inv.clone()).await.unwrap())
+        .await
+        .unwrap();
+    let real = grant.clone();
+    grant.inviter = kb.identity();
+    let err = e.joined(&inv, grant).await.unwrap_err();
+    assert!(err.to_string().contains("not from the inviter"), "{err}");
+    let mut grant = real.clone();
+    grant.certs.retain(|c| c.member != ke.identity());
+    grant.certs.push(plait_bridge::invite::MemberCert::new(
+        &kb,
+        "plait",
+        ke.identity(),
+        1,
+    ));
+    let err = e.joined(&inv, grant).await.unwrap_err();
+    assert!(err.to_string().contains("signed by the inviter"), "{err}");
+    assert!(e.status().dhts.is_empty(), "{:?}", e.status().dhts);
+    e.joined(&inv, real).await.unwrap();
+    assert!(e.is_member(&ka.identity()));
 }
 
 /// A and B each make a DHT of their own; C joins both. C finds and fetches from each

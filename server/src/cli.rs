@@ -54,6 +54,17 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// List the members of each network (DHT) the running server is in: who admitted each,
+    /// whether it is connected, directly or through a relay; and who was removed.
+    Members {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print JSON rather than text.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<MembersCommand>,
+    },
     /// Look an identity up in the network's DHT and connect to it.
     Resolve {
         #[command(flatten)]
@@ -93,6 +104,22 @@ pub struct TokenArgs {
     /// Revoke the token with this id.
     #[arg(long, value_name = "ID", conflicts_with_all = ["read", "write", "ttl", "label"])]
     pub revoke: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MembersCommand {
+    /// Remove a member (this server must be the network's root or the member that admitted
+    /// it): its connections close, it is refused from then on, everywhere the removal
+    /// reaches; the members it admitted stay.
+    Remove {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The member's identity (52 characters).
+        id: String,
+        /// The network to remove it from; by default every network of this server it is in.
+        #[arg(long)]
+        dht: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

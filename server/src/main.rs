@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use plait_server::cli::{Cli, Command, ImportCommand};
+use plait_server::cli::{AdminArgs, Cli, Command, ImportCommand, MembersCommand};
 use plait_server::config::{Config, LogFormat, Overrides};
 use plait_server::p2p::AdminRequest;
 use tracing_subscriber::EnvFilter;
@@ -39,6 +39,37 @@ fn main() -> ExitCode {
         Command::Status { admin } => admin_command(admin, AdminRequest::Status, |r| {
             serde_json::to_string_pretty(r).unwrap_or_default()
         }),
+        Command::Members {
+            admin,
+            json,
+            action: None,
+        } => admin_command(admin, AdminRequest::Members, |r| {
+            if json {
+                serde_json::to_string_pretty(r).unwrap_or_default()
+            } else {
+                show_members(r)
+            }
+        }),
+        Command::Members {
+            admin,
+            action: Some(MembersCommand::Remove { admin: own, id, dht }),
+            ..
+        } => {
+            let admin = AdminArgs {
+                data_dir: own.data_dir.or(admin.data_dir),
+            };
+            admin_command(admin, AdminRequest::Remove { id, dht }, |r| {
+                let from: Vec<&str> = r["from"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                    .unwrap_or_default();
+                format!(
+                    "removed {} from {}",
+                    r["removed"].as_str().unwrap_or(""),
+                    from.join(", ")
+                )
+            })
+        }
         Command::Resolve { admin, id } => admin_command(admin, AdminRequest::Resolve { id }, |r| {
             serde_json::to_string_pretty(r).unwrap_or_default()
         }),
@@ -105,6 +136,45 @@ fn admin_command(
         .block_on(plait_server::p2p::admin_request(&dir, &req))?;
     println!("{}", show(&result));
     Ok(())
+}
+
+/// `plait members` as text: per network, each member and how it stands, then the removed.
+fn show_members(r: &serde_json::Value) -> String {
+    let Ok(dhts) = serde_json::from_value::<Vec<plait_bridge::node::DhtMembers>>(r["dhts"].clone()) else {
+        return serde_json::to_string_pretty(r).unwrap_or_default();
+    };
+    if dhts.is_empty() {
+        return "this server is in no network yet (`plait invite` makes one, `plait join` joins one)".into();
+    }
+    let mut out = Vec::new();
+    for d in dhts {
+        out.push(format!(
+            "{} (root {}, {} members)",
+            d.dht,
+            d.root,
+            d.members.len()
+        ));
+        for m in &d.members {
+            let origin = match m.admitted_by {
+                Some(by) => format!("admitted by {by}"),
+                None => "root".into(),
+            };
+            let link = if m.this_node {
+                "this server"
+            } else if m.direct {
+                "connected directly"
+            } else if m.connected {
+                "connected through a relay"
+            } else {
+                "not connected"
+            };
+            out.push(format!("  {}  {origin}; {link}", m.id));
+        }
+        for x in &d.removed {
+            out.push(format!("  removed: {} (by {})", x.id, x.removed_by));
+        }
+    }
+    out.join("\n")
 }
 
 fn keygen(args: plait_server::cli::KeygenArgs) -> anyhow::Result<()> {

@@ -4,11 +4,12 @@
 //!   `http`): the invitee's server posts a [`JoinRequest`] there and gets a [`JoinGrant`]
 //!   (member certs and the inviter's addresses), then connects over libp2p as a member.
 //! * The admin socket (`admin.sock` in the data dir, mode 0600, so file permissions guard
-//!   it) is how `plait invite`, `plait join`, `plait status`, `plait resolve` and
-//!   `plait connect` reach the running server: one JSON request line, one JSON answer line.
+//!   it) is how `plait invite`, `plait join`, `plait status`, `plait members` (and
+//!   `members remove`), `plait resolve` and `plait connect` reach the running server: one
+//!   JSON request line, one JSON answer line.
 //!
 //! What the network does lives in `plait_bridge::node`; this module only carries requests
-//! to it.
+//! to it. Its errors are typed ([`JoinError`]); `http::error` alone turns them into statuses.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,8 +27,6 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
-
-use crate::http::error::ApiError;
 
 /// The admin socket's file name in the data dir.
 pub const ADMIN_SOCKET: &str = "admin.sock";
@@ -50,6 +49,12 @@ pub enum AdminRequest {
         link: String,
     },
     Status,
+    Members,
+    Remove {
+        id: String,
+        #[serde(default)]
+        dht: Option<String>,
+    },
     Resolve {
         id: String,
     },
@@ -66,6 +71,19 @@ pub struct AdminResponse {
     pub result: serde_json::Value,
     #[serde(default)]
     pub error: Option<String>,
+}
+
+/// Why an invitee's join request is refused at `POST /.well-known/plait/join`.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("not a join request: {0}")]
+    Malformed(String),
+    /// Expired, used up, not ours, another DHT, a bad signature, a removed member: the
+    /// reason says which.
+    #[error(transparent)]
+    Refused(NodeError),
+    #[error("the p2p node has stopped")]
+    Stopped,
 }
 
 /// The node's state (members, peers, records held) kept as a setting in the store, so it
@@ -120,17 +138,19 @@ impl P2p {
     }
 
     /// Inviter side of `POST /.well-known/plait/join`.
-    pub async fn admit(&self, body: &[u8]) -> Result<JoinGrant, ApiError> {
-        let req: JoinRequest = serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("not a join request: {e}")))?;
+    pub async fn admit(&self, body: &[u8]) -> Result<JoinGrant, JoinError> {
+        let req: JoinRequest =
+            serde_json::from_slice(body).map_err(|e| JoinError::Malformed(e.to_string()))?;
         self.node.admit(req).await.map_err(|e| match e {
-            NodeError::Stopped => ApiError::new(503, "p2p-stopped", "the p2p node has stopped"),
-            // Expired, used up, not ours, another DHT, a bad signature: the reason says which.
-            refused => ApiError::new(403, "invite-refused", refused.to_string()),
+            NodeError::Stopped => JoinError::Stopped,
+            refused => JoinError::Refused(refused),
         })
     }
 
-    /// Invitee side: presents `link` to the inviter and takes what it grants.
+    /// Invitee side: presents `link` to the inviter and takes what it grants. A link not
+    /// signed by the inviter it names is refused before anything is sent or kept; so is a
+    /// grant that is not that inviter's (`JoinGrant::check`), and the node then dials that
+    /// inviter's identity only.
     async fn join(&self, link: &str) -> Result<serde_json::Value, String> {
         let invite = Invite::from_link(link).map_err(|e| e.to_string())?;
         let req = self
@@ -174,7 +194,10 @@ impl P2p {
         let grant: JoinGrant =
             serde_json::from_slice(&body).map_err(|e| format!("the inviter's answer: {e}"))?;
         let (dht, inviter) = (grant.dht.clone(), grant.inviter);
-        self.node.joined(grant).await.map_err(|e| e.to_string())?;
+        self.node
+            .joined(&invite, grant)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(serde_json::json!({ "dht": dht, "inviter": inviter }))
     }
 
@@ -195,6 +218,17 @@ impl P2p {
             }
             AdminRequest::Join { link } => self.join(&link).await,
             AdminRequest::Status => Ok(serde_json::to_value(self.node.status()).expect("serializes")),
+            AdminRequest::Members => {
+                let all = self.node.members().await.map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "dhts": all }))
+            }
+            AdminRequest::Remove { id, dht } => {
+                let member = id
+                    .parse()
+                    .map_err(|e| format!("{id:?} is not an identity: {e}"))?;
+                let from = self.node.remove(member, dht).await.map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "removed": id, "from": from }))
+            }
             AdminRequest::Resolve { id } => {
                 let id = id
                     .parse()

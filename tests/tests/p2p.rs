@@ -650,3 +650,188 @@ fn a_server_in_two_networks() {
         connected(&b).contains(&ida) && connected(&b).contains(&id(&d))
     });
 }
+
+/// `plait members --json` on `p`.
+fn members(p: &Plait) -> serde_json::Value {
+    let text = ok(p, &["members", "--json"]);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The identities `plait members` lists in `p`'s first network.
+fn member_ids(p: &Plait) -> Vec<String> {
+    members(p)["dhts"][0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A invites B and C, who both follow A's `/x`. A removes C: A and B hang up on C at once,
+/// `plait members` no longer lists it, C's replica of `/x` gets none of A's later writes
+/// (B's still does) and says so; C, restarted, is still refused, and cannot rejoin.
+#[test]
+fn a_removed_member_is_cut_off_and_stays_out() {
+    let a = p2p_plait();
+    let b = p2p_plait();
+    let mut c = p2p_plait();
+    let (ida, idb, idc) = (id(&a), id(&b), id(&c));
+    let link = ok(&a, &["invite", "--uses", "2"]);
+    ok(&b, &["join", &link]);
+    ok(&c, &["join", &link]);
+    until("A and B know all three", || {
+        p2p(&a)["members"] == 3 && p2p(&b)["members"] == 3
+    });
+    until("A is connected to B and C, and B to C", || {
+        connected(&a).contains(&idb) && connected(&a).contains(&idc) && connected(&b).contains(&idc)
+    });
+
+    // `plait members`: each member, who admitted it, how it is connected.
+    let listed = members(&a);
+    let dht = &listed["dhts"][0];
+    assert_eq!(
+        (dht["dht"].as_str(), dht["root"].as_str()),
+        (Some("plait"), Some(ida.as_str()))
+    );
+    let of_c = dht["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == idc.as_str())
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(of_c["admitted_by"], ida.as_str());
+    assert_eq!(
+        (of_c["connected"].as_bool(), of_c["direct"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let text = ok(&a, &["members"]);
+    assert!(
+        text.contains(&format!("{idc}  admitted by {ida}; connected directly")),
+        "{text}"
+    );
+
+    let rt = runtime();
+    let json = [("Subscribe", "true"), ("Accept", "application/json")];
+    let path = format!("/~{ida}/x");
+    let (mut on_b, mut on_c) = rt.block_on(async {
+        put_json(&a, "/x", r#"{"n":1}"#).await;
+        let mut on_b = wire::subscribe(b.addr, &path, &json).await;
+        let mut on_c = wire::subscribe(c.addr, &path, &json).await;
+        for s in [&mut on_b, &mut on_c] {
+            assert_eq!((s.status, s.header("plait-replica")), (209, Some("live")));
+            assert_eq!(s.next_block(T).await.unwrap().body_text(), r#"{"n":1}"#);
+        }
+        put_json(&a, "/x", r#"{"n":2}"#).await;
+        for s in [&mut on_b, &mut on_c] {
+            until_body(s, r#"{"n":2}"#).await;
+        }
+        (on_b, on_c)
+    });
+
+    // Only the root, or the member that admitted C, may remove it: B may not.
+    let (removed, why) = admin(&b, &["members", "remove", &idc]);
+    assert!(!removed && why.contains("may remove"), "{why}");
+    assert_eq!(
+        ok(&a, &["members", "remove", &idc]),
+        format!("removed {idc} from plait")
+    );
+    assert!(!connected(&a).contains(&idc), "A closes C's connections at once");
+    until("B learns of it from A and hangs up on C", || {
+        !connected(&b).contains(&idc) && !member_ids(&b).contains(&idc)
+    });
+    for p in [&a, &b] {
+        let listed = members(p);
+        assert_eq!(listed["dhts"][0]["removed"][0]["id"], idc.as_str(), "{listed}");
+        assert_eq!(listed["dhts"][0]["removed"][0]["removed_by"], ida.as_str());
+        assert_eq!(member_ids(p).len(), 2);
+    }
+    let (removed, why) = admin(&a, &["members", "remove", &idc]);
+    assert!(!removed && why.contains("was removed"), "{why}");
+
+    rt.block_on(async {
+        put_json(&a, "/x", r#"{"n":3}"#).await;
+        until_body(&mut on_b, r#"{"n":3}"#).await;
+        // Nothing more reaches C.
+        while let Some(block) = on_c.next_block(Duration::from_secs(3)).await {
+            assert_ne!(
+                block.body_text(),
+                r#"{"n":3}"#,
+                "C got A's write after its removal"
+            );
+        }
+        let r = wire::send(c.addr, "GET", &path, &[("Accept", "application/json")], b"").await;
+        assert_eq!((r.status, r.text().as_str()), (200, r#"{"n":2}"#));
+        assert_eq!(r.header("plait-replica"), Some("offline"));
+    });
+
+    // C restarts from its saved state (which still counts A and B as members): refused.
+    c.restart();
+    let a_addr = format!(
+        "{}/p2p/{}",
+        p2p(&a)["listen"][0].as_str().unwrap(),
+        p2p(&a)["peer_id"].as_str().unwrap()
+    );
+    let (dialled, why) = admin(&c, &["connect", &a_addr]);
+    assert!(!dialled && why.contains("not admitted"), "{why}");
+    rt.block_on(async {
+        put_json(&a, "/x", r#"{"n":4}"#).await;
+        until_body(&mut on_b, r#"{"n":4}"#).await;
+        let r = wire::send(c.addr, "GET", &path, &[("Accept", "application/json")], b"").await;
+        assert_eq!((r.status, r.text().as_str()), (200, r#"{"n":2}"#));
+        assert_eq!(r.header("plait-replica"), Some("offline"));
+    });
+    // C dialled them (at start, and to fetch for the read): they hung up each time.
+    assert!(!connected(&a).contains(&idc) && !connected(&b).contains(&idc));
+    // Nor can C come back through another member's invite.
+    let link = ok(&b, &["invite"]);
+    let (joined, why) = admin(&c, &["join", &link]);
+    assert!(!joined && why.contains("was removed"), "{why}");
+}
+
+/// A link whose signature is not the inviter's it names is refused by `plait join`, which
+/// then neither contacts anyone nor keeps anything; a link re-made by another key in its
+/// own name is refused by the server it points at.
+#[test]
+fn join_refuses_a_link_not_signed_by_the_inviter_it_names() {
+    let a = p2p_plait();
+    let d = p2p_plait();
+    let ida = id(&a);
+    let link = ok(&a, &["invite"]);
+    let real: plait_bridge::invite::Invite = serde_json::from_value(decode_link(&link)).unwrap();
+    let other = plait_bridge::Keypair::generate();
+    let remade = plait_bridge::invite::Invite::new(
+        &other,
+        &real.dht,
+        real.root,
+        real.addrs.clone(),
+        real.join_url.clone(),
+        real.expires_at,
+        real.uses,
+    );
+    let to_link = |inv: &plait_bridge::invite::Invite| inv.to_link();
+    // Signed by another key, still naming A.
+    let mut resigned = remade.clone();
+    resigned.inviter = real.inviter;
+    // Naming another inviter, with A's signature.
+    let mut swapped = real.clone();
+    swapped.inviter = other.identity();
+    for (forged, named) in [
+        (to_link(&resigned), ida.clone()),
+        (to_link(&swapped), other.identity().to_string()),
+    ] {
+        let (joined, why) = admin(&d, &["join", &forged]);
+        assert!(
+            !joined && why.contains("not the inviter's") && why.contains(&named),
+            "{why}"
+        );
+    }
+    // A link that another key made in its own name, pointing at A: A made no such invite.
+    let (joined, why) = admin(&d, &["join", &to_link(&remade)]);
+    assert!(!joined && why.contains("not made by this node"), "{why}");
+    assert_eq!(p2p(&d)["dhts"], serde_json::json!([]));
+    assert!(connected(&a).is_empty() && connected(&d).is_empty());
+    assert_eq!(p2p(&a)["members"], 1);
+    // The real link, unused, still admits D.
+    assert!(ok(&d, &["join", &link]).contains(&ida));
+    until("A and D connect", || connected(&a).contains(&id(&d)));
+}

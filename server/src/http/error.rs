@@ -223,6 +223,17 @@ impl From<crate::access::accounts::AccountError> for ApiError {
     }
 }
 
+impl From<crate::p2p::JoinError> for ApiError {
+    fn from(e: crate::p2p::JoinError) -> Self {
+        use crate::p2p::JoinError;
+        match e {
+            JoinError::Malformed(_) => ApiError::bad_request(e.to_string()),
+            JoinError::Refused(_) => ApiError::new(403, "invite-refused", e.to_string()),
+            JoinError::Stopped => ApiError::new(503, "p2p-stopped", e.to_string()),
+        }
+    }
+}
+
 impl From<crate::statebus::access::AccessError> for ApiError {
     fn from(e: crate::statebus::access::AccessError) -> Self {
         use crate::statebus::access::AccessError;

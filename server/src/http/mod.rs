@@ -262,7 +262,7 @@ async fn join(State(app): State<App>, req: Request<Body>) -> axum::response::Res
     };
     match p2p.admit(&body).await {
         Ok(grant) => axum::response::IntoResponse::into_response(axum::Json(grant)),
-        Err(e) => e.into_response(),
+        Err(e) => error::ApiError::from(e).into_response(),
     }
 }
 
