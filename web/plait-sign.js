@@ -2,7 +2,7 @@
 // HTTP Message Signatures (RFC 9421) with a Content-Digest (RFC 9530) of the body.
 //
 // The server's side is server/src/access/signature.rs; the two agree byte for byte (a test
-// in tests/tests/signature_js.rs checks it). A signed request carries:
+// in server/tests/signature_js.rs checks it). A signed request carries:
 //
 //   Content-Digest: sha-256=:<base64>:                  (PUT, PATCH, POST, or any body)
 //   Signature-Input: sig1=("@method" "@target-uri" "content-digest");created=<unix s>

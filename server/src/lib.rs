@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the code map.
 
+pub mod access;
 pub mod accounts;
 pub mod braid;
 pub mod cli;

@@ -1,5 +1,5 @@
 // Signs requests with web/plait-sign.js and prints them as one JSON line, for
-// tests/tests/signature_js.rs to verify with the server's Rust code.
+// server/tests/signature_js.rs to verify with the server's Rust code.
 //
 //   node sign_vector.mjs <seed hex, 64 digits> <created unix s> <nonce>
 import { register } from 'node:module';
