@@ -1198,6 +1198,27 @@ mod tests {
             ),
             Err(SignatureError::MissingComponent("@method"))
         );
+        // PUT, PATCH and POST must cover a digest, even without any body header (the
+        // check comes before the signature's).
+        for method in [Method::PUT, Method::PATCH, Method::POST] {
+            assert_eq!(
+                verify_request(&method, URI, &sign_raw(&key, &both, &ok), NOW, SKEW),
+                Err(SignatureError::MissingComponent("content-digest"))
+            );
+        }
+        // So must any request with a Content-Digest or a chunked body.
+        let mut with_digest = sign_raw(&key, &both, &ok);
+        with_digest.insert(CONTENT_DIGEST, HeaderValue::from_static("sha-256=:AAAA:"));
+        assert_eq!(
+            verify_request(&Method::GET, URI, &with_digest, NOW, SKEW),
+            Err(SignatureError::MissingComponent("content-digest"))
+        );
+        let mut chunked = sign_raw(&key, &both, &ok);
+        chunked.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert_eq!(
+            verify_request(&Method::DELETE, URI, &chunked, NOW, SKEW),
+            Err(SignatureError::MissingComponent("content-digest"))
+        );
         // A GET that announces a body must cover its digest.
         let mut with_length = sign_raw(&key, &both, &ok);
         with_length.insert(CONTENT_LENGTH, HeaderValue::from_static("5"));
