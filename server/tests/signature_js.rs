@@ -1,7 +1,7 @@
 //! The browser/Node signer (`web/plait-sign.js`, run by Node through
 //! `tests/clients/sign_vector.mjs`) and the server's verifier
 //! (`plait_server::access::signature`) agree: what the JavaScript signs, Rust verifies, and a
-//! tampered copy is refused.
+//! tampered copy is refused; what Rust signs, the JavaScript signs to the same bytes.
 //!
 //! Needs Node.js 20 and `npm ci` run in `tests/clients` (`tests/run` does it).
 
@@ -11,8 +11,8 @@ use std::process::Command;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use plait_bridge::Keypair;
 use plait_server::access::signature::{
-    CONTENT_DIGEST, SIGNATURE, SIGNATURE_INPUT, SignatureError, check_content_digest, target_uri,
-    verify_request,
+    CONTENT_DIGEST, SIGNATURE, SIGNATURE_INPUT, SignatureError, check_content_digest, sign_request,
+    target_uri, verify_request,
 };
 use serde_json::Value;
 
@@ -52,14 +52,25 @@ struct Received {
     body: Option<Vec<u8>>,
 }
 
-fn requests() -> (String, Vec<Received>) {
-    let seed_hex: String = SEED.iter().map(|b| format!("{b:02x}")).collect();
-    let out = node("sign_vector.mjs", &[&seed_hex, &CREATED.to_string(), NONCE]);
+fn seed_hex() -> String {
+    SEED.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first line of node's output that holds a JSON object.
+fn json_line(out: &str) -> Value {
     let line = out
         .lines()
         .find(|l| l.starts_with('{'))
         .unwrap_or_else(|| panic!("no JSON line in node's output:\n{out}"));
-    let json: Value = serde_json::from_str(line).expect("sign_vector.mjs prints JSON");
+    serde_json::from_str(line).expect("sign_vector.mjs prints JSON")
+}
+
+fn requests() -> (String, Vec<Received>) {
+    let seed_hex = seed_hex();
+    let json = json_line(&node(
+        "sign_vector.mjs",
+        &[&seed_hex, &CREATED.to_string(), NONCE],
+    ));
     let identity = json["identity"].as_str().expect("identity").to_owned();
     assert_eq!(json["identityOfPublicKey"].as_str(), Some(identity.as_str()));
     let requests = json["requests"]
@@ -165,4 +176,41 @@ fn javascript_signatures_verify_in_rust() {
         verify_request(&get.method, &target, &stripped, CREATED, 60),
         Err(SignatureError::Malformed(_))
     ));
+}
+
+/// ed25519 signatures are deterministic, so given the same key, time and nonce the two
+/// signers must produce the same fields, byte for byte.
+#[test]
+fn rust_and_javascript_sign_the_same_bytes() {
+    let key = Keypair::from_secret_bytes(&SEED);
+    let url = format!("http://127.0.0.1:8123/~{}/notes/caf%C3%A9?x=1", key.identity());
+    let body = "h\u{e9}llo \u{2713}";
+    let mut headers = HeaderMap::new();
+    sign_request(
+        &key,
+        &Method::PATCH,
+        &url,
+        &mut headers,
+        Some(body.as_bytes()),
+        CREATED,
+        60,
+    )
+    .expect("signs");
+    let nonce = verify_request(&Method::PATCH, &url, &headers, CREATED, 60)
+        .expect("Rust verifies its own")
+        .nonce;
+    let request = serde_json::json!({ "method": "patch", "url": url, "body": body }).to_string();
+    let json = json_line(&node(
+        "sign_vector.mjs",
+        &[&seed_hex(), &CREATED.to_string(), &nonce, &request],
+    ));
+    let js = json["headers"].as_object().expect("headers");
+    assert_eq!(js.len(), 3, "{js:?}");
+    for name in [CONTENT_DIGEST, SIGNATURE_INPUT, SIGNATURE] {
+        assert_eq!(
+            js[name.as_str()].as_str(),
+            headers[&name].to_str().ok(),
+            "{name} differs"
+        );
+    }
 }
