@@ -252,7 +252,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         identity,
         limits: Arc::new(cfg.limits.clone()),
         access,
-        secure_cookies: cfg
+        https: cfg
             .public_url
             .as_deref()
             .is_some_and(|u| u.starts_with("https://")),

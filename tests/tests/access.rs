@@ -599,3 +599,118 @@ async fn stored_html_runs_no_script_in_a_browser() {
     .unwrap();
     assert!(out.contains("ok:"), "{out}");
 }
+
+/// Signs a request as `key` would (RFC 9421), for `wire::send`.
+fn signed(
+    p: &Plait,
+    key: &plait_bridge::Keypair,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    now: u64,
+) -> Vec<(String, String)> {
+    let mut h = http::HeaderMap::new();
+    plait_server::access::signature::sign_request(
+        key,
+        &method.parse().unwrap(),
+        &format!("http://{}{path}", p.addr),
+        &mut h,
+        body,
+        now,
+        60,
+    )
+    .unwrap();
+    h.iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+        .collect()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn send_signed(
+    p: &Plait,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> wire::Response {
+    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    wire::send(p.addr, method, path, &h, body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_requests_act_as_their_identity() {
+    let p = owned(Store::Embedded);
+    let friend = plait_bridge::Keypair::generate();
+    let stranger = plait_bridge::Keypair::generate();
+    let owner = bearer(&p.owner_token());
+    let rules = json!({"rules": [
+        {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
+        {"path": "/inbox", "write": [format!("identity:{}", friend.identity())]},
+    ]});
+    let r = put(
+        &p,
+        "/.well-known/plait/access",
+        &[
+            ("Authorization", owner.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        &rules.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // The friend's signed PUT lands, attributed to it.
+    let h = signed(&p, &friend, "PUT", "/inbox/1", Some(b"hello"), now());
+    let r = send_signed(&p, "PUT", "/inbox/1", &h, b"hello").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        wire::send(p.addr, "GET", "/inbox/1", &[], b"").await.text(),
+        "hello"
+    );
+    // The same request again is a replay.
+    let r = send_signed(&p, "PUT", "/inbox/1", &h, b"hello").await;
+    assert_eq!(
+        (r.status, r.header("plait-error")),
+        (401, Some("signature-replayed")),
+        "{}",
+        r.text()
+    );
+    // A body that is not the one signed.
+    let h = signed(&p, &friend, "PUT", "/inbox/2", Some(b"hello"), now());
+    let r = send_signed(&p, "PUT", "/inbox/2", &h, b"HELLO").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(wire::send(p.addr, "GET", "/inbox/2", &[], b"").await.text(), "");
+    // Another path than the one signed.
+    let h = signed(&p, &friend, "PUT", "/inbox/3", Some(b"x"), now());
+    assert_eq!(send_signed(&p, "PUT", "/inbox/4", &h, b"x").await.status, 401);
+    // Expired, and from the future beyond the skew.
+    let h = signed(&p, &friend, "PUT", "/inbox/5", Some(b"x"), now() - 3600);
+    assert_eq!(send_signed(&p, "PUT", "/inbox/5", &h, b"x").await.status, 401);
+    let h = signed(&p, &friend, "PUT", "/inbox/6", Some(b"x"), now() + 3600);
+    assert_eq!(send_signed(&p, "PUT", "/inbox/6", &h, b"x").await.status, 401);
+    // A forgery: signed by a stranger, claiming to be the friend.
+    let mut h = signed(&p, &stranger, "PUT", "/inbox/7", Some(b"x"), now());
+    for (k, v) in h.iter_mut() {
+        if k == "signature-input" {
+            *v = v.replace(&stranger.identity().to_string(), &friend.identity().to_string());
+        }
+    }
+    assert_eq!(send_signed(&p, "PUT", "/inbox/7", &h, b"x").await.status, 401);
+    // A genuine stranger is who it says, and the rules do not let it write: 403.
+    let h = signed(&p, &stranger, "PUT", "/inbox/8", Some(b"x"), now());
+    let r = send_signed(&p, "PUT", "/inbox/8", &h, b"x").await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(json_of(&r)["rule"], "/inbox");
+    // The friend is no owner elsewhere.
+    let h = signed(&p, &friend, "PUT", "/elsewhere", Some(b"x"), now());
+    assert_eq!(send_signed(&p, "PUT", "/elsewhere", &h, b"x").await.status, 403);
+    // Signed with the instance key, a request is the owner's.
+    let keys = plait_bridge::Keypair::load(&p.data_dir().join("identity.pem")).unwrap();
+    let h = signed(&p, &keys, "DELETE", "/inbox/1", None, now());
+    assert_eq!(send_signed(&p, "DELETE", "/inbox/1", &h, b"").await.status, 204);
+}

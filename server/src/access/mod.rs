@@ -25,6 +25,7 @@
 
 pub mod accounts;
 pub mod rules;
+pub mod signature;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -223,6 +224,8 @@ struct Inner {
     rules: ArcSwap<Rules>,
     /// Bumped on every rule change; subscriptions wait on it.
     changed: watch::Sender<u64>,
+    /// Nonces of signed requests, until their signatures expire.
+    nonces: signature::NonceCache,
 }
 
 fn is_private(path: &ResourcePath) -> bool {
@@ -244,10 +247,11 @@ impl Access {
                 owner: accounts.instance(),
                 accounts,
                 tokens,
-                settings,
                 rules_key,
                 rules: ArcSwap::from_pointee(defaults),
                 changed: watch::channel(0).0,
+                nonces: signature::NonceCache::new(settings.signature_nonce_cache.max(1)),
+                settings,
             }),
         }
     }
@@ -339,6 +343,32 @@ impl Access {
         } else {
             Caller::Token(Arc::new(g))
         })
+    }
+
+    /// Verifies a signed request (RFC 9421): the signature, its times against
+    /// `access.signature_max_skew_secs`, and that its nonce was not seen before. The body,
+    /// when the signature covers its digest, is checked by the caller once it is read
+    /// ([`signature::check_content_digest`]).
+    pub fn verify_signature(
+        &self,
+        method: &http::Method,
+        target_uri: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<signature::Verified, signature::SignatureError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let v = signature::verify_request(
+            method,
+            target_uri,
+            headers,
+            now,
+            self.inner.settings.signature_max_skew_secs,
+        )?;
+        self.inner
+            .nonces
+            .check_and_insert(&v.identity, &v.nonce, v.expires, now)?;
+        Ok(v)
     }
 
     /// The caller an identity that proved itself makes (the owner's key is the owner).

@@ -197,6 +197,15 @@ impl From<crate::access::Refusal> for ApiError {
     }
 }
 
+impl From<crate::access::signature::SignatureError> for ApiError {
+    /// A signature that does not check out is no credential: 401, with its reason's code.
+    fn from(e: crate::access::signature::SignatureError) -> Self {
+        let mut err = ApiError::unauthenticated(e.to_string());
+        err.code = e.code();
+        err
+    }
+}
+
 impl From<crate::access::WriteRefused> for ApiError {
     fn from(e: crate::access::WriteRefused) -> Self {
         match e {

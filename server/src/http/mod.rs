@@ -59,8 +59,8 @@ pub struct App {
     pub p2p: Option<Arc<crate::p2p::P2p>>,
     /// Replicas of other members' resources (with the p2p node).
     pub federation: Option<Arc<crate::federation::Federation>>,
-    /// Cookies are marked `Secure` (the server is reached over HTTPS).
-    pub secure_cookies: bool,
+    /// The server is reached over HTTPS (`public_url`): cookies are `Secure`, signed requests name `https:` URIs.
+    pub https: bool,
     /// Cancelled when the server begins to shut down; open subscriptions end on it.
     pub shutdown: CancellationToken,
     pub started: Instant,

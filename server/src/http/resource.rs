@@ -114,10 +114,25 @@ pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> 
 /// A credential that does not check out is refused (401), never taken as anonymous.
 pub(crate) async fn authenticate(
     app: &App,
-    _method: &Method,
-    _uri: &http::Uri,
+    method: &Method,
+    uri: &http::Uri,
     h: &HeaderMap,
 ) -> Result<Authenticated, ApiError> {
+    use crate::access::signature;
+    if h.contains_key(signature::SIGNATURE) || h.contains_key(signature::SIGNATURE_INPUT) {
+        let scheme = if app.https { "https" } else { "http" };
+        let target = signature::target_uri(scheme, h, uri);
+        let v = app
+            .access
+            .verify_signature(method, &target, h)
+            .map_err(ApiError::from)?;
+        let member = app.p2p.as_ref().is_some_and(|p| p.node.is_member(&v.identity));
+        return Ok(Authenticated {
+            caller: app.access.identity(v.identity, member),
+            session: None,
+            signed: v.covers_digest,
+        });
+    }
     if let Some(auth) = h.get(http::header::AUTHORIZATION) {
         let token = auth
             .to_str()
@@ -536,7 +551,9 @@ async fn put(
     let ip = req.extensions().get::<super::Peer>().map(|p| p.0.ip());
     let (parts, body) = req.into_parts();
     let body = read_body(body, &parts.headers, app.limits.max_body_bytes).await?;
-    // SIGNED-DIGEST-CHECK
+    if auth.signed {
+        crate::access::signature::check_content_digest(&parts.headers, &body)?;
+    }
     let write_body = crate::braid::patch::parse_write_body(&parts.headers, body)?;
     app.access.check_write(&auth.caller, &key, &write_body)?;
     let writer = auth.caller.writer(app.identity, ip);
@@ -735,7 +752,7 @@ async fn current_user(
         let cookie = format!(
             "{SESSION_COOKIE}={session}; Path=/; Max-Age={}; SameSite=Lax; HttpOnly{}",
             accounts.session_lifetime().as_secs(),
-            if app.secure_cookies { "; Secure" } else { "" }
+            if app.https { "; Secure" } else { "" }
         );
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             res.headers_mut().append(http::header::SET_COOKIE, v);
