@@ -475,7 +475,13 @@ impl Actor {
                 agent_hint: w.peer.as_deref(),
                 force: creating,
                 digest: w.digest.as_ref(),
-                max_json_depth: self.config.limits.max_json_depth,
+                // The server's own writes (rules, accounts, imports) are its to shape;
+                // the limit guards against clients.
+                max_json_depth: if w.writer == crate::engine::Writer::Internal {
+                    crate::doc::json::MAX_JSON_DEPTH
+                } else {
+                    self.config.limits.max_json_depth
+                },
             };
             let heavy = w.size() > HEAVY_BYTES;
             match cpu_bound(heavy, || p.doc.apply(&dw, now / 1000)) {
