@@ -25,7 +25,7 @@ pub struct ApiError {
     headers: Vec<(&'static str, String)>,
     phrase: Option<&'static str>,
     /// A machine-readable body (sent as JSON instead of the one-line reason).
-    json: Option<serde_json::Value>,
+    json: Option<Box<serde_json::Value>>,
 }
 
 /// What a client without a credential is told it may use.
@@ -192,7 +192,7 @@ impl From<crate::access::Refusal> for ApiError {
         } else {
             ApiError::forbidden(r.reason.clone())
         };
-        e.json = Some(r.to_json());
+        e.json = Some(Box::new(r.to_json()));
         e
     }
 }
