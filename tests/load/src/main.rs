@@ -92,6 +92,11 @@ enum Cmd {
         /// `json` (a small object per PUT) or `text` (a small insertion per PUT).
         #[arg(long, default_value = "json")]
         kind: String,
+        /// How each PUT proves who sends it: `none` (anonymous), `token:TOKEN` (a bearer
+        /// token), or `sign:KEY.pem` (an RFC 9421 signature by that ed25519 key, made
+        /// afresh for every request, as a client would).
+        #[arg(long, default_value = "none")]
+        auth: String,
     },
     /// Federation sync: writes N changes to a text document at its home, then times how
     /// long a replica on another member takes to hold them all.
@@ -624,12 +629,68 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
     }))
 }
 
+/// How the PUTs of [`puts`] authenticate.
+#[derive(Clone)]
+enum Auth {
+    None,
+    Token(String),
+    Sign(Arc<plait_bridge::Keypair>),
+}
+
+impl Auth {
+    fn parse(s: &str) -> anyhow::Result<Auth> {
+        Ok(match s.split_once(':') {
+            None if s == "none" => Auth::None,
+            Some(("token", t)) => Auth::Token(format!("Bearer {t}")),
+            Some(("sign", path)) => Auth::Sign(Arc::new(
+                plait_bridge::Keypair::load(std::path::Path::new(path))
+                    .with_context(|| format!("loading the key {path}"))?,
+            )),
+            _ => bail!("--auth is none, token:TOKEN or sign:KEY.pem, not {s}"),
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Auth::None => "none",
+            Auth::Token(_) => "token",
+            Auth::Sign(_) => "signature",
+        }
+    }
+
+    /// The headers that authenticate one request (`Host: load`, as [`Conn::send`] says).
+    fn headers(&self, method: &str, path: &str, body: &[u8]) -> anyhow::Result<Vec<(String, String)>> {
+        Ok(match self {
+            Auth::None => Vec::new(),
+            Auth::Token(t) => vec![("Authorization".into(), t.clone())],
+            Auth::Sign(key) => {
+                let mut h = http::HeaderMap::new();
+                let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+                plait_server::access::signature::sign_request(
+                    key,
+                    &method.parse()?,
+                    &format!("http://load{path}"),
+                    &mut h,
+                    Some(body),
+                    now,
+                    60,
+                )
+                .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+                h.iter()
+                    .map(|(k, v)| Ok((k.to_string(), v.to_str()?.to_string())))
+                    .collect::<anyhow::Result<_>>()?
+            }
+        })
+    }
+}
+
 async fn puts(
     url: &str,
     resources: usize,
     concurrency: usize,
     seconds: u64,
     kind: &str,
+    auth: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let addr = addr_of(url)?;
     let text = match kind {
@@ -637,6 +698,8 @@ async fn puts(
         "text" => true,
         other => bail!("--kind is json or text, not {other}"),
     };
+    let auth = Auth::parse(auth)?;
+    let auth_name = auth.name();
     let lat = Arc::new(Mutex::new(hist()));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -644,6 +707,7 @@ async fn puts(
     let mut tasks = Vec::new();
     for w in 0..concurrency {
         let (lat, done, errors) = (lat.clone(), done.clone(), errors.clone());
+        let auth = auth.clone();
         tasks.push(tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
@@ -654,20 +718,18 @@ async fn puts(
                 let r = (w as u64 * 7919 + i * 104_729) as usize % resources;
                 let path = format!("/bench/puts/{r}");
                 let sent = Instant::now();
-                if text {
-                    c.send(&mut s, "PUT", &path, &[("Content-Range", "text [0:0]")], b"x")
-                        .await?;
+                let (body, mut headers) = if text {
+                    (b"x".to_vec(), vec![("Content-Range", "text [0:0]")])
                 } else {
-                    let body = format!("{{\"w\":{w},\"i\":{i}}}");
-                    c.send(
-                        &mut s,
-                        "PUT",
-                        &path,
-                        &[("Content-Type", "application/json")],
-                        body.as_bytes(),
+                    (
+                        format!("{{\"w\":{w},\"i\":{i}}}").into_bytes(),
+                        vec![("Content-Type", "application/json")],
                     )
-                    .await?;
-                }
+                };
+                // Signing is part of what a signed request costs: inside the timing.
+                let proof = auth.headers("PUT", &path, &body)?;
+                headers.extend(proof.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                c.send(&mut s, "PUT", &path, &headers, &body).await?;
                 let (status, _) = c.recv(&mut s).await?;
                 if status == 200 {
                     local.record(sent.elapsed().as_micros().max(1) as u64)?;
@@ -690,6 +752,7 @@ async fn puts(
     Ok(serde_json::json!({
         "workload": "puts",
         "kind": kind,
+        "auth": auth_name,
         "resources": resources,
         "concurrency": concurrency,
         "seconds": secs,
@@ -907,7 +970,8 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
                 seconds,
                 kind,
-            } => puts(&url, resources, concurrency, seconds, &kind).await,
+                auth,
+            } => puts(&url, resources, concurrency, seconds, &kind, &auth).await,
             Cmd::Sync {
                 home,
                 replica,
