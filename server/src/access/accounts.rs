@@ -26,7 +26,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use plait_bridge::{Identity, Keypair};
@@ -37,7 +36,6 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::engine::{Engine, EngineError, Write, Writer};
 use crate::model::{ResourceKey, ResourcePath};
-use crate::update::WriteBody;
 
 /// What the reference server says when a login fails (apps show these strings).
 pub const LOGIN_FAILED: &str = "Cannot log in with that information";
@@ -143,21 +141,6 @@ pub struct Accounts {
 
 fn key(ns: Identity, path: &str) -> ResourceKey {
     ResourceKey::new(ns, ResourcePath::new(path).expect("account paths are valid"))
-}
-
-fn json_write(value: &Value) -> Write {
-    Write {
-        body: WriteBody::Full {
-            media_type: Some("application/json".into()),
-            body: Bytes::from(serde_json::to_vec(value).expect("JSON serializes")),
-        },
-        version: None,
-        parents: None,
-        peer: None,
-        author: None,
-        digest: None,
-        writer: Writer::Internal,
-    }
 }
 
 /// Whether a path segment is safe to use as an account handle in a path.
@@ -275,7 +258,7 @@ impl Accounts {
         self.engine
             .write(
                 &key(self.master, &format!("accounts/{}", handle(&r.name))),
-                json_write(&serde_json::to_value(r).expect("record")),
+                Write::internal_json(&serde_json::to_value(r).expect("record")),
             )
             .await?;
         Ok(())
@@ -355,7 +338,7 @@ impl Accounts {
         self.engine
             .write(
                 &key(account.identity, ""),
-                json_write(&serde_json::json!({ "name": name })),
+                Write::internal_json(&serde_json::json!({ "name": name })),
             )
             .await?;
         Ok(account)
@@ -506,7 +489,7 @@ impl Accounts {
         self.engine
             .write(
                 k,
-                json_write(&serde_json::json!({
+                Write::internal_json(&serde_json::json!({
                     "account": account.handle(),
                     "epoch": epoch,
                     "expires_ms": expires_ms,

@@ -261,8 +261,7 @@ impl Access {
     pub async fn start(&self, engine: &Engine) -> Result<(), EngineError> {
         let key = self.inner.rules_key.clone();
         if !engine.read(&key).await?.exists() {
-            let doc = serde_json::to_vec(&Rules::default_document()).expect("JSON");
-            engine.write(&key, internal_json_write(doc)).await?;
+            engine.write(&key, Write::internal_json(&Rules::default_document())).await?;
         }
         self.reload(engine).await;
         let mut sub = engine.subscribe(&key, None, None).await?;
@@ -543,19 +542,4 @@ fn list(l: &[rules::Prefix]) -> String {
         return "nothing".into();
     }
     l.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-}
-
-fn internal_json_write(doc: Vec<u8>) -> Write {
-    Write {
-        body: WriteBody::Full {
-            media_type: Some("application/json".into()),
-            body: doc.into(),
-        },
-        version: None,
-        parents: None,
-        peer: None,
-        author: None,
-        digest: None,
-        writer: Writer::Internal,
-    }
 }

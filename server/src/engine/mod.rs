@@ -105,6 +105,23 @@ pub struct Write {
 }
 
 impl Write {
+    /// A whole JSON value written by the server itself (accounts, sessions, the access
+    /// rules, imports): no peer, no author, not rate-limited.
+    pub fn internal_json(value: &serde_json::Value) -> Write {
+        Write {
+            body: WriteBody::Full {
+                media_type: Some("application/json".into()),
+                body: bytes::Bytes::from(serde_json::to_vec(value).expect("JSON serializes")),
+            },
+            version: None,
+            parents: None,
+            peer: None,
+            author: None,
+            digest: None,
+            writer: Writer::Internal,
+        }
+    }
+
     /// Bytes the write brings (what the quota counts before storing).
     pub(crate) fn size(&self) -> u64 {
         match &self.body {

@@ -19,14 +19,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use super::keys::StatebusKey;
 use crate::access::accounts::{self, Accounts};
-use crate::engine::{Engine, Write, Writer};
+use crate::engine::{Engine, Write};
 use crate::model::{ResourceKey, ResourcePath};
-use crate::update::WriteBody;
 
 /// Where a statebus store is.
 #[derive(Debug, Clone)]
@@ -168,21 +166,6 @@ fn unpointer(v: Value) -> Value {
     }
 }
 
-fn write_of(value: &Value) -> Write {
-    Write {
-        body: WriteBody::Full {
-            media_type: Some("application/json".into()),
-            body: Bytes::from(serde_json::to_vec(value).expect("JSON serializes")),
-        },
-        version: None,
-        parents: None,
-        peer: None,
-        author: None,
-        digest: None,
-        writer: Writer::Internal,
-    }
-}
-
 /// Keys that are derived, per connection, or the server's own bookkeeping.
 fn skip_reason(key: &str) -> Option<&'static str> {
     match key {
@@ -263,7 +246,7 @@ pub async fn import(
         let r = engine
             .write(
                 &ResourceKey::new(account.identity, ResourcePath::new("")?),
-                write_of(&Value::Object(profile)),
+                Write::internal_json(&Value::Object(profile)),
             )
             .await?;
         if r.changed {
@@ -322,7 +305,7 @@ pub async fn import(
             report.skipped.push((key.clone(), "no value".into()));
             continue;
         };
-        match engine.write(&k, write_of(&unpointer(value))).await {
+        match engine.write(&k, Write::internal_json(&unpointer(value))).await {
             Ok(r) if r.changed => report.written += 1,
             Ok(_) => report.unchanged += 1,
             Err(e) => report.skipped.push((key.clone(), e.to_string())),

@@ -267,6 +267,25 @@ impl Session {
         }
     }
 
+    /// Writes `body` to `rk` (named `key` by the client) once the access layer allows it;
+    /// a refused or failed write is told to the client and its state reverted.
+    async fn write(&self, key: &str, target: &Target, rk: &ResourceKey, body: WriteBody) {
+        if let Err(e) = self.app.access.check_write(&self.viewer(), rk, &body) {
+            match e {
+                crate::access::WriteRefused::Refused(r) => self.refused(&r, key).await,
+                crate::access::WriteRefused::InvalidRules(m) => self.error(&m, Some(key)).await,
+            }
+            return self.revert(key, Some(target)).await;
+        }
+        match self.app.engine.write(rk, self.write_for(body)).await {
+            Ok(_) => self.app.access.written(&self.app.engine, rk).await,
+            Err(e) => {
+                self.error(&e.to_string(), Some(key)).await;
+                self.revert(key, Some(target)).await;
+            }
+        }
+    }
+
     /// Who a delete from this connection is limited as.
     fn write_for_delete(&self) -> crate::engine::Writer {
         self.viewer().writer(self.app.identity, Some(self.ip))
@@ -318,20 +337,7 @@ impl Session {
             media_type: Some("application/json".into()),
             body: Bytes::from(serde_json::to_vec(&val).expect("JSON serializes")),
         };
-        if let Err(e) = self.app.access.check_write(&self.viewer(), &rk, &body) {
-            match e {
-                crate::access::WriteRefused::Refused(r) => self.refused(&r, key).await,
-                crate::access::WriteRefused::InvalidRules(m) => self.error(&m, Some(key)).await,
-            }
-            return self.revert(key, Some(&target)).await;
-        }
-        match self.app.engine.write(&rk, self.write_for(body)).await {
-            Ok(_) => self.app.access.written(&self.app.engine, &rk).await,
-            Err(e) => {
-                self.error(&e.to_string(), Some(key)).await;
-                self.revert(key, Some(&target)).await;
-            }
-        }
+        self.write(key, &target, &rk, body).await;
     }
 
     /// The owner edits their profile: a new `pass` or `email` goes to the account record;
@@ -397,20 +403,7 @@ impl Session {
         }
         let rk = target.key.clone().expect("checked");
         let body = WriteBody::Patches(typed);
-        if let Err(e) = self.app.access.check_write(&self.viewer(), &rk, &body) {
-            match e {
-                crate::access::WriteRefused::Refused(r) => self.refused(&r, key).await,
-                crate::access::WriteRefused::InvalidRules(m) => self.error(&m, Some(key)).await,
-            }
-            return self.revert(key, Some(&target)).await;
-        }
-        match self.app.engine.write(&rk, self.write_for(body)).await {
-            Ok(_) => self.app.access.written(&self.app.engine, &rk).await,
-            Err(e) => {
-                self.error(&e.to_string(), Some(key)).await;
-                self.revert(key, Some(&target)).await;
-            }
-        }
+        self.write(key, &target, &rk, body).await;
     }
 
     async fn delete(&mut self, key: &str) {
