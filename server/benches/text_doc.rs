@@ -116,6 +116,7 @@ fn put(doc: &mut TextDoc, e: &Edit) {
         agent_hint: Some("bench"),
         force: false,
         digest: None,
+        max_json_depth: plait_server::doc::json::MAX_JSON_DEPTH,
     };
     doc.apply(&w, 0).expect("trace edit applies");
 }

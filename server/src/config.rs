@@ -124,6 +124,13 @@ pub struct Limits {
     /// Bytes one namespace (an identity's tree of state) may occupy in storage; 0 =
     /// unlimited. Over it: 413.
     pub max_stored_bytes_per_namespace: u64,
+    /// Deepest nesting of the JSON a write builds: a whole body, or what its patches
+    /// (Braid `Patches: N`, `Content-Range: json`, Statebus patches) make of the value.
+    /// At most 128 (serde_json's parser limit). Over it: 413, nothing stored.
+    pub max_json_depth: usize,
+    /// Most patches in one write (Braid `Patches: N`, a Statebus `patches` list). Over it:
+    /// 413. At most 10,000 (the Braid codec's own bound).
+    pub max_patches_per_request: usize,
 }
 
 /// Memory and batching of live documents.
@@ -183,6 +190,8 @@ impl Default for Limits {
             write_burst: crate::engine::WriteLimits::default().write_burst,
             max_stored_bytes_per_namespace: crate::engine::WriteLimits::default()
                 .max_stored_bytes_per_namespace,
+            max_json_depth: crate::engine::WriteLimits::default().max_json_depth,
+            max_patches_per_request: crate::engine::WriteLimits::default().max_patches_per_request,
         }
     }
 }
@@ -211,6 +220,8 @@ impl Config {
                 writes_per_second: self.limits.writes_per_second,
                 write_burst: self.limits.write_burst,
                 max_stored_bytes_per_namespace: self.limits.max_stored_bytes_per_namespace,
+                max_json_depth: self.limits.max_json_depth,
+                max_patches_per_request: self.limits.max_patches_per_request,
             },
             ..Default::default()
         }
@@ -294,6 +305,14 @@ impl Config {
     fn check(&self) -> Result<(), String> {
         if self.limits.max_connections == 0 {
             return Err("limits.max_connections must be at least 1".into());
+        }
+        let depth = crate::doc::json::MAX_JSON_DEPTH;
+        if !(1..=depth).contains(&self.limits.max_json_depth) {
+            return Err(format!("limits.max_json_depth must be 1 to {depth}"));
+        }
+        let patches = crate::braid::patch::MAX_PATCHES;
+        if !(1..=patches).contains(&self.limits.max_patches_per_request) {
+            return Err(format!("limits.max_patches_per_request must be 1 to {patches}"));
         }
         if self.engine.subscriber_queue == 0 {
             return Err("engine.subscriber_queue must be at least 1".into());

@@ -186,6 +186,7 @@ mod tests {
             agent_hint: Some("cam"),
             force: false,
             digest: None,
+            max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
         }
     }
 

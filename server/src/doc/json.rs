@@ -15,7 +15,9 @@ use super::{Applied, DocError, DocWrite, Outcome};
 use crate::model::{Kind, Version};
 use crate::update::{JsonStep, Patch, Range, UpdateBody, WriteBody};
 
-/// Deepest JSON nesting accepted, so a hostile body cannot exhaust the stack.
+/// The most `limits.max_json_depth` may be: serde_json's parser refuses deeper input
+/// (its recursion limit, on by default), and every recursive walk of a stored value (reading
+/// it out of automerge, reconciling, serializing) is bounded by it.
 pub const MAX_JSON_DEPTH: usize = 128;
 
 /// A JSON resource's document.
@@ -89,17 +91,31 @@ impl JsonDoc {
                 if let Some(m) = media_type {
                     super::check_media_type(Kind::Json, m)?;
                 }
-                parse_json(body)?
+                parse_json(body, w.max_json_depth)?
             }
             WriteBody::Patches(ps) => {
                 let mut v = old.clone();
                 for (i, p) in ps.iter().enumerate() {
-                    apply_json_patch(&mut v, p)
+                    let reach = apply_json_patch(&mut v, p)
                         .map_err(|e| DocError::OutOfRange(format!("patch {}: {e}", i + 1)))?;
+                    // Checked after every patch, so what is built (and later dropped, which
+                    // recurses) never nests much deeper than one patch's content.
+                    if reach > w.max_json_depth {
+                        return Err(DocError::TooDeep {
+                            limit: w.max_json_depth,
+                        });
+                    }
                 }
                 v
             }
         };
+        // The result as a whole: the value the patches were applied to may itself be
+        // deeper than the limit (stored before it was lowered).
+        if depth(&new) > w.max_json_depth {
+            return Err(DocError::TooDeep {
+                limit: w.max_json_depth,
+            });
+        }
         if w.digest.is_some() {
             super::check_digest(w.digest, &serde_json::to_vec(&new).expect("JSON serializes"))?;
         }
@@ -133,38 +149,58 @@ impl Default for JsonDoc {
     }
 }
 
-/// Parses a JSON body, refusing excessive nesting.
-pub fn parse_json(body: &[u8]) -> Result<Value, DocError> {
+/// Parses a JSON body, refusing nesting deeper than `max_depth` levels (serde_json's
+/// parser itself stops at [`MAX_JSON_DEPTH`]).
+pub fn parse_json(body: &[u8], max_depth: usize) -> Result<Value, DocError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| DocError::BadJson(e.to_string()))?;
-    if depth(&v) > MAX_JSON_DEPTH {
-        return Err(DocError::BadJson(format!(
-            "nested deeper than {MAX_JSON_DEPTH} levels"
-        )));
+    if depth(&v) > max_depth {
+        return Err(DocError::TooDeep { limit: max_depth });
     }
     Ok(v)
 }
 
-fn depth(v: &Value) -> usize {
-    match v {
-        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
-        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
-        _ => 0,
+/// Levels of nesting of a value (a scalar is 0, `[]` is 1), walked without recursion: the
+/// value may be the result of patches, deeper than any parsed body.
+pub fn depth(v: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, d)) = stack.pop() {
+        match v {
+            Value::Array(a) => {
+                deepest = deepest.max(d + 1);
+                stack.extend(a.iter().map(|x| (x, d + 1)));
+            }
+            Value::Object(o) => {
+                deepest = deepest.max(d + 1);
+                stack.extend(o.values().map(|x| (x, d + 1)));
+            }
+            _ => {}
+        }
     }
+    deepest
 }
 
 /// Applies one `json` range patch to a value. Empty content deletes (a field, or a slice).
-pub fn apply_json_patch(target: &mut Value, patch: &Patch) -> Result<(), String> {
+/// Returns the nesting the patch reaches: the levels of its path plus those of its
+/// content, which is how deep the result is at least (0 for a deletion).
+pub fn apply_json_patch(target: &mut Value, patch: &Patch) -> Result<usize, String> {
     let Range::Json(path) = &patch.range else {
         return Err("a JSON resource takes `json` ranges".into());
     };
     let content = if patch.content.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        Some(parse_json(&patch.content).map_err(|e| e.to_string())?)
+        Some(parse_json(&patch.content, MAX_JSON_DEPTH).map_err(|e| e.to_string())?)
     };
+    // A slice's content is a list of the items put in place of the slice: they sit one
+    // level above the content's own nesting.
+    let in_slice = matches!(path.last(), Some(JsonStep::Slice(..))) as usize;
+    let reach = content
+        .as_ref()
+        .map_or(0, |c| (path.len() + depth(c)).saturating_sub(in_slice));
     let Some((last, walk)) = path.split_last() else {
         *target = content.unwrap_or(Value::Null);
-        return Ok(());
+        return Ok(reach);
     };
     let mut cur = target;
     for step in walk {
@@ -223,7 +259,7 @@ pub fn apply_json_patch(target: &mut Value, patch: &Patch) -> Result<(), String>
         }
         (s, _) => return Err(format!("cannot apply {s:?} to this value")),
     }
-    Ok(())
+    Ok(reach)
 }
 
 /// Resolves a possibly negative index against `len`; `end_ok` allows `len` itself.
@@ -498,6 +534,7 @@ mod tests {
                 agent_hint: None,
                 force: false,
                 digest: None,
+                max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
             },
             0,
         )
@@ -632,6 +669,7 @@ mod tests {
                     agent_hint: None,
                     force: false,
                     digest: None,
+                    max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
                 },
                 0,
             );
@@ -650,7 +688,8 @@ mod tests {
                     parents: None,
                     agent_hint: None,
                     force: false,
-                    digest: None
+                    digest: None,
+                    max_json_depth: crate::doc::json::MAX_JSON_DEPTH
                 },
                 0
             )
@@ -662,7 +701,10 @@ mod tests {
     #[test]
     fn deep_nesting_is_refused() {
         let deep = "[".repeat(MAX_JSON_DEPTH + 2) + &"]".repeat(MAX_JSON_DEPTH + 2);
-        assert!(parse_json(deep.as_bytes()).is_err());
+        assert!(parse_json(deep.as_bytes(), MAX_JSON_DEPTH).is_err());
+        let ok = "[".repeat(5) + &"]".repeat(5);
+        assert!(parse_json(ok.as_bytes(), 5).is_ok());
+        assert_eq!(parse_json(ok.as_bytes(), 4), Err(DocError::TooDeep { limit: 4 }));
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct DocWrite<'a> {
     /// The SHA-256 the representation must have at the write's own version (its parents
     /// plus this edit); a mismatch refuses the write.
     pub digest: Option<&'a [u8; 32]>,
+    /// Deepest JSON nesting the *result* of a JSON write may have
+    /// (`limits.max_json_depth`, at most [`json::MAX_JSON_DEPTH`]).
+    pub max_json_depth: usize,
 }
 
 /// The result of a write.
@@ -88,6 +91,9 @@ pub enum DocError {
     MediaType { have: &'static str, got: String },
     #[error("{0}")]
     Conflict(String),
+    /// The JSON a write would build nests deeper than `limits.max_json_depth`.
+    #[error("the JSON this write builds nests deeper than limits.max_json_depth ({limit} levels)")]
+    TooDeep { limit: usize },
     #[error("Repr-Digest does not match the representation after this write")]
     DigestMismatch,
     #[error("stored data is damaged: {0}")]

@@ -509,6 +509,7 @@ mod tests {
                 agent_hint: None,
                 force: false,
                 digest: None,
+                max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
             },
             0,
         )
@@ -703,6 +704,7 @@ mod tests {
                     agent_hint: Some("zed"),
                     force: false,
                     digest: None,
+                    max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
                 },
                 0,
             )
@@ -716,6 +718,7 @@ mod tests {
                     agent_hint: Some("zed"),
                     force: false,
                     digest: None,
+                    max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
                 },
                 0,
             )
@@ -838,7 +841,7 @@ mod tests {
                 let agent = format!("p{k}");
                 let n = (del + ins.chars().count()) as u64;
                 let vid = VersionId::new(agent, n.max(1) - 1).unwrap();
-                match d.apply(&DocWrite { body: &body, version: Some(&vid), parents: Some(&parents), agent_hint: None, force: false, digest: None }, 0).unwrap() {
+                match d.apply(&DocWrite { body: &body, version: Some(&vid), parents: Some(&parents), agent_hint: None, force: false, digest: None, max_json_depth: crate::doc::json::MAX_JSON_DEPTH }, 0).unwrap() {
                     Outcome::Applied(a) => {
                         changes.push(a.change.clone());
                         seen.push((d.frontier(), d.text()));

@@ -475,6 +475,7 @@ impl Actor {
                 agent_hint: w.peer.as_deref(),
                 force: creating,
                 digest: w.digest.as_ref(),
+                max_json_depth: self.config.limits.max_json_depth,
             };
             let heavy = w.size() > HEAVY_BYTES;
             match cpu_bound(heavy, || p.doc.apply(&dw, now / 1000)) {

@@ -35,6 +35,11 @@ pub struct WriteLimits {
     pub write_burst: u32,
     /// Bytes a namespace may occupy in storage; 0 turns the quota off.
     pub max_stored_bytes_per_namespace: u64,
+    /// Deepest nesting the JSON a write builds may have (a whole body, or the result of
+    /// its patches); at most `doc::json::MAX_JSON_DEPTH`.
+    pub max_json_depth: usize,
+    /// Most patches one write may carry.
+    pub max_patches_per_request: usize,
 }
 
 impl Default for WriteLimits {
@@ -43,6 +48,8 @@ impl Default for WriteLimits {
             writes_per_second: 2_000,
             write_burst: 4_000,
             max_stored_bytes_per_namespace: 1 << 30,
+            max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
+            max_patches_per_request: crate::braid::patch::MAX_PATCHES,
         }
     }
 }
@@ -91,6 +98,17 @@ impl Limiter {
             .map_err(|not_until| EngineError::RateLimited {
                 retry_after: not_until.wait_time_from(DefaultClock::default().now()),
             })
+    }
+
+    /// Refuses a write carrying more than `max_patches_per_request` patches.
+    pub(crate) fn check_patches(&self, body: &crate::update::WriteBody) -> Result<(), EngineError> {
+        let limit = self.limits.max_patches_per_request;
+        match body {
+            crate::update::WriteBody::Patches(ps) if ps.len() > limit => {
+                Err(EngineError::TooManyPatches { n: ps.len(), limit })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Refuses a write of `incoming` bytes that would take `ns` over its quota.
@@ -152,6 +170,7 @@ mod tests {
             writes_per_second: 1,
             write_burst: 3,
             max_stored_bytes_per_namespace: 0,
+            ..WriteLimits::default()
         });
         let a = Writer::Address("10.0.0.1".parse().unwrap());
         let b = Writer::Address("10.0.0.2".parse().unwrap());
@@ -174,6 +193,7 @@ mod tests {
             writes_per_second: 0,
             write_burst: 0,
             max_stored_bytes_per_namespace: 0,
+            ..WriteLimits::default()
         });
         let a = Writer::Address("10.0.0.1".parse().unwrap());
         for _ in 0..10_000 {

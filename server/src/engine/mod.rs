@@ -85,6 +85,9 @@ pub enum EngineError {
     /// The namespace would go over `limits.max_stored_bytes_per_namespace`.
     #[error("the namespace holds {used} bytes; limits.max_stored_bytes_per_namespace is {limit}")]
     QuotaExceeded { used: u64, limit: u64 },
+    /// The write carries more patches than `limits.max_patches_per_request`.
+    #[error("{n} patches in one write; limits.max_patches_per_request is {limit}")]
+    TooManyPatches { n: usize, limit: usize },
 }
 
 /// A write as the engine takes it.
@@ -452,6 +455,7 @@ impl Engine {
     /// before anything is done.
     pub async fn write(&self, key: &ResourceKey, write: Write) -> Result<WriteResult, EngineError> {
         let limiter = &self.inner.limiter;
+        limiter.check_patches(&write.body)?;
         limiter.check_rate(&write.writer)?;
         let size = write.size();
         if write.writer != Writer::Internal {

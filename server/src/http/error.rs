@@ -123,6 +123,7 @@ impl From<DocError> for ApiError {
             DocError::OutOfRange(_) => ApiError::new(416, "range-not-satisfiable", e.to_string()),
             DocError::MediaType { .. } => ApiError::new(415, "wrong-media-type", e.to_string()),
             DocError::Conflict(_) => ApiError::new(409, "conflict", e.to_string()),
+            DocError::TooDeep { .. } => ApiError::new(413, "too-deep", e.to_string()),
             // braid-text answers 550, and its simpleton client does not retry on it (it
             // retries other errors); a 4xx here would make it resend forever.
             DocError::DigestMismatch => {
@@ -189,6 +190,7 @@ impl From<EngineError> for ApiError {
                 .with_header("retry-after", secs.max(1).to_string())
             }
             e @ EngineError::QuotaExceeded { .. } => ApiError::new(413, "quota-exceeded", e.to_string()),
+            e @ EngineError::TooManyPatches { .. } => ApiError::new(413, "too-many-patches", e.to_string()),
         }
     }
 }

@@ -144,6 +144,8 @@ async fn well_known(State(app): State<App>) -> axum::Json<serde_json::Value> {
             "proxy_idle_timeout_secs": app.limits.proxy_idle_timeout_secs,
             "max_proxy_body_bytes": app.limits.max_proxy_body_bytes,
             "proxy_subscription_grace_ms": app.limits.proxy_subscription_grace_ms,
+            "max_json_depth": app.engine.write_limits().max_json_depth,
+            "max_patches_per_request": app.engine.write_limits().max_patches_per_request,
         },
         "p2p": match &app.p2p {
             Some(p) => serde_json::json!({ "enabled": true, "status": p.node.status() }),
