@@ -14,6 +14,7 @@
 //! [limits]
 //! max_body_bytes = 10485760
 //! max_connections = 10000
+//! idle_timeout_secs = 60
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -96,7 +97,9 @@ impl std::str::FromStr for ProxyRoute {
 pub struct Limits {
     /// Largest request body accepted (413 above it).
     pub max_body_bytes: usize,
-    /// Connections served at once; further clients wait in the accept queue.
+    /// Connections served at once (websockets included); past it a new connection is
+    /// answered 503 with Retry-After. 0 (the default): from the open-files limit, see
+    /// [`connections_for_open_files`].
     pub max_connections: usize,
     /// Requests (subscriptions) one HTTP/2 connection may have open at once; an HTTP/1.1
     /// connection has one at a time.
@@ -131,6 +134,22 @@ pub struct Limits {
     /// Most patches in one write (Braid `Patches: N`, a Statebus `patches` list). Over it:
     /// 413. At most 10,000 (the Braid codec's own bound).
     pub max_patches_per_request: usize,
+    /// Connections one client address may hold at once (websockets included). Over it a
+    /// new connection is answered 503 with Retry-After.
+    pub max_connections_per_address: usize,
+    /// A connection with no request in flight for this long is closed: an idle keep-alive
+    /// HTTP/1.1 connection, an HTTP/2 connection without streams, a socket that never sent
+    /// a whole request (or HTTP/2 preface). An open subscription is a request in flight.
+    pub idle_timeout_secs: u64,
+    /// Longest wait for the next piece of a request body; a body that stalls longer fails
+    /// its request.
+    pub body_read_timeout_secs: u64,
+    /// HTTP/2 connections and websockets are pinged this often, so a peer that vanished
+    /// is noticed even while its subscriptions are open.
+    pub ping_interval_secs: u64,
+    /// A ping not answered within this (a websocket: nothing received for the interval
+    /// plus this) closes the connection.
+    pub ping_timeout_secs: u64,
 }
 
 /// Memory and batching of live documents.
@@ -177,7 +196,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 10 << 20,
-            max_connections: 10_000,
+            max_connections: 0,
             max_streams_per_connection: 256,
             header_read_timeout_secs: 30,
             shutdown_grace_secs: 10,
@@ -192,6 +211,11 @@ impl Default for Limits {
                 .max_stored_bytes_per_namespace,
             max_json_depth: crate::engine::WriteLimits::default().max_json_depth,
             max_patches_per_request: crate::engine::WriteLimits::default().max_patches_per_request,
+            max_connections_per_address: 256,
+            idle_timeout_secs: 60,
+            body_read_timeout_secs: 30,
+            ping_interval_secs: 30,
+            ping_timeout_secs: 20,
         }
     }
 }
@@ -303,8 +327,8 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.limits.max_connections == 0 {
-            return Err("limits.max_connections must be at least 1".into());
+        if self.limits.max_connections_per_address == 0 {
+            return Err("limits.max_connections_per_address must be at least 1".into());
         }
         let depth = crate::doc::json::MAX_JSON_DEPTH;
         if !(1..=depth).contains(&self.limits.max_json_depth) {
@@ -339,6 +363,16 @@ impl Config {
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(default_data_dir)
     }
+}
+
+/// The default `limits.max_connections` for a process that may open `open_files`
+/// descriptors: `(open_files − 256 − database_pool) / 2`, at least 16. 256 descriptors are
+/// kept for files (the embedded store and its journal, the lock, static files being sent,
+/// logs), the p2p node and the admin socket, `database_pool` for Postgres; of the rest,
+/// half, because a proxied request or a websocket tunnel holds a second socket upstream.
+pub fn connections_for_open_files(open_files: u64, database_pool: usize) -> usize {
+    let spare = open_files.saturating_sub(256 + database_pool as u64) / 2;
+    usize::try_from(spare).unwrap_or(usize::MAX).max(16)
 }
 
 /// `~/.local/share/plait` on Linux (XDG), the platform's equivalent elsewhere.
@@ -414,6 +448,13 @@ mod tests {
             assert!(Config::load(Some(Path::new("missing.toml")), &Overrides::default()).is_err());
             Ok(())
         });
+    }
+
+    #[test]
+    fn connections_leave_room_for_files_and_postgres() {
+        assert_eq!(connections_for_open_files(1024, 16), 376);
+        assert_eq!(connections_for_open_files(1 << 20, 16), 524_152);
+        assert_eq!(connections_for_open_files(100, 16), 16);
     }
 
     #[test]

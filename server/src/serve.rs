@@ -97,8 +97,50 @@ pub async fn open_instance(cfg: &Config) -> anyhow::Result<Instance> {
     })
 }
 
+/// Raises the soft limit on open files to the hard one (a server's connections are
+/// files); returns the limit in force.
+fn raise_open_files_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    // Linux refuses an unlimited soft limit for open files; 2^20 is its usual ceiling.
+    let want = if lim.rlim_max == libc::RLIM_INFINITY {
+        1 << 20
+    } else {
+        lim.rlim_max
+    };
+    if lim.rlim_cur < want {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = want;
+        }
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not everywhere
+    let open_files = lim.rlim_cur as u64;
+    Some(open_files)
+}
+
 /// Runs the server until a signal arrives.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
+    let open_files = raise_open_files_limit();
+    if cfg.limits.max_connections == 0 {
+        cfg.limits.max_connections =
+            crate::config::connections_for_open_files(open_files.unwrap_or(1024), cfg.database_pool);
+    }
+    tracing::info!(
+        open_files,
+        max_connections = cfg.limits.max_connections,
+        "connection limit"
+    );
     let instance = open_instance(&cfg).await?;
     let identity = instance.keys.identity();
     let storage = instance.storage.clone();

@@ -1,14 +1,18 @@
 //! The HTTP server: accepting connections, routing, and shutting down gracefully.
 //!
-//! Connections are accepted only while a permit from a semaphore of
-//! `limits.max_connections` is free, so past the limit clients wait in the kernel's
-//! accept queue instead of exhausting file descriptors. Each connection speaks HTTP/1.1 or
-//! cleartext HTTP/2 (many subscriptions on one connection).
+//! Every connection is accepted at once; one past `limits.max_connections` (or past
+//! `limits.max_connections_per_address` for its address) is answered `503` with
+//! `Retry-After` and closed, instead of waiting unanswered in the kernel's accept queue.
+//! A connection keeps its place until its socket closes, also as a websocket. Idle
+//! connections, stalled bodies and peers that stop answering pings are let go
+//! (`conn` has the details). Each connection speaks HTTP/1.1 or cleartext HTTP/2 (many
+//! subscriptions on one connection).
 //!
 //! On shutdown the listener stops, every open subscription ends its response cleanly,
 //! in-flight requests get `limits.shutdown_grace_secs` to finish, and then the process
 //! exits.
 
+pub mod conn;
 pub mod error;
 pub mod resource;
 pub mod static_files;
@@ -26,7 +30,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use plait_bridge::Identity;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -35,6 +38,8 @@ use crate::engine::Engine;
 
 /// Most bytes buffered per HTTP/1.1 connection (hyper's read and write buffers each).
 const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
+/// `Retry-After` of a connection refused at a connection cap.
+const RETRY_AFTER_SECS: u64 = 5;
 
 /// What every request handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -146,6 +151,11 @@ async fn well_known(State(app): State<App>) -> axum::Json<serde_json::Value> {
             "proxy_subscription_grace_ms": app.limits.proxy_subscription_grace_ms,
             "max_json_depth": app.engine.write_limits().max_json_depth,
             "max_patches_per_request": app.engine.write_limits().max_patches_per_request,
+            "max_connections_per_address": app.limits.max_connections_per_address,
+            "idle_timeout_secs": app.limits.idle_timeout_secs,
+            "body_read_timeout_secs": app.limits.body_read_timeout_secs,
+            "ping_interval_secs": app.limits.ping_interval_secs,
+            "ping_timeout_secs": app.limits.ping_timeout_secs,
         },
         "p2p": match &app.p2p {
             Some(p) => serde_json::json!({ "enabled": true, "status": p.node.status() }),
@@ -186,7 +196,7 @@ pub async fn serve(listener: TcpListener, app: App) {
     let limits = app.limits.clone();
     let shutdown = app.shutdown.clone();
     let router = router(app);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let gate = conn::Gate::new(limits.max_connections, limits.max_connections_per_address);
     let tracker = TaskTracker::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -198,12 +208,13 @@ pub async fn serve(listener: TcpListener, app: App) {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_streams_per_connection.max(1));
+        .max_concurrent_streams(limits.max_streams_per_connection.max(1))
+        // A peer that stopped answering (its subscriptions still open) is let go.
+        .keep_alive_interval(Duration::from_secs(limits.ping_interval_secs.max(1)))
+        .keep_alive_timeout(Duration::from_secs(limits.ping_timeout_secs.max(1)));
+    let idle = Duration::from_secs(limits.idle_timeout_secs.max(1));
+    let body_timeout = Duration::from_secs(limits.body_read_timeout_secs.max(1));
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -216,25 +227,59 @@ pub async fn serve(listener: TcpListener, app: App) {
                 }
             },
         };
+        let slot = match gate.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                tracing::debug!(%peer, ?full, "connection refused: at a connection cap");
+                conn::refuse(&gate, stream, full, RETRY_AFTER_SECS);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
+        let activity = conn::Activity::new();
+        let svc = {
+            let router = router.clone();
+            let activity = activity.clone();
+            tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let in_flight = activity.begin();
+                let mut req = req.map(|b| Body::new(conn::TimedBody::new(b, body_timeout)));
+                req.extensions_mut().insert(Peer(peer));
+                let call = tower::ServiceExt::oneshot(router.clone(), req);
+                async move {
+                    let res = call.await?;
+                    // The request stays in flight until its response body is done with.
+                    Ok::<_, std::convert::Infallible>(res.map(|b| {
+                        Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
+                            let _held = &in_flight;
+                            f
+                        }))
+                    }))
+                }
+            })
+        };
+        let svc = TowerToHyperService::new(svc);
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let io = TokioIo::new(conn::Held::new(stream, slot));
+            let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
+                    return;
                 }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                _ = shutdown.cancelled() => {}
+                _ = activity.idle_for(idle) => {
+                    tracing::debug!(%peer, "closing an idle connection");
                 }
             }
-            drop(permit);
+            conn.as_mut().graceful_shutdown();
+            // A peer that does not take part in the goodbye (HTTP/2 waits for a ping's
+            // answer) is cut off after a while; on shutdown the tracker's grace applies.
+            let _ = tokio::time::timeout(idle, conn).await;
         });
     }
     drop(listener);

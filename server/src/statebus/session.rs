@@ -37,13 +37,26 @@ const OUTBOX: usize = 1024;
 /// How deep nested keyed objects are followed when a state is sent.
 const MAX_LINK_DEPTH: usize = 4;
 
-/// Serves one websocket until it closes or the server shuts down.
+/// Serves one websocket until it closes, goes quiet or the server shuts down.
+///
+/// The server pings every `limits.ping_interval_secs`; a connection from which nothing
+/// (not even a pong) arrives for that long plus `limits.ping_timeout_secs` is closed.
 pub async fn run(socket: WebSocket, app: App, ip: IpAddr) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut outbox) = mpsc::channel::<String>(OUTBOX);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = outbox.recv().await {
-            if sink.send(Message::Text(frame.into())).await.is_err() {
+    let ping_every = std::time::Duration::from_secs(app.limits.ping_interval_secs.max(1));
+    let quiet_limit = ping_every + std::time::Duration::from_secs(app.limits.ping_timeout_secs.max(1));
+    let mut writer = tokio::spawn(async move {
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        loop {
+            let msg = tokio::select! {
+                frame = outbox.recv() => match frame {
+                    Some(frame) => Message::Text(frame.into()),
+                    None => break,
+                },
+                _ = ping.tick() => Message::Ping(Bytes::new()),
+            };
+            if sink.send(msg).await.is_err() {
                 break;
             }
         }
@@ -54,7 +67,13 @@ pub async fn run(socket: WebSocket, app: App, ip: IpAddr) {
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
-            m = stream.next() => m,
+            m = tokio::time::timeout(quiet_limit, stream.next()) => match m {
+                Ok(m) => m,
+                Err(_) => {
+                    tracing::debug!(%ip, "closing a websocket that answers no pings");
+                    break;
+                }
+            },
         };
         match msg {
             Some(Ok(Message::Text(t))) => s.handle(t.as_str()).await,
@@ -65,7 +84,10 @@ pub async fn run(socket: WebSocket, app: App, ip: IpAddr) {
     }
     s.close();
     drop(s);
-    let _ = writer.await;
+    // A client that stopped reading could keep the writer (and the socket) forever.
+    if tokio::time::timeout(quiet_limit, &mut writer).await.is_err() {
+        writer.abort();
+    }
 }
 
 struct Session {
