@@ -6,6 +6,9 @@
 //! (`Subscribe`, `Version`, `Parents`) and paths naming no file go on to the state.
 //! Nothing outside the directory is ever served: `.`/`..` segments are refused and the
 //! resolved path must stay inside the canonical directory (symlinks out are refused too).
+//! Dot-files and dot-directories (`/.env`, `/.git/config`, `/a/.hidden/x`) are never
+//! served, whether the request names them or a symlink leads to one: such paths go on to
+//! the state like any path naming no file.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -41,6 +44,9 @@ impl StaticFiles {
         if rel.components().any(|c| !matches!(c, Component::Normal(_))) || decoded.contains('\0') {
             return Err(ApiError::bad_request("path leaves the web directory"));
         }
+        if is_hidden(rel) {
+            return Ok(None);
+        }
         let mut path = self.root.join(rel);
         if path.is_dir() {
             path = path.join("index.html");
@@ -48,8 +54,12 @@ impl StaticFiles {
         let Ok(real) = path.canonicalize() else {
             return Ok(None);
         };
-        if !real.starts_with(&self.root) {
+        let Ok(inside) = real.strip_prefix(&self.root) else {
             return Err(ApiError::forbidden("path leaves the web directory"));
+        };
+        // A symlink to a dot-file is not a way to it.
+        if is_hidden(inside) {
+            return Ok(None);
         }
         Ok(real.is_file().then_some(real))
     }
@@ -115,7 +125,29 @@ impl StaticFiles {
     }
 }
 
+/// Whether a path (relative to the web dir) names a dot-file or goes through a
+/// dot-directory: `.env`, `.git/config`, `a/.hidden/x`.
+fn is_hidden(rel: &Path) -> bool {
+    rel.components()
+        .any(|c| c.as_os_str().as_encoded_bytes().first() == Some(&b'.'))
+}
+
 /// Whether a request speaks Braid (and so is for the state, not for a file).
 fn is_braid(h: &HeaderMap) -> bool {
     h.contains_key("subscribe") || h.contains_key("version") || h.contains_key("parents")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_files_and_directories_are_hidden() {
+        for p in [".env", ".git/config", "a/.hidden/x", "a/b/.x"] {
+            assert!(is_hidden(Path::new(p)), "{p}");
+        }
+        for p in ["index.html", "a/b.c/x", "a/x.", ""] {
+            assert!(!is_hidden(Path::new(p)), "{p}");
+        }
+    }
 }
