@@ -52,6 +52,10 @@ pub struct Config {
     pub public_url: Option<String>,
     /// The peer-to-peer node (`[p2p]`): listen addresses, DHT name, connection limits.
     pub p2p: plait_bridge::node::NodeSettings,
+    /// Reverse proxies in front of this server (IP addresses or CIDR networks): only their
+    /// `Forwarded` / `X-Forwarded-*` headers are believed, and connections from them are
+    /// not counted per address. Default: none.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// A path prefix forwarded to an upstream origin.
@@ -188,6 +192,7 @@ impl Default for Config {
             web_dir: None,
             public_url: None,
             p2p: plait_bridge::node::NodeSettings::default(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -287,6 +292,7 @@ const ENV_SETTINGS: &[&str] = &[
     "database_pool",
     "log_format",
     "public_url",
+    "trusted_proxies",
 ];
 
 impl Config {
@@ -342,6 +348,7 @@ impl Config {
             return Err("engine.subscriber_queue must be at least 1".into());
         }
         self.p2p.check()?;
+        crate::http::forwarded::TrustedProxies::parse(&self.trusted_proxies)?;
         for r in &self.proxy {
             if !r.prefix.starts_with('/') {
                 return Err(format!("proxy prefix {:?} must start with /", r.prefix));
@@ -357,6 +364,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `trusted_proxies`, parsed (checked when the settings were loaded).
+    pub fn trusted_proxies(&self) -> crate::http::forwarded::TrustedProxies {
+        crate::http::forwarded::TrustedProxies::parse(&self.trusted_proxies).unwrap_or_default()
     }
 
     /// The data directory: configured, or the platform default.

@@ -209,6 +209,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         federation,
         shutdown,
         started: Instant::now(),
+        trusted_proxies: Arc::new(cfg.trusted_proxies()),
     };
     // Logged once everything is ready: scripts and tests wait for this line.
     tracing::info!("listening on http://{addr}");

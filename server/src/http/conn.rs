@@ -2,7 +2,9 @@
 //! watchdog, and the timeout between pieces of a request body.
 //!
 //! * **Caps.** A connection holds a [`Slot`]: a permit of `limits.max_connections` and a
-//!   count under its address (`limits.max_connections_per_address`). The slot lives inside the connection's IO ([`Held`]), so a connection upgraded to a
+//!   count under its address (`limits.max_connections_per_address`; connections from
+//!   `trusted_proxies` are not counted, everyone behind a proxy shares its address). The
+//!   slot lives inside the connection's IO ([`Held`]), so a connection upgraded to a
 //!   websocket (Statebus, or tunnelled by the proxy) keeps it until the socket closes.
 //!   Past a cap the connection is answered at once with `503` and `Retry-After`
 //!   ([`refuse`]) instead of waiting unanswered in the accept queue.
@@ -42,6 +44,7 @@ pub struct Gate {
     max_per_address: usize,
     per_address: Mutex<HashMap<IpAddr, usize>>,
     refusals: Arc<Semaphore>,
+    trusted: Arc<crate::http::forwarded::TrustedProxies>,
 }
 
 /// Why a connection was refused.
@@ -54,12 +57,17 @@ pub enum Full {
 }
 
 impl Gate {
-    pub fn new(max_connections: usize, max_per_address: usize) -> Arc<Gate> {
+    pub fn new(
+        max_connections: usize,
+        max_per_address: usize,
+        trusted: Arc<crate::http::forwarded::TrustedProxies>,
+    ) -> Arc<Gate> {
         Arc::new(Gate {
             permits: Arc::new(Semaphore::new(max_connections)),
             max_per_address,
             per_address: Mutex::new(HashMap::new()),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
+            trusted,
         })
     }
 
@@ -67,7 +75,8 @@ impl Gate {
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Full> {
         // An IPv4 client on a dual-stack listener shows as an IPv4-mapped IPv6 address.
         let ip = ip.to_canonical();
-        {
+        let counted = !self.trusted.contains(ip);
+        if counted {
             let mut map = self.per_address.lock().expect("per-address counts");
             let n = map.entry(ip).or_insert(0);
             if *n >= self.max_per_address {
@@ -78,7 +87,7 @@ impl Gate {
         // Made before the permit is taken, so a refusal gives the address count back.
         let mut slot = Slot {
             permit: None,
-            address: Some((self.clone(), ip)),
+            address: counted.then(|| (self.clone(), ip)),
         };
         slot.permit = Some(
             self.permits

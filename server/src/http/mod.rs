@@ -14,6 +14,7 @@
 
 pub mod conn;
 pub mod error;
+pub mod forwarded;
 pub mod resource;
 pub mod static_files;
 
@@ -61,6 +62,8 @@ pub struct App {
     /// Cancelled when the server begins to shut down; open subscriptions end on it.
     pub shutdown: CancellationToken,
     pub started: Instant,
+    /// `trusted_proxies`: whose forwarding headers are believed.
+    pub trusted_proxies: Arc<forwarded::TrustedProxies>,
 }
 
 /// The routes: well-known resources, then every other path is a Braid resource.
@@ -96,11 +99,15 @@ async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response:
         && let Some(route) = proxy.route_for(req.uri().path())
     {
         let route = route.clone();
-        let peer = req
+        let from = req
             .extensions()
-            .get::<Peer>()
-            .map_or(SocketAddr::from(([127, 0, 0, 1], 0)), |p| p.0);
-        return proxy.handle(&route, req, peer).await;
+            .get::<forwarded::Remote>()
+            .copied()
+            .unwrap_or(forwarded::Remote {
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                trusted: false,
+            });
+        return proxy.handle(&route, req, from).await;
     }
     if let Some(web) = &app.web
         && let Some(res) = web.serve(req.method(), req.uri().path(), req.headers()).await
@@ -195,8 +202,13 @@ fn rss_bytes() -> Option<u64> {
 pub async fn serve(listener: TcpListener, app: App) {
     let limits = app.limits.clone();
     let shutdown = app.shutdown.clone();
+    let trusted = app.trusted_proxies.clone();
     let router = router(app);
-    let gate = conn::Gate::new(limits.max_connections, limits.max_connections_per_address);
+    let gate = conn::Gate::new(
+        limits.max_connections,
+        limits.max_connections_per_address,
+        trusted.clone(),
+    );
     let tracker = TaskTracker::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -240,10 +252,16 @@ pub async fn serve(listener: TcpListener, app: App) {
         let svc = {
             let router = router.clone();
             let activity = activity.clone();
+            let trusted = trusted.clone();
             tower::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let in_flight = activity.begin();
                 let mut req = req.map(|b| Body::new(conn::TimedBody::new(b, body_timeout)));
-                req.extensions_mut().insert(Peer(peer));
+                let client = forwarded::client_addr(peer, req.headers(), &trusted);
+                req.extensions_mut().insert(Peer(client));
+                req.extensions_mut().insert(forwarded::Remote {
+                    addr: peer,
+                    trusted: trusted.contains(peer.ip()),
+                });
                 let call = tower::ServiceExt::oneshot(router.clone(), req);
                 async move {
                     let res = call.await?;
@@ -293,6 +311,7 @@ pub async fn serve(listener: TcpListener, app: App) {
     }
 }
 
-/// The remote address of a connection.
+/// The client's address: the connection's peer, or the client a trusted proxy forwards
+/// for ([`forwarded::client_addr`]). Per-address limits key on it.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);

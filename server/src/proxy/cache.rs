@@ -14,7 +14,6 @@
 //! Slow local subscribers read from a bounded broadcast queue; one that falls behind is sent
 //! the cached state again (a snapshot and what follows), never slowing the others.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -120,7 +119,7 @@ pub async fn subscribe(
     route: &Route,
     url: Uri,
     req: Request<Body>,
-    peer: SocketAddr,
+    from: crate::http::forwarded::Remote,
 ) -> Response<Body> {
     let local = {
         let mut map = proxy.subscriptions.lock().expect("subscriptions");
@@ -163,7 +162,7 @@ pub async fn subscribe(
         Answer::Braid(h) => h,
         Answer::NotBraid => {
             drop(local);
-            return forward::forward(proxy, route, req, peer).await;
+            return forward::forward(proxy, route, req, from).await;
         }
         Answer::Failed(status, code, why) => return ApiError::new(status, code, why).into_response(),
     };
@@ -183,7 +182,7 @@ pub async fn subscribe(
     };
     let Some(initial) = initial else {
         drop(local);
-        return forward::forward(proxy, route, req, peer).await;
+        return forward::forward(proxy, route, req, from).await;
     };
     let body = stream(local, initial, rx, heartbeats, proxy.shutdown.clone());
     let mut res = Response::new(Body::from_stream(body));

@@ -3,7 +3,6 @@
 //! are pooled, websocket upgrades become a tunnel. An upstream that cannot be reached is a
 //! 502, one that does not answer in time a 504, each with a one-line reason.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -13,6 +12,7 @@ use hyper_util::rt::TokioIo;
 
 use super::{Proxy, Route, upstream_url};
 use crate::http::error::ApiError;
+use crate::http::forwarded::Remote;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
@@ -55,18 +55,40 @@ fn is_websocket_upgrade(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-/// Adds `Forwarded` and `X-Forwarded-For/Proto/Host` for the client at `peer`.
-pub fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
-    let ip = peer.ip();
+/// Sets `Forwarded` and `X-Forwarded-For/Proto/Host` for a request that came from
+/// `from`. From a trusted proxy the chain it sent is extended (and the original protocol
+/// and host it names are kept); from anyone else whatever forwarding headers the client
+/// sent are dropped and a new chain starts. The host is passed on only when it is a
+/// well-formed `host[:port]`.
+pub fn add_forwarding(h: &mut HeaderMap, from: Remote, host: Option<&HeaderValue>) {
+    if !from.trusted {
+        let claimed: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| {
+                let k = k.as_str();
+                k == "forwarded" || k.starts_with("x-forwarded-") || k == "x-real-ip"
+            })
+            .cloned()
+            .collect();
+        for k in claimed {
+            h.remove(k);
+        }
+    }
+    let ip = from.addr.ip();
     let for_ = if ip.is_ipv6() {
         format!("\"[{ip}]\"")
     } else {
         ip.to_string()
     };
-    let host_s = host.and_then(|v| v.to_str().ok()).unwrap_or("");
+    let host = host.filter(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|s| s.parse::<http::uri::Authority>().ok())
+            .is_some_and(|a| !a.as_str().contains('@'))
+    });
     let mut fwd = format!("for={for_};proto=http");
-    if !host_s.is_empty() && !host_s.contains('"') {
-        fwd.push_str(&format!(";host=\"{host_s}\""));
+    if let Some(host) = host.and_then(|v| v.to_str().ok()) {
+        fwd.push_str(&format!(";host=\"{host}\""));
     }
     let append = |h: &mut HeaderMap, name: &'static str, value: String, sep: &str| {
         let v = match h.get(name).and_then(|v| v.to_str().ok()) {
@@ -79,8 +101,12 @@ pub fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderV
     };
     append(h, "forwarded", fwd, ", ");
     append(h, "x-forwarded-for", ip.to_string(), ", ");
-    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    if let Some(host) = host {
+    if !h.contains_key("x-forwarded-proto") {
+        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if let Some(host) = host
+        && !h.contains_key("x-forwarded-host")
+    {
         h.insert("x-forwarded-host", host.clone());
     }
 }
@@ -137,7 +163,7 @@ pub async fn forward(
     proxy: &Arc<Proxy>,
     route: &Route,
     mut req: Request<Body>,
-    peer: SocketAddr,
+    from: Remote,
 ) -> Response<Body> {
     let settings = proxy.settings;
     let declared = req
@@ -162,7 +188,7 @@ pub async fn forward(
     let (parts, body) = req.into_parts();
     let mut headers = end_to_end(&parts.headers, upgrade);
     let host = headers.remove(http::header::HOST);
-    add_forwarding(&mut headers, peer, host.as_ref());
+    add_forwarding(&mut headers, from, host.as_ref());
     let body = if upgrade {
         Body::empty()
     } else {
@@ -225,20 +251,47 @@ mod tests {
     }
 
     #[test]
-    fn forwarding_headers_append() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        add_forwarding(
-            &mut h,
-            "192.0.2.7:5555".parse().unwrap(),
-            Some(&HeaderValue::from_static("app.example")),
-        );
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+    fn forwarding_headers_are_replaced_unless_from_a_trusted_proxy() {
+        let claims = || {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+            h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+            h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+            h.insert("forwarded", HeaderValue::from_static("for=10.0.0.1"));
+            h.insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
+            h
+        };
+        let stranger = Remote {
+            addr: "192.0.2.7:5555".parse().unwrap(),
+            trusted: false,
+        };
+        let mut h = claims();
+        add_forwarding(&mut h, stranger, Some(&HeaderValue::from_static("app.example")));
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app.example");
         assert_eq!(h["forwarded"], "for=192.0.2.7;proto=http;host=\"app.example\"");
+        assert!(!h.contains_key("x-real-ip"));
+        let proxy = Remote {
+            addr: "192.0.2.7:5555".parse().unwrap(),
+            trusted: true,
+        };
+        let mut h = claims();
+        add_forwarding(&mut h, proxy, Some(&HeaderValue::from_static("app.example")));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "evil.example");
+        assert_eq!(
+            h["forwarded"],
+            "for=10.0.0.1, for=192.0.2.7;proto=http;host=\"app.example\""
+        );
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "[2001:db8::1]:80".parse().unwrap(), None);
+        let v6 = Remote {
+            addr: "[2001:db8::1]:80".parse().unwrap(),
+            trusted: false,
+        };
+        add_forwarding(&mut h, v6, Some(&HeaderValue::from_static("bad host\"x")));
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+        assert!(!h.contains_key("x-forwarded-host"));
     }
 }

@@ -17,7 +17,6 @@ pub mod forward;
 pub mod poll;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -170,7 +169,7 @@ impl Proxy {
         self: &Arc<Self>,
         route: &Route,
         req: Request<Body>,
-        peer: SocketAddr,
+        from: crate::http::forwarded::Remote,
     ) -> Response<Body> {
         if has_dot_segments(req.uri().path()) {
             return crate::http::error::ApiError::bad_request(
@@ -189,9 +188,9 @@ impl Proxy {
             if let Some(interval) = route.live {
                 return poll::subscribe(self, url, interval, req).await;
             }
-            return cache::subscribe(self, route, url, req, peer).await;
+            return cache::subscribe(self, route, url, req, from).await;
         }
-        forward::forward(self, route, req, peer).await
+        forward::forward(self, route, req, from).await
     }
 }
 
