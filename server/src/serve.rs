@@ -25,18 +25,55 @@ pub const EMBEDDED_FILE: &str = "plait.db";
 /// Setting naming the identity a database belongs to.
 const OWNER_SETTING: &str = "instance_identity";
 
-/// Creates the data dir (mode 0700 when new) and loads or makes the instance key.
+/// File name of the embedded store's lock in the data dir.
+const LOCK_FILE: &str = "plait.lock";
+
+/// Creates the data dir (mode 0700) or tightens an existing one, and loads or makes the
+/// instance key (mode 0600; a key file others may read is refused).
 pub fn open_identity(data_dir: &Path) -> anyhow::Result<(Keypair, bool)> {
     if !data_dir.exists() {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
-        }
     }
+    tighten(data_dir, 0o700)?;
     Ok(Keypair::load_or_create(&data_dir.join(IDENTITY_FILE))?)
+}
+
+/// Takes away from `path` (if it exists) any permission `mode` does not grant, with a
+/// warning: the data dir holds the instance key, the store and the admin socket, which
+/// are nobody else's to read.
+fn tighten(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let have = meta.permissions().mode() & 0o777;
+    if have & !mode != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(have & mode))
+            .with_context(|| format!("restricting the permissions of {}", path.display()))?;
+        tracing::warn!(
+            path = %path.display(),
+            was = format!("{have:o}"),
+            now = format!("{:o}", have & mode),
+            "tightened permissions: only this server's user may use the data dir"
+        );
+    }
+    Ok(())
+}
+
+/// Creates `path` with mode 0600 if it does not exist, so it is never readable by others,
+/// even for a moment; tightens it if it exists.
+fn create_private(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    tighten(path, 0o600)?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))
 }
 
 /// An opened instance: its key, its storage, and (embedded store) the lock that keeps other
@@ -65,9 +102,7 @@ pub async fn open_instance(cfg: &Config) -> anyhow::Result<Instance> {
                 .context("connecting to Postgres")?,
         ),
         None => {
-            let lock_path = data_dir.join("plait.lock");
-            let file = std::fs::File::create(&lock_path)
-                .with_context(|| format!("creating {}", lock_path.display()))?;
+            let file = create_private(&data_dir.join(LOCK_FILE))?;
             if !file.try_lock_exclusive().unwrap_or(false) {
                 bail!(
                     "another plait server is using {} (its embedded store takes one server)",
@@ -75,10 +110,13 @@ pub async fn open_instance(cfg: &Config) -> anyhow::Result<Instance> {
                 );
             }
             lock = Some(file);
-            Arc::new(
-                SqliteStorage::open(&data_dir.join(EMBEDDED_FILE), CommitLimits::default())
-                    .context("opening the embedded store")?,
-            )
+            // SQLite makes its journal files (-wal, -shm) with the store's own mode.
+            let db = data_dir.join(EMBEDDED_FILE);
+            drop(create_private(&db)?);
+            for journal in ["-wal", "-shm"] {
+                tighten(&data_dir.join(format!("{EMBEDDED_FILE}{journal}")), 0o600)?;
+            }
+            Arc::new(SqliteStorage::open(&db, CommitLimits::default()).context("opening the embedded store")?)
         }
     };
     match storage.get_setting(OWNER_SETTING).await? {
@@ -131,6 +169,10 @@ fn raise_open_files_limit() -> Option<u64> {
 
 /// Runs the server until a signal arrives.
 pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
+    // Whatever this process creates (the store, its journals, the admin socket, files of
+    // its libraries) is its user's alone.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let open_files = raise_open_files_limit();
     if cfg.limits.max_connections == 0 {
         cfg.limits.max_connections =
