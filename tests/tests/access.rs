@@ -46,6 +46,17 @@ async fn put(p: &Plait, path: &str, headers: &[(&str, &str)], body: &str) -> wir
     wire::send(p.addr, "PUT", path, headers, body.as_bytes()).await
 }
 
+/// The owner replaces the access rules.
+async fn set_rules(p: &Plait, rules: &Value) {
+    let owner = bearer(&p.owner_token());
+    let h = [
+        ("Authorization", owner.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let r = put(p, "/.well-known/plait/access", &h, &rules.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 fn json_of(r: &wire::Response) -> Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("a JSON body, got {:?}", r.text()))
 }
@@ -322,17 +333,7 @@ async fn a_reader_who_loses_the_right_stops_getting_updates(store: Store) {
         {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
         {"path": "/feed", "read": ["owner"]},
     ]});
-    let r = put(
-        &p,
-        "/.well-known/plait/access",
-        &[
-            ("Authorization", owner.as_str()),
-            ("Content-Type", "application/json"),
-        ],
-        &rules.to_string(),
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    set_rules(&p, &rules).await;
     assert_eq!(put(&p, "/feed", &o, "2").await.status, 200);
     // The reader's subscription ends without the new state; the owner's goes on.
     let mut seen = Vec::new();
@@ -653,17 +654,7 @@ async fn signed_requests_act_as_their_identity() {
         {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
         {"path": "/inbox", "write": [format!("identity:{}", friend.identity())]},
     ]});
-    let r = put(
-        &p,
-        "/.well-known/plait/access",
-        &[
-            ("Authorization", owner.as_str()),
-            ("Content-Type", "application/json"),
-        ],
-        &rules.to_string(),
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    set_rules(&p, &rules).await;
     // The friend's signed PUT lands, attributed to it.
     let h = signed(&p, &friend, "PUT", "/inbox/1", Some(b"hello"), now());
     let r = send_signed(&p, "PUT", "/inbox/1", &h, b"hello").await;

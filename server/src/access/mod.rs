@@ -261,7 +261,9 @@ impl Access {
     pub async fn start(&self, engine: &Engine) -> Result<(), EngineError> {
         let key = self.inner.rules_key.clone();
         if !engine.read(&key).await?.exists() {
-            engine.write(&key, Write::internal_json(&Rules::default_document())).await?;
+            engine
+                .write(&key, Write::internal_json(&Rules::default_document()))
+                .await?;
         }
         self.reload(engine).await;
         let mut sub = engine.subscribe(&key, None, None).await?;
