@@ -284,12 +284,23 @@ fn federation_is_live_and_survives_a_restart() {
             put_json(&a, "/doc", &format!(r#"{{"n":{n}}}"#)).await;
             until_body(&mut s, &format!(r#"{{"n":{n}}}"#)).await;
         }
-        // The replica is read-only on C; a plain read there is in step.
+        // The replica is read-only on C (an anonymous writer is told to authenticate, and
+        // even C's owner may not write it); a plain read there is in step.
         let r = wire::send(
             c.addr,
             "PUT",
             &format!("/~{ida}/doc"),
             &[("Content-Type", "application/json")],
+            b"{}",
+        )
+        .await;
+        assert_eq!(r.status, 401);
+        let (k, v) = c.owner_auth();
+        let r = wire::send(
+            c.addr,
+            "PUT",
+            &format!("/~{ida}/doc"),
+            &[("Content-Type", "application/json"), (k, v.as_str())],
             b"{}",
         )
         .await;
