@@ -95,9 +95,10 @@ impl Home {
             return Err("private resources are their owner's only".into());
         }
         let key = ResourceKey::new(identity, path);
-        access
-            .check(&caller, &key, crate::access::Op::Read)
-            .map_err(|r| r.to_string())?;
+        if let Err(r) = access.check(&caller, &key, crate::access::Op::Read) {
+            tracing::info!(caller = %caller.describe(), path = %r.path, "a member's fetch refused: {r}");
+            return Err(r.to_string());
+        }
         let have = req
             .have
             .iter()

@@ -846,3 +846,57 @@ fn join_refuses_a_link_not_signed_by_the_inviter_it_names() {
     assert!(ok(&d, &["join", &link]).contains(&ida));
     until("A and D connect", || connected(&a).contains(&id(&d)));
 }
+
+/// A member fetching `/~A/…` for its clients asks as itself: A's rules decide what it gets.
+#[test]
+fn a_members_fetches_follow_the_homes_rules() {
+    let a = p2p_plait();
+    let b = p2p_plait();
+    let c = p2p_plait();
+    chain(&a, &b, &c);
+    let (ida, idb) = (id(&a), id(&b));
+    let rt = runtime();
+    rt.block_on(async {
+        put_json(&a, "/open", r#"{"n":1}"#).await;
+        put_json(&a, "/for-b", r#"{"n":2}"#).await;
+        put_json(&a, "/members-only", r#"{"n":3}"#).await;
+        let rules = serde_json::json!({"rules": [
+            {"path": "/", "read": ["everyone"], "write": ["everyone"], "delete": ["owner"]},
+            {"path": "/for-b", "read": [format!("identity:{idb}")]},
+            {"path": "/members-only", "read": ["members"]},
+        ]});
+        let (k, v) = a.owner_auth();
+        let r = wire::send(
+            a.addr,
+            "PUT",
+            "/.well-known/plait/access",
+            &[(k, v.as_str()), ("Content-Type", "application/json")],
+            rules.to_string().as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // On A itself, an anonymous reader may not read /for-b.
+        let r = wire::send(a.addr, "GET", "/for-b", &[("Accept", "application/json")], b"").await;
+        assert_eq!(r.status, 401);
+        let read = |p: &Plait, path: String| {
+            let addr = p.addr;
+            async move { wire::send(addr, "GET", &path, &[("Accept", "application/json")], b"").await }
+        };
+        // B's clients get all three through B's replicas.
+        for (path, body) in [
+            ("open", r#"{"n":1}"#),
+            ("for-b", r#"{"n":2}"#),
+            ("members-only", r#"{"n":3}"#),
+        ] {
+            let r = read(&b, format!("/~{ida}/{path}")).await;
+            assert_eq!((r.status, r.text().as_str()), (200, body), "B reads /{path}");
+        }
+        // C's replica of /for-b gets nothing from A (A refuses C's fetch); the rest it gets.
+        let r = read(&c, format!("/~{ida}/members-only")).await;
+        assert_eq!(r.text(), r#"{"n":3}"#);
+        let r = read(&c, format!("/~{ida}/for-b")).await;
+        assert!(!r.text().contains("\"n\":2"), "C got B's resource: {}", r.text());
+        assert_ne!(r.header("plait-replica"), Some("live"), "{:?}", r.headers);
+    });
+    assert!(a.log().contains("does not allow read"), "A says why it refused C");
+}
