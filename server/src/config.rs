@@ -156,6 +156,9 @@ pub struct Limits {
     /// A ping not answered within this (a websocket: nothing received for the interval
     /// plus this) closes the connection.
     pub ping_timeout_secs: u64,
+    /// Keys one Statebus websocket may follow at once (each `get` of a new key holds a
+    /// subscription until `forget` or close); past it a `get` is refused with a reason.
+    pub max_statebus_subscriptions: usize,
 }
 
 /// Memory and batching of live documents.
@@ -224,6 +227,7 @@ impl Default for Limits {
             body_read_timeout_secs: 30,
             ping_interval_secs: 30,
             ping_timeout_secs: 20,
+            max_statebus_subscriptions: 10_000,
         }
     }
 }

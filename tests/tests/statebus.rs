@@ -287,3 +287,32 @@ async fn permissions_over_http(store: Store) {
         401
     );
 }
+
+/// A connection follows at most `limits.max_statebus_subscriptions` keys; `forget` frees one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_follows_a_bounded_number_of_keys() {
+    let p = Plait::start_with_env(
+        Store::Embedded,
+        &[],
+        &[("PLAIT_LIMITS__MAX_STATEBUS_SUBSCRIPTIONS", "2")],
+    );
+    let mut s = ws(&p).await;
+    for k in ["a", "b"] {
+        send(&mut s, &format!(r#"{{"get":"{k}"}}"#)).await;
+        assert_eq!(recv(&mut s).await, serde_json::json!({"set": {"key": k}}));
+    }
+    send(&mut s, r#"{"get":"c"}"#).await;
+    let e = recv(&mut s).await;
+    assert!(
+        e["error"].as_str().unwrap().contains("limits.max_statebus_subscriptions"),
+        "{e}"
+    );
+    assert_eq!(recv(&mut s).await, serde_json::json!({"set": {"key": "c"}}));
+    send(&mut s, r#"{"forget":"a"}"#).await;
+    send(&mut s, r#"{"get":"c"}"#).await;
+    assert_eq!(recv(&mut s).await, serde_json::json!({"set": {"key": "c"}}));
+    // Followed now: a write to c reaches this connection.
+    let r = wire::send(p.addr, "PUT", "/c", &[("Content-Type", "application/json")], b"1").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(recv(&mut s).await, serde_json::json!({"set": {"key": "c", "val": 1}}));
+}

@@ -228,6 +228,7 @@ async fn well_known(
             "body_read_timeout_secs": app.limits.body_read_timeout_secs,
             "ping_interval_secs": app.limits.ping_interval_secs,
             "ping_timeout_secs": app.limits.ping_timeout_secs,
+            "max_statebus_subscriptions": app.limits.max_statebus_subscriptions,
         },
         "access": {
             "public_writes": access.public_writes,

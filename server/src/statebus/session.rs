@@ -35,9 +35,6 @@ use crate::update::{Patch, Range, UpdateBody, WriteBody};
 
 /// Frames waiting to be sent to one connection.
 const OUTBOX: usize = 1024;
-/// Keys one connection may follow at once (each `get` of a new key starts a forwarding
-/// task and a subscription; `forget` and closing release them).
-const MAX_SUBSCRIPTIONS: usize = 10_000;
 /// How deep nested keyed objects are followed when a state is sent.
 const MAX_LINK_DEPTH: usize = 4;
 
@@ -233,9 +230,13 @@ impl Session {
             let val = render(&self.app, val, &target, &self.viewer()).await;
             return self.send(wire::state(self.dialect(), &key, val.as_ref())).await;
         }
-        if self.subs.len() >= MAX_SUBSCRIPTIONS {
+        // Each followed key holds a task and a subscription until `forget` or close.
+        let max = self.app.limits.max_statebus_subscriptions;
+        if self.subs.len() >= max {
             self.error(
-                &format!("this connection already follows {MAX_SUBSCRIPTIONS} keys; forget some first"),
+                &format!(
+                    "this connection already follows {max} keys (limits.max_statebus_subscriptions); forget some first"
+                ),
                 Some(&key),
             )
             .await;
