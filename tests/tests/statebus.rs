@@ -304,7 +304,10 @@ async fn a_connection_follows_a_bounded_number_of_keys() {
     send(&mut s, r#"{"get":"c"}"#).await;
     let e = recv(&mut s).await;
     assert!(
-        e["error"].as_str().unwrap().contains("limits.max_statebus_subscriptions"),
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_statebus_subscriptions"),
         "{e}"
     );
     assert_eq!(recv(&mut s).await, serde_json::json!({"set": {"key": "c"}}));
@@ -314,5 +317,8 @@ async fn a_connection_follows_a_bounded_number_of_keys() {
     // Followed now: a write to c reaches this connection.
     let r = wire::send(p.addr, "PUT", "/c", &[("Content-Type", "application/json")], b"1").await;
     assert_eq!(r.status, 200);
-    assert_eq!(recv(&mut s).await, serde_json::json!({"set": {"key": "c", "val": 1}}));
+    assert_eq!(
+        recv(&mut s).await,
+        serde_json::json!({"set": {"key": "c", "val": 1}})
+    );
 }

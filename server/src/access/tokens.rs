@@ -146,10 +146,11 @@ impl Tokens {
     fn change<T>(&self, f: impl FnOnce(&mut TokenFile) -> T) -> anyhow::Result<T> {
         use fs4::fs_std::FileExt;
         let lock_path = self.path.with_extension("lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).truncate(false).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let lock = options
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
         lock.lock_exclusive()?;
