@@ -649,7 +649,6 @@ async fn signed_requests_act_as_their_identity() {
     let p = owned(Store::Embedded);
     let friend = plait_bridge::Keypair::generate();
     let stranger = plait_bridge::Keypair::generate();
-    let owner = bearer(&p.owner_token());
     let rules = json!({"rules": [
         {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
         {"path": "/inbox", "write": [format!("identity:{}", friend.identity())]},
