@@ -8,3 +8,17 @@ pub mod pg;
 pub mod plait;
 pub mod upstream;
 pub mod wire;
+
+/// Makes `mod embedded` and `mod postgres`, each with one test per named `async fn(Store)`
+/// of the calling file, run on that store (a fresh Postgres database each).
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name($crate::plait::Store::Embedded).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name($crate::plait::Store::fresh_postgres()).await })*
+        }
+    };
+}

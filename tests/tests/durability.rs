@@ -8,16 +8,7 @@ use std::time::Duration;
 use plait_tests::plait::{Plait, Store};
 use plait_tests::wire;
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(plait_tests::plait::Store::Embedded).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(plait_tests::plait::Store::fresh_postgres()).await })*
-        }
-    };
-}
+use plait_tests::on_both_stores;
 
 on_both_stores!(
     restart_keeps_everything,

@@ -9,16 +9,7 @@ use plait_tests::plait::{Plait, Store};
 use plait_tests::wire;
 use tokio_tungstenite::tungstenite::Message;
 
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(plait_tests::plait::Store::Embedded).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(plait_tests::plait::Store::fresh_postgres()).await })*
-        }
-    };
-}
+use plait_tests::on_both_stores;
 
 on_both_stores!(
     statebus7_client,
