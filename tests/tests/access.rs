@@ -22,6 +22,8 @@ on_both_stores!(
     rules_are_state_the_owner_edits,
     a_reader_who_loses_the_right_stops_getting_updates,
     statebus_callers_go_through_the_same_rules,
+    every_caller_over_http_as_the_rules_say,
+    every_caller_over_statebus_as_the_rules_say,
 );
 
 /// A server whose anonymous writes are refused (the default for a new data dir).
@@ -694,4 +696,245 @@ async fn signed_requests_act_as_their_identity() {
     let keys = plait_bridge::Keypair::load(&p.data_dir().join("identity.pem")).unwrap();
     let h = signed(&p, &keys, "DELETE", "/inbox/1", None, now());
     assert_eq!(send_signed(&p, "DELETE", "/inbox/1", &h, b"").await.status, 204);
+}
+
+/// Who asks, in the caller × way-in matrix.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Who {
+    Anonymous,
+    Alice,
+    Bob,
+    /// A token that writes `/tok` and reads `/secret`.
+    Token,
+    /// A signed request from an identity the rules name.
+    Friend,
+    Owner,
+}
+
+/// Whether `who` may do `op` ("read", "write", "delete") on `path` under [`MATRIX_RULES`].
+fn allowed(who: Who, op: &str, path: &str) -> bool {
+    use Who::*;
+    let top = path.split('/').nth(1).unwrap();
+    who == Owner
+        || match (op, top) {
+            ("read", "secret") => who == Token,
+            ("read", _) => true,
+            ("write", "acct") => matches!(who, Alice | Bob),
+            ("delete", "acct") => who == Alice,
+            (_, "friend") => who == Friend,
+            (_, "tok") => who == Token,
+            _ => false,
+        }
+}
+
+fn matrix_rules(friend: &plait_bridge::Keypair) -> Value {
+    let friend = format!("identity:{}", friend.identity());
+    json!({"rules": [
+        {"path": "/", "read": ["everyone"], "write": ["owner"], "delete": ["owner"]},
+        {"path": "/secret", "read": ["owner"]},
+        {"path": "/acct", "write": ["accounts"], "delete": ["account:alice"]},
+        {"path": "/friend", "write": [friend], "delete": [friend]},
+    ]})
+}
+
+/// The paths each caller is tried on.
+const MATRIX_PATHS: [&str; 5] = ["/plain", "/secret", "/acct", "/friend", "/tok"];
+
+struct Callers {
+    alice: String,
+    bob: String,
+    token: String,
+    friend: plait_bridge::Keypair,
+}
+
+impl Callers {
+    /// The credential headers of `who` for `method path` (a signature covers exactly one
+    /// request).
+    fn headers(&self, p: &Plait, who: Who, method: &str, path: &str, body: &[u8]) -> Vec<(String, String)> {
+        let one = |k: &str, v: String| vec![(k.to_string(), v)];
+        match who {
+            Who::Anonymous => vec![],
+            Who::Alice => one("Cookie", self.alice.clone()),
+            Who::Bob => one("Cookie", self.bob.clone()),
+            Who::Token => one("Authorization", bearer(&self.token)),
+            Who::Owner => one("Authorization", bearer(&p.owner_token())),
+            Who::Friend => {
+                let body = (!body.is_empty() || method == "PUT").then_some(body);
+                signed(p, &self.friend, method, path, body, now())
+            }
+        }
+    }
+}
+
+const EVERY_CALLER: [Who; 6] = [
+    Who::Anonymous,
+    Who::Alice,
+    Who::Bob,
+    Who::Token,
+    Who::Friend,
+    Who::Owner,
+];
+
+async fn matrix_server(store: Store) -> (Plait, Callers) {
+    let p = owned(store);
+    let friend = plait_bridge::Keypair::generate();
+    set_rules(&p, &matrix_rules(&friend)).await;
+    let callers = Callers {
+        alice: login(&p, "alice", "pw-a", true).await,
+        bob: login(&p, "bob", "pw-b", true).await,
+        token: p.token(&["--write", "/tok", "--read", "/secret"]),
+        friend,
+    };
+    let (k, v) = p.owner_auth();
+    for path in MATRIX_PATHS {
+        for who in EVERY_CALLER {
+            for what in ["r", "d"] {
+                let at = format!("{path}/{who:?}-{what}");
+                assert_eq!(put(&p, &at, &[(k, v.as_str())], "seed").await.status, 200);
+            }
+        }
+    }
+    (p, callers)
+}
+
+/// The owner's view of `path` (a resource never written, or deleted, reads as empty).
+async fn owner_reads(p: &Plait, path: &str) -> String {
+    let (k, v) = p.owner_auth();
+    let r = wire::send(p.addr, "GET", path, &[(k, v.as_str())], b"").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.text()
+}
+
+/// Every caller reads, writes and deletes on every path over Braid-HTTP, and is allowed or
+/// refused (401 when anonymous, 403 otherwise) as the rules say; a refused write or delete
+/// changes nothing.
+async fn every_caller_over_http_as_the_rules_say(store: Store) {
+    let (p, c) = matrix_server(store).await;
+    for who in EVERY_CALLER {
+        let refused = if who == Who::Anonymous { 401 } else { 403 };
+        for path in MATRIX_PATHS {
+            let at = format!("{path}/{who:?}-r");
+            let h = c.headers(&p, who, "GET", &at, b"");
+            let r = send_signed(&p, "GET", &at, &h, b"").await;
+            let want = if allowed(who, "read", path) { 200 } else { refused };
+            assert_eq!(r.status, want, "{who:?} reads {at}: {}", r.text());
+            if want == 200 {
+                assert_eq!(r.text(), "seed");
+            }
+
+            let at = format!("{path}/{who:?}-w");
+            let body = format!("by {who:?}");
+            let h = c.headers(&p, who, "PUT", &at, body.as_bytes());
+            let r = send_signed(&p, "PUT", &at, &h, body.as_bytes()).await;
+            let ok = allowed(who, "write", path);
+            assert_eq!(
+                r.status,
+                if ok { 200 } else { refused },
+                "{who:?} writes {at}: {}",
+                r.text()
+            );
+            assert_eq!(owner_reads(&p, &at).await == body, ok, "{who:?} writes {at}");
+
+            let at = format!("{path}/{who:?}-d");
+            let h = c.headers(&p, who, "DELETE", &at, b"");
+            let r = send_signed(&p, "DELETE", &at, &h, b"").await;
+            let ok = allowed(who, "delete", path);
+            assert_eq!(
+                r.status,
+                if ok { 204 } else { refused },
+                "{who:?} deletes {at}: {}",
+                r.text()
+            );
+            assert_eq!(owner_reads(&p, &at).await != "seed", ok, "{who:?} deletes {at}");
+        }
+    }
+}
+
+/// The same matrix over the Statebus websocket: the caller is proved once, on the upgrade
+/// (a bearer token, a login session cookie, or a signature over the upgrade request).
+async fn every_caller_over_statebus_as_the_rules_say(store: Store) {
+    let (p, c) = matrix_server(store).await;
+    let url = "/_connect_to_statebus_/websocket";
+    for who in EVERY_CALLER {
+        let refused = if who == Who::Anonymous { 401 } else { 403 };
+        let mut s = {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let mut req = format!("ws://{}{url}", p.addr).into_client_request().unwrap();
+            for (k, v) in c.headers(&p, who, "GET", url, b"") {
+                let name = http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+                req.headers_mut().insert(name, v.parse().unwrap());
+            }
+            let upgraded = tokio_tungstenite::connect_async(req).await;
+            upgraded
+                .unwrap_or_else(|e| panic!("{who:?} opens a websocket: {e}"))
+                .0
+        };
+        for path in MATRIX_PATHS {
+            let key = format!("{}/{who:?}-r", &path[1..]);
+            s.send(Message::text(json!({"get": key}).to_string()))
+                .await
+                .unwrap();
+            let f = recv_about(&mut s, &key).await;
+            if allowed(who, "read", path) {
+                assert_eq!(f["set"]["val"], "seed", "{who:?} gets {key}: {f}");
+            } else {
+                assert_eq!(f["status"], refused, "{who:?} gets {key}: {f}");
+                assert_eq!(f["op"], "read");
+            }
+
+            let key = format!("{}/{who:?}-w", &path[1..]);
+            let val = format!("by {who:?}");
+            s.send(Message::text(
+                json!({"set": {"key": key, "val": val}}).to_string(),
+            ))
+            .await
+            .unwrap();
+            if allowed(who, "write", path) {
+                let at = format!("/{key}");
+                let written = eventually(|| async { owner_reads(&p, &at).await.contains(&val) }).await;
+                assert!(written, "{who:?} sets {key}");
+            } else {
+                let f = recv_about(&mut s, &key).await;
+                assert_eq!(
+                    (f["status"].clone(), f["op"].clone()),
+                    (json!(refused), json!("write")),
+                    "{who:?} sets {key}: {f}"
+                );
+                assert_eq!(owner_reads(&p, &format!("/{key}")).await, "");
+            }
+
+            let key = format!("{}/{who:?}-d", &path[1..]);
+            s.send(Message::text(json!({"delete": key}).to_string()))
+                .await
+                .unwrap();
+            let at = format!("/{key}");
+            if allowed(who, "delete", path) {
+                let gone = eventually(|| async { owner_reads(&p, &at).await != "seed" }).await;
+                assert!(gone, "{who:?} deletes {key}");
+            } else {
+                let f = recv_about(&mut s, &key).await;
+                assert_eq!(
+                    (f["status"].clone(), f["op"].clone()),
+                    (json!(refused), json!("delete")),
+                    "{who:?} deletes {key}: {f}"
+                );
+                assert_eq!(owner_reads(&p, &at).await, "seed");
+            }
+        }
+    }
+}
+
+/// Whether `check` comes true within five seconds.
+async fn eventually<F, Fut>(check: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }

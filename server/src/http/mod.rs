@@ -176,7 +176,14 @@ async fn statebus_websocket(
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
-            crate::statebus::session::run(socket, app, peer.ip(), auth.caller, auth.session)
+            let services = crate::statebus::Services {
+                engine: app.engine,
+                identity: app.identity,
+                access: app.access,
+                limits: app.limits,
+                shutdown: app.shutdown,
+            };
+            crate::statebus::session::run(socket, services, peer.ip(), auth.caller, auth.session)
         })
         .into_response()
 }

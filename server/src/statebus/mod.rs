@@ -12,3 +12,25 @@ pub mod import;
 pub mod keys;
 pub mod session;
 pub mod wire;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::access::Access;
+use crate::config::Limits;
+use crate::engine::Engine;
+use plait_bridge::Identity;
+
+/// What a Statebus connection needs from the rest of the server, and nothing more: it does
+/// not know about the proxy, static files, the p2p node or how HTTP is routed.
+#[derive(Clone)]
+pub struct Services {
+    pub engine: Engine,
+    /// The instance's identity: whose namespace `/` is.
+    pub identity: Identity,
+    pub access: Access,
+    pub limits: Arc<Limits>,
+    /// Cancelled when the server shuts down; open connections close on it.
+    pub shutdown: CancellationToken,
+}

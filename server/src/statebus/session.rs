@@ -23,13 +23,13 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::Services;
 use super::access::{self, AccessError, Resolved, Target};
 use super::keys::StatebusKey;
 use super::wire::{self, ClientMessage, Dialect};
 use crate::access::accounts::{Account, AccountError};
 use crate::access::{Caller, Op, Refusal};
 use crate::engine::{Delivery, Write};
-use crate::http::App;
 use crate::model::ResourceKey;
 use crate::update::{Patch, Range, UpdateBody, WriteBody};
 
@@ -44,11 +44,11 @@ const MAX_LINK_DEPTH: usize = 4;
 ///
 /// The server pings every `limits.ping_interval_secs`; a connection from which nothing
 /// (not even a pong) arrives for that long plus `limits.ping_timeout_secs` is closed.
-pub async fn run(socket: WebSocket, app: App, ip: IpAddr, caller: Caller, session: Option<String>) {
+pub async fn run(socket: WebSocket, svc: Services, ip: IpAddr, caller: Caller, session: Option<String>) {
     let (mut sink, mut stream) = socket.split();
     let (out, mut outbox) = mpsc::channel::<String>(OUTBOX);
-    let ping_every = std::time::Duration::from_secs(app.limits.ping_interval_secs.max(1));
-    let quiet_limit = ping_every + std::time::Duration::from_secs(app.limits.ping_timeout_secs.max(1));
+    let ping_every = std::time::Duration::from_secs(svc.limits.ping_interval_secs.max(1));
+    let quiet_limit = ping_every + std::time::Duration::from_secs(svc.limits.ping_timeout_secs.max(1));
     let mut writer = tokio::spawn(async move {
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         loop {
@@ -65,8 +65,8 @@ pub async fn run(socket: WebSocket, app: App, ip: IpAddr, caller: Caller, sessio
         }
         let _ = sink.close().await;
     });
-    let shutdown = app.shutdown.clone();
-    let mut s = Session::new(app, ip, out, caller);
+    let shutdown = svc.shutdown.clone();
+    let mut s = Session::new(svc, ip, out, caller);
     if let Some(secret) = session {
         s.bind_client(secret).await;
     }
@@ -97,7 +97,7 @@ pub async fn run(socket: WebSocket, app: App, ip: IpAddr, caller: Caller, sessio
 }
 
 struct Session {
-    app: App,
+    svc: Services,
     ip: IpAddr,
     out: mpsc::Sender<String>,
     dialect: Option<Dialect>,
@@ -116,9 +116,9 @@ struct Session {
 }
 
 impl Session {
-    fn new(app: App, ip: IpAddr, out: mpsc::Sender<String>, base: Caller) -> Session {
+    fn new(svc: Services, ip: IpAddr, out: mpsc::Sender<String>, base: Caller) -> Session {
         Session {
-            app,
+            svc,
             ip,
             out,
             dialect: None,
@@ -189,7 +189,7 @@ impl Session {
 
     async fn resolve(&self, key: &str) -> Result<Resolved, AccessError> {
         let k = StatebusKey::parse(key)?;
-        access::resolve(&self.app.access, &k).await
+        access::resolve(&self.svc.access, &k).await
     }
 
     /// Resolves a key and checks `op` on it; a refusal is told to the client.
@@ -206,7 +206,7 @@ impl Session {
             }
         };
         if let Resolved::Resource(Target { key: Some(rk), .. }) = &resolved
-            && let Err(r) = self.app.access.check(&self.viewer(), rk, op)
+            && let Err(r) = self.svc.access.check(&self.viewer(), rk, op)
         {
             self.refused(&r, key).await;
             return Err(());
@@ -226,12 +226,12 @@ impl Session {
         self.fetched.insert(key.clone());
         if self.subs.contains_key(&key) {
             // Already subscribed: answer this get with the current state.
-            let val = read_value(&self.app, &rk).await;
-            let val = render(&self.app, val, &target, &self.viewer()).await;
+            let val = read_value(&self.svc, &rk).await;
+            let val = render(&self.svc, val, &target, &self.viewer()).await;
             return self.send(wire::state(self.dialect(), &key, val.as_ref())).await;
         }
         // Each followed key holds a task and a subscription until `forget` or close.
-        let max = self.app.limits.max_statebus_subscriptions;
+        let max = self.svc.limits.max_statebus_subscriptions;
         if self.subs.len() >= max {
             self.error(
                 &format!(
@@ -243,7 +243,7 @@ impl Session {
             return self.send(wire::state(self.dialect(), &key, None)).await;
         }
         let task = tokio::spawn(forward(
-            self.app.clone(),
+            self.svc.clone(),
             key.clone(),
             rk,
             target,
@@ -262,24 +262,24 @@ impl Session {
             version: None,
             parents: None,
             peer: Some(self.peer.clone()),
-            author: viewer.author(self.app.identity),
+            author: viewer.author(self.svc.identity),
             digest: None,
-            writer: viewer.writer(self.app.identity, Some(self.ip)),
+            writer: viewer.writer(self.svc.identity, Some(self.ip)),
         }
     }
 
     /// Writes `body` to `rk` (named `key` by the client) once the access layer allows it;
     /// a refused or failed write is told to the client and its state reverted.
     async fn write(&self, key: &str, target: &Target, rk: &ResourceKey, body: WriteBody) {
-        if let Err(e) = self.app.access.check_write(&self.viewer(), rk, &body) {
+        if let Err(e) = self.svc.access.check_write(&self.viewer(), rk, &body) {
             match e {
                 crate::access::WriteRefused::Refused(r) => self.refused(&r, key).await,
                 crate::access::WriteRefused::InvalidRules(m) => self.error(&m, Some(key)).await,
             }
             return self.revert(key, Some(target)).await;
         }
-        match self.app.engine.write(rk, self.write_for(body)).await {
-            Ok(_) => self.app.access.written(&self.app.engine, rk).await,
+        match self.svc.engine.write(rk, self.write_for(body)).await {
+            Ok(_) => self.svc.access.written(&self.svc.engine, rk).await,
             Err(e) => {
                 self.error(&e.to_string(), Some(key)).await;
                 self.revert(key, Some(target)).await;
@@ -289,14 +289,14 @@ impl Session {
 
     /// Who a delete from this connection is limited as.
     fn write_for_delete(&self) -> crate::engine::Writer {
-        self.viewer().writer(self.app.identity, Some(self.ip))
+        self.viewer().writer(self.svc.identity, Some(self.ip))
     }
 
     /// Answers a refused write with the key's current state, so the client's cache reverts.
     async fn revert(&self, key: &str, target: Option<&Target>) {
-        let readable = |rk: &ResourceKey| self.app.access.check(&self.viewer(), rk, Op::Read).is_ok();
+        let readable = |rk: &ResourceKey| self.svc.access.check(&self.viewer(), rk, Op::Read).is_ok();
         let val = match target.and_then(|t| t.key.clone()) {
-            Some(rk) if readable(&rk) => read_value(&self.app, &rk).await,
+            Some(rk) if readable(&rk) => read_value(&self.svc, &rk).await,
             _ => None,
         };
         self.send(wire::state(self.dialect(), key, val.as_ref())).await;
@@ -315,7 +315,7 @@ impl Session {
         };
         let Some(val) = val else {
             // A state without a value: the key has none any more.
-            if let Err(e) = self.app.engine.delete(&rk, &self.write_for_delete()).await {
+            if let Err(e) = self.svc.engine.delete(&rk, &self.write_for_delete()).await {
                 self.error(&e.to_string(), Some(key)).await;
             }
             return;
@@ -363,7 +363,7 @@ impl Session {
         };
         let email = email.as_ref().and_then(Value::as_str);
         if pass.is_some() || email.is_some() {
-            let accounts = self.app.access.accounts();
+            let accounts = self.svc.access.accounts();
             accounts.update(&profile.name, pass.as_deref(), email).await?;
             if pass.is_some()
                 && let Some(client) = &self.client
@@ -413,7 +413,7 @@ impl Session {
                 key: Some(rk),
                 profile: None,
             })) => {
-                if let Err(e) = self.app.engine.delete(&rk, &self.write_for_delete()).await {
+                if let Err(e) = self.svc.engine.delete(&rk, &self.write_for_delete()).await {
                     self.error(&e.to_string(), Some(key)).await;
                 }
             }
@@ -433,7 +433,7 @@ impl Session {
         {
             self.bind_client(client.clone()).await;
         }
-        let accounts = self.app.access.accounts().clone();
+        let accounts = self.svc.access.accounts().clone();
         let mut error = None;
         let name_of = |c: &Map<String, Value>| {
             c.get("name")
@@ -498,12 +498,12 @@ impl Session {
     }
 
     async fn bind_client(&mut self, client: String) {
-        let accounts = self.app.access.accounts();
+        let accounts = self.svc.access.accounts();
         let account = accounts.session(&client).await.ok().flatten();
         self.set_account(account);
         if let Some(k) = accounts.session_key(&client) {
             self.follower = Some(tokio::spawn(follow_session(
-                self.app.clone(),
+                self.svc.clone(),
                 k,
                 self.dialect(),
                 self.base.clone(),
@@ -558,14 +558,14 @@ pub fn current_user_value(dialect: Dialect, caller: &Caller, error: Option<&str>
 /// Pushes `current_user` whenever the client's session changes (a login or logout on
 /// another connection of the same client).
 async fn follow_session(
-    app: App,
+    svc: Services,
     key: ResourceKey,
     dialect: Dialect,
     base: Caller,
     viewer: Arc<RwLock<Caller>>,
     out: mpsc::Sender<String>,
 ) {
-    let Ok(mut sub) = app.engine.subscribe(&key, None, None).await else {
+    let Ok(mut sub) = svc.engine.subscribe(&key, None, None).await else {
         return;
     };
     let mut first = true;
@@ -578,7 +578,7 @@ async fn follow_session(
             Delivery::Shared(ev) => body_json(&ev.body),
             Delivery::Own(u) => body_json(&u.body),
         };
-        let Ok(account) = app.access.accounts().account_of_session(value.as_ref()).await else {
+        let Ok(account) = svc.access.accounts().account_of_session(value.as_ref()).await else {
             continue;
         };
         let v = {
@@ -611,7 +611,7 @@ fn body_json(body: &UpdateBody) -> Option<Value> {
 /// forwarding with a refusal.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
-    app: App,
+    svc: Services,
     key: String,
     rk: ResourceKey,
     target: Target,
@@ -620,7 +620,7 @@ async fn forward(
     viewer: Arc<RwLock<Caller>>,
     out: mpsc::Sender<String>,
 ) {
-    let mut sub = match app.engine.subscribe(&rk, None, Some(peer)).await {
+    let mut sub = match svc.engine.subscribe(&rk, None, Some(peer)).await {
         Ok(s) => s,
         Err(e) => {
             let _ = out.send(wire::error(&e.to_string(), Some(&key))).await;
@@ -628,7 +628,7 @@ async fn forward(
             return;
         }
     };
-    let mut rules = app.access.watch(rk.clone());
+    let mut rules = svc.access.watch(rk.clone());
     loop {
         let d = tokio::select! {
             // A rule change is seen before any update that follows it.
@@ -653,12 +653,12 @@ async fn forward(
         };
         let val = match body {
             UpdateBody::Missing => None,
-            UpdateBody::Snapshot(b) => Some(bytes_value(&app, &rk, b).await),
+            UpdateBody::Snapshot(b) => Some(bytes_value(&svc, &rk, b).await),
             // Text arrives as patches; a Statebus client wants the whole string.
-            UpdateBody::Text(_) => read_value(&app, &rk).await,
+            UpdateBody::Text(_) => read_value(&svc, &rk).await,
         };
         let v = viewer.read().expect("viewer").clone();
-        let val = render(&app, val, &target, &v).await;
+        let val = render(&svc, val, &target, &v).await;
         if out.send(wire::state(dialect, &key, val.as_ref())).await.is_err() {
             return;
         }
@@ -667,11 +667,11 @@ async fn forward(
 
 /// A representation as a Statebus value: JSON as is, text as a string, other bytes as
 /// base64.
-async fn bytes_value(app: &App, rk: &ResourceKey, b: &Bytes) -> Value {
+async fn bytes_value(svc: &Services, rk: &ResourceKey, b: &Bytes) -> Value {
     if let Ok(v) = serde_json::from_slice(b) {
         return v;
     }
-    match app.engine.read(rk).await.ok().and_then(|s| s.kind) {
+    match svc.engine.read(rk).await.ok().and_then(|s| s.kind) {
         Some(crate::model::Kind::Text) => Value::String(String::from_utf8_lossy(b).into_owned()),
         _ => {
             use base64::Engine as _;
@@ -681,27 +681,27 @@ async fn bytes_value(app: &App, rk: &ResourceKey, b: &Bytes) -> Value {
 }
 
 /// The current value of a resource (`None` if it does not exist).
-pub(crate) async fn read_value(app: &App, rk: &ResourceKey) -> Option<Value> {
-    let state = app.engine.read(rk).await.ok()?;
+pub(crate) async fn read_value(svc: &Services, rk: &ResourceKey) -> Option<Value> {
+    let state = svc.engine.read(rk).await.ok()?;
     if !state.exists() {
         return None;
     }
-    Some(bytes_value(app, rk, &state.body).await)
+    Some(bytes_value(svc, rk, &state.body).await)
 }
 
 /// What the viewer is shown: profiles filtered, links to nested states filled in.
-async fn render(app: &App, val: Option<Value>, target: &Target, viewer: &Caller) -> Option<Value> {
+async fn render(svc: &Services, val: Option<Value>, target: &Target, viewer: &Caller) -> Option<Value> {
     let val = val?;
     let val = match &target.profile {
         Some(p) => access::view_profile(val, p, viewer),
         None => val,
     };
-    Some(fill_links(app, val, viewer, 0).await)
+    Some(fill_links(svc, val, viewer, 0).await)
 }
 
 /// Replaces links `{key}` left by [`split_nested`] with the states they name.
 fn fill_links<'a>(
-    app: &'a App,
+    svc: &'a Services,
     v: Value,
     viewer: &'a Caller,
     depth: usize,
@@ -712,14 +712,14 @@ fn fill_links<'a>(
                 if let Some(Value::String(k)) = m.get("key") {
                     let k = k.clone();
                     if let Ok(sk) = StatebusKey::parse(&k)
-                        && let Ok(Resolved::Resource(t)) = access::resolve(&app.access, &sk).await
+                        && let Ok(Resolved::Resource(t)) = access::resolve(&svc.access, &sk).await
                         && let Some(rk) = &t.key
-                        && app.access.check(viewer, rk, Op::Read).is_ok()
+                        && svc.access.check(viewer, rk, Op::Read).is_ok()
                     {
                         let mut out = Map::new();
                         out.insert("key".into(), Value::String(k));
-                        if let Some(child) = read_value(app, rk).await {
-                            out.insert("val".into(), fill_links(app, child, viewer, depth + 1).await);
+                        if let Some(child) = read_value(svc, rk).await {
+                            out.insert("val".into(), fill_links(svc, child, viewer, depth + 1).await);
                         }
                         return Value::Object(out);
                     }
@@ -727,21 +727,21 @@ fn fill_links<'a>(
                 }
                 let mut out = Map::new();
                 for (k, x) in m {
-                    out.insert(k, fill_links(app, x, viewer, depth).await);
+                    out.insert(k, fill_links(svc, x, viewer, depth).await);
                 }
                 Value::Object(out)
             }
             Value::Object(m) => {
                 let mut out = Map::new();
                 for (k, x) in m {
-                    out.insert(k, fill_links(app, x, viewer, depth).await);
+                    out.insert(k, fill_links(svc, x, viewer, depth).await);
                 }
                 Value::Object(out)
             }
             Value::Array(a) => {
                 let mut out = Vec::with_capacity(a.len());
                 for x in a {
-                    out.push(fill_links(app, x, viewer, depth).await);
+                    out.push(fill_links(svc, x, viewer, depth).await);
                 }
                 Value::Array(out)
             }
