@@ -65,6 +65,13 @@ enum Cmd {
         /// not read have full socket buffers (as a really stalled client does).
         #[arg(long, default_value_t = 0)]
         prefill_kib: usize,
+        /// How each subscription proves who asks (as `puts --auth`; a signature is made
+        /// afresh for each).
+        #[arg(long, default_value = "none")]
+        sub_auth: String,
+        /// How the writer's PUTs prove who writes.
+        #[arg(long, default_value = "none")]
+        write_auth: String,
     },
     /// Many idle subscriptions over HTTP/2; server memory per subscription.
     Idle {
@@ -287,13 +294,16 @@ async fn subscriber(
     lat: Arc<Mutex<Histogram<u64>>>,
     got: Arc<AtomicU64>,
     stop: Arc<tokio::sync::Notify>,
+    auth: Auth,
 ) -> anyhow::Result<()> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n\r\n")
-            .as_bytes(),
-    )
-    .await?;
+    let mut head =
+        format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n");
+    for (k, v) in auth.headers("GET", &path, b"")? {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await?;
     let mut raw = Vec::new();
     let mut chunk = [0u8; 16384];
     // Response head.
@@ -395,18 +405,28 @@ async fn fanout(
     path: &str,
     write_path: Option<&str>,
     prefill_kib: usize,
+    sub_auth: &str,
+    write_auth: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let addr = addr_of(url)?;
     let waddr = addr_of(write_url.unwrap_or(url))?;
     let wpath = write_path.unwrap_or(path);
-    request(
-        waddr,
-        "PUT",
-        wpath,
-        &[("Content-Type", "application/json")],
-        b"{\"start\":true}",
-    )
-    .await?;
+    let sub_auth = Auth::parse(sub_auth)?;
+    let write_auth = Auth::parse(write_auth)?;
+    // The writer's headers for one PUT of `body`.
+    let put_headers = |body: &[u8]| -> anyhow::Result<Vec<(String, String)>> {
+        let mut h = write_auth.headers("PUT", wpath, body)?;
+        h.push(("Content-Type".into(), "application/json".into()));
+        Ok(h)
+    };
+    let start = b"{\"start\":true}";
+    let (status, text) = request(waddr, "PUT", wpath, &borrowed(&put_headers(start)?), start).await?;
+    if status != 200 {
+        bail!(
+            "the first PUT answered {status}: {}",
+            String::from_utf8_lossy(&text)
+        );
+    }
     let rss0 = server_rss(addr).await?;
     let ready = Arc::new(AtomicUsize::new(0));
     let got = Arc::new(AtomicU64::new(0));
@@ -422,6 +442,7 @@ async fn fanout(
             lat.clone(),
             got.clone(),
             stop.clone(),
+            sub_auth.clone(),
         )));
         if i % 500 == 499 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -447,7 +468,7 @@ async fn fanout(
             waddr,
             "PUT",
             wpath,
-            &[("Content-Type", "application/json")],
+            &borrowed(&put_headers(big.as_bytes())?),
             big.as_bytes(),
         )
         .await?;
@@ -467,14 +488,9 @@ async fn fanout(
     for i in 0..updates {
         let body = format!("{{\"t\":{},\"i\":{i}}}", now_us());
         let sent = Instant::now();
-        wc.send(
-            &mut w,
-            "PUT",
-            wpath,
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        )
-        .await?;
+        let h = put_headers(body.as_bytes())?;
+        wc.send(&mut w, "PUT", wpath, &borrowed(&h), body.as_bytes())
+            .await?;
         let (status, text) = wc.recv(&mut w).await?;
         if status != 200 {
             bail!("PUT answered {status}: {}", String::from_utf8_lossy(&text));
@@ -497,6 +513,8 @@ async fn fanout(
     let lat = lat.lock().await;
     Ok(serde_json::json!({
         "workload": "fanout",
+        "sub_auth": sub_auth.name(),
+        "write_auth": write_auth.name(),
         "subscribers": subs,
         "stalled": n_stalled,
         "updates": updates,
@@ -629,7 +647,12 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
     }))
 }
 
-/// How the PUTs of [`puts`] authenticate.
+/// `(String, String)` headers as the `(&str, &str)` pairs [`Conn::send`] takes.
+fn borrowed(h: &[(String, String)]) -> Vec<(&str, &str)> {
+    h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// How a request of [`puts`] or [`fanout`] authenticates.
 #[derive(Clone)]
 enum Auth {
     None,
@@ -943,6 +966,8 @@ fn main() -> anyhow::Result<()> {
                 path,
                 write_path,
                 prefill_kib,
+                sub_auth,
+                write_auth,
             } => {
                 let interval = Duration::from_millis(interval_ms);
                 fanout(
@@ -955,6 +980,8 @@ fn main() -> anyhow::Result<()> {
                     &path,
                     write_path.as_deref(),
                     prefill_kib,
+                    &sub_auth,
+                    &write_auth,
                 )
                 .await
             }
