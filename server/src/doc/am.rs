@@ -251,6 +251,7 @@ impl AmDoc {
         let id = self.index.insert(hash, id.clone(), n);
         Ok(Committed {
             id,
+            hash,
             bytes: change.raw_bytes().to_vec(),
             was_current: !isolated,
         })
@@ -353,6 +354,7 @@ pub(crate) struct HistoryEntry {
 /// A change just made.
 pub(crate) struct Committed {
     pub(crate) id: VersionId,
+    pub(crate) hash: ChangeHash,
     pub(crate) bytes: Vec<u8>,
     /// Whether it was made on the current heads (no merge happened).
     pub(crate) was_current: bool,

@@ -132,6 +132,7 @@ impl BytesDoc {
             parents: w.parents.cloned().unwrap_or_else(|| frontier.clone()),
             n: 1,
             change: hash.as_bytes().to_vec(),
+            earlier: Vec::new(),
             event_parents: frontier,
             event_version: Version::one(id),
             body: UpdateBody::Snapshot(body),

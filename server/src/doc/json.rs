@@ -136,6 +136,7 @@ impl JsonDoc {
             parents: parents_version,
             n: 1,
             change: committed.bytes,
+            earlier: Vec::new(),
             event_parents: old_frontier,
             event_version: new_frontier,
             body: UpdateBody::Snapshot(body.into()),

@@ -61,12 +61,24 @@ pub struct Applied {
     /// Bytes to store: an automerge change, or for bytes resources the BLAKE3 hash of the
     /// value (the value itself is the snapshot in `body`).
     pub change: Vec<u8>,
+    /// A big text write is committed as a run of changes (see
+    /// [`text::MAX_EVENTS_PER_CHANGE`]): those before `change`, oldest first, each with
+    /// its own id inside the run. Empty for every other write.
+    pub earlier: Vec<EarlierChange>,
     /// The frontier before the change, and after it (a merge when the change was made on
     /// older parents).
     pub event_parents: Version,
     pub event_version: Version,
     /// What takes a subscriber at `event_parents` to `event_version`.
     pub body: UpdateBody,
+}
+
+/// One change of a run that ends with an [`Applied`]'s own change.
+#[derive(Debug, Clone)]
+pub struct EarlierChange {
+    pub id: VersionId,
+    pub parents: Version,
+    pub change: Vec<u8>,
 }
 
 /// Why a write or read failed. Everything but `Corrupt` is the client's doing.

@@ -11,7 +11,7 @@ use automerge::{AutoCommit, ChangeHash, ObjId, ROOT, ReadDoc, transaction::Trans
 use super::am::{AmDoc, Genesis};
 use super::versions::Resolved;
 use super::{Applied, DocError, DocWrite, Outcome};
-use crate::model::Version;
+use crate::model::{Version, VersionId};
 use crate::update::{Range, TextPatch, UpdateBody, WriteBody};
 
 /// A text resource's document.
@@ -214,19 +214,38 @@ impl TextDoc {
             return Ok(Outcome::Unchanged);
         };
         let obj = self.obj.clone();
-        let committed = self
-            .base
-            .commit_at(&parent_heads, &id, n, time_secs, |am: &mut AutoCommit| {
-                // Absolute ranges against the parents: apply right to left so earlier offsets
-                // stay valid.
-                for p in patches.iter().rev() {
-                    am.splice_text(&obj, p.start, (p.end - p.start) as isize, &p.content)
-                        .map_err(|e| DocError::Corrupt(format!("splice failed: {e}")))?;
-                }
-                Ok(())
-            })?;
+        // Committed as one change, or as a run of them when the write is big; each change's
+        // parents are the one before it.
+        let mut parents = parent_heads;
+        let mut parents_v = parents_version.clone();
+        let mut earlier = Vec::new();
+        let mut was_current = None;
+        let mut last = None;
+        for run in runs_of(&patches, n, &id) {
+            let c = self
+                .base
+                .commit_at(&parents, &run.id, run.n, time_secs, |am: &mut AutoCommit| {
+                    for e in &run.edits {
+                        am.splice_text(&obj, e.at, e.delete as isize, e.insert)
+                            .map_err(|e| DocError::Corrupt(format!("splice failed: {e}")))?;
+                    }
+                    Ok(())
+                })?;
+            was_current.get_or_insert(c.was_current);
+            parents = vec![c.hash];
+            if let Some(prev) = last.replace(c) {
+                let id = prev.id.clone();
+                earlier.push(super::EarlierChange {
+                    id: prev.id,
+                    parents: std::mem::replace(&mut parents_v, Version::one(id)),
+                    change: prev.bytes,
+                });
+            }
+        }
+        let committed = last.ok_or_else(|| DocError::Corrupt("a write made no change".into()))?;
+        let committed_was_current = was_current.unwrap_or(true);
         let new_frontier = self.base.frontier();
-        let event_patches = if committed.was_current {
+        let event_patches = if committed_was_current {
             patches
         } else {
             let old_heads = self.base.heads_for(&old_frontier)?;
@@ -239,6 +258,7 @@ impl TextDoc {
             parents: parents_version,
             n,
             change: committed.bytes,
+            earlier,
             event_parents: old_frontier,
             event_version: new_frontier,
             body: UpdateBody::Text(event_patches),
@@ -295,6 +315,97 @@ fn checked_patches(ps: &[crate::update::Patch], len: usize) -> Result<Vec<TextPa
 }
 
 /// The code-point edits that turn `old` into `new` (for whole-body writes).
+/// How many events (code points inserted plus deleted) one automerge change holds at most.
+/// A bigger write is committed as a run of changes, each named by the id of its last event
+/// inside the write's run (`alice-4` of a write `alice-9` of ten events): automerge keeps a
+/// transaction's ops uncompressed until it commits, so a 5 MB text in one change peaked at
+/// 1.6 GB, and in changes of this size at 35 MB.
+pub const MAX_EVENTS_PER_CHANGE: u64 = 65_536;
+
+/// One splice: delete `delete` code points at `at`, then insert `insert` there.
+#[derive(Debug, PartialEq)]
+struct Edit<'a> {
+    at: usize,
+    delete: usize,
+    insert: &'a str,
+}
+
+/// The edits of one change of a write.
+#[derive(Debug)]
+struct Run<'a> {
+    id: VersionId,
+    n: u64,
+    edits: Vec<Edit<'a>>,
+}
+
+/// A write's patches (absolute ranges against its parents) as the changes that make it:
+/// one when it has at most [`MAX_EVENTS_PER_CHANGE`] events (or its id leaves no room for
+/// ids inside the run), otherwise runs of at most that many, applied right to left so that
+/// earlier offsets stay valid. The last run's id is `id`.
+fn runs_of<'a>(patches: &'a [TextPatch], n: u64, id: &VersionId) -> Vec<Run<'a>> {
+    let whole = |p: &'a TextPatch| Edit {
+        at: p.start,
+        delete: p.end - p.start,
+        insert: &p.content,
+    };
+    if n <= MAX_EVENTS_PER_CHANGE || id.seq() + 1 < n {
+        return vec![Run {
+            id: id.clone(),
+            n,
+            edits: patches.iter().rev().map(whole).collect(),
+        }];
+    }
+    let max = MAX_EVENTS_PER_CHANGE as usize;
+    let mut runs = Vec::new();
+    let mut edits = Vec::new();
+    let (mut room, mut done) = (max, 0u64);
+    let mut close = |edits: &mut Vec<Edit<'a>>, room: &mut usize, done: &mut u64| {
+        let k = (max - *room) as u64;
+        *done += k;
+        let seq = id.seq() - (n - *done);
+        runs.push(Run {
+            id: VersionId::new(id.agent(), seq).expect("the agent of a valid id"),
+            n: k,
+            edits: std::mem::take(edits),
+        });
+        *room = max;
+    };
+    for p in patches.iter().rev() {
+        let mut delete = p.end - p.start;
+        while delete > 0 {
+            let k = delete.min(room);
+            edits.push(Edit {
+                at: p.start,
+                delete: k,
+                insert: "",
+            });
+            (delete, room) = (delete - k, room - k);
+            if room == 0 {
+                close(&mut edits, &mut room, &mut done);
+            }
+        }
+        let (mut rest, mut at) = (p.content.as_str(), p.start);
+        while !rest.is_empty() {
+            let cut = rest.char_indices().nth(room).map_or(rest.len(), |(i, _)| i);
+            let (piece, after) = rest.split_at(cut);
+            let k = piece.chars().count();
+            edits.push(Edit {
+                at,
+                delete: 0,
+                insert: piece,
+            });
+            (rest, at, room) = (after, at + k, room - k);
+            if room == 0 {
+                close(&mut edits, &mut room, &mut done);
+            }
+        }
+    }
+    if room < max {
+        close(&mut edits, &mut room, &mut done);
+    }
+    runs
+}
+
 pub fn diff_texts(old: &str, new: &str) -> Vec<TextPatch> {
     let mut out: Vec<TextPatch> = Vec::new();
     let mut pos = 0usize; // in `old`, code points
@@ -753,6 +864,101 @@ mod tests {
         assert_eq!(r.frontier(), Version::one(id("b-0")));
         assert_eq!(r.text_at(&Version::one(id("a-4"))).unwrap(), "hello");
         let _ = a;
+    }
+
+    /// A write of more than `MAX_EVENTS_PER_CHANGE` events is a run of changes whose ids
+    /// are inside the write's run; the document, its history and a reload agree.
+    #[test]
+    fn a_big_write_is_a_run_of_changes() {
+        let max = MAX_EVENTS_PER_CHANGE as usize;
+        let mut d = TextDoc::new();
+        put(&mut d, Some("a-2"), None, full("xyz")).unwrap();
+        let snap = d.base().save();
+        // Replace "y" with 2.5 changes' worth of text (multi-byte code points, so cuts fall
+        // between bytes of different widths).
+        let big: String = (0..max * 5 / 2)
+            .map(|i| if i % 3 == 0 { 'é' } else { 'a' })
+            .collect();
+        let n = 1 + big.chars().count() as u64;
+        let v = format!("b-{}", 1000 + n - 1);
+        let Outcome::Applied(a) = put(
+            &mut d,
+            Some(&v),
+            Some(&["a-2"]),
+            WriteBody::Patches(vec![tp(1, 2, &big)]),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let want = format!("x{big}z");
+        assert_eq!(d.text(), want);
+        assert_eq!(a.id, id(&v));
+        assert_eq!(
+            a.body_patches(),
+            vec![TextPatch {
+                start: 1,
+                end: 2,
+                content: big.clone()
+            }]
+        );
+        // Three changes: 65,536 events, 65,536, and the rest; each after the one before.
+        let ids: Vec<String> = a.earlier.iter().map(|e| e.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            [
+                format!("b-{}", 1000 + max - 1),
+                format!("b-{}", 1000 + 2 * max - 1)
+            ]
+        );
+        assert_eq!(a.earlier[0].parents, Version::one(id("a-2")));
+        assert_eq!(a.earlier[1].parents, Version::one(id(&ids[0])));
+        // The first change deleted "y" and inserted 65,535 code points.
+        let first: String = big.chars().take(max - 1).collect();
+        assert_eq!(
+            d.text_at(&Version::one(id(&ids[0]))).unwrap(),
+            format!("x{first}z")
+        );
+        // Reloaded from the snapshot before and the stored changes, in order.
+        let changes = a
+            .earlier
+            .iter()
+            .map(|e| &e.change)
+            .chain([&a.change])
+            .map(|c| super::super::am::decode_change(c).unwrap())
+            .collect();
+        let mut r = TextDoc::from_base(AmDoc::load(Genesis::Text, Some(&snap), changes).unwrap());
+        assert_eq!(r.text(), want);
+        assert_eq!(r.frontier(), Version::one(id(&v)));
+        assert_eq!(
+            r.text_at(&Version::one(id(&ids[1]))).unwrap().chars().count(),
+            2 * max + 1
+        );
+    }
+
+    /// An id too small to hold the write's events inside its run keeps the write whole.
+    #[test]
+    fn runs_need_room_for_their_ids() {
+        let big = "a".repeat(MAX_EVENTS_PER_CHANGE as usize + 1);
+        let patches = [TextPatch {
+            start: 0,
+            end: 0,
+            content: big,
+        }];
+        let n = MAX_EVENTS_PER_CHANGE + 1;
+        assert_eq!(runs_of(&patches, n, &id("c-5")).len(), 1);
+        let runs = runs_of(&patches, n, &id(&format!("c-{}", n - 1)));
+        assert_eq!(
+            runs.iter().map(|r| r.n).collect::<Vec<_>>(),
+            [MAX_EVENTS_PER_CHANGE, 1]
+        );
+        assert_eq!(
+            runs[1].edits,
+            [Edit {
+                at: MAX_EVENTS_PER_CHANGE as usize,
+                delete: 0,
+                insert: "a"
+            }]
+        );
     }
 
     #[test]

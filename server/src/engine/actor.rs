@@ -452,6 +452,8 @@ impl Actor {
         let now = now_ms();
         let mut create: Option<Target> = None;
         let mut changes: Vec<NewChange> = Vec::new();
+        // Whether a write was committed as a run of changes (a big text write).
+        let mut big = false;
         let mut events: Vec<Event> = Vec::new();
         let mut replies: Vec<(Box<Write>, WriteReply, Version, bool)> = Vec::new();
         for (w, reply) in writes {
@@ -505,9 +507,28 @@ impl Actor {
                         _ => (None, None),
                     };
                     let media_type = meta.clone().unwrap_or_else(|| p.media_type.clone());
+                    // A big text write's earlier changes, then its own (after the last of them).
+                    // Its document is saved as a snapshot at once: automerge loads a snapshot
+                    // in a fraction of the time and memory that replaying the run takes.
+                    big |= !a.earlier.is_empty();
+                    let stored_parents = match a.earlier.last() {
+                        Some(e) => Version::one(e.id.clone()),
+                        None => a.parents.clone(),
+                    };
+                    for e in a.earlier {
+                        changes.push(NewChange {
+                            version: e.id.to_string(),
+                            parents: format_version(&e.parents),
+                            author: w.author,
+                            at_ms: now,
+                            data: Bytes::from(e.change),
+                            meta: None,
+                            blob: None,
+                        });
+                    }
                     changes.push(NewChange {
                         version: a.id.to_string(),
-                        parents: format_version(&a.parents),
+                        parents: format_version(&stored_parents),
                         author: w.author,
                         at_ms: now,
                         data: Bytes::from(a.change),
@@ -550,7 +571,11 @@ impl Actor {
             },
             (None, None) => unreachable!("a new resource has a create target"),
         };
-        let n = changes.len();
+        let n = if big {
+            self.config.snapshot_every.max(1)
+        } else {
+            changes.len()
+        };
         match append(&self.storage, target, hold, changes).await {
             Ok(app) => {
                 debug_assert_eq!(
