@@ -131,8 +131,11 @@ pub struct Limits {
     /// Writes a writer may make at once above the sustained rate.
     pub write_burst: u32,
     /// Bytes one namespace (an identity's tree of state) may occupy in storage; 0 =
-    /// unlimited. Over it: 413.
+    /// unlimited. Over it: 507.
     pub max_stored_bytes_per_namespace: u64,
+    /// Bytes the resources one account or identity created may occupy in storage (history
+    /// included); the owner has none; 0 = unlimited. Over it: 507.
+    pub max_stored_bytes_per_identity: u64,
     /// Deepest nesting of the JSON a write builds: a whole body, or what its patches
     /// (Braid `Patches: N`, `Content-Range: json`, Statebus patches) make of the value.
     /// At most 128 (serde_json's parser limit). Over it: 413, nothing stored.
@@ -220,6 +223,8 @@ impl Default for Limits {
             write_burst: crate::engine::WriteLimits::default().write_burst,
             max_stored_bytes_per_namespace: crate::engine::WriteLimits::default()
                 .max_stored_bytes_per_namespace,
+            max_stored_bytes_per_identity: crate::engine::WriteLimits::default()
+                .max_stored_bytes_per_identity,
             max_json_depth: crate::engine::WriteLimits::default().max_json_depth,
             max_patches_per_request: crate::engine::WriteLimits::default().max_patches_per_request,
             max_connections_per_address: 256,
@@ -256,6 +261,7 @@ impl Config {
                 writes_per_second: self.limits.writes_per_second,
                 write_burst: self.limits.write_burst,
                 max_stored_bytes_per_namespace: self.limits.max_stored_bytes_per_namespace,
+                max_stored_bytes_per_identity: self.limits.max_stored_bytes_per_identity,
                 max_json_depth: self.limits.max_json_depth,
                 max_patches_per_request: self.limits.max_patches_per_request,
             },

@@ -187,7 +187,13 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let identity = instance.keys.identity();
     let storage = instance.storage.clone();
     let data_dir = instance.data_dir.clone();
-    let engine = Engine::new(storage.clone(), cfg.engine_config());
+    let engine = Engine::new(
+        storage.clone(),
+        crate::engine::EngineConfig {
+            owner: Some(identity),
+            ..cfg.engine_config()
+        },
+    );
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;

@@ -307,6 +307,31 @@ impl Plait {
         self.spawn(&listen);
     }
 
+    /// Logs in over HTTP (creating the account first when `create`); returns the
+    /// `Cookie` header value of the session.
+    pub async fn login(&self, name: &str, pass: &str, create: bool) -> String {
+        let r = crate::wire::send(self.addr, "GET", "/current_user", &[], b"").await;
+        let cookie = format!(
+            "plait_session={}",
+            r.cookie("plait_session").expect("a session cookie")
+        );
+        let h = [("Cookie", cookie.as_str())];
+        let mut asks = vec![serde_json::json!({"login_as": {"name": name, "pass": pass}})];
+        if create {
+            asks.insert(
+                0,
+                serde_json::json!({"create_account": {"name": name, "pass": pass}}),
+            );
+        }
+        for ask in asks {
+            let r =
+                crate::wire::send(self.addr, "PUT", "/current_user", &h, ask.to_string().as_bytes()).await;
+            let answer: serde_json::Value = serde_json::from_slice(&r.body).expect("a JSON answer");
+            assert!(answer.get("error").is_none(), "{ask}: {answer}");
+        }
+        cookie
+    }
+
     /// The server process's peak resident memory so far (`VmHWM`), in bytes.
     pub fn peak_rss(&self) -> u64 {
         let pid = self.child.as_ref().expect("running").id();

@@ -175,23 +175,8 @@ async fn tokens_are_scoped_revocable_and_expire(store: Store) {
     );
 }
 
-/// Logs in over HTTP; returns the session cookie header.
 async fn login(p: &Plait, name: &str, pass: &str, create: bool) -> String {
-    let r = wire::send(p.addr, "GET", "/current_user", &[], b"").await;
-    let cookie = format!(
-        "plait_session={}",
-        r.cookie("plait_session").expect("a session cookie")
-    );
-    let h = [("Cookie", cookie.as_str())];
-    if create {
-        let body = json!({"create_account": {"name": name, "pass": pass}}).to_string();
-        let r = put(p, "/current_user", &h, &body).await;
-        assert!(json_of(&r).get("error").is_none(), "{}", r.text());
-    }
-    let body = json!({"login_as": {"name": name, "pass": pass}}).to_string();
-    let r = put(p, "/current_user", &h, &body).await;
-    assert_eq!(json_of(&r)["logged_in"], true, "{}", r.text());
-    cookie
+    p.login(name, pass, create).await
 }
 
 async fn rules_are_state_the_owner_edits(store: Store) {

@@ -1,5 +1,5 @@
 //! Speed bumps: writes per second per client, stored bytes per namespace. Refusals are
-//! 429/413 with a machine-readable reason (and Retry-After for 429), store nothing, and the
+//! 429/507 with a machine-readable reason (and Retry-After for 429), store nothing, and the
 //! limits are published at the status resource.
 
 use std::time::Duration;
@@ -79,7 +79,7 @@ async fn stored_bytes_per_namespace() {
         &[2; 1600],
     )
     .await;
-    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.status, 507, "{}", r.text());
     assert_eq!(r.header("plait-error"), Some("quota-exceeded"));
     assert!(r.text().contains("max_stored_bytes_per_namespace"));
     assert_eq!(
@@ -130,3 +130,77 @@ async fn deletes_count_against_the_writer_rate() {
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.header("retry-after").is_some());
 }
+
+/// An account's or identity's resources may occupy `max_stored_bytes_per_identity`; past it
+/// its writes are 507 naming the limit, while other accounts, anonymous writers and the
+/// owner still write; deleting frees the room again.
+async fn an_identity_has_a_storage_quota(store: Store) {
+    let p = Plait::start_with_env(
+        store,
+        &[],
+        &[("PLAIT_LIMITS__MAX_STORED_BYTES_PER_IDENTITY", "20000")],
+    );
+    let alice = p.login("alice", "pw-a", true).await;
+    let bob = p.login("bob", "pw-b", true).await;
+    let put = |path: String, cookie: Option<String>| {
+        let addr = p.addr;
+        async move {
+            let mut h = vec![("Content-Type", "application/octet-stream")];
+            if let Some(c) = &cookie {
+                h.push(("Cookie", c.as_str()));
+            }
+            wire::send(addr, "PUT", &path, &h, &[7; 4000]).await
+        }
+    };
+    let mut refused = None;
+    for i in 0..10 {
+        let r = put(format!("/alice/{i}"), Some(alice.clone())).await;
+        if r.status != 200 {
+            refused = Some((i, r));
+            break;
+        }
+    }
+    let (i, r) = refused.expect("alice is cut off within 10 × 4,000 bytes");
+    assert!((4..=5).contains(&i), "refused at write {i}");
+    assert_eq!(r.status, 507, "{}", r.text());
+    assert_eq!(r.header("plait-error"), Some("identity-quota-exceeded"));
+    assert!(r.text().contains("max_stored_bytes_per_identity"), "{}", r.text());
+    let missing = wire::send(
+        p.addr,
+        "GET",
+        &format!("/alice/{i}"),
+        &[("Accept", "application/json")],
+        b"",
+    )
+    .await;
+    assert_eq!(missing.status, 404, "nothing stored");
+    // Others are not held back by alice's use.
+    assert_eq!(put("/bob/0".into(), Some(bob)).await.status, 200);
+    assert_eq!(put("/anon/0".into(), None).await.status, 200);
+    let (k, v) = p.owner_auth();
+    for n in 0..8 {
+        let r = wire::send(
+            p.addr,
+            "PUT",
+            &format!("/owner/{n}"),
+            &[(k, v.as_str())],
+            &[1; 4000],
+        )
+        .await;
+        assert_eq!(r.status, 200, "the owner has no identity quota");
+    }
+    // Deleting frees alice's room (once the usage figure is read again).
+    let h = [("Cookie", alice.as_str())];
+    for n in 0..i {
+        assert_eq!(
+            wire::send(p.addr, "DELETE", &format!("/alice/{n}"), &h, b"")
+                .await
+                .status,
+            204
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(put("/alice/again".into(), Some(alice)).await.status, 200);
+}
+
+plait_tests::on_both_stores!(an_identity_has_a_storage_quota);

@@ -5,8 +5,10 @@
 //!
 //! * **Rate**: a token bucket per writer (`writes_per_second`, `write_burst`). A writer is
 //!   the identity that signed the request when there is one, else the client's address.
-//! * **Quota**: a namespace may occupy `max_stored_bytes_per_namespace` bytes in storage.
-//!   Usage is read from storage at most once a second per namespace and counted forward
+//! * **Quotas**: a namespace may occupy `max_stored_bytes_per_namespace` bytes in storage,
+//!   and the resources an identity (an account, a signing key, a member) created
+//!   `max_stored_bytes_per_identity`; the owner's writes have no identity quota. Usage is
+//!   read from storage at most once a second per namespace or identity and counted forward
 //!   from writes in between, so the check costs no query on the hot path.
 
 use std::collections::HashMap;
@@ -35,6 +37,8 @@ pub struct WriteLimits {
     pub write_burst: u32,
     /// Bytes a namespace may occupy in storage; 0 turns the quota off.
     pub max_stored_bytes_per_namespace: u64,
+    /// Bytes the resources one identity created may occupy; 0 turns the quota off.
+    pub max_stored_bytes_per_identity: u64,
     /// Deepest nesting the JSON a write builds may have (a whole body, or the result of
     /// its patches); at most `doc::json::MAX_JSON_DEPTH`.
     pub max_json_depth: usize,
@@ -48,6 +52,7 @@ impl Default for WriteLimits {
             writes_per_second: 2_000,
             write_burst: 4_000,
             max_stored_bytes_per_namespace: 1 << 30,
+            max_stored_bytes_per_identity: 256 << 20,
             max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
             max_patches_per_request: crate::braid::patch::MAX_PATCHES,
         }
@@ -70,10 +75,14 @@ pub(crate) struct Limiter {
     rate: Option<DefaultKeyedRateLimiter<Writer>>,
     /// namespace → (bytes, when read from storage).
     usage: Mutex<HashMap<Namespace, (u64, Instant)>>,
+    /// identity → (bytes of the resources it created, when read from storage).
+    authored: Mutex<HashMap<Identity, (u64, Instant)>>,
+    /// The instance's identity: no identity quota for its writes.
+    owner: Option<Identity>,
 }
 
 impl Limiter {
-    pub(crate) fn new(limits: WriteLimits) -> Limiter {
+    pub(crate) fn new(limits: WriteLimits, owner: Option<Identity>) -> Limiter {
         let rate = NonZeroU32::new(limits.writes_per_second).map(|per_sec| {
             let burst = NonZeroU32::new(limits.write_burst.max(limits.writes_per_second)).unwrap_or(per_sec);
             RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst))
@@ -82,6 +91,8 @@ impl Limiter {
             limits,
             rate,
             usage: Mutex::new(HashMap::new()),
+            authored: Mutex::new(HashMap::new()),
+            owner,
         }
     }
 
@@ -140,9 +151,48 @@ impl Limiter {
         Ok(())
     }
 
-    /// Counts an accepted write toward its namespace until the next reading.
-    pub(crate) fn count(&self, ns: &Namespace, bytes: u64) {
+    /// Refuses a write of `incoming` bytes by `writer` that would take the resources it
+    /// created over `max_stored_bytes_per_identity` (the owner, addresses and the server
+    /// itself have no identity quota).
+    pub(crate) async fn check_identity_quota(
+        &self,
+        storage: &dyn Storage,
+        writer: &Writer,
+        incoming: u64,
+    ) -> Result<(), EngineError> {
+        let limit = self.limits.max_stored_bytes_per_identity;
+        let Writer::Identity(id) = writer else {
+            return Ok(());
+        };
+        if limit == 0 || Some(*id) == self.owner {
+            return Ok(());
+        }
+        let cached = self.authored.lock().expect("authored").get(id).copied();
+        let used = match cached {
+            Some((bytes, at)) if at.elapsed() < USAGE_TTL => bytes,
+            _ => {
+                let bytes = storage.author_bytes(id).await?;
+                self.authored
+                    .lock()
+                    .expect("authored")
+                    .insert(*id, (bytes, Instant::now()));
+                bytes
+            }
+        };
+        if used.saturating_add(incoming) > limit {
+            return Err(EngineError::IdentityQuotaExceeded { used, limit });
+        }
+        Ok(())
+    }
+
+    /// Counts an accepted write toward its namespace and its writer until the next reading.
+    pub(crate) fn count(&self, ns: &Namespace, writer: &Writer, bytes: u64) {
         if let Some((used, _)) = self.usage.lock().expect("usage").get_mut(ns) {
+            *used = used.saturating_add(bytes);
+        }
+        if let Writer::Identity(id) = writer
+            && let Some((used, _)) = self.authored.lock().expect("authored").get_mut(id)
+        {
             *used = used.saturating_add(bytes);
         }
     }
@@ -157,6 +207,10 @@ impl Limiter {
             .lock()
             .expect("usage")
             .retain(|_, (_, at)| at.elapsed() < USAGE_TTL * 60);
+        self.authored
+            .lock()
+            .expect("authored")
+            .retain(|_, (_, at)| at.elapsed() < USAGE_TTL * 60);
     }
 }
 
@@ -166,12 +220,15 @@ mod tests {
 
     #[test]
     fn buckets_are_per_writer() {
-        let l = Limiter::new(WriteLimits {
-            writes_per_second: 1,
-            write_burst: 3,
-            max_stored_bytes_per_namespace: 0,
-            ..WriteLimits::default()
-        });
+        let l = Limiter::new(
+            WriteLimits {
+                writes_per_second: 1,
+                write_burst: 3,
+                max_stored_bytes_per_namespace: 0,
+                ..WriteLimits::default()
+            },
+            None,
+        );
         let a = Writer::Address("10.0.0.1".parse().unwrap());
         let b = Writer::Address("10.0.0.2".parse().unwrap());
         for _ in 0..3 {
@@ -189,12 +246,15 @@ mod tests {
 
     #[test]
     fn zero_turns_rate_limiting_off() {
-        let l = Limiter::new(WriteLimits {
-            writes_per_second: 0,
-            write_burst: 0,
-            max_stored_bytes_per_namespace: 0,
-            ..WriteLimits::default()
-        });
+        let l = Limiter::new(
+            WriteLimits {
+                writes_per_second: 0,
+                write_burst: 0,
+                max_stored_bytes_per_namespace: 0,
+                ..WriteLimits::default()
+            },
+            None,
+        );
         let a = Writer::Address("10.0.0.1".parse().unwrap());
         for _ in 0..10_000 {
             l.check_rate(&a).unwrap();

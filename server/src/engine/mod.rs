@@ -52,6 +52,8 @@ pub struct EngineConfig {
     pub correction_delay: std::time::Duration,
     /// Speed bumps on writes.
     pub limits: WriteLimits,
+    /// The instance's identity, whose writes no identity quota limits.
+    pub owner: Option<plait_bridge::Identity>,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +65,7 @@ impl Default for EngineConfig {
             mailbox: 4096,
             correction_delay: std::time::Duration::from_millis(25),
             limits: WriteLimits::default(),
+            owner: None,
         }
     }
 }
@@ -82,6 +85,11 @@ pub enum EngineError {
     /// The writer went over `limits.writes_per_second`.
     #[error("too many writes; try again in {retry_after:?}")]
     RateLimited { retry_after: std::time::Duration },
+    /// The resources this writer created would go over `limits.max_stored_bytes_per_identity`.
+    #[error(
+        "the resources this identity created hold {used} bytes; limits.max_stored_bytes_per_identity is {limit}"
+    )]
+    IdentityQuotaExceeded { used: u64, limit: u64 },
     /// The namespace would go over `limits.max_stored_bytes_per_namespace`.
     #[error("the namespace holds {used} bytes; limits.max_stored_bytes_per_namespace is {limit}")]
     QuotaExceeded { used: u64, limit: u64 },
@@ -371,7 +379,7 @@ impl Engine {
                 storage,
                 registry: Mutex::new(HashMap::new()),
                 warm: Mutex::new(LruCache::new(cap)),
-                limiter: limits::Limiter::new(config.limits),
+                limiter: limits::Limiter::new(config.limits, config.owner),
                 by_id: Arc::new(Mutex::new(HashMap::new())),
                 config,
             }),
@@ -476,16 +484,17 @@ impl Engine {
         limiter.check_rate(&write.writer)?;
         let size = write.size();
         if write.writer != Writer::Internal {
-            limiter
-                .check_quota(self.inner.storage.as_ref(), &key.namespace, size)
-                .await?;
+            let storage = self.inner.storage.as_ref();
+            limiter.check_quota(storage, &key.namespace, size).await?;
+            limiter.check_identity_quota(storage, &write.writer, size).await?;
         }
+        let writer = write.writer;
         let result = self
             .resource(key)
             .ask(|r| Command::Write(Box::new(write), r))
             .await?;
         if result.changed {
-            limiter.count(&key.namespace, size);
+            limiter.count(&key.namespace, &writer, size);
         }
         Ok(result)
     }

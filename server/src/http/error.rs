@@ -276,7 +276,11 @@ impl From<EngineError> for ApiError {
                 )
                 .with_header("retry-after", secs.max(1).to_string())
             }
-            e @ EngineError::QuotaExceeded { .. } => ApiError::new(413, "quota-exceeded", e.to_string()),
+            // 507 Insufficient Storage: the server will not store more for this writer.
+            e @ EngineError::QuotaExceeded { .. } => ApiError::new(507, "quota-exceeded", e.to_string()),
+            e @ EngineError::IdentityQuotaExceeded { .. } => {
+                ApiError::new(507, "identity-quota-exceeded", e.to_string())
+            }
             e @ EngineError::TooManyPatches { .. } => ApiError::new(413, "too-many-patches", e.to_string()),
         }
     }

@@ -222,6 +222,7 @@ async fn well_known(
             "writes_per_second": app.engine.write_limits().writes_per_second,
             "write_burst": app.engine.write_limits().write_burst,
             "max_stored_bytes_per_namespace": app.engine.write_limits().max_stored_bytes_per_namespace,
+            "max_stored_bytes_per_identity": app.engine.write_limits().max_stored_bytes_per_identity,
             "min_heartbeat_ms": crate::braid::headers::MIN_HEARTBEAT.as_millis() as u64,
             "proxy_connect_timeout_ms": app.limits.proxy_connect_timeout_ms,
             "proxy_response_timeout_ms": app.limits.proxy_response_timeout_ms,

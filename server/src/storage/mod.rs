@@ -219,6 +219,9 @@ pub trait Storage: Send + Sync + 'static {
 
     /// The resource a row id belongs to (for notices about resources this process has
     /// not loaded yet).
+    /// Bytes occupied by the resources `author` created (their `bytes`, history included).
+    async fn author_bytes(&self, author: &Identity) -> Result<u64, StorageError>;
+
     async fn key_of(&self, id: ResourceId) -> Result<Option<ResourceKey>, StorageError>;
 
     /// Notices of what other processes sharing this store changed, for the one caller

@@ -238,15 +238,21 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
 
     // 1. Create the resources to be created; one that exists already (another writer just
     //    made it) is not what those changes were made on.
-    let creates: Vec<(usize, &ResourceKey, Kind, &str)> = jobs
+    let creates: Vec<(usize, &ResourceKey, Kind, &str, Option<&[u8]>)> = jobs
         .iter()
         .enumerate()
-        .filter_map(|(i, (t, _))| match t {
+        .filter_map(|(i, (t, changes))| match t {
             Target::Create {
                 key,
                 kind,
                 media_type,
-            } => Some((i, key, *kind, media_type.as_str())),
+            } => {
+                let by = changes
+                    .first()
+                    .and_then(|c| c.author.as_ref())
+                    .map(|a| a.as_bytes().as_slice());
+                Some((i, key, *kind, media_type.as_str(), by))
+            }
             Target::Existing { .. } => None,
         })
         .collect();
@@ -258,13 +264,14 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
         let paths: Vec<&str> = creates.iter().map(|c| c.1.path.as_str()).collect();
         let kinds: Vec<i16> = creates.iter().map(|c| c.2.code()).collect();
         let types: Vec<&str> = creates.iter().map(|c| c.3).collect();
+        let by: Vec<Option<&[u8]>> = creates.iter().map(|c| c.4).collect();
         let rows = tx
             .query(
-                "INSERT INTO resources (namespace, path, kind, media_type)
-                 SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::int2[], $4::text[])
+                "INSERT INTO resources (namespace, path, kind, media_type, created_by)
+                 SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::int2[], $4::text[], $5::bytea[])
                  ON CONFLICT (namespace, path) DO NOTHING
                  RETURNING id, namespace, path",
-                &[&ns, &paths, &kinds, &types],
+                &[&ns, &paths, &kinds, &types, &by],
             )
             .await
             .map_err(pg_err)?;
@@ -272,7 +279,7 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
         for r in rows {
             made.insert((r.get::<_, Vec<u8>>(1), r.get::<_, String>(2)), r.get(0));
         }
-        for (i, key, _, _) in &creates {
+        for (i, key, _, _, _) in &creates {
             let id = made.get(&(key.namespace.as_bytes().to_vec(), key.path.as_str().to_string()));
             results[*i] = Some(id.map(|id| (*id, 0)).ok_or(StorageError::Behind));
         }
@@ -864,6 +871,19 @@ impl Storage for PostgresStorage {
             .query_one(
                 "SELECT COALESCE(SUM(bytes), 0)::int8 FROM resources WHERE namespace = $1",
                 &[&namespace.as_bytes().as_slice()],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(n.max(0) as u64)
+    }
+
+    async fn author_bytes(&self, author: &plait_bridge::Identity) -> Result<u64, StorageError> {
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one(
+                "SELECT COALESCE(SUM(bytes), 0)::int8 FROM resources WHERE created_by = $1",
+                &[&author.as_bytes().as_slice()],
             )
             .await
             .map_err(pg_err)?

@@ -387,9 +387,16 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
         } => {
             let made = t
                 .execute(
-                    "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5) ON CONFLICT (namespace, path) DO NOTHING",
-                    params![key.namespace.as_bytes().as_slice(), key.path.as_str(), kind.code(), media_type, now],
+                    "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms, created_by)
+                     VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5, ?6) ON CONFLICT (namespace, path) DO NOTHING",
+                    params![
+                        key.namespace.as_bytes().as_slice(),
+                        key.path.as_str(),
+                        kind.code(),
+                        media_type,
+                        now,
+                        changes.first().and_then(|c| c.author.as_ref()).map(|a| a.as_bytes().to_vec()),
+                    ],
                 )
                 .map_err(sql_err)?;
             if made == 0 {
@@ -788,6 +795,20 @@ impl Storage for SqliteStorage {
             conn.query_row(
                 "SELECT COALESCE(SUM(bytes), 0) FROM resources WHERE namespace = ?1",
                 [ns],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn author_bytes(&self, author: &plait_bridge::Identity) -> Result<u64, StorageError> {
+        let by = author.as_bytes().to_vec();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT COALESCE(SUM(bytes), 0) FROM resources WHERE created_by = ?1",
+                [by],
                 |r| r.get::<_, i64>(0),
             )
             .map(|n| n.max(0) as u64)
