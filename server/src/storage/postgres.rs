@@ -229,6 +229,10 @@ async fn commit_batch(
     Ok(out)
 }
 
+/// A resource a batch creates: the job's index, its key, kind, media type, and who created
+/// it (the author of its first change).
+type CreateRow<'a> = (usize, &'a ResourceKey, Kind, &'a str, Option<&'a [u8]>);
+
 /// The statements of [`commit_batch`], in a transaction the caller commits.
 async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
     tx: &C,
@@ -238,7 +242,7 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
 
     // 1. Create the resources to be created; one that exists already (another writer just
     //    made it) is not what those changes were made on.
-    let creates: Vec<(usize, &ResourceKey, Kind, &str, Option<&[u8]>)> = jobs
+    let creates: Vec<CreateRow<'_>> = jobs
         .iter()
         .enumerate()
         .filter_map(|(i, (t, changes))| match t {
