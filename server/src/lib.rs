@@ -13,6 +13,7 @@ pub mod http;
 pub mod model;
 pub mod p2p;
 pub mod proxy;
+pub mod refusals;
 pub mod serve;
 pub mod statebus;
 pub mod storage;

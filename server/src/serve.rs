@@ -269,6 +269,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         shutdown,
         started: Instant::now(),
         trusted_proxies: Arc::new(cfg.trusted_proxies()),
+        refusals: Arc::default(),
     };
     tracing::info!(
         public_writes = cfg.access.public_writes,

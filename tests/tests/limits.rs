@@ -174,6 +174,11 @@ async fn an_identity_has_a_storage_quota(store: Store) {
     )
     .await;
     assert_eq!(missing.status, 404, "nothing stored");
+    // The refusal is published, by its code, with the limits.
+    let status = wire::send(p.addr, "GET", "/.well-known/plait", &[], b"").await;
+    let status: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
+    assert_eq!(status["refusals"]["identity-quota-exceeded"], 1, "{status}");
+    assert_eq!(status["limits"]["max_stored_bytes_per_identity"], 20000);
     // Others are not held back by alice's use.
     assert_eq!(put("/bob/0".into(), Some(bob)).await.status, 200);
     assert_eq!(put("/anon/0".into(), None).await.status, 200);

@@ -56,6 +56,16 @@ pub enum Full {
     Address,
 }
 
+impl Full {
+    /// The machine-readable code of the refusal (`Plait-Error`).
+    pub fn code(self) -> &'static str {
+        match self {
+            Full::Server => "too-many-connections",
+            Full::Address => "too-many-connections-from-address",
+        }
+    }
+}
+
 impl Gate {
     pub fn new(
         max_connections: usize,
@@ -176,15 +186,12 @@ pub fn refuse(gate: &Arc<Gate>, mut stream: TcpStream, why: Full, retry_after_se
     let Ok(permit) = gate.refusals.clone().try_acquire_owned() else {
         return; // Dropped: closed at once.
     };
-    let (code, reason) = match why {
-        Full::Server => (
-            "too-many-connections",
-            "the server holds as many connections as limits.max_connections allows",
-        ),
-        Full::Address => (
-            "too-many-connections-from-address",
-            "this address holds as many connections as limits.max_connections_per_address allows",
-        ),
+    let code = why.code();
+    let reason = match why {
+        Full::Server => "the server holds as many connections as limits.max_connections allows",
+        Full::Address => {
+            "this address holds as many connections as limits.max_connections_per_address allows"
+        }
     };
     let body = format!("{reason}; try again in {retry_after_secs} s\n");
     let head = format!(

@@ -99,6 +99,11 @@ impl ApiError {
         e
     }
 
+    /// The machine-readable code (`Plait-Error`), also what refusals are tallied by.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
     pub fn with_header(mut self, name: &'static str, value: String) -> Self {
         self.headers.push((name, value));
         self

@@ -66,6 +66,8 @@ pub struct App {
     pub started: Instant,
     /// `trusted_proxies`: whose forwarding headers are believed.
     pub trusted_proxies: Arc<forwarded::TrustedProxies>,
+    /// Refusals since start, by code (published at `/.well-known/plait`).
+    pub refusals: Arc<crate::refusals::Refusals>,
 }
 
 /// The routes: well-known resources, then every other path is a Braid resource.
@@ -76,7 +78,27 @@ pub fn router(app: App) -> Router {
         .route("/.well-known/plait/join", axum::routing::post(join))
         .fallback(dispatch)
         .layer(axum::middleware::map_response(no_sniffing))
+        .layer(axum::middleware::map_response_with_state(
+            app.refusals.clone(),
+            count_refusal,
+        ))
         .with_state(app)
+}
+
+/// Tallies every refusal the HTTP layer sends: a client error or an unavailable server,
+/// by its `Plait-Error` code (or its status when it has none, such as a 404).
+async fn count_refusal(
+    State(refusals): State<Arc<crate::refusals::Refusals>>,
+    res: axum::response::Response,
+) -> axum::response::Response {
+    let status = res.status();
+    if status.is_client_error() || status.is_server_error() {
+        match res.headers().get("plait-error").and_then(|v| v.to_str().ok()) {
+            Some(code) => refusals.count(code),
+            None => refusals.count(status.as_str()),
+        }
+    }
+    res
 }
 
 /// Every response's type is what it says: browsers never guess one (a state written as
@@ -182,6 +204,7 @@ async fn statebus_websocket(
                 access: app.access,
                 limits: app.limits,
                 shutdown: app.shutdown,
+                refusals: app.refusals,
             };
             crate::statebus::session::run(socket, services, peer.ip(), auth.caller, auth.session)
         })
@@ -212,6 +235,8 @@ async fn well_known(
         // Clients' subscriptions: not the server's own followers of the rules and sessions.
         "subscriptions": app.engine.subscriptions_outside(Some(app.access.accounts().master())),
         "rss_bytes": rss_bytes(),
+        // Refusals since start by code, as relays publish theirs: which limits bite.
+        "refusals": app.refusals.snapshot(),
         "limits": {
             "max_body_bytes": app.limits.max_body_bytes,
             "max_connections": app.limits.max_connections,
@@ -289,6 +314,7 @@ pub async fn serve(listener: TcpListener, app: App) {
     let limits = app.limits.clone();
     let shutdown = app.shutdown.clone();
     let trusted = app.trusted_proxies.clone();
+    let refusals = app.refusals.clone();
     let router = router(app);
     let gate = conn::Gate::new(
         limits.max_connections,
@@ -329,6 +355,7 @@ pub async fn serve(listener: TcpListener, app: App) {
             Ok(slot) => slot,
             Err(full) => {
                 tracing::debug!(%peer, ?full, "connection refused: at a connection cap");
+                refusals.count(full.code());
                 conn::refuse(&gate, stream, full, RETRY_AFTER_SECS);
                 continue;
             }

@@ -33,4 +33,6 @@ pub struct Services {
     pub limits: Arc<Limits>,
     /// Cancelled when the server shuts down; open connections close on it.
     pub shutdown: CancellationToken,
+    /// Where each refusal told to a client is tallied.
+    pub refusals: Arc<crate::refusals::Refusals>,
 }

@@ -156,7 +156,19 @@ impl Session {
 
     /// Tells the client why, with a machine-readable refusal.
     async fn refused(&self, r: &Refusal, key: &str) {
+        self.svc
+            .refusals
+            .count(crate::http::error::ApiError::from(r.clone()).code());
         self.send(wire::refusal(r, key)).await;
+    }
+
+    /// Tells the client why the engine refused its write or delete.
+    async fn engine_refused(&self, e: crate::engine::EngineError, key: &str) {
+        let reason = e.to_string();
+        self.svc
+            .refusals
+            .count(crate::http::error::ApiError::from(e).code());
+        self.error(&reason, Some(key)).await;
     }
 
     async fn send(&self, frame: String) {
@@ -281,7 +293,7 @@ impl Session {
         match self.svc.engine.write(rk, self.write_for(body)).await {
             Ok(_) => self.svc.access.written(&self.svc.engine, rk).await,
             Err(e) => {
-                self.error(&e.to_string(), Some(key)).await;
+                self.engine_refused(e, key).await;
                 self.revert(key, Some(target)).await;
             }
         }
@@ -316,7 +328,7 @@ impl Session {
         let Some(val) = val else {
             // A state without a value: the key has none any more.
             if let Err(e) = self.svc.engine.delete(&rk, &self.write_for_delete()).await {
-                self.error(&e.to_string(), Some(key)).await;
+                self.engine_refused(e, key).await;
             }
             return;
         };
@@ -414,7 +426,7 @@ impl Session {
                 profile: None,
             })) => {
                 if let Err(e) = self.svc.engine.delete(&rk, &self.write_for_delete()).await {
-                    self.error(&e.to_string(), Some(key)).await;
+                    self.engine_refused(e, key).await;
                 }
             }
             Ok(_) => self.error("this client may not delete this key", Some(key)).await,
