@@ -398,12 +398,14 @@ impl Config {
 }
 
 /// The default `limits.max_connections` for a process that may open `open_files`
-/// descriptors: `(open_files − 256 − database_pool) / 2`, at least 16. 256 descriptors are
-/// kept for files (the embedded store and its journal, the lock, static files being sent,
-/// logs), the p2p node and the admin socket, `database_pool` for Postgres; of the rest,
-/// half, because a proxied request or a websocket tunnel holds a second socket upstream.
-pub fn connections_for_open_files(open_files: u64, database_pool: usize) -> usize {
-    let spare = open_files.saturating_sub(256 + database_pool as u64) / 2;
+/// descriptors: `open_files − 256 − database_pool`, halved when `proxies` (proxy routes are
+/// configured), at least 16. 256 descriptors are kept for files (the embedded store and its
+/// journal, the lock, static files being sent, logs), the p2p node and the admin socket,
+/// `database_pool` for Postgres; a proxied request or a websocket tunnel holds a second
+/// socket upstream, so with proxy routes only half of the rest are clients'.
+pub fn connections_for_open_files(open_files: u64, database_pool: usize, proxies: bool) -> usize {
+    let spare = open_files.saturating_sub(256 + database_pool as u64);
+    let spare = if proxies { spare / 2 } else { spare };
     usize::try_from(spare).unwrap_or(usize::MAX).max(16)
 }
 
@@ -484,9 +486,12 @@ mod tests {
 
     #[test]
     fn connections_leave_room_for_files_and_postgres() {
-        assert_eq!(connections_for_open_files(1024, 16), 376);
-        assert_eq!(connections_for_open_files(1 << 20, 16), 524_152);
-        assert_eq!(connections_for_open_files(100, 16), 16);
+        assert_eq!(connections_for_open_files(1024, 16, true), 376);
+        assert_eq!(connections_for_open_files(1024, 16, false), 752);
+        assert_eq!(connections_for_open_files(1 << 20, 16, true), 524_152);
+        // This machine's hard limit: room for 10,000 subscribers and their writer.
+        assert_eq!(connections_for_open_files(20_000, 16, false), 19_728);
+        assert_eq!(connections_for_open_files(100, 16, false), 16);
     }
 
     #[test]

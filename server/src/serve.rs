@@ -175,8 +175,11 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
     unsafe { libc::umask(0o077) };
     let open_files = raise_open_files_limit();
     if cfg.limits.max_connections == 0 {
-        cfg.limits.max_connections =
-            crate::config::connections_for_open_files(open_files.unwrap_or(1024), cfg.database_pool);
+        cfg.limits.max_connections = crate::config::connections_for_open_files(
+            open_files.unwrap_or(1024),
+            cfg.database_pool,
+            !cfg.proxy.is_empty(),
+        );
     }
     tracing::info!(
         open_files,
