@@ -162,6 +162,10 @@ pub struct Limits {
     /// Keys one Statebus websocket may follow at once (each `get` of a new key holds a
     /// subscription until `forget` or close); past it a `get` is refused with a reason.
     pub max_statebus_subscriptions: usize,
+    /// Statebus messages read per second from one client address, over all its websockets
+    /// (a burst of two seconds' worth is allowed at once); past it the server reads that
+    /// address's messages more slowly (TCP pushes back on the client); 0 = unlimited.
+    pub statebus_messages_per_second_per_address: u32,
 }
 
 /// Memory and batching of live documents.
@@ -233,6 +237,7 @@ impl Default for Limits {
             ping_interval_secs: 30,
             ping_timeout_secs: 20,
             max_statebus_subscriptions: 10_000,
+            statebus_messages_per_second_per_address: 1_000,
         }
     }
 }

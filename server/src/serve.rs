@@ -273,7 +273,19 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         started: Instant::now(),
         trusted_proxies: Arc::new(cfg.trusted_proxies()),
         refusals: Arc::default(),
+        statebus_messages: Arc::new(crate::statebus::MessageRate::new(
+            cfg.limits.statebus_messages_per_second_per_address,
+        )),
     };
+    // Idle addresses' message buckets are dropped once a minute.
+    let messages = app.statebus_messages.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            messages.prune();
+        }
+    });
     tracing::info!(
         public_writes = cfg.access.public_writes,
         "the owner writes; an owner token: plait token --data-dir {}",

@@ -313,3 +313,48 @@ async fn a_connection_follows_a_bounded_number_of_keys() {
         serde_json::json!({"set": {"key": "c", "val": 1}})
     );
 }
+
+/// A flood of messages from one address is read at
+/// `limits.statebus_messages_per_second_per_address` (after a burst of two seconds' worth):
+/// every message is still answered, none before its time, and another address is served
+/// meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_s_messages_are_paced() {
+    let p = Plait::start_with_env(
+        Store::Embedded,
+        &[],
+        &[("PLAIT_LIMITS__STATEBUS_MESSAGES_PER_SECOND_PER_ADDRESS", "50")],
+    );
+    let mut flood = ws(&p).await;
+    let started = std::time::Instant::now();
+    // 100 ride the burst; the other 150 take at least 3 s at 50 a second.
+    for k in 0..250 {
+        send(&mut flood, &format!(r#"{{"get":"flood/{k}"}}"#)).await;
+    }
+    // Another client address (127.0.0.2) is answered while the flood waits its turn.
+    let other = {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let tcp = socket.connect(p.addr).await.unwrap();
+        let url = format!("ws://{}/_connect_to_statebus_/websocket", p.addr);
+        let tcp = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+        tokio_tungstenite::client_async(url, tcp).await.unwrap().0
+    };
+    let mut other = other;
+    send(&mut other, r#"{"get":"calm"}"#).await;
+    assert_eq!(
+        recv(&mut other).await,
+        serde_json::json!({"set": {"key": "calm"}})
+    );
+    let mut answered = 0;
+    while answered < 250 {
+        let f = recv(&mut flood).await;
+        assert!(f.get("error").is_none(), "{f}");
+        answered += 1;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900),
+        "250 messages read in {took:?}"
+    );
+}

@@ -68,6 +68,8 @@ pub struct App {
     pub trusted_proxies: Arc<forwarded::TrustedProxies>,
     /// Refusals since start, by code (published at `/.well-known/plait`).
     pub refusals: Arc<crate::refusals::Refusals>,
+    /// Statebus messages per client address (`limits.statebus_messages_per_second_per_address`).
+    pub statebus_messages: Arc<crate::statebus::MessageRate>,
 }
 
 /// The routes: well-known resources, then every other path is a Braid resource.
@@ -205,6 +207,7 @@ async fn statebus_websocket(
                 limits: app.limits,
                 shutdown: app.shutdown,
                 refusals: app.refusals,
+                messages: app.statebus_messages,
             };
             crate::statebus::session::run(socket, services, peer.ip(), auth.caller, auth.session)
         })
@@ -262,6 +265,7 @@ async fn well_known(
             "ping_interval_secs": app.limits.ping_interval_secs,
             "ping_timeout_secs": app.limits.ping_timeout_secs,
             "max_statebus_subscriptions": app.limits.max_statebus_subscriptions,
+            "statebus_messages_per_second_per_address": app.limits.statebus_messages_per_second_per_address,
         },
         "access": {
             "public_writes": access.public_writes,

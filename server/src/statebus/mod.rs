@@ -35,4 +35,39 @@ pub struct Services {
     pub shutdown: CancellationToken,
     /// Where each refusal told to a client is tallied.
     pub refusals: Arc<crate::refusals::Refusals>,
+    /// How fast each client address's messages are read.
+    pub messages: Arc<MessageRate>,
+}
+
+/// Paces the messages read from each client address over all its Statebus websockets
+/// (`limits.statebus_messages_per_second_per_address`, a burst of two seconds' worth):
+/// each `get` of a new key costs a subscription and a load, so a flood of them must not
+/// take the server from everyone else. Past the rate the connection's next message is
+/// read later, so TCP pushes back on the client; nothing is refused or lost.
+pub struct MessageRate {
+    rate: Option<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
+}
+
+impl MessageRate {
+    pub fn new(per_second: u32) -> MessageRate {
+        let rate = std::num::NonZeroU32::new(per_second).map(|n| {
+            let burst = std::num::NonZeroU32::new(per_second.saturating_mul(2)).unwrap_or(n);
+            governor::RateLimiter::keyed(governor::Quota::per_second(n).allow_burst(burst))
+        });
+        MessageRate { rate }
+    }
+
+    /// Waits until `ip` may send its next message.
+    pub async fn ready(&self, ip: std::net::IpAddr) {
+        if let Some(rate) = &self.rate {
+            rate.until_key_ready(&ip).await;
+        }
+    }
+
+    /// Forgets addresses idle long enough that their buckets are full again.
+    pub fn prune(&self) {
+        if let Some(rate) = &self.rate {
+            rate.retain_recent();
+        }
+    }
 }

@@ -82,7 +82,10 @@ pub async fn run(socket: WebSocket, svc: Services, ip: IpAddr, caller: Caller, s
             },
         };
         match msg {
-            Some(Ok(Message::Text(t))) => s.handle(t.as_str()).await,
+            Some(Ok(Message::Text(t))) => {
+                s.svc.messages.ready(ip).await;
+                s.handle(t.as_str()).await
+            }
             Some(Ok(Message::Binary(_))) => s.error("binary frames are not Statebus messages", None).await,
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
             Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,

@@ -17,6 +17,8 @@
 //! Everything is measured on the wire: the tool speaks raw HTTP/1.1 (and h2 for `idle`) so
 //! its own overhead stays small next to the server's.
 
+mod abuse;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -85,6 +87,26 @@ enum Cmd {
         /// Distinct resources subscribed to (subscription i takes resource i % resources).
         #[arg(long, default_value_t = 1)]
         resources: usize,
+    },
+    /// Normal Braid and Statebus clients alone, then beside abusers (slow sockets, a login
+    /// flood, a subscription flood, big PUTs, deep JSON): their latency in both, the
+    /// server's peak memory, whether it stayed up.
+    Abuse {
+        #[arg(long)]
+        url: String,
+        /// Length of each of the two runs.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// The server's process id, for its peak memory (`VmHWM`).
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// Which abusers run (comma-separated): slow, login, subscriptions, big, deep.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "slow,login,subscriptions,big,deep"
+        )]
+        abusers: Vec<String>,
     },
     /// Durable PUT throughput and acknowledgement latency.
     Puts {
@@ -985,6 +1007,12 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
+            Cmd::Abuse {
+                url,
+                seconds,
+                server_pid,
+                abusers,
+            } => abuse::abuse(&url, seconds, server_pid, &abusers).await,
             Cmd::Idle {
                 url,
                 subs,

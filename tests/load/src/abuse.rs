@@ -1,0 +1,315 @@
+//! `plait-load abuse`: normal clients beside abusers. The same normal load (Braid PUTs and
+//! GETs on keep-alive connections, Statebus `get` round trips) runs twice against one
+//! server: alone, then beside 1,000 slow sockets, a login flood, a Statebus subscription
+//! flood, big PUTs and deep JSON. Reports the normal clients' latency in both runs and the
+//! ratio, what the abusers were answered, the server's peak memory, and whether it stayed
+//! up.
+//!
+//! Normal clients connect from 127.0.0.1, abusers from other loopback addresses (one per
+//! kind of abuse, the slow sockets from four), so the per-address caps apply to them as
+//! they would to clients on other hosts.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{Conn, hist, summary};
+
+/// Answers the abusers got, by status (0: the connection failed or was closed).
+type Answers = Arc<Mutex<BTreeMap<String, u64>>>;
+
+fn loopback(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+async fn connect_from(from: IpAddr, to: SocketAddr) -> anyhow::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    let s = socket.connect(to).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// The kinds of abuse, as `--abusers` names them.
+pub const KINDS: [&str; 5] = ["slow", "login", "subscriptions", "big", "deep"];
+
+pub async fn abuse(
+    url: &str,
+    seconds: u64,
+    server_pid: Option<u32>,
+    kinds: &[String],
+) -> anyhow::Result<serde_json::Value> {
+    if let Some(k) = kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
+        anyhow::bail!("--abusers takes {}, not {k}", KINDS.join(", "));
+    }
+    let addr = crate::addr_of(url)?;
+    let span = Duration::from_secs(seconds);
+    let clean = normal_load(addr, span).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Answers = Arc::default();
+    let on = |k: &str| kinds.iter().any(|x| x == k);
+    let abusers = start_abusers(addr, stop.clone(), answers.clone(), &on);
+    // Let the abusers get going before measuring.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let abused = normal_load(addr, span).await;
+    stop.store(true, Ordering::SeqCst);
+    for a in abusers {
+        a.abort();
+    }
+    let abused = abused?;
+    let up = crate::server_status(addr).await.is_ok();
+    let peak = server_pid.and_then(peak_rss);
+    let ratio = |k: &str, q: &str| {
+        let (a, c) = (
+            abused[k][q].as_f64().unwrap_or(0.0),
+            clean[k][q].as_f64().unwrap_or(0.0),
+        );
+        if c > 0.0 { a / c } else { 0.0 }
+    };
+    Ok(serde_json::json!({
+        "workload": "abuse",
+        "seconds": seconds,
+        "abusers": kinds,
+        "p99_ratio_braid": ratio("braid", "p99_ms"),
+        "p99_ratio_statebus": ratio("statebus", "p99_ms"),
+        "clean": clean,
+        "abused": abused,
+        "abusers_answered": *answers.lock().await,
+        "server_peak_rss_bytes": peak,
+        "server_stayed_up": up,
+    }))
+}
+
+/// `VmHWM` of the server process.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// 16 Braid clients (a PUT then a GET, on keep-alive connections) and 4 Statebus clients
+/// (`get` then `forget` of a fresh key, timed to its state) for `span`.
+async fn normal_load(addr: SocketAddr, span: Duration) -> anyhow::Result<serde_json::Value> {
+    let braid = Arc::new(Mutex::new(hist()));
+    let statebus = Arc::new(Mutex::new(hist()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let until = Instant::now() + span;
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let (braid, errors) = (braid.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut local = hist();
+            let mut s = connect_from(loopback(1), addr).await?;
+            let mut conn = Conn::default();
+            let mut k = 0u64;
+            while Instant::now() < until {
+                let path = format!("/normal/{c}");
+                let body = format!("{{\"k\":{k}}}");
+                let t = Instant::now();
+                conn.send(
+                    &mut s,
+                    "PUT",
+                    &path,
+                    &[("Content-Type", "application/json")],
+                    body.as_bytes(),
+                )
+                .await?;
+                let (status, _) = conn.recv(&mut s).await?;
+                conn.send(&mut s, "GET", &path, &[], b"").await?;
+                let (got, _) = conn.recv(&mut s).await?;
+                if status != 200 || got != 200 {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                local.record(t.elapsed().as_micros().max(1) as u64)?;
+                k += 1;
+            }
+            braid.lock().await.add(&local)?;
+            anyhow::Ok(())
+        }));
+    }
+    for c in 0..4 {
+        let (statebus, errors) = (statebus.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut local = hist();
+            let url = format!("ws://{addr}/_connect_to_statebus_/websocket");
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+            let mut k = 0u64;
+            while Instant::now() < until {
+                let key = format!("sbnormal/{c}/{k}");
+                let t = Instant::now();
+                ws.send(Message::text(serde_json::json!({"get": key}).to_string()))
+                    .await?;
+                loop {
+                    let Some(m) = ws.next().await else {
+                        anyhow::bail!("the websocket closed")
+                    };
+                    if let Message::Text(text) = m? {
+                        let v: serde_json::Value = serde_json::from_str(&text)?;
+                        if v.get("error").is_some() {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if v["set"]["key"] == key.as_str() || v["about"] == key.as_str() {
+                            break;
+                        }
+                    }
+                }
+                local.record(t.elapsed().as_micros().max(1) as u64)?;
+                ws.send(Message::text(serde_json::json!({"forget": key}).to_string()))
+                    .await?;
+                k += 1;
+            }
+            statebus.lock().await.add(&local)?;
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let (braid, statebus): (Histogram<u64>, Histogram<u64>) =
+        (braid.lock().await.clone(), statebus.lock().await.clone());
+    Ok(serde_json::json!({
+        "braid": summary(&braid),
+        "statebus": summary(&statebus),
+        "errors": errors.load(Ordering::Relaxed),
+    }))
+}
+
+async fn note(answers: &Answers, what: &str, status: u16) {
+    *answers
+        .lock()
+        .await
+        .entry(format!("{what} {status}"))
+        .or_default() += 1;
+}
+
+fn start_abusers(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    answers: Answers,
+    on: &dyn Fn(&str) -> bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    // 1,000 slow sockets: a request head sent a byte every 5 s; reconnected when closed.
+    for i in 0..if on("slow") { 1000u32 } else { 0 } {
+        let (stop, answers) = (stop.clone(), answers.clone());
+        tasks.push(tokio::spawn(async move {
+            let from = loopback(10 + (i / 250) as u8);
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(mut s) = connect_from(from, addr).await else {
+                    note(&answers, "slow-socket connect", 0).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                };
+                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+                while s.write_all(b"X").await.is_ok() {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                note(&answers, "slow-socket closed", 0).await;
+            }
+        }));
+    }
+    // A login flood: wrong passwords as fast as the answers come.
+    for _ in 0..if on("login") { 4 } else { 0 } {
+        let (stop, answers) = (stop.clone(), answers.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = br#"{"login_as":{"name":"victim","pass":"wrong"}}"#;
+            while !stop.load(Ordering::SeqCst) {
+                let status = one(loopback(20), addr, "PUT", "/current_user", &[], body).await;
+                note(&answers, "login", status).await;
+            }
+        }));
+    }
+    // A subscription flood: one Statebus socket asking for 20,000 keys, again and again.
+    if on("subscriptions") {
+        let (stop, answers) = (stop.clone(), answers.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(s) = connect_from(loopback(21), addr).await else {
+                    continue;
+                };
+                let url = format!("ws://{addr}/_connect_to_statebus_/websocket");
+                let Ok((ws, _)) = tokio_tungstenite::client_async(url, s).await else {
+                    note(&answers, "subscription-flood connect", 0).await;
+                    continue;
+                };
+                let (mut tx, mut rx) = ws.split();
+                let drain = tokio::spawn(async move { while rx.next().await.is_some() {} });
+                for k in 0..20_000 {
+                    let get = serde_json::json!({"get": format!("flood/{k}")}).to_string();
+                    if tx.send(Message::text(get)).await.is_err() {
+                        break;
+                    }
+                }
+                note(&answers, "subscription-flood round", 0).await;
+                drain.abort();
+            }
+        }));
+    }
+    // Big PUTs: 8 MB of bytes, then 2 MB of text, over and over.
+    if on("big") {
+        let (stop, answers) = (stop.clone(), answers.clone());
+        tasks.push(tokio::spawn(async move {
+            let blob = vec![7u8; 8 << 20];
+            let text = "x".repeat(2 << 20);
+            let mut k = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let (path, kind, body) = if k % 2 == 0 {
+                    (format!("/big/b{k}"), "application/octet-stream", blob.as_slice())
+                } else {
+                    (format!("/big/t{k}"), "text/plain", text.as_bytes())
+                };
+                let status = one(loopback(22), addr, "PUT", &path, &[("Content-Type", kind)], body).await;
+                note(&answers, "big-put", status).await;
+                k += 1;
+            }
+        }));
+    }
+    // Deep JSON: 1,000 levels in a body.
+    if on("deep") {
+        let (stop, answers) = (stop.clone(), answers.clone());
+        tasks.push(tokio::spawn(async move {
+            let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+            while !stop.load(Ordering::SeqCst) {
+                let h = [("Content-Type", "application/json")];
+                let status = one(loopback(23), addr, "PUT", "/deep", &h, deep.as_bytes()).await;
+                note(&answers, "deep-json", status).await;
+            }
+        }));
+    }
+    tasks
+}
+
+/// One request on a fresh connection from `from`; its status, or 0 when it failed.
+async fn one(
+    from: IpAddr,
+    to: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> u16 {
+    let Ok(mut s) = connect_from(from, to).await else {
+        return 0;
+    };
+    let mut c = Conn::default();
+    if c.send(&mut s, method, path, headers, body).await.is_err() {
+        return 0;
+    }
+    c.recv(&mut s).await.map(|(status, _)| status).unwrap_or(0)
+}
