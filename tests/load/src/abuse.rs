@@ -269,7 +269,7 @@ fn start_abusers(
             let text = "x".repeat(2 << 20);
             let mut k = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                let (path, kind, body) = if k % 2 == 0 {
+                let (path, kind, body) = if k.is_multiple_of(2) {
                     (format!("/big/b{k}"), "application/octet-stream", blob.as_slice())
                 } else {
                     (format!("/big/t{k}"), "text/plain", text.as_bytes())
