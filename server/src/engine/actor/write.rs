@@ -1,0 +1,268 @@
+//! Writes: a round's writes applied to the document together and committed in one
+//! append (remade on the reloaded document, under a hold, when another process wrote
+//! first); nothing is told to anyone before the append returns.
+
+use super::*;
+
+impl Actor {
+    /// Applies writes and stores them in one append. When the store holds changes the
+    /// document lacked (another process's, or the late commit of a killed predecessor),
+    /// nothing was stored: the resource is held, reloaded, and the writes made again on
+    /// it, so they land after everything acknowledged before them.
+    pub(super) async fn write_batch(&mut self, mut writes: Vec<(Box<Write>, WriteReply)>) {
+        let mut hold = None;
+        for made in 1.. {
+            let id = self.present_id();
+            let Some(again) = self.try_write_batch(writes, hold.take()).await else {
+                return;
+            };
+            writes = again;
+            let held = if made == MAX_REMAKES {
+                Err(EngineError::from(StorageError::Behind))
+            } else {
+                self.hold_and_reload(id).await
+            };
+            match held {
+                Ok(h) => hold = h,
+                Err(e) => {
+                    for (_, reply) in writes {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After an append refused as `Behind`: holds the resource (`id`, or the one created
+    /// meanwhile) and reloads it, so what is made on it next cannot be refused again.
+    /// `None` when there is nothing to hold (it was deleted meanwhile).
+    pub(super) async fn hold_and_reload(
+        &mut self,
+        id: Option<ResourceId>,
+    ) -> Result<Option<Box<dyn Hold>>, EngineError> {
+        let id = match id {
+            Some(id) => Some(id),
+            None => {
+                self.load().await?;
+                self.present_id()
+            }
+        };
+        let hold = match id {
+            None => None,
+            Some(id) => match self.storage.hold(id).await {
+                Ok(h) => Some(h),
+                Err(StorageError::Gone) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        self.load().await?;
+        Ok(hold.filter(|h| self.present_id() == Some(h.resource())))
+    }
+
+    /// One try of [`Self::write_batch`]: the writes back when the append was `Behind`.
+    pub(super) async fn try_write_batch(
+        &mut self,
+        writes: Vec<(Box<Write>, WriteReply)>,
+        hold: Option<Box<dyn Hold>>,
+    ) -> Option<Vec<(Box<Write>, WriteReply)>> {
+        let now = now_ms();
+        let mut create: Option<Target> = None;
+        let mut changes: Vec<NewChange> = Vec::new();
+        // Whether a write was committed as a run of changes (a big text write).
+        let mut big = false;
+        let mut events: Vec<Event> = Vec::new();
+        let mut replies: Vec<(Box<Write>, WriteReply, Version, bool)> = Vec::new();
+        for (w, reply) in writes {
+            if matches!(self.res, Some(Res::Missing)) {
+                match start_resource(&w.body) {
+                    Ok((kind, media_type)) => create = Some(self.begin_resource(kind, media_type)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
+                }
+            }
+            let Some(Res::Present(p)) = &mut self.res else {
+                unreachable!("made present above")
+            };
+            let creating = p.id.is_none() && changes.is_empty();
+            let dw = DocWrite {
+                body: &w.body,
+                version: w.version.as_ref(),
+                parents: w.parents.as_ref(),
+                agent_hint: w.peer.as_deref(),
+                force: creating,
+                digest: w.digest.as_ref(),
+                // The server's own writes (rules, accounts, imports) are its to shape;
+                // the limit guards against clients.
+                max_json_depth: if w.writer == crate::engine::Writer::Internal {
+                    crate::doc::json::MAX_JSON_DEPTH
+                } else {
+                    self.config.limits.max_json_depth
+                },
+            };
+            let heavy = w.size() > HEAVY_BYTES;
+            match cpu_bound(heavy, || p.doc.apply(&dw, now / 1000)) {
+                Err(e) => {
+                    if creating {
+                        // Nothing was stored for a resource this write was to create.
+                        self.res = Some(Res::Missing);
+                        create = None;
+                    }
+                    let _ = reply.send(Err(e.into()));
+                }
+                Ok(Outcome::Unchanged) => {
+                    let v = p.doc.frontier();
+                    replies.push((w, reply, v, false));
+                }
+                Ok(Outcome::Applied(a)) => {
+                    let (meta, blob) = match (&p.doc, &a.body) {
+                        (Document::Bytes(b), UpdateBody::Snapshot(body)) => {
+                            (b.current().map(|c| c.media_type.clone()), Some(body.clone()))
+                        }
+                        _ => (None, None),
+                    };
+                    let media_type = meta.clone().unwrap_or_else(|| p.media_type.clone());
+                    // A big text write's earlier changes, then its own (after the last of them).
+                    // Its document is saved as a snapshot at once: automerge loads a snapshot
+                    // in a fraction of the time and memory that replaying the run takes.
+                    big |= !a.earlier.is_empty();
+                    let stored_parents = match a.earlier.last() {
+                        Some(e) => Version::one(e.id.clone()),
+                        None => a.parents.clone(),
+                    };
+                    for e in a.earlier {
+                        changes.push(NewChange {
+                            version: e.id.to_string(),
+                            parents: format_version(&e.parents),
+                            author: w.author,
+                            at_ms: now,
+                            data: Bytes::from(e.change),
+                            meta: None,
+                            blob: None,
+                        });
+                    }
+                    changes.push(NewChange {
+                        version: a.id.to_string(),
+                        parents: format_version(&stored_parents),
+                        author: w.author,
+                        at_ms: now,
+                        data: Bytes::from(a.change),
+                        meta,
+                        blob,
+                    });
+                    let peer = w.peer.clone();
+                    replies.push((w, reply, a.event_version.clone(), true));
+                    events.push(Event {
+                        seq: 0,
+                        parents: a.event_parents,
+                        version: a.event_version,
+                        body: a.body,
+                        media_type,
+                        reaches: None,
+                        origin: Some(Origin {
+                            peer,
+                            write: a.id,
+                            write_parents: a.parents,
+                        }),
+                        wire: OnceLock::new(),
+                    });
+                }
+            }
+        }
+        if changes.is_empty() {
+            for (_, reply, v, changed) in replies {
+                let _ = reply.send(Ok(WriteResult { version: v, changed }));
+            }
+            return None;
+        }
+        let Some(Res::Present(p)) = &mut self.res else {
+            unreachable!("changes imply a document")
+        };
+        let target = match (create, p.id) {
+            (Some(t), _) => t,
+            (None, Some(id)) => Target::Existing {
+                id,
+                after: p.known_through,
+            },
+            (None, None) => unreachable!("a new resource has a create target"),
+        };
+        let n = if big {
+            self.config.snapshot_every.max(1)
+        } else {
+            changes.len()
+        };
+        match append(&self.storage, target, hold, changes).await {
+            Ok(app) => {
+                debug_assert_eq!(
+                    app.first_seq,
+                    p.known_through + 1,
+                    "appended where the document ends"
+                );
+                p.id = Some(app.resource);
+                p.known_through = app.last_seq;
+                p.since_snapshot += n;
+                let newly_known = self.registered != Some(app.resource);
+                self.publish_state();
+                let reached = self.current();
+                let last = events.len() - 1;
+                for (i, mut ev) in events.into_iter().enumerate() {
+                    if i == last {
+                        ev.reaches = Some(reached.clone());
+                    }
+                    self.publish_event(ev);
+                }
+                for (_, reply, v, changed) in replies {
+                    let _ = reply.send(Ok(WriteResult { version: v, changed }));
+                }
+                if newly_known {
+                    self.register();
+                }
+                self.maybe_compact();
+                None
+            }
+            Err(StorageError::Behind) => {
+                tracing::debug!(key = %self.key, after = p.known_through, "changes from another process; making the writes again");
+                self.res = None;
+                Some(replies.into_iter().map(|(w, reply, _, _)| (w, reply)).collect())
+            }
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "append failed; reloading the document");
+                for (_, reply, _, _) in replies {
+                    let _ = reply.send(Err(e.clone().into()));
+                }
+                self.res = None;
+                None
+            }
+        }
+    }
+}
+
+/// The kind and media type of a resource created by this write.
+pub(super) fn start_resource(body: &WriteBody) -> Result<(Kind, String), EngineError> {
+    match body {
+        WriteBody::Full { media_type, .. } => {
+            let kind = Kind::for_media_type(media_type.as_deref());
+            let media_type = match (kind, media_type) {
+                (Kind::Text, Some(m)) if m.trim().to_ascii_lowercase().starts_with("text/") => m.clone(),
+                (Kind::Text, _) => kind.default_media_type().to_string(),
+                (_, Some(m)) => m.clone(),
+                (_, None) => kind.default_media_type().to_string(),
+            };
+            Ok((kind, media_type))
+        }
+        WriteBody::Patches(ps) => match ps.first().map(|p| &p.range) {
+            Some(crate::update::Range::Text { .. }) => {
+                Ok((Kind::Text, Kind::Text.default_media_type().into()))
+            }
+            Some(crate::update::Range::Json(_)) => Ok((Kind::Json, Kind::Json.default_media_type().into())),
+            Some(crate::update::Range::Bytes { .. }) => Err(EngineError::CannotCreate(
+                "there are no bytes to patch yet; PUT the whole value first".into(),
+            )),
+            None => Err(EngineError::CannotCreate(
+                "an empty patch list cannot create a resource".into(),
+            )),
+        },
+    }
+}
