@@ -946,8 +946,8 @@ impl Storage for PostgresStorage {
         let n = client
             .execute(
                 "INSERT INTO mirror_segments (namespace, seq, descriptor, ciphertext)
-                 SELECT $1, $2, $3, $4
-                 WHERE (SELECT COALESCE(MAX(seq), 0) FROM mirror_segments WHERE namespace = $1) = $2 - 1",
+                 SELECT $1::bytea, $2::int8, $3::bytea, $4::bytea
+                 WHERE (SELECT COALESCE(MAX(seq), 0) FROM mirror_segments WHERE namespace = $1::bytea) = $2::int8 - 1",
                 &[
                     &namespace.as_bytes().as_slice(),
                     &seq,
