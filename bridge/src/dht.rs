@@ -93,7 +93,7 @@ enum Cmd {
     /// A request to a member's mirror protocol.
     Mirror {
         id: Identity,
-        req: wire::Request,
+        req: Box<wire::Request>,
         reply: oneshot::Sender<Result<wire::Response, NodeError>>,
     },
     Offer {
@@ -231,7 +231,12 @@ impl Dht {
     }
 
     pub async fn mirror(&self, id: Identity, req: wire::Request) -> Result<wire::Response, NodeError> {
-        self.ask(|reply| Cmd::Mirror { id, req, reply }).await?
+        self.ask(|reply| Cmd::Mirror {
+            id,
+            req: Box::new(req),
+            reply,
+        })
+        .await?
     }
 
     pub async fn held_record(&self, id: Identity) -> Result<Option<AddressRecord>, NodeError> {
@@ -364,7 +369,7 @@ enum Outgoing {
         reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
     },
     Mirror {
-        req: wire::Request,
+        req: Box<wire::Request>,
         reply: oneshot::Sender<Result<wire::Response, NodeError>>,
     },
 }
@@ -769,7 +774,7 @@ impl Runner {
                 self.outbound.insert(rid, reply);
             }
             Outgoing::Mirror { req, reply } => {
-                let rid = self.swarm.behaviour_mut().mirror.send_request(&pid, req);
+                let rid = self.swarm.behaviour_mut().mirror.send_request(&pid, *req);
                 self.mirror_out.insert(rid, reply);
             }
         }
