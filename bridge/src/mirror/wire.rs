@@ -412,6 +412,28 @@ mod tests {
     }
 
     #[test]
+    fn every_refusal_crosses_the_wire_typed() {
+        for r in [
+            Refusal::NoGrant,
+            Refusal::OverQuota {
+                quota: 1,
+                used: 2,
+                len: 3,
+            },
+            Refusal::BadSignature,
+            Refusal::Replayed { seq: 4, head: 5 },
+            Refusal::BrokenChain { seq: 6, head: 7 },
+            Refusal::LengthMismatch { len: 8, got: 9 },
+            Refusal::HashMismatch,
+            Refusal::TooLarge { len: 10, max: 11 },
+            Refusal::Unavailable("disk full".into()),
+        ] {
+            let res = Response::Refused(r.clone());
+            assert_eq!(read_res(&encode_response(&res)).unwrap(), res, "{}", r.reason());
+        }
+    }
+
+    #[test]
     fn an_oversize_push_is_not_read_past_its_descriptor() {
         let keys = Keypair::generate();
         let big = vec![0u8; (MAX_SEGMENT_BYTES + 1) as usize];

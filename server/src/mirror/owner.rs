@@ -373,15 +373,19 @@ impl Owner {
                         for id in list.keys() {
                             let status = match self.push_to(&node, *id).await {
                                 Ok(acked) => PushStatus { acked, error: None },
-                                Err((acked, e)) => {
-                                    tracing::info!(mirror = %id, error = %e, "pushing to a mirror stopped");
-                                    PushStatus {
-                                        acked,
-                                        error: Some(e),
-                                    }
-                                }
+                                Err((acked, e)) => PushStatus {
+                                    acked,
+                                    error: Some(e),
+                                },
                             };
-                            self.status.lock().expect("push status").insert(*id, status);
+                            let mut all = self.status.lock().expect("push status");
+                            // Logged when it changes, not at every retry.
+                            if let Some(e) = &status.error
+                                && all.get(id).and_then(|s| s.error.as_ref()) != Some(e)
+                            {
+                                tracing::info!(mirror = %id, acked = status.acked, error = %e, "pushing to a mirror stopped");
+                            }
+                            all.insert(*id, status);
                         }
                     }
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "the mirror list"),
