@@ -4,7 +4,8 @@
 //! derived from it): TCP with noise and yamux, and QUIC; identify and ping; Kademlia under a
 //! protocol name that carries the DHT's name (`/plait/kad/<dht>/1.0.0`), with record
 //! filtering on so only records that [`AddressRecord::check`] accepts are stored; a
-//! request-response protocol over which members exchange member certs, and one for fetches;
+//! request-response protocol over which members exchange member certs, one for fetches,
+//! and the mirror protocol (`/plait/mirror/1.0.0`, see [`crate::mirror::wire`]);
 //! relay (server, and client for `relays`) and DCUtR.
 //!
 //! **Gate.** Only members of this DHT may connect (libp2p's allow list, checked when a
@@ -41,6 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::identity::{Identity, Keypair};
 use crate::invite::{Invite, InviteError, JoinRequest, MemberCert, Membership, Merged, Removal};
+use crate::mirror::wire;
 use crate::node::{
     DhtMembers, DhtStatus, FETCH_TIMEOUT, JoinGrant, MAX_FETCH_BYTES, MemberInfo, NodeError, NodeSettings,
     RemovedInfo, SaveJob, Serve, libp2p_keypair, now_millis, now_secs, peer_id_of,
@@ -87,6 +89,12 @@ enum Cmd {
         path: String,
         body: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
+    },
+    /// A request to a member's mirror protocol.
+    Mirror {
+        id: Identity,
+        req: Box<wire::Request>,
+        reply: oneshot::Sender<Result<wire::Response, NodeError>>,
     },
     Offer {
         key: Vec<u8>,
@@ -222,6 +230,15 @@ impl Dht {
         .await?
     }
 
+    pub async fn mirror(&self, id: Identity, req: wire::Request) -> Result<wire::Response, NodeError> {
+        self.ask(|reply| Cmd::Mirror {
+            id,
+            req: Box::new(req),
+            reply,
+        })
+        .await?
+    }
+
     pub async fn held_record(&self, id: Identity) -> Result<Option<AddressRecord>, NodeError> {
         self.ask(|reply| Cmd::Held { id, reply }).await
     }
@@ -307,6 +324,7 @@ struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     rpc: request_response::json::Behaviour<Rpc, RpcReply>,
     fetch: request_response::json::Behaviour<FetchRequest, FetchReply>,
+    mirror: request_response::Behaviour<wire::Codec>,
     relay: Toggle<relay::Behaviour>,
     relay_client: relay::client::Behaviour,
     dcutr: dcutr::Behaviour,
@@ -335,12 +353,35 @@ type Lookup = (
     Option<AddressRecord>,
 );
 
-/// An answer to a member's fetch, on its way back to the event loop (which checks that the
-/// asker is still a member: a fetch may wait for news while it is removed).
-type Answer = (PeerId, request_response::ResponseChannel<FetchReply>, FetchReply);
+/// An answer to a member's fetch or mirror request, on its way back to the event loop
+/// (which checks that the asker is still a member: a fetch may wait for news while it is
+/// removed).
+enum Answer {
+    Fetch(PeerId, request_response::ResponseChannel<FetchReply>, FetchReply),
+    Mirror(request_response::ResponseChannel<wire::Response>, wire::Response),
+}
 
-/// A fetch waiting for its peer to be found.
-type QueuedFetch = (String, Vec<u8>, oneshot::Sender<Result<Vec<u8>, NodeError>>);
+/// A request to a member, waiting for its peer to be found.
+enum Outgoing {
+    Fetch {
+        path: String,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
+    },
+    Mirror {
+        req: Box<wire::Request>,
+        reply: oneshot::Sender<Result<wire::Response, NodeError>>,
+    },
+}
+
+impl Outgoing {
+    fn fail(self, e: NodeError) {
+        match self {
+            Outgoing::Fetch { reply, .. } => drop(reply.send(Err(e))),
+            Outgoing::Mirror { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
+}
 
 struct Runner {
     keys: Keypair,
@@ -376,8 +417,11 @@ struct Runner {
     server: Option<Arc<dyn Serve>>,
     /// Our fetches in flight.
     outbound: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, NodeError>>>,
-    /// Fetches waiting for a lookup of their peer.
-    queued: HashMap<Identity, Vec<QueuedFetch>>,
+    /// Our mirror requests in flight.
+    mirror_out:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<wire::Response, NodeError>>>,
+    /// Requests waiting for a lookup of their peer.
+    queued: HashMap<Identity, Vec<Outgoing>>,
     /// Answers to members' fetches, computed off the event loop.
     answers: (
         mpsc::UnboundedSender<Answer>,
@@ -431,6 +475,7 @@ impl Runner {
             published_seq: 0,
             server,
             outbound: HashMap::new(),
+            mirror_out: HashMap::new(),
             queued: HashMap::new(),
             answers: {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -718,19 +763,44 @@ impl Runner {
         self.lookups.insert(q, (id, reply.into_iter().collect(), None));
     }
 
-    fn send_fetch(
-        &mut self,
-        pid: PeerId,
-        path: String,
-        body: Vec<u8>,
-        reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
-    ) {
-        let req = FetchRequest {
-            path,
-            body: b64(&body),
-        };
-        let rid = self.swarm.behaviour_mut().fetch.send_request(&pid, req);
-        self.outbound.insert(rid, reply);
+    fn send(&mut self, pid: PeerId, out: Outgoing) {
+        match out {
+            Outgoing::Fetch { path, body, reply } => {
+                let req = FetchRequest {
+                    path,
+                    body: b64(&body),
+                };
+                let rid = self.swarm.behaviour_mut().fetch.send_request(&pid, req);
+                self.outbound.insert(rid, reply);
+            }
+            Outgoing::Mirror { req, reply } => {
+                let rid = self.swarm.behaviour_mut().mirror.send_request(&pid, *req);
+                self.mirror_out.insert(rid, reply);
+            }
+        }
+    }
+
+    /// Sends a request to member `id`, looking it up first when its addresses are unknown.
+    fn send_to_member(&mut self, id: Identity, out: Outgoing) {
+        if id == self.keys.identity() {
+            out.fail(NodeError::Refused("a node does not ask itself".into()));
+            return;
+        }
+        if !self.state.membership.as_ref().is_some_and(|m| m.is_member(&id)) {
+            out.fail(NodeError::Refused(format!(
+                "{id} is not a member of this node's network"
+            )));
+            return;
+        }
+        let pid = peer_id_of(&id);
+        let known =
+            self.connected.contains_key(&pid) || self.state.peers.get(&id).is_some_and(|a| !a.is_empty());
+        if known {
+            self.send(pid, out);
+        } else {
+            self.queued.entry(id).or_default().push(out);
+            self.lookup(id, None);
+        }
     }
 
     /// Every member cert and removal this node holds (none before it belongs to the DHT).
@@ -815,8 +885,8 @@ impl Runner {
             let key = kad::RecordKey::new(&AddressRecord::key_for(&dht, &id));
             self.swarm.behaviour_mut().kad.store_mut().remove(&key);
         }
-        for (_, _, reply) in self.queued.remove(&id).unwrap_or_default() {
-            let _ = reply.send(Err(NodeError::NotMember(id.to_string())));
+        for out in self.queued.remove(&id).unwrap_or_default() {
+            out.fail(NodeError::NotMember(id.to_string()));
         }
     }
 
@@ -873,14 +943,21 @@ impl Runner {
                     None => break None,
                 },
                 ev = self.swarm.select_next_some() => self.event(ev),
-                Some((peer, channel, reply)) = answers.recv() => {
-                    let reply = if self.by_peer.contains_key(&peer) {
-                        reply
-                    } else {
-                        FetchReply::Refused("not a member".into())
-                    };
-                    let _ = self.swarm.behaviour_mut().fetch.send_response(channel, reply);
-                }
+                Some(answer) = answers.recv() => match answer {
+                    Answer::Fetch(peer, channel, reply) => {
+                        let reply = if self.by_peer.contains_key(&peer) {
+                            reply
+                        } else {
+                            FetchReply::Refused("not a member".into())
+                        };
+                        let _ = self.swarm.behaviour_mut().fetch.send_response(channel, reply);
+                    }
+                    // A mirror answer is not withheld: a push was checked and stored (or
+                    // refused) already, and a removed member is disconnected anyway.
+                    Answer::Mirror(channel, reply) => {
+                        let _ = self.swarm.behaviour_mut().mirror.send_response(channel, reply);
+                    }
+                },
                 _ = republish.tick() => self.publish_record(),
                 _ = bootstrap.tick() => {
                     if !self.connected.is_empty() {
@@ -1056,29 +1133,8 @@ impl Runner {
                 path,
                 body,
                 reply,
-            } => {
-                if id == self.keys.identity() {
-                    let _ = reply.send(Err(NodeError::Refused(
-                        "a node does not fetch from itself".into(),
-                    )));
-                    return;
-                }
-                if !self.state.membership.as_ref().is_some_and(|m| m.is_member(&id)) {
-                    let _ = reply.send(Err(NodeError::Refused(format!(
-                        "{id} is not a member of this node's network"
-                    ))));
-                    return;
-                }
-                let pid = peer_id_of(&id);
-                let known = self.connected.contains_key(&pid)
-                    || self.state.peers.get(&id).is_some_and(|a| !a.is_empty());
-                if known {
-                    self.send_fetch(pid, path, body, reply);
-                } else {
-                    self.queued.entry(id).or_default().push((path, body, reply));
-                    self.lookup(id, None);
-                }
-            }
+            } => self.send_to_member(id, Outgoing::Fetch { path, body, reply }),
+            Cmd::Mirror { id, req, reply } => self.send_to_member(id, Outgoing::Mirror { req, reply }),
             // Handled by the event loop, which ends.
             Cmd::Stop { reply } => {
                 let _ = reply.send(());
@@ -1263,6 +1319,7 @@ impl Runner {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(ev)) => self.kad_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Fetch(ev)) => self.fetch_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Mirror(ev)) => self.mirror_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Rpc(request_response::Event::Message {
                 peer,
                 message,
@@ -1329,7 +1386,7 @@ impl Runner {
                             },
                             Err(e) => FetchReply::Refused(e.to_string()),
                         };
-                        let _ = tx.send((peer, channel, reply));
+                        let _ = tx.send(Answer::Fetch(peer, channel, reply));
                     });
                 }
                 request_response::Message::Response { request_id, response } => {
@@ -1355,6 +1412,48 @@ impl Runner {
                     self.state.peers.remove(&id);
                 }
                 if let Some(reply) = self.outbound.remove(&request_id) {
+                    let _ = reply.send(Err(NodeError::Unreachable(format!("{peer}: {error}"))));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The mirror protocol: members' requests go to the server's [`Serve::mirror`] (off the
+    /// event loop); answers to ours go to whoever waits.
+    fn mirror_event(&mut self, ev: request_response::Event<wire::Request, wire::Response>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let (Some(from), Some(server)) = (self.by_peer.get(&peer).copied(), self.server.clone())
+                    else {
+                        let why = crate::mirror::Refusal::Unavailable("this node keeps no mirror".into());
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .mirror
+                            .send_response(channel, wire::Response::Refused(why));
+                        return;
+                    };
+                    let tx = self.answers.0.clone();
+                    tokio::spawn(async move {
+                        let reply = server.mirror(from, request).await;
+                        let _ = tx.send(Answer::Mirror(channel, reply));
+                    });
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(reply) = self.mirror_out.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                if let Some(reply) = self.mirror_out.remove(&request_id) {
                     let _ = reply.send(Err(NodeError::Unreachable(format!("{peer}: {error}"))));
                 }
             }
@@ -1449,11 +1548,11 @@ impl Runner {
                             Err(_) => Err(NodeError::NotFound(who.to_string())),
                         });
                     }
-                    for (path, body, reply) in self.queued.remove(&who).unwrap_or_default() {
+                    for out in self.queued.remove(&who).unwrap_or_default() {
                         if answer.is_ok() {
-                            self.send_fetch(peer_id_of(&who), path, body, reply);
+                            self.send(peer_id_of(&who), out);
                         } else {
-                            let _ = reply.send(Err(NodeError::NotFound(who.to_string())));
+                            out.fail(NodeError::NotFound(who.to_string()));
                         }
                     }
                     self.publish_status();
@@ -1579,6 +1678,11 @@ fn build_swarm(keys: &Keypair, settings: &NodeSettings, dht: &str) -> Result<Swa
                         .set_request_size_maximum(MAX_FETCH_BYTES)
                         .set_response_size_maximum(MAX_FETCH_BYTES),
                     [(StreamProtocol::new("/plait/fetch/1.0.0"), ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(FETCH_TIMEOUT),
+                ),
+                mirror: request_response::Behaviour::with_codec(
+                    wire::Codec,
+                    [(StreamProtocol::new(wire::PROTOCOL), ProtocolSupport::Full)],
                     request_response::Config::default().with_request_timeout(FETCH_TIMEOUT),
                 ),
                 relay: Toggle::from(relay_config.map(|c| relay::Behaviour::new(peer, c))),

@@ -209,6 +209,21 @@ pub trait Serve: Send + Sync + 'static {
         path: String,
         body: Vec<u8>,
     ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>>;
+
+    /// Answers a member's request to this node's mirror (`/plait/mirror/1.0.0`). A server
+    /// that keeps no mirror refuses, which is the default.
+    fn mirror(
+        &self,
+        from: Identity,
+        req: crate::mirror::wire::Request,
+    ) -> futures::future::BoxFuture<'static, crate::mirror::wire::Response> {
+        let _ = (from, req);
+        Box::pin(async {
+            crate::mirror::wire::Response::Refused(crate::mirror::Refusal::Unavailable(
+                "this node keeps no mirror".into(),
+            ))
+        })
+    }
 }
 
 /// Largest fetch frame (base64 inside JSON): servers keep answers well below it.
@@ -677,6 +692,19 @@ impl Node {
             return Err(NodeError::NotMember(id.to_string()));
         };
         d.fetch(id, path, body).await
+    }
+
+    /// Sends a request to the mirror protocol of member `id` (through a DHT it belongs
+    /// to, finding it there if need be) and waits for its answer.
+    pub async fn mirror(
+        &self,
+        id: Identity,
+        req: crate::mirror::wire::Request,
+    ) -> Result<crate::mirror::wire::Response, NodeError> {
+        let Some(d) = self.ask_order(&id).into_iter().find(|d| d.is_member(&id)) else {
+            return Err(NodeError::NotMember(id.to_string()));
+        };
+        d.mirror(id, req).await
     }
 
     /// Whether `id` is a member of one of this node's DHTs.

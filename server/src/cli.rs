@@ -72,6 +72,10 @@ pub enum Command {
         /// The identity (52 characters).
         id: String,
     },
+    /// The end-to-end-encrypted mirror: keep other servers' sealed segments (grant, revoke)
+    /// or push this server's to a mirror (add); list both.
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
     /// Dial a peer by address (MULTIADDR/p2p/PEER_ID); reports whether it admitted us.
     Connect {
         #[command(flatten)]
@@ -119,6 +123,45 @@ pub enum MembersCommand {
         /// The network to remove it from; by default every network of this server it is in.
         #[arg(long)]
         dht: Option<String>,
+    },
+}
+
+/// `plait mirror …`.
+#[derive(Debug, Subcommand)]
+pub enum MirrorCommand {
+    /// Let the server ID push sealed segments here, up to SIZE bytes (e.g. `10GiB`); the
+    /// server may be running or not. Granting again changes the quota.
+    Grant {
+        #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// The owner's identity (52 characters).
+        id: String,
+        /// How many bytes its segments may occupy here.
+        #[arg(long, value_name = "SIZE")]
+        quota: String,
+    },
+    /// Take ID's grant back: nothing more of it is stored (what is stored stays).
+    Revoke {
+        #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        id: String,
+    },
+    /// The namespaces this server keeps segments for (with their use, if it runs), and the
+    /// mirrors this server pushes to (with what each acknowledged, if it runs).
+    List {
+        #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Print JSON rather than text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push this server's sealed segments to the server that made LINK (`plait invite` on
+    /// the mirror), joining its network first if need be. The server must be running.
+    Add {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The mirror's invite link.
+        link: String,
     },
 }
 

@@ -54,6 +54,8 @@ pub struct Config {
     pub p2p: plait_bridge::node::NodeSettings,
     /// Who may do what (`[access]`): public writes, sessions, login limits, signatures, CORS.
     pub access: crate::access::AccessSettings,
+    /// The E2EE mirror (`[mirror]`): how changes are batched into sealed segments.
+    pub mirror: crate::mirror::MirrorSettings,
     /// Reverse proxies in front of this server (IP addresses or CIDR networks): only their
     /// `Forwarded` / `X-Forwarded-*` headers are believed, and connections from them are
     /// not counted per address. Default: none.
@@ -205,6 +207,7 @@ impl Default for Config {
             public_url: None,
             p2p: plait_bridge::node::NodeSettings::default(),
             access: crate::access::AccessSettings::default(),
+            mirror: crate::mirror::MirrorSettings::default(),
             trusted_proxies: Vec::new(),
         }
     }
@@ -373,6 +376,7 @@ impl Config {
             return Err("engine.subscriber_queue must be at least 1".into());
         }
         self.p2p.check()?;
+        self.mirror.check()?;
         crate::http::forwarded::TrustedProxies::parse(&self.trusted_proxies)?;
         for r in &self.proxy {
             if !r.prefix.starts_with('/') {

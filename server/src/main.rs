@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use plait_server::cli::{AdminArgs, Cli, Command, ImportCommand, MembersCommand};
+use plait_server::cli::{AdminArgs, Cli, Command, ImportCommand, MembersCommand, MirrorCommand};
 use plait_server::config::{Config, LogFormat, Overrides};
 use plait_server::p2p::AdminRequest;
 use tracing_subscriber::EnvFilter;
@@ -73,6 +73,7 @@ fn main() -> ExitCode {
         Command::Resolve { admin, id } => admin_command(admin, AdminRequest::Resolve { id }, |r| {
             serde_json::to_string_pretty(r).unwrap_or_default()
         }),
+        Command::Mirror(cmd) => mirror(cmd),
         Command::Connect { admin, addr } => admin_command(admin, AdminRequest::Connect { addr }, |r| {
             format!("connected to {}", r["connected"].as_str().unwrap_or(""))
         }),
@@ -189,6 +190,101 @@ fn keygen(args: plait_server::cli::KeygenArgs) -> anyhow::Result<()> {
         );
     }
     println!("{}", keys.identity());
+    Ok(())
+}
+
+/// `plait mirror …`: grants work on the data dir's grant file, whether or not the server
+/// runs; `add` goes through the running server.
+fn mirror(cmd: MirrorCommand) -> anyhow::Result<()> {
+    use plait_server::mirror::{grants, owner};
+    let dir = |d: Option<std::path::PathBuf>| d.unwrap_or_else(plait_server::config::default_data_dir);
+    let identity = |id: &str| {
+        id.parse::<plait_bridge::Identity>()
+            .map_err(|e| anyhow::anyhow!("{id:?} is not an identity: {e}"))
+    };
+    match cmd {
+        MirrorCommand::Grant { data_dir, id, quota } => {
+            let dir = dir(data_dir);
+            let quota = grants::parse_size(&quota).map_err(anyhow::Error::msg)?;
+            let id = identity(&id)?;
+            grants::Grants::new(&dir).grant(id, quota)?;
+            println!("granted {id} {quota} bytes");
+        }
+        MirrorCommand::Revoke { data_dir, id } => {
+            let dir = dir(data_dir);
+            let id = identity(&id)?;
+            if grants::Grants::new(&dir).revoke(&id)? {
+                println!("revoked {id}");
+            } else {
+                anyhow::bail!("{id} has no grant here");
+            }
+        }
+        MirrorCommand::List { data_dir, json } => {
+            let dir = dir(data_dir);
+            let granted = grants::Grants::new(&dir).list()?;
+            let mirrors = owner::mirrors(&dir)?;
+            // Use and acknowledgements come from the running server, when there is one.
+            let live = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(plait_server::p2p::admin_request(
+                    &dir,
+                    &AdminRequest::MirrorStatus,
+                ))
+                .ok();
+            let out = serde_json::json!({
+                "grants": granted.iter().map(|(id, g)| serde_json::json!({
+                    "id": id,
+                    "quota": g.quota,
+                    "used": live.as_ref().and_then(|l| l["used"].get(id.to_string()).cloned()),
+                })).collect::<Vec<_>>(),
+                "mirrors": mirrors.iter().map(|(id, m)| serde_json::json!({
+                    "id": id,
+                    "dht": m.dht,
+                    "acked": live.as_ref().and_then(|l| l["mirrors"][id.to_string()].get("acked").cloned()),
+                    "error": live.as_ref().and_then(|l| l["mirrors"][id.to_string()].get("error").cloned()),
+                })).collect::<Vec<_>>(),
+                "sealed_seq": live.as_ref().map(|l| l["sealed_seq"].clone()),
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("grants (this server keeps their sealed segments):");
+                for g in out["grants"].as_array().into_iter().flatten() {
+                    let used = g["used"]
+                        .as_u64()
+                        .map_or(String::new(), |u| format!(", {u} used"));
+                    println!("  {}  quota {}{used}", g["id"].as_str().unwrap_or(""), g["quota"]);
+                }
+                println!("mirrors (this server pushes its sealed segments to):");
+                for m in out["mirrors"].as_array().into_iter().flatten() {
+                    let acked = m["acked"]
+                        .as_u64()
+                        .map_or(String::new(), |a| format!(", holds up to {a}"));
+                    let err = m["error"].as_str().map_or(String::new(), |e| format!(" ({e})"));
+                    println!(
+                        "  {}  in {}{acked}{err}",
+                        m["id"].as_str().unwrap_or(""),
+                        m["dht"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        MirrorCommand::Add { admin, link } => {
+            return admin_command(admin, AdminRequest::MirrorAdd { link }, |r| {
+                format!(
+                    "mirroring to {} ({}{})",
+                    r["mirror"].as_str().unwrap_or(""),
+                    r["dht"].as_str().unwrap_or(""),
+                    if r["joined"].as_bool() == Some(true) {
+                        ", joined"
+                    } else {
+                        ""
+                    }
+                )
+            });
+        }
+    }
     Ok(())
 }
 

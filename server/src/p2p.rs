@@ -61,6 +61,14 @@ pub enum AdminRequest {
     Connect {
         addr: String,
     },
+    /// `plait mirror add`: push this server's sealed segments to the inviter of `link`,
+    /// joining its network first if need be.
+    MirrorAdd {
+        link: String,
+    },
+    /// What `plait mirror list` shows of the running server: each mirror's acknowledged
+    /// seq, each granted namespace's usage.
+    MirrorStatus,
 }
 
 /// The answer to an admin command.
@@ -123,6 +131,15 @@ pub struct P2p {
     /// Where invitees post join requests (in the invites this server makes).
     join_url: String,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// The mirror's two sides, once the server has set them up.
+    mirror: Option<Mirror>,
+}
+
+/// The mirror's two sides, as the admin socket reaches them.
+pub struct Mirror {
+    pub data_dir: PathBuf,
+    pub owner: Arc<crate::mirror::owner::Owner>,
+    pub keeper: Arc<crate::mirror::keeper::Keeper>,
 }
 
 impl P2p {
@@ -134,7 +151,48 @@ impl P2p {
             keys,
             join_url: format!("{}/.well-known/plait/join", public_url.trim_end_matches('/')),
             client: Client::builder(TokioExecutor::new()).build(connector),
+            mirror: None,
         }
+    }
+
+    /// Lets the admin socket add mirrors and report on them.
+    pub fn with_mirror(mut self, mirror: Mirror) -> P2p {
+        self.mirror = Some(mirror);
+        self
+    }
+
+    /// `plait mirror add`: joins the network of the link's inviter unless it is a member
+    /// already (then the link is not used), and adds it to this server's mirrors.
+    async fn add_mirror(&self, link: &str) -> Result<serde_json::Value, String> {
+        let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
+        let invite = Invite::from_link(link).map_err(|e| e.to_string())?;
+        let joined = if self.node.is_member(&invite.inviter) {
+            false
+        } else {
+            self.join(link).await?;
+            true
+        };
+        crate::mirror::owner::add_mirror(&m.data_dir, invite.inviter, &invite.dht)
+            .map_err(|e| format!("{e:#}"))?;
+        m.owner.wake();
+        Ok(serde_json::json!({ "mirror": invite.inviter, "dht": invite.dht, "joined": joined }))
+    }
+
+    async fn mirror_status(&self) -> Result<serde_json::Value, String> {
+        let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
+        let grants = crate::mirror::grants::Grants::new(&m.data_dir)
+            .list()
+            .map_err(|e| format!("{e:#}"))?;
+        let mut used = serde_json::Map::new();
+        for id in grants.keys() {
+            let bytes = m.keeper.used(id).await.map_err(|e| e.to_string())?;
+            used.insert(id.to_string(), serde_json::json!(bytes));
+        }
+        Ok(serde_json::json!({
+            "sealed_seq": m.owner.sealed_seq(),
+            "mirrors": m.owner.push_status(),
+            "used": used,
+        }))
     }
 
     /// Inviter side of `POST /.well-known/plait/join`.
@@ -217,6 +275,8 @@ impl P2p {
                 )
             }
             AdminRequest::Join { link } => self.join(&link).await,
+            AdminRequest::MirrorAdd { link } => self.add_mirror(&link).await,
+            AdminRequest::MirrorStatus => self.mirror_status().await,
             AdminRequest::Status => Ok(serde_json::to_value(self.node.status()).expect("serializes")),
             AdminRequest::Members => {
                 let all = self.node.members().await.map_err(|e| e.to_string())?;

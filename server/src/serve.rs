@@ -223,16 +223,34 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         tracing::info!(prefix = %r.prefix, upstream = %r.upstream, live = r.live, "proxy route");
     }
     let p2p = if cfg.p2p.enabled {
-        let home = Arc::new(crate::federation::Home {
+        let home = crate::federation::Home {
             engine: engine.clone(),
             identity,
             access: access.clone(),
-        });
+        };
+        let keeper = Arc::new(crate::mirror::keeper::Keeper::new(
+            storage.clone(),
+            crate::mirror::grants::Grants::new(&data_dir),
+        ));
+        let seal_key = plait_bridge::mirror::SealKey::load_or_create(
+            &data_dir.join(plait_bridge::mirror::SEAL_KEY_FILE),
+        )?;
+        let owner = crate::mirror::owner::Owner::start(
+            storage.clone(),
+            plait_bridge::Keypair::from_secret_bytes(&instance.keys.secret_bytes()),
+            seal_key,
+            cfg.mirror,
+        )
+        .await
+        .context("loading what was sealed for the mirrors")?;
         let node = plait_bridge::node::Node::start(
             plait_bridge::Keypair::from_secret_bytes(&instance.keys.secret_bytes()),
             Arc::new(crate::p2p::StoredState(storage.clone())),
             cfg.p2p.clone(),
-            Some(home),
+            Some(Arc::new(Served {
+                home,
+                keeper: keeper.clone(),
+            })),
         )
         .await
         .map_err(|e| anyhow::anyhow!("starting the p2p node: {e}"))?;
@@ -245,7 +263,17 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
             };
             format!("http://{host}")
         });
-        let p2p = Arc::new(crate::p2p::P2p::new(node, instance.keys.clone(), &public_url));
+        owner.clone().run_sealer(data_dir.clone(), shutdown.clone());
+        owner
+            .clone()
+            .run_pusher(node.clone(), data_dir.clone(), shutdown.clone());
+        let p2p = Arc::new(
+            crate::p2p::P2p::new(node, instance.keys.clone(), &public_url).with_mirror(crate::p2p::Mirror {
+                data_dir: data_dir.clone(),
+                owner,
+                keeper,
+            }),
+        );
         if let Err(e) = crate::p2p::serve_admin(&data_dir, p2p.clone(), shutdown.clone()).await {
             tracing::warn!(error = %e, "no admin socket: `plait invite`, `plait join` and `plait status` cannot reach this server");
         }
@@ -269,6 +297,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         web,
         p2p,
         federation,
+        mirror: cfg.mirror,
         shutdown,
         started: Instant::now(),
         trusted_proxies: Arc::new(cfg.trusted_proxies()),
@@ -297,6 +326,33 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
     drop(instance);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What this server answers members over the network: fetches of its resources
+/// (federation) and the mirror protocol.
+struct Served {
+    home: crate::federation::Home,
+    keeper: Arc<crate::mirror::keeper::Keeper>,
+}
+
+impl plait_bridge::node::Serve for Served {
+    fn fetch(
+        &self,
+        from: plait_bridge::Identity,
+        path: String,
+        body: Vec<u8>,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>> {
+        self.home.fetch(from, path, body)
+    }
+
+    fn mirror(
+        &self,
+        from: plait_bridge::Identity,
+        req: plait_bridge::mirror::wire::Request,
+    ) -> futures::future::BoxFuture<'static, plait_bridge::mirror::wire::Response> {
+        let keeper = self.keeper.clone();
+        Box::pin(async move { keeper.answer(from, req).await })
+    }
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {

@@ -59,6 +59,8 @@ pub struct App {
     pub p2p: Option<Arc<crate::p2p::P2p>>,
     /// Replicas of other members' resources (with the p2p node).
     pub federation: Option<Arc<crate::federation::Federation>>,
+    /// `[mirror]`: how changes are batched into sealed segments (published).
+    pub mirror: crate::mirror::MirrorSettings,
     /// The server is reached over HTTPS (`public_url`): cookies are `Secure`, signed requests name `https:` URIs.
     pub https: bool,
     /// Cancelled when the server begins to shut down; open subscriptions end on it.
@@ -276,6 +278,11 @@ async fn well_known(
             "logins_per_minute_per_address": access.logins_per_minute_per_address,
             "login_failures_per_hour_per_account": access.login_failures_per_hour_per_account,
             "account_creations_per_hour_per_address": access.account_creations_per_hour_per_address,
+        },
+        "mirror": {
+            "segment_max_bytes": app.mirror.segment_max_bytes,
+            "segment_max_delay_ms": app.mirror.segment_max_delay_ms,
+            "max_push_bytes": plait_bridge::mirror::wire::MAX_SEGMENT_BYTES,
         },
         "p2p": match &app.p2p {
             Some(p) if owner => serde_json::json!({ "enabled": true, "status": p.node.status() }),

@@ -140,6 +140,16 @@ pub struct ResourceSummary {
     pub head_seq: Seq,
 }
 
+/// A sealed segment as stored (see `plait_bridge::mirror`): opaque bytes here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSegment {
+    /// Its place in its namespace's chain (1, 2, …).
+    pub seq: Seq,
+    /// The signed descriptor's bytes.
+    pub descriptor: Bytes,
+    pub ciphertext: Bytes,
+}
+
 /// Why storage failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
@@ -229,6 +239,33 @@ pub trait Storage: Send + Sync + 'static {
     fn take_notices(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Notice>> {
         None
     }
+
+    /// Stores segment `seq` of `namespace`'s chain of sealed segments, durably, if the
+    /// chain ends at `seq - 1` (0: it is empty); otherwise nothing is stored and the answer
+    /// is [`StorageError::Behind`]. The caller has checked the segment.
+    async fn put_segment(
+        &self,
+        namespace: &Namespace,
+        seq: Seq,
+        descriptor: Bytes,
+        ciphertext: Bytes,
+    ) -> Result<(), StorageError>;
+
+    /// Segments of `namespace` with `from <= seq <= to`, in order, stopping before their
+    /// bytes (descriptors and ciphertexts) pass `max_bytes` — but at least one.
+    async fn segments(
+        &self,
+        namespace: &Namespace,
+        from: Seq,
+        to: Seq,
+        max_bytes: u64,
+    ) -> Result<Vec<StoredSegment>, StorageError>;
+
+    /// The last segment of `namespace`'s chain, without its ciphertext (empty).
+    async fn last_segment(&self, namespace: &Namespace) -> Result<Option<StoredSegment>, StorageError>;
+
+    /// Bytes the segments of `namespace` occupy (descriptors and ciphertexts).
+    async fn segment_bytes(&self, namespace: &Namespace) -> Result<u64, StorageError>;
 
     /// A small instance-wide setting (e.g. which identity owns this database).
     async fn get_setting(&self, name: &str) -> Result<Option<String>, StorageError>;

@@ -23,8 +23,8 @@ use tokio_postgres::NoTls;
 
 use super::{
     Appended, CommitLimits, LoadedResource, NewChange, Notice, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, Target, identity_from_bytes, key_from_row, kind_from_code,
-    prefix_upper_bound,
+    Storage, StorageError, StoredChange, StoredSegment, Target, identity_from_bytes, key_from_row,
+    kind_from_code, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
@@ -955,6 +955,106 @@ impl Storage for PostgresStorage {
                 })
             })
             .collect()
+    }
+
+    async fn put_segment(
+        &self,
+        namespace: &Namespace,
+        seq: Seq,
+        descriptor: Bytes,
+        ciphertext: Bytes,
+    ) -> Result<(), StorageError> {
+        let client = self.client().await?;
+        // Inserted only where the chain ends at seq - 1; two racing pushes of the same seq
+        // both see that, and the primary key refuses the second.
+        let n = client
+            .execute(
+                "INSERT INTO mirror_segments (namespace, seq, descriptor, ciphertext)
+                 SELECT $1::bytea, $2::int8, $3::bytea, $4::bytea
+                 WHERE (SELECT COALESCE(MAX(seq), 0) FROM mirror_segments WHERE namespace = $1::bytea) = $2::int8 - 1",
+                &[
+                    &namespace.as_bytes().as_slice(),
+                    &seq,
+                    &descriptor.as_ref(),
+                    &ciphertext.as_ref(),
+                ],
+            )
+            .await
+            .map_err(|e| match e.as_db_error().map(|d| d.code().code()) {
+                Some("23505") => StorageError::Behind,
+                _ => pg_err(e),
+            })?;
+        if n == 0 {
+            return Err(StorageError::Behind);
+        }
+        Ok(())
+    }
+
+    async fn segments(
+        &self,
+        namespace: &Namespace,
+        from: Seq,
+        to: Seq,
+        max_bytes: u64,
+    ) -> Result<Vec<StoredSegment>, StorageError> {
+        let client = self.client().await?;
+        // A running total picks the rows that fit, so no more than that is read.
+        let rows = client
+            .query(
+                "SELECT seq, descriptor, ciphertext FROM (
+                   SELECT seq, descriptor, ciphertext,
+                          SUM(octet_length(descriptor) + octet_length(ciphertext)) OVER (ORDER BY seq) AS upto
+                   FROM mirror_segments WHERE namespace = $1 AND seq >= $2 AND seq <= $3
+                 ) s WHERE upto <= $4 OR seq = (SELECT MIN(seq) FROM mirror_segments
+                                               WHERE namespace = $1 AND seq >= $2 AND seq <= $3)
+                 ORDER BY seq",
+                &[
+                    &namespace.as_bytes().as_slice(),
+                    &from,
+                    &to,
+                    &(max_bytes.min(i64::MAX as u64) as i64),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredSegment {
+                seq: r.get(0),
+                descriptor: Bytes::from(r.get::<_, Vec<u8>>(1)),
+                ciphertext: Bytes::from(r.get::<_, Vec<u8>>(2)),
+            })
+            .collect())
+    }
+
+    async fn last_segment(&self, namespace: &Namespace) -> Result<Option<StoredSegment>, StorageError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt(
+                "SELECT seq, descriptor FROM mirror_segments WHERE namespace = $1 ORDER BY seq DESC LIMIT 1",
+                &[&namespace.as_bytes().as_slice()],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| StoredSegment {
+                seq: r.get(0),
+                descriptor: Bytes::from(r.get::<_, Vec<u8>>(1)),
+                ciphertext: Bytes::new(),
+            }))
+    }
+
+    async fn segment_bytes(&self, namespace: &Namespace) -> Result<u64, StorageError> {
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one(
+                "SELECT COALESCE(SUM(octet_length(descriptor) + octet_length(ciphertext)), 0)::int8
+                 FROM mirror_segments WHERE namespace = $1",
+                &[&namespace.as_bytes().as_slice()],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(n.max(0) as u64)
     }
 
     async fn get_setting(&self, name: &str) -> Result<Option<String>, StorageError> {

@@ -21,8 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Appended, CommitLimits, LoadedResource, NewChange, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, Target, identity_from_bytes, key_from_row, kind_from_code,
-    prefix_upper_bound,
+    Storage, StorageError, StoredChange, StoredSegment, Target, identity_from_bytes, key_from_row,
+    kind_from_code, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
@@ -69,6 +69,13 @@ enum WriteJob {
         value: String,
         reply: Reply<()>,
     },
+    PutSegment {
+        namespace: Namespace,
+        seq: Seq,
+        descriptor: Bytes,
+        ciphertext: Bytes,
+        reply: Reply<()>,
+    },
     Seed {
         key: ResourceKey,
         kind: Kind,
@@ -89,6 +96,7 @@ impl WriteJob {
                     .sum(),
             ),
             WriteJob::Snapshot { data, .. } | WriteJob::Seed { data, .. } => (1, data.len()),
+            WriteJob::PutSegment { ciphertext, .. } => (1, ciphertext.len()),
             _ => (1, 0),
         }
     }
@@ -266,7 +274,8 @@ fn fail_all(batch: Vec<WriteJob>, e: StorageError) {
             WriteJob::Append { reply, .. } => drop(reply.send(Err(e.clone()))),
             WriteJob::Snapshot { reply, .. }
             | WriteJob::DropBefore { reply, .. }
-            | WriteJob::PutSetting { reply, .. } => drop(reply.send(Err(e.clone()))),
+            | WriteJob::PutSetting { reply, .. }
+            | WriteJob::PutSegment { reply, .. } => drop(reply.send(Err(e.clone()))),
             WriteJob::Delete { reply, .. } => drop(reply.send(Err(e.clone()))),
             WriteJob::Seed { reply, .. } => drop(reply.send(Err(e.clone()))),
         }
@@ -326,7 +335,44 @@ fn run_in_savepoint(tx: &mut Transaction<'_>, job: WriteJob) -> Done {
                 .map_err(sql_err)
             }),
         ),
+        WriteJob::PutSegment {
+            namespace,
+            seq,
+            descriptor,
+            ciphertext,
+            reply,
+        } => Done::Unit(
+            reply,
+            scoped(tx, |t| put_segment(t, &namespace, seq, &descriptor, &ciphertext)),
+        ),
     }
+}
+
+/// Appends a segment to its namespace's chain if the chain ends right before it.
+fn put_segment(
+    t: &Connection,
+    namespace: &Namespace,
+    seq: Seq,
+    descriptor: &[u8],
+    ciphertext: &[u8],
+) -> Result<(), StorageError> {
+    let ns = namespace.as_bytes().as_slice();
+    let last: i64 = t
+        .query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM mirror_segments WHERE namespace = ?1",
+            [ns],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    if last != seq - 1 {
+        return Err(StorageError::Behind);
+    }
+    t.execute(
+        "INSERT INTO mirror_segments (namespace, seq, descriptor, ciphertext) VALUES (?1, ?2, ?3, ?4)",
+        params![ns, seq, descriptor, ciphertext],
+    )
+    .map(|_| ())
+    .map_err(sql_err)
 }
 
 /// Hands a job to the writer thread and waits for its result.
@@ -826,6 +872,95 @@ impl Storage for SqliteStorage {
                 .optional()
                 .map_err(sql_err)?;
             row.map(|(ns, path)| key_from_row(&ns, path)).transpose()
+        })
+        .await
+    }
+
+    async fn put_segment(
+        &self,
+        namespace: &Namespace,
+        seq: Seq,
+        descriptor: Bytes,
+        ciphertext: Bytes,
+    ) -> Result<(), StorageError> {
+        let namespace = *namespace;
+        self.write(|reply| WriteJob::PutSegment {
+            namespace,
+            seq,
+            descriptor,
+            ciphertext,
+            reply,
+        })
+        .await
+    }
+
+    async fn segments(
+        &self,
+        namespace: &Namespace,
+        from: Seq,
+        to: Seq,
+        max_bytes: u64,
+    ) -> Result<Vec<StoredSegment>, StorageError> {
+        let ns = namespace.as_bytes().to_vec();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, descriptor, ciphertext FROM mirror_segments
+                     WHERE namespace = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq",
+                )
+                .map_err(sql_err)?;
+            let mut rows = stmt.query(params![ns, from, to]).map_err(sql_err)?;
+            let mut out = Vec::new();
+            let mut total = 0u64;
+            while let Some(r) = rows.next().map_err(sql_err)? {
+                let descriptor: Vec<u8> = r.get(1).map_err(sql_err)?;
+                let ciphertext: Vec<u8> = r.get(2).map_err(sql_err)?;
+                total += (descriptor.len() + ciphertext.len()) as u64;
+                if total > max_bytes && !out.is_empty() {
+                    break;
+                }
+                out.push(StoredSegment {
+                    seq: r.get(0).map_err(sql_err)?,
+                    descriptor: descriptor.into(),
+                    ciphertext: ciphertext.into(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn last_segment(&self, namespace: &Namespace) -> Result<Option<StoredSegment>, StorageError> {
+        let ns = namespace.as_bytes().to_vec();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT seq, descriptor FROM mirror_segments WHERE namespace = ?1 ORDER BY seq DESC LIMIT 1",
+                [ns],
+                |r| {
+                    Ok(StoredSegment {
+                        seq: r.get(0)?,
+                        descriptor: r.get::<_, Vec<u8>>(1)?.into(),
+                        ciphertext: Bytes::new(),
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn segment_bytes(&self, namespace: &Namespace) -> Result<u64, StorageError> {
+        let ns = namespace.as_bytes().to_vec();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT COALESCE(SUM(LENGTH(descriptor) + LENGTH(ciphertext)), 0)
+                 FROM mirror_segments WHERE namespace = ?1",
+                [ns],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(sql_err)
         })
         .await
     }

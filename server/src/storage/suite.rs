@@ -58,6 +58,60 @@ where
     listing_by_prefix(make().await).await;
     settings_and_namespaces(make().await).await;
     namespace_bytes_follow_the_log(make().await).await;
+    segments_form_one_gap_free_chain_per_namespace(make().await).await;
+}
+
+async fn segments_form_one_gap_free_chain_per_namespace(s: Arc<dyn Storage>) {
+    let a = Keypair::generate().identity();
+    let b = Keypair::generate().identity();
+    let seg = |n: u8, len: usize| (Bytes::from(vec![n; 188]), Bytes::from(vec![n; len]));
+    assert_eq!(s.last_segment(&a).await.unwrap(), None);
+    assert_eq!(s.segment_bytes(&a).await.unwrap(), 0);
+    assert!(s.segments(&a, 1, 100, 1 << 20).await.unwrap().is_empty());
+
+    // Only seq 1 starts a chain; then only the next seq.
+    let (d, c) = seg(1, 1000);
+    assert!(matches!(
+        s.put_segment(&a, 2, d.clone(), c.clone()).await,
+        Err(StorageError::Behind)
+    ));
+    s.put_segment(&a, 1, d.clone(), c.clone()).await.unwrap();
+    assert!(matches!(
+        s.put_segment(&a, 1, d.clone(), c.clone()).await,
+        Err(StorageError::Behind)
+    ));
+    assert!(matches!(
+        s.put_segment(&a, 3, d.clone(), c.clone()).await,
+        Err(StorageError::Behind)
+    ));
+    for n in 2..=5u8 {
+        let (d, c) = seg(n, 1000 * n as usize);
+        s.put_segment(&a, n as i64, d, c).await.unwrap();
+    }
+    // Another namespace has its own chain.
+    let (d, c) = seg(9, 10);
+    s.put_segment(&b, 1, d, c).await.unwrap();
+
+    let last = s.last_segment(&a).await.unwrap().unwrap();
+    assert_eq!((last.seq, last.descriptor.as_ref()), (5, &[5u8; 188][..]));
+    assert_eq!(
+        s.segment_bytes(&a).await.unwrap(),
+        5 * 188 + (1 + 2 + 3 + 4 + 5) * 1000
+    );
+    assert_eq!(s.segment_bytes(&b).await.unwrap(), 188 + 10);
+
+    let all = s.segments(&a, 1, 5, 1 << 20).await.unwrap();
+    assert_eq!(all.iter().map(|x| x.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert_eq!(all[2].ciphertext, Bytes::from(vec![3u8; 3000]));
+    assert_eq!(all[2].descriptor, Bytes::from(vec![3u8; 188]));
+    let mid = s.segments(&a, 2, 3, 1 << 20).await.unwrap();
+    assert_eq!(mid.iter().map(|x| x.seq).collect::<Vec<_>>(), [2, 3]);
+    // A byte budget stops the answer early, but never before the first segment.
+    let some = s.segments(&a, 2, 5, 188 * 2 + 2000 + 3000).await.unwrap();
+    assert_eq!(some.iter().map(|x| x.seq).collect::<Vec<_>>(), [2, 3]);
+    let one = s.segments(&a, 4, 5, 10).await.unwrap();
+    assert_eq!(one.iter().map(|x| x.seq).collect::<Vec<_>>(), [4]);
+    assert!(s.segments(&a, 6, 9, 1 << 20).await.unwrap().is_empty());
 }
 
 async fn namespace_bytes_follow_the_log(s: Arc<dyn Storage>) {

@@ -1,0 +1,23 @@
+//! The end-to-end-encrypted mirror, as far as it is peer-to-peer: sealed segments, their
+//! signed descriptors, the checks a mirror makes without decrypting, and the protocol's
+//! bytes.
+//!
+//! * [`descriptor`]: the signed, chained descriptor of a segment (188 bytes, pinned).
+//! * [`segment`]: the owner's X25519 [`SealKey`] and sealing / opening with age.
+//! * [`verify`]: a mirror's checks and its typed [`Refusal`]s.
+//! * [`wire`]: `/plait/mirror/1.0.0`, pushes, range reads and chain heads (pinned).
+//!
+//! It knows nothing of what a segment's plaintext holds (the server batches changes into
+//! it), nor of where segments are stored (the server's storage) or who holds a grant (the
+//! server's grant file): the node hands requests to the server's [`MirrorServe`].
+//!
+//! [`MirrorServe`]: crate::node::Serve::mirror
+
+pub mod descriptor;
+pub mod segment;
+pub mod verify;
+pub mod wire;
+
+pub use descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor, DescriptorError, Digest};
+pub use segment::{SEAL_KEY_FILE, SealError, SealKey, SealedSegment, open, seal};
+pub use verify::{Allowance, Refusal, check};

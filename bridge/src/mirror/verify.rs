@@ -1,0 +1,188 @@
+//! What a mirror checks before it stores a segment, without decrypting it, and the typed
+//! refusals it answers with.
+//!
+//! The checks run cheapest first, so a push that fails early costs no hashing: grant,
+//! descriptor signature, sequence (replayed or skipped), chain (the previous descriptor's
+//! hash), length, quota, and last the BLAKE3 of the ciphertext.
+
+use super::descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor};
+
+/// Why a mirror refused a segment. [`Refusal::reason`] is the machine-readable word sent
+/// on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The mirror's operator has not granted this namespace storage.
+    #[error("no grant for this namespace on this mirror")]
+    NoGrant,
+    /// Storing the segment would pass the grant's quota. `len` is what it would occupy:
+    /// its descriptor and its ciphertext.
+    #[error("over quota: {used} of {quota} bytes used, the segment needs {len}")]
+    OverQuota { quota: u64, used: u64, len: u64 },
+    /// The descriptor's signature is not the namespace's.
+    #[error("the descriptor's signature is not the namespace's")]
+    BadSignature,
+    /// The descriptor's seq is at or before what the mirror holds.
+    #[error("segment {seq} is old: the mirror holds up to {head}")]
+    Replayed { seq: u64, head: u64 },
+    /// The descriptor does not follow the mirror's last one (a seq skipped, or a `prev`
+    /// that is not the last descriptor's hash).
+    #[error("segment {seq} does not follow segment {head} held by the mirror")]
+    BrokenChain { seq: u64, head: u64 },
+    /// The ciphertext is not as long as its descriptor says.
+    #[error("the ciphertext is {got} bytes, its descriptor says {len}")]
+    LengthMismatch { len: u64, got: u64 },
+    /// The ciphertext's BLAKE3 is not its descriptor's.
+    #[error("the ciphertext does not match its descriptor's hash")]
+    HashMismatch,
+    /// The segment is larger than the protocol carries; it was not read.
+    #[error("the segment is {len} bytes, more than the {max} a push may carry")]
+    TooLarge { len: u64, max: u64 },
+    /// The mirror could not store it now (storage down); the owner may retry.
+    #[error("the mirror cannot store now: {0}")]
+    Unavailable(String),
+}
+
+impl Refusal {
+    /// The word a refusal is known by on the wire and in logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NoGrant => "no-grant",
+            Refusal::OverQuota { .. } => "over-quota",
+            Refusal::BadSignature => "bad-signature",
+            Refusal::Replayed { .. } => "replayed",
+            Refusal::BrokenChain { .. } => "broken-chain",
+            Refusal::LengthMismatch { .. } => "length-mismatch",
+            Refusal::HashMismatch => "hash-mismatch",
+            Refusal::TooLarge { .. } => "too-large",
+            Refusal::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// A namespace's storage on a mirror: what its grant allows and what it uses
+/// (descriptors and ciphertexts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowance {
+    pub quota: u64,
+    pub used: u64,
+}
+
+/// Checks a segment for a mirror whose chain for the namespace stands at `head`, under
+/// `allowance` (`None`: no grant). Decrypts nothing.
+pub fn check(
+    descriptor: &Descriptor,
+    ciphertext: &[u8],
+    head: ChainHead,
+    allowance: Option<Allowance>,
+) -> Result<(), Refusal> {
+    let allowance = allowance.ok_or(Refusal::NoGrant)?;
+    if !descriptor.verify_signature() {
+        return Err(Refusal::BadSignature);
+    }
+    if descriptor.seq <= head.seq {
+        return Err(Refusal::Replayed {
+            seq: descriptor.seq,
+            head: head.seq,
+        });
+    }
+    if descriptor.seq != head.seq + 1 || descriptor.prev != head.hash {
+        return Err(Refusal::BrokenChain {
+            seq: descriptor.seq,
+            head: head.seq,
+        });
+    }
+    let got = ciphertext.len() as u64;
+    if got != descriptor.len {
+        return Err(Refusal::LengthMismatch {
+            len: descriptor.len,
+            got,
+        });
+    }
+    let needs = descriptor.len.saturating_add(DESCRIPTOR_LEN as u64);
+    if allowance.used.saturating_add(needs) > allowance.quota {
+        return Err(Refusal::OverQuota {
+            quota: allowance.quota,
+            used: allowance.used,
+            len: needs,
+        });
+    }
+    if blake3::hash(ciphertext).as_bytes() != &descriptor.hash {
+        return Err(Refusal::HashMismatch);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Keypair;
+    use crate::mirror::segment::{SealKey, seal};
+
+    const PLENTY: Option<Allowance> = Some(Allowance {
+        quota: 1 << 30,
+        used: 0,
+    });
+
+    #[test]
+    fn each_refusal_has_its_reason() {
+        let keys = Keypair::generate();
+        let r = [SealKey::generate().recipient()];
+        let s1 = seal(&keys, &r, ChainHead::default(), b"one", 1).unwrap();
+        let s2 = seal(&keys, &r, ChainHead::of(&s1.descriptor), b"two", 2).unwrap();
+        let empty = ChainHead::default();
+        let after1 = ChainHead::of(&s1.descriptor);
+        let after2 = ChainHead::of(&s2.descriptor);
+
+        assert_eq!(check(&s1.descriptor, &s1.ciphertext, empty, PLENTY), Ok(()));
+        assert_eq!(check(&s2.descriptor, &s2.ciphertext, after1, PLENTY), Ok(()));
+
+        let refused = |d: &Descriptor, c: &[u8], h, a| check(d, c, h, a).unwrap_err().reason();
+        assert_eq!(refused(&s1.descriptor, &s1.ciphertext, empty, None), "no-grant");
+        // Segment 2 where nothing is held: a gap.
+        assert_eq!(
+            refused(&s2.descriptor, &s2.ciphertext, empty, PLENTY),
+            "broken-chain"
+        );
+        // Segment 1 again after 2.
+        assert_eq!(
+            refused(&s1.descriptor, &s1.ciphertext, after2, PLENTY),
+            "replayed"
+        );
+        // A segment 2 chained to another segment 1.
+        let other1 = seal(&keys, &r, ChainHead::default(), b"fork", 1).unwrap();
+        let fork2 = seal(&keys, &r, ChainHead::of(&other1.descriptor), b"two'", 2).unwrap();
+        assert_eq!(
+            refused(&fork2.descriptor, &fork2.ciphertext, after1, PLENTY),
+            "broken-chain"
+        );
+        // Someone else's key.
+        let forged = seal(&Keypair::generate(), &r, ChainHead::default(), b"one", 1).unwrap();
+        let mut b = forged.descriptor.to_bytes();
+        b[4..36].copy_from_slice(keys.identity().as_bytes());
+        let forged = Descriptor::from_bytes(&b).unwrap();
+        assert_eq!(refused(&forged, &s1.ciphertext, empty, PLENTY), "bad-signature");
+        // One bit of the ciphertext flipped.
+        let mut tampered = s1.ciphertext.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert_eq!(refused(&s1.descriptor, &tampered, empty, PLENTY), "hash-mismatch");
+        assert_eq!(
+            refused(&s1.descriptor, &s1.ciphertext[1..], empty, PLENTY),
+            "length-mismatch"
+        );
+        let len = s1.descriptor.len + DESCRIPTOR_LEN as u64;
+        let tight = Some(Allowance {
+            quota: 1000 + len - 1,
+            used: 1000,
+        });
+        assert_eq!(
+            refused(&s1.descriptor, &s1.ciphertext, empty, tight),
+            "over-quota"
+        );
+        let exact = Some(Allowance {
+            quota: 1000 + len,
+            used: 1000,
+        });
+        assert_eq!(check(&s1.descriptor, &s1.ciphertext, empty, exact), Ok(()));
+    }
+}

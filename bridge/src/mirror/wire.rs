@@ -1,0 +1,461 @@
+//! The mirror protocol's bytes (`/plait/mirror/1.0.0`, libp2p request-response): an
+//! owner pushes segments one per request and asks where the mirror's chain stands;
+//! anyone the mirror serves asks for a namespace's segments by sequence range.
+//!
+//! ```text
+//! request  = 0x01 descriptor(188) ciphertext(descriptor.len)      push one segment
+//!          | 0x02 namespace(32) from:u64 to:u64                    segments from..=to
+//!          | 0x03 namespace(32)                                    where the chain stands
+//! response = 0x00 seq:u64                                          stored (acknowledged)
+//!          | 0x01 code:u8 a:u64 b:u64 c:u64 detail_len:u16 detail refused (see below)
+//!          | 0x02 count:u32 (descriptor(188) ciphertext(len))*     segments, in seq order
+//!          | 0x03 seq:u64 hash(32)                                 the chain's head
+//! ```
+//!
+//! All integers are big-endian. A refusal's `code` is its reason (1 `no-grant`,
+//! 2 `over-quota` a=quota b=used c=len, 3 `bad-signature`, 4 `replayed` a=seq b=head,
+//! 5 `broken-chain` a=seq b=head, 6 `length-mismatch` a=len b=got, 7 `hash-mismatch`,
+//! 8 `too-large` a=len b=max, 9 `unavailable` with a detail).
+//!
+//! **A push is cut at the first limit.** The descriptor comes first; when it declares
+//! more than [`MAX_SEGMENT_BYTES`] the ciphertext is never read (the request becomes
+//! [`Request::Oversize`] and is refused `too-large`), so no push makes the mirror buffer
+//! more than one bounded segment; an owner pushes segment after segment and stops at the
+//! first refusal. Answers to range requests stop before [`MAX_RANGE_BYTES`].
+
+use std::io;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor};
+use super::segment::SealedSegment;
+use super::verify::Refusal;
+use crate::identity::Identity;
+
+/// The protocol's name.
+pub const PROTOCOL: &str = "/plait/mirror/1.0.0";
+/// The largest ciphertext one push may carry.
+pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
+/// A range answer holds segments up to about this many bytes (at least one segment).
+pub const MAX_RANGE_BYTES: u64 = 32 << 20;
+/// Largest response read: a range answer plus one segment of slack.
+const MAX_RESPONSE_BYTES: u64 = MAX_RANGE_BYTES + MAX_SEGMENT_BYTES + (1 << 20);
+
+/// A request to a mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Store this segment.
+    Push(SealedSegment),
+    /// A push whose descriptor declared more than [`MAX_SEGMENT_BYTES`]: its ciphertext
+    /// was not read. Never sent; only made by the reader.
+    Oversize(Descriptor),
+    /// The segments of `namespace` with `from <= seq <= to` the mirror holds.
+    Range { namespace: Identity, from: u64, to: u64 },
+    /// Where the mirror's chain of `namespace` stands.
+    Head { namespace: Identity },
+}
+
+/// A mirror's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// The segment is stored; the chain now ends at `seq`.
+    Stored {
+        seq: u64,
+    },
+    Refused(Refusal),
+    Segments(Vec<SealedSegment>),
+    Head(ChainHead),
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+async fn read_u8<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<u8> {
+    let mut b = [0u8; 1];
+    io.read_exact(&mut b).await?;
+    Ok(b[0])
+}
+
+async fn read_u64<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    io.read_exact(&mut b).await?;
+    Ok(u64::from_be_bytes(b))
+}
+
+async fn read_namespace<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Identity> {
+    let mut b = [0u8; 32];
+    io.read_exact(&mut b).await?;
+    Identity::from_bytes(&b).map_err(|_| bad("not a namespace"))
+}
+
+async fn read_descriptor<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Descriptor> {
+    let mut b = [0u8; DESCRIPTOR_LEN];
+    io.read_exact(&mut b).await?;
+    Descriptor::from_bytes(&b).map_err(|e| bad(&e.to_string()))
+}
+
+/// Reads a descriptor and its ciphertext, refusing (as an error) more than `max` bytes.
+async fn read_segment<T: AsyncRead + Unpin>(io: &mut T, max: u64) -> io::Result<SealedSegment> {
+    let descriptor = read_descriptor(io).await?;
+    if descriptor.len > max {
+        return Err(bad("segment too large"));
+    }
+    let mut ciphertext = vec![0u8; descriptor.len as usize];
+    io.read_exact(&mut ciphertext).await?;
+    Ok(SealedSegment {
+        descriptor,
+        ciphertext,
+    })
+}
+
+/// Reads a request (see the module doc: an oversize push is not read past its descriptor).
+pub async fn read_request<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Request> {
+    match read_u8(io).await? {
+        1 => {
+            let descriptor = read_descriptor(io).await?;
+            if descriptor.len > MAX_SEGMENT_BYTES {
+                return Ok(Request::Oversize(descriptor));
+            }
+            let mut ciphertext = vec![0u8; descriptor.len as usize];
+            io.read_exact(&mut ciphertext).await?;
+            Ok(Request::Push(SealedSegment {
+                descriptor,
+                ciphertext,
+            }))
+        }
+        2 => Ok(Request::Range {
+            namespace: read_namespace(io).await?,
+            from: read_u64(io).await?,
+            to: read_u64(io).await?,
+        }),
+        3 => Ok(Request::Head {
+            namespace: read_namespace(io).await?,
+        }),
+        _ => Err(bad("unknown mirror request")),
+    }
+}
+
+/// The bytes of a request.
+pub fn encode_request(req: &Request) -> Vec<u8> {
+    let mut b = Vec::new();
+    match req {
+        Request::Push(s) => {
+            b.push(1);
+            b.extend_from_slice(&s.descriptor.to_bytes());
+            b.extend_from_slice(&s.ciphertext);
+        }
+        Request::Oversize(d) => {
+            b.push(1);
+            b.extend_from_slice(&d.to_bytes());
+        }
+        Request::Range { namespace, from, to } => {
+            b.push(2);
+            b.extend_from_slice(namespace.as_bytes());
+            b.extend_from_slice(&from.to_be_bytes());
+            b.extend_from_slice(&to.to_be_bytes());
+        }
+        Request::Head { namespace } => {
+            b.push(3);
+            b.extend_from_slice(namespace.as_bytes());
+        }
+    }
+    b
+}
+
+fn refusal_fields(r: &Refusal) -> (u8, u64, u64, u64, &str) {
+    match r {
+        Refusal::NoGrant => (1, 0, 0, 0, ""),
+        Refusal::OverQuota { quota, used, len } => (2, *quota, *used, *len, ""),
+        Refusal::BadSignature => (3, 0, 0, 0, ""),
+        Refusal::Replayed { seq, head } => (4, *seq, *head, 0, ""),
+        Refusal::BrokenChain { seq, head } => (5, *seq, *head, 0, ""),
+        Refusal::LengthMismatch { len, got } => (6, *len, *got, 0, ""),
+        Refusal::HashMismatch => (7, 0, 0, 0, ""),
+        Refusal::TooLarge { len, max } => (8, *len, *max, 0, ""),
+        Refusal::Unavailable(why) => (9, 0, 0, 0, why.as_str()),
+    }
+}
+
+fn refusal_from(code: u8, a: u64, b: u64, c: u64, detail: String) -> io::Result<Refusal> {
+    Ok(match code {
+        1 => Refusal::NoGrant,
+        2 => Refusal::OverQuota {
+            quota: a,
+            used: b,
+            len: c,
+        },
+        3 => Refusal::BadSignature,
+        4 => Refusal::Replayed { seq: a, head: b },
+        5 => Refusal::BrokenChain { seq: a, head: b },
+        6 => Refusal::LengthMismatch { len: a, got: b },
+        7 => Refusal::HashMismatch,
+        8 => Refusal::TooLarge { len: a, max: b },
+        9 => Refusal::Unavailable(detail),
+        _ => return Err(bad("unknown refusal")),
+    })
+}
+
+/// The bytes of a response.
+pub fn encode_response(res: &Response) -> Vec<u8> {
+    let mut b = Vec::new();
+    match res {
+        Response::Stored { seq } => {
+            b.push(0);
+            b.extend_from_slice(&seq.to_be_bytes());
+        }
+        Response::Refused(r) => {
+            let (code, x, y, z, detail) = refusal_fields(r);
+            let detail = &detail.as_bytes()[..detail.len().min(u16::MAX as usize)];
+            b.push(1);
+            b.push(code);
+            for n in [x, y, z] {
+                b.extend_from_slice(&n.to_be_bytes());
+            }
+            b.extend_from_slice(&(detail.len() as u16).to_be_bytes());
+            b.extend_from_slice(detail);
+        }
+        Response::Segments(list) => {
+            b.push(2);
+            b.extend_from_slice(&(list.len() as u32).to_be_bytes());
+            for s in list {
+                b.extend_from_slice(&s.descriptor.to_bytes());
+                b.extend_from_slice(&s.ciphertext);
+            }
+        }
+        Response::Head(h) => {
+            b.push(3);
+            b.extend_from_slice(&h.seq.to_be_bytes());
+            b.extend_from_slice(&h.hash);
+        }
+    }
+    b
+}
+
+/// Reads a response, refusing one larger than a range answer may be.
+pub async fn read_response<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Response> {
+    match read_u8(io).await? {
+        0 => Ok(Response::Stored {
+            seq: read_u64(io).await?,
+        }),
+        1 => {
+            let code = read_u8(io).await?;
+            let (a, b, c) = (read_u64(io).await?, read_u64(io).await?, read_u64(io).await?);
+            let mut n = [0u8; 2];
+            io.read_exact(&mut n).await?;
+            let mut detail = vec![0u8; u16::from_be_bytes(n) as usize];
+            io.read_exact(&mut detail).await?;
+            let detail = String::from_utf8(detail).map_err(|_| bad("refusal detail is not UTF-8"))?;
+            Ok(Response::Refused(refusal_from(code, a, b, c, detail)?))
+        }
+        2 => {
+            let mut n = [0u8; 4];
+            io.read_exact(&mut n).await?;
+            let mut list = Vec::new();
+            let mut total = 0u64;
+            for _ in 0..u32::from_be_bytes(n) {
+                let s = read_segment(io, MAX_SEGMENT_BYTES).await?;
+                total += s.descriptor.len;
+                if total > MAX_RESPONSE_BYTES {
+                    return Err(bad("range answer too large"));
+                }
+                list.push(s);
+            }
+            Ok(Response::Segments(list))
+        }
+        3 => {
+            let seq = read_u64(io).await?;
+            let mut hash = [0u8; 32];
+            io.read_exact(&mut hash).await?;
+            Ok(Response::Head(ChainHead { seq, hash }))
+        }
+        _ => Err(bad("unknown mirror response")),
+    }
+}
+
+/// The libp2p codec of [`PROTOCOL`].
+#[derive(Debug, Clone, Default)]
+pub struct Codec;
+
+impl libp2p::request_response::Codec for Codec {
+    type Protocol = libp2p::StreamProtocol;
+    type Request = Request;
+    type Response = Response;
+
+    async fn read_request<T>(&mut self, _: &Self::Protocol, io: &mut T) -> io::Result<Request>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_request(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &Self::Protocol, io: &mut T) -> io::Result<Response>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_response(io).await
+    }
+
+    async fn write_request<T>(&mut self, _: &Self::Protocol, io: &mut T, req: Request) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&encode_request(&req)).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(&mut self, _: &Self::Protocol, io: &mut T, res: Response) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&encode_response(&res)).await?;
+        io.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Keypair;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn read_req(b: &[u8]) -> io::Result<Request> {
+        futures::executor::block_on(read_request(&mut &b[..]))
+    }
+
+    fn read_res(b: &[u8]) -> io::Result<Response> {
+        futures::executor::block_on(read_response(&mut &b[..]))
+    }
+
+    #[test]
+    fn the_wire_format_is_pinned() {
+        let keys = Keypair::from_secret_bytes(&[7; 32]);
+        let ns = keys.identity();
+        let d = Descriptor::sign(&keys, ChainHead::default(), b"0123456789", 1_700_000_000_000);
+        let push = Request::Push(SealedSegment {
+            descriptor: d.clone(),
+            ciphertext: b"0123456789".to_vec(),
+        });
+        let b = encode_request(&push);
+        // 00  01                   push
+        // 01  <188-byte descriptor>
+        // bd  30313233343536373839 the 10 ciphertext bytes
+        assert_eq!(b.len(), 1 + 188 + 10);
+        assert_eq!(b[0], 1);
+        assert_eq!(&b[1..189], &d.to_bytes());
+        assert_eq!(&b[189..], b"0123456789");
+        assert_eq!(read_req(&b).unwrap(), push);
+
+        let range = Request::Range {
+            namespace: ns,
+            from: 3,
+            to: 9,
+        };
+        let b = encode_request(&range);
+        // 00  02  namespace(32)  0000000000000003  0000000000000009
+        assert_eq!(hex(&b[..1]), "02");
+        assert_eq!(&b[1..33], ns.as_bytes());
+        assert_eq!(hex(&b[33..]), "00000000000000030000000000000009");
+        assert_eq!(read_req(&b).unwrap(), range);
+
+        let head = Request::Head { namespace: ns };
+        let b = encode_request(&head);
+        assert_eq!((b.len(), b[0]), (33, 3));
+        assert_eq!(read_req(&b).unwrap(), head);
+
+        // 00 0000000000000007: stored, chain ends at 7
+        let stored = Response::Stored { seq: 7 };
+        assert_eq!(hex(&encode_response(&stored)), "000000000000000007");
+        assert_eq!(read_res(&encode_response(&stored)).unwrap(), stored);
+
+        // 01 02 quota used len 0000: refused, over-quota
+        let over = Response::Refused(Refusal::OverQuota {
+            quota: 1000,
+            used: 900,
+            len: 200,
+        });
+        assert_eq!(
+            hex(&encode_response(&over)),
+            "0102\
+             00000000000003e8\
+             0000000000000384\
+             00000000000000c8\
+             0000"
+        );
+        assert_eq!(read_res(&encode_response(&over)).unwrap(), over);
+        // 01 09 0.. 0.. 0.. 0004 "down": refused, unavailable, with its detail
+        let down = Response::Refused(Refusal::Unavailable("down".into()));
+        let b = encode_response(&down);
+        assert_eq!(hex(&b[..2]), "0109");
+        assert_eq!(hex(&b[26..]), format!("0004{}", hex(b"down")));
+        assert_eq!(read_res(&b).unwrap(), down);
+
+        // 02 00000001 descriptor ciphertext
+        let segs = Response::Segments(vec![SealedSegment {
+            descriptor: d.clone(),
+            ciphertext: b"0123456789".to_vec(),
+        }]);
+        let b = encode_response(&segs);
+        assert_eq!(hex(&b[..5]), "0200000001");
+        assert_eq!(b.len(), 5 + 188 + 10);
+        assert_eq!(read_res(&b).unwrap(), segs);
+
+        // 03 seq hash
+        let h = Response::Head(ChainHead::of(&d));
+        let b = encode_response(&h);
+        assert_eq!(hex(&b[..9]), "030000000000000001");
+        assert_eq!(&b[9..], &d.digest());
+        assert_eq!(read_res(&b).unwrap(), h);
+    }
+
+    #[test]
+    fn every_refusal_crosses_the_wire_typed() {
+        for r in [
+            Refusal::NoGrant,
+            Refusal::OverQuota {
+                quota: 1,
+                used: 2,
+                len: 3,
+            },
+            Refusal::BadSignature,
+            Refusal::Replayed { seq: 4, head: 5 },
+            Refusal::BrokenChain { seq: 6, head: 7 },
+            Refusal::LengthMismatch { len: 8, got: 9 },
+            Refusal::HashMismatch,
+            Refusal::TooLarge { len: 10, max: 11 },
+            Refusal::Unavailable("disk full".into()),
+        ] {
+            let res = Response::Refused(r.clone());
+            assert_eq!(read_res(&encode_response(&res)).unwrap(), res, "{}", r.reason());
+        }
+    }
+
+    #[test]
+    fn an_oversize_push_is_not_read_past_its_descriptor() {
+        let keys = Keypair::generate();
+        let big = vec![0u8; (MAX_SEGMENT_BYTES + 1) as usize];
+        let d = Descriptor::sign(&keys, ChainHead::default(), &big, 1);
+        // Only the tag and the descriptor are there: a reader that tried to read the
+        // ciphertext would fail with an unexpected end.
+        let b = encode_request(&Request::Oversize(d.clone()));
+        assert_eq!(read_req(&b).unwrap(), Request::Oversize(d));
+    }
+
+    #[test]
+    fn truncated_and_unknown_frames_are_errors() {
+        let keys = Keypair::generate();
+        let d = Descriptor::sign(&keys, ChainHead::default(), b"abc", 1);
+        let mut b = encode_request(&Request::Push(SealedSegment {
+            descriptor: d,
+            ciphertext: b"abc".to_vec(),
+        }));
+        b.pop();
+        assert!(read_req(&b).is_err());
+        assert!(read_req(&[9]).is_err());
+        assert!(read_res(&[1, 42, 0]).is_err());
+        assert!(read_res(&[]).is_err());
+    }
+}

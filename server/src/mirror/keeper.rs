@@ -1,0 +1,211 @@
+//! The mirror side: keeps other owners' sealed segments it cannot read.
+//!
+//! A push is checked ([`plait_bridge::mirror::check`]: grant, signature, replay, chain,
+//! length, quota, BLAKE3 — nothing is decrypted) against the chain as stored, then stored
+//! through [`Storage::put_segment`]. Pushes for one namespace are taken one at a time, so
+//! the chain head and usage a check sees are the ones its store lands on. Segments are
+//! served by namespace and sequence range, to anyone the node lets ask (members).
+//! Knows nothing of what segments hold.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use plait_bridge::Identity;
+use plait_bridge::mirror::wire::{self, Request, Response};
+use plait_bridge::mirror::{Allowance, ChainHead, Descriptor, Refusal, SealedSegment};
+
+use super::grants::Grants;
+use crate::storage::{Storage, StorageError};
+
+/// The mirror service of one server.
+pub struct Keeper {
+    storage: Arc<dyn Storage>,
+    grants: Grants,
+    /// One lock per namespace, held from check to store.
+    locks: Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn unavailable(e: StorageError) -> Refusal {
+    Refusal::Unavailable(e.to_string())
+}
+
+impl Keeper {
+    pub fn new(storage: Arc<dyn Storage>, grants: Grants) -> Keeper {
+        Keeper {
+            storage,
+            grants,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Bytes `namespace`'s segments occupy here.
+    pub async fn used(&self, namespace: &Identity) -> Result<u64, StorageError> {
+        self.storage.segment_bytes(namespace).await
+    }
+
+    /// Where the stored chain of `namespace` stands.
+    pub async fn head(&self, namespace: &Identity) -> Result<ChainHead, StorageError> {
+        match self.storage.last_segment(namespace).await? {
+            None => Ok(ChainHead::default()),
+            Some(s) => {
+                let d = Descriptor::from_bytes(&s.descriptor)
+                    .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+                Ok(ChainHead::of(&d))
+            }
+        }
+    }
+
+    /// Checks and stores one segment; answers with the seq the chain now ends at.
+    pub async fn push(&self, segment: SealedSegment) -> Result<u64, Refusal> {
+        let ns = segment.descriptor.namespace;
+        let lock = self
+            .locks
+            .lock()
+            .expect("namespace locks")
+            .entry(ns)
+            .or_default()
+            .clone();
+        let _held = lock.lock().await;
+        let grant = self
+            .grants
+            .of(&ns)
+            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
+        let allowance = match grant {
+            None => None,
+            Some(g) => Some(Allowance {
+                quota: g.quota,
+                used: self.storage.segment_bytes(&ns).await.map_err(unavailable)?,
+            }),
+        };
+        let head = self.head(&ns).await.map_err(unavailable)?;
+        plait_bridge::mirror::check(&segment.descriptor, &segment.ciphertext, head, allowance)?;
+        let seq = segment.descriptor.seq;
+        match self
+            .storage
+            .put_segment(
+                &ns,
+                seq as i64,
+                Bytes::copy_from_slice(&segment.descriptor.to_bytes()),
+                Bytes::from(segment.ciphertext),
+            )
+            .await
+        {
+            Ok(()) => Ok(seq),
+            // Another process on the same database stored one first.
+            Err(StorageError::Behind) => Err(Refusal::BrokenChain { seq, head: head.seq }),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Segments of `namespace` from `from` to `to` (at most about [`wire::MAX_RANGE_BYTES`]).
+    pub async fn range(
+        &self,
+        namespace: &Identity,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<SealedSegment>, StorageError> {
+        let rows = self
+            .storage
+            .segments(
+                namespace,
+                from.min(i64::MAX as u64) as i64,
+                to.min(i64::MAX as u64) as i64,
+                wire::MAX_RANGE_BYTES,
+            )
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(SealedSegment {
+                    descriptor: Descriptor::from_bytes(&r.descriptor)
+                        .map_err(|e| StorageError::Corrupt(e.to_string()))?,
+                    ciphertext: r.ciphertext.to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    /// Answers one request of the mirror protocol.
+    pub async fn answer(&self, from: Identity, req: Request) -> Response {
+        match req {
+            Request::Push(s) => {
+                let (ns, seq) = (s.descriptor.namespace, s.descriptor.seq);
+                match self.push(s).await {
+                    Ok(seq) => Response::Stored { seq },
+                    Err(r) => {
+                        tracing::info!(%from, namespace = %ns, seq, reason = r.reason(), "mirror push refused: {r}");
+                        Response::Refused(r)
+                    }
+                }
+            }
+            Request::Oversize(d) => Response::Refused(Refusal::TooLarge {
+                len: d.len,
+                max: wire::MAX_SEGMENT_BYTES,
+            }),
+            Request::Range {
+                namespace,
+                from: a,
+                to: b,
+            } => match self.range(&namespace, a, b).await {
+                Ok(list) => Response::Segments(list),
+                Err(e) => Response::Refused(unavailable(e)),
+            },
+            Request::Head { namespace } => match self.head(&namespace).await {
+                Ok(h) => Response::Head(h),
+                Err(e) => Response::Refused(unavailable(e)),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::CommitLimits;
+    use crate::storage::sqlite::SqliteStorage;
+    use plait_bridge::Keypair;
+    use plait_bridge::mirror::{SealKey, seal};
+
+    #[tokio::test]
+    async fn checks_then_stores_and_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
+        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()));
+        let owner = Keypair::generate();
+        let ns = owner.identity();
+        let to = [SealKey::generate().recipient()];
+        let s1 = seal(&owner, &to, ChainHead::default(), b"one", 1).unwrap();
+        let s2 = seal(&owner, &to, ChainHead::of(&s1.descriptor), b"two", 2).unwrap();
+
+        assert_eq!(keeper.push(s1.clone()).await, Err(Refusal::NoGrant));
+        let quota = (188 + s1.ciphertext.len() as u64) + (188 + s2.ciphertext.len() as u64) + 10;
+        Grants::new(dir.path()).grant(ns, quota).unwrap();
+        assert_eq!(keeper.push(s1.clone()).await, Ok(1));
+        assert!(matches!(
+            keeper.push(s1.clone()).await,
+            Err(Refusal::Replayed { seq: 1, head: 1 })
+        ));
+        assert_eq!(keeper.push(s2.clone()).await, Ok(2));
+        let s3 = seal(&owner, &to, ChainHead::of(&s2.descriptor), &[0; 100], 3).unwrap();
+        assert!(matches!(keeper.push(s3).await, Err(Refusal::OverQuota { .. })));
+        assert_eq!(keeper.head(&ns).await.unwrap(), ChainHead::of(&s2.descriptor));
+        assert_eq!(keeper.range(&ns, 2, 9).await.unwrap(), vec![s2.clone()]);
+        assert_eq!(
+            keeper.used(&ns).await.unwrap(),
+            2 * 188 + (s1.ciphertext.len() + s2.ciphertext.len()) as u64
+        );
+        assert_eq!(
+            keeper
+                .answer(
+                    ns,
+                    Request::Oversize(Descriptor::sign(&owner, ChainHead::default(), &[], 1))
+                )
+                .await,
+            Response::Refused(Refusal::TooLarge {
+                len: 0,
+                max: wire::MAX_SEGMENT_BYTES
+            })
+        );
+    }
+}

@@ -1,0 +1,58 @@
+//! The end-to-end-encrypted mirror, as the server runs it (DESIGN.md §4).
+//!
+//! * [`batch`]: what a segment holds once opened — the owner's changes (pinned bytes).
+//! * [`owner`]: sealing this instance's changes into segments and pushing them to the
+//!   mirrors it chose (`plait mirror add`, `mirrors.json`).
+//! * [`keeper`]: the mirror side — checking pushes without decrypting, storing them,
+//!   serving them by range.
+//! * [`grants`]: the mirror operator's consent (`plait mirror grant|revoke|list`).
+//!
+//! Segments, descriptors, sealing and the protocol's bytes are the bridge's
+//! (`plait_bridge::mirror`); this module decides what is sealed, where it is stored
+//! (the `Storage` trait) and who may store.
+
+pub mod batch;
+pub mod grants;
+pub mod keeper;
+pub mod owner;
+
+use serde::{Deserialize, Serialize};
+
+/// `[mirror]` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorSettings {
+    /// Plaintext bytes batched into one segment, at most (a single larger change makes a
+    /// segment of its own). age adds about 200 bytes per segment, so small segments cost
+    /// space; at most [`MAX_SEGMENT_MAX_BYTES`].
+    pub segment_max_bytes: u64,
+    /// How long a change may wait before it is sealed (and pushed).
+    pub segment_max_delay_ms: u64,
+}
+
+/// The largest `segment_max_bytes`: a segment must fit one push
+/// (`plait_bridge::mirror::wire::MAX_SEGMENT_BYTES`, less age's overhead).
+pub const MAX_SEGMENT_MAX_BYTES: u64 = 15 << 20;
+
+impl Default for MirrorSettings {
+    fn default() -> Self {
+        MirrorSettings {
+            segment_max_bytes: 1 << 20,
+            segment_max_delay_ms: 1000,
+        }
+    }
+}
+
+impl MirrorSettings {
+    pub fn check(&self) -> Result<(), String> {
+        if self.segment_max_bytes == 0 || self.segment_max_bytes > MAX_SEGMENT_MAX_BYTES {
+            return Err(format!(
+                "mirror.segment_max_bytes must be between 1 and {MAX_SEGMENT_MAX_BYTES}"
+            ));
+        }
+        if self.segment_max_delay_ms == 0 {
+            return Err("mirror.segment_max_delay_ms must be at least 1".into());
+        }
+        Ok(())
+    }
+}

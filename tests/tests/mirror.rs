@@ -1,0 +1,455 @@
+//! The end-to-end-encrypted mirror with real processes: an owner O pushes sealed segments
+//! to a mirror M that granted it storage; M's database and files never hold the plaintext
+//! O wrote, yet the segments M holds verify (signatures, chain, hashes) and open with O's
+//! seal key to exactly those writes. O resumes from M's acknowledged sequence after a
+//! restart. Over the real libp2p protocol, M refuses, each with its machine-readable
+//! reason, a push without a grant, over quota, replayed, with a broken chain, a bad
+//! signature, a tampered ciphertext, and one larger than a push may carry. Both stores.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plait_bridge::Keypair;
+use plait_bridge::mirror::wire::{Request, Response};
+use plait_bridge::mirror::{ChainHead, Descriptor, Refusal, SealKey, SealedSegment, seal};
+use plait_server::mirror::batch;
+use plait_tests::on_both_stores;
+use plait_tests::plait::{Plait, Store, binary};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Strings O writes; none may appear in M's storage.
+const SECRETS: [&str; 4] = [
+    "the-eagle-lands-at-midnight-ZQX1",
+    "hunter2-password-ZQX2",
+    "binary-secret-payload-ZQX3",
+    "written-after-restart-ZQX4",
+];
+
+fn p2p_plait(store: Store) -> Plait {
+    Plait::start_with_env(
+        store,
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+        &[("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "200")],
+    )
+}
+
+/// Another store of the same sort (a second fresh database on Postgres).
+fn another(store: &Store) -> Store {
+    match store {
+        Store::Embedded => Store::Embedded,
+        Store::Postgres(_) => Store::fresh_postgres(),
+    }
+}
+
+fn plait(p: &Plait, args: &[&str]) -> (bool, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .arg("--data-dir")
+        .arg(p.data_dir())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text.trim().to_string())
+}
+
+fn ok(p: &Plait, args: &[&str]) -> String {
+    let (success, text) = plait(p, args);
+    assert!(success, "plait {args:?} failed: {text}\nserver log:\n{}", p.log());
+    text
+}
+
+fn id(p: &Plait) -> String {
+    ok(p, &["keygen"]).lines().last().unwrap().to_string()
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + T;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn put(p: &Plait, path: &str, ty: &str, body: &[u8]) {
+    let (k, v) = p.owner_auth();
+    let r = reqwest::Client::new()
+        .put(p.url(path))
+        .header(k, v)
+        .header("Content-Type", ty)
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+}
+
+/// The segments a mirror's store holds for `namespace`: (seq, descriptor, ciphertext).
+fn stored_segments(m: &Plait, namespace: &str) -> Vec<(i64, Vec<u8>, Vec<u8>)> {
+    let ns: plait_bridge::Identity = namespace.parse().unwrap();
+    match &m.store {
+        Store::Embedded => {
+            let db = rusqlite::Connection::open_with_flags(
+                m.data_dir().join("plait.db"),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            let mut q = db
+                .prepare("SELECT seq, descriptor, ciphertext FROM mirror_segments WHERE namespace = ?1 ORDER BY seq")
+                .unwrap();
+            q.query_map([ns.as_bytes().as_slice()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+        }
+        Store::Postgres(url) => {
+            let hexns: String = ns.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            let out = plait_tests::pg::cluster().psql(
+                url,
+                &format!(
+                    "SELECT seq, encode(descriptor, 'hex'), encode(ciphertext, 'hex') FROM mirror_segments \
+                     WHERE namespace = '\\x{hexns}'::bytea ORDER BY seq"
+                ),
+            );
+            out.lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| {
+                    let mut f = l.split('|');
+                    let seq = f.next().unwrap().parse().unwrap();
+                    let d = data_encoding::HEXLOWER
+                        .decode(f.next().unwrap().as_bytes())
+                        .unwrap();
+                    let c = data_encoding::HEXLOWER
+                        .decode(f.next().unwrap().as_bytes())
+                        .unwrap();
+                    (seq, d, c)
+                })
+                .collect()
+        }
+    }
+}
+
+/// Everything a mirror stores, as bytes to search: the files of its data dir (the
+/// embedded store, its journal) or every row of every table of its database.
+fn raw_storage(m: &Plait) -> Vec<u8> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(m.data_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            all.extend(std::fs::read(&p).unwrap_or_default());
+        }
+    }
+    if let Store::Postgres(url) = &m.store {
+        let pg = plait_tests::pg::cluster();
+        let tables = pg.psql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'");
+        for t in tables.lines().filter(|l| !l.is_empty()) {
+            // Rows as text: bytea shows as hex, so the search also looks for hex below.
+            all.extend(
+                pg.psql(url, &format!("SELECT t::text FROM \"{t}\" t"))
+                    .into_bytes(),
+            );
+        }
+    }
+    all
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether `raw` holds `s`, as is or hex-encoded (Postgres shows bytea as hex).
+fn holds(raw: &[u8], s: &str) -> bool {
+    let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
+    contains(raw, s.as_bytes()) || contains(raw, hex.as_bytes())
+}
+
+/// Checks the chain the way a mirror does and opens each segment with O's key; returns
+/// the decrypted batches' entries.
+fn verify_and_open(segs: &[(i64, Vec<u8>, Vec<u8>)], owner: &str, key: &SealKey) -> Vec<batch::Entry> {
+    let mut head = ChainHead::default();
+    let mut entries = Vec::new();
+    for (seq, d, c) in segs {
+        let d = Descriptor::from_bytes(d).unwrap();
+        assert_eq!(d.namespace.to_string(), owner);
+        assert_eq!(d.seq as i64, *seq);
+        assert_eq!(d.seq, head.seq + 1, "gap-free");
+        assert_eq!(d.prev, head.hash, "chained");
+        assert!(d.verify_signature());
+        assert_eq!(d.len, c.len() as u64);
+        assert_eq!(&d.hash, blake3::hash(c).as_bytes());
+        head = ChainHead::of(&d);
+        let plain = plait_bridge::mirror::open(key, c).unwrap();
+        entries.extend(batch::decode(&plain).unwrap());
+    }
+    entries
+}
+
+fn has_secret(entries: &[batch::Entry], path: &str, secret: &str) -> bool {
+    entries
+        .iter()
+        .any(|e| e.path.as_str().trim_start_matches('/') == path && contains(&e.data, secret.as_bytes()))
+}
+
+async fn owner_pushes_segments_the_mirror_cannot_read(store: Store) {
+    let m = p2p_plait(store.clone());
+    let mut o = p2p_plait(another(&store));
+    let (mid, oid) = (id(&m), id(&o));
+
+    // The operator's consent first (M runs: the grant file is read at the next push).
+    assert!(ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]).contains(&oid));
+    let link = ok(&m, &["invite"]);
+    let added = ok(&o, &["mirror", "add", &link]);
+    assert!(added.contains(&mid) && added.contains("joined"), "{added}");
+
+    put(&o, "/notes/secret", "text/plain", SECRETS[0].as_bytes()).await;
+    put(
+        &o,
+        "/cfg",
+        "application/json",
+        format!(r#"{{"password":"{}"}}"#, SECRETS[1]).as_bytes(),
+    )
+    .await;
+    put(&o, "/img.bin", "application/octet-stream", SECRETS[2].as_bytes()).await;
+
+    let key = SealKey::load_or_create(&o.data_dir().join(plait_bridge::mirror::SEAL_KEY_FILE)).unwrap();
+    let all_there = |segs: &[(i64, Vec<u8>, Vec<u8>)]| {
+        let e = verify_and_open(segs, &oid, &key);
+        has_secret(&e, "notes/secret", SECRETS[0])
+            && has_secret(&e, "cfg", SECRETS[1])
+            && has_secret(&e, "img.bin", SECRETS[2])
+    };
+    until("M holds segments with O's three writes", || {
+        all_there(&stored_segments(&m, &oid))
+    })
+    .await;
+
+    // M stores ciphertext only: no plaintext in its files or tables, raw or as hex.
+    let raw = raw_storage(&m);
+    for s in &SECRETS[..3] {
+        assert!(!holds(&raw, s), "{s} in M's storage");
+    }
+    // The search finds what is there: O's own store holds the bytes value.
+    assert!(holds(&raw_storage(&o), SECRETS[2]));
+
+    // Both sides report: M its grant's use, O what M acknowledged.
+    let listed: serde_json::Value = serde_json::from_str(&ok(&m, &["mirror", "list", "--json"])).unwrap();
+    assert_eq!(listed["grants"][0]["id"], oid.as_str());
+    assert!(listed["grants"][0]["used"].as_u64().unwrap() > 0, "{listed}");
+    let n = stored_segments(&m, &oid).len() as u64;
+    until("O knows M acknowledged its segments", || {
+        let l: serde_json::Value = serde_json::from_str(&ok(&o, &["mirror", "list", "--json"])).unwrap();
+        l["mirrors"][0]["id"] == mid.as_str()
+            && l["mirrors"][0]["acked"].as_u64() == l["sealed_seq"].as_u64()
+            && l["sealed_seq"].as_u64() >= Some(n)
+    })
+    .await;
+
+    // O restarts and writes again: the chain goes on where M's ends, nothing twice.
+    o.terminate();
+    o.restart();
+    put(&o, "/later", "text/plain", SECRETS[3].as_bytes()).await;
+    until("M holds the write made after O's restart", || {
+        let segs = stored_segments(&m, &oid);
+        let e = verify_and_open(&segs, &oid, &key);
+        has_secret(&e, "later", SECRETS[3])
+    })
+    .await;
+    let segs = stored_segments(&m, &oid);
+    let entries = verify_and_open(&segs, &oid, &key);
+    let mut seen = std::collections::HashSet::new();
+    for e in &entries {
+        assert!(
+            seen.insert((e.path.clone(), e.seq)),
+            "{} {} sealed twice",
+            e.path.as_str(),
+            e.seq
+        );
+    }
+    assert!(!holds(&raw_storage(&m), SECRETS[3]));
+
+    // A revoked grant stores nothing more.
+    ok(&m, &["mirror", "revoke", &oid]);
+    let before = stored_segments(&m, &oid).len();
+    put(&o, "/after-revoke", "text/plain", b"more").await;
+    until("O is told no-grant", || {
+        let l: serde_json::Value = serde_json::from_str(&ok(&o, &["mirror", "list", "--json"])).unwrap();
+        l["mirrors"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no-grant"))
+    })
+    .await;
+    assert_eq!(stored_segments(&m, &oid).len(), before);
+}
+
+/// Joins M's network as a bare bridge node (a peer that crafts its own segments).
+async fn join_as_bare_node(m: &Plait, dir: &Path) -> (plait_bridge::node::Node, Keypair) {
+    let keys = Keypair::generate();
+    let node = plait_bridge::node::Node::start(
+        Keypair::from_secret_bytes(&keys.secret_bytes()),
+        Arc::new(plait_bridge::node::FileStore(dir.join("state.json"))),
+        plait_bridge::node::NodeSettings {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let link = ok(m, &["invite"]);
+    let invite = plait_bridge::invite::Invite::from_link(&link).unwrap();
+    let req = node.join_request(&keys, invite.clone()).await.unwrap();
+    let grant = reqwest::Client::new()
+        .post(&invite.join_url)
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(&req).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(grant.status().is_success());
+    let grant: plait_bridge::node::JoinGrant = serde_json::from_slice(&grant.bytes().await.unwrap()).unwrap();
+    node.joined(&invite, grant).await.unwrap();
+    (node, keys)
+}
+
+async fn ask(node: &plait_bridge::node::Node, m: plait_bridge::Identity, req: Request) -> Response {
+    let deadline = Instant::now() + T;
+    loop {
+        match node.mirror(m, req.clone()).await {
+            Ok(r) => return r,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "M does not answer: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+fn refused(r: Response) -> &'static str {
+    match r {
+        Response::Refused(r) => r.reason(),
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+async fn the_mirror_refuses_bad_pushes_over_libp2p(store: Store) {
+    let m = p2p_plait(store);
+    let mid: plait_bridge::Identity = id(&m).parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (node, keys) = join_as_bare_node(&m, dir.path()).await;
+    let ns = keys.identity();
+    let to = [SealKey::generate().recipient()];
+    let s1 = seal(&keys, &to, ChainHead::default(), &[1; 1000], 1).unwrap();
+    let s2 = seal(&keys, &to, ChainHead::of(&s1.descriptor), &[2; 1000], 2).unwrap();
+    let s3 = seal(&keys, &to, ChainHead::of(&s2.descriptor), &[3; 100_000], 3).unwrap();
+
+    // No grant: nothing lands.
+    assert_eq!(
+        refused(ask(&node, mid, Request::Push(s1.clone())).await),
+        "no-grant"
+    );
+    assert_eq!(
+        ask(&node, mid, Request::Head { namespace: ns }).await,
+        Response::Head(ChainHead::default())
+    );
+
+    ok(&m, &["mirror", "grant", &ns.to_string(), "--quota", "4KiB"]);
+    assert_eq!(
+        ask(&node, mid, Request::Push(s1.clone())).await,
+        Response::Stored { seq: 1 }
+    );
+    // The same segment again, and a gap.
+    assert_eq!(
+        refused(ask(&node, mid, Request::Push(s1.clone())).await),
+        "replayed"
+    );
+    assert_eq!(
+        refused(ask(&node, mid, Request::Push(s3.clone())).await),
+        "broken-chain"
+    );
+    // A ciphertext changed in transit.
+    let mut tampered = s2.clone();
+    tampered.ciphertext[500] ^= 0x40;
+    assert_eq!(
+        refused(ask(&node, mid, Request::Push(tampered)).await),
+        "hash-mismatch"
+    );
+    // A descriptor signed by someone else for this namespace.
+    let other = seal(
+        &Keypair::generate(),
+        &to,
+        ChainHead::of(&s1.descriptor),
+        &[2; 1000],
+        2,
+    )
+    .unwrap();
+    let mut b = other.descriptor.to_bytes();
+    b[4..36].copy_from_slice(ns.as_bytes());
+    let forged = SealedSegment {
+        descriptor: Descriptor::from_bytes(&b).unwrap(),
+        ciphertext: other.ciphertext,
+    };
+    assert_eq!(
+        refused(ask(&node, mid, Request::Push(forged)).await),
+        "bad-signature"
+    );
+    assert_eq!(
+        ask(&node, mid, Request::Push(s2.clone())).await,
+        Response::Stored { seq: 2 }
+    );
+    // 100 kB more does not fit 4 KiB.
+    match ask(&node, mid, Request::Push(s3.clone())).await {
+        Response::Refused(Refusal::OverQuota { quota, used, len }) => {
+            assert_eq!(quota, 4096);
+            assert_eq!(
+                used,
+                2 * 188 + s1.ciphertext.len() as u64 + s2.ciphertext.len() as u64
+            );
+            assert_eq!(len, 188 + s3.ciphertext.len() as u64);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A push declaring more than a push may carry is refused from its descriptor alone.
+    let huge = Descriptor::sign(
+        &keys,
+        ChainHead::of(&s2.descriptor),
+        &vec![0; (17 << 20) as usize],
+        9,
+    );
+    assert_eq!(
+        refused(ask(&node, mid, Request::Oversize(huge)).await),
+        "too-large"
+    );
+
+    // What was stored is served by range, verbatim, and the chain head is segment 2.
+    assert_eq!(
+        ask(
+            &node,
+            mid,
+            Request::Range {
+                namespace: ns,
+                from: 1,
+                to: 10
+            }
+        )
+        .await,
+        Response::Segments(vec![s1.clone(), s2.clone()])
+    );
+    assert_eq!(
+        ask(&node, mid, Request::Head { namespace: ns }).await,
+        Response::Head(ChainHead::of(&s2.descriptor))
+    );
+    assert_eq!(stored_segments(&m, &ns.to_string()).len(), 2);
+}
+
+on_both_stores!(
+    owner_pushes_segments_the_mirror_cannot_read,
+    the_mirror_refuses_bad_pushes_over_libp2p
+);
