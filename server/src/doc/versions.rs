@@ -111,7 +111,8 @@ impl VersionIndex {
             return Some(Resolved::Change(hash));
         }
         let n = self.events_of(&hash)?;
-        let first = end + 1 - n.min(end + 1);
+        // The run is `end - n + 1 ..= end`, cut at 0; `end` may be the largest seq.
+        let first = end.saturating_sub(n.saturating_sub(1));
         (id.seq() >= first).then(|| Resolved::Within {
             change: hash,
             events: id.seq() - first + 1,
@@ -189,6 +190,23 @@ mod tests {
         assert_eq!(ix.resolve(&id("bob-0")), None);
         assert_eq!(ix.next_seq("alice"), 10);
         assert_eq!(ix.next_seq("bob"), 0);
+    }
+
+    /// A client may name the largest seq; `end + 1` overflowed on it when an id below
+    /// was resolved (the doc_patch fuzz target panicked there).
+    #[test]
+    fn the_largest_seq_does_not_overflow() {
+        let mut ix = VersionIndex::default();
+        ix.insert(h(1), id("a-18446744073709551615"), 3);
+        assert_eq!(
+            ix.resolve(&id("a-18446744073709551614")),
+            Some(Resolved::Within {
+                change: h(1),
+                events: 2
+            })
+        );
+        assert_eq!(ix.resolve(&id("a-18446744073709551612")), None);
+        assert_eq!(ix.resolve(&id("a-5")), None);
     }
 
     #[test]
