@@ -171,7 +171,11 @@ pub fn parse_content_range(value: &str) -> Result<Range, BraidError> {
                 if last < start {
                     return Err(bad("last is before first"));
                 }
-                Some(last + 1)
+                // Held as an exclusive end: the largest `last` has none.
+                Some(
+                    last.checked_add(1)
+                        .ok_or_else(|| bad("last is past the largest offset"))?,
+                )
             };
             Ok(Range::Bytes { start, end })
         }
@@ -370,6 +374,16 @@ mod tests {
             Range::Bytes { start: 5, end: None }
         );
         assert!(parse_content_range("bytes 5-1").is_err());
+        // `last + 1` overflowed (seen while writing the braid_patches fuzz target, which
+        // panics on it): a panic with overflow checks, an empty range at 0 without.
+        assert!(parse_content_range("bytes 0-18446744073709551615").is_err());
+        assert_eq!(
+            parse_content_range("bytes 0-18446744073709551614").unwrap(),
+            Range::Bytes {
+                start: 0,
+                end: Some(u64::MAX)
+            }
+        );
         assert_eq!(parse_content_range("json").unwrap(), Range::Json(vec![]));
     }
 

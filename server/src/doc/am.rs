@@ -189,11 +189,20 @@ impl AmDoc {
         if let Some(id) = requested {
             return (!self.index.knows(id)).then(|| id.clone());
         }
-        let agent = agent_hint
+        // The id names the change's last event; an agent whose seqs a client used up (by
+        // naming the largest) is passed over for a random one.
+        let last_seq = |agent: &str| self.index.next_seq(agent)?.checked_add(n.max(1) - 1);
+        let (agent, seq) = agent_hint
             .filter(|a| VersionId::new(*a, 0).is_ok())
-            .map(str::to_string)
-            .unwrap_or_else(random_agent);
-        let seq = self.index.next_seq(&agent) + n.max(1) - 1;
+            .and_then(|a| Some((a.to_string(), last_seq(a)?)))
+            .unwrap_or_else(|| {
+                loop {
+                    let agent = random_agent();
+                    if let Some(seq) = last_seq(&agent) {
+                        break (agent, seq);
+                    }
+                }
+            });
         Some(VersionId::new(agent, seq).expect("agent checked above"))
     }
 

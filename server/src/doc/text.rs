@@ -632,6 +632,33 @@ mod tests {
         }
     }
 
+    /// A write whose agent has used up its seqs gets another agent instead of overflowing
+    /// (the doc_patch fuzz target panicked here: `Version: "a-18446744073709551615"`,
+    /// then a write with `Peer: a`).
+    #[test]
+    fn an_agent_at_the_largest_seq_is_passed_over() {
+        let mut d = TextDoc::new();
+        put(&mut d, Some("a-18446744073709551615"), None, full("hello")).unwrap();
+        let body = WriteBody::Patches(vec![tp(0, 0, "x")]);
+        let w = DocWrite {
+            body: &body,
+            version: None,
+            parents: None,
+            agent_hint: Some("a"),
+            force: false,
+            digest: None,
+            max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
+        };
+        let Outcome::Applied(a) = d.apply(&w, 0).unwrap() else {
+            panic!("the write applies")
+        };
+        assert_ne!(a.id.agent(), "a");
+        assert_eq!(d.text(), "xhello");
+        // An id inside the largest run still names a prefix of it.
+        let inside = Version::one(id("a-18446744073709551613"));
+        assert_eq!(d.text_at(&inside).unwrap(), "hel");
+    }
+
     #[test]
     fn the_harness_sequence() {
         let mut d = TextDoc::new();

@@ -111,19 +111,21 @@ impl VersionIndex {
             return Some(Resolved::Change(hash));
         }
         let n = self.events_of(&hash)?;
-        let first = end + 1 - n.min(end + 1);
+        // The run is `end - n + 1 ..= end`, cut at 0; `end` may be the largest seq.
+        let first = end.saturating_sub(n.saturating_sub(1));
         (id.seq() >= first).then(|| Resolved::Within {
             change: hash,
             events: id.seq() - first + 1,
         })
     }
 
-    /// The next free sequence number for `agent`.
-    pub fn next_seq(&self, agent: &str) -> u64 {
-        self.by_agent
-            .get(agent)
-            .and_then(|runs| runs.keys().next_back())
-            .map_or(0, |last| last + 1)
+    /// The next free sequence number for `agent`; `None` once a client has named its
+    /// largest one (`<agent>-18446744073709551615`).
+    pub fn next_seq(&self, agent: &str) -> Option<u64> {
+        match self.by_agent.get(agent).and_then(|runs| runs.keys().next_back()) {
+            Some(last) => last.checked_add(1),
+            None => Some(0),
+        }
     }
 
     /// The Braid version for a set of automerge heads; heads without an id (the genesis
@@ -187,8 +189,26 @@ mod tests {
         );
         assert_eq!(ix.resolve(&id("alice-10")), None);
         assert_eq!(ix.resolve(&id("bob-0")), None);
-        assert_eq!(ix.next_seq("alice"), 10);
-        assert_eq!(ix.next_seq("bob"), 0);
+        assert_eq!(ix.next_seq("alice"), Some(10));
+        assert_eq!(ix.next_seq("bob"), Some(0));
+    }
+
+    /// A client may name the largest seq; `last + 1` and `end + 1` overflowed on it
+    /// (the doc_patch fuzz target panicked at both).
+    #[test]
+    fn the_largest_seq_does_not_overflow() {
+        let mut ix = VersionIndex::default();
+        ix.insert(h(1), id("a-18446744073709551615"), 3);
+        assert_eq!(ix.next_seq("a"), None);
+        assert_eq!(
+            ix.resolve(&id("a-18446744073709551614")),
+            Some(Resolved::Within {
+                change: h(1),
+                events: 2
+            })
+        );
+        assert_eq!(ix.resolve(&id("a-18446744073709551612")), None);
+        assert_eq!(ix.resolve(&id("a-5")), None);
     }
 
     #[test]

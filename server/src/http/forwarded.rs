@@ -86,15 +86,40 @@ fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
         .get_all(http::header::FORWARDED)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(|v| split_unquoted(v, ','))
         .map(|element| {
-            element
-                .split(';')
+            split_unquoted(element, ';')
+                .into_iter()
                 .filter_map(|pair| pair.split_once('='))
                 .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
                 .and_then(|(_, v)| parse_node(v.trim().trim_matches('"')))
         })
         .collect()
+}
+
+/// `s` cut at each `sep` that is not inside a quoted string: a `Forwarded` value may be
+/// quoted (RFC 7239 §4), and a quoted `host` may hold `,`, `;` and `=`, which must not
+/// start another element (a client's `Host: x,for=6.6.6.6` would otherwise name a hop).
+fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in s.char_indices() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == sep && !quoted => {
+                parts.push(&s[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
 }
 
 /// The addresses of all `X-Forwarded-For` headers, nearest hop last.
@@ -153,6 +178,12 @@ mod tests {
         assert_eq!(client_addr(proxy, &h, &trusted).ip().to_string(), "2001:db8::7");
         let h = headers(&[("forwarded", "for=unknown")]);
         assert_eq!(client_addr(proxy, &h, &trusted), proxy);
+        // A quoted value's commas and semicolons do not make hops (found by the
+        // proxy_headers fuzz target: a client's Host spoofed the nearest hop).
+        let h = headers(&[("forwarded", "for=198.51.100.7;host=\"a,for=6.6.6.6\"")]);
+        assert_eq!(client_addr(proxy, &h, &trusted).ip().to_string(), "198.51.100.7");
+        let h = headers(&[("forwarded", "host=\"x\\\";for=6.6.6.6\";for=198.51.100.8")]);
+        assert_eq!(client_addr(proxy, &h, &trusted).ip().to_string(), "198.51.100.8");
         let v6: SocketAddr = "[::ffff:10.0.0.1]:1".parse().unwrap();
         assert!(trusted.contains(v6.ip()));
         assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());

@@ -322,6 +322,23 @@ mod tests {
         }
     }
 
+    /// A number is held as the double JavaScript reads it, so the state sent back is the
+    /// value the client set (found by the statebus_wire fuzz target: serde_json's default
+    /// parser read this one a unit off, and the echo read back as yet another double).
+    #[test]
+    fn numbers_come_back_as_sent() {
+        let frame = r#"{"set":{"key":"k","val":[14444444001722586675415205661, 0.1, 1e-300]}}"#;
+        let (d, ClientMessage::Set { val, .. }) = parse(frame).unwrap() else {
+            panic!("a set")
+        };
+        let val = val.unwrap();
+        assert_eq!(val[0].as_f64(), Some(1.4444444001722587e28));
+        let (_, ClientMessage::Set { val: echoed, .. }) = parse(&state(d, "k", Some(&val))).unwrap() else {
+            panic!("a set")
+        };
+        assert_eq!(echoed, Some(val));
+    }
+
     #[test]
     fn outgoing_frames() {
         assert_eq!(
