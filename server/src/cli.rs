@@ -26,6 +26,15 @@ pub enum Command {
     /// Load data from another server's store.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// Write one file holding the store (one consistent snapshot: the server may be
+    /// running) and the data dir's tokens and mirror settings; keys only with --keys.
+    Backup(BackupArgs),
+    /// Bring a backup back into a data dir (and store) holding no data yet.
+    Restore(RestoreArgs),
+    /// Copy the store into an empty one elsewhere, checked by rows and hashes: the data
+    /// dir's embedded store into Postgres (`--to postgres://…`), or the Postgres store
+    /// named by --database-url into the data dir (`--to embedded`). Stop the server first.
+    Migrate(MigrateArgs),
     /// Print a one-line invite link to one of this server's networks (creating the network,
     /// with this server as its root, if it is not a member yet).
     Invite {
@@ -82,6 +91,52 @@ pub enum Command {
         admin: AdminArgs,
         addr: String,
     },
+}
+
+/// Where an instance keeps its data: its data dir, and Postgres if it uses it.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The data dir (identity, tokens, and the embedded store unless Postgres is used).
+    #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The Postgres store (also PLAIT_DATABASE_URL or DATABASE_URL).
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// A TOML settings file.
+    #[arg(long, value_name = "FILE", env = "PLAIT_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// `plait backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Also carry the instance's secret keys (identity and seal key): the file is then as
+    /// secret as they are.
+    #[arg(long)]
+    pub keys: bool,
+    /// The backup file to write (must not exist).
+    pub file: PathBuf,
+}
+
+/// `plait restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The backup file.
+    pub file: PathBuf,
+}
+
+/// `plait migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// `postgres://…` (from the embedded store) or `embedded` (from --database-url).
+    #[arg(long, value_name = "URL|embedded")]
+    pub to: String,
 }
 
 /// `plait token`: issue, list or revoke bearer tokens.

@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md at the repository root for the code map.
 
 pub mod access;
+pub mod backup;
 pub mod braid;
 pub mod cli;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod http;
 pub mod mirror;
 pub mod model;
 pub mod p2p;
+pub mod progress;
 pub mod proxy;
 pub mod refusals;
 pub mod serve;

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+use plait_server::backup;
 use plait_server::cli::{AdminArgs, Cli, Command, ImportCommand, MembersCommand, MirrorCommand};
 use plait_server::config::{Config, LogFormat, Overrides};
 use plait_server::p2p::AdminRequest;
@@ -74,6 +75,9 @@ fn main() -> ExitCode {
             serde_json::to_string_pretty(r).unwrap_or_default()
         }),
         Command::Mirror(cmd) => mirror(cmd),
+        Command::Backup(args) => backup(args),
+        Command::Restore(args) => restore(args),
+        Command::Migrate(args) => migrate(args),
         Command::Connect { admin, addr } => admin_command(admin, AdminRequest::Connect { addr }, |r| {
             format!("connected to {}", r["connected"].as_str().unwrap_or(""))
         }),
@@ -342,6 +346,105 @@ fn token(args: plait_server::cli::TokenArgs) -> anyhow::Result<()> {
         record.id, record.id
     );
     println!("{token}");
+    Ok(())
+}
+
+/// The settings a store command works with: the data dir and, if any, Postgres.
+fn store_config(store: plait_server::cli::StoreArgs) -> anyhow::Result<Config> {
+    let overrides = Overrides {
+        data_dir: store.data_dir,
+        database_url: store.database_url,
+        ..Default::default()
+    };
+    let cfg = Config::load(store.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
+    init_logging(LogFormat::Text);
+    Ok(cfg)
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+fn store_place<'a>(cfg: &'a Config, embedded: &'a std::path::Path) -> backup::Place<'a> {
+    match &cfg.database_url {
+        Some(url) => backup::Place::Postgres(url),
+        None => backup::Place::Embedded(embedded),
+    }
+}
+
+fn backup(args: plait_server::cli::BackupArgs) -> anyhow::Result<()> {
+    let cfg = store_config(args.store)?;
+    let dir = cfg.data_dir();
+    let embedded = dir.join(plait_server::serve::EMBEDDED_FILE);
+    let m = block_on(backup::backup(
+        &dir,
+        store_place(&cfg, &embedded),
+        &args.file,
+        args.keys,
+    ))?;
+    println!(
+        "backed up {} into {}: {} rows, blake3 {}{}",
+        m.identity,
+        args.file.display(),
+        m.rows.values().sum::<u64>(),
+        m.blake3,
+        if m.keys {
+            " (with its keys: keep the file secret)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+fn restore(args: plait_server::cli::RestoreArgs) -> anyhow::Result<()> {
+    let cfg = store_config(args.store)?;
+    let dir = cfg.data_dir();
+    let embedded = dir.join(plait_server::serve::EMBEDDED_FILE);
+    let m = block_on(backup::restore(&dir, store_place(&cfg, &embedded), &args.file))?;
+    println!(
+        "restored {} into {}: {} rows, blake3 {} (as in the backup)",
+        m.identity,
+        dir.display(),
+        m.rows.values().sum::<u64>(),
+        m.blake3
+    );
+    Ok(())
+}
+
+fn migrate(args: plait_server::cli::MigrateArgs) -> anyhow::Result<()> {
+    let cfg = store_config(args.store)?;
+    let dir = cfg.data_dir();
+    let embedded = dir.join(plait_server::serve::EMBEDDED_FILE);
+    let (from, to, next) = if args.to == "embedded" {
+        let url = cfg
+            .database_url
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--to embedded moves from Postgres: give --database-url"))?;
+        (
+            backup::Place::Postgres(url),
+            backup::Place::Embedded(&embedded),
+            format!("plait serve --data-dir {}", dir.display()),
+        )
+    } else if args.to.starts_with("postgres://") || args.to.starts_with("postgresql://") {
+        if cfg.database_url.is_some() {
+            anyhow::bail!("--to postgres://… moves the embedded store: leave out --database-url");
+        }
+        (
+            backup::Place::Embedded(&embedded),
+            backup::Place::Postgres(&args.to),
+            format!("plait serve --data-dir {} --database-url URL", dir.display()),
+        )
+    } else {
+        anyhow::bail!("--to takes a postgres:// URL or `embedded`");
+    };
+    let (from_name, to_name) = (from.to_string(), to.to_string());
+    let s = block_on(backup::migrate(&dir, from, to))?;
+    println!("moved {from_name} to {to_name}: {s} (equal on both sides)");
+    println!("the source is unchanged; serve the copy with: {next}");
     Ok(())
 }
 

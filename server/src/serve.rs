@@ -23,7 +23,7 @@ pub const IDENTITY_FILE: &str = "identity.pem";
 /// File name of the embedded store in the data dir.
 pub const EMBEDDED_FILE: &str = "plait.db";
 /// Setting naming the identity a database belongs to.
-const OWNER_SETTING: &str = "instance_identity";
+pub const OWNER_SETTING: &str = "instance_identity";
 
 /// File name of the embedded store's lock in the data dir.
 const LOCK_FILE: &str = "plait.lock";
@@ -76,6 +76,19 @@ fn create_private(path: &Path) -> anyhow::Result<std::fs::File> {
         .with_context(|| format!("creating {}", path.display()))
 }
 
+/// Takes the data dir's lock, which keeps a second process from serving (or restoring
+/// into, or moving) an embedded store while one uses it; held while the file lives.
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    let file = create_private(&data_dir.join(LOCK_FILE))?;
+    if !file.try_lock_exclusive().unwrap_or(false) {
+        bail!(
+            "another plait server is using {} (its embedded store takes one process)",
+            data_dir.display()
+        );
+    }
+    Ok(file)
+}
+
 /// An opened instance: its key, its storage, and (embedded store) the lock that keeps other
 /// processes out of the data dir for as long as this value lives.
 pub struct Instance {
@@ -102,14 +115,7 @@ pub async fn open_instance(cfg: &Config) -> anyhow::Result<Instance> {
                 .context("connecting to Postgres")?,
         ),
         None => {
-            let file = create_private(&data_dir.join(LOCK_FILE))?;
-            if !file.try_lock_exclusive().unwrap_or(false) {
-                bail!(
-                    "another plait server is using {} (its embedded store takes one server)",
-                    data_dir.display()
-                );
-            }
-            lock = Some(file);
+            lock = Some(lock_data_dir(&data_dir)?);
             // SQLite makes its journal files (-wal, -shm) with the store's own mode.
             let db = data_dir.join(EMBEDDED_FILE);
             drop(create_private(&db)?);

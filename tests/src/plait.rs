@@ -107,6 +107,11 @@ impl Plait {
         )
     }
 
+    /// Starts a server on `dir`, an existing data dir the test keeps (a restored one, say).
+    pub fn start_in(store: Store, dir: &Path, extra: &[&str]) -> Plait {
+        Self::launch(store, DataDir::Shared(dir.to_path_buf()), extra)
+    }
+
     fn launch(store: Store, data_dir: DataDir, extra: &[&str]) -> Plait {
         let mut p = Self::new(store, data_dir, extra);
         p.spawn("127.0.0.1:0");

@@ -16,6 +16,7 @@
 //!
 //! This module knows nothing of documents, HTTP or subscribers: changes are opaque bytes.
 
+pub mod dump;
 pub mod postgres;
 pub mod sqlite;
 pub mod suite;

@@ -12,6 +12,8 @@
 //! retried one by one so a bad one fails alone.
 //! `synchronous_commit` is left on: the commit returns after the WAL is flushed.
 
+mod dump;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -11,6 +11,8 @@
 //! `synchronous=FULL`, that commit is the fsync every waiting caller was waiting for.
 //! Reads use separate connections, which WAL lets run beside the writer.
 
+mod dump;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
