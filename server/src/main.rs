@@ -477,7 +477,20 @@ fn import_statebus(
                 instance.keys.clone(),
                 &cfg.access,
             );
-            let report = import::import(&engine, &accounts, instance.keys.identity(), entries).await?;
+            let mut progress = plait_server::progress::Progress::new("import", entries.len() as u64);
+            let mut bytes = 0;
+            let report = import::import(
+                &engine,
+                &accounts,
+                instance.keys.identity(),
+                entries,
+                |done, b| {
+                    bytes += b;
+                    progress.update(done, bytes)
+                },
+            )
+            .await?;
+            progress.finish();
             for (key, why) in &report.skipped {
                 eprintln!("skipped {key}: {why}");
             }

@@ -182,6 +182,7 @@ pub async fn import(
     accounts: &Accounts,
     instance: crate::model::Namespace,
     entries: Vec<(String, Value)>,
+    mut progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<Report> {
     let mut report = Report::default();
     let entries: BTreeMap<String, Value> = entries
@@ -274,7 +275,8 @@ pub async fn import(
             }
         }
     }
-    for (key, state) in &entries {
+    for (done, (key, state)) in entries.iter().enumerate() {
+        progress(done as u64, key.len() as u64 + 64);
         if let Some(why) = skip_reason(key) {
             report.skipped.push((key.clone(), why.into()));
             continue;
