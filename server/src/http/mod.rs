@@ -159,6 +159,7 @@ async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response:
             .unwrap_or(forwarded::Remote {
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 trusted: false,
+                https: false,
             });
         return proxy.handle(&route, req, from).await;
     }
@@ -452,14 +453,14 @@ async fn accept_loop(listener: TcpListener, router: Router, tls: Option<Arc<tls:
             // The slot travels with the socket, through the handshake and any upgrade.
             let io = conn::Held::new(stream, slot);
             match tls {
-                None => serve_connection(TokioIo::new(io), peer, router, &a2).await,
+                None => serve_connection(TokioIo::new(io), peer, false, router, &a2).await,
                 Some(tls) => {
                     let handshake = tokio::select! {
                         r = tls.handshake(io) => r,
                         _ = a2.shutdown.cancelled() => return,
                     };
                     match handshake {
-                        Ok(io) => serve_connection(TokioIo::new(io), peer, router, &a2).await,
+                        Ok(io) => serve_connection(TokioIo::new(io), peer, true, router, &a2).await,
                         Err(e) => {
                             tracing::debug!(%peer, error = %e, "connection refused: TLS handshake");
                             a2.refusals.count(e.code());
@@ -471,9 +472,9 @@ async fn accept_loop(listener: TcpListener, router: Router, tls: Option<Arc<tls:
     }
 }
 
-/// Serves HTTP/1.1 or HTTP/2 on one connection until it ends, goes idle or the server
-/// shuts down.
-async fn serve_connection<I>(io: TokioIo<I>, peer: SocketAddr, router: Router, a: &Accepting)
+/// Serves HTTP/1.1 or HTTP/2 on one connection (`https`: over TLS) until it ends, goes
+/// idle or the server shuts down.
+async fn serve_connection<I>(io: TokioIo<I>, peer: SocketAddr, https: bool, router: Router, a: &Accepting)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -490,6 +491,7 @@ where
             req.extensions_mut().insert(forwarded::Remote {
                 addr: peer,
                 trusted: trusted.contains(peer.ip()),
+                https,
             });
             // An HTTP/2 websocket outlives its request's response body: it counts itself.
             req.extensions_mut().insert(activity.clone());

@@ -92,7 +92,8 @@ pub fn add_forwarding(h: &mut HeaderMap, from: Remote, host: Option<&HeaderValue
                     .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
             })
     });
-    let mut fwd = format!("for={for_};proto=http");
+    let proto = if from.https { "https" } else { "http" };
+    let mut fwd = format!("for={for_};proto={proto}");
     if let Some(host) = host.and_then(|v| v.to_str().ok()) {
         fwd.push_str(&format!(";host=\"{host}\""));
     }
@@ -108,7 +109,7 @@ pub fn add_forwarding(h: &mut HeaderMap, from: Remote, host: Option<&HeaderValue
     append(h, "forwarded", fwd, ", ");
     append(h, "x-forwarded-for", ip.to_string(), ", ");
     if !h.contains_key("x-forwarded-proto") {
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     }
     if let Some(host) = host
         && !h.contains_key("x-forwarded-host")
@@ -270,6 +271,7 @@ mod tests {
         let stranger = Remote {
             addr: "192.0.2.7:5555".parse().unwrap(),
             trusted: false,
+            https: false,
         };
         let mut h = claims();
         add_forwarding(&mut h, stranger, Some(&HeaderValue::from_static("app.example")));
@@ -281,6 +283,7 @@ mod tests {
         let proxy = Remote {
             addr: "192.0.2.7:5555".parse().unwrap(),
             trusted: true,
+            https: false,
         };
         let mut h = claims();
         add_forwarding(&mut h, proxy, Some(&HeaderValue::from_static("app.example")));
@@ -295,10 +298,21 @@ mod tests {
         let v6 = Remote {
             addr: "[2001:db8::1]:80".parse().unwrap(),
             trusted: false,
+            https: false,
         };
         add_forwarding(&mut h, v6, Some(&HeaderValue::from_static("bad host\"x")));
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
         assert!(!h.contains_key("x-forwarded-host"));
+        // Over HTTPS, upstreams are told so.
+        let mut h = HeaderMap::new();
+        let tls = Remote {
+            addr: "192.0.2.7:5555".parse().unwrap(),
+            trusted: false,
+            https: true,
+        };
+        add_forwarding(&mut h, tls, None);
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["forwarded"], "for=192.0.2.7;proto=https");
         // An authority with sub-delims is not passed on (found by the proxy_headers fuzz
         // target: `Host: a,for=6.6.6.6` named a hop to readers that split on commas).
         for host in [
