@@ -1,6 +1,6 @@
 //! HTTPS against the real `plait` binary, with a CA and certificates the test makes:
 //! curl over HTTP/2, a Braid subscription over HTTP/2, the Statebus websocket over wss
-//! (HTTP/1.1) and over HTTP/2 (RFC 8441), handshakes that fail or stall counted as
+//! (HTTP/1.1, raw and with the statebus npm client) and over HTTP/2 (RFC 8441), handshakes that fail or stall counted as
 //! refusals, certificates replaced on disk (by their files changing, and on SIGHUP), and
 //! the plain listener's redirects.
 
@@ -375,6 +375,23 @@ async fn statebus_over_wss_and_over_http2() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statebus_npm_client_over_wss() {
+    let pki = Pki::new();
+    let p = start(&pki, &[], &[]);
+    let base = format!("https://localhost:{}", p.addr.port());
+    let ca = pki.ca_file().display().to_string();
+    tokio::task::spawn_blocking(move || {
+        plait_tests::node::run_with_env(
+            "statebus_v7.js",
+            &[&base, "live"],
+            &[("NODE_EXTRA_CA_CERTS", &ca)],
+        )
+    })
+    .await
+    .unwrap();
 }
 
 /// Waits up to 10 s for new handshakes to see `want`.
