@@ -327,26 +327,7 @@ async fn statebus_over_wss_and_over_http2() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let mut connect = request(
-        "CONNECT",
-        "/_connect_to_statebus_/websocket",
-        &[("sec-websocket-version", "13")],
-        "",
-    );
-    connect
-        .extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let mut res = send.send_request(connect).await.expect("extended CONNECT");
-    assert_eq!(res.status(), 200, "{:?}", res.headers());
-    let upgraded = hyper::upgrade::on(&mut res)
-        .await
-        .expect("the stream is a websocket");
-    let mut ws2 = tokio_tungstenite::WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
-        tokio_tungstenite::tungstenite::protocol::Role::Client,
-        None,
-    )
-    .await;
+    let mut ws2 = h2_websocket(&mut send, "/_connect_to_statebus_/websocket").await;
     set_and_get(&mut ws2, "tls_two", 2).await;
     // Each sees the other's writes.
     ws2.send(Message::text(r#"{"get":"tls_one"}"#)).await.unwrap();
@@ -375,6 +356,75 @@ async fn statebus_over_wss_and_over_http2() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// Opens a websocket on an HTTP/2 connection (RFC 8441: extended CONNECT).
+async fn h2_websocket(
+    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
+    let mut connect = request("CONNECT", path, &[("sec-websocket-version", "13")], "");
+    connect
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut res = send.send_request(connect).await.expect("extended CONNECT");
+    assert_eq!(res.status(), 200, "{:?}", res.headers());
+    let upgraded = hyper::upgrade::on(&mut res)
+        .await
+        .expect("the stream is a websocket");
+    tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_websocket_over_http2_goes_upstream_as_http1() {
+    // Browsers open websockets over HTTP/2 when the server offers extended CONNECT, to
+    // every path: a proxy route's upstream speaks HTTP/1.1 websockets only.
+    let echo = plait_tests::upstream::websocket_echo().await;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("plait.toml");
+    std::fs::write(
+        &config,
+        format!("[[proxy]]\nprefix = \"/ws\"\nupstream = \"http://{echo}\"\n"),
+    )
+    .unwrap();
+    let p = start(
+        &pki,
+        &["--config", config.to_str().unwrap()],
+        &[("PLAIT_LIMITS__IDLE_TIMEOUT_SECS", "1")],
+    );
+    let mut send = h2(&p, &pki).await;
+    let r = send
+        .send_request(request("GET", "/.well-known/plait", &[], ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut ws = h2_websocket(&mut send, "/ws/echo").await;
+    for (i, msg) in ["hello", "world"].into_iter().enumerate() {
+        if i == 1 {
+            // Past the idle timeout the tunnel is still open.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
+        ws.send(Message::text(msg)).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("the echo within 5 s")
+            .expect("the tunnel is open")
+            .unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), msg);
+    }
+    // Extended CONNECT elsewhere is still refused: not an open proxy.
+    let mut connect = request("CONNECT", "/notes/a", &[("sec-websocket-version", "13")], "");
+    connect
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let res = send.send_request(connect).await.unwrap();
+    assert_eq!(res.status(), 405);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,7 +125,14 @@ async fn no_sniffing(mut res: axum::response::Response) -> axum::response::Respo
 /// prefix), then a static file, then the state. Requests that would make this server an
 /// open proxy are refused first.
 async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response::Response {
-    if req.method() == http::Method::CONNECT {
+    // A websocket over HTTP/2 (extended CONNECT) names a path here, not a host to reach:
+    // it may go to a proxy route, nowhere else.
+    let h2_websocket = crate::proxy::forward::is_h2_websocket(&req);
+    let proxied = app
+        .proxy
+        .as_ref()
+        .is_some_and(|p| p.route_for(req.uri().path()).is_some());
+    if req.method() == http::Method::CONNECT && !(h2_websocket && proxied) {
         return error::ApiError::new(
             405,
             "not-a-proxy",
@@ -147,7 +154,7 @@ async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response:
         // Reads through the proxy, and the caching proxy's shared subscriptions above
         // all, are served by this server: the rules say who may read them. What the
         // proxied app lets its clients write is its own affair.
-        if matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+        if (h2_websocket || matches!(*req.method(), http::Method::GET | http::Method::HEAD))
             && let Err(e) = proxied_read_allowed(&app, req.method(), req.uri(), req.headers()).await
         {
             return e.into_response();

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use base64::Engine as _;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -53,6 +54,17 @@ fn is_websocket_upgrade(h: &HeaderMap) -> bool {
     h.get(http::header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Whether `req` opens a websocket over HTTP/2 (RFC 8441: extended CONNECT with
+/// `:protocol websocket`).
+pub fn is_h2_websocket<B>(req: &Request<B>) -> bool {
+    req.method() == http::Method::CONNECT
+        && req.version() == http::Version::HTTP_2
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
 }
 
 /// Sets `Forwarded` and `X-Forwarded-For/Proto/Host` for a request that came from
@@ -190,12 +202,40 @@ pub async fn forward(
         )
         .into_response();
     }
-    let upgrade = is_websocket_upgrade(req.headers());
+    // A websocket over HTTP/2 (RFC 8441) goes upstream as an HTTP/1.1 upgrade.
+    let h2_websocket = is_h2_websocket(&req);
+    let upgrade = h2_websocket || is_websocket_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let mut headers = end_to_end(&parts.headers, upgrade);
-    let host = headers.remove(http::header::HOST);
+    let host = headers.remove(http::header::HOST).or_else(|| {
+        // HTTP/2 names the host in `:authority`.
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     add_forwarding(&mut headers, from, host.as_ref());
+    // An HTTP/2 websocket is a stream of a connection that must not be closed as idle
+    // while the tunnel is open.
+    let in_flight = h2_websocket
+        .then(|| {
+            parts
+                .extensions
+                .get::<crate::http::conn::Activity>()
+                .map(|a| a.begin())
+        })
+        .flatten();
+    if h2_websocket {
+        parts.method = http::Method::GET;
+        headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+        let key: [u8; 16] = rand::random();
+        let key = base64::engine::general_purpose::STANDARD.encode(key);
+        if let Ok(key) = HeaderValue::from_str(&key) {
+            headers.insert(http::header::SEC_WEBSOCKET_KEY, key);
+        }
+    }
     let body = if upgrade {
         Body::empty()
     } else {
@@ -219,6 +259,7 @@ pub async fn forward(
         let mut resp = resp;
         let upstream_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             let (Ok(client), Ok(upstream)) = tokio::join!(client_side, upstream_side) else {
                 return;
             };
@@ -226,8 +267,15 @@ pub async fn forward(
                 tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
         });
         let mut out = Response::new(Body::empty());
-        *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        *out.headers_mut() = end_to_end(resp.headers(), true);
+        if h2_websocket {
+            // RFC 8441: a 200 opens the tunnel; no upgrade headers, no accept key.
+            let mut h = end_to_end(resp.headers(), false);
+            h.remove(http::header::SEC_WEBSOCKET_ACCEPT);
+            *out.headers_mut() = h;
+        } else {
+            *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            *out.headers_mut() = end_to_end(resp.headers(), true);
+        }
         return out;
     }
     let (parts, body) = resp.into_parts();
