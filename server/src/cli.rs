@@ -279,6 +279,15 @@ pub struct ServeArgs {
     /// apps written for them; deny rules still hold. Default: only the owner writes.
     #[arg(long)]
     pub public_writes: bool,
+    /// Serve HTTPS on --listen with this certificate chain (PEM, reloaded when it changes).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Also listen for plain HTTP on ADDR, redirecting every request to HTTPS (308).
+    #[arg(long, value_name = "ADDR")]
+    pub redirect_listen: Option<String>,
 }
 
 /// How a command finds the running server: its data dir (as `plait serve` was given).

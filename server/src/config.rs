@@ -15,6 +15,11 @@
 //! max_body_bytes = 10485760
 //! max_connections = 10000
 //! idle_timeout_secs = 60
+//!
+//! [tls]
+//! cert = "/etc/plait/fullchain.pem"
+//! key = "/etc/plait/privkey.pem"
+//! redirect_listen = "0.0.0.0:80"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -60,6 +65,42 @@ pub struct Config {
     /// `Forwarded` / `X-Forwarded-*` headers are believed, and connections from them are
     /// not counted per address. Default: none.
     pub trusted_proxies: Vec<String>,
+    /// HTTPS on `listen` (`[tls]`): certificate and key files, the redirect listener.
+    pub tls: TlsSettings,
+}
+
+/// HTTPS: with `cert` and `key`, `listen` serves HTTPS only (HTTP/2 and HTTP/1.1 by ALPN).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The certificate chain, PEM, the server's certificate first (`fullchain.pem`).
+    pub cert: Option<PathBuf>,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// How often the two files are checked for changes (a new pair is loaded without a
+    /// restart; SIGHUP loads it at once).
+    pub reload_interval_secs: u64,
+    /// A plain-HTTP listener (e.g. `0.0.0.0:80`) that answers every request with a 308
+    /// redirect to the same path over HTTPS. Default: none.
+    pub redirect_listen: Option<String>,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            cert: None,
+            key: None,
+            reload_interval_secs: 60,
+            redirect_listen: None,
+        }
+    }
+}
+
+impl TlsSettings {
+    /// Whether HTTPS is on.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
 }
 
 /// A path prefix forwarded to an upstream origin.
@@ -168,6 +209,9 @@ pub struct Limits {
     /// (a burst of two seconds' worth is allowed at once); past it the server reads that
     /// address's messages more slowly (TCP pushes back on the client); 0 = unlimited.
     pub statebus_messages_per_second_per_address: u32,
+    /// Time a new connection has to finish its TLS handshake (HTTPS only); a connection
+    /// holds its place under the connection caps meanwhile.
+    pub tls_handshake_timeout_secs: u64,
 }
 
 /// Memory and batching of live documents.
@@ -209,6 +253,7 @@ impl Default for Config {
             access: crate::access::AccessSettings::default(),
             mirror: crate::mirror::MirrorSettings::default(),
             trusted_proxies: Vec::new(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -241,6 +286,7 @@ impl Default for Limits {
             ping_timeout_secs: 20,
             max_statebus_subscriptions: 10_000,
             statebus_messages_per_second_per_address: 1_000,
+            tls_handshake_timeout_secs: 10,
         }
     }
 }
@@ -306,6 +352,15 @@ pub struct Overrides {
     /// `--public-writes`.
     #[serde(skip)]
     pub public_writes: bool,
+    /// `--tls-cert`.
+    #[serde(skip)]
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    #[serde(skip)]
+    pub tls_key: Option<PathBuf>,
+    /// `--redirect-listen`.
+    #[serde(skip)]
+    pub redirect_listen: Option<String>,
 }
 
 /// Top-level settings the environment may set (`PLAIT_<NAME>`); nested ones use `__`.
@@ -340,6 +395,7 @@ impl Config {
                             || k.starts_with("engine__")
                             || k.starts_with("p2p__")
                             || k.starts_with("access__")
+                            || k.starts_with("tls__")
                     })
                     .split("__"),
             )
@@ -356,6 +412,15 @@ impl Config {
         if overrides.public_writes {
             cfg.access.public_writes = true;
         }
+        if let Some(cert) = &overrides.tls_cert {
+            cfg.tls.cert = Some(cert.clone());
+        }
+        if let Some(key) = &overrides.tls_key {
+            cfg.tls.key = Some(key.clone());
+        }
+        if let Some(addr) = &overrides.redirect_listen {
+            cfg.tls.redirect_listen = Some(addr.clone());
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -371,6 +436,15 @@ impl Config {
         let patches = crate::braid::patch::MAX_PATCHES;
         if !(1..=patches).contains(&self.limits.max_patches_per_request) {
             return Err(format!("limits.max_patches_per_request must be 1 to {patches}"));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err("tls.cert and tls.key (--tls-cert, --tls-key) go together".into());
+        }
+        if self.tls.redirect_listen.is_some() && !self.tls.enabled() {
+            return Err("tls.redirect_listen (--redirect-listen) needs HTTPS: tls.cert and tls.key".into());
+        }
+        if self.limits.tls_handshake_timeout_secs == 0 {
+            return Err("limits.tls_handshake_timeout_secs must be at least 1".into());
         }
         if self.engine.subscriber_queue == 0 {
             return Err("engine.subscriber_queue must be at least 1".into());
@@ -478,6 +552,34 @@ mod tests {
             let c = Config::load(Some(Path::new("plait.toml")), &o).unwrap();
             assert_eq!(c.listen, "127.0.0.1:2");
             assert_eq!(c.database_url.as_deref(), Some("postgres://high/db"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tls_comes_from_file_or_flags_and_needs_both_files() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "plait.toml",
+                "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nredirect_listen = \"127.0.0.1:80\"\n",
+            )?;
+            let c = Config::load(Some(Path::new("plait.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.tls.cert.as_deref(), Some(Path::new("c.pem")));
+            assert_eq!(c.tls.redirect_listen.as_deref(), Some("127.0.0.1:80"));
+            let o = Overrides {
+                tls_cert: Some("other.pem".into()),
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("plait.toml")), &o).unwrap();
+            assert_eq!(c.tls.cert.as_deref(), Some(Path::new("other.pem")));
+            let e = Config::load(None, &o).unwrap_err();
+            assert!(e.contains("go together"), "{e}");
+            let o = Overrides {
+                redirect_listen: Some("127.0.0.1:80".into()),
+                ..Default::default()
+            };
+            let e = Config::load(None, &o).unwrap_err();
+            assert!(e.contains("needs HTTPS"), "{e}");
             Ok(())
         });
     }

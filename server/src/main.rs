@@ -117,6 +117,9 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         p2p_relays: args.p2p_relay,
         no_p2p: args.no_p2p,
         public_writes: args.public_writes,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        redirect_listen: args.redirect_listen,
     };
     let cfg = Config::load(args.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
     init_logging(cfg.log_format);

@@ -5,7 +5,8 @@
 //!
 //! The HTTP layer counts each error response it sends (one middleware, so no handler can
 //! forget), the Statebus websocket each refusal it tells a client (by the same codes), the
-//! accept loop each connection it turns away. (Federation's refusals are logged, not yet
+//! accept loop each connection it turns away (at a connection cap, or a TLS handshake that
+//! failed or stalled). (Federation's refusals are logged, not yet
 //! counted.) Knows nothing of what the codes mean.
 
 use std::collections::BTreeMap;

@@ -208,6 +208,43 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
+    let https = match (&cfg.tls.cert, &cfg.tls.key) {
+        (Some(cert), Some(key)) => {
+            let tls = Arc::new(
+                http::tls::Tls::new(
+                    cert,
+                    key,
+                    std::time::Duration::from_secs(cfg.limits.tls_handshake_timeout_secs),
+                )
+                .context("loading the TLS certificate")?,
+            );
+            tls.watch(
+                std::time::Duration::from_secs(cfg.tls.reload_interval_secs),
+                shutdown.clone(),
+            );
+            let redirect = match &cfg.tls.redirect_listen {
+                Some(at) => {
+                    let l = TcpListener::bind(at)
+                        .await
+                        .with_context(|| format!("listening on {at} (tls.redirect_listen)"))?;
+                    let public = cfg
+                        .public_url
+                        .as_deref()
+                        .and_then(|u| u.parse::<::http::Uri>().ok())
+                        .filter(|u| u.scheme_str() == Some("https"));
+                    let target = http::tls::RedirectTarget {
+                        authority: public.and_then(|u| u.authority().cloned()),
+                        https_port: addr.port(),
+                    };
+                    tracing::info!(addr = %l.local_addr()?, "redirecting plain HTTP to HTTPS");
+                    Some((l, target))
+                }
+                None => None,
+            };
+            Some(http::Https { tls, redirect })
+        }
+        _ => None,
+    };
     tokio::spawn(wait_for_signal(shutdown.clone()));
     tracing::info!(%identity, store = storage.backend(), data_dir = %data_dir.display(), "plait {}", env!("CARGO_PKG_VERSION"));
     let accounts = crate::access::Accounts::new(engine.clone(), instance.keys.clone(), &cfg.access);
@@ -267,7 +304,8 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
             } else {
                 addr
             };
-            format!("http://{host}")
+            let scheme = if cfg.tls.enabled() { "https" } else { "http" };
+            format!("{scheme}://{host}")
         });
         owner.clone().run_sealer(data_dir.clone(), shutdown.clone());
         owner
@@ -295,10 +333,11 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         identity,
         limits: Arc::new(cfg.limits.clone()),
         access,
-        https: cfg
-            .public_url
-            .as_deref()
-            .is_some_and(|u| u.starts_with("https://")),
+        https: https.is_some()
+            || cfg
+                .public_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://")),
         proxy,
         web,
         p2p,
@@ -327,8 +366,9 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         data_dir.display()
     );
     // Logged once everything is ready: scripts and tests wait for this line.
-    tracing::info!("listening on http://{addr}");
-    http::serve(listener, app).await;
+    let scheme = if https.is_some() { "https" } else { "http" };
+    tracing::info!("listening on {scheme}://{addr}");
+    http::serve(listener, app, https).await;
     drop(instance);
     tracing::info!("stopped");
     Ok(())

@@ -9,7 +9,8 @@
 const statebus = require('statebus')
 const [base, phase] = process.argv.slice(2)
 if (!base || !phase) { console.error('usage: statebus_v7.js BASE_URL PHASE'); process.exit(2) }
-const ws = base.replace(/^http:/, 'statei:')
+// http: → ws:, https: → wss: (statebus' own spellings of them)
+const ws = base.replace(/^http:/, 'statei:').replace(/^https:/, 'state:')
 const quiet = console.log
 console.log = (...a) => { const s = require('util').format(...a); if (!/^(\[[ *]\] |Reconnect|retrying)/.test(s)) quiet(...a) }
 const check = (ok, msg) => { if (!ok) throw new Error(msg) }

@@ -10,6 +10,11 @@ pub fn clients_dir() -> PathBuf {
 
 /// Runs `node <script> <args…>` in `tests/clients`; panics with its output unless it exits 0.
 pub fn run(script: &str, args: &[&str]) -> String {
+    run_with_env(script, args, &[])
+}
+
+/// [`run`] with extra environment variables (e.g. `NODE_EXTRA_CA_CERTS`).
+pub fn run_with_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     let dir = clients_dir();
     assert!(
         dir.join("node_modules").exists(),
@@ -20,6 +25,7 @@ pub fn run(script: &str, args: &[&str]) -> String {
         .arg(dir.join(script))
         .args(args)
         .current_dir(&dir)
+        .envs(env.iter().copied())
         .output()
         .expect("node runs (Node.js 20 is needed for the client tests)");
     let text = format!(

@@ -198,8 +198,12 @@ impl Plait {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Some(i) = line.find("listening on http://") {
-                        let rest = &line[i + "listening on http://".len()..];
+                    // `http://` or, with `--tls-cert`, `https://`.
+                    let at = ["listening on http://", "listening on https://"]
+                        .iter()
+                        .find_map(|p| line.find(p).map(|i| i + p.len()));
+                    if let Some(i) = at {
+                        let rest = &line[i..];
                         let addr: String = rest
                             .chars()
                             .take_while(|c| !c.is_whitespace() && *c != '/')
@@ -347,6 +351,11 @@ impl Plait {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmHWM in /proc/PID/status");
         kib * 1024
+    }
+
+    /// The server process's id, while it runs (to send it signals).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether the process is still running.

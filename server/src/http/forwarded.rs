@@ -13,11 +13,14 @@ use std::net::{IpAddr, SocketAddr};
 use http::HeaderMap;
 use ipnet::IpNet;
 
-/// The other end of a request's connection, and whether it is a trusted proxy.
+/// The other end of a request's connection, whether it is a trusted proxy, and whether
+/// it came over TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Remote {
     pub addr: SocketAddr,
     pub trusted: bool,
+    /// The connection is HTTPS (`[tls]`): the proxy tells upstreams `proto=https`.
+    pub https: bool,
 }
 
 /// The addresses whose forwarding headers are believed (`trusted_proxies`).

@@ -5,8 +5,9 @@
 //! `Retry-After` and closed, instead of waiting unanswered in the kernel's accept queue.
 //! A connection keeps its place until its socket closes, also as a websocket. Idle
 //! connections, stalled bodies and peers that stop answering pings are let go
-//! (`conn` has the details). Each connection speaks HTTP/1.1 or cleartext HTTP/2 (many
-//! subscriptions on one connection).
+//! (`conn` has the details). Each connection speaks HTTP/1.1 or HTTP/2 (many
+//! subscriptions on one connection): cleartext, or over TLS when `[tls]` is set (`tls`
+//! has the details; the handshake happens inside the connection's slot).
 //!
 //! On shutdown the listener stops, every open subscription ends its response cleanly,
 //! in-flight requests get `limits.shutdown_grace_secs` to finish, and then the process
@@ -17,6 +18,7 @@ pub mod error;
 pub mod forwarded;
 pub mod resource;
 pub mod static_files;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -78,7 +80,11 @@ pub struct App {
 pub fn router(app: App) -> Router {
     Router::new()
         .route("/.well-known/plait", get(well_known))
-        .route("/_connect_to_statebus_/websocket", get(statebus_websocket))
+        // GET for HTTP/1.1, CONNECT for HTTP/2 (RFC 8441).
+        .route(
+            "/_connect_to_statebus_/websocket",
+            get(statebus_websocket).connect(statebus_websocket),
+        )
         .route("/.well-known/plait/join", axum::routing::post(join))
         .fallback(dispatch)
         .layer(axum::middleware::map_response(no_sniffing))
@@ -119,7 +125,14 @@ async fn no_sniffing(mut res: axum::response::Response) -> axum::response::Respo
 /// prefix), then a static file, then the state. Requests that would make this server an
 /// open proxy are refused first.
 async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response::Response {
-    if req.method() == http::Method::CONNECT {
+    // A websocket over HTTP/2 (extended CONNECT) names a path here, not a host to reach:
+    // it may go to a proxy route, nowhere else.
+    let h2_websocket = crate::proxy::forward::is_h2_websocket(&req);
+    let proxied = app
+        .proxy
+        .as_ref()
+        .is_some_and(|p| p.route_for(req.uri().path()).is_some());
+    if req.method() == http::Method::CONNECT && !(h2_websocket && proxied) {
         return error::ApiError::new(
             405,
             "not-a-proxy",
@@ -141,7 +154,7 @@ async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response:
         // Reads through the proxy, and the caching proxy's shared subscriptions above
         // all, are served by this server: the rules say who may read them. What the
         // proxied app lets its clients write is its own affair.
-        if matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+        if (h2_websocket || matches!(*req.method(), http::Method::GET | http::Method::HEAD))
             && let Err(e) = proxied_read_allowed(&app, req.method(), req.uri(), req.headers()).await
         {
             return e.into_response();
@@ -153,6 +166,7 @@ async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response:
             .unwrap_or(forwarded::Remote {
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 trusted: false,
+                https: false,
             });
         return proxy.handle(&route, req, from).await;
     }
@@ -188,6 +202,7 @@ async fn proxied_read_allowed(
 async fn statebus_websocket(
     State(app): State<App>,
     axum::Extension(Peer(peer)): axum::Extension<Peer>,
+    activity: Option<axum::Extension<conn::Activity>>,
     method: http::Method,
     uri: http::Uri,
     headers: http::HeaderMap,
@@ -202,6 +217,9 @@ async fn statebus_websocket(
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
+            // Over HTTP/2 the websocket is a stream of a connection that must not be
+            // closed as idle while it is open.
+            let in_flight = activity.map(|a| a.begin());
             let services = crate::statebus::Services {
                 engine: app.engine,
                 identity: app.identity,
@@ -211,7 +229,12 @@ async fn statebus_websocket(
                 refusals: app.refusals,
                 messages: app.statebus_messages,
             };
-            crate::statebus::session::run(socket, services, peer.ip(), auth.caller, auth.session)
+            let session =
+                crate::statebus::session::run(socket, services, peer.ip(), auth.caller, auth.session);
+            async move {
+                session.await;
+                drop(in_flight);
+            }
         })
         .into_response()
 }
@@ -268,6 +291,7 @@ async fn well_known(
             "ping_timeout_secs": app.limits.ping_timeout_secs,
             "max_statebus_subscriptions": app.limits.max_statebus_subscriptions,
             "statebus_messages_per_second_per_address": app.limits.statebus_messages_per_second_per_address,
+            "tls_handshake_timeout_secs": app.limits.tls_handshake_timeout_secs,
         },
         "access": {
             "public_writes": access.public_writes,
@@ -320,8 +344,29 @@ fn rss_bytes() -> Option<u64> {
     Some(pages * u64::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096))
 }
 
-/// Serves connections from `listener` until `app.shutdown` is cancelled, then drains.
-pub async fn serve(listener: TcpListener, app: App) {
+/// HTTPS for the main listener, and the plain listener that redirects to it.
+pub struct Https {
+    pub tls: Arc<tls::Tls>,
+    /// `tls.redirect_listen`: its listener and where it sends clients.
+    pub redirect: Option<(TcpListener, tls::RedirectTarget)>,
+}
+
+/// What every connection of every listener shares: the caps, the protocol settings, the
+/// tracker that shutdown waits on.
+struct Accepting {
+    gate: Arc<conn::Gate>,
+    builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    refusals: Arc<crate::refusals::Refusals>,
+    trusted: Arc<forwarded::TrustedProxies>,
+    idle: Duration,
+    body_timeout: Duration,
+}
+
+/// Serves connections from `listener` (over TLS with `https`, and the redirect listener
+/// beside it) until `app.shutdown` is cancelled, then drains.
+pub async fn serve(listener: TcpListener, app: App, https: Option<Https>) {
     let limits = app.limits.clone();
     let shutdown = app.shutdown.clone();
     let trusted = app.trusted_proxies.clone();
@@ -332,7 +377,6 @@ pub async fn serve(listener: TcpListener, app: App) {
         limits.max_connections_per_address,
         trusted.clone(),
     );
-    let tracker = TaskTracker::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -344,14 +388,50 @@ pub async fn serve(listener: TcpListener, app: App) {
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_streams_per_connection.max(1))
+        // Websockets over HTTP/2 (RFC 8441): the Statebus websocket takes extended CONNECT.
+        .enable_connect_protocol()
         // A peer that stopped answering (its subscriptions still open) is let go.
         .keep_alive_interval(Duration::from_secs(limits.ping_interval_secs.max(1)))
         .keep_alive_timeout(Duration::from_secs(limits.ping_timeout_secs.max(1)));
-    let idle = Duration::from_secs(limits.idle_timeout_secs.max(1));
-    let body_timeout = Duration::from_secs(limits.body_read_timeout_secs.max(1));
+    let accepting = Arc::new(Accepting {
+        gate,
+        builder,
+        tracker: TaskTracker::new(),
+        shutdown,
+        refusals,
+        trusted,
+        idle: Duration::from_secs(limits.idle_timeout_secs.max(1)),
+        body_timeout: Duration::from_secs(limits.body_read_timeout_secs.max(1)),
+    });
+    let (tls, redirect) = match https {
+        Some(h) => (Some(h.tls), h.redirect),
+        None => (None, None),
+    };
+    let redirecting = async {
+        if let Some((listener, target)) = redirect {
+            accept_loop(listener, tls::redirect_router(target), None, &accepting).await;
+        }
+    };
+    tokio::join!(accept_loop(listener, router, tls, &accepting), redirecting);
+    accepting.tracker.close();
+    let grace = Duration::from_secs(limits.shutdown_grace_secs);
+    if tokio::time::timeout(grace, accepting.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = accepting.tracker.len(),
+            "connections still open after the grace period; closing them"
+        );
+    }
+}
+
+/// Accepts connections on one listener until shutdown, each served by `router` in a
+/// task of `a.tracker`, after a TLS handshake when `tls` is given.
+async fn accept_loop(listener: TcpListener, router: Router, tls: Option<Arc<tls::Tls>>, a: &Arc<Accepting>) {
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = a.shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -362,77 +442,98 @@ pub async fn serve(listener: TcpListener, app: App) {
                 }
             },
         };
-        let slot = match gate.admit(peer.ip()) {
+        let slot = match a.gate.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(full) => {
                 tracing::debug!(%peer, ?full, "connection refused: at a connection cap");
-                refusals.count(full.code());
-                conn::refuse(&gate, stream, full, RETRY_AFTER_SECS);
+                a.refusals.count(full.code());
+                // Plain bytes: a TLS client sees a failed handshake, and retries too.
+                conn::refuse(&a.gate, stream, full, RETRY_AFTER_SECS);
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        let activity = conn::Activity::new();
-        let svc = {
-            let router = router.clone();
-            let activity = activity.clone();
-            let trusted = trusted.clone();
-            tower::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let in_flight = activity.begin();
-                let mut req = req.map(|b| Body::new(conn::TimedBody::new(b, body_timeout)));
-                let client = forwarded::client_addr(peer, req.headers(), &trusted);
-                req.extensions_mut().insert(Peer(client));
-                req.extensions_mut().insert(forwarded::Remote {
-                    addr: peer,
-                    trusted: trusted.contains(peer.ip()),
-                });
-                let call = tower::ServiceExt::oneshot(router.clone(), req);
-                async move {
-                    let res = call.await?;
-                    // The request stays in flight until its response body is done with.
-                    Ok::<_, std::convert::Infallible>(res.map(|b| {
-                        Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
-                            let _held = &in_flight;
-                            f
-                        }))
-                    }))
-                }
-            })
-        };
-        let svc = TowerToHyperService::new(svc);
-        let builder = builder.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let io = TokioIo::new(conn::Held::new(stream, slot));
-            let conn = builder.serve_connection_with_upgrades(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let router = router.clone();
+        let tls = tls.clone();
+        let a2 = a.clone();
+        a.tracker.spawn(async move {
+            // The slot travels with the socket, through the handshake and any upgrade.
+            let io = conn::Held::new(stream, slot);
+            match tls {
+                None => serve_connection(TokioIo::new(io), peer, false, router, &a2).await,
+                Some(tls) => {
+                    let handshake = tokio::select! {
+                        r = tls.handshake(io) => r,
+                        _ = a2.shutdown.cancelled() => return,
+                    };
+                    match handshake {
+                        Ok(io) => serve_connection(TokioIo::new(io), peer, true, router, &a2).await,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "connection refused: TLS handshake");
+                            a2.refusals.count(e.code());
+                        }
                     }
-                    return;
-                }
-                _ = shutdown.cancelled() => {}
-                _ = activity.idle_for(idle) => {
-                    tracing::debug!(%peer, "closing an idle connection");
                 }
             }
-            conn.as_mut().graceful_shutdown();
-            // A peer that does not take part in the goodbye (HTTP/2 waits for a ping's
-            // answer) is cut off after a while; on shutdown the tracker's grace applies.
-            let _ = tokio::time::timeout(idle, conn).await;
         });
     }
-    drop(listener);
-    tracker.close();
-    let grace = Duration::from_secs(limits.shutdown_grace_secs);
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            open = tracker.len(),
-            "connections still open after the grace period; closing them"
-        );
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection (`https`: over TLS) until it ends, goes
+/// idle or the server shuts down.
+async fn serve_connection<I>(io: TokioIo<I>, peer: SocketAddr, https: bool, router: Router, a: &Accepting)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = conn::Activity::new();
+    let body_timeout = a.body_timeout;
+    let svc = {
+        let activity = activity.clone();
+        let trusted = a.trusted.clone();
+        tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let in_flight = activity.begin();
+            let mut req = req.map(|b| Body::new(conn::TimedBody::new(b, body_timeout)));
+            let client = forwarded::client_addr(peer, req.headers(), &trusted);
+            req.extensions_mut().insert(Peer(client));
+            req.extensions_mut().insert(forwarded::Remote {
+                addr: peer,
+                trusted: trusted.contains(peer.ip()),
+                https,
+            });
+            // An HTTP/2 websocket outlives its request's response body: it counts itself.
+            req.extensions_mut().insert(activity.clone());
+            let call = tower::ServiceExt::oneshot(router.clone(), req);
+            async move {
+                let res = call.await?;
+                // The request stays in flight until its response body is done with.
+                Ok::<_, std::convert::Infallible>(res.map(|b| {
+                    Body::new(http_body_util::BodyExt::map_frame(b, move |f| {
+                        let _held = &in_flight;
+                        f
+                    }))
+                }))
+            }
+        })
+    };
+    let svc = TowerToHyperService::new(svc);
+    let conn = a.builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        _ = a.shutdown.cancelled() => {}
+        _ = activity.idle_for(a.idle) => {
+            tracing::debug!(%peer, "closing an idle connection");
+        }
     }
+    conn.as_mut().graceful_shutdown();
+    // A peer that does not take part in the goodbye (HTTP/2 waits for a ping's
+    // answer) is cut off after a while; on shutdown the tracker's grace applies.
+    let _ = tokio::time::timeout(a.idle, conn).await;
 }
 
 /// The client's address: the connection's peer, or the client a trusted proxy forwards

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use base64::Engine as _;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -55,6 +56,17 @@ fn is_websocket_upgrade(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+/// Whether `req` opens a websocket over HTTP/2 (RFC 8441: extended CONNECT with
+/// `:protocol websocket`).
+pub fn is_h2_websocket<B>(req: &Request<B>) -> bool {
+    req.method() == http::Method::CONNECT
+        && req.version() == http::Version::HTTP_2
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
 /// Sets `Forwarded` and `X-Forwarded-For/Proto/Host` for a request that came from
 /// `from`. From a trusted proxy the chain it sent is extended (and the original protocol
 /// and host it names are kept); from anyone else whatever forwarding headers the client
@@ -92,7 +104,8 @@ pub fn add_forwarding(h: &mut HeaderMap, from: Remote, host: Option<&HeaderValue
                     .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
             })
     });
-    let mut fwd = format!("for={for_};proto=http");
+    let proto = if from.https { "https" } else { "http" };
+    let mut fwd = format!("for={for_};proto={proto}");
     if let Some(host) = host.and_then(|v| v.to_str().ok()) {
         fwd.push_str(&format!(";host=\"{host}\""));
     }
@@ -108,7 +121,7 @@ pub fn add_forwarding(h: &mut HeaderMap, from: Remote, host: Option<&HeaderValue
     append(h, "forwarded", fwd, ", ");
     append(h, "x-forwarded-for", ip.to_string(), ", ");
     if !h.contains_key("x-forwarded-proto") {
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     }
     if let Some(host) = host
         && !h.contains_key("x-forwarded-host")
@@ -189,12 +202,40 @@ pub async fn forward(
         )
         .into_response();
     }
-    let upgrade = is_websocket_upgrade(req.headers());
+    // A websocket over HTTP/2 (RFC 8441) goes upstream as an HTTP/1.1 upgrade.
+    let h2_websocket = is_h2_websocket(&req);
+    let upgrade = h2_websocket || is_websocket_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let mut headers = end_to_end(&parts.headers, upgrade);
-    let host = headers.remove(http::header::HOST);
+    let host = headers.remove(http::header::HOST).or_else(|| {
+        // HTTP/2 names the host in `:authority`.
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     add_forwarding(&mut headers, from, host.as_ref());
+    // An HTTP/2 websocket is a stream of a connection that must not be closed as idle
+    // while the tunnel is open.
+    let in_flight = h2_websocket
+        .then(|| {
+            parts
+                .extensions
+                .get::<crate::http::conn::Activity>()
+                .map(|a| a.begin())
+        })
+        .flatten();
+    if h2_websocket {
+        parts.method = http::Method::GET;
+        headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+        let key: [u8; 16] = rand::random();
+        let key = base64::engine::general_purpose::STANDARD.encode(key);
+        if let Ok(key) = HeaderValue::from_str(&key) {
+            headers.insert(http::header::SEC_WEBSOCKET_KEY, key);
+        }
+    }
     let body = if upgrade {
         Body::empty()
     } else {
@@ -218,6 +259,7 @@ pub async fn forward(
         let mut resp = resp;
         let upstream_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             let (Ok(client), Ok(upstream)) = tokio::join!(client_side, upstream_side) else {
                 return;
             };
@@ -225,8 +267,15 @@ pub async fn forward(
                 tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
         });
         let mut out = Response::new(Body::empty());
-        *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        *out.headers_mut() = end_to_end(resp.headers(), true);
+        if h2_websocket {
+            // RFC 8441: a 200 opens the tunnel; no upgrade headers, no accept key.
+            let mut h = end_to_end(resp.headers(), false);
+            h.remove(http::header::SEC_WEBSOCKET_ACCEPT);
+            *out.headers_mut() = h;
+        } else {
+            *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            *out.headers_mut() = end_to_end(resp.headers(), true);
+        }
         return out;
     }
     let (parts, body) = resp.into_parts();
@@ -270,6 +319,7 @@ mod tests {
         let stranger = Remote {
             addr: "192.0.2.7:5555".parse().unwrap(),
             trusted: false,
+            https: false,
         };
         let mut h = claims();
         add_forwarding(&mut h, stranger, Some(&HeaderValue::from_static("app.example")));
@@ -281,6 +331,7 @@ mod tests {
         let proxy = Remote {
             addr: "192.0.2.7:5555".parse().unwrap(),
             trusted: true,
+            https: false,
         };
         let mut h = claims();
         add_forwarding(&mut h, proxy, Some(&HeaderValue::from_static("app.example")));
@@ -295,10 +346,21 @@ mod tests {
         let v6 = Remote {
             addr: "[2001:db8::1]:80".parse().unwrap(),
             trusted: false,
+            https: false,
         };
         add_forwarding(&mut h, v6, Some(&HeaderValue::from_static("bad host\"x")));
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
         assert!(!h.contains_key("x-forwarded-host"));
+        // Over HTTPS, upstreams are told so.
+        let mut h = HeaderMap::new();
+        let tls = Remote {
+            addr: "192.0.2.7:5555".parse().unwrap(),
+            trusted: false,
+            https: true,
+        };
+        add_forwarding(&mut h, tls, None);
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["forwarded"], "for=192.0.2.7;proto=https");
         // An authority with sub-delims is not passed on (found by the proxy_headers fuzz
         // target: `Host: a,for=6.6.6.6` named a hop to readers that split on commas).
         for host in [

@@ -82,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
     let from = Remote {
         addr: peer,
         trusted: trusted.contains(peer.ip()),
+        https: false,
     };
     let host = headers.get(http::header::HOST).cloned();
     add_forwarding(&mut out, from, host.as_ref());
