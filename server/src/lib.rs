@@ -18,6 +18,7 @@ pub mod progress;
 pub mod proxy;
 pub mod refusals;
 pub mod serve;
+pub mod service;
 pub mod statebus;
 pub mod storage;
 pub mod update;

@@ -123,10 +123,12 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
     };
     let cfg = Config::load(args.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
     init_logging(cfg.log_format);
+    let file = args.config.clone();
+    let reload: plait_server::service::Reload = Box::new(move || Config::load(file.as_deref(), &overrides));
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(plait_server::serve::run(cfg))
+        .block_on(plait_server::serve::run(cfg, Some(reload)))
 }
 
 /// Sends one command to the running server's admin socket and prints the answer.

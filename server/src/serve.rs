@@ -174,7 +174,8 @@ fn raise_open_files_limit() -> Option<u64> {
 }
 
 /// Runs the server until a signal arrives.
-pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
+/// `reload` reads the settings again on SIGHUP (see [`crate::service`]).
+pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> anyhow::Result<()> {
     // Whatever this process creates (the store, its journals, the admin socket, files of
     // its libraries) is its user's alone.
     // SAFETY: umask only sets the process's file-creation mask.
@@ -245,7 +246,8 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    tokio::spawn(wait_for_signal(shutdown.clone()));
+    crate::service::spawn_signals(shutdown.clone(), cfg.clone(), reload);
+    crate::service::spawn_watchdog();
     tracing::info!(%identity, store = storage.backend(), data_dir = %data_dir.display(), "plait {}", env!("CARGO_PKG_VERSION"));
     let accounts = crate::access::Accounts::new(engine.clone(), instance.keys.clone(), &cfg.access);
     let access = crate::access::Access::new(
@@ -368,6 +370,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
     // Logged once everything is ready: scripts and tests wait for this line.
     let scheme = if https.is_some() { "https" } else { "http" };
     tracing::info!("listening on {scheme}://{addr}");
+    crate::service::ready(&format!("listening on {scheme}://{addr}"));
     http::serve(listener, app, https).await;
     drop(instance);
     tracing::info!("stopped");
@@ -399,14 +402,4 @@ impl plait_bridge::node::Serve for Served {
         let keeper = self.keeper.clone();
         Box::pin(async move { keeper.answer(from, req).await })
     }
-}
-
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-    }
-    shutdown.cancel();
 }
