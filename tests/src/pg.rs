@@ -105,7 +105,18 @@ impl Cluster {
         Cluster::make().unwrap_or_else(|e| panic!("cannot start Postgres for tests: {e}"))
     }
 
+    /// A cluster of this test's own that takes TCP connections over TLS only, with this
+    /// certificate and key (PEM); the unix socket stays open for the tools.
+    pub fn private_tls(cert_pem: &str, key_pem: &str) -> Cluster {
+        Cluster::make_with(Some((cert_pem, key_pem)))
+            .unwrap_or_else(|e| panic!("cannot start Postgres for tests: {e}"))
+    }
+
     fn make() -> Result<Cluster, String> {
+        Cluster::make_with(None)
+    }
+
+    fn make_with(tls: Option<(&str, &str)>) -> Result<Cluster, String> {
         let bin = pg_bin()?;
         let dir = std::env::temp_dir().join(format!(
             "plait-pg-{}-{}",
@@ -146,10 +157,34 @@ impl Cluster {
             return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
         }
         let port = free_port();
-        let opts = format!(
+        let mut opts = format!(
             "-p {port} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300 -c shared_buffers=64MB",
             dir.display()
         );
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let write = |name: &str, text: &str| -> Result<(), String> {
+                let path = data.join(name);
+                std::fs::write(&path, text).map_err(|e| e.to_string())?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| e.to_string())?;
+                if is_root() {
+                    Command::new("chown")
+                        .args(["postgres:postgres"])
+                        .arg(&path)
+                        .status()
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            };
+            write("server.crt", cert)?;
+            write("server.key", key)?;
+            write(
+                "pg_hba.conf",
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+            )?;
+            opts.push_str(" -c ssl=on");
+        }
         let log = dir.join("log").to_str().unwrap().to_string();
         let out = as_owner(
             &bin,

@@ -13,6 +13,7 @@
 //! `synchronous_commit` is left on: the commit returns after the WAL is flushed.
 
 mod dump;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub struct PostgresStorage {
     /// Names this process in its notices, so it can ignore its own.
     origin: Arc<str>,
     config: tokio_postgres::Config,
+    /// The TLS connector for connections of its own (the notice listener), as the pool's.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     notices_taken: std::sync::atomic::AtomicBool,
 }
 
@@ -74,7 +77,14 @@ fn pg_err(e: tokio_postgres::Error) -> StorageError {
         }
         return StorageError::Failed(format!("{}: {}", code, db.message()));
     }
-    StorageError::Unavailable(e.to_string())
+    // With its causes: "error performing TLS handshake: invalid peer certificate: …".
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        msg.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    StorageError::Unavailable(msg)
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> StorageError {
@@ -87,19 +97,17 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StorageError {
 impl PostgresStorage {
     /// Connects, migrates, and starts the committers.
     pub async fn connect(url: &str, pool_size: usize, limits: CommitLimits) -> Result<Self, StorageError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StorageError::Unavailable(format!("bad database URL: {e}")))?;
+        let tls::Target { mut config, tls } = tls::target(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(POOL_TIMEOUT);
         }
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls.clone() {
+            Some(tls) => Manager::from_config(config.clone(), tls, manager_config),
+            None => Manager::from_config(config.clone(), NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(COMMITTERS + 1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -133,6 +141,7 @@ impl PostgresStorage {
             appends: tx,
             origin,
             config,
+            tls,
             notices_taken: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -535,25 +544,55 @@ fn parse_notice(payload: &str) -> Option<(&str, Vec<Notice>)> {
     Some((origin, out))
 }
 
+/// Opens a connection whose notifications' payloads arrive on the returned channel (from
+/// a task driving the connection).
+async fn connect_listening<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        mpsc::UnboundedReceiver<String>,
+        tokio::task::JoinHandle<()>,
+    ),
+    tokio_postgres::Error,
+>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    use futures::StreamExt;
+    let (client, mut conn) = config.connect(tls).await?;
+    let (mtx, mrx) = mpsc::unbounded_channel::<String>();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m
+                && mtx.send(n.payload().to_string()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok((client, mrx, driver))
+}
+
 /// Listens for other processes' notices on a connection of its own, reconnecting after
 /// failures; after a reconnect it sends `Resync`, since notices may have been missed.
-async fn listen(config: tokio_postgres::Config, origin: Arc<str>, tx: mpsc::UnboundedSender<Notice>) {
-    use futures::StreamExt;
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    origin: Arc<str>,
+    tx: mpsc::UnboundedSender<Notice>,
+) {
     let mut connected_before = false;
     loop {
-        match config.connect(NoTls).await {
-            Ok((client, mut conn)) => {
-                let (mtx, mut mrx) = mpsc::unbounded_channel::<String>();
-                let driver = tokio::spawn(async move {
-                    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-                    while let Some(Ok(m)) = messages.next().await {
-                        if let tokio_postgres::AsyncMessage::Notification(n) = m
-                            && mtx.send(n.payload().to_string()).is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
+        let connected = match &tls {
+            Some(tls) => connect_listening(&config, tls.clone()).await,
+            None => connect_listening(&config, NoTls).await,
+        };
+        match connected {
+            Ok((client, mut mrx, driver)) => {
                 if client.batch_execute(&format!("LISTEN {CHANNEL}")).await.is_ok() {
                     if connected_before && tx.send(Notice::Resync).is_err() {
                         driver.abort();
@@ -912,7 +951,12 @@ impl Storage for PostgresStorage {
             return None;
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(listen(self.config.clone(), self.origin.clone(), tx));
+        tokio::spawn(listen(
+            self.config.clone(),
+            self.tls.clone(),
+            self.origin.clone(),
+            tx,
+        ));
         Some(rx)
     }
 
