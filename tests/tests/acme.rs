@@ -117,6 +117,11 @@ impl Pebble {
         std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
     }
 
+    /// How many orders pebble has been sent.
+    fn orders(&self) -> usize {
+        self.log().matches("POST /order-plz").count()
+    }
+
     /// The root that issues pebble's certificates (made anew on every start).
     fn issuing_root(&self) -> CertificateDer<'static> {
         let out = Command::new("curl")
@@ -269,6 +274,13 @@ async fn issues_renews_and_keeps_a_certificate_from_pebble() {
     };
     assert_eq!(mode & 0o777, 0o600, "the kept key is private");
     let before = orders(&p);
+    let pebble_before = pebble.orders();
+    assert!(pebble_before >= 2, "two orders at least:\n{}", pebble.log());
+    assert!(
+        pebble.log().contains("Attempting to validate w/ HTTP"),
+        "pebble validated by HTTP-01:\n{}",
+        pebble.log()
+    );
     p.restart();
     let served = presented(&p, &root)
         .await
@@ -276,6 +288,7 @@ async fn issues_renews_and_keeps_a_certificate_from_pebble() {
     assert_eq!(served, kept);
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(orders(&p), before, "ordered again after a restart:\n{}", p.log());
+    assert_eq!(pebble.orders(), pebble_before, "pebble saw a new order");
     assert_eq!(presented(&p, &root).await.as_ref(), Some(&kept));
     assert!(p.log().contains("ACME: serving the kept certificate"));
 }
