@@ -286,7 +286,18 @@ async fn issues_renews_and_keeps_a_certificate_from_pebble() {
         .await
         .expect("the kept certificate is served at once");
     assert_eq!(served, kept);
+    // SIGHUP makes a check, not an order (the certificate is not due), nor an exit.
+    let pid = p.pid().expect("running").to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(p.is_running(), "SIGHUP ended the server:\n{}", p.log());
+    assert!(p.log().contains("SIGHUP: checking the ACME certificate"));
     assert_eq!(orders(&p), before, "ordered again after a restart:\n{}", p.log());
     assert_eq!(pebble.orders(), pebble_before, "pebble saw a new order");
     assert_eq!(presented(&p, &root).await.as_ref(), Some(&kept));

@@ -9,9 +9,9 @@
 //!   not expired is served at once. Otherwise HTTPS starts with a temporary self-signed
 //!   certificate for the domains (browsers refuse it, nothing crashes) until the first
 //!   order is issued, seconds later when the CA can reach the redirect listener.
-//! * **Renewal.** A background task checks every `tls.acme_check_interval_secs` (and
-//!   retries a failed order after at most [`RETRY_AFTER_FAILURE`]); when the certificate in
-//!   use expires within `tls.acme_renew_before_days` it orders a new one, keeps it, and
+//! * **Renewal.** A background task checks every `tls.acme_check_interval_secs` and on
+//!   SIGHUP (and retries a failed order after at most [`RETRY_AFTER_FAILURE`]); when the
+//!   certificate in use expires within `tls.acme_renew_before_days` it orders a new one, keeps it, and
 //!   swaps it into [`Certificates`] without a restart. Handshakes already done keep the old.
 //! * **Challenges.** HTTP-01 only: [`Challenges`] holds the key authorizations of the
 //!   order in flight, and the plain redirect listener (`tls::redirect_router`) answers
@@ -148,8 +148,18 @@ impl Acme {
         }
     }
 
-    /// Checks now and then every `check_every`, ordering when due, until `shutdown`.
+    /// Checks now, then every `check_every` and on SIGHUP, ordering when due, until
+    /// `shutdown`.
     pub fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Handled, as with certificate files, so SIGHUP never ends the server.
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler");
+                None
+            }
+        };
         tokio::spawn(async move {
             loop {
                 let mut wait = self.check_every;
@@ -166,6 +176,12 @@ impl Acme {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
+                    Some(()) = async {
+                        match hangup.as_mut() {
+                            Some(h) => h.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => tracing::info!("SIGHUP: checking the ACME certificate"),
                 }
             }
         });
