@@ -285,9 +285,14 @@ pub struct ServeArgs {
     /// The certificate's private key (PEM).
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
-    /// Also listen for plain HTTP on ADDR, redirecting every request to HTTPS (308).
+    /// Also listen for plain HTTP on ADDR, redirecting every request to HTTPS (308) and
+    /// answering ACME HTTP-01 challenges.
     #[arg(long, value_name = "ADDR")]
     pub redirect_listen: Option<String>,
+    /// Get (and renew) the certificate for DOMAIN by ACME, Let's Encrypt unless
+    /// tls.acme_directory says otherwise; repeatable. Needs --redirect-listen.
+    #[arg(long, value_name = "DOMAIN")]
+    pub acme: Vec<String>,
 }
 
 /// How a command finds the running server: its data dir (as `plait serve` was given).

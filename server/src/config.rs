@@ -81,8 +81,23 @@ pub struct TlsSettings {
     /// restart; SIGHUP loads it at once).
     pub reload_interval_secs: u64,
     /// A plain-HTTP listener (e.g. `0.0.0.0:80`) that answers every request with a 308
-    /// redirect to the same path over HTTPS. Default: none.
+    /// redirect to the same path over HTTPS. Default: none. With ACME it also answers the
+    /// HTTP-01 challenges, so ACME needs it (on port 80 for a public CA).
     pub redirect_listen: Option<String>,
+    /// Domains to get a certificate for by ACME (`--acme`), instead of `cert` and `key`.
+    /// One certificate covers them all. Default: none.
+    pub acme_domains: Vec<String>,
+    /// The ACME directory URL. Default: Let's Encrypt production.
+    pub acme_directory: String,
+    /// A contact address given to the CA with the account (expiry warnings). Default: none.
+    pub acme_email: Option<String>,
+    /// A PEM root certificate to verify the ACME server's own HTTPS with, instead of the
+    /// usual web roots (a test CA such as pebble). Default: none.
+    pub acme_ca_file: Option<PathBuf>,
+    /// A new certificate is ordered when the kept one expires within this many days.
+    pub acme_renew_before_days: u64,
+    /// How often the certificate's expiry is checked (and a failed order retried).
+    pub acme_check_interval_secs: u64,
 }
 
 impl Default for TlsSettings {
@@ -92,6 +107,12 @@ impl Default for TlsSettings {
             key: None,
             reload_interval_secs: 60,
             redirect_listen: None,
+            acme_domains: Vec::new(),
+            acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+            acme_email: None,
+            acme_ca_file: None,
+            acme_renew_before_days: 30,
+            acme_check_interval_secs: 12 * 3600,
         }
     }
 }
@@ -99,7 +120,12 @@ impl Default for TlsSettings {
 impl TlsSettings {
     /// Whether HTTPS is on.
     pub fn enabled(&self) -> bool {
-        self.cert.is_some()
+        self.cert.is_some() || self.acme()
+    }
+
+    /// Whether the certificate comes from ACME.
+    pub fn acme(&self) -> bool {
+        !self.acme_domains.is_empty()
     }
 }
 
@@ -358,6 +384,9 @@ pub struct Overrides {
     /// `--tls-key`.
     #[serde(skip)]
     pub tls_key: Option<PathBuf>,
+    /// `--acme` (replaces `tls.acme_domains` when given).
+    #[serde(skip)]
+    pub acme: Vec<String>,
     /// `--redirect-listen`.
     #[serde(skip)]
     pub redirect_listen: Option<String>,
@@ -418,6 +447,9 @@ impl Config {
         if let Some(key) = &overrides.tls_key {
             cfg.tls.key = Some(key.clone());
         }
+        if !overrides.acme.is_empty() {
+            cfg.tls.acme_domains = overrides.acme.clone();
+        }
         if let Some(addr) = &overrides.redirect_listen {
             cfg.tls.redirect_listen = Some(addr.clone());
         }
@@ -441,7 +473,18 @@ impl Config {
             return Err("tls.cert and tls.key (--tls-cert, --tls-key) go together".into());
         }
         if self.tls.redirect_listen.is_some() && !self.tls.enabled() {
-            return Err("tls.redirect_listen (--redirect-listen) needs HTTPS: tls.cert and tls.key".into());
+            return Err("tls.redirect_listen (--redirect-listen) needs HTTPS: tls.cert and tls.key, or tls.acme_domains".into());
+        }
+        if self.tls.acme() {
+            if self.tls.cert.is_some() {
+                return Err("tls.acme_domains (--acme) and tls.cert (--tls-cert) exclude each other".into());
+            }
+            if self.tls.redirect_listen.is_none() {
+                return Err("tls.acme_domains (--acme) needs tls.redirect_listen (--redirect-listen): ACME HTTP-01 challenges are answered there".into());
+            }
+            if self.tls.acme_check_interval_secs == 0 {
+                return Err("tls.acme_check_interval_secs must be at least 1".into());
+            }
         }
         if self.limits.tls_handshake_timeout_secs == 0 {
             return Err("limits.tls_handshake_timeout_secs must be at least 1".into());
@@ -580,6 +623,38 @@ mod tests {
             };
             let e = Config::load(None, &o).unwrap_err();
             assert!(e.contains("needs HTTPS"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn acme_needs_the_redirect_listener_and_excludes_certificate_files() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "plait.toml",
+                "[tls]\nacme_domains = [\"a.example\"]\nacme_renew_before_days = 10\nredirect_listen = \"0.0.0.0:80\"\n",
+            )?;
+            let c = Config::load(Some(Path::new("plait.toml")), &Overrides::default()).unwrap();
+            assert!(c.tls.enabled() && c.tls.acme());
+            assert_eq!(c.tls.acme_renew_before_days, 10);
+            assert!(c.tls.acme_directory.contains("letsencrypt.org"));
+            let o = Overrides {
+                acme: vec!["b.example".into()],
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("plait.toml")), &o).unwrap();
+            assert_eq!(c.tls.acme_domains, ["b.example"]);
+            let e = Config::load(None, &o).unwrap_err();
+            assert!(e.contains("needs tls.redirect_listen"), "{e}");
+            let o = Overrides {
+                acme: vec!["b.example".into()],
+                tls_cert: Some("c.pem".into()),
+                tls_key: Some("k.pem".into()),
+                redirect_listen: Some("127.0.0.1:80".into()),
+                ..Default::default()
+            };
+            let e = Config::load(None, &o).unwrap_err();
+            assert!(e.contains("exclude each other"), "{e}");
             Ok(())
         });
     }

@@ -120,6 +120,7 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         redirect_listen: args.redirect_listen,
+        acme: args.acme,
     };
     let cfg = Config::load(args.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
     init_logging(cfg.log_format);

@@ -209,42 +209,65 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
-    let https = match (&cfg.tls.cert, &cfg.tls.key) {
-        (Some(cert), Some(key)) => {
-            let tls = Arc::new(
-                http::tls::Tls::new(
-                    cert,
-                    key,
-                    std::time::Duration::from_secs(cfg.limits.tls_handshake_timeout_secs),
-                )
-                .context("loading the TLS certificate")?,
-            );
-            tls.watch(
-                std::time::Duration::from_secs(cfg.tls.reload_interval_secs),
-                shutdown.clone(),
-            );
-            let redirect = match &cfg.tls.redirect_listen {
-                Some(at) => {
-                    let l = TcpListener::bind(at)
-                        .await
-                        .with_context(|| format!("listening on {at} (tls.redirect_listen)"))?;
-                    let public = cfg
-                        .public_url
-                        .as_deref()
-                        .and_then(|u| u.parse::<::http::Uri>().ok())
-                        .filter(|u| u.scheme_str() == Some("https"));
-                    let target = http::tls::RedirectTarget {
-                        authority: public.and_then(|u| u.authority().cloned()),
-                        https_port: addr.port(),
-                    };
-                    tracing::info!(addr = %l.local_addr()?, "redirecting plain HTTP to HTTPS");
-                    Some((l, target))
-                }
-                None => None,
-            };
-            Some(http::Https { tls, redirect })
-        }
-        _ => None,
+    let https = if cfg.tls.enabled() {
+        let handshake_timeout = std::time::Duration::from_secs(cfg.limits.tls_handshake_timeout_secs);
+        let (tls, acme) = match (&cfg.tls.cert, &cfg.tls.key) {
+            (Some(cert), Some(key)) => {
+                let tls = Arc::new(
+                    http::tls::Tls::new(cert, key, handshake_timeout)
+                        .context("loading the TLS certificate")?,
+                );
+                tls.watch(
+                    std::time::Duration::from_secs(cfg.tls.reload_interval_secs),
+                    shutdown.clone(),
+                );
+                (tls, None)
+            }
+            _ => {
+                let provider = http::tls::provider();
+                let acme = Arc::new(
+                    http::acme::Acme::new(&cfg.tls, &data_dir, provider.clone()).context("starting ACME")?,
+                );
+                let tls = Arc::new(http::tls::Tls::with_certificates(
+                    acme.certificates(),
+                    provider,
+                    handshake_timeout,
+                )?);
+                (tls, Some(acme))
+            }
+        };
+        let redirect = match &cfg.tls.redirect_listen {
+            Some(at) => {
+                let l = TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("listening on {at} (tls.redirect_listen)"))?;
+                let public = cfg
+                    .public_url
+                    .as_deref()
+                    .and_then(|u| u.parse::<::http::Uri>().ok())
+                    .filter(|u| u.scheme_str() == Some("https"));
+                let target = http::tls::RedirectTarget {
+                    authority: public.and_then(|u| u.authority().cloned()),
+                    https_port: addr.port(),
+                };
+                tracing::info!(addr = %l.local_addr()?, "redirecting plain HTTP to HTTPS");
+                Some((l, target))
+            }
+            None => None,
+        };
+        // Ordering starts once the redirect listener is bound: the CA connects to it.
+        let challenges = acme.map(|acme| {
+            let challenges = acme.challenges();
+            acme.run(shutdown.clone());
+            challenges
+        });
+        Some(http::Https {
+            tls,
+            redirect,
+            challenges,
+        })
+    } else {
+        None
     };
     crate::service::spawn_signals(shutdown.clone(), cfg.clone(), reload);
     crate::service::spawn_watchdog();

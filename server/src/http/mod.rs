@@ -13,6 +13,7 @@
 //! in-flight requests get `limits.shutdown_grace_secs` to finish, and then the process
 //! exits.
 
+pub mod acme;
 pub mod conn;
 pub mod error;
 pub mod forwarded;
@@ -349,6 +350,8 @@ pub struct Https {
     pub tls: Arc<tls::Tls>,
     /// `tls.redirect_listen`: its listener and where it sends clients.
     pub redirect: Option<(TcpListener, tls::RedirectTarget)>,
+    /// With ACME: the HTTP-01 answers the redirect listener gives.
+    pub challenges: Option<Arc<acme::Challenges>>,
 }
 
 /// What every connection of every listener shares: the caps, the protocol settings, the
@@ -403,13 +406,14 @@ pub async fn serve(listener: TcpListener, app: App, https: Option<Https>) {
         idle: Duration::from_secs(limits.idle_timeout_secs.max(1)),
         body_timeout: Duration::from_secs(limits.body_read_timeout_secs.max(1)),
     });
-    let (tls, redirect) = match https {
-        Some(h) => (Some(h.tls), h.redirect),
-        None => (None, None),
+    let (tls, redirect, challenges) = match https {
+        Some(h) => (Some(h.tls), h.redirect, h.challenges),
+        None => (None, None, None),
     };
     let redirecting = async {
         if let Some((listener, target)) = redirect {
-            accept_loop(listener, tls::redirect_router(target), None, &accepting).await;
+            let router = tls::redirect_router(target, challenges);
+            accept_loop(listener, router, None, &accepting).await;
         }
     };
     tokio::join!(accept_loop(listener, router, tls, &accepting), redirecting);

@@ -16,8 +16,11 @@
 //! * **Protocols.** ALPN offers `h2` then `http/1.1`; hyper's automatic builder then reads
 //!   the preface, so a client without ALPN gets HTTP/1.1.
 //! * **Redirects.** [`redirect_router`] answers every request with `308 Permanent Redirect`
-//!   to the same path on the HTTPS origin. (It is where ACME HTTP-01 challenges will be
-//!   answered.)
+//!   to the same path on the HTTPS origin, except ACME HTTP-01 challenges
+//!   (`/.well-known/acme-challenge/TOKEN`), answered from `http::acme`'s open orders.
+//! * **ACME.** With `tls.acme_domains` the certificate is not read from files:
+//!   [`Certificates::fixed`] holds it and `http::acme` swaps in each new one
+//!   ([`Certificates::set`]).
 //!
 //! Knows nothing of routes, Braid or the engine; the accept loop (`http::serve`) decides
 //! what runs on the connection once the handshake is done.
@@ -78,12 +81,19 @@ impl HandshakeError {
 /// then of the key. A change of either makes a reload.
 type Stamp = [(Option<SystemTime>, u64); 2];
 
-/// The server's certificate chain and key, reloaded when their files change.
+/// The server's certificate chain and key: reloaded when their files change, or set by
+/// the ACME task (`http::acme`).
 pub struct Certificates {
+    /// `None` when the certificate is not read from files (ACME sets it).
+    files: Option<Files>,
+    current: ArcSwap<CertifiedKey>,
+}
+
+/// The certificate and key files given by `tls.cert` and `tls.key`.
+struct Files {
     cert: PathBuf,
     key: PathBuf,
     provider: Arc<CryptoProvider>,
-    current: ArcSwap<CertifiedKey>,
     /// The files as they were when last loaded or tried; a failed try is not repeated
     /// until they change again (so a bad file is logged once, not every tick).
     seen: Mutex<Stamp>,
@@ -92,8 +102,8 @@ pub struct Certificates {
 impl std::fmt::Debug for Certificates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Certificates")
-            .field("cert", &self.cert)
-            .field("key", &self.key)
+            .field("cert", &self.files.as_ref().map(|f| &f.cert))
+            .field("key", &self.files.as_ref().map(|f| &f.key))
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +121,12 @@ fn stamp(path: &Path) -> (Option<SystemTime>, u64) {
     }
 }
 
+/// The crypto provider of every TLS listener (aws-lc-rs: the libp2p node's QUIC already
+/// builds it, so it costs nothing more).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
 impl Certificates {
     /// Loads the certificate chain (PEM, leaf first) and private key (PEM: PKCS#8, PKCS#1
     /// or SEC1).
@@ -118,30 +134,49 @@ impl Certificates {
         let seen = [stamp(cert), stamp(key)];
         let loaded = read_pair(cert, key, &provider)?;
         Ok(Certificates {
-            cert: cert.to_path_buf(),
-            key: key.to_path_buf(),
-            provider,
+            files: Some(Files {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+                provider,
+                seen: Mutex::new(seen),
+            }),
             current: ArcSwap::from_pointee(loaded),
-            seen: Mutex::new(seen),
         })
+    }
+
+    /// A certificate not read from files: it changes only by [`Certificates::set`].
+    pub fn fixed(key: CertifiedKey) -> Self {
+        Certificates {
+            files: None,
+            current: ArcSwap::from_pointee(key),
+        }
+    }
+
+    /// Puts `key` in use for every handshake from now on.
+    pub fn set(&self, key: CertifiedKey) {
+        self.current.store(Arc::new(key));
     }
 
     /// Loads the files again if they changed since they were last seen; with `force`
     /// (SIGHUP), even if they look the same. Returns whether a new certificate is in use.
     /// A pair that does not load leaves the current one in place (and is logged).
+    /// Without files (ACME), does nothing.
     pub fn reload(&self, force: bool) -> bool {
-        let now = [stamp(&self.cert), stamp(&self.key)];
+        let Some(files) = &self.files else {
+            return false;
+        };
+        let now = [stamp(&files.cert), stamp(&files.key)];
         {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = files.seen.lock().unwrap_or_else(|e| e.into_inner());
             if !force && *seen == now {
                 return false;
             }
             *seen = now;
         }
-        match read_pair(&self.cert, &self.key, &self.provider) {
+        match read_pair(&files.cert, &files.key, &files.provider) {
             Ok(new) => {
                 self.current.store(Arc::new(new));
-                tracing::info!(cert = %self.cert.display(), "loaded a new TLS certificate");
+                tracing::info!(cert = %files.cert.display(), "loaded a new TLS certificate");
                 true
             }
             Err(e) => {
@@ -150,6 +185,23 @@ impl Certificates {
             }
         }
     }
+}
+
+/// A certificate chain (PEM, leaf first) and its private key (PEM) as rustls uses them;
+/// the error says what is wrong (no certificate, bad PEM, a key that does not fit).
+pub fn certified_key(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, String> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if chain.is_empty() {
+        return Err("no PEM certificate".into());
+    }
+    let private = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| e.to_string())?;
+    CertifiedKey::from_der(chain, private, provider).map_err(|e| e.to_string())
 }
 
 fn read_pair(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, CertError> {
@@ -193,9 +245,17 @@ impl Tls {
     /// Loads `cert` and `key` and makes the acceptor (TLS 1.2 and 1.3, ALPN `h2` and
     /// `http/1.1`).
     pub fn new(cert: &Path, key: &Path, handshake_timeout: Duration) -> Result<Tls, anyhow::Error> {
-        // aws-lc-rs: the libp2p node's QUIC already builds it, so it costs nothing more.
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = provider();
         let certificates = Arc::new(Certificates::load(cert, key, provider.clone())?);
+        Tls::with_certificates(certificates, provider, handshake_timeout)
+    }
+
+    /// The acceptor for certificates that come from elsewhere (ACME).
+    pub fn with_certificates(
+        certificates: Arc<Certificates>,
+        provider: Arc<CryptoProvider>,
+        handshake_timeout: Duration,
+    ) -> Result<Tls, anyhow::Error> {
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
@@ -296,9 +356,28 @@ impl RedirectTarget {
     }
 }
 
-/// The plain listener's routes: a `308` to HTTPS for every request.
-pub fn redirect_router(target: RedirectTarget) -> axum::Router {
-    axum::Router::new().fallback(move |req: http::Request<axum::body::Body>| {
+/// The plain listener's routes: ACME HTTP-01 answers from `challenges` (when ACME is on)
+/// at `/.well-known/acme-challenge/TOKEN`, and a `308` to HTTPS for every other request.
+pub fn redirect_router(
+    target: RedirectTarget,
+    challenges: Option<Arc<super::acme::Challenges>>,
+) -> axum::Router {
+    let mut router = axum::Router::new();
+    if let Some(challenges) = challenges {
+        router = router.route(
+            "/.well-known/acme-challenge/{token}",
+            axum::routing::get(
+                move |axum::extract::Path(token): axum::extract::Path<String>| async move {
+                    use axum::response::IntoResponse as _;
+                    match challenges.answer(&token) {
+                        Some(key_authorization) => key_authorization.into_response(),
+                        None => http::StatusCode::NOT_FOUND.into_response(),
+                    }
+                },
+            ),
+        );
+    }
+    router.fallback(move |req: http::Request<axum::body::Body>| {
         let target = target.clone();
         async move {
             use axum::response::IntoResponse as _;
