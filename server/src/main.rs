@@ -87,11 +87,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr at `level` (`log_level`), unless `RUST_LOG` is set: it wins.
+fn init_logging(format: LogFormat, level: &str) {
     // Kademlia warns when a node with no peers yet starts (every fresh install); the node
     // logs what matters about its network itself. `RUST_LOG` shows everything.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,libp2p_kad::behaviour=error"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::try_new(format!("{level},libp2p_kad::behaviour=error"))
+            .unwrap_or_else(|_| EnvFilter::new("info,libp2p_kad::behaviour=error"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -107,6 +110,7 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         database_url: args.database_url,
         log_format: args.log_format.map(Into::into),
+        log_level: args.log_level,
         web_dir: args.web_dir,
         proxy: args.proxy,
         p2p_listen: args.p2p_listen,
@@ -115,7 +119,7 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         public_writes: args.public_writes,
     };
     let cfg = Config::load(args.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
-    init_logging(cfg.log_format);
+    init_logging(cfg.log_format, &cfg.log_level);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -358,7 +362,7 @@ fn import_statebus(
         ..Default::default()
     };
     let cfg = Config::load(config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
-    init_logging(LogFormat::Text);
+    init_logging(LogFormat::Text, &cfg.log_level);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
