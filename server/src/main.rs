@@ -95,9 +95,13 @@ fn init_logging(format: LogFormat, level: &str) {
         EnvFilter::try_new(format!("{level},libp2p_kad::behaviour=error"))
             .unwrap_or_else(|_| EnvFilter::new("info,libp2p_kad::behaviour=error"))
     });
+    // A log line that cannot be written (stderr closed by whoever started the server) is
+    // dropped: tracing-subscriber would otherwise report it with `eprintln!`, which panics
+    // on the same closed stderr and takes the request (or the signal handler) with it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
