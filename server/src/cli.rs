@@ -258,6 +258,10 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormatArg>,
+    /// What is logged: a level (error, warn, info, debug, trace) or tracing directives;
+    /// `RUST_LOG`, when set, wins.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
     /// Forward requests whose path starts with PREFIX to the origin URL (repeatable), e.g.
     /// `--proxy /api=http://127.0.0.1:3000`.
     #[arg(long = "proxy", value_name = "PREFIX=URL")]

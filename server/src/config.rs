@@ -46,6 +46,11 @@ pub struct Config {
     pub database_pool: usize,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
+    /// What is logged: a level (`error`, `warn`, `info`, `debug`, `trace`) or `tracing`
+    /// directives (`info,plait_server::http=debug`). `RUST_LOG`, when set, wins.
+    pub log_level: String,
+    /// Prometheus metrics (`[metrics]`): their path, and a listener of their own.
+    pub metrics: MetricsSettings,
     pub limits: Limits,
     pub engine: EngineSettings,
     /// Path prefixes served by other servers (`[[proxy]]` tables; `--proxy PREFIX=URL`).
@@ -255,6 +260,46 @@ pub struct EngineSettings {
     pub correction_delay_ms: u64,
 }
 
+/// Where the Prometheus text is served.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Its path on the HTTP listener, where only the owner may read it (a state resource
+    /// of that path is then out of reach over HTTP); `""` serves no metrics there.
+    pub path: String,
+    /// An address of its own (`127.0.0.1:9464`) serving the same path to anyone who can
+    /// reach it, for a Prometheus without the owner's token. Default: none.
+    pub listen: Option<String>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            path: "/metrics".into(),
+            listen: None,
+        }
+    }
+}
+
+impl MetricsSettings {
+    /// The path on the separate listener: `path`, or `/metrics` when the HTTP listener
+    /// serves none.
+    pub fn listener_path(&self) -> &str {
+        match self.path.as_str() {
+            "" => "/metrics",
+            p => p,
+        }
+    }
+}
+
+/// Paths the server routes itself, which `[metrics] path` may not take.
+const ROUTED_PATHS: &[&str] = &[
+    "/",
+    "/.well-known/plait",
+    "/.well-known/plait/join",
+    "/_connect_to_statebus_/websocket",
+];
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -270,6 +315,8 @@ impl Default for Config {
             database_url: None,
             database_pool: 16,
             log_format: LogFormat::Text,
+            log_level: "info".into(),
+            metrics: MetricsSettings::default(),
             limits: Limits::default(),
             engine: EngineSettings::default(),
             proxy: Vec::new(),
@@ -362,6 +409,8 @@ pub struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub web_dir: Option<PathBuf>,
     /// Routes from the command line, added to those of the file.
     #[serde(skip)]
@@ -399,6 +448,7 @@ const ENV_SETTINGS: &[&str] = &[
     "database_url",
     "database_pool",
     "log_format",
+    "log_level",
     "public_url",
     "trusted_proxies",
 ];
@@ -425,6 +475,7 @@ impl Config {
                             || k.starts_with("p2p__")
                             || k.starts_with("access__")
                             || k.starts_with("tls__")
+                            || k.starts_with("metrics__")
                     })
                     .split("__"),
             )
@@ -494,6 +545,20 @@ impl Config {
         }
         self.p2p.check()?;
         self.mirror.check()?;
+        let path = self.metrics.path.as_str();
+        if !path.is_empty() && (!path.starts_with('/') || ROUTED_PATHS.contains(&path)) {
+            return Err(format!(
+                "metrics.path {path:?} must start with / and not be one of {ROUTED_PATHS:?}"
+            ));
+        }
+        if let Some(addr) = &self.metrics.listen
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(format!("metrics.listen {addr:?} must be an address:port"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(format!("log_level {:?}: {e}", self.log_level));
+        }
         crate::http::forwarded::TrustedProxies::parse(&self.trusted_proxies)?;
         for r in &self.proxy {
             if !r.prefix.starts_with('/') {
@@ -678,6 +743,28 @@ mod tests {
         // This machine's hard limit: room for 10,000 subscribers and their writer.
         assert_eq!(connections_for_open_files(20_000, 16, false), 19_728);
         assert_eq!(connections_for_open_files(100, 16, false), 16);
+    }
+
+    #[test]
+    fn metrics_and_log_settings_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "plait.toml",
+                "log_level = \"debug\"\n[metrics]\npath = \"/m\"\nlisten = \"127.0.0.1:9464\"\n",
+            )?;
+            let c = Config::load(Some(Path::new("plait.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.metrics.path, "/m");
+            assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
+            assert_eq!(c.log_level, "debug");
+            jail.set_env("PLAIT_METRICS__PATH", "/.well-known/plait");
+            let e = Config::load(Some(Path::new("plait.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.contains("metrics.path"), "{e}");
+            jail.set_env("PLAIT_METRICS__PATH", "/metrics");
+            jail.set_env("PLAIT_LOG_LEVEL", "info,=[");
+            let e = Config::load(Some(Path::new("plait.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.contains("log_level"), "{e}");
+            Ok(())
+        });
     }
 
     #[test]

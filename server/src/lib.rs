@@ -11,6 +11,7 @@ pub mod doc;
 pub mod engine;
 pub mod federation;
 pub mod http;
+pub mod metrics;
 pub mod mirror;
 pub mod model;
 pub mod p2p;

@@ -91,14 +91,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr at `level` (`log_level`), unless `RUST_LOG` is set: it wins.
+fn init_logging(format: LogFormat, level: &str) {
     // Kademlia warns when a node with no peers yet starts (every fresh install); the node
     // logs what matters about its network itself. `RUST_LOG` shows everything.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,libp2p_kad::behaviour=error"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::try_new(format!("{level},libp2p_kad::behaviour=error"))
+            .unwrap_or_else(|_| EnvFilter::new("info,libp2p_kad::behaviour=error"))
+    });
+    // A log line that cannot be written (stderr closed by whoever started the server) is
+    // dropped: tracing-subscriber would otherwise report it with `eprintln!`, which panics
+    // on the same closed stderr and takes the request (or the signal handler) with it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
@@ -111,6 +118,7 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         database_url: args.database_url,
         log_format: args.log_format.map(Into::into),
+        log_level: args.log_level,
         web_dir: args.web_dir,
         proxy: args.proxy,
         p2p_listen: args.p2p_listen,
@@ -123,7 +131,7 @@ fn serve(args: plait_server::cli::ServeArgs) -> anyhow::Result<()> {
         acme: args.acme,
     };
     let cfg = Config::load(args.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
-    init_logging(cfg.log_format);
+    init_logging(cfg.log_format, &cfg.log_level);
     let file = args.config.clone();
     let reload: plait_server::service::Reload = Box::new(move || Config::load(file.as_deref(), &overrides));
     tokio::runtime::Builder::new_multi_thread()
@@ -363,7 +371,7 @@ fn store_config(store: plait_server::cli::StoreArgs) -> anyhow::Result<Config> {
         ..Default::default()
     };
     let cfg = Config::load(store.config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
-    init_logging(LogFormat::Text);
+    init_logging(LogFormat::Text, &cfg.log_level);
     Ok(cfg)
 }
 
@@ -467,7 +475,7 @@ fn import_statebus(
         ..Default::default()
     };
     let cfg = Config::load(config.as_deref(), &overrides).map_err(anyhow::Error::msg)?;
-    init_logging(LogFormat::Text);
+    init_logging(LogFormat::Text, &cfg.log_level);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

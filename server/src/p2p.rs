@@ -155,6 +155,19 @@ impl P2p {
         }
     }
 
+    /// How far each mirror is behind this instance's sealed chain (the mirrors its pushers
+    /// have reached so far); `None` without a mirror setup.
+    pub fn mirror_lag(&self) -> Option<crate::metrics::MirrorLag> {
+        let owner = &self.mirror.as_ref()?.owner;
+        let sealed = owner.sealed_seq();
+        let pending = owner
+            .push_status()
+            .into_iter()
+            .map(|(id, s)| (id, sealed.saturating_sub(s.acked)))
+            .collect();
+        Some(crate::metrics::MirrorLag { sealed, pending })
+    }
+
     /// Lets the admin socket add mirrors and report on them.
     pub fn with_mirror(mut self, mirror: Mirror) -> P2p {
         self.mirror = Some(mirror);

@@ -6,35 +6,84 @@
 //! The HTTP layer counts each error response it sends (one middleware, so no handler can
 //! forget), the Statebus websocket each refusal it tells a client (by the same codes), the
 //! accept loop each connection it turns away (at a connection cap, or a TLS handshake that
-//! failed or stalled). (Federation's refusals are logged, not yet
-//! counted.) Knows nothing of what the codes mean.
+//! failed or stalled). (Federation's refusals are logged, not yet counted.) The same tally
+//! is published as `plait_refusals_total` by `metrics`. Knows nothing of what the codes
+//! mean.
+//!
+//! **Logs.** Each refusal is logged here, once, with its reason: at `debug` every one
+//! (with who and what); at `info` the first of each code in a minute, with how many of
+//! that code went unlogged at `info` since. A client hammering a limit cannot flood the
+//! log at the default level, yet an operator sees every kind of refusal as it starts.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Distinct codes kept; codes are the server's own words, so this is never reached in
 /// practice, but a tally must not grow without bound.
 const MAX_CODES: usize = 256;
+/// At most one `info` line per code this often.
+const INFO_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct Refusals {
-    counts: Mutex<BTreeMap<String, u64>>,
+    counts: Mutex<BTreeMap<String, Tally>>,
 }
 
+#[derive(Default)]
+struct Tally {
+    count: u64,
+    /// When this code was last logged at `info`.
+    logged: Option<Instant>,
+    /// Refusals of this code since then, not logged at `info`.
+    since: u64,
+}
+
+/// The reason an HTTP error response gives (its body's text), carried as a response
+/// extension so the counting middleware can log it without reading the body.
+#[derive(Debug, Clone)]
+pub struct Reason(pub String);
+
 impl Refusals {
-    /// Counts one refusal with `code`.
-    pub fn count(&self, code: &str) {
+    /// Counts and logs one refusal: its `code` (`Plait-Error`), the `reason` the client
+    /// was told, the client's address when known, and what it asked (`what`: "PUT /notes",
+    /// "a connection", ...).
+    pub fn count(&self, code: &str, reason: &str, client: Option<IpAddr>, what: fmt::Arguments<'_>) {
+        tracing::debug!(code, reason, client = ?client, "refused {what}");
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(code) {
-            *n += 1;
-        } else if counts.len() < MAX_CODES {
-            counts.insert(code.to_string(), 1);
+        if !counts.contains_key(code) {
+            if counts.len() >= MAX_CODES {
+                return;
+            }
+            counts.insert(code.to_string(), Tally::default());
         }
+        let Some(tally) = counts.get_mut(code) else {
+            return;
+        };
+        tally.count += 1;
+        let now = Instant::now();
+        if tally.logged.is_some_and(|at| now.duration_since(at) < INFO_EVERY) {
+            tally.since += 1;
+            return;
+        }
+        let unlogged = std::mem::take(&mut tally.since);
+        tally.logged = Some(now);
+        drop(counts);
+        tracing::info!(
+            code,
+            reason,
+            client = ?client,
+            unlogged,
+            "refused {what} (the first `{code}` in a minute; `debug` logs each one)"
+        );
     }
 
     /// Refusals since start, by code.
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.iter().map(|(k, t)| (k.clone(), t.count)).collect()
     }
 }
 
@@ -45,16 +94,17 @@ mod tests {
     #[test]
     fn counts_by_code_and_stays_bounded() {
         let r = Refusals::default();
-        r.count("rate-limited");
-        r.count("rate-limited");
-        r.count("forbidden");
+        let count = |code: &str| r.count(code, "because", None, format_args!("a test"));
+        count("rate-limited");
+        count("rate-limited");
+        count("forbidden");
         assert_eq!(r.snapshot()["rate-limited"], 2);
         assert_eq!(r.snapshot()["forbidden"], 1);
         for i in 0..1000 {
-            r.count(&format!("c{i}"));
+            count(&format!("c{i}"));
         }
         assert_eq!(r.snapshot().len(), MAX_CODES);
-        r.count("rate-limited");
+        count("rate-limited");
         assert_eq!(r.snapshot()["rate-limited"], 3, "known codes still count");
     }
 }

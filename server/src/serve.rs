@@ -375,7 +375,18 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         statebus_messages: Arc::new(crate::statebus::MessageRate::new(
             cfg.limits.statebus_messages_per_second_per_address,
         )),
+        metrics: Arc::default(),
+        metrics_settings: cfg.metrics.clone(),
     };
+    app.metrics.upkeep(app.shutdown.clone());
+    if let Some(addr) = &cfg.metrics.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for metrics on {addr}"))?;
+        let at = listener.local_addr()?;
+        tokio::spawn(http::serve_metrics(listener, app.clone()));
+        tracing::info!("metrics on http://{at}{}", cfg.metrics.listener_path());
+    }
     // Idle addresses' message buckets are dropped once a minute.
     let messages = app.statebus_messages.clone();
     tokio::spawn(async move {

@@ -171,11 +171,13 @@ impl Plait {
         // Most tests write anonymously, as apps written for the reference servers do; the
         // access tests turn this off (an entry in `env` wins).
         cmd.env("PLAIT_ACCESS__PUBLIC_WRITES", "true");
+        // `PLAIT_TEST_LOG` becomes `RUST_LOG` (which wins over `log_level`); without it,
+        // the server's `log_level` decides (default `info`).
+        match std::env::var("PLAIT_TEST_LOG") {
+            Ok(filter) => cmd.env("RUST_LOG", filter),
+            Err(_) => cmd.env_remove("RUST_LOG"),
+        };
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        cmd.env(
-            "RUST_LOG",
-            std::env::var("PLAIT_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        );
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

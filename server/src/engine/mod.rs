@@ -146,6 +146,8 @@ pub struct WriteResult {
     pub version: Version,
     /// False when the write changed nothing (a repeat, or no difference).
     pub changed: bool,
+    /// The resource's kind.
+    pub kind: Kind,
 }
 
 /// The state readers see: the current representation of a resource.
@@ -216,6 +218,10 @@ pub struct Event {
     pub reaches: Option<Arc<State>>,
     /// The write that caused it, for echo suppression.
     pub origin: Option<Origin>,
+    /// When the actor published it, which is after its changes were committed (for a
+    /// change another process made, after this one read it): where delivery latency is
+    /// measured from.
+    pub committed: std::time::Instant,
     /// Cache of the Braid encoding, filled by the first subscriber that sends it; every
     /// subscriber at `parents` sends these same bytes.
     pub wire: OnceLock<Bytes>,
@@ -366,6 +372,8 @@ struct Inner {
     /// Live resources by row id, for notices from other processes (actors add themselves
     /// once they know their id).
     by_id: Arc<Mutex<HashMap<ResourceId, Weak<ResourceHandle>>>>,
+    /// Writes acknowledged since start, by kind (text, JSON, bytes), for metrics.
+    writes: [std::sync::atomic::AtomicU64; 3],
 }
 
 impl Engine {
@@ -381,6 +389,7 @@ impl Engine {
                 warm: Mutex::new(LruCache::new(cap)),
                 limiter: limits::Limiter::new(config.limits, config.owner),
                 by_id: Arc::new(Mutex::new(HashMap::new())),
+                writes: Default::default(),
                 config,
             }),
         };
@@ -496,6 +505,7 @@ impl Engine {
         if result.changed {
             limiter.count(&key.namespace, &writer, size);
         }
+        self.inner.writes[kind_index(result.kind)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(result)
     }
 
@@ -605,6 +615,13 @@ impl Engine {
         live.iter().map(|h| h.shared.events.receiver_count()).sum()
     }
 
+    /// Writes acknowledged since start (durable, or changing nothing), by kind; the
+    /// server's own writes (accounts, sessions, rules, imports) included.
+    pub fn writes_acknowledged(&self) -> [(Kind, u64); 3] {
+        use std::sync::atomic::Ordering::Relaxed;
+        [Kind::Text, Kind::Json, Kind::Bytes].map(|k| (k, self.inner.writes[kind_index(k)].load(Relaxed)))
+    }
+
     /// Resources currently in memory (for status).
     pub fn live_resources(&self) -> usize {
         self.inner
@@ -614,6 +631,14 @@ impl Engine {
             .values()
             .filter(|w| w.strong_count() > 0)
             .count()
+    }
+}
+
+fn kind_index(kind: Kind) -> usize {
+    match kind {
+        Kind::Text => 0,
+        Kind::Json => 1,
+        Kind::Bytes => 2,
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Gate {
     per_address: Mutex<HashMap<IpAddr, usize>>,
     refusals: Arc<Semaphore>,
     trusted: Arc<crate::http::forwarded::TrustedProxies>,
+    /// Connections open (the metric), moved by each [`Slot`].
+    open: metrics::Gauge,
 }
 
 /// Why a connection was refused.
@@ -71,6 +73,7 @@ impl Gate {
         max_connections: usize,
         max_per_address: usize,
         trusted: Arc<crate::http::forwarded::TrustedProxies>,
+        open: metrics::Gauge,
     ) -> Arc<Gate> {
         Arc::new(Gate {
             permits: Arc::new(Semaphore::new(max_connections)),
@@ -78,6 +81,7 @@ impl Gate {
             per_address: Mutex::new(HashMap::new()),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
             trusted,
+            open,
         })
     }
 
@@ -98,6 +102,7 @@ impl Gate {
         let mut slot = Slot {
             permit: None,
             address: counted.then(|| (self.clone(), ip)),
+            open: None,
         };
         slot.permit = Some(
             self.permits
@@ -105,6 +110,8 @@ impl Gate {
                 .try_acquire_owned()
                 .map_err(|_| Full::Server)?,
         );
+        self.open.increment(1.0);
+        slot.open = Some(self.open.clone());
         Ok(slot)
     }
 }
@@ -113,10 +120,15 @@ impl Gate {
 pub struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     address: Option<(Arc<Gate>, IpAddr)>,
+    /// The open-connections gauge, once the slot is taken.
+    open: Option<metrics::Gauge>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if let Some(open) = self.open.take() {
+            open.decrement(1.0);
+        }
         if let Some((gate, ip)) = self.address.take() {
             let mut map = gate.per_address.lock().expect("per-address counts");
             if let Some(n) = map.get_mut(&ip) {

@@ -128,6 +128,8 @@ impl ApiError {
             res.extensions_mut()
                 .insert(hyper::ext::ReasonPhrase::from_static(p.as_bytes()));
         }
+        // For the refusal's log line (`refusals`), which does not read bodies.
+        res.extensions_mut().insert(crate::refusals::Reason(self.reason));
         res
     }
 }

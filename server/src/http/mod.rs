@@ -75,41 +75,126 @@ pub struct App {
     pub refusals: Arc<crate::refusals::Refusals>,
     /// Statebus messages per client address (`limits.statebus_messages_per_second_per_address`).
     pub statebus_messages: Arc<crate::statebus::MessageRate>,
+    /// Connections, subscriptions, deliveries: what `[metrics] path` shows.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// `[metrics]`: where metrics are served.
+    pub metrics_settings: crate::config::MetricsSettings,
 }
 
-/// The routes: well-known resources, then every other path is a Braid resource.
+/// The routes: well-known resources and `[metrics] path`, then every other path is a
+/// Braid resource.
 pub fn router(app: App) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/.well-known/plait", get(well_known))
         // GET for HTTP/1.1, CONNECT for HTTP/2 (RFC 8441).
         .route(
             "/_connect_to_statebus_/websocket",
             get(statebus_websocket).connect(statebus_websocket),
         )
-        .route("/.well-known/plait/join", axum::routing::post(join))
+        .route("/.well-known/plait/join", axum::routing::post(join));
+    if !app.metrics_settings.path.is_empty() {
+        router = router.route(&app.metrics_settings.path, get(metrics_for_owner));
+    }
+    router
         .fallback(dispatch)
         .layer(axum::middleware::map_response(no_sniffing))
-        .layer(axum::middleware::map_response_with_state(
+        .layer(axum::middleware::from_fn_with_state(
             app.refusals.clone(),
             count_refusal,
         ))
         .with_state(app)
 }
 
-/// Tallies every refusal the HTTP layer sends: a client error or an unavailable server,
-/// by its `Plait-Error` code (or its status when it has none, such as a 404).
+/// Tallies (and logs) every refusal the HTTP layer sends: a client error or an
+/// unavailable server, by its `Plait-Error` code (or its status when it has none, such as
+/// a 404), with the reason it gave.
 async fn count_refusal(
     State(refusals): State<Arc<crate::refusals::Refusals>>,
-    res: axum::response::Response,
+    req: Request<Body>,
+    next: axum::middleware::Next,
 ) -> axum::response::Response {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let client = req.extensions().get::<Peer>().map(|p| p.0.ip());
+    let res = next.run(req).await;
     let status = res.status();
     if status.is_client_error() || status.is_server_error() {
-        match res.headers().get("plait-error").and_then(|v| v.to_str().ok()) {
-            Some(code) => refusals.count(code),
-            None => refusals.count(status.as_str()),
-        }
+        let code = res.headers().get("plait-error").and_then(|v| v.to_str().ok());
+        let reason = match res.extensions().get::<crate::refusals::Reason>() {
+            Some(r) => r.0.as_str(),
+            None => status.canonical_reason().unwrap_or("no reason given"),
+        };
+        refusals.count(
+            code.unwrap_or(status.as_str()),
+            reason,
+            client,
+            format_args!("{method} {} ({})", uri.path(), status.as_u16()),
+        );
     }
     res
+}
+
+/// `GET` of `[metrics] path` on the public listener: the Prometheus text, for the owner
+/// only (a token, the owner's signature or session), as other owner-only figures are.
+async fn metrics_for_owner(
+    State(app): State<App>,
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+) -> axum::response::Response {
+    let auth = match resource::authenticate(&app, &method, &uri, &headers).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    match auth.caller {
+        crate::access::Caller::Owner => metrics_text(&app).await,
+        c if c.is_anonymous() => {
+            error::ApiError::unauthenticated("metrics are the owner's only").into_response()
+        }
+        _ => error::ApiError::forbidden("metrics are the owner's only").into_response(),
+    }
+}
+
+/// The Prometheus text of this server.
+async fn metrics_text(app: &App) -> axum::response::Response {
+    let text = app
+        .metrics
+        .render(crate::metrics::Sources {
+            engine: &app.engine,
+            refusals: &app.refusals,
+            p2p: app.p2p.as_deref(),
+        })
+        .await;
+    let mut res = axum::response::Response::new(Body::from(text));
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    res
+}
+
+/// Serves `[metrics] path` alone, to whoever reaches `listener` (`[metrics] listen`: an
+/// address only the operator's Prometheus can reach), until shutdown.
+pub async fn serve_metrics(listener: TcpListener, app: App) {
+    let path = app.metrics_settings.listener_path().to_string();
+    let shutdown = app.shutdown.clone();
+    let router = Router::new()
+        .route(
+            &path,
+            get(|State(app): State<App>| async move { metrics_text(&app).await }),
+        )
+        .layer(axum::middleware::map_response(no_sniffing))
+        .with_state(app);
+    let served = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.cancelled().await;
+    });
+    if let Err(e) = served.await {
+        tracing::warn!(error = %e, "the metrics listener failed");
+    }
 }
 
 /// Every response's type is what it says: browsers never guess one (a state written as
@@ -229,6 +314,7 @@ async fn statebus_websocket(
                 shutdown: app.shutdown,
                 refusals: app.refusals,
                 messages: app.statebus_messages,
+                metrics: app.metrics,
             };
             let session =
                 crate::statebus::session::run(socket, services, peer.ip(), auth.caller, auth.session);
@@ -337,7 +423,7 @@ async fn join(State(app): State<App>, req: Request<Body>) -> axum::response::Res
 }
 
 /// Resident memory of this process (Linux: `/proc/self/statm`), for status and load tests.
-fn rss_bytes() -> Option<u64> {
+pub(crate) fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf only reads a system setting.
@@ -374,12 +460,13 @@ pub async fn serve(listener: TcpListener, app: App, https: Option<Https>) {
     let shutdown = app.shutdown.clone();
     let trusted = app.trusted_proxies.clone();
     let refusals = app.refusals.clone();
-    let router = router(app);
     let gate = conn::Gate::new(
         limits.max_connections,
         limits.max_connections_per_address,
         trusted.clone(),
+        app.metrics.connections(),
     );
+    let router = router(app);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -449,8 +536,14 @@ async fn accept_loop(listener: TcpListener, router: Router, tls: Option<Arc<tls:
         let slot = match a.gate.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(full) => {
-                tracing::debug!(%peer, ?full, "connection refused: at a connection cap");
-                a.refusals.count(full.code());
+                let reason = match full {
+                    conn::Full::Server => "limits.max_connections connections are open",
+                    conn::Full::Address => {
+                        "limits.max_connections_per_address connections are open from this address"
+                    }
+                };
+                a.refusals
+                    .count(full.code(), reason, Some(peer.ip()), format_args!("a connection"));
                 // Plain bytes: a TLS client sees a failed handshake, and retries too.
                 conn::refuse(&a.gate, stream, full, RETRY_AFTER_SECS);
                 continue;
@@ -472,10 +565,12 @@ async fn accept_loop(listener: TcpListener, router: Router, tls: Option<Arc<tls:
                     };
                     match handshake {
                         Ok(io) => serve_connection(TokioIo::new(io), peer, true, router, &a2).await,
-                        Err(e) => {
-                            tracing::debug!(%peer, error = %e, "connection refused: TLS handshake");
-                            a2.refusals.count(e.code());
-                        }
+                        Err(e) => a2.refusals.count(
+                            e.code(),
+                            "the TLS handshake failed or did not finish in time",
+                            Some(peer.ip()),
+                            format_args!("a connection: {e}"),
+                        ),
                     }
                 }
             }

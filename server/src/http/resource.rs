@@ -5,6 +5,7 @@
 //! written with [`crate::braid::frame`]. This module is the only one that sees both HTTP
 //! and the engine.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -440,7 +441,14 @@ async fn subscribe(
     let mut res = Response::new(if head {
         Body::empty()
     } else {
-        Body::from_stream(updates(sub, json, braid.heartbeats, app.shutdown.clone(), reader))
+        Body::from_stream(updates(
+            sub,
+            json,
+            braid.heartbeats,
+            app.shutdown.clone(),
+            reader,
+            app.metrics.clone(),
+        ))
     });
     *res.status_mut() = StatusCode::from_u16(209).expect("209");
     res.extensions_mut()
@@ -478,7 +486,9 @@ fn updates(
     heartbeats: Option<Duration>,
     shutdown: CancellationToken,
     reader: Reader,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    use crate::metrics::Protocol::Braid;
     struct St {
         sub: Subscription,
         json: bool,
@@ -487,6 +497,9 @@ fn updates(
         /// every subscriber polls it for every update).
         shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
         reader: Reader,
+        metrics: Arc<crate::metrics::Metrics>,
+        /// Counts the subscription as open while the stream lives.
+        _open: crate::metrics::Subscribed,
     }
     let beat = heartbeats.map(|d| {
         let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
@@ -501,6 +514,8 @@ fn updates(
             beat,
             shutdown,
             reader,
+            _open: metrics.subscribed(Braid),
+            metrics,
         },
         |mut st| async move {
             loop {
@@ -515,8 +530,15 @@ fn updates(
                         continue;
                     }
                     d = st.sub.next() => match d? {
-                        Delivery::Shared(ev) => ev.wire.get_or_init(|| frame::encode_update(&ev.update())).clone(),
-                        Delivery::Own(u) => encode_for(&u, st.json),
+                        Delivery::Shared(ev) => {
+                            let bytes = ev.wire.get_or_init(|| frame::encode_update(&ev.update())).clone();
+                            st.metrics.delivered(Braid, Some(ev.committed));
+                            bytes
+                        }
+                        Delivery::Own(u) => {
+                            st.metrics.delivered(Braid, None);
+                            encode_for(&u, st.json)
+                        }
                     },
                     _ = async { st.beat.as_mut().expect("guarded").tick().await }, if st.beat.is_some() => {
                         Bytes::from_static(frame::HEARTBEAT)

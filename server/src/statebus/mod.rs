@@ -37,6 +37,8 @@ pub struct Services {
     pub refusals: Arc<crate::refusals::Refusals>,
     /// How fast each client address's messages are read.
     pub messages: Arc<MessageRate>,
+    /// Where subscriptions and deliveries are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Paces the messages read from each client address over all its Statebus websockets

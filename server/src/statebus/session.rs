@@ -30,6 +30,7 @@ use super::wire::{self, ClientMessage, Dialect};
 use crate::access::accounts::{Account, AccountError};
 use crate::access::{Caller, Op, Refusal};
 use crate::engine::{Delivery, Write};
+use crate::metrics::Protocol;
 use crate::model::ResourceKey;
 use crate::update::{Patch, Range, UpdateBody, WriteBody};
 
@@ -159,18 +160,24 @@ impl Session {
 
     /// Tells the client why, with a machine-readable refusal.
     async fn refused(&self, r: &Refusal, key: &str) {
-        self.svc
-            .refusals
-            .count(crate::http::error::ApiError::from(r.clone()).code());
+        self.svc.refusals.count(
+            crate::http::error::ApiError::from(r.clone()).code(),
+            &r.reason,
+            Some(self.ip),
+            format_args!("statebus {} {key}", r.op.name()),
+        );
         self.send(wire::refusal(r, key)).await;
     }
 
     /// Tells the client why the engine refused its write or delete.
     async fn engine_refused(&self, e: crate::engine::EngineError, key: &str) {
         let reason = e.to_string();
-        self.svc
-            .refusals
-            .count(crate::http::error::ApiError::from(e).code());
+        self.svc.refusals.count(
+            crate::http::error::ApiError::from(e).code(),
+            &reason,
+            Some(self.ip),
+            format_args!("statebus write to {key}"),
+        );
         self.error(&reason, Some(key)).await;
     }
 
@@ -182,10 +189,21 @@ impl Session {
         self.send(wire::error(reason, about)).await;
     }
 
+    /// Tells the client why, counting the refusal under `code` (as HTTP would send it).
+    async fn refuse(&self, code: &str, reason: &str, about: Option<&str>) {
+        self.svc.refusals.count(
+            code,
+            reason,
+            Some(self.ip),
+            format_args!("statebus message about {}", about.unwrap_or("nothing")),
+        );
+        self.error(reason, about).await;
+    }
+
     async fn handle(&mut self, text: &str) {
         let (dialect, msg) = match wire::parse(text) {
             Ok(x) => x,
-            Err(e) => return self.error(&e.reason, e.about.as_deref()).await,
+            Err(e) => return self.refuse("bad-request", &e.reason, e.about.as_deref()).await,
         };
         self.dialect.get_or_insert(dialect);
         match msg {
@@ -248,7 +266,8 @@ impl Session {
         // Each followed key holds a task and a subscription until `forget` or close.
         let max = self.svc.limits.max_statebus_subscriptions;
         if self.subs.len() >= max {
-            self.error(
+            self.refuse(
+                "too-many-subscriptions",
                 &format!(
                     "this connection already follows {max} keys (limits.max_statebus_subscriptions); forget some first"
                 ),
@@ -644,6 +663,7 @@ async fn forward(
         }
     };
     let mut rules = svc.access.watch(rk.clone());
+    let _open = svc.metrics.subscribed(Protocol::Statebus);
     loop {
         let d = tokio::select! {
             // A rule change is seen before any update that follows it.
@@ -662,9 +682,9 @@ async fn forward(
                 None => return,
             },
         };
-        let body = match &d {
-            Delivery::Shared(ev) => &ev.body,
-            Delivery::Own(u) => &u.body,
+        let (body, committed) = match &d {
+            Delivery::Shared(ev) => (&ev.body, Some(ev.committed)),
+            Delivery::Own(u) => (&u.body, None),
         };
         let val = match body {
             UpdateBody::Missing => None,
@@ -677,6 +697,7 @@ async fn forward(
         if out.send(wire::state(dialect, &key, val.as_ref())).await.is_err() {
             return;
         }
+        svc.metrics.delivered(Protocol::Statebus, committed);
     }
 }
 

@@ -172,6 +172,19 @@ pub enum StorageError {
     Failed(String),
 }
 
+/// A connection pool's figures (what deadpool tells).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Connections it may open at most.
+    pub max_size: usize,
+    /// Connections open now (idle or in use).
+    pub size: usize,
+    /// Of those, idle ones.
+    pub available: usize,
+    /// Tasks waiting for a connection.
+    pub waiting: usize,
+}
+
 /// Durable storage of resources and their change logs.
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
@@ -267,6 +280,16 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Bytes the segments of `namespace` occupy (descriptors and ciphertexts).
     async fn segment_bytes(&self, namespace: &Namespace) -> Result<u64, StorageError>;
+
+    /// Bytes all resources occupy (the sum of what [`Self::namespace_bytes`] counts, over
+    /// every namespace): the storage size metrics publish. One scan of the resources'
+    /// sizes, not of their changes.
+    async fn stored_bytes(&self) -> Result<u64, StorageError>;
+
+    /// The connection pool as it is now, for a store that has one (Postgres).
+    fn pool_status(&self) -> Option<PoolStatus> {
+        None
+    }
 
     /// A small instance-wide setting (e.g. which identity owns this database).
     async fn get_setting(&self, name: &str) -> Result<Option<String>, StorageError>;

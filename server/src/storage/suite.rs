@@ -134,6 +134,15 @@ async fn namespace_bytes_follow_the_log(s: Arc<dyn Storage>) {
         .await
         .unwrap();
     assert_eq!(s.namespace_bytes(&id).await.unwrap(), 150 + 32 + 1000);
+    let other = Keypair::generate();
+    s.append(
+        create(&key(&other, "o"), Kind::Text),
+        vec![change("c-0", &[3; 7])],
+    )
+    .await
+    .unwrap();
+    // The store's total is every namespace's.
+    assert_eq!(s.stored_bytes().await.unwrap(), 150 + 32 + 1000 + 7);
     // A snapshot replaces the changes it folds.
     s.save_snapshot(a.resource, 2, Bytes::from_static(&[0; 20]))
         .await
@@ -143,6 +152,7 @@ async fn namespace_bytes_follow_the_log(s: Arc<dyn Storage>) {
     assert_eq!(s.namespace_bytes(&id).await.unwrap(), 20 + 32 + 1000);
     assert!(s.delete(&key(&ns, "img")).await.unwrap());
     assert_eq!(s.namespace_bytes(&id).await.unwrap(), 20);
+    assert_eq!(s.stored_bytes().await.unwrap(), 20 + 7);
     // Other namespaces are not counted.
     assert_eq!(
         s.namespace_bytes(&Keypair::generate().identity()).await.unwrap(),

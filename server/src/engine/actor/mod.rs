@@ -354,6 +354,7 @@ impl Actor {
             reaches: Some(self.current()),
             origin: None,
             wire: OnceLock::new(),
+            committed: std::time::Instant::now(),
         });
         Ok(())
     }
@@ -380,6 +381,7 @@ impl Actor {
     fn publish_event(&mut self, mut ev: Event) {
         self.event_seq += 1;
         ev.seq = self.event_seq;
+        ev.committed = std::time::Instant::now();
         if let Some(o) = &ev.origin
             && let Some(peer) = &o.peer
         {
@@ -464,6 +466,7 @@ impl Actor {
                 reaches: None,
                 origin: None,
                 wire: OnceLock::new(),
+                committed: std::time::Instant::now(),
             });
         }
         Ok(existed)

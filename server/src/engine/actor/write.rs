@@ -167,13 +167,22 @@ impl Actor {
                             write_parents: a.parents,
                         }),
                         wire: OnceLock::new(),
+                        committed: std::time::Instant::now(),
                     });
                 }
             }
         }
         if changes.is_empty() {
+            let kind = match &self.res {
+                Some(Res::Present(p)) => p.kind,
+                _ => Kind::Text,
+            };
             for (_, reply, v, changed) in replies {
-                let _ = reply.send(Ok(WriteResult { version: v, changed }));
+                let _ = reply.send(Ok(WriteResult {
+                    version: v,
+                    changed,
+                    kind,
+                }));
             }
             return None;
         }
@@ -203,6 +212,7 @@ impl Actor {
                 p.id = Some(app.resource);
                 p.known_through = app.last_seq;
                 p.since_snapshot += n;
+                let kind = p.kind;
                 let newly_known = self.registered != Some(app.resource);
                 self.publish_state();
                 let reached = self.current();
@@ -214,7 +224,11 @@ impl Actor {
                     self.publish_event(ev);
                 }
                 for (_, reply, v, changed) in replies {
-                    let _ = reply.send(Ok(WriteResult { version: v, changed }));
+                    let _ = reply.send(Ok(WriteResult {
+                        version: v,
+                        changed,
+                        kind,
+                    }));
                 }
                 if newly_known {
                     self.register();

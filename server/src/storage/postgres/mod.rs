@@ -923,6 +923,26 @@ impl Storage for PostgresStorage {
         Ok(n.max(0) as u64)
     }
 
+    async fn stored_bytes(&self) -> Result<u64, StorageError> {
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one("SELECT COALESCE(SUM(bytes), 0)::int8 FROM resources", &[])
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(n.max(0) as u64)
+    }
+
+    fn pool_status(&self) -> Option<super::PoolStatus> {
+        let s = self.pool.status();
+        Some(super::PoolStatus {
+            max_size: s.max_size,
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+        })
+    }
+
     async fn author_bytes(&self, author: &plait_bridge::Identity) -> Result<u64, StorageError> {
         let client = self.client().await?;
         let n: i64 = client

@@ -851,6 +851,17 @@ impl Storage for SqliteStorage {
         .await
     }
 
+    async fn stored_bytes(&self) -> Result<u64, StorageError> {
+        self.read(|conn| {
+            conn.query_row("SELECT COALESCE(SUM(bytes), 0) FROM resources", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n.max(0) as u64)
+            .map_err(sql_err)
+        })
+        .await
+    }
+
     async fn author_bytes(&self, author: &plait_bridge::Identity) -> Result<u64, StorageError> {
         let by = author.as_bytes().to_vec();
         self.read(move |conn| {
