@@ -110,7 +110,7 @@ fn the_systemd_unit_verifies() {
     ))
     .unwrap();
     assert!(
-        unit.contains("Type=notify") && unit.contains("WatchdogSec=") && unit.contains("DynamicUser=yes")
+        unit.contains("Type=notify") && unit.contains("WatchdogSec=") && unit.contains("User=plait")
     );
     assert!(unit.contains("ProtectSystem=strict") && unit.contains("StateDirectory=plait"));
     let dir = tempfile::tempdir().unwrap();
