@@ -5,6 +5,7 @@
 pub mod netns;
 pub mod node;
 pub mod pg;
+pub mod pki;
 pub mod plait;
 pub mod upstream;
 pub mod wire;

@@ -6,35 +6,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use plait_tests::pg::Cluster;
+use plait_tests::pki::Ca;
 use plait_tests::plait::{Plait, Store, binary};
 use plait_tests::wire;
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        Ca {
-            cert: params.self_signed(&key).unwrap(),
-            key,
-        }
-    }
-
-    /// A server certificate for `names` (PEM cert, PEM key).
-    fn issue(&self, names: &[&str]) -> (String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params =
-            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 /// Starts `plait serve` on `url` (with the data dir `dir`): Ok once it listens,
 /// Err(its output) if it exits first.
@@ -80,14 +54,14 @@ fn serve_in(dir: &std::path::Path, url: &str) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_is_honoured() {
     let ca = Ca::new("Plait test CA");
-    let (cert, key) = ca.issue(&["127.0.0.1", "localhost"]);
-    let cluster = Cluster::private_tls(&cert, &key);
+    let issued = ca.issue(&["127.0.0.1", "localhost"], None);
+    let cluster = Cluster::private_tls(&issued.cert_pem(), &issued.key_pem());
     let url = cluster.create_database();
     let files = tempfile::tempdir().unwrap();
     let ca_file = files.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
     let other_ca = files.path().join("other-ca.pem");
-    std::fs::write(&other_ca, Ca::new("Someone else").cert.pem()).unwrap();
+    std::fs::write(&other_ca, Ca::new("Someone else").pem()).unwrap();
     let with = |q: &str| format!("{url}?{q}");
     let data_dir = tempfile::tempdir().unwrap();
     let serve = |u: &str| serve_in(data_dir.path(), u);
@@ -119,8 +93,8 @@ async fn sslmode_is_honoured() {
     );
 
     // A certificate for another name: verify-ca accepts it, verify-full does not.
-    let (cert, key) = ca.issue(&["db.example"]);
-    let named = Cluster::private_tls(&cert, &key);
+    let issued = ca.issue(&["db.example"], None);
+    let named = Cluster::private_tls(&issued.cert_pem(), &issued.key_pem());
     let named_url = named.create_database();
     let data_dir2 = tempfile::tempdir().unwrap();
     let serve = |u: &str| serve_in(data_dir2.path(), u);

@@ -109,9 +109,7 @@ fn the_systemd_unit_verifies() {
         "/../server/deploy/plait.service"
     ))
     .unwrap();
-    assert!(
-        unit.contains("Type=notify") && unit.contains("WatchdogSec=") && unit.contains("User=plait")
-    );
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec=") && unit.contains("User=plait"));
     assert!(unit.contains("ProtectSystem=strict") && unit.contains("StateDirectory=plait"));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("plait.service");

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use plait_tests::pki::Ca;
 use plait_tests::plait::{Plait, Store};
 use plait_tests::wire;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -24,23 +25,14 @@ use tokio_tungstenite::tungstenite::Message;
 /// A test CA and the files of a server certificate it issued for `localhost`.
 struct Pki {
     dir: tempfile::TempDir,
-    ca: rcgen::Certificate,
-    ca_key: rcgen::KeyPair,
+    ca: Ca,
 }
 
 impl Pki {
     fn new() -> Pki {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "Plait test CA");
-        let ca = params.self_signed(&ca_key).unwrap();
         let pki = Pki {
             dir: tempfile::tempdir().unwrap(),
-            ca,
-            ca_key,
+            ca: Ca::new("Plait test CA"),
         };
         std::fs::write(pki.ca_file(), pki.ca.pem()).unwrap();
         pki.issue("first");
@@ -60,13 +52,10 @@ impl Pki {
     /// Issues a new certificate for `localhost` (named `name`) with a new key, writes
     /// both files (each replaced by rename, as certbot and friends do), and returns it.
     fn issue(&self, name: &str) -> CertificateDer<'static> {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        replace(&self.key_file(), key.serialize_pem().as_bytes());
-        replace(&self.cert_file(), cert.pem().as_bytes());
-        cert.der().clone()
+        let issued = self.ca.issue(&["localhost"], Some(name));
+        replace(&self.key_file(), issued.key_pem().as_bytes());
+        replace(&self.cert_file(), issued.cert_pem().as_bytes());
+        issued.cert.der().clone()
     }
 
     /// `plait serve` arguments for HTTPS with these files.
@@ -82,7 +71,7 @@ impl Pki {
     /// A client configuration trusting only the test CA, offering `alpn`.
     fn client(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.der().clone()).unwrap();
+        roots.add(self.ca.cert.der().clone()).unwrap();
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
