@@ -797,8 +797,27 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(ApiError::too_large(None, limit))
         }
+        Err(e) if stalled(&*e) => Err(ApiError::new(
+            408,
+            "body-timeout",
+            format!("the body stalled: {e} (limits.body_read_timeout_secs)"),
+        )
+        .with_header("connection", "close".into())),
         Err(e) => Err(ApiError::bad_request(format!("could not read the body: {e}"))),
     }
+}
+
+/// Whether a body failed because its next piece did not come in time
+/// ([`conn::BodyTimeout`](super::conn::BodyTimeout), somewhere in the error's causes).
+fn stalled(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<super::conn::BodyTimeout>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 async fn delete(
