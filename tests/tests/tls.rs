@@ -206,6 +206,60 @@ async fn curl_speaks_http2_and_bad_handshakes_are_refusals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_cap_the_503_comes_over_tls() {
+    let pki = Pki::new();
+    let p = start(&pki, &[], &[("PLAIT_LIMITS__MAX_CONNECTIONS", "2")]);
+    let url = format!("https://localhost:{}/.well-known/plait", p.addr.port());
+    let held = (
+        connect(&p, &pki, &[b"http/1.1"]).await,
+        connect(&p, &pki, &[b"h2"]).await,
+    );
+    // A refused connection still gets a TLS handshake and a real answer in its protocol.
+    for version in ["--http2", "--http1.1"] {
+        let (v, code, body) = curl(&pki, &url, &[version]);
+        assert_eq!(code, "503", "{version}: {body}");
+        assert_eq!(v, if version == "--http2" { "2" } else { "1.1" });
+        assert!(body.contains("max_connections"), "{body}");
+    }
+    // Its headers: Retry-After and the machine-readable reason.
+    let mut send = {
+        let tls = connect(&p, &pki, &[b"h2"]).await;
+        let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("HTTP/2 handshake on a refused connection");
+        tokio::spawn(conn);
+        send
+    };
+    let res = send
+        .send_request(request("GET", "/.well-known/plait", &[], ""))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["plait-error"], "too-many-connections");
+    assert!(
+        res.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .is_ok()
+    );
+    drop(held);
+    // The places are given back when the connections close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, code, _) = curl(&pki, &url, &["--http2"]);
+        if code == "200" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not served after the others left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn braid_subscription_over_http2() {
     let pki = Pki::new();
     let p = start(&pki, &[], &[]);

@@ -27,15 +27,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 /// Connections being refused at once; past this a refused connection is just closed
 /// (each one holds a socket for up to [`REFUSAL_LINGER`]).
 const MAX_REFUSALS: usize = 256;
-/// How long a refused connection is read from (and its input discarded) after the 503,
-/// so that closing it does not reset the connection before the client read the answer.
+/// How long a refused connection is kept for its answer (a TLS handshake, then `503` to
+/// whatever it asks), so that closing it does not cut the client off before it read it.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// The connection caps of one listener.
@@ -192,9 +192,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
 }
 
 /// Answers a connection past a cap with `503 Service Unavailable` and `Retry-After`, then
-/// closes it. HTTP/1.1 bytes: an HTTP/2 client sees a broken connection, which it retries
-/// as well.
-pub fn refuse(gate: &Arc<Gate>, mut stream: TcpStream, why: Full, retry_after_secs: u64) {
+/// closes it. The answer is real HTTP on the listener's terms: over TLS when the listener
+/// has it (the handshake first, within its timeout), HTTP/1.1 or HTTP/2 as the client
+/// speaks; every request on it is answered the same until [`REFUSAL_LINGER`] has passed.
+/// At most [`MAX_REFUSALS`] are answered at once; past that a connection is closed.
+pub fn refuse(
+    gate: &Arc<Gate>,
+    stream: TcpStream,
+    why: Full,
+    retry_after_secs: u64,
+    tls: Option<Arc<crate::http::tls::Tls>>,
+) {
     let Ok(permit) = gate.refusals.clone().try_acquire_owned() else {
         return; // Dropped: closed at once.
     };
@@ -205,24 +213,34 @@ pub fn refuse(gate: &Arc<Gate>, mut stream: TcpStream, why: Full, retry_after_se
             "this address holds as many connections as limits.max_connections_per_address allows"
         }
     };
-    let body = format!("{reason}; try again in {retry_after_secs} s\n");
-    let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry_after_secs}\r\nPlait-Error: {code}\r\n\
-         Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
+    let body = Bytes::from(format!("{reason}; try again in {retry_after_secs} s\n"));
+    let svc = hyper::service::service_fn(move |_req| {
+        let res = hyper::Response::builder()
+            .status(hyper::StatusCode::SERVICE_UNAVAILABLE)
+            .header(hyper::header::RETRY_AFTER, retry_after_secs)
+            .header("plait-error", code)
+            .header(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(http_body_util::Full::new(body.clone()));
+        async move { res }
+    });
     tokio::spawn(async move {
         let _permit = permit;
+        let _ = stream.set_nodelay(true);
+        let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        // HTTP/1.1: one answer, then the connection closes.
+        builder.http1().keep_alive(false);
         let answer = async {
-            stream.write_all(head.as_bytes()).await?;
-            stream.write_all(body.as_bytes()).await?;
-            stream.shutdown().await?;
-            // Discard what the client sends until it closes, for a little while.
-            let mut sink = [0u8; 4096];
-            loop {
-                let n = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await?;
-                if n == 0 {
-                    return Ok::<_, io::Error>(());
+            match tls {
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = builder.serve_connection(io, svc).await;
+                }
+                Some(tls) => {
+                    if let Ok(io) = tls.handshake(stream).await {
+                        let _ = builder
+                            .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+                            .await;
+                    }
                 }
             }
         };

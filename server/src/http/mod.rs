@@ -544,8 +544,7 @@ async fn accept_loop(listener: TcpListener, router: Router, tls: Option<Arc<tls:
                 };
                 a.refusals
                     .count(full.code(), reason, Some(peer.ip()), format_args!("a connection"));
-                // Plain bytes: a TLS client sees a failed handshake, and retries too.
-                conn::refuse(&a.gate, stream, full, RETRY_AFTER_SECS);
+                conn::refuse(&a.gate, stream, full, RETRY_AFTER_SECS, tls.clone());
                 continue;
             }
         };
