@@ -22,7 +22,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{Conn, hist, summary};
+use crate::net::Conn;
+use crate::{hist, summary};
 
 /// Answers the abusers got, by status (0: the connection failed or was closed).
 type Answers = Arc<Mutex<BTreeMap<String, u64>>>;
@@ -51,7 +52,7 @@ pub async fn abuse(
     if let Some(k) = kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
         anyhow::bail!("--abusers takes {}, not {k}", KINDS.join(", "));
     }
-    let addr = crate::addr_of(url)?;
+    let addr = crate::net::addr_of(url)?;
     let span = Duration::from_secs(seconds);
     let clean = normal_load(addr, span).await?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -66,7 +67,9 @@ pub async fn abuse(
         a.abort();
     }
     let abused = abused?;
-    let up = crate::server_status(addr).await.is_ok();
+    let up = crate::net::server_status(&crate::net::Target::plain(addr))
+        .await
+        .is_ok();
     let peak = server_pid.and_then(peak_rss);
     let ratio = |k: &str, q: &str| {
         let (a, c) = (

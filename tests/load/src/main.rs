@@ -2,10 +2,8 @@
 //! reports latency percentiles, throughput, server memory and bytes per subscription.
 //!
 //! Workloads (see BENCHMARKS.md for the recorded runs and `tests/load/run` for set-ups):
-//! * `fanout` — N subscribers (one HTTP/1.1 connection each) to one resource; a writer PUTs
-//!   timestamped JSON; delivery latency = receive time − write time, per subscriber and
-//!   update. `--stalled M` adds M subscribers that never read. `--write-url` writes through
-//!   another server process (two instances on one Postgres).
+//! * `fanout` — N subscribers to one resource (HTTP/1.1, or HTTP/2 streams; plain or TLS); a
+//!   writer PUTs timestamped JSON; delivery latency per subscriber and update (`fanout`).
 //! * `idle` — N subscriptions held open over HTTP/2 streams (many per connection); reports
 //!   the server's resident memory per subscription.
 //! * `puts` — durable PUTs from C concurrent keep-alive connections to R resources;
@@ -14,12 +12,23 @@
 //!   the same load runs against the server direct and then through a proxy, in one run,
 //!   and the report gives the proxy's added latency.
 //!
+//! * `handshakes`, `tls-floor`, `tls-cert` — TLS handshakes per second against Plait and
+//!   against the floor, a bare acceptor with the same certificate and crypto (`tls`).
+//!
+//! `https://` URLs (with `--ca`) work for `fanout` and `handshakes` (`net`).
+//!
 //! Everything is measured on the wire: the tool speaks raw HTTP/1.1 (and h2 for `idle`) so
 //! its own overhead stays small next to the server's.
 
 mod abuse;
+mod fanout;
+mod net;
+mod tls;
+
+use net::{Conn, Target, addr_of, find, request, server_rss, server_status};
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -36,44 +45,37 @@ use tokio::sync::Mutex;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// The CA certificate (PEM) that `https://` servers are verified against.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// One resource, many subscribers, timestamped writes.
-    Fanout {
-        /// Server the subscribers connect to, e.g. http://127.0.0.1:7524
+    Fanout(fanout::Args),
+    /// Full TLS handshakes per second (an https:// URL, with --ca).
+    Handshakes {
         #[arg(long)]
         url: String,
-        /// Server the writer PUTs to (default: --url).
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// The handshake floor: a bare TLS acceptor (Plait's, same certificate), until killed.
+    TlsFloor {
         #[arg(long)]
-        write_url: Option<String>,
-        #[arg(long, default_value_t = 1000)]
-        subs: usize,
-        /// Subscribers that never read their responses.
-        #[arg(long, default_value_t = 0)]
-        stalled: usize,
-        #[arg(long, default_value_t = 100)]
-        updates: usize,
-        #[arg(long, default_value_t = 50)]
-        interval_ms: u64,
-        #[arg(long, default_value = "/bench/fanout")]
-        path: String,
-        /// Path the writer PUTs to (default: --path). With federation the subscribers read
-        /// `/~<home>/x` on a replica while the writer writes `/x` at the home.
+        listen: SocketAddr,
         #[arg(long)]
-        write_path: Option<String>,
-        /// Before measuring, write one value of this many KiB, so that subscribers that do
-        /// not read have full socket buffers (as a really stalled client does).
-        #[arg(long, default_value_t = 0)]
-        prefill_kib: usize,
-        /// How each subscription proves who asks (as `puts --auth`; a signature is made
-        /// afresh for each).
-        #[arg(long, default_value = "none")]
-        sub_auth: String,
-        /// How the writer's PUTs prove who writes.
-        #[arg(long, default_value = "none")]
-        write_auth: String,
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Writes a test CA (ca.pem) and a certificate for 127.0.0.1 (cert.pem, key.pem) into DIR.
+    TlsCert {
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Many idle subscriptions over HTTP/2; server memory per subscription.
     Idle {
@@ -163,12 +165,6 @@ enum Cmd {
     },
 }
 
-fn addr_of(url: &str) -> anyhow::Result<SocketAddr> {
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let host = rest.split('/').next().unwrap_or(rest);
-    host.parse().with_context(|| format!("{host} is not IP:PORT"))
-}
-
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -194,371 +190,11 @@ fn summary(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
-/// The server's status resource.
-async fn server_status(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
-    let (status, body) = request(addr, "GET", "/.well-known/plait", &[], b"").await?;
-    if status != 200 {
-        bail!("status resource answered {status}");
-    }
-    Ok(serde_json::from_slice(&body)?)
-}
-
-/// The server's resident memory, from its status resource.
-async fn server_rss(addr: SocketAddr) -> anyhow::Result<u64> {
-    server_status(addr).await?["rss_bytes"]
-        .as_u64()
-        .context("no rss_bytes in /.well-known/plait")
-}
-
-/// One request on a fresh connection; returns status and body.
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> anyhow::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(addr).await?;
-    let mut c = Conn::default();
-    c.send(&mut s, method, path, headers, body).await?;
-    let (status, body) = c.recv(&mut s).await?;
-    Ok((status, body))
-}
-
-/// A keep-alive HTTP/1.1 client connection's read buffer.
-#[derive(Default)]
-struct Conn {
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    async fn send(
-        &mut self,
-        s: &mut TcpStream,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> anyhow::Result<()> {
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: load\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            req.push_str(k);
-            req.push_str(": ");
-            req.push_str(v);
-            req.push_str("\r\n");
-        }
-        req.push_str("\r\n");
-        let mut out = req.into_bytes();
-        out.extend_from_slice(body);
-        s.write_all(&out).await?;
-        Ok(())
-    }
-
-    /// Reads one response with a `Content-Length` body (what PUT and GET answers have).
-    async fn recv(&mut self, s: &mut TcpStream) -> anyhow::Result<(u16, Vec<u8>)> {
-        loop {
-            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
-                let head = std::str::from_utf8(&self.buf[..end])?.to_string();
-                let status: u16 = head.split(' ').nth(1).context("status line")?.parse()?;
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0);
-                while self.buf.len() < end + 4 + len {
-                    self.fill(s).await?;
-                }
-                let body = self.buf[end + 4..end + 4 + len].to_vec();
-                self.buf.drain(..end + 4 + len);
-                return Ok((status, body));
-            }
-            self.fill(s).await?;
-        }
-    }
-
-    async fn fill(&mut self, s: &mut TcpStream) -> anyhow::Result<()> {
-        let mut chunk = [0u8; 16384];
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("connection closed");
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Pulls `"t":<digits>` out of an update body.
-fn stamp(body: &[u8]) -> Option<u64> {
-    let at = find(body, b"\"t\":")? + 4;
-    let digits: Vec<u8> = body[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .copied()
-        .collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
-}
-
-/// A subscriber over HTTP/1.1 that records the latency of every stamped update.
-async fn subscriber(
-    addr: SocketAddr,
-    path: String,
-    ready: Arc<AtomicUsize>,
-    lat: Arc<Mutex<Histogram<u64>>>,
-    got: Arc<AtomicU64>,
-    stop: Arc<tokio::sync::Notify>,
-    auth: Auth,
-) -> anyhow::Result<()> {
-    let mut s = TcpStream::connect(addr).await?;
-    let mut head =
-        format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n");
-    for (k, v) in auth.headers("GET", &path, b"")? {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).await?;
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 16384];
-    // Response head.
-    let body_start = loop {
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("closed before the response head");
-        }
-        raw.extend_from_slice(&chunk[..n]);
-        if let Some(e) = find(&raw, b"\r\n\r\n") {
-            if !raw.starts_with(b"HTTP/1.1 209") {
-                bail!("not a subscription: {}", String::from_utf8_lossy(&raw[..e]));
-            }
-            break e + 4;
-        }
-    };
-    raw.drain(..body_start);
-    let mut dechunked = Vec::new();
-    let mut local = hist();
-    let mut first = true;
-    loop {
-        // De-chunk what we have.
-        while let Some(nl) = find(&raw, b"\r\n") {
-            let size = usize::from_str_radix(std::str::from_utf8(&raw[..nl])?.trim(), 16)?;
-            if raw.len() < nl + 2 + size + 2 {
-                break;
-            }
-            dechunked.extend_from_slice(&raw[nl + 2..nl + 2 + size]);
-            raw.drain(..nl + 2 + size + 2);
-        }
-        // Whole update blocks: headers, blank line, Content-Length bytes.
-        loop {
-            let skip = dechunked
-                .iter()
-                .take_while(|&&b| b == b'\r' || b == b'\n')
-                .count();
-            dechunked.drain(..skip);
-            let Some(he) = find(&dechunked, b"\r\n\r\n") else {
-                break;
-            };
-            let head = std::str::from_utf8(&dechunked[..he])?;
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("Content-Length: ")
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                })
-                .unwrap_or(0);
-            if dechunked.len() < he + 4 + len {
-                break;
-            }
-            let t = stamp(&dechunked[he + 4..he + 4 + len]);
-            dechunked.drain(..he + 4 + len);
-            if first {
-                first = false;
-                ready.fetch_add(1, Ordering::SeqCst);
-            }
-            if let Some(t) = t {
-                local.record(now_us().saturating_sub(t).max(1))?;
-                got.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let n = tokio::select! {
-            r = s.read(&mut chunk) => r?,
-            _ = stop.notified() => break,
-        };
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&chunk[..n]);
-    }
-    lat.lock().await.add(&local)?;
-    Ok(())
-}
-
-/// A subscriber that reads nothing after the head: its socket buffers fill and stay full.
-async fn stalled(addr: SocketAddr, path: String) -> anyhow::Result<TcpStream> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.set_recv_buffer_size(4096)?;
-    socket.set_nonblocking(true)?;
-    let s = tokio::net::TcpSocket::from_std_stream(socket.into());
-    let mut s = s.connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n\r\n")
-            .as_bytes(),
-    )
-    .await?;
-    Ok(s)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn fanout(
-    url: &str,
-    write_url: Option<&str>,
-    subs: usize,
-    n_stalled: usize,
-    updates: usize,
-    interval: Duration,
-    path: &str,
-    write_path: Option<&str>,
-    prefill_kib: usize,
-    sub_auth: &str,
-    write_auth: &str,
-) -> anyhow::Result<serde_json::Value> {
-    let addr = addr_of(url)?;
-    let waddr = addr_of(write_url.unwrap_or(url))?;
-    let wpath = write_path.unwrap_or(path);
-    let sub_auth = Auth::parse(sub_auth)?;
-    let write_auth = Auth::parse(write_auth)?;
-    // The writer's headers for one PUT of `body`.
-    let put_headers = |body: &[u8]| -> anyhow::Result<Vec<(String, String)>> {
-        let mut h = write_auth.headers("PUT", wpath, body)?;
-        h.push(("Content-Type".into(), "application/json".into()));
-        Ok(h)
-    };
-    let start = b"{\"start\":true}";
-    let (status, text) = request(waddr, "PUT", wpath, &borrowed(&put_headers(start)?), start).await?;
-    if status != 200 {
-        bail!(
-            "the first PUT answered {status}: {}",
-            String::from_utf8_lossy(&text)
-        );
-    }
-    let rss0 = server_rss(addr).await?;
-    let ready = Arc::new(AtomicUsize::new(0));
-    let got = Arc::new(AtomicU64::new(0));
-    let lat = Arc::new(Mutex::new(hist()));
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let mut tasks = Vec::new();
-    let t_connect = Instant::now();
-    for i in 0..subs {
-        tasks.push(tokio::spawn(subscriber(
-            addr,
-            path.to_string(),
-            ready.clone(),
-            lat.clone(),
-            got.clone(),
-            stop.clone(),
-            sub_auth.clone(),
-        )));
-        if i % 500 == 499 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let mut stalled_conns = Vec::new();
-    for _ in 0..n_stalled {
-        stalled_conns.push(stalled(addr, path.to_string()).await?);
-    }
-    while ready.load(Ordering::SeqCst) < subs {
-        if t_connect.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "only {} of {subs} subscribers got their first update",
-                ready.load(Ordering::SeqCst)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let connect_s = t_connect.elapsed().as_secs_f64();
-    if prefill_kib > 0 {
-        let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(prefill_kib * 1024));
-        let (status, _) = request(
-            waddr,
-            "PUT",
-            wpath,
-            &borrowed(&put_headers(big.as_bytes())?),
-            big.as_bytes(),
-        )
-        .await?;
-        if status != 200 {
-            bail!("prefill PUT answered {status}");
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss1 = server_rss(addr).await?;
-    // The writer: one keep-alive connection, timestamped JSON.
-    let mut w = TcpStream::connect(waddr).await?;
-    w.set_nodelay(true)?;
-    let mut wc = Conn::default();
-    let mut acks = hist();
-    let t0 = Instant::now();
-    for i in 0..updates {
-        let body = format!("{{\"t\":{},\"i\":{i}}}", now_us());
-        let sent = Instant::now();
-        let h = put_headers(body.as_bytes())?;
-        wc.send(&mut w, "PUT", wpath, &borrowed(&h), body.as_bytes())
-            .await?;
-        let (status, text) = wc.recv(&mut w).await?;
-        if status != 200 {
-            bail!("PUT answered {status}: {}", String::from_utf8_lossy(&text));
-        }
-        acks.record(sent.elapsed().as_micros().max(1) as u64)?;
-        tokio::time::sleep(interval).await;
-    }
-    let write_s = t0.elapsed().as_secs_f64();
-    let want = (subs * updates) as u64;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while got.load(Ordering::Relaxed) < want && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let rss2 = server_rss(addr).await?;
-    stop.notify_waiters();
-    for t in tasks {
-        let _ = t.await;
-    }
-    drop(stalled_conns);
-    let lat = lat.lock().await;
-    Ok(serde_json::json!({
-        "workload": "fanout",
-        "sub_auth": sub_auth.name(),
-        "write_auth": write_auth.name(),
-        "subscribers": subs,
-        "stalled": n_stalled,
-        "updates": updates,
-        "interval_ms": interval.as_millis() as u64,
-        "delivered": got.load(Ordering::Relaxed),
-        "expected": want,
-        "connect_secs": connect_s,
-        "deliveries_per_sec": got.load(Ordering::Relaxed) as f64 / write_s,
-        "delivery_latency": summary(&lat),
-        "put_ack_latency": summary(&acks),
-        "server_rss_before": rss0,
-        "server_rss_subscribed": rss1,
-        "server_rss_end": rss2,
-        "server_bytes_per_subscription": (rss1.saturating_sub(rss0)) / (subs + n_stalled).max(1) as u64,
-    }))
-}
-
 async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow::Result<serde_json::Value> {
     let addr = addr_of(url)?;
     for r in 0..resources {
         request(
-            addr,
+            &Target::plain(addr),
             "PUT",
             &format!("/bench/idle/{r}"),
             &[("Content-Type", "application/json")],
@@ -566,7 +202,7 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
         )
         .await?;
     }
-    let rss0 = server_rss(addr).await?;
+    let rss0 = server_rss(&Target::plain(addr)).await?;
     let per_conn = subs.div_ceil(conns.max(1));
     let opened = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
@@ -654,7 +290,7 @@ async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow:
     }
     let open_s = t0.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let status = server_status(addr).await?;
+    let status = server_status(&Target::plain(addr)).await?;
     let rss1 = status["rss_bytes"].as_u64().context("rss_bytes")?;
     Ok(serde_json::json!({
         "workload": "idle",
@@ -805,7 +441,7 @@ async fn puts(
         "errors": errors.load(Ordering::Relaxed),
         "puts_per_sec": done.load(Ordering::Relaxed) as f64 / secs,
         "ack_latency": summary(&lat),
-        "server_rss": server_rss(addr).await.ok(),
+        "server_rss": server_rss(&Target::plain(addr)).await.ok(),
     }))
 }
 
@@ -894,7 +530,7 @@ async fn sync(
         "sync_seconds": sync_s,
         "changes_per_sec": changes as f64 / sync_s,
         "replica_reads": reads,
-        "replica_rss": server_rss(raddr).await.ok(),
+        "replica_rss": server_rss(&Target::plain(raddr)).await.ok(),
     }))
 }
 
@@ -949,7 +585,7 @@ async fn gets(
     seconds: u64,
 ) -> anyhow::Result<serde_json::Value> {
     let direct_addr = addr_of(url)?;
-    let (status, _) = request(direct_addr, "GET", path, &[], b"").await?;
+    let (status, _) = request(&Target::plain(direct_addr), "GET", path, &[], b"").await?;
     if status != 200 {
         bail!("GET {path} answered {status}: put something there first");
     }
@@ -975,38 +611,20 @@ async fn gets(
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(ca) = &cli.ca {
+        net::trust(ca)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report = rt.block_on(async {
         match cli.cmd {
-            Cmd::Fanout {
+            Cmd::Fanout(args) => fanout::fanout(args).await,
+            Cmd::Handshakes {
                 url,
-                write_url,
-                subs,
-                stalled,
-                updates,
-                interval_ms,
-                path,
-                write_path,
-                prefill_kib,
-                sub_auth,
-                write_auth,
-            } => {
-                let interval = Duration::from_millis(interval_ms);
-                fanout(
-                    &url,
-                    write_url.as_deref(),
-                    subs,
-                    stalled,
-                    updates,
-                    interval,
-                    &path,
-                    write_path.as_deref(),
-                    prefill_kib,
-                    &sub_auth,
-                    &write_auth,
-                )
-                .await
-            }
+                concurrency,
+                seconds,
+            } => tls::handshakes(&url, concurrency, seconds).await,
+            Cmd::TlsFloor { listen, cert, key } => tls::floor(listen, &cert, &key).await,
+            Cmd::TlsCert { dir } => tls::cert(&dir),
             Cmd::Abuse {
                 url,
                 seconds,
