@@ -212,11 +212,16 @@ pub enum MirrorCommand {
     },
     /// Push this server's sealed segments to the server that made LINK (`plait invite` on
     /// the mirror), joining its network first if need be. The server must be running.
+    /// Then waits, showing progress, until the mirror holds every segment sealed so far
+    /// (the first sync); the pushing goes on in the server either way.
     Add {
         #[command(flatten)]
         admin: AdminArgs,
         /// The mirror's invite link.
         link: String,
+        /// Longest to wait for the first sync (0: do not wait).
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
     },
 }
 

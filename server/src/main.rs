@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use plait_server::backup;
@@ -288,22 +289,72 @@ fn mirror(cmd: MirrorCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        MirrorCommand::Add { admin, link } => {
-            return admin_command(admin, AdminRequest::MirrorAdd { link }, |r| {
-                format!(
-                    "mirroring to {} ({}{})",
-                    r["mirror"].as_str().unwrap_or(""),
-                    r["dht"].as_str().unwrap_or(""),
-                    if r["joined"].as_bool() == Some(true) {
-                        ", joined"
-                    } else {
-                        ""
-                    }
-                )
-            });
+        MirrorCommand::Add {
+            admin,
+            link,
+            wait_secs,
+        } => {
+            let dir = admin
+                .data_dir
+                .unwrap_or_else(plait_server::config::default_data_dir);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(plait_server::p2p::admin_request(
+                &dir,
+                &AdminRequest::MirrorAdd { link },
+            ))?;
+            let mirror = r["mirror"].as_str().unwrap_or("").to_string();
+            println!(
+                "mirroring to {mirror} ({}{})",
+                r["dht"].as_str().unwrap_or(""),
+                if r["joined"].as_bool() == Some(true) {
+                    ", joined"
+                } else {
+                    ""
+                }
+            );
+            if wait_secs > 0 {
+                let target = r["sealed_seq"].as_u64().unwrap_or(0);
+                rt.block_on(first_sync(&dir, &mirror, target, Duration::from_secs(wait_secs)))?;
+            }
         }
     }
     Ok(())
+}
+
+/// After `plait mirror add`: shows the mirror's first sync, until it acknowledged the
+/// `target` segments sealed when it was added, or `wait` has passed (the server keeps
+/// pushing).
+async fn first_sync(dir: &std::path::Path, mirror: &str, target: u64, wait: Duration) -> anyhow::Result<()> {
+    let status = || plait_server::p2p::admin_request(dir, &AdminRequest::MirrorStatus);
+    if target == 0 {
+        return Ok(());
+    }
+    let mut progress =
+        plait_server::progress::Progress::counting(&format!("first sync to {mirror}"), "segments", target);
+    let until = std::time::Instant::now() + wait;
+    loop {
+        let s = status().await?;
+        let acked = s["mirrors"][mirror]["acked"].as_u64().unwrap_or(0);
+        progress.update(acked.min(target), 0);
+        if acked >= target {
+            progress.finish();
+            return Ok(());
+        }
+        if std::time::Instant::now() >= until {
+            let why = s["mirrors"][mirror]["error"]
+                .as_str()
+                .map_or(String::new(), |e| format!(" (last error: {e})"));
+            eprintln!(
+                "the mirror holds {acked} of {target} segments after {} s{why}; the server keeps \
+                 pushing (`plait mirror list` shows how far)",
+                wait.as_secs()
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// `plait token`: works on the data dir's token file, whether or not the server runs.

@@ -187,8 +187,16 @@ impl P2p {
         };
         crate::mirror::owner::add_mirror(&m.data_dir, invite.inviter, &invite.dht)
             .map_err(|e| format!("{e:#}"))?;
+        // An owner without mirrors sealed nothing: seal what there is now, so that the
+        // answer's `sealed_seq` is what the first sync carries.
+        m.owner.seal_pending().await.map_err(|e| format!("{e:#}"))?;
         m.owner.wake();
-        Ok(serde_json::json!({ "mirror": invite.inviter, "dht": invite.dht, "joined": joined }))
+        Ok(serde_json::json!({
+            "mirror": invite.inviter,
+            "dht": invite.dht,
+            "joined": joined,
+            "sealed_seq": m.owner.sealed_seq(),
+        }))
     }
 
     async fn mirror_status(&self) -> Result<serde_json::Value, String> {

@@ -1,4 +1,4 @@
-//! Progress of long commands (backup, restore, migrate): a bar when stderr is a terminal,
+//! Progress of long commands (import, backup, restore, migrate, a mirror's first sync): a bar when stderr is a terminal,
 //! a plain line every few seconds otherwise (logs, CI, pipes), and a last line either way.
 
 use std::io::IsTerminal;
@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 /// How often a plain progress line is printed.
 const EVERY: Duration = Duration::from_secs(2);
 
-/// One long job's progress, counted in rows (with bytes alongside).
+/// One long job's progress, counted in rows or another unit (with bytes alongside).
 pub struct Progress {
     what: String,
+    unit: &'static str,
     total: u64,
     bar: Option<indicatif::ProgressBar>,
     last: Instant,
@@ -20,12 +21,17 @@ pub struct Progress {
 impl Progress {
     /// Starts reporting `what`, expecting about `total` rows.
     pub fn new(what: &str, total: u64) -> Progress {
+        Progress::counting(what, "rows", total)
+    }
+
+    /// Starts reporting `what`, expecting about `total` of `unit`.
+    pub fn counting(what: &str, unit: &'static str, total: u64) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix} [{bar:40}] {human_pos}/{human_len} rows, {msg} ({eta} left)",
-                )
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{{prefix}} [{{bar:40}}] {{human_pos}}/{{human_len}} {unit}{{msg}} ({{eta}} left)"
+                ))
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
@@ -34,6 +40,7 @@ impl Progress {
         });
         Progress {
             what: what.to_string(),
+            unit,
             total,
             bar,
             last: Instant::now(),
@@ -49,7 +56,7 @@ impl Progress {
         match &self.bar {
             Some(bar) => {
                 bar.set_position(rows);
-                bar.set_message(indicatif::HumanBytes(bytes).to_string());
+                bar.set_message(self.bytes_part());
             }
             None if self.last.elapsed() >= EVERY => {
                 self.last = Instant::now();
@@ -61,12 +68,22 @@ impl Progress {
 
     fn line(&self) -> String {
         format!(
-            "{}: {}/{} rows, {}",
+            "{}: {}/{} {}{}",
             self.what,
             self.rows,
             self.total.max(self.rows),
-            indicatif::HumanBytes(self.bytes)
+            self.unit,
+            self.bytes_part()
         )
+    }
+
+    /// `, 1.2 MiB` when bytes are counted.
+    fn bytes_part(&self) -> String {
+        if self.bytes == 0 {
+            String::new()
+        } else {
+            format!(", {}", indicatif::HumanBytes(self.bytes))
+        }
     }
 
     /// The job is over: the bar is cleared and one last line printed.

@@ -206,9 +206,8 @@ async fn owner_pushes_segments_the_mirror_cannot_read(store: Store) {
     // The operator's consent first (M runs: the grant file is read at the next push).
     assert!(ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]).contains(&oid));
     let link = ok(&m, &["invite"]);
-    let added = ok(&o, &["mirror", "add", &link]);
-    assert!(added.contains(&mid) && added.contains("joined"), "{added}");
 
+    // O writes before it has a mirror: what it sealed goes in the first sync.
     put(&o, "/notes/secret", "text/plain", SECRETS[0].as_bytes()).await;
     put(
         &o,
@@ -218,6 +217,25 @@ async fn owner_pushes_segments_the_mirror_cannot_read(store: Store) {
     )
     .await;
     put(&o, "/img.bin", "application/octet-stream", SECRETS[2].as_bytes()).await;
+    let listed =
+        || -> serde_json::Value { serde_json::from_str(&ok(&o, &["mirror", "list", "--json"])).unwrap() };
+    assert_eq!(
+        listed()["sealed_seq"],
+        0,
+        "an owner without mirrors seals nothing"
+    );
+
+    // `mirror add` seals what there is, waits for the first sync with progress, and
+    // returns once M holds it.
+    let added = ok(&o, &["mirror", "add", &link]);
+    assert!(added.contains(&mid) && added.contains("joined"), "{added}");
+    assert!(added.contains("segments done"), "{added}");
+    let now = listed();
+    assert!(now["sealed_seq"].as_u64() >= Some(1), "{now}");
+    assert!(
+        now["mirrors"][0]["acked"].as_u64() >= now["sealed_seq"].as_u64(),
+        "{now}"
+    );
 
     let key = SealKey::load_or_create(&o.data_dir().join(plait_bridge::mirror::SEAL_KEY_FILE)).unwrap();
     let all_there = |segs: &[(i64, Vec<u8>, Vec<u8>)]| {
