@@ -868,6 +868,7 @@ async fn follow_connections(
     let mut changes = svc.connections.changes();
     let mut rules = svc.access.changes();
     let mut last = None;
+    let mut rules_open = true;
     loop {
         let caller = viewer.read().expect("viewer").clone();
         match svc.connections.render(&view, &svc.access, &caller, &own_id) {
@@ -886,7 +887,7 @@ async fn follow_connections(
         }
         tokio::select! {
             c = changes.changed() => if c.is_err() { return },
-            r = rules.changed() => if r.is_err() { std::future::pending::<()>().await },
+            r = rules.changed(), if rules_open => rules_open = r.is_ok(),
         }
     }
 }
