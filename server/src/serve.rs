@@ -375,6 +375,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         statebus_messages: Arc::new(crate::statebus::MessageRate::new(
             cfg.limits.statebus_messages_per_second_per_address,
         )),
+        statebus_connections: crate::statebus::connections::Registry::new(),
         metrics: Arc::default(),
         metrics_settings: cfg.metrics.clone(),
     };

@@ -90,7 +90,7 @@ async fn a_file_store_db_with_accounts_and_sessions() {
     );
     assert_eq!(
         get(&p, "/v6thing", "x").await.text(),
-        r#"{"zed":1,"alpha":"two"}"#
+        r#"{"key":"v6thing","zed":1,"alpha":"two"}"#
     );
     // The bcrypt passwords still work, for the v7 and the v6 account.
     let v = put_json(

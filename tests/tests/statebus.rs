@@ -17,6 +17,7 @@ on_both_stores!(
     sessions_and_data_survive_a_restart,
     bad_frames_are_answered_and_the_connection_survives,
     permissions_over_http,
+    statebus6_connections_and_whole_states,
 );
 
 async fn node(script: &'static str, args: Vec<String>) {
@@ -36,6 +37,22 @@ async fn statebus7_client(store: Store) {
 async fn statebus6_client(store: Store) {
     let p = Plait::start(store);
     node("statebus_v6.js", vec![p.url("")]).await;
+}
+
+/// The statebus 6 client sees the open connections live (`/connections`, `/connection`),
+/// and a flat state it saves reads back over plain HTTP GET as the whole object, `key`
+/// included.
+async fn statebus6_connections_and_whole_states(store: Store) {
+    let p = Plait::start(store);
+    let key = format!("v6whole-{:08x}/obj", rand::random::<u32>());
+    node("statebus_v6_connections.js", vec![p.url(""), key.clone()]).await;
+    let r = reqwest::get(p.url(&format!("/{key}"))).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"key": key, "n": 1, "s": "hello", "list": [1, {"x": true}]})
+    );
 }
 
 async fn sessions_and_data_survive_a_restart(store: Store) {
@@ -357,4 +374,81 @@ async fn one_address_s_messages_are_paced() {
         took >= Duration::from_millis(2900),
         "250 messages read in {took:?}"
     );
+}
+
+/// Who sees the open connections is the access layer's to say: a rule that denies reading
+/// `/connections` refuses the list (to a follower at once), while a connection's own record
+/// stays its own; and a v7 client has no such states (they are ordinary keys to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connections_follow_the_access_rules() {
+    let p = Plait::start(Store::Embedded);
+    let mut a = ws(&p).await;
+    send(&mut a, r#"{"fetch":"connection"}"#).await;
+    let own = recv(&mut a).await;
+    let id = own["save"]["id"].as_str().expect("an id").to_string();
+    assert_eq!(own["save"]["key"], "connection");
+    assert_eq!(own["save"]["client"], id.as_str());
+    send(&mut a, r#"{"fetch":"connections"}"#).await;
+    let all = recv(&mut a).await;
+    let listed: Vec<&str> = all["save"]["all"]
+        .as_array()
+        .expect("a list under all")
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert_eq!(listed, vec![id.as_str()], "{all}");
+    // Another connection opens: the follower is told.
+    let mut b = ws(&p).await;
+    send(&mut b, r#"{"fetch":"connection"}"#).await;
+    let b_id = recv(&mut b).await["save"]["id"].as_str().unwrap().to_string();
+    let all = recv(&mut a).await;
+    assert_eq!(all["save"]["all"].as_array().unwrap().len(), 2, "{all}");
+    assert!(all.to_string().contains(&b_id), "{all}");
+    // To a v7 connection `connections` is an ordinary key (here, one never written). Its
+    // opening is told to A's follow.
+    let mut c = ws(&p).await;
+    send(&mut c, r#"{"get":"connections"}"#).await;
+    assert_eq!(
+        recv(&mut c).await,
+        serde_json::json!({"set": {"key": "connections"}})
+    );
+    assert_eq!(recv(&mut a).await["save"]["all"].as_array().unwrap().len(), 3);
+    // The owner denies everyone the list: A's follow ends with a refusal.
+    let rules = serde_json::json!({"rules": [
+        {"path": "/", "read": ["everyone"]},
+        {"path": "/connections", "deny": {"read": ["everyone"]}}
+    ]});
+    let (k, v) = p.owner_auth();
+    let r = wire::send(
+        p.addr,
+        "PUT",
+        "/.well-known/plait/access",
+        &[(k, v.as_str()), ("Content-Type", "application/json")],
+        rules.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let refusal = recv(&mut a).await;
+    assert_eq!(refusal["about"], "connections", "{refusal}");
+    assert_eq!(refusal["status"], 401);
+    assert_eq!(
+        recv(&mut a).await,
+        serde_json::json!({"save": {"key": "connections"}})
+    );
+    // Asked again: refused, answered empty; its own record is still shown.
+    send(&mut b, r#"{"fetch":"connections"}"#).await;
+    assert_eq!(recv(&mut b).await["status"], 401);
+    assert_eq!(
+        recv(&mut b).await,
+        serde_json::json!({"save": {"key": "connections"}})
+    );
+    send(&mut b, &format!(r#"{{"fetch":"connection/{id}"}}"#)).await;
+    assert_eq!(recv(&mut b).await["status"], 401);
+    recv(&mut b).await;
+    send(&mut b, &format!(r#"{{"fetch":"connection/{b_id}"}}"#)).await;
+    assert_eq!(recv(&mut b).await["save"]["id"], b_id.as_str());
+    // Clients read these states; they do not write them.
+    send(&mut b, r#"{"save":{"key":"connection","client":"me"}}"#).await;
+    assert!(recv(&mut b).await["error"].is_string());
+    assert_eq!(recv(&mut b).await["save"]["client"], b_id.as_str());
 }

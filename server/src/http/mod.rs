@@ -75,6 +75,8 @@ pub struct App {
     pub refusals: Arc<crate::refusals::Refusals>,
     /// Statebus messages per client address (`limits.statebus_messages_per_second_per_address`).
     pub statebus_messages: Arc<crate::statebus::MessageRate>,
+    /// The open Statebus connections (the v6 `connections` state).
+    pub statebus_connections: Arc<crate::statebus::connections::Registry>,
     /// Connections, subscriptions, deliveries: what `[metrics] path` shows.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// `[metrics]`: where metrics are served.
@@ -315,6 +317,7 @@ async fn statebus_websocket(
                 refusals: app.refusals,
                 messages: app.statebus_messages,
                 metrics: app.metrics,
+                connections: app.statebus_connections,
             };
             let session =
                 crate::statebus::session::run(socket, services, peer.ip(), auth.caller, auth.session);

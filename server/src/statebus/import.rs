@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::keys::StatebusKey;
 use crate::access::accounts::{self, Accounts};
@@ -136,7 +136,8 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// The value of a state: v7 `val`, or the fields of a v6 flat state. `None`: no value.
+/// The value of a state: v7 `val`, or a v6 flat state whole, `key` included (as a v6 save
+/// over the websocket stores it). `None`: no value.
 fn value_of(state: &Value) -> Option<Value> {
     let Value::Object(m) = state else {
         return Some(state.clone());
@@ -146,12 +147,7 @@ fn value_of(state: &Value) -> Option<Value> {
     {
         return Some(v.clone());
     }
-    let fields: Map<String, Value> = m
-        .iter()
-        .filter(|(k, _)| *k != "key")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    (!fields.is_empty()).then_some(Value::Object(fields))
+    m.keys().any(|k| k != "key").then(|| Value::Object(m.clone()))
 }
 
 /// pg_store keeps nested states as `{_key: k}`; Plait links are `{key: k}`.
@@ -329,7 +325,7 @@ mod tests {
         );
         assert_eq!(
             value_of(&json!({"key": "k", "n": 1, "s": "x"})),
-            Some(json!({"n": 1, "s": "x"}))
+            Some(json!({"key": "k", "n": 1, "s": "x"}))
         );
         assert_eq!(value_of(&json!({"key": "k"})), None);
         assert_eq!(

@@ -4,10 +4,12 @@
 //! [`keys`] classifies Statebus keys; [`wire`] is the message codec (the only place that
 //! knows Statebus frames); [`access`] decides where a key lives and who may read or write
 //! it, for the websocket and for Braid-HTTP alike; [`session`] serves one websocket;
-//! [`import`] loads a statebus server's store. State itself is the engine's: a Statebus key
+//! [`connections`] is the registry of live connections behind the v6 `connections` and
+//! `connection` states; [`import`] loads a statebus server's store. State itself is the engine's: a Statebus key
 //! is a JSON resource, so websocket and Braid-HTTP clients see each other's writes live.
 
 pub mod access;
+pub mod connections;
 pub mod import;
 pub mod keys;
 pub mod session;
@@ -39,6 +41,8 @@ pub struct Services {
     pub messages: Arc<MessageRate>,
     /// Where subscriptions and deliveries are counted.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Every open Statebus connection (the v6 `connections` state).
+    pub connections: Arc<connections::Registry>,
 }
 
 /// Paces the messages read from each client address over all its Statebus websockets

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::Services;
 use super::access::{self, AccessError, Resolved, Target};
+use super::connections::{Registered, View};
 use super::keys::StatebusKey;
 use super::wire::{self, ClientMessage, Dialect};
 use crate::access::accounts::{Account, AccountError};
@@ -117,10 +118,14 @@ struct Session {
     fetched: HashSet<String>,
     /// Follows the client's session, so a login elsewhere reaches this connection too.
     follower: Option<JoinHandle<()>>,
+    /// This connection in the registry of open connections, for as long as it is open.
+    registered: Registered,
 }
 
 impl Session {
     fn new(svc: Services, ip: IpAddr, out: mpsc::Sender<String>, base: Caller) -> Session {
+        let viewer = Arc::new(RwLock::new(base.clone()));
+        let registered = svc.connections.register(viewer.clone());
         Session {
             svc,
             ip,
@@ -128,11 +133,12 @@ impl Session {
             dialect: None,
             peer: format!("sb{:016x}", rand::random::<u64>()),
             client: None,
-            viewer: Arc::new(RwLock::new(base.clone())),
+            viewer,
             base,
             subs: HashMap::new(),
             fetched: HashSet::new(),
             follower: None,
+            registered,
         }
     }
 
@@ -156,6 +162,84 @@ impl Session {
     /// Logs the connection in as `account`, or (None) back out to the upgrade's caller.
     fn set_account(&self, account: Option<Account>) {
         *self.viewer.write().expect("viewer") = account.map_or_else(|| self.base.clone(), Caller::Account);
+        self.svc.connections.touch();
+    }
+
+    /// The v6 view of the open connections that `key` names, if it names one (v7 clients
+    /// have no such states: to them these are ordinary keys, as in statebus 7).
+    fn connections_view(&self, key: &str) -> Option<View> {
+        (self.dialect() == Dialect::V6)
+            .then(|| View::of_key(key))
+            .flatten()
+    }
+
+    /// Refuses a write to a connections state, answering with its state.
+    async fn connections_kept(&mut self, key: &str, view: View) {
+        self.refuse(
+            "forbidden",
+            "the connections states are kept by the server; clients read them",
+            Some(key),
+        )
+        .await;
+        let val = self
+            .svc
+            .connections
+            .render(&view, &self.svc.access, &self.viewer(), self.registered.id())
+            .ok();
+        self.send(wire::state(self.dialect(), key, val.as_ref())).await;
+    }
+
+    /// `fetch` of `connections`, `connection` or `connection/<id>`: the state now, then
+    /// again whenever a connection opens, closes, logs in or out, or the rules change.
+    async fn get_connections(&mut self, key: String, view: View) {
+        let now = self
+            .svc
+            .connections
+            .render(&view, &self.svc.access, &self.viewer(), self.registered.id());
+        let val = match now {
+            Ok(v) => v,
+            Err(r) => {
+                self.refused(&r, &key).await;
+                return self.send(wire::state(self.dialect(), &key, None)).await;
+            }
+        };
+        if self.subs.contains_key(&key) {
+            return self.send(wire::state(self.dialect(), &key, Some(&val))).await;
+        }
+        if !self.room_for_one_more(&key).await {
+            return;
+        }
+        self.fetched.insert(key.clone());
+        let task = tokio::spawn(follow_connections(
+            self.svc.clone(),
+            key.clone(),
+            view,
+            self.registered.id().to_string(),
+            self.dialect(),
+            self.viewer.clone(),
+            self.out.clone(),
+        ));
+        self.subs.insert(key, task);
+    }
+
+    /// Whether this connection may follow one more key; if not, the client is told why
+    /// (and answered with an empty state, so it does not wait).
+    async fn room_for_one_more(&self, key: &str) -> bool {
+        // Each followed key holds a task and a subscription until `forget` or close.
+        let max = self.svc.limits.max_statebus_subscriptions;
+        if self.subs.len() < max {
+            return true;
+        }
+        self.refuse(
+            "too-many-subscriptions",
+            &format!(
+                "this connection already follows {max} keys (limits.max_statebus_subscriptions); forget some first"
+            ),
+            Some(key),
+        )
+        .await;
+        self.send(wire::state(self.dialect(), key, None)).await;
+        false
     }
 
     /// Tells the client why, with a machine-readable refusal.
@@ -248,6 +332,9 @@ impl Session {
     }
 
     async fn get(&mut self, key: String) {
+        if let Some(view) = self.connections_view(&key) {
+            return self.get_connections(key, view).await;
+        }
         let target = match self.target(&key, Op::Read).await {
             Ok(Resolved::CurrentUser) => return self.current_user(None).await,
             Ok(Resolved::Resource(t)) => t,
@@ -260,21 +347,11 @@ impl Session {
         if self.subs.contains_key(&key) {
             // Already subscribed: answer this get with the current state.
             let val = read_value(&self.svc, &rk).await;
-            let val = render(&self.svc, val, &target, &self.viewer()).await;
+            let val = render(&self.svc, &key, val, &target, &self.viewer()).await;
             return self.send(wire::state(self.dialect(), &key, val.as_ref())).await;
         }
-        // Each followed key holds a task and a subscription until `forget` or close.
-        let max = self.svc.limits.max_statebus_subscriptions;
-        if self.subs.len() >= max {
-            self.refuse(
-                "too-many-subscriptions",
-                &format!(
-                    "this connection already follows {max} keys (limits.max_statebus_subscriptions); forget some first"
-                ),
-                Some(&key),
-            )
-            .await;
-            return self.send(wire::state(self.dialect(), &key, None)).await;
+        if !self.room_for_one_more(&key).await {
+            return;
         }
         let task = tokio::spawn(forward(
             self.svc.clone(),
@@ -330,13 +407,16 @@ impl Session {
     async fn revert(&self, key: &str, target: Option<&Target>) {
         let readable = |rk: &ResourceKey| self.svc.access.check(&self.viewer(), rk, Op::Read).is_ok();
         let val = match target.and_then(|t| t.key.clone()) {
-            Some(rk) if readable(&rk) => read_value(&self.svc, &rk).await,
+            Some(rk) if readable(&rk) => read_value(&self.svc, &rk).await.map(|v| without_own_key(v, key)),
             _ => None,
         };
         self.send(wire::state(self.dialect(), key, val.as_ref())).await;
     }
 
     async fn set(&mut self, key: &str, val: Option<Value>) {
+        if let Some(view) = self.connections_view(key) {
+            return self.connections_kept(key, view).await;
+        }
         let op = if val.is_some() { Op::Write } else { Op::Delete };
         let target = match self.target(key, op).await {
             Ok(Resolved::CurrentUser) => return self.current_user(val).await,
@@ -364,9 +444,17 @@ impl Session {
         // Nested states with their own keys become their own keys (as statebus does),
         // leaving a link `{key}` in their place.
         let mut children = Vec::new();
-        let val = split_nested(val, &mut children, 0);
+        let mut val = split_nested(val, &mut children, 0);
         for (child_key, child_val) in children {
             Box::pin(self.set(&child_key, child_val)).await;
+        }
+        // A v6 state is the whole object, key included, as the statebus 6 server stores
+        // it: that is what a plain HTTP GET of the key reads back.
+        if self.dialect() == Dialect::V6
+            && target.profile.is_none()
+            && let Value::Object(m) = &mut val
+        {
+            m.insert("key".into(), Value::String(own_key(key).to_string()));
         }
         let body = WriteBody::Full {
             media_type: Some("application/json".into()),
@@ -409,6 +497,9 @@ impl Session {
     }
 
     async fn patch(&mut self, key: &str, patches: Vec<(String, String)>) {
+        if let Some(view) = self.connections_view(key) {
+            return self.connections_kept(key, view).await;
+        }
         if !self.fetched.contains(key) {
             return self
                 .error(
@@ -442,6 +533,9 @@ impl Session {
     }
 
     async fn delete(&mut self, key: &str) {
+        if let Some(view) = self.connections_view(key) {
+            return self.connections_kept(key, view).await;
+        }
         match self.target(key, Op::Delete).await {
             Ok(Resolved::Resource(Target {
                 key: Some(rk),
@@ -623,6 +717,7 @@ async fn follow_session(
             *w = account.map_or_else(|| base.clone(), Caller::Account);
             current_user_value(dialect, &w, None)
         };
+        svc.connections.touch();
         if out
             .send(wire::state(dialect, "current_user", Some(&v)))
             .await
@@ -693,7 +788,7 @@ async fn forward(
             UpdateBody::Text(_) => read_value(&svc, &rk).await,
         };
         let v = viewer.read().expect("viewer").clone();
-        let val = render(&svc, val, &target, &v).await;
+        let val = render(&svc, &key, val, &target, &v).await;
         if out.send(wire::state(dialect, &key, val.as_ref())).await.is_err() {
             return;
         }
@@ -725,14 +820,76 @@ pub(crate) async fn read_value(svc: &Services, rk: &ResourceKey) -> Option<Value
     Some(bytes_value(svc, rk, &state.body).await)
 }
 
-/// What the viewer is shown: profiles filtered, links to nested states filled in.
-async fn render(svc: &Services, val: Option<Value>, target: &Target, viewer: &Caller) -> Option<Value> {
-    let val = val?;
+/// What the viewer is shown: profiles filtered, links to nested states filled in; a v6
+/// state's own `key` is the frame's, not part of its value.
+async fn render(
+    svc: &Services,
+    key: &str,
+    val: Option<Value>,
+    target: &Target,
+    viewer: &Caller,
+) -> Option<Value> {
+    let val = without_own_key(val?, key);
     let val = match &target.profile {
         Some(p) => access::view_profile(val, p, viewer),
         None => val,
     };
     Some(fill_links(svc, val, viewer, 0).await)
+}
+
+/// A wire key without the leading `/` of the client's mount: the key as stored.
+fn own_key(key: &str) -> &str {
+    key.strip_prefix('/').unwrap_or(key)
+}
+
+/// A value without the `key` field naming its own key (v6 saves store it; see `set`).
+fn without_own_key(val: Value, key: &str) -> Value {
+    match val {
+        Value::Object(mut m) if m.get("key").and_then(Value::as_str) == Some(own_key(key)) => {
+            m.remove("key");
+            Value::Object(m)
+        }
+        other => other,
+    }
+}
+
+/// Follows the open connections for a `fetch` of one of their states (see
+/// [`super::connections`]): sends the state whenever it changes for this viewer, until the
+/// viewer may no longer read it.
+async fn follow_connections(
+    svc: Services,
+    key: String,
+    view: View,
+    own_id: String,
+    dialect: Dialect,
+    viewer: Arc<RwLock<Caller>>,
+    out: mpsc::Sender<String>,
+) {
+    let mut changes = svc.connections.changes();
+    let mut rules = svc.access.changes();
+    let mut last = None;
+    let mut rules_open = true;
+    loop {
+        let caller = viewer.read().expect("viewer").clone();
+        match svc.connections.render(&view, &svc.access, &caller, &own_id) {
+            Ok(v) if last.as_ref() == Some(&v) => {}
+            Ok(v) => {
+                if out.send(wire::state(dialect, &key, Some(&v))).await.is_err() {
+                    return;
+                }
+                last = Some(v);
+            }
+            Err(r) => {
+                let _ = out.send(wire::refusal(&r, &key)).await;
+                let _ = out.send(wire::state(dialect, &key, None)).await;
+                return;
+            }
+        }
+        tokio::select! {
+            c = changes.changed() => if c.is_err() { return },
+            r = rules.changed(), if rules_open => rules_open = r.is_ok(),
+        }
+    }
 }
 
 /// Replaces links `{key}` left by [`split_nested`] with the states they name.
