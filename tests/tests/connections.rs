@@ -1,6 +1,7 @@
 //! Connections a hostile client cannot hoard, against the real `plait` binary: idle
 //! sockets (nothing sent, a bare HTTP/2 preface, an idle keep-alive connection) are closed,
-//! a body that never ends is cut, the caps (global and per address) answer 503 at once,
+//! a body that never ends is cut, the caps (global and per address) answer 503 at once
+//! (in HTTP/2 to an HTTP/2 client),
 //! websockets count toward them and are closed when they answer no pings.
 
 use std::net::SocketAddr;
@@ -118,6 +119,34 @@ async fn past_the_cap_a_connection_is_answered_503_at_once() {
         assert!(Instant::now() < deadline, "not served after the others left");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn past_the_cap_an_http2_client_is_answered_in_http2() {
+    let p = Plait::start_with_env(Store::Embedded, &[], &[("PLAIT_LIMITS__MAX_CONNECTIONS", "1")]);
+    let _a = TcpStream::connect(p.addr).await.unwrap();
+    // HTTP/2 with prior knowledge (h2c), as a load balancer or gRPC-style client speaks it.
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("an HTTP/2 handshake on a refused connection");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/.well-known/plait", p.addr))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = send.send_request(req).await.expect("an answer");
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["plait-error"], "too-many-connections");
+    assert!(
+        res.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .is_ok()
+    );
 }
 
 #[tokio::test]
