@@ -191,7 +191,7 @@ impl P2p {
         Ok(serde_json::json!({ "mirror": invite.inviter, "dht": invite.dht, "joined": joined }))
     }
 
-    async fn mirror_status(&self) -> Result<serde_json::Value, String> {
+    pub(crate) async fn mirror_status(&self) -> Result<serde_json::Value, String> {
         let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
         let grants = crate::mirror::grants::Grants::new(&m.data_dir)
             .list()
