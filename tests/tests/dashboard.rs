@@ -4,7 +4,8 @@
 //! 403 for a limited token, the JSON document for an owner token), the status page links
 //! the dashboard, a one-time link from `plait dashboard` is redeemed once for an owner
 //! session cookie that reads the status resources, and a subscription to a status
-//! resource gets a new version when another client subscribes to a resource.
+//! resource gets a new version when another client subscribes to a resource, and ends
+//! once its token is revoked. On both stores (owner sessions are kept in the store).
 //!
 //! In Chromium (`tests/clients/dashboard.js`, playwright-core, Debian's `/usr/bin/chromium`):
 //! the page shows nothing without a credential, the link logs in once, another client's
@@ -16,7 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use plait_tests::plait::{Plait, Store, binary};
-use plait_tests::{node, wire};
+use plait_tests::{node, on_both_stores, wire};
 
 const SECTIONS: &[&str] = &[
     "overview", "live", "storage", "network", "mirrors", "tokens", "refusals", "all",
@@ -43,9 +44,10 @@ fn login_link(p: &Plait) -> String {
     link
 }
 
-#[tokio::test]
-async fn status_resources_are_the_owners_and_follow_the_server() {
-    let p = Plait::start(Store::Embedded);
+on_both_stores!(status_resources_are_the_owners_and_follow_the_server);
+
+async fn status_resources_are_the_owners_and_follow_the_server(store: Store) {
+    let p = Plait::start(store);
     let (k, v) = p.owner_auth();
     let owner = [(k, v.as_str())];
     let limited = format!("Bearer {}", p.token(&["--read", "/"]));
@@ -198,6 +200,39 @@ async fn status_resources_are_the_owners_and_follow_the_server() {
             .expect("a new version showing the other client's subscription");
         seen = shows(&b);
     }
+
+    // A subscription ends once its credential no longer makes the owner.
+    let second = p.token(&[]);
+    let id = second.split('_').nth(1).expect("plait_<id>_<secret>").to_string();
+    let bearer = format!("Bearer {second}");
+    let mut watching = wire::subscribe(
+        p.addr,
+        "/.well-known/plait/status/live",
+        &[("Authorization", &bearer), ("Subscribe", "true")],
+    )
+    .await;
+    assert_eq!(watching.status, 209);
+    watching
+        .next_block(Duration::from_secs(5))
+        .await
+        .expect("the first version");
+    let revoked = Command::new(binary())
+        .args(["token", "--data-dir"])
+        .arg(p.data_dir())
+        .args(["--revoke", &id])
+        .output()
+        .unwrap();
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    // `live` changes (another subscriber comes); the revoked reader gets no more of it.
+    let _third = wire::subscribe(p.addr, "/watched", &[("Subscribe", "true")]).await;
+    assert!(
+        watching.ended_within(Duration::from_secs(20)).await,
+        "a status subscription outlived its revoked token"
+    );
 }
 
 #[tokio::test]
