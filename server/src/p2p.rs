@@ -272,7 +272,8 @@ impl P2p {
         Ok(serde_json::json!({ "dht": dht, "inviter": inviter }))
     }
 
-    async fn handle(&self, req: AdminRequest) -> Result<serde_json::Value, String> {
+    /// Carries out one admin request (the admin socket's, or the owner's dashboard's).
+    pub(crate) async fn handle(&self, req: AdminRequest) -> Result<serde_json::Value, String> {
         match req {
             AdminRequest::Invite { dht, uses, ttl_secs } => {
                 if uses == 0 {

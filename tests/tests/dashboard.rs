@@ -267,3 +267,43 @@ async fn the_dashboard_in_chromium() {
     let png = std::fs::read(&shot).expect("the screenshot was saved");
     assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
 }
+
+#[tokio::test]
+async fn the_owner_makes_invite_links_from_the_dashboard() {
+    let p = Plait::start_with(Store::Embedded, &["--p2p-listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
+    let (k, v) = p.owner_auth();
+    let path = "/.well-known/plait/dashboard/invite";
+    let ask = br#"{"uses": 2, "ttl_secs": 600}"#;
+    let r = wire::send(p.addr, "POST", path, &[("Content-Type", "application/json")], ask).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let limited = format!("Bearer {}", p.token(&["--write", "/"]));
+    let r = wire::send(p.addr, "POST", path, &[("Authorization", &limited)], ask).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = wire::send(p.addr, "POST", path, &[(k, v.as_str())], ask).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let made: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(
+        made["link"].as_str().unwrap().starts_with("plait-invite:"),
+        "{made}"
+    );
+    assert_eq!(made["uses"], 2);
+    // The overview says the node is on, and which network the link is for.
+    let o = wire::send(
+        p.addr,
+        "GET",
+        "/.well-known/plait/status/overview",
+        &[(k, v.as_str())],
+        b"",
+    )
+    .await;
+    let o: serde_json::Value = serde_json::from_slice(&o.body).unwrap();
+    assert_eq!(o["p2p"], true);
+    assert!(
+        o["invite"]["networks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| *n == made["dht"]),
+        "{o}"
+    );
+}

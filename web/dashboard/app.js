@@ -109,6 +109,7 @@ const render = {
             ['Invite links', v.invite ? v.invite.command + (v.invite.networks.length ? ` (networks: ${v.invite.networks.join(', ')})` : '') : 'the p2p node is off'],
         ])
         $('who').textContent = v.id.slice(0, 12) + '…'
+        $('invite-form').hidden = !v.invite
     },
     live(v) {
         const f = v.figures
@@ -246,6 +247,15 @@ async function init() {
         check()
     })
     $('rules-save').addEventListener('click', saveRules)
+    $('invite-form').addEventListener('submit', async (e) => {
+        e.preventDefault()
+        const res = await fetch('invite', {
+            method: 'POST',
+            headers: { ...authHeaders(), 'Content-Type': 'application/json' },
+            body: JSON.stringify({ uses: Number($('invite-uses').value) || 1, ttl_secs: 7 * 24 * 3600 }),
+        })
+        $('invite-link').textContent = res.ok ? (await res.json()).link : `refused (${res.status}): ${await res.text()}`
+    })
     $('rules-reload').addEventListener('click', loadRules)
     $('logout').addEventListener('click', async () => {
         sessionStorage.removeItem('plait-token')

@@ -6,6 +6,8 @@
 //! * `POST /.well-known/plait/dashboard/login` — a one-time link's secret (the body) is
 //!   redeemed for an owner session: the `plait_owner` cookie (`HttpOnly`,
 //!   `SameSite=Strict`, sent under `/.well-known/plait` only). `…/logout` ends it.
+//! * `POST /.well-known/plait/dashboard/invite` — the owner makes an invite link to this
+//!   server's network (`{"uses": N, "ttl_secs": S}`), as `plait invite` does.
 //! * `/.well-known/plait/status/<section>` — the status resources (`crate::status`), for
 //!   the owner only ([`super::owner_only`], the same check as metrics). A GET is the
 //!   current JSON with its `Version`; with `Subscribe` it is a Braid subscription (`209`)
@@ -35,8 +37,8 @@ pub const STATUS_PATH: &str = "/.well-known/plait/status/";
 /// Where the owner session cookie is sent: the dashboard, the status resources and the
 /// access rules, nothing else of this origin.
 const COOKIE_PATH: &str = "/.well-known/plait";
-/// Longest login request body (a secret is 43 characters).
-const MAX_LOGIN_BYTES: usize = 1024;
+/// Longest login or invite request body (a secret is 43 characters).
+const MAX_FORM_BYTES: usize = 1024;
 /// The pages load their scripts and styles from here only, and talk to this origin only.
 const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
      connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -63,6 +65,7 @@ pub fn routes() -> Router<App> {
         )
         .route("/.well-known/plait/dashboard/login", post(login))
         .route("/.well-known/plait/dashboard/logout", post(logout))
+        .route("/.well-known/plait/dashboard/invite", post(invite))
         .route("/.well-known/plait/status/{section}", get(status))
 }
 
@@ -109,8 +112,8 @@ fn owner_cookie(app: &App, value: &str, max_age: u64) -> Option<HeaderValue> {
 
 /// Redeems a one-time login link (its secret is the body) for an owner session cookie.
 async fn login(State(app): State<App>, body: Bytes) -> Response<Body> {
-    if body.len() > MAX_LOGIN_BYTES {
-        return ApiError::too_large(Some(body.len() as u64), MAX_LOGIN_BYTES).into_response();
+    if body.len() > MAX_FORM_BYTES {
+        return ApiError::too_large(Some(body.len() as u64), MAX_FORM_BYTES).into_response();
     }
     let secret = String::from_utf8_lossy(&body).trim().to_string();
     let logins = app.access.owner_logins();
@@ -140,6 +143,50 @@ async fn logout(State(app): State<App>, headers: HeaderMap) -> Response<Body> {
         res.headers_mut().insert(http::header::SET_COOKIE, v);
     }
     res
+}
+
+/// What the dashboard asks of an invite link.
+#[derive(serde::Deserialize)]
+struct InviteAsk {
+    uses: u32,
+    ttl_secs: u64,
+}
+
+/// The owner makes an invite link to this server's network.
+async fn invite(
+    State(app): State<App>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response<Body> {
+    use axum::response::IntoResponse as _;
+    const WHAT: &str = "invite links are the owner's to make";
+    if let Err(e) = super::owner_only(&app, &method, &uri, &headers, WHAT).await {
+        return e.into_response();
+    }
+    let Some(p2p) = &app.p2p else {
+        return ApiError::not_found("this server runs no p2p node").into_response();
+    };
+    if body.len() > MAX_FORM_BYTES {
+        return ApiError::too_large(Some(body.len() as u64), MAX_FORM_BYTES).into_response();
+    }
+    let ask: InviteAsk = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return ApiError::bad_request(format!("an invite takes {{\"uses\", \"ttl_secs\"}}: {e}"))
+                .into_response();
+        }
+    };
+    let req = crate::p2p::AdminRequest::Invite {
+        dht: None,
+        uses: ask.uses,
+        ttl_secs: ask.ttl_secs,
+    };
+    match p2p.handle(req).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => ApiError::bad_request(e).into_response(),
+    }
 }
 
 /// The version id of a section's `seq`th document in this process.
