@@ -132,6 +132,11 @@ impl Status {
         })
     }
 
+    /// `[dashboard]` (published at `/.well-known/plait`).
+    pub fn settings(&self) -> &DashboardSettings {
+        &self.settings
+    }
+
     /// When this process started (unix ms): version ids carry it, so versions of two runs
     /// never look alike.
     pub fn started_ms(&self) -> u64 {

@@ -57,6 +57,8 @@ async fn status_resources_are_the_owners_and_follow_the_server(store: Store) {
     let wk: serde_json::Value = serde_json::from_slice(&wk.body).unwrap();
     assert_eq!(wk["dashboard"], "/.well-known/plait/dashboard/");
     assert_eq!(wk["status"].as_array().unwrap().len(), SECTIONS.len());
+    assert_eq!(wk["dashboard_settings"]["status_interval_ms"], 250);
+    assert_eq!(wk["access"]["owner_session_lifetime_secs"], 12 * 3600);
 
     for s in SECTIONS {
         let path = format!("/.well-known/plait/status/{s}");

@@ -397,12 +397,14 @@ async fn well_known(
         // The owner's admin dashboard, and the status resources it follows (owner only).
         "dashboard": dashboard::DASHBOARD_PATH,
         "status": crate::status::SECTIONS.iter().map(|s| format!("{}{s}", dashboard::STATUS_PATH)).collect::<Vec<_>>(),
+        "dashboard_settings": app.status.settings(),
         "access": {
             "public_writes": access.public_writes,
             "rules": format!("/{}", crate::access::RULES_URL_PATH),
             "credentials": ["Bearer (plait token)", "HTTP Message Signatures (RFC 9421, ed25519)", "login session (current_user)"],
             "signature_max_skew_secs": access.signature_max_skew_secs,
             "session_lifetime_secs": access.session_lifetime_secs,
+            "owner_session_lifetime_secs": access.owner_session_lifetime_secs,
             "logins_per_minute_per_address": access.logins_per_minute_per_address,
             "login_failures_per_hour_per_account": access.login_failures_per_hour_per_account,
             "account_creations_per_hour_per_address": access.account_creations_per_hour_per_address,
