@@ -10,7 +10,8 @@
 //! In Chromium (`tests/clients/dashboard.js`, playwright-core, Debian's `/usr/bin/chromium`):
 //! the page shows nothing without a credential, the link logs in once, another client's
 //! subscription appears, a rule saved in the editor takes effect, and a screenshot is
-//! taken (into `docs/dashboard.png` with `UPDATE_SCREENSHOTS=1`).
+//! taken (into `docs/dashboard.png` with `UPDATE_SCREENSHOTS=1`); the page's Braid reader
+//! (`web/dashboard/braid.js`) alone in Node (`tests/clients/dashboard_braid.mjs`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -308,4 +309,11 @@ async fn the_owner_makes_invite_links_from_the_dashboard() {
             .any(|n| *n == made["dht"]),
         "{o}"
     );
+}
+
+/// The page's Braid reader splits blocks right however the stream is chunked.
+#[test]
+fn the_pages_braid_reader_splits_blocks_at_any_chunking() {
+    let out = node::run("dashboard_braid.mjs", &[]);
+    assert!(out.contains("braid.js ok"), "{out}");
 }
