@@ -23,6 +23,9 @@ pub enum Command {
     /// Print a bearer token of the owner (with no --read/--write: a full owner token), or
     /// list or revoke tokens.
     Token(TokenArgs),
+    /// Print a one-time link that logs the owner in to the admin dashboard (single use,
+    /// short-lived; the server may be running or not).
+    Dashboard(DashboardArgs),
     /// Load data from another server's store.
     #[command(subcommand)]
     Import(ImportCommand),
@@ -137,6 +140,24 @@ pub struct MigrateArgs {
     /// `postgres://…` (from the embedded store) or `embedded` (from --database-url).
     #[arg(long, value_name = "URL|embedded")]
     pub to: String,
+}
+
+/// `plait dashboard`: a one-time login link for the admin dashboard.
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// The data dir of the instance whose owner logs in.
+    #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A TOML settings file (its `public_url` or `listen` make the link's address).
+    #[arg(long, value_name = "FILE", env = "PLAIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The server's address as the browser reaches it (default: `public_url`, else the
+    /// `listen` address).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// How long the link may be used (once), e.g. `10m`.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub ttl: humantime::Duration,
 }
 
 /// `plait token`: issue, list or revoke bearer tokens.

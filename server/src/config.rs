@@ -66,6 +66,8 @@ pub struct Config {
     pub access: crate::access::AccessSettings,
     /// The E2EE mirror (`[mirror]`): how changes are batched into sealed segments.
     pub mirror: crate::mirror::MirrorSettings,
+    /// The admin dashboard's status resources (`[dashboard]`): how often they change.
+    pub dashboard: crate::status::DashboardSettings,
     /// Reverse proxies in front of this server (IP addresses or CIDR networks): only their
     /// `Forwarded` / `X-Forwarded-*` headers are believed, and connections from them are
     /// not counted per address. Default: none.
@@ -325,6 +327,7 @@ impl Default for Config {
             p2p: plait_bridge::node::NodeSettings::default(),
             access: crate::access::AccessSettings::default(),
             mirror: crate::mirror::MirrorSettings::default(),
+            dashboard: crate::status::DashboardSettings::default(),
             trusted_proxies: Vec::new(),
             tls: TlsSettings::default(),
         }

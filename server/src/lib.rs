@@ -21,5 +21,6 @@ pub mod refusals;
 pub mod serve;
 pub mod service;
 pub mod statebus;
+pub mod status;
 pub mod storage;
 pub mod update;

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Keygen(args) => keygen(args),
         Command::Token(args) => token(args),
+        Command::Dashboard(args) => dashboard(args),
         Command::Import(ImportCommand::Statebus {
             source,
             data_dir,
@@ -358,6 +359,34 @@ async fn first_sync(dir: &std::path::Path, mirror: &str, target: u64, wait: Dura
 }
 
 /// `plait token`: works on the data dir's token file, whether or not the server runs.
+/// `plait dashboard`: prints a one-time login link to the admin dashboard.
+fn dashboard(args: plait_server::cli::DashboardArgs) -> anyhow::Result<()> {
+    use plait_server::config::{Config, Overrides};
+    let cfg = Config::load(args.config.as_deref(), &Overrides::default()).map_err(anyhow::Error::msg)?;
+    let dir = args.data_dir.unwrap_or_else(|| cfg.data_dir());
+    // The link logs in as this instance's owner: the data dir must be an instance.
+    plait_server::serve::open_identity(&dir)?;
+    let url = match args.url.or(cfg.public_url.clone()) {
+        Some(u) => u,
+        None => {
+            let listen = cfg
+                .listen
+                .replace("0.0.0.0:", "127.0.0.1:")
+                .replace("[::]:", "[::1]:");
+            let scheme = if cfg.tls.enabled() { "https" } else { "http" };
+            format!("{scheme}://{listen}")
+        }
+    };
+    let secret = plait_server::access::owner_login::issue_link(&dir, args.ttl.into())?;
+    println!(
+        "{}{}#login={secret}",
+        url.trim_end_matches('/'),
+        plait_server::http::dashboard::DASHBOARD_PATH
+    );
+    eprintln!("(the link logs in once, within {})", args.ttl);
+    Ok(())
+}
+
 fn token(args: plait_server::cli::TokenArgs) -> anyhow::Result<()> {
     use plait_server::access::tokens::Tokens;
     let dir = args

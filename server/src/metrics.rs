@@ -16,10 +16,14 @@
 //!   acknowledged by each mirror (the mirror owner), uptime and resident memory. Nothing is
 //!   counted twice.
 //!
+//! The live figures are also kept as plain atomics ([`Metrics::live`]) for the
+//! dashboard's status resources, which read them without rendering the text.
+//!
 //! Formatting is `metrics-exporter-prometheus`'s (a recorder of our own, not the global
 //! one). This module knows nothing of HTTP, routing or who may read the figures.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, Unit};
@@ -63,6 +67,59 @@ pub struct Metrics {
     subscriptions: [Gauge; 2],
     deliveries: [Counter; 2],
     latency: [Histogram; 2],
+    live: Arc<Live>,
+}
+
+/// The live figures as plain numbers, moved together with their Prometheus handles.
+#[derive(Debug, Default)]
+pub struct Live {
+    connections: AtomicI64,
+    subscriptions: [AtomicI64; 2],
+    deliveries: [AtomicU64; 2],
+}
+
+/// The live figures at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LiveFigures {
+    pub connections: i64,
+    pub braid_subscriptions: i64,
+    pub statebus_subscriptions: i64,
+    pub braid_deliveries: u64,
+    pub statebus_deliveries: u64,
+}
+
+impl Live {
+    pub fn read(&self) -> LiveFigures {
+        LiveFigures {
+            connections: self.connections.load(Ordering::Relaxed),
+            braid_subscriptions: self.subscriptions[0].load(Ordering::Relaxed),
+            statebus_subscriptions: self.subscriptions[1].load(Ordering::Relaxed),
+            braid_deliveries: self.deliveries[0].load(Ordering::Relaxed),
+            statebus_deliveries: self.deliveries[1].load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A gauge that moves a Prometheus gauge and one of [`Live`]'s atomics alike.
+struct Tracked {
+    gauge: Gauge,
+    live: Arc<Live>,
+    pick: fn(&Live) -> &AtomicI64,
+}
+
+impl metrics::GaugeFn for Tracked {
+    fn increment(&self, value: f64) {
+        self.gauge.increment(value);
+        (self.pick)(&self.live).fetch_add(value as i64, Ordering::Relaxed);
+    }
+    fn decrement(&self, value: f64) {
+        self.gauge.decrement(value);
+        (self.pick)(&self.live).fetch_sub(value as i64, Ordering::Relaxed);
+    }
+    fn set(&self, value: f64) {
+        self.gauge.set(value);
+        (self.pick)(&self.live).store(value as i64, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -103,6 +160,20 @@ impl Metrics {
                     both.map(|p| metrics::histogram!(LATENCY, &[by(p)])),
                 )
             });
+        let live = Arc::new(Live::default());
+        let tracked = |gauge: Gauge, pick: fn(&Live) -> &AtomicI64| {
+            Gauge::from_arc(Arc::new(Tracked {
+                gauge,
+                live: live.clone(),
+                pick,
+            }))
+        };
+        let connections = tracked(connections, |l| &l.connections);
+        let [braid, statebus] = subscriptions;
+        let subscriptions = [
+            tracked(braid, |l| &l.subscriptions[0]),
+            tracked(statebus, |l| &l.subscriptions[1]),
+        ];
         Metrics {
             recorder,
             handle,
@@ -111,6 +182,7 @@ impl Metrics {
             subscriptions,
             deliveries,
             latency,
+            live,
         }
     }
 
@@ -132,6 +204,11 @@ impl Metrics {
         });
     }
 
+    /// The live figures now: open connections, subscriptions and deliveries.
+    pub fn live(&self) -> LiveFigures {
+        self.live.read()
+    }
+
     /// The gauge of open connections, for the accept loop's gate to move.
     pub fn connections(&self) -> Gauge {
         self.connections.clone()
@@ -148,6 +225,7 @@ impl Metrics {
     /// carries was published (a catch-up made for this subscriber alone has none).
     pub fn delivered(&self, protocol: Protocol, committed: Option<Instant>) {
         self.deliveries[protocol.index()].increment(1);
+        self.live.deliveries[protocol.index()].fetch_add(1, Ordering::Relaxed);
         if let Some(at) = committed {
             self.latency[protocol.index()].record(at.elapsed().as_secs_f64());
         }
@@ -323,6 +401,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("plait_connections_open 2"), "{text}");
+        let live = m.live();
+        assert_eq!(
+            (
+                live.connections,
+                live.braid_subscriptions,
+                live.braid_deliveries,
+                live.statebus_deliveries
+            ),
+            (2, 1, 1, 1)
+        );
         assert!(
             text.contains("plait_delivery_latency_seconds_count{protocol=\"braid\"} 1"),
             "{text}"
@@ -332,6 +420,7 @@ mod tests {
             "{text}"
         );
         drop(open);
+        assert_eq!(m.live().braid_subscriptions, 0);
         let text = m.handle.render();
         assert!(
             text.contains("plait_subscriptions_open{protocol=\"braid\"} 0"),

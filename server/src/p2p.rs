@@ -199,7 +199,7 @@ impl P2p {
         }))
     }
 
-    async fn mirror_status(&self) -> Result<serde_json::Value, String> {
+    pub(crate) async fn mirror_status(&self) -> Result<serde_json::Value, String> {
         let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
         let grants = crate::mirror::grants::Grants::new(&m.data_dir)
             .list()
@@ -280,7 +280,8 @@ impl P2p {
         Ok(serde_json::json!({ "dht": dht, "inviter": inviter }))
     }
 
-    async fn handle(&self, req: AdminRequest) -> Result<serde_json::Value, String> {
+    /// Carries out one admin request (the admin socket's, or the owner's dashboard's).
+    pub(crate) async fn handle(&self, req: AdminRequest) -> Result<serde_json::Value, String> {
         match req {
             AdminRequest::Invite { dht, uses, ttl_secs } => {
                 if uses == 0 {

@@ -10,12 +10,15 @@
 //! is published as `plait_refusals_total` by `metrics`. Knows nothing of what the codes
 //! mean.
 //!
+//! The last [`RECENT_KEPT`] refusals are kept too, with their reasons, for the owner's
+//! dashboard ([`Refusals::recent`]).
+//!
 //! **Logs.** Each refusal is logged here, once, with its reason: at `debug` every one
 //! (with who and what); at `info` the first of each code in a minute, with how many of
 //! that code went unlogged at `info` since. A client hammering a limit cannot flood the
 //! log at the default level, yet an operator sees every kind of refusal as it starts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -27,9 +30,25 @@ const MAX_CODES: usize = 256;
 /// At most one `info` line per code this often.
 const INFO_EVERY: Duration = Duration::from_secs(60);
 
+/// Refusals kept, newest last, for the dashboard.
+pub const RECENT_KEPT: usize = 50;
+
 #[derive(Default)]
 pub struct Refusals {
     counts: Mutex<BTreeMap<String, Tally>>,
+    recent: Mutex<VecDeque<Recent>>,
+}
+
+/// One recent refusal.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Recent {
+    /// Unix time, in milliseconds.
+    pub at_ms: u64,
+    pub code: String,
+    pub reason: String,
+    pub client: Option<IpAddr>,
+    /// What was asked ("PUT /notes (403)", "a connection").
+    pub what: String,
 }
 
 #[derive(Default)]
@@ -52,6 +71,21 @@ impl Refusals {
     /// "a connection", ...).
     pub fn count(&self, code: &str, reason: &str, client: Option<IpAddr>, what: fmt::Arguments<'_>) {
         tracing::debug!(code, reason, client = ?client, "refused {what}");
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() >= RECENT_KEPT {
+                recent.pop_front();
+            }
+            recent.push_back(Recent {
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                code: code.chars().take(64).collect(),
+                reason: reason.chars().take(300).collect(),
+                client,
+                what: what.to_string().chars().take(300).collect(),
+            });
+        }
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if !counts.contains_key(code) {
             if counts.len() >= MAX_CODES {
@@ -80,6 +114,12 @@ impl Refusals {
         );
     }
 
+    /// The last [`RECENT_KEPT`] refusals, newest last.
+    pub fn recent(&self) -> Vec<Recent> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().cloned().collect()
+    }
+
     /// Refusals since start, by code.
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
         let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -106,5 +146,9 @@ mod tests {
         assert_eq!(r.snapshot().len(), MAX_CODES);
         count("rate-limited");
         assert_eq!(r.snapshot()["rate-limited"], 3, "known codes still count");
+        let recent = r.recent();
+        assert_eq!(recent.len(), RECENT_KEPT);
+        assert_eq!(recent.last().unwrap().code, "rate-limited");
+        assert_eq!(recent.last().unwrap().what, "a test");
     }
 }

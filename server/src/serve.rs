@@ -273,9 +273,16 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
     crate::service::spawn_watchdog();
     tracing::info!(%identity, store = storage.backend(), data_dir = %data_dir.display(), "plait {}", env!("CARGO_PKG_VERSION"));
     let accounts = crate::access::Accounts::new(engine.clone(), instance.keys.clone(), &cfg.access);
+    let owner_logins = crate::access::owner_login::OwnerLogins::new(
+        &data_dir,
+        engine.clone(),
+        accounts.master(),
+        std::time::Duration::from_secs(cfg.access.owner_session_lifetime_secs),
+    );
     let access = crate::access::Access::new(
         accounts,
         crate::access::tokens::Tokens::new(&data_dir),
+        owner_logins,
         cfg.access.clone(),
     );
     access.start(&engine).await.context("loading the access rules")?;
@@ -353,6 +360,22 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
     let federation = p2p
         .as_ref()
         .map(|p| Arc::new(crate::federation::Federation::new(engine.clone(), p.node.clone())));
+    let refusals: Arc<crate::refusals::Refusals> = Arc::default();
+    let metrics: Arc<crate::metrics::Metrics> = Arc::default();
+    let status = crate::status::Status::new(
+        crate::status::Sources {
+            engine: engine.clone(),
+            identity,
+            metrics: metrics.clone(),
+            refusals: refusals.clone(),
+            p2p: p2p.clone(),
+            access: access.clone(),
+            data_dir: data_dir.clone(),
+            public_url: cfg.public_url.clone(),
+        },
+        cfg.dashboard.clone(),
+    );
+    status.start(shutdown.clone());
     let app = App {
         engine,
         identity,
@@ -371,13 +394,14 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         shutdown,
         started: Instant::now(),
         trusted_proxies: Arc::new(cfg.trusted_proxies()),
-        refusals: Arc::default(),
+        refusals,
         statebus_messages: Arc::new(crate::statebus::MessageRate::new(
             cfg.limits.statebus_messages_per_second_per_address,
         )),
         statebus_connections: crate::statebus::connections::Registry::new(),
-        metrics: Arc::default(),
+        metrics,
         metrics_settings: cfg.metrics.clone(),
+        status,
     };
     app.metrics.upkeep(app.shutdown.clone());
     if let Some(addr) = &cfg.metrics.listen {

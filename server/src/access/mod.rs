@@ -24,6 +24,7 @@
 //! their reader lost the right. Knows nothing of HTTP or Statebus bytes.
 
 pub mod accounts;
+pub mod owner_login;
 pub mod rules;
 pub mod signature;
 pub mod tokens;
@@ -73,6 +74,9 @@ pub struct AccessSettings {
     /// Origins whose pages may make credentialed requests (cookies) to this server. Any
     /// origin may read without credentials.
     pub cors_credential_origins: Vec<String>,
+    /// An owner session begun with a one-time link (`plait dashboard`) lasts this long
+    /// (not sliding).
+    pub owner_session_lifetime_secs: u64,
 }
 
 impl Default for AccessSettings {
@@ -88,6 +92,7 @@ impl Default for AccessSettings {
             password_hash_concurrency: 0,
             password_hash_queue_ms: 5_000,
             cors_credential_origins: Vec::new(),
+            owner_session_lifetime_secs: 12 * 3600,
         }
     }
 }
@@ -219,6 +224,7 @@ struct Inner {
     owner: Identity,
     accounts: Accounts,
     tokens: Tokens,
+    owner_logins: owner_login::OwnerLogins,
     settings: AccessSettings,
     rules_key: ResourceKey,
     rules: ArcSwap<Rules>,
@@ -235,7 +241,12 @@ fn is_private(path: &ResourcePath) -> bool {
 impl Access {
     /// The access layer, with the rules stored in the master namespace (the defaults
     /// until [`Access::start`] loaded them).
-    pub fn new(accounts: Accounts, tokens: Tokens, settings: AccessSettings) -> Access {
+    pub fn new(
+        accounts: Accounts,
+        tokens: Tokens,
+        owner_logins: owner_login::OwnerLogins,
+        settings: AccessSettings,
+    ) -> Access {
         let rules_key = ResourceKey::new(
             accounts.master(),
             ResourcePath::new("access").expect("a valid path"),
@@ -247,6 +258,7 @@ impl Access {
                 owner: accounts.instance(),
                 accounts,
                 tokens,
+                owner_logins,
                 rules_key,
                 rules: ArcSwap::from_pointee(defaults),
                 changed: watch::channel(0).0,
@@ -325,6 +337,17 @@ impl Access {
 
     pub fn tokens(&self) -> &Tokens {
         &self.inner.tokens
+    }
+
+    /// The owner's one-time login links and browser sessions (the dashboard's login).
+    pub fn owner_logins(&self) -> &owner_login::OwnerLogins {
+        &self.inner.owner_logins
+    }
+
+    /// The caller an owner session cookie makes: the owner, or a refusal.
+    pub async fn owner_session(&self, secret: &str) -> Result<Caller, owner_login::OwnerLoginError> {
+        self.inner.owner_logins.check(secret).await?;
+        Ok(Caller::Owner)
     }
 
     pub fn settings(&self) -> &AccessSettings {
@@ -510,9 +533,9 @@ impl Access {
         if *key == self.inner.rules_key {
             format!("/{RULES_URL_PATH}")
         } else if key.namespace == self.inner.owner {
-            format!("/{}", key.path)
+            format!("/{}", key.path.as_str())
         } else {
-            format!("/~{}/{}", key.namespace, key.path)
+            format!("/~{}/{}", key.namespace, key.path.as_str())
         }
     }
 }

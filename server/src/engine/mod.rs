@@ -615,6 +615,29 @@ impl Engine {
         live.iter().map(|h| h.shared.events.receiver_count()).sum()
     }
 
+    /// The resources in memory outside namespace `except`, each with its open
+    /// subscriptions, most subscribed first (for the owner's dashboard).
+    pub fn resources_outside(&self, except: Option<Namespace>) -> Vec<(ResourceKey, usize)> {
+        let live: Vec<_> = self
+            .inner
+            .registry
+            .lock()
+            .expect("registry")
+            .iter()
+            .filter(|(k, _)| Some(k.namespace) != except)
+            .filter_map(|(k, h)| Some((k.clone(), h.upgrade()?)))
+            .collect();
+        let mut out: Vec<_> = live
+            .into_iter()
+            .map(|(k, h)| (k, h.shared.events.receiver_count()))
+            .collect();
+        out.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then_with(|| a.0.path.as_str().cmp(b.0.path.as_str()))
+        });
+        out
+    }
+
     /// Writes acknowledged since start (durable, or changing nothing), by kind; the
     /// server's own writes (accounts, sessions, rules, imports) included.
     pub fn writes_acknowledged(&self) -> [(Kind, u64); 3] {

@@ -239,6 +239,17 @@ impl From<crate::access::accounts::AccountError> for ApiError {
     }
 }
 
+impl From<crate::access::owner_login::OwnerLoginError> for ApiError {
+    fn from(e: crate::access::owner_login::OwnerLoginError) -> Self {
+        use crate::access::owner_login::OwnerLoginError;
+        match e {
+            OwnerLoginError::Unknown | OwnerLoginError::NoSession => ApiError::unauthenticated(e.to_string()),
+            OwnerLoginError::Engine(e) => e.into(),
+            OwnerLoginError::Io(e) => ApiError::new(503, "unavailable", format!("the login links: {e}")),
+        }
+    }
+}
+
 impl From<crate::p2p::JoinError> for ApiError {
     fn from(e: crate::p2p::JoinError) -> Self {
         use crate::p2p::JoinError;

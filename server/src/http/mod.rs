@@ -15,6 +15,7 @@
 
 pub mod acme;
 pub mod conn;
+pub mod dashboard;
 pub mod error;
 pub mod forwarded;
 pub mod resource;
@@ -81,6 +82,8 @@ pub struct App {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// `[metrics]`: where metrics are served.
     pub metrics_settings: crate::config::MetricsSettings,
+    /// The owner's status resources, which the admin dashboard follows.
+    pub status: Arc<crate::status::Status>,
 }
 
 /// The routes: well-known resources and `[metrics] path`, then every other path is a
@@ -93,7 +96,8 @@ pub fn router(app: App) -> Router {
             "/_connect_to_statebus_/websocket",
             get(statebus_websocket).connect(statebus_websocket),
         )
-        .route("/.well-known/plait/join", axum::routing::post(join));
+        .route("/.well-known/plait/join", axum::routing::post(join))
+        .merge(dashboard::routes());
     if !app.metrics_settings.path.is_empty() {
         router = router.route(&app.metrics_settings.path, get(metrics_for_owner));
     }
@@ -144,16 +148,26 @@ async fn metrics_for_owner(
     uri: http::Uri,
     headers: http::HeaderMap,
 ) -> axum::response::Response {
-    let auth = match resource::authenticate(&app, &method, &uri, &headers).await {
-        Ok(a) => a,
-        Err(e) => return e.into_response(),
-    };
+    match owner_only(&app, &method, &uri, &headers, "metrics are the owner's only").await {
+        Ok(()) => metrics_text(&app).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The one check of what is the owner's alone (metrics, the status resources): the
+/// request's credential must make it the owner; 401 without one, 403 with another.
+pub(crate) async fn owner_only(
+    app: &App,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    what: &str,
+) -> Result<(), error::ApiError> {
+    let auth = resource::authenticate(app, method, uri, headers).await?;
     match auth.caller {
-        crate::access::Caller::Owner => metrics_text(&app).await,
-        c if c.is_anonymous() => {
-            error::ApiError::unauthenticated("metrics are the owner's only").into_response()
-        }
-        _ => error::ApiError::forbidden("metrics are the owner's only").into_response(),
+        crate::access::Caller::Owner => Ok(()),
+        c if c.is_anonymous() => Err(error::ApiError::unauthenticated(what)),
+        _ => Err(error::ApiError::forbidden(what)),
     }
 }
 
@@ -383,12 +397,17 @@ async fn well_known(
             "statebus_messages_per_second_per_address": app.limits.statebus_messages_per_second_per_address,
             "tls_handshake_timeout_secs": app.limits.tls_handshake_timeout_secs,
         },
+        // The owner's admin dashboard, and the status resources it follows (owner only).
+        "dashboard": dashboard::DASHBOARD_PATH,
+        "status": crate::status::SECTIONS.iter().map(|s| format!("{}{s}", dashboard::STATUS_PATH)).collect::<Vec<_>>(),
+        "dashboard_settings": app.status.settings(),
         "access": {
             "public_writes": access.public_writes,
             "rules": format!("/{}", crate::access::RULES_URL_PATH),
             "credentials": ["Bearer (plait token)", "HTTP Message Signatures (RFC 9421, ed25519)", "login session (current_user)"],
             "signature_max_skew_secs": access.signature_max_skew_secs,
             "session_lifetime_secs": access.session_lifetime_secs,
+            "owner_session_lifetime_secs": access.owner_session_lifetime_secs,
             "logins_per_minute_per_address": access.logins_per_minute_per_address,
             "login_failures_per_hour_per_account": access.login_failures_per_hour_per_account,
             "account_creations_per_hour_per_address": access.account_creations_per_hour_per_address,

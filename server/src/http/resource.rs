@@ -94,6 +94,10 @@ fn add_common_headers(h: &mut HeaderMap, app: &App, origin: Option<&HeaderValue>
 /// Name of the cookie holding an HTTP login session's secret.
 pub const SESSION_COOKIE: &str = "plait_session";
 
+/// Name of the cookie holding an owner session's secret (the dashboard's login; sent
+/// under `/.well-known/plait` only).
+pub const OWNER_COOKIE: &str = "plait_owner";
+
 /// The value of the cookie named `name`, if the request has a well-formed one.
 pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     let ok = |s: &str| {
@@ -145,6 +149,14 @@ pub(crate) async fn authenticate(
             .access
             .bearer(token)
             .map_err(|e| ApiError::unauthenticated(e.to_string()).invalid_token())?;
+        return Ok(Authenticated {
+            caller,
+            session: None,
+            signed: false,
+        });
+    }
+    if let Some(secret) = cookie(h, OWNER_COOKIE) {
+        let caller = app.access.owner_session(secret).await.map_err(ApiError::from)?;
         return Ok(Authenticated {
             caller,
             session: None,
