@@ -5,6 +5,8 @@
 //! (fixed actor, time 0, no message), so two replicas that create the same resource
 //! independently share the root object instead of racing to create two of them.
 
+use std::collections::HashMap;
+
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, Change, ChangeHash, LoadOptions, ObjType, ROOT, TextEncoding};
 
@@ -54,6 +56,9 @@ pub(crate) struct AmDoc {
     pub(crate) am: AutoCommit,
     pub(crate) index: VersionIndex,
     genesis: ChangeHash,
+    /// Changes that arrived before their dependencies: automerge holds them back, and they
+    /// join the index, under the label they carry, once it applies them.
+    queued: HashMap<ChangeHash, Option<(VersionId, u64)>>,
 }
 
 impl AmDoc {
@@ -84,6 +89,7 @@ impl AmDoc {
             am,
             index: VersionIndex::default(),
             genesis: g.hash(),
+            queued: HashMap::new(),
         };
         doc.reindex();
         Ok(doc)
@@ -114,20 +120,26 @@ impl AmDoc {
         if fresh.is_empty() {
             return Ok(());
         }
-        let hashes: Vec<ChangeHash> = fresh.iter().map(Change::hash).collect();
+        // The label travels in the change itself, so a change that has to wait for its
+        // dependencies (a peer or another process sent it out of order) keeps it.
+        for c in &fresh {
+            let label = ChangeLabel::from_message(c.message());
+            self.queued.insert(c.hash(), label);
+        }
         self.am
             .apply_changes_batch(fresh)
             .map_err(|e| DocError::Corrupt(format!("changes do not apply: {e}")))?;
-        for hash in hashes {
-            let label = self
-                .am
-                .get_change_meta_by_hash(&hash)
-                .and_then(|m| ChangeLabel::from_message(m.message.as_deref()));
-            match label {
-                Some((id, n)) => self.index.insert(hash, id, n),
-                None => self.index.insert_unlabelled(hash),
+        let (am, index) = (&mut self.am, &mut self.index);
+        self.queued.retain(|hash, label| {
+            if am.get_change_meta_by_hash(hash).is_none() {
+                return true; // still waiting for a dependency
+            }
+            match label.take() {
+                Some((id, n)) => index.insert(*hash, id, n),
+                None => index.insert_unlabelled(*hash),
             };
-        }
+            false
+        });
         Ok(())
     }
 

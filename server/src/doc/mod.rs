@@ -12,6 +12,9 @@ pub mod json;
 pub mod text;
 pub mod versions;
 
+#[cfg(test)]
+mod convergence;
+
 use ::bytes::Bytes;
 
 use crate::model::{Kind, Version, VersionId};
