@@ -17,6 +17,9 @@ use tokio::sync::{Mutex, watch};
 use crate::net::{Conn, Target, find, request, server_rss};
 use crate::{Auth, borrowed, hist, now_us, summary};
 
+/// Subscribers that may be in their TLS handshake at once.
+const TLS_CONNECTING: usize = 64;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Server the subscribers connect to, e.g. http://127.0.0.1:7524 (or https:// with --ca)
@@ -66,6 +69,9 @@ struct Tally {
     got: Arc<AtomicU64>,
     lat: Arc<Mutex<Histogram<u64>>>,
     stop: watch::Receiver<bool>,
+    /// Subscribers connecting at once (over TLS: as many handshakes as a client pool
+    /// would run, so that what is measured is fan-out, not the handshake timeout).
+    connecting: Arc<tokio::sync::Semaphore>,
 }
 
 /// One subscriber's view of its stream: whole Braid update blocks (headers, blank line,
@@ -140,6 +146,7 @@ fn stamp(body: &[u8]) -> Option<u64> {
 /// A subscriber on its own HTTP/1.1 connection.
 async fn subscriber(target: Target, path: String, tally: Tally, auth: Auth) -> anyhow::Result<()> {
     let mut stop = tally.stop.clone();
+    let connecting = tally.connecting.clone().acquire_owned().await?;
     let mut s = target.connect().await?;
     let mut head =
         format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n");
@@ -165,6 +172,7 @@ async fn subscriber(target: Target, path: String, tally: Tally, auth: Auth) -> a
             break e + 4;
         }
     };
+    drop(connecting);
     raw.drain(..body_start);
     let mut reader = Reader::new(tally);
     loop {
@@ -306,6 +314,11 @@ pub async fn fanout(a: Args) -> anyhow::Result<serde_json::Value> {
         got: Arc::new(AtomicU64::new(0)),
         lat: Arc::new(Mutex::new(hist())),
         stop,
+        connecting: Arc::new(tokio::sync::Semaphore::new(if target.is_tls() {
+            TLS_CONNECTING
+        } else {
+            tokio::sync::Semaphore::MAX_PERMITS
+        })),
     };
     let mut tasks = Vec::new();
     let t_connect = Instant::now();
