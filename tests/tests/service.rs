@@ -1,6 +1,8 @@
 //! `plait serve` under a service manager: systemd's notify protocol spoken to a socket the
 //! test holds (readiness, watchdog, reload, stopping), SIGHUP reading the settings again
-//! without stopping, and the shipped unit checked by `systemd-analyze verify`.
+//! without stopping, and the shipped unit checked by `systemd-analyze verify`; the
+//! container file checked against what the build reads (and built where podman or docker
+//! is installed).
 
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
@@ -127,5 +129,148 @@ fn the_systemd_unit_verifies() {
     assert!(
         out.status.success() && err.trim().is_empty(),
         "systemd-analyze verify: {err}"
+    );
+}
+
+/// The repository root.
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// What the server's build reads from outside its crate: every workspace member's
+/// manifest and sources, and the directories the server embeds (`#[folder]`,
+/// `embed_migrations!`), as paths from the repository root.
+fn build_inputs(root: &std::path::Path) -> Vec<String> {
+    let mut out = vec!["Cargo.toml".to_string(), "Cargo.lock".to_string()];
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("members = "))
+        .expect("workspace members");
+    for m in members.trim_matches(['[', ']']).split(',') {
+        let m = m.trim().trim_matches('"');
+        out.push(format!("{m}/Cargo.toml"));
+        out.push(format!("{m}/src"));
+    }
+    let walk = walkdir(root.join("server/src"));
+    for file in walk {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (open, close) in [("#[folder = \"", "\""), ("embed_migrations!(\"", "\"")] {
+            for piece in text.split(open).skip(1) {
+                let rel = piece.split(close).next().unwrap();
+                let path = root.join("server").join(rel);
+                let path = path
+                    .canonicalize()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let from_root = path.strip_prefix(root.canonicalize().unwrap()).unwrap();
+                out.push(from_root.to_string_lossy().trim_end_matches('/').to_string());
+            }
+        }
+    }
+    out
+}
+
+fn walkdir(dir: std::path::PathBuf) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walkdir(p));
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_container_file_copies_what_the_build_reads() {
+    let root = repo();
+    let file = std::fs::read_to_string(root.join("server/deploy/Containerfile")).unwrap();
+    // Its stages: the lines from each `FROM` to the next.
+    let mut stages: Vec<String> = Vec::new();
+    for line in file.lines() {
+        if line.starts_with("FROM ") {
+            stages.push(String::new());
+        }
+        if let Some(stage) = stages.last_mut() {
+            stage.push_str(line);
+            stage.push('\n');
+        }
+    }
+    assert_eq!(stages.len(), 2, "a build stage and a small run stage");
+    // What the build stage copies in (`COPY SRC... DST`).
+    let copied: Vec<String> = stages[0]
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len() - 1]
+                .iter()
+                .map(|s| s.trim_end_matches('/').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for need in build_inputs(&root) {
+        assert!(
+            copied
+                .iter()
+                .any(|c| need == *c || need.starts_with(&format!("{c}/"))),
+            "the Containerfile's build stage does not copy {need} (it copies {copied:?})"
+        );
+    }
+    assert!(file.contains("\nCOPY web/dashboard"), "the dashboard is embedded");
+    // The run stage: not root, the data dir a volume.
+    let run = &stages[1];
+    assert!(
+        run.lines().any(|l| l.starts_with("USER ") && !l.contains("root")),
+        "{run}"
+    );
+    assert!(
+        run.contains("VOLUME /data") && run.contains("PLAIT_DATA_DIR=/data"),
+        "{run}"
+    );
+    assert!(!run.contains("cargo"), "no toolchain in the image");
+
+    // Where a container engine runs and has the base images (or PLAIT_BUILD_CONTAINER=1
+    // says it may pull them), build it for real.
+    let ok = |tool: &str, args: &[&str]| {
+        Command::new(tool)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let bases: Vec<&str> = stages
+        .iter()
+        .filter_map(|s| s.strip_prefix("FROM ")?.split_whitespace().next())
+        .collect();
+    let tool = ["podman", "docker"].into_iter().find(|t| {
+        ok(t, &["info"])
+            && (std::env::var_os("PLAIT_BUILD_CONTAINER").is_some()
+                || bases.iter().all(|b| ok(t, &["image", "inspect", b])))
+    });
+    let Some(tool) = tool else {
+        eprintln!("no container engine with {bases:?} here: the image is not built");
+        return;
+    };
+    let out = Command::new(tool)
+        .args([
+            "build",
+            "-f",
+            "server/deploy/Containerfile",
+            "-t",
+            "plait-test",
+            ".",
+        ])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{tool} build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
