@@ -1,7 +1,7 @@
 //! The libp2p node: this instance on the peer-to-peer network, a member of any number of
 //! named, invite-only DHTs at once.
 //!
-//! Each membership is its own swarm ([`crate::dht`]), keyed by the same instance key (so
+//! Each membership is its own swarm (`dht`), keyed by the same instance key (so
 //! the node has one `PeerId` everywhere) and gated to that DHT's members, so a member of one
 //! network never reaches another through this node. The first membership listens on
 //! `settings.listen`; each further one on the same addresses with ports of its own, chosen
@@ -15,7 +15,7 @@
 //! errors, the join grant, [`Serve`]) live in [`crate::types`].
 //!
 //! It knows nothing of how a membership runs its swarm (gate, records, relays, fetches:
-//! [`crate::dht`]), nor of HTTP, SQL or documents.
+//! `dht`), nor of HTTP, SQL or documents.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! queue up behind a slow one coalesced.
 //!
 //! It knows nothing of swarms or of what the node does with its state: the node loads it
-//! at start, each membership sends a [`SaveJob`] when its state changes.
+//! at start, each membership sends a `SaveJob` when its state changes.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
