@@ -4,15 +4,16 @@
 use std::time::Duration;
 
 use plait_bridge::Keypair;
-use plait_bridge::node::{Node, NodeSettings};
+use plait_bridge::node::Node;
 use plait_bridge::record::AddressRecord;
+use plait_bridge::types::NodeSettings;
 
 const T: Duration = Duration::from_secs(10);
 
 /// Answers a fetch with who asked, for what, and what they sent.
 struct Echo;
 
-impl plait_bridge::node::Serve for Echo {
+impl plait_bridge::types::Serve for Echo {
     fn fetch(
         &self,
         from: plait_bridge::Identity,
@@ -46,7 +47,7 @@ async fn start_with(dir: &tempfile::TempDir, keys: &Keypair, dht: &str) -> Node 
     };
     let n = Node::start(
         Keypair::from_secret_bytes(&keys.secret_bytes()),
-        std::sync::Arc::new(plait_bridge::node::FileStore(dir.path().join("p2p-state.json"))),
+        std::sync::Arc::new(plait_bridge::state::FileStore(dir.path().join("p2p-state.json"))),
         settings,
         Some(std::sync::Arc::new(Echo)),
     )
@@ -217,7 +218,7 @@ async fn a_node_that_cannot_be_dialled_is_reached_through_a_relay() {
     let kh = Keypair::generate();
     let h = Node::start(
         Keypair::from_secret_bytes(&kh.secret_bytes()),
-        std::sync::Arc::new(plait_bridge::node::FileStore(
+        std::sync::Arc::new(plait_bridge::state::FileStore(
             dirs[1].path().join("p2p-state.json"),
         )),
         NodeSettings {

@@ -61,7 +61,7 @@ pub struct Config {
     /// the address it listens on.
     pub public_url: Option<String>,
     /// The peer-to-peer node (`[p2p]`): listen addresses, DHT name, connection limits.
-    pub p2p: plait_bridge::node::NodeSettings,
+    pub p2p: plait_bridge::types::NodeSettings,
     /// Who may do what (`[access]`): public writes, sessions, login limits, signatures, CORS.
     pub access: crate::access::AccessSettings,
     /// The E2EE mirror (`[mirror]`): how changes are batched into sealed segments.
@@ -324,7 +324,7 @@ impl Default for Config {
             proxy: Vec::new(),
             web_dir: None,
             public_url: None,
-            p2p: plait_bridge::node::NodeSettings::default(),
+            p2p: plait_bridge::types::NodeSettings::default(),
             access: crate::access::AccessSettings::default(),
             mirror: crate::mirror::MirrorSettings::default(),
             dashboard: crate::status::DashboardSettings::default(),

@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use plait_bridge::Identity;
-use plait_bridge::node::{Node, Serve};
+use plait_bridge::node::Node;
+use plait_bridge::types::Serve;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 

@@ -161,7 +161,7 @@ fn admin_command(
 
 /// `plait members` as text: per network, each member and how it stands, then the removed.
 fn show_members(r: &serde_json::Value) -> String {
-    let Ok(dhts) = serde_json::from_value::<Vec<plait_bridge::node::DhtMembers>>(r["dhts"].clone()) else {
+    let Ok(dhts) = serde_json::from_value::<Vec<plait_bridge::types::DhtMembers>>(r["dhts"].clone()) else {
         return serde_json::to_string_pretty(r).unwrap_or_default();
     };
     if dhts.is_empty() {

@@ -22,7 +22,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use plait_bridge::Keypair;
 use plait_bridge::invite::{Invite, JoinRequest};
-use plait_bridge::node::{JoinGrant, Node, NodeError};
+use plait_bridge::node::Node;
+use plait_bridge::types::{JoinGrant, NodeError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -100,7 +101,7 @@ pub struct StoredState(pub Arc<dyn crate::storage::Storage>);
 
 const STATE_SETTING: &str = "p2p_state";
 
-impl plait_bridge::node::StateStore for StoredState {
+impl plait_bridge::state::StateStore for StoredState {
     fn load(&self) -> futures::future::BoxFuture<'static, Result<Option<Vec<u8>>, String>> {
         let storage = self.0.clone();
         Box::pin(async move {

@@ -443,7 +443,7 @@ struct Served {
     keeper: Arc<crate::mirror::keeper::Keeper>,
 }
 
-impl plait_bridge::node::Serve for Served {
+impl plait_bridge::types::Serve for Served {
     fn fetch(
         &self,
         from: plait_bridge::Identity,

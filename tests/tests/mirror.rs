@@ -312,8 +312,8 @@ async fn join_as_bare_node(m: &Plait, dir: &Path) -> (plait_bridge::node::Node, 
     let keys = Keypair::generate();
     let node = plait_bridge::node::Node::start(
         Keypair::from_secret_bytes(&keys.secret_bytes()),
-        Arc::new(plait_bridge::node::FileStore(dir.join("state.json"))),
-        plait_bridge::node::NodeSettings {
+        Arc::new(plait_bridge::state::FileStore(dir.join("state.json"))),
+        plait_bridge::types::NodeSettings {
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             ..Default::default()
         },
@@ -332,7 +332,8 @@ async fn join_as_bare_node(m: &Plait, dir: &Path) -> (plait_bridge::node::Node, 
         .await
         .unwrap();
     assert!(grant.status().is_success());
-    let grant: plait_bridge::node::JoinGrant = serde_json::from_slice(&grant.bytes().await.unwrap()).unwrap();
+    let grant: plait_bridge::types::JoinGrant =
+        serde_json::from_slice(&grant.bytes().await.unwrap()).unwrap();
     node.joined(&invite, grant).await.unwrap();
     (node, keys)
 }

@@ -12,7 +12,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use plait_bridge::invite::{Invite, JoinRequest, MemberCert, Membership, Removal};
-use plait_bridge::node::JoinGrant;
+use plait_bridge::types::JoinGrant;
 use plait_bridge::{Identity, Keypair};
 
 const NOW: u64 = 1_800_000_000;
