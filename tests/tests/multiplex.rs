@@ -458,3 +458,86 @@ async fn a_multiplexer_is_its_opener_s_alone() {
     assert!(!seen.contains_key("x1"), "{seen:?}");
     assert_eq!(subscriptions(&p).await, 1);
 }
+
+/// A web dir with the many-subscriptions page (`tests/clients/mux_page`) at `/mux.html`
+/// and the real braid-http client beside it.
+fn mux_page() -> tempfile::TempDir {
+    let web = tempfile::tempdir().unwrap();
+    let clients = plait_tests::node::clients_dir();
+    std::fs::create_dir(web.path().join("js")).unwrap();
+    std::fs::copy(clients.join("mux_page/index.html"), web.path().join("mux.html")).unwrap();
+    std::fs::copy(clients.join("mux_page/app.js"), web.path().join("js/app.js")).unwrap();
+    std::fs::copy(
+        clients.join("node_modules/braid-http/braid-http-client.js"),
+        web.path().join("js/braid-http-client.js"),
+    )
+    .unwrap();
+    web
+}
+
+/// Runs `browser_mux.js` (Chromium) against `base`; returns its report.
+async fn browser(base: String, mode: &'static str, env: Vec<(String, String)>) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        plait_tests::node::run_with_env("browser_mux.js", &[&base, "50", mode], &env)
+    })
+    .await
+    .unwrap();
+    eprintln!("{out}");
+    let report = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("{out}"));
+    let report: serde_json::Value = serde_json::from_str(report).unwrap();
+    assert_eq!(report["ok"], true, "{out}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_page_follows_50_resources_over_http1() {
+    let web = mux_page();
+    let p = Plait::start_with(Store::Embedded, &["--web-dir", web.path().to_str().unwrap()]);
+    let report = browser(format!("http://{}", p.addr), "mux", vec![]).await;
+    // The client multiplexes from its second subscription on, over HTTP/1.1.
+    assert_eq!(report["protocols"], serde_json::json!(["http/1.1"]), "{report}");
+    assert_eq!(report["multiplexed"], 49, "{report}");
+    assert_eq!(report["responses_293"], 49, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_page_follows_50_resources_over_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = plait_tests::pki::Ca::new("Plait test CA");
+    let issued = ca.issue(&["localhost"], None);
+    let (cert, key, ca_file) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(&cert, issued.cert_pem()).unwrap();
+    std::fs::write(&key, issued.key_pem()).unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let web = mux_page();
+    let p = Plait::start_with(
+        Store::Embedded,
+        &[
+            "--web-dir",
+            web.path().to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let base = format!("https://localhost:{}", p.addr.port());
+    let env = vec![("NODE_EXTRA_CA_CERTS".to_string(), ca_file.display().to_string())];
+    // The client's default: multiplexed, over HTTP/2.
+    let report = browser(base.clone(), "mux", env.clone()).await;
+    assert_eq!(report["protocols"], serde_json::json!(["h2"]), "{report}");
+    assert_eq!(report["multiplexed"], 49, "{report}");
+    // Multiplexing off: 50 requests at once on the one HTTP/2 connection.
+    let report = browser(base, "plain", env).await;
+    assert_eq!(report["protocols"], serde_json::json!(["h2"]), "{report}");
+    assert_eq!(report["multiplexed"], 0, "{report}");
+    assert_eq!(report["responses_293"], 0, "{report}");
+}
