@@ -85,6 +85,29 @@ async function put (p, body) {
         await all(1, 'live updates')
         mark('live updates')
 
+        // With MUX_RESTART_DIR, the test restarts the server here (its multiplexer is gone,
+        // its ids unknown): every subscription comes back, through a new multiplexer.
+        const restartDir = process.env.MUX_RESTART_DIR
+        if (restartDir) {
+            const fs = require('fs')
+            const errorsBefore = errors.length
+            fs.writeFileSync(restartDir + '/ready', '')
+            for (let i = 0; !fs.existsSync(restartDir + '/restarted'); i++) {
+                if (i > 600) fail('the server was not restarted')
+                await new Promise(r => setTimeout(r, 100))
+            }
+            for (let i = 0; i < n; i++) await put(path(i), value(i, 2))
+            await all(2, 'updates after the restart')
+            const after = await page.evaluate(ws => Promise.all(ws.map(([p, b]) => window.put(p, b))),
+                                              [[path(0), value(0, 3)], [path(1), value(1, 3)]])
+            if (after.some(s => s !== 200)) fail('writes after the restart answered ' + after.join(','))
+            mark('after the restart')
+            // While the server was away the browser logged refused connections, and
+            // braid-http 1.3 logs its DELETEs of requests on the dead multiplexer (which the
+            // new server does not know: 404): the page's own errors are in window.errors.
+            errors.length = errorsBefore
+        }
+
         const info = await page.evaluate(() => ({
             multiplexed: window.multiplexed,
             errors: window.errors,

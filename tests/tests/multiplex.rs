@@ -505,6 +505,31 @@ async fn a_browser_page_follows_50_resources_over_http1() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_page_comes_back_through_a_new_multiplexer_after_a_restart() {
+    let web = mux_page();
+    let mut p = Plait::start_with(Store::Embedded, &["--web-dir", web.path().to_str().unwrap()]);
+    let flags = tempfile::tempdir().unwrap();
+    let env = vec![("MUX_RESTART_DIR".to_string(), flags.path().display().to_string())];
+    let run = tokio::spawn(browser(format!("http://{}", p.addr), "mux", env));
+    let ready = flags.path().join("ready");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !ready.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page never got its updates"
+        );
+        assert!(!run.is_finished(), "the browser run ended early: {:?}", run.await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    p.restart();
+    std::fs::write(flags.path().join("restarted"), "").unwrap();
+    let report = run.await.unwrap();
+    // Counted over the page's life: 49 before the restart, and every subscription again
+    // after it, through the new multiplexer.
+    assert!(report["responses_293"].as_u64().unwrap() >= 98, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_page_follows_50_resources_over_http2() {
     let dir = tempfile::tempdir().unwrap();
     let ca = plait_tests::pki::Ca::new("Plait test CA");
