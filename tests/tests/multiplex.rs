@@ -123,11 +123,14 @@ fn has(seen: &HashMap<String, Seen>, id: &str, text: &str) -> bool {
     seen.get(id).is_some_and(|s| s.text().contains(text))
 }
 
-async fn subscriptions(p: &Plait) -> u64 {
+async fn status(p: &Plait) -> serde_json::Value {
     let (k, v) = p.owner_auth();
     let r = wire::send(p.addr, "GET", "/.well-known/plait", &[(k, v.as_str())], b"").await;
-    let status: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
-    status["subscriptions"].as_u64().expect("a count")
+    serde_json::from_slice(&r.body).expect("JSON")
+}
+
+async fn subscriptions(p: &Plait) -> u64 {
+    status(p).await["subscriptions"].as_u64().expect("a count")
 }
 
 /// Waits (bounded) until the server counts `n` open subscriptions.
@@ -328,8 +331,10 @@ async fn the_end_of_a_multiplexer_ends_its_requests() {
     mux.until(|s| ["r1", "r2", "r3"].iter().all(|r| has(s, r, "209")))
         .await;
     assert_eq!(wait_for_subscriptions(&p, 3).await, 3);
+    assert_eq!(status(&p).await["multiplexers"], 1);
     drop(mux);
     assert_eq!(wait_for_subscriptions(&p, 0).await, 0);
+    assert_eq!(status(&p).await["multiplexers"], 0);
     let gone = wire::send(
         p.addr,
         "GET",

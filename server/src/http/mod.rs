@@ -365,6 +365,8 @@ async fn well_known(
         "resources_in_memory": app.engine.live_resources(),
         // Clients' subscriptions: not the server's own followers of the rules and sessions.
         "subscriptions": app.engine.subscriptions_outside(Some(app.access.accounts().master())),
+        // Braid multiplexers open (each carries some of those subscriptions).
+        "multiplexers": app.multiplexers.len(),
         "rss_bytes": rss_bytes(),
         // Refusals since start by code, as relays publish theirs: which limits bite.
         "refusals": app.refusals.snapshot(),
