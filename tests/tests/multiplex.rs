@@ -314,6 +314,49 @@ async fn duplicates_missing_multiplexers_and_versions() {
     .await;
     assert_eq!(plain.status, 200);
     assert!(plain.header("multiplex-version").is_none());
+    // A page on another origin: the preflight, and what it may read of the answers.
+    let pre = wire::send(
+        p.addr,
+        "OPTIONS",
+        "/.well-known/multiplexer/m4",
+        &[
+            ("Origin", "http://app.example"),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "multiplex-version"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(pre.status, 200);
+    assert!(
+        pre.header("access-control-allow-methods")
+            .unwrap()
+            .contains("POST")
+    );
+    assert_eq!(
+        pre.header("access-control-allow-headers"),
+        Some("multiplex-version")
+    );
+    let cross = wire::send(
+        p.addr,
+        "GET",
+        "/a",
+        &[
+            ("Multiplex-Through", mux.through("r5").as_str()),
+            V,
+            ("Origin", "http://app.example"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(cross.status, 293);
+    assert_eq!(cross.header("access-control-allow-origin"), Some("*"));
+    assert!(
+        cross
+            .header("access-control-expose-headers")
+            .unwrap()
+            .contains("Multiplex-Version")
+    );
     // braid-http 1.3's way to open one.
     let by_method = wire::open(p.addr, "MULTIPLEX", "/m3", &[V]).await;
     assert_eq!(by_method.status, 200);
