@@ -5,6 +5,9 @@
 //! limit) or with one HTTP/1.1 connection per subscription (`plain`). Timestamped JSON
 //! updates go round-robin to the resources; the report gives the delivery latency and
 //! the server's resident memory per subscription.
+//!
+//! It speaks plain HTTP/1.1 on its own (a few small helpers at the end) and shares only
+//! the histogram helpers with the other workloads.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use super::{Auth, Conn, addr_of, find, hist, now_us, request, server_rss, stamp, subscriber, summary};
+use super::{hist, now_us, summary};
 
 /// Connections a browser opens to one origin over HTTP/1.1.
 const BROWSER_CONNECTIONS: usize = 6;
@@ -59,18 +62,24 @@ pub async fn mux(
     interval: Duration,
     mode: Mode,
 ) -> anyhow::Result<serde_json::Value> {
-    let addr = addr_of(url)?;
+    let addr: SocketAddr = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .context("only http://IP:PORT URLs")?
+        .parse()
+        .context("the URL's host is not IP:PORT")?;
     let resources = resources.clamp(1, subs.max(1));
     let path = |r: usize| format!("/bench/mux/{r}");
     for r in 0..resources {
-        let (status, _) = request(
-            addr,
-            "PUT",
-            &path(r),
-            &[("Content-Type", "application/json")],
-            b"{\"start\":true}",
-        )
-        .await?;
+        let (status, _) = KeepAlive::connect(addr)
+            .await?
+            .exchange(
+                "PUT",
+                &path(r),
+                &[("Content-Type", "application/json")],
+                b"{\"start\":true}",
+            )
+            .await?;
         if status != 200 {
             bail!("creating {} answered {status}", path(r));
         }
@@ -87,14 +96,10 @@ pub async fn mux(
     let connections = match mode {
         Mode::Plain => {
             for i in 0..subs {
-                tasks.push(tokio::spawn(subscriber(
+                tasks.push(tokio::spawn(plain_subscriber(
                     addr,
                     path(i % resources),
-                    tally.ready.clone(),
-                    tally.lat.clone(),
-                    tally.got.clone(),
-                    tally.stop.clone(),
-                    Auth::None,
+                    tally.clone(),
                 )));
             }
             subs
@@ -109,8 +114,7 @@ pub async fn mux(
                 let id = id.clone();
                 let mine: Vec<usize> = (c..subs).step_by(BROWSER_CONNECTIONS).collect();
                 senders.push(tokio::spawn(async move {
-                    let mut s = TcpStream::connect(addr).await?;
-                    let mut conn = Conn::default();
+                    let mut conn = KeepAlive::connect(addr).await?;
                     for i in mine {
                         let through = format!("/.well-known/multiplexer/{id}/r{i}");
                         let headers = [
@@ -119,15 +123,9 @@ pub async fn mux(
                             ("Multiplex-Version", "1.0"),
                             ("Multiplex-Through", through.as_str()),
                         ];
-                        conn.send(
-                            &mut s,
-                            "GET",
-                            &format!("/bench/mux/{}", i % resources),
-                            &headers,
-                            b"",
-                        )
-                        .await?;
-                        let (status, body) = conn.recv(&mut s).await?;
+                        let (status, body) = conn
+                            .exchange("GET", &format!("/bench/mux/{}", i % resources), &headers, b"")
+                            .await?;
                         if status != 293 {
                             bail!(
                                 "a multiplexed subscription answered {status}: {}",
@@ -161,23 +159,20 @@ pub async fn mux(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss1 = server_rss(addr).await?;
     // The writer: one keep-alive connection, timestamped JSON, round-robin over resources.
-    let mut w = TcpStream::connect(addr).await?;
-    w.set_nodelay(true)?;
-    let mut wc = Conn::default();
+    let mut w = KeepAlive::connect(addr).await?;
     let mut want = 0u64;
     let t0 = Instant::now();
     for i in 0..updates {
         let r = i % resources;
         let body = format!("{{\"t\":{},\"i\":{i}}}", now_us());
-        wc.send(
-            &mut w,
-            "PUT",
-            &path(r),
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        )
-        .await?;
-        let (status, text) = wc.recv(&mut w).await?;
+        let (status, text) = w
+            .exchange(
+                "PUT",
+                &path(r),
+                &[("Content-Type", "application/json")],
+                body.as_bytes(),
+            )
+            .await?;
         if status != 200 {
             bail!("PUT answered {status}: {}", String::from_utf8_lossy(&text));
         }
@@ -340,14 +335,7 @@ fn updates(id: &str, r: &mut Response, tally: &Tally, local: &mut Histogram<u64>
         let Some(he) = find(&r.buf, b"\r\n\r\n") else {
             return Ok(());
         };
-        let head = std::str::from_utf8(&r.buf[..he])?;
-        let len = head
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("Content-Length: ")
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-            })
-            .unwrap_or(0);
+        let len = content_length(std::str::from_utf8(&r.buf[..he])?).unwrap_or(0);
         if r.buf.len() < he + 4 + len {
             return Ok(());
         }
@@ -361,4 +349,145 @@ fn updates(id: &str, r: &mut Response, tally: &Tally, local: &mut Histogram<u64>
             tally.got.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// A subscription on a connection of its own: its chunked body parsed like a multiplexed
+/// response's.
+async fn plain_subscriber(addr: SocketAddr, path: String, tally: Tally) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: load\r\nSubscribe: true\r\nAccept: application/json\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let mut r = Response::default();
+    let mut local = hist();
+    let stopped = tally.stop.notified();
+    tokio::pin!(stopped);
+    stopped.as_mut().enable();
+    loop {
+        if !r.head_done
+            && let Some(e) = find(&raw, b"\r\n\r\n")
+        {
+            // The response head, as `updates` takes it; then the chunked body.
+            r.buf.extend_from_slice(&raw[..e + 4]);
+            raw.drain(..e + 4);
+            updates(&path, &mut r, &tally, &mut local)?;
+        }
+        if r.head_done {
+            while let Some(nl) = find(&raw, b"\r\n") {
+                let size = usize::from_str_radix(std::str::from_utf8(&raw[..nl])?.trim(), 16)?;
+                if raw.len() < nl + 2 + size + 2 {
+                    break;
+                }
+                r.buf.extend_from_slice(&raw[nl + 2..nl + 2 + size]);
+                raw.drain(..nl + 2 + size + 2);
+            }
+            updates(&path, &mut r, &tally, &mut local)?;
+        }
+        let n = tokio::select! {
+            n = s.read(&mut chunk) => n?,
+            _ = &mut stopped => break,
+        };
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    tally.lat.lock().await.add(&local)?;
+    Ok(())
+}
+
+/// A keep-alive HTTP/1.1 connection for requests whose answers have a `Content-Length`.
+struct KeepAlive {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl KeepAlive {
+    async fn connect(addr: SocketAddr) -> anyhow::Result<KeepAlive> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(KeepAlive { s, buf: Vec::new() })
+    }
+
+    /// Sends one request and reads its answer: status and body.
+    async fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: load\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let mut out = req.into_bytes();
+        out.extend_from_slice(body);
+        self.s.write_all(&out).await?;
+        let mut chunk = [0u8; 16384];
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end])?.to_string();
+                let status: u16 = head.split(' ').nth(1).context("a status line")?.parse()?;
+                let len = content_length(&head).unwrap_or(0);
+                if self.buf.len() >= end + 4 + len {
+                    let body = self.buf[end + 4..end + 4 + len].to_vec();
+                    self.buf.drain(..end + 4 + len);
+                    return Ok((status, body));
+                }
+            }
+            let n = self.s.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("the connection closed");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// The server's resident memory, from its status resource.
+async fn server_rss(addr: SocketAddr) -> anyhow::Result<u64> {
+    let (status, body) = KeepAlive::connect(addr)
+        .await?
+        .exchange("GET", "/.well-known/plait", &[], b"")
+        .await?;
+    if status != 200 {
+        bail!("the status resource answered {status}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    v["rss_bytes"]
+        .as_u64()
+        .context("no rss_bytes in /.well-known/plait")
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The write time stamped in an update (`"t":<µs>`).
+fn stamp(body: &[u8]) -> Option<u64> {
+    let at = find(body, b"\"t\":")? + 4;
+    let digits: String = body[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .map(|&b| b as char)
+        .collect();
+    digits.parse().ok()
 }
