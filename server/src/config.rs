@@ -245,6 +245,15 @@ pub struct Limits {
     /// Time a new connection has to finish its TLS handshake (HTTPS only); a connection
     /// holds its place under the connection caps meanwhile.
     pub tls_handshake_timeout_secs: u64,
+    /// Requests one Braid multiplexer may carry at once (a browser page's subscriptions
+    /// share one); past it a request is answered 429 with Retry-After through it.
+    pub max_requests_per_multiplexer: usize,
+    /// Braid multiplexers one client address may hold open at once (about one per open
+    /// page); past it opening one is answered 429 and the client uses plain requests.
+    pub max_multiplexers_per_address: usize,
+    /// How long a request naming a multiplexer not yet open waits for it (the client
+    /// sends its first request without waiting for the `POST`) before it is answered 424.
+    pub multiplexer_wait_ms: u64,
 }
 
 /// Memory and batching of live documents.
@@ -363,6 +372,9 @@ impl Default for Limits {
             max_statebus_subscriptions: 10_000,
             statebus_messages_per_second_per_address: 1_000,
             tls_handshake_timeout_secs: 10,
+            max_requests_per_multiplexer: 1_000,
+            max_multiplexers_per_address: 32,
+            multiplexer_wait_ms: 10,
         }
     }
 }

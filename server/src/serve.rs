@@ -402,6 +402,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         metrics,
         metrics_settings: cfg.metrics.clone(),
         status,
+        multiplexers: Arc::new(http::multiplex::Multiplexers::new(&cfg.limits)),
     };
     app.metrics.upkeep(app.shutdown.clone());
     if let Some(addr) = &cfg.metrics.listen {

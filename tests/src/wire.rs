@@ -199,9 +199,15 @@ pub struct Subscription {
 
 /// Opens `GET path` with the given headers and reads the response head.
 pub async fn subscribe(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Subscription {
+    open(addr, "GET", path, headers).await
+}
+
+/// Sends `method path` (no body) and reads the response head, leaving its body to read as
+/// it comes (a subscription, a Braid multiplexer).
+pub async fn open(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Subscription {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream
-        .write_all(&build(addr, "GET", path, headers, b"", false))
+        .write_all(&build(addr, method, path, headers, b"", false))
         .await
         .expect("write");
     let mut buf = Vec::new();

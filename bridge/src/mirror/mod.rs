@@ -11,7 +11,7 @@
 //! it), nor of where segments are stored (the server's storage) or who holds a grant (the
 //! server's grant file): the node hands requests to the server's [`MirrorServe`].
 //!
-//! [`MirrorServe`]: crate::node::Serve::mirror
+//! [`MirrorServe`]: crate::types::Serve::mirror
 
 pub mod descriptor;
 pub mod segment;

@@ -250,6 +250,53 @@ impl From<crate::access::owner_login::OwnerLoginError> for ApiError {
     }
 }
 
+impl From<super::multiplex::MuxError> for ApiError {
+    /// braid-http reads these: a `409`'s JSON `error`, `424`, `Bad-Multiplexer` and
+    /// `Bad-Request` on a `404` (so it opens a new multiplexer or picks a new id).
+    fn from(e: super::multiplex::MuxError) -> Self {
+        use super::multiplex::MuxError;
+        let reason = e.to_string();
+        let retry = e.retry_after();
+        let mut err = match &e {
+            MuxError::BadVersion => {
+                let mut err = ApiError::new(400, "multiplex-version", reason);
+                err.phrase = Some("Bad Multiplexer Version");
+                err
+            }
+            MuxError::BadPath(_) => ApiError::bad_request(reason),
+            MuxError::DuplicateMultiplexer(_) | MuxError::DuplicateRequest { .. } => {
+                let (code, error) = match &e {
+                    MuxError::DuplicateMultiplexer(_) => ("multiplexer-exists", "Multiplexer already exists"),
+                    _ => ("request-multiplexed", "Request already multiplexed"),
+                };
+                let mut err = ApiError::new(409, code, reason.clone());
+                err.json = Some(Box::new(serde_json::json!({ "error": error, "details": reason })));
+                err
+            }
+            MuxError::NotOpen(id) => {
+                let mut err =
+                    ApiError::new(424, "no-multiplexer", reason).with_header("bad-multiplexer", id.clone());
+                err.phrase = Some("Multiplexer not found");
+                err
+            }
+            MuxError::NoMultiplexer(id) => {
+                ApiError::new(404, "no-multiplexer", reason).with_header("bad-multiplexer", id.clone())
+            }
+            MuxError::NoRequest(id) => {
+                ApiError::new(404, "no-multiplexed-request", reason).with_header("bad-request", id.clone())
+            }
+            MuxError::TooManyMultiplexers(_) => ApiError::new(429, "too-many-multiplexers", reason),
+            MuxError::Full(_) => ApiError::new(429, "multiplexer-full", reason),
+            MuxError::Method => ApiError::new(405, "method-not-allowed", reason)
+                .with_header("allow", "POST, DELETE, OPTIONS".into()),
+        };
+        if let Some(secs) = retry {
+            err = err.with_header("retry-after", secs.to_string());
+        }
+        err
+    }
+}
+
 impl From<crate::p2p::JoinError> for ApiError {
     fn from(e: crate::p2p::JoinError) -> Self {
         use crate::p2p::JoinError;

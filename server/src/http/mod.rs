@@ -18,6 +18,7 @@ pub mod conn;
 pub mod dashboard;
 pub mod error;
 pub mod forwarded;
+pub mod multiplex;
 pub mod resource;
 pub mod static_files;
 pub mod tls;
@@ -84,6 +85,8 @@ pub struct App {
     pub metrics_settings: crate::config::MetricsSettings,
     /// The owner's status resources, which the admin dashboard follows.
     pub status: Arc<crate::status::Status>,
+    /// Open Braid multiplexers (`multiplex`).
+    pub multiplexers: Arc<multiplex::Multiplexers>,
 }
 
 /// The routes: well-known resources and `[metrics] path`, then every other path is a
@@ -97,7 +100,11 @@ pub fn router(app: App) -> Router {
             get(statebus_websocket).connect(statebus_websocket),
         )
         .route("/.well-known/plait/join", axum::routing::post(join))
-        .merge(dashboard::routes());
+        .merge(dashboard::routes())
+        .route(
+            "/.well-known/multiplexer/{*ids}",
+            axum::routing::any(multiplex::endpoint),
+        );
     if !app.metrics_settings.path.is_empty() {
         router = router.route(&app.metrics_settings.path, get(metrics_for_owner));
     }
@@ -107,6 +114,12 @@ pub fn router(app: App) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             app.refusals.clone(),
             count_refusal,
+        ))
+        // Outermost: a multiplexed request's response, refusals and all, is what the
+        // layers inside made of it.
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            multiplex::through,
         ))
         .with_state(app)
 }
@@ -227,6 +240,9 @@ async fn no_sniffing(mut res: axum::response::Response) -> axum::response::Respo
 /// prefix), then a static file, then the state. Requests that would make this server an
 /// open proxy are refused first.
 async fn dispatch(State(app): State<App>, req: Request<Body>) -> axum::response::Response {
+    if req.method().as_str() == multiplex::METHOD {
+        return multiplex::multiplex_method(app, req).await;
+    }
     // A websocket over HTTP/2 (extended CONNECT) names a path here, not a host to reach:
     // it may go to a proxy route, nowhere else.
     let h2_websocket = crate::proxy::forward::is_h2_websocket(&req);
@@ -366,6 +382,8 @@ async fn well_known(
         "resources_in_memory": app.engine.live_resources(),
         // Clients' subscriptions: not the server's own followers of the rules and sessions.
         "subscriptions": app.engine.subscriptions_outside(Some(app.access.accounts().master())),
+        // Braid multiplexers open (each carries some of those subscriptions).
+        "multiplexers": app.multiplexers.len(),
         "rss_bytes": rss_bytes(),
         // Refusals since start by code, as relays publish theirs: which limits bite.
         "refusals": app.refusals.snapshot(),
@@ -396,6 +414,9 @@ async fn well_known(
             "max_statebus_subscriptions": app.limits.max_statebus_subscriptions,
             "statebus_messages_per_second_per_address": app.limits.statebus_messages_per_second_per_address,
             "tls_handshake_timeout_secs": app.limits.tls_handshake_timeout_secs,
+            "max_requests_per_multiplexer": app.limits.max_requests_per_multiplexer,
+            "max_multiplexers_per_address": app.limits.max_multiplexers_per_address,
+            "multiplexer_wait_ms": app.limits.multiplexer_wait_ms,
         },
         // The owner's admin dashboard, and the status resources it follows (owner only).
         "dashboard": dashboard::DASHBOARD_PATH,

@@ -36,7 +36,7 @@ const BRAID_HEADERS: &str = "Version, Parents, Current-Version, Subscribe, Heart
 
 /// Headers browsers may send (listed when a preflight does not say which it wants).
 const REQUEST_HEADERS: &str = "subscribe, peer, version, parents, merge-type, content-type, content-range, \
-     patches, heartbeats, repr-digest, cache-control, put-order, accept";
+     patches, heartbeats, repr-digest, cache-control, put-order, accept, multiplex-through, multiplex-version";
 
 /// Handles a request for a resource.
 pub async fn handle(app: App, req: Request<Body>) -> Response<Body> {
@@ -50,7 +50,28 @@ pub async fn handle(app: App, req: Request<Body>) -> Response<Body> {
 }
 
 fn add_common_headers(h: &mut HeaderMap, app: &App, origin: Option<&HeaderValue>) {
-    // Any page may read; only listed origins may send credentials (cookies).
+    allow_origin(h, app, origin);
+    h.insert(
+        "access-control-expose-headers",
+        HeaderValue::from_static(BRAID_HEADERS),
+    );
+    h.insert(
+        "range-request-allow-methods",
+        HeaderValue::from_static("PATCH, PUT"),
+    );
+    h.insert(
+        "range-request-allow-units",
+        HeaderValue::from_static("text, json, bytes"),
+    );
+    // State written through the API is never active content on this origin: an HTML or
+    // SVG state opened in a browser runs in a sandbox, without this origin's cookies or
+    // storage.
+    h.insert("content-security-policy", HeaderValue::from_static("sandbox"));
+}
+
+/// CORS: any page may read; only listed origins (`access.cors_credential_origins`) may
+/// send credentials (cookies).
+pub(crate) fn allow_origin(h: &mut HeaderMap, app: &App, origin: Option<&HeaderValue>) {
     let credentialed = origin.filter(|o| {
         o.to_str().is_ok_and(|o| {
             app.access
@@ -73,22 +94,6 @@ fn add_common_headers(h: &mut HeaderMap, app: &App, origin: Option<&HeaderValue>
             h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
         }
     }
-    h.insert(
-        "access-control-expose-headers",
-        HeaderValue::from_static(BRAID_HEADERS),
-    );
-    h.insert(
-        "range-request-allow-methods",
-        HeaderValue::from_static("PATCH, PUT"),
-    );
-    h.insert(
-        "range-request-allow-units",
-        HeaderValue::from_static("text, json, bytes"),
-    );
-    // State written through the API is never active content on this origin: an HTML or
-    // SVG state opened in a browser runs in a sandbox, without this origin's cookies or
-    // storage.
-    h.insert("content-security-policy", HeaderValue::from_static("sandbox"));
 }
 
 /// Name of the cookie holding an HTTP login session's secret.

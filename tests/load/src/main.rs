@@ -8,6 +8,8 @@
 //!   the server's resident memory per subscription.
 //! * `puts` — durable PUTs from C concurrent keep-alive connections to R resources;
 //!   acknowledgement latency and throughput.
+//! * `mux` — one browser-like client with N subscriptions through one Braid multiplexer, or
+//!   one HTTP/1.1 connection each; delivery latency and server memory per subscription.
 //! * `gets` — GETs of one path from C concurrent keep-alive connections; with `--proxy-url`
 //!   the same load runs against the server direct and then through a proxy, in one run,
 //!   and the report gives the proxy's added latency.
@@ -22,6 +24,7 @@
 
 mod abuse;
 mod fanout;
+mod mux;
 mod net;
 mod tls;
 
@@ -147,6 +150,25 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value = "/bench/sync")]
         path: String,
+    },
+    /// One browser-like client holding many subscriptions through one Braid multiplexer
+    /// (`--mode multiplexed`) or one connection each (`--mode plain`): delivery latency
+    /// and server memory per subscription.
+    Mux {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        subs: usize,
+        /// Distinct resources (subscription i follows resource i % resources).
+        #[arg(long, default_value_t = 10)]
+        resources: usize,
+        #[arg(long, default_value_t = 100)]
+        updates: usize,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        /// `multiplexed` or `plain`.
+        #[arg(long, default_value = "multiplexed")]
+        mode: String,
     },
     /// GET throughput and latency; direct and through a proxy when `--proxy-url` is given.
     Gets {
@@ -653,6 +675,25 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
                 path,
             } => sync(&home, &replica, &home_id, changes, concurrency, &path).await,
+            Cmd::Mux {
+                url,
+                subs,
+                resources,
+                updates,
+                interval_ms,
+                mode,
+            } => {
+                let mode = mux::Mode::parse(&mode)?;
+                mux::mux(
+                    &url,
+                    subs,
+                    resources,
+                    updates,
+                    Duration::from_millis(interval_ms),
+                    mode,
+                )
+                .await
+            }
             Cmd::Gets {
                 url,
                 proxy_url,
