@@ -491,6 +491,7 @@ impl Config {
                             || k.starts_with("access__")
                             || k.starts_with("tls__")
                             || k.starts_with("metrics__")
+                            || k.starts_with("mirror__")
                     })
                     .split("__"),
             )

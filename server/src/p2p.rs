@@ -200,6 +200,47 @@ impl P2p {
         }))
     }
 
+    /// The mirror's side of `plait status` and `/.well-known/plait` (owner only): as an
+    /// owner, each mirror's lag (segments sealed past what it acknowledged) and health
+    /// (the last error, the last success); as a mirror, each grant's use against its
+    /// quota. `None` without a mirror setup.
+    pub async fn mirror_health(&self) -> Option<serde_json::Value> {
+        let m = self.mirror.as_ref()?;
+        let sealed = m.owner.sealed_seq();
+        let pushed = m.owner.push_status();
+        let mirrors: Vec<_> = crate::mirror::owner::mirrors(&m.data_dir)
+            .unwrap_or_default()
+            .into_keys()
+            .map(|id| {
+                let s = pushed.get(&id);
+                serde_json::json!({
+                    "id": id,
+                    "acked": s.map(|s| s.acked),
+                    "lag": s.map(|s| sealed.saturating_sub(s.acked)),
+                    "checkpoint": s.map(|s| s.checkpoint),
+                    "error": s.and_then(|s| s.error.clone()),
+                    "last_ok_ms": s.and_then(|s| s.last_ok_ms),
+                })
+            })
+            .collect();
+        let mut grants = Vec::new();
+        let list = crate::mirror::grants::Grants::new(&m.data_dir)
+            .list()
+            .unwrap_or_default();
+        for (id, g) in list {
+            grants.push(serde_json::json!({
+                "id": id,
+                "quota": g.quota,
+                "used": m.keeper.used(&id).await.ok(),
+            }));
+        }
+        Some(serde_json::json!({
+            "sealed_seq": sealed,
+            "mirrors": mirrors,
+            "grants": grants,
+        }))
+    }
+
     pub(crate) async fn mirror_status(&self) -> Result<serde_json::Value, String> {
         let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
         let grants = crate::mirror::grants::Grants::new(&m.data_dir)
@@ -300,7 +341,13 @@ impl P2p {
             AdminRequest::Join { link } => self.join(&link).await,
             AdminRequest::MirrorAdd { link } => self.add_mirror(&link).await,
             AdminRequest::MirrorStatus => self.mirror_status().await,
-            AdminRequest::Status => Ok(serde_json::to_value(self.node.status()).expect("serializes")),
+            AdminRequest::Status => {
+                let mut v = serde_json::to_value(self.node.status()).expect("serializes");
+                if let (Some(o), Some(h)) = (v.as_object_mut(), self.mirror_health().await) {
+                    o.insert("mirror".into(), h);
+                }
+                Ok(v)
+            }
             AdminRequest::Members => {
                 let all = self.node.members().await.map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({ "dhts": all }))

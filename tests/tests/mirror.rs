@@ -4,7 +4,11 @@
 //! seal key to exactly those writes. O resumes from M's acknowledged sequence after a
 //! restart. Over the real libp2p protocol, M refuses, each with its machine-readable
 //! reason, a push without a grant, over quota, replayed, with a broken chain, a bad
-//! signature, a tampered ciphertext, and one larger than a push may carry. Both stores.
+//! signature, a tampered ciphertext, and one larger than a push may carry. A checkpoint
+//! shrinks what M stores for O (the grant's `used`), and what M keeps — the snapshot and
+//! the segments after it — still opens to every resource's current value; a forged
+//! checkpoint, an older one and a segment at or below the checkpoint are refused. Both
+//! stores.
 
 use std::path::Path;
 use std::process::Command;
@@ -13,7 +17,10 @@ use std::time::{Duration, Instant};
 
 use plait_bridge::Keypair;
 use plait_bridge::mirror::wire::{Request, Response};
-use plait_bridge::mirror::{ChainHead, Descriptor, Refusal, SealKey, SealedSegment, seal};
+use plait_bridge::mirror::{
+    ChainHead, Checkpoint, Descriptor, Refusal, SealKey, SealedCheckpoint, SealedSegment, seal,
+    seal_checkpoint,
+};
 use plait_server::mirror::batch;
 use plait_tests::on_both_stores;
 use plait_tests::plait::{Plait, Store, binary};
@@ -137,6 +144,50 @@ fn stored_segments(m: &Plait, namespace: &str) -> Vec<(i64, Vec<u8>, Vec<u8>)> {
     }
 }
 
+/// The checkpoint a mirror's store holds for `namespace`: (upto, checkpoint, snapshot).
+fn stored_checkpoint(m: &Plait, namespace: &str) -> Option<(i64, Vec<u8>, Vec<u8>)> {
+    let ns: plait_bridge::Identity = namespace.parse().unwrap();
+    match &m.store {
+        Store::Embedded => {
+            let db = rusqlite::Connection::open_with_flags(
+                m.data_dir().join("plait.db"),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            let mut q = db
+                .prepare("SELECT upto, checkpoint, snapshot FROM mirror_checkpoints WHERE namespace = ?1")
+                .unwrap();
+            q.query_map([ns.as_bytes().as_slice()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .next()
+        }
+        Store::Postgres(url) => {
+            let hexns: String = ns.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            let out = plait_tests::pg::cluster().psql(
+                url,
+                &format!(
+                    "SELECT upto, encode(checkpoint, 'hex'), encode(snapshot, 'hex') FROM mirror_checkpoints \
+                     WHERE namespace = '\\x{hexns}'::bytea"
+                ),
+            );
+            out.lines().find(|l| !l.is_empty()).map(|l| {
+                let mut f = l.split('|');
+                let upto = f.next().unwrap().parse().unwrap();
+                let mut hex = || {
+                    data_encoding::HEXLOWER
+                        .decode(f.next().unwrap().as_bytes())
+                        .unwrap()
+                };
+                let c = hex();
+                (upto, c, hex())
+            })
+        }
+    }
+}
+
 /// Everything a mirror stores, as bytes to search: the files of its data dir (the
 /// embedded store, its journal) or every row of every table of its database.
 fn raw_storage(m: &Plait) -> Vec<u8> {
@@ -174,8 +225,36 @@ fn holds(raw: &[u8], s: &str) -> bool {
 /// Checks the chain the way a mirror does and opens each segment with O's key; returns
 /// the decrypted batches' entries.
 fn verify_and_open(segs: &[(i64, Vec<u8>, Vec<u8>)], owner: &str, key: &SealKey) -> Vec<batch::Entry> {
-    let mut head = ChainHead::default();
-    let mut entries = Vec::new();
+    verify_and_open_from(ChainHead::default(), Vec::new(), segs, owner, key)
+}
+
+/// What a reader restores from a mirror: the checkpoint's snapshot (signature and hash
+/// checked), then the segments after it, chained to the checkpoint's head.
+fn restore(
+    checkpoint: &(i64, Vec<u8>, Vec<u8>),
+    segs: &[(i64, Vec<u8>, Vec<u8>)],
+    owner: &str,
+    key: &SealKey,
+) -> Vec<batch::Entry> {
+    let (upto, c, snapshot) = checkpoint;
+    let c = Checkpoint::from_bytes(c).unwrap();
+    assert_eq!(c.namespace.to_string(), owner);
+    assert_eq!(c.upto as i64, *upto);
+    assert!(c.verify_signature());
+    assert_eq!(c.len, snapshot.len() as u64);
+    assert_eq!(&c.hash, blake3::hash(snapshot).as_bytes());
+    let snap = batch::decode(&plait_bridge::mirror::open(key, snapshot).unwrap()).unwrap();
+    assert!(snap.iter().all(|e| e.what != batch::What::Change));
+    verify_and_open_from(c.chain_head(), snap, segs, owner, key)
+}
+
+fn verify_and_open_from(
+    mut head: ChainHead,
+    mut entries: Vec<batch::Entry>,
+    segs: &[(i64, Vec<u8>, Vec<u8>)],
+    owner: &str,
+    key: &SealKey,
+) -> Vec<batch::Entry> {
     for (seq, d, c) in segs {
         let d = Descriptor::from_bytes(d).unwrap();
         assert_eq!(d.namespace.to_string(), owner);
@@ -468,7 +547,293 @@ async fn the_mirror_refuses_bad_pushes_over_libp2p(store: Store) {
     assert_eq!(stored_segments(&m, &ns.to_string()).len(), 2);
 }
 
+/// The current value of `path` in restored entries: the entry at the highest seq.
+fn current<'a>(entries: &'a [batch::Entry], path: &str) -> &'a batch::Entry {
+    entries
+        .iter()
+        .filter(|e| e.path.as_str().trim_start_matches('/') == path)
+        .max_by_key(|e| e.seq)
+        .unwrap_or_else(|| panic!("{path} not restored"))
+}
+
+/// `GET /.well-known/plait`, as the owner or as anyone.
+async fn well_known(p: &Plait, as_owner: bool) -> serde_json::Value {
+    let mut r = reqwest::Client::new().get(p.url("/.well-known/plait"));
+    if as_owner {
+        let (k, v) = p.owner_auth();
+        r = r.header(k, v);
+    }
+    serde_json::from_slice(&r.send().await.unwrap().bytes().await.unwrap()).unwrap()
+}
+
+/// A bytes value of 20,000 bytes, different for each `i`, holding `SECRETS[2]`.
+fn big_value(i: u8) -> Vec<u8> {
+    let mut v = format!("{}-{i:03}-", SECRETS[2]).into_bytes();
+    v.resize(20_000, b'a' + i);
+    v
+}
+
+async fn a_checkpoint_compacts_what_the_mirror_keeps(store: Store) {
+    let m = p2p_plait(store.clone());
+    // A checkpoint once the segments since the last one pass 150 kB (whatever the
+    // namespace's size: ratio 0).
+    let o = Plait::start_with_env(
+        another(&store),
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+        &[
+            ("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "200"),
+            ("PLAIT_MIRROR__CHECKPOINT_RATIO", "0"),
+            ("PLAIT_MIRROR__CHECKPOINT_MIN_BYTES", "150000"),
+        ],
+    );
+    let (mid, oid) = (id(&m), id(&o));
+    ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]);
+    put(&o, "/notes/secret", "text/plain", SECRETS[0].as_bytes()).await;
+    put(
+        &o,
+        "/cfg",
+        "application/json",
+        format!(r#"{{"password":"{}"}}"#, SECRETS[1]).as_bytes(),
+    )
+    .await;
+    ok(&o, &["mirror", "add", &ok(&m, &["invite"])]);
+    let synced = || {
+        let l: serde_json::Value = serde_json::from_str(&ok(&o, &["mirror", "list", "--json"])).unwrap();
+        l["mirrors"][0]["acked"].as_u64() == l["sealed_seq"].as_u64() && l["mirrors"][0]["error"].is_null()
+    };
+    let used = || -> u64 {
+        let l: serde_json::Value = serde_json::from_str(&ok(&m, &["mirror", "list", "--json"])).unwrap();
+        l["grants"][0]["used"].as_u64().unwrap()
+    };
+    // Each value in a segment of its own: the history M keeps grows by 20 kB a write.
+    let mut write = 0u8;
+    let mut overwrite = async |n: u8| {
+        for _ in 0..n {
+            write += 1;
+            let sealed_before = {
+                let l: serde_json::Value =
+                    serde_json::from_str(&ok(&o, &["mirror", "list", "--json"])).unwrap();
+                l["sealed_seq"].as_u64().unwrap()
+            };
+            put(&o, "/img.bin", "application/octet-stream", &big_value(write)).await;
+            until("the write is sealed and pushed", || {
+                let l: serde_json::Value =
+                    serde_json::from_str(&ok(&o, &["mirror", "list", "--json"])).unwrap();
+                l["sealed_seq"].as_u64() > Some(sealed_before) && synced()
+            })
+            .await;
+        }
+    };
+    overwrite(5).await;
+    assert!(
+        stored_checkpoint(&m, &oid).is_none(),
+        "no checkpoint below 150 kB"
+    );
+    let before = used();
+    assert!(before > 5 * 20_000, "{before}");
+
+    overwrite(5).await;
+    let deadline = Instant::now() + T;
+    while !(stored_checkpoint(&m, &oid).is_some() && synced()) {
+        assert!(
+            Instant::now() < deadline,
+            "M holds no checkpoint; O's log:\n{}",
+            o.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = used();
+    assert!(
+        after < before,
+        "a checkpoint shrinks M's storage: {before} -> {after}"
+    );
+    let checkpoint = stored_checkpoint(&m, &oid).unwrap();
+    let segs = stored_segments(&m, &oid);
+    assert!(
+        segs.iter().all(|(seq, ..)| *seq > checkpoint.0),
+        "superseded segments dropped"
+    );
+    assert_eq!(
+        after,
+        (188 + checkpoint.2.len() + segs.iter().map(|(_, d, c)| d.len() + c.len()).sum::<usize>()) as u64
+    );
+
+    // What M keeps opens to every resource's current value.
+    let key = SealKey::load_or_create(&o.data_dir().join(plait_bridge::mirror::SEAL_KEY_FILE)).unwrap();
+    let entries = restore(&checkpoint, &segs, &oid, &key);
+    assert_eq!(current(&entries, "img.bin").data.as_ref(), &big_value(10)[..]);
+    assert!(contains(
+        &current(&entries, "notes/secret").data,
+        SECRETS[0].as_bytes()
+    ));
+    assert!(contains(&current(&entries, "cfg").data, SECRETS[1].as_bytes()));
+    // Still none of it readable on M.
+    let raw = raw_storage(&m);
+    for s in &SECRETS[..3] {
+        assert!(!holds(&raw, s), "{s} in M's storage");
+    }
+
+    // The chain goes on after the checkpoint.
+    put(&o, "/later", "text/plain", SECRETS[3].as_bytes()).await;
+    until("M holds the write made after the checkpoint", || {
+        let c = stored_checkpoint(&m, &oid).unwrap();
+        let e = restore(&c, &stored_segments(&m, &oid), &oid, &key);
+        has_secret(&e, "later", SECRETS[3])
+    })
+    .await;
+
+    // Status: O shows M's lag and health, M the grant's use against its quota.
+    let status = |p: &Plait| -> serde_json::Value { serde_json::from_str(&ok(p, &["status"])).unwrap() };
+    until("O's status shows M caught up", || {
+        status(&o)["mirror"]["mirrors"][0]["lag"] == 0
+    })
+    .await;
+    let s = status(&o);
+    let theirs = &s["mirror"]["mirrors"][0];
+    assert_eq!(theirs["id"], mid.as_str(), "{s}");
+    assert!(theirs["error"].is_null(), "{s}");
+    assert!(theirs["last_ok_ms"].as_u64() > Some(1_600_000_000_000), "{s}");
+    assert!(theirs["checkpoint"].as_u64() >= Some(checkpoint.0 as u64), "{s}");
+    assert!(theirs["acked"].as_u64() > Some(checkpoint.0 as u64), "{s}");
+    let s = status(&m);
+    assert_eq!(s["mirror"]["grants"][0]["id"], oid.as_str(), "{s}");
+    assert_eq!(s["mirror"]["grants"][0]["quota"], 10 << 20, "{s}");
+    assert_eq!(s["mirror"]["grants"][0]["used"].as_u64(), Some(used()), "{s}");
+    // The same in /.well-known/plait, to the owner only.
+    let shown = well_known(&m, true).await;
+    assert_eq!(
+        shown["p2p"]["mirror"]["grants"][0]["used"].as_u64(),
+        Some(used()),
+        "{shown}"
+    );
+    let public = well_known(&m, false).await;
+    assert!(public["p2p"].get("mirror").is_none(), "{public}");
+    let shown = well_known(&o, true).await;
+    assert_eq!(shown["p2p"]["mirror"]["mirrors"][0]["lag"], 0, "{shown}");
+}
+
+/// Checkpoints over the real protocol: a forged one, an older one after a newer one, and
+/// a segment at or below the checkpoint are refused with their reasons; a reader gets the
+/// snapshot, then the segments after it.
+async fn the_mirror_checks_checkpoints_over_libp2p(store: Store) {
+    let m = p2p_plait(store);
+    let mid: plait_bridge::Identity = id(&m).parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (node, keys) = join_as_bare_node(&m, dir.path()).await;
+    let ns = keys.identity();
+    let to = [SealKey::generate().recipient()];
+    let s1 = seal(&keys, &to, ChainHead::default(), &[1; 1000], 1).unwrap();
+    let s2 = seal(&keys, &to, ChainHead::of(&s1.descriptor), &[2; 1000], 2).unwrap();
+    let s3 = seal(&keys, &to, ChainHead::of(&s2.descriptor), &[3; 100], 3).unwrap();
+    let c1 = seal_checkpoint(&keys, &to, ChainHead::of(&s1.descriptor), b"state at 1", 4).unwrap();
+    let c2 = seal_checkpoint(&keys, &to, ChainHead::of(&s2.descriptor), b"state at 2", 5).unwrap();
+
+    assert_eq!(
+        refused(ask(&node, mid, Request::Checkpoint(c2.clone())).await),
+        "no-grant"
+    );
+    ok(&m, &["mirror", "grant", &ns.to_string(), "--quota", "1MiB"]);
+    for s in [&s1, &s2] {
+        assert!(matches!(
+            ask(&node, mid, Request::Push(s.clone())).await,
+            Response::Stored { .. }
+        ));
+    }
+    let used = || -> u64 {
+        let l: serde_json::Value = serde_json::from_str(&ok(&m, &["mirror", "list", "--json"])).unwrap();
+        l["grants"][0]["used"].as_u64().unwrap()
+    };
+    let before = used();
+    assert_eq!(
+        before,
+        (2 * 188 + s1.ciphertext.len() + s2.ciphertext.len()) as u64
+    );
+
+    // Signed by someone else for this namespace.
+    let other = seal_checkpoint(&Keypair::generate(), &to, ChainHead::of(&s2.descriptor), b"x", 5).unwrap();
+    let mut b = other.checkpoint.to_bytes();
+    b[4..36].copy_from_slice(ns.as_bytes());
+    let forged = SealedCheckpoint {
+        checkpoint: Checkpoint::from_bytes(&b).unwrap(),
+        snapshot: other.snapshot,
+    };
+    assert_eq!(
+        refused(ask(&node, mid, Request::Checkpoint(forged)).await),
+        "bad-signature"
+    );
+    // A checkpoint naming another history at seq 2.
+    let elsewhere = seal_checkpoint(
+        &keys,
+        &to,
+        ChainHead {
+            seq: 2,
+            hash: [7; 32],
+        },
+        b"y",
+        5,
+    )
+    .unwrap();
+    assert_eq!(
+        refused(ask(&node, mid, Request::Checkpoint(elsewhere)).await),
+        "broken-chain"
+    );
+    assert_eq!(used(), before, "nothing refused was stored");
+
+    assert_eq!(
+        ask(&node, mid, Request::Checkpoint(c2.clone())).await,
+        Response::Stored { seq: 2 }
+    );
+    assert_eq!(used(), (188 + c2.snapshot.len()) as u64);
+    assert!(used() < before);
+    assert!(stored_segments(&m, &ns.to_string()).is_empty());
+    // An older checkpoint, the same again, and segments at or below it.
+    match ask(&node, mid, Request::Checkpoint(c1)).await {
+        Response::Refused(Refusal::StaleCheckpoint { upto: 1, held: 2 }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        refused(ask(&node, mid, Request::Checkpoint(c2.clone())).await),
+        "stale-checkpoint"
+    );
+    assert_eq!(
+        refused(ask(&node, mid, Request::Push(s2.clone())).await),
+        "replayed"
+    );
+    assert_eq!(
+        refused(ask(&node, mid, Request::Push(s1.clone())).await),
+        "replayed"
+    );
+    // The chain goes on after it; a reader gets the snapshot, then what follows.
+    assert_eq!(
+        ask(&node, mid, Request::Head { namespace: ns }).await,
+        Response::Head(ChainHead::of(&s2.descriptor))
+    );
+    assert_eq!(
+        ask(&node, mid, Request::Push(s3.clone())).await,
+        Response::Stored { seq: 3 }
+    );
+    assert_eq!(
+        ask(&node, mid, Request::GetCheckpoint { namespace: ns }).await,
+        Response::Checkpoint(Some(Box::new(c2.clone())))
+    );
+    assert_eq!(
+        ask(
+            &node,
+            mid,
+            Request::Range {
+                namespace: ns,
+                from: c2.checkpoint.upto + 1,
+                to: u64::MAX
+            }
+        )
+        .await,
+        Response::Segments(vec![s3])
+    );
+}
+
 on_both_stores!(
     owner_pushes_segments_the_mirror_cannot_read,
-    the_mirror_refuses_bad_pushes_over_libp2p
+    the_mirror_refuses_bad_pushes_over_libp2p,
+    a_checkpoint_compacts_what_the_mirror_keeps,
+    the_mirror_checks_checkpoints_over_libp2p
 );

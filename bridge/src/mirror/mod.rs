@@ -3,6 +3,7 @@
 //! bytes.
 //!
 //! * [`descriptor`]: the signed, chained descriptor of a segment (188 bytes, pinned).
+//! * [`checkpoint`]: the signed word that a sealed snapshot supersedes segments (pinned).
 //! * [`segment`]: the owner's X25519 [`SealKey`] and sealing / opening with age.
 //! * [`verify`]: a mirror's checks and its typed [`Refusal`]s.
 //! * [`wire`]: `/plait/mirror/1.0.0`, pushes, range reads and chain heads (pinned).
@@ -13,11 +14,13 @@
 //!
 //! [`MirrorServe`]: crate::types::Serve::mirror
 
+pub mod checkpoint;
 pub mod descriptor;
 pub mod segment;
 pub mod verify;
 pub mod wire;
 
+pub use checkpoint::{CHECKPOINT_LEN, Checkpoint, SealedCheckpoint, seal_checkpoint};
 pub use descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor, DescriptorError, Digest};
 pub use segment::{SEAL_KEY_FILE, SealError, SealKey, SealedSegment, open, seal};
-pub use verify::{Allowance, Refusal, check};
+pub use verify::{Allowance, Held, Refusal, check, check_checkpoint};

@@ -11,6 +11,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
+
 use std::path::Path;
 use std::str::FromStr;
 
@@ -127,16 +128,7 @@ pub fn seal(
     plaintext: &[u8],
     at_ms: u64,
 ) -> Result<SealedSegment, SealError> {
-    let enc = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
-        .map_err(|e| SealError::Seal(e.to_string()))?;
-    // age adds about 200 bytes of header and 16 per 64 KiB chunk.
-    let mut ciphertext = Vec::with_capacity(plaintext.len() + 256 + plaintext.len() / 4096);
-    let mut w = enc
-        .wrap_output(&mut ciphertext)
-        .map_err(|e| SealError::Seal(e.to_string()))?;
-    w.write_all(plaintext)
-        .and_then(|_| w.finish().map(drop))
-        .map_err(|e| SealError::Seal(e.to_string()))?;
+    let ciphertext = super::checkpoint::encrypt(recipients, plaintext)?;
     let descriptor = Descriptor::sign(keys, prev, &ciphertext, at_ms);
     Ok(SealedSegment {
         descriptor,

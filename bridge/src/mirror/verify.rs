@@ -5,7 +5,8 @@
 //! descriptor signature, sequence (replayed or skipped), chain (the previous descriptor's
 //! hash), length, quota, and last the BLAKE3 of the ciphertext.
 
-use super::descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor};
+use super::checkpoint::{CHECKPOINT_LEN, Checkpoint};
+use super::descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor, Digest};
 
 /// Why a mirror refused a segment. [`Refusal::reason`] is the machine-readable word sent
 /// on the wire.
@@ -40,6 +41,10 @@ pub enum Refusal {
     /// The mirror could not store it now (storage down); the owner may retry.
     #[error("the mirror cannot store now: {0}")]
     Unavailable(String),
+    /// A checkpoint that supersedes no more than the one the mirror holds (replayed or
+    /// rolled back).
+    #[error("checkpoint through {upto} is stale: the mirror holds one through {held}")]
+    StaleCheckpoint { upto: u64, held: u64 },
 }
 
 impl Refusal {
@@ -55,6 +60,7 @@ impl Refusal {
             Refusal::HashMismatch => "hash-mismatch",
             Refusal::TooLarge { .. } => "too-large",
             Refusal::Unavailable(_) => "unavailable",
+            Refusal::StaleCheckpoint { .. } => "stale-checkpoint",
         }
     }
 }
@@ -112,10 +118,75 @@ pub fn check(
     Ok(())
 }
 
+/// What a mirror holds of a namespace, as far as a checkpoint is checked against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Held {
+    /// Where its chain stands (its last segment, or its checkpoint's head).
+    pub head: ChainHead,
+    /// The `upto` of the checkpoint it holds (0: none).
+    pub checkpoint: u64,
+    /// The digest of its descriptor of the segment the new checkpoint names as `upto`,
+    /// when it holds that segment (`None` when `upto` is past its head).
+    pub at_upto: Option<Digest>,
+}
+
+/// Checks a checkpoint and its snapshot's ciphertext for a mirror holding `held`, under
+/// `allowance`, whose `used` counts what would remain beside the new checkpoint (the
+/// segments after its `upto`). Decrypts nothing.
+///
+/// A checkpoint must supersede more than the one held (`stale-checkpoint` otherwise: no
+/// replay, no rollback). When the mirror holds segment `upto`, that descriptor's digest
+/// must be the checkpoint's `head` (`broken-chain`: another history); when `upto` is past
+/// what it holds (a mirror that was away, or added after the owner compacted its own
+/// outbox), everything it holds is superseded and its chain jumps to the checkpoint.
+pub fn check_checkpoint(
+    checkpoint: &Checkpoint,
+    snapshot: &[u8],
+    held: Held,
+    allowance: Option<Allowance>,
+) -> Result<(), Refusal> {
+    let allowance = allowance.ok_or(Refusal::NoGrant)?;
+    if !checkpoint.verify_signature() {
+        return Err(Refusal::BadSignature);
+    }
+    if checkpoint.upto <= held.checkpoint || checkpoint.upto == 0 {
+        return Err(Refusal::StaleCheckpoint {
+            upto: checkpoint.upto,
+            held: held.checkpoint,
+        });
+    }
+    if checkpoint.upto <= held.head.seq && held.at_upto != Some(checkpoint.head) {
+        return Err(Refusal::BrokenChain {
+            seq: checkpoint.upto,
+            head: held.head.seq,
+        });
+    }
+    let got = snapshot.len() as u64;
+    if got != checkpoint.len {
+        return Err(Refusal::LengthMismatch {
+            len: checkpoint.len,
+            got,
+        });
+    }
+    let needs = checkpoint.len.saturating_add(CHECKPOINT_LEN as u64);
+    if allowance.used.saturating_add(needs) > allowance.quota {
+        return Err(Refusal::OverQuota {
+            quota: allowance.quota,
+            used: allowance.used,
+            len: needs,
+        });
+    }
+    if blake3::hash(snapshot).as_bytes() != &checkpoint.hash {
+        return Err(Refusal::HashMismatch);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::identity::Keypair;
+    use crate::mirror::checkpoint::SealedCheckpoint;
     use crate::mirror::segment::{SealKey, seal};
 
     const PLENTY: Option<Allowance> = Some(Allowance {
@@ -184,5 +255,58 @@ mod tests {
             used: 1000,
         });
         assert_eq!(check(&s1.descriptor, &s1.ciphertext, empty, exact), Ok(()));
+    }
+
+    #[test]
+    fn checkpoints_are_checked() {
+        use crate::mirror::checkpoint::seal_checkpoint;
+        let keys = Keypair::generate();
+        let r = [SealKey::generate().recipient()];
+        let s1 = seal(&keys, &r, ChainHead::default(), b"one", 1).unwrap();
+        let s2 = seal(&keys, &r, ChainHead::of(&s1.descriptor), b"two", 2).unwrap();
+        let (h1, h2) = (ChainHead::of(&s1.descriptor), ChainHead::of(&s2.descriptor));
+        let c1 = seal_checkpoint(&keys, &r, h1, b"snap1", 3).unwrap();
+        let c2 = seal_checkpoint(&keys, &r, h2, b"snap2", 4).unwrap();
+        let holding = |checkpoint, at_upto| Held {
+            head: h2,
+            checkpoint,
+            at_upto,
+        };
+        let ok = |c: &SealedCheckpoint, h| check_checkpoint(&c.checkpoint, &c.snapshot, h, PLENTY);
+        let refused = |c: &SealedCheckpoint, h, a| {
+            check_checkpoint(&c.checkpoint, &c.snapshot, h, a)
+                .unwrap_err()
+                .reason()
+        };
+        assert_eq!(ok(&c1, holding(0, Some(h1.hash))), Ok(()));
+        assert_eq!(ok(&c2, holding(1, Some(h2.hash))), Ok(()));
+        // Past what is held: the chain jumps.
+        assert_eq!(ok(&c2, Held::default()), Ok(()));
+        assert_eq!(
+            refused(&c1, holding(1, Some(h1.hash)), PLENTY),
+            "stale-checkpoint"
+        );
+        assert_eq!(refused(&c1, holding(2, None), PLENTY), "stale-checkpoint");
+        assert_eq!(refused(&c1, holding(0, Some([9; 32])), PLENTY), "broken-chain");
+        assert_eq!(refused(&c1, holding(0, Some(h1.hash)), None), "no-grant");
+        let forged = seal_checkpoint(&Keypair::generate(), &r, h1, b"snap1", 3).unwrap();
+        let mut b = forged.checkpoint.to_bytes();
+        b[4..36].copy_from_slice(keys.identity().as_bytes());
+        let forged = SealedCheckpoint {
+            checkpoint: Checkpoint::from_bytes(&b).unwrap(),
+            snapshot: forged.snapshot,
+        };
+        assert_eq!(
+            refused(&forged, holding(0, Some(h1.hash)), PLENTY),
+            "bad-signature"
+        );
+        let mut tampered = c1.clone();
+        tampered.snapshot[10] ^= 1;
+        assert_eq!(
+            refused(&tampered, holding(0, Some(h1.hash)), PLENTY),
+            "hash-mismatch"
+        );
+        let tight = Some(Allowance { quota: 100, used: 0 });
+        assert_eq!(refused(&c1, holding(0, Some(h1.hash)), tight), "over-quota");
     }
 }

@@ -6,27 +6,37 @@
 //! request  = 0x01 descriptor(188) ciphertext(descriptor.len)      push one segment
 //!          | 0x02 namespace(32) from:u64 to:u64                    segments from..=to
 //!          | 0x03 namespace(32)                                    where the chain stands
+//!          | 0x04 checkpoint(188) snapshot(checkpoint.len)         push a checkpoint
+//!          | 0x05 namespace(32)                                    the checkpoint held
 //! response = 0x00 seq:u64                                          stored (acknowledged)
 //!          | 0x01 code:u8 a:u64 b:u64 c:u64 detail_len:u16 detail refused (see below)
 //!          | 0x02 count:u32 (descriptor(188) ciphertext(len))*     segments, in seq order
 //!          | 0x03 seq:u64 hash(32)                                 the chain's head
+//!          | 0x04 0x00                                             no checkpoint held
+//!          | 0x04 0x01 checkpoint(188) snapshot(checkpoint.len)    the checkpoint held
 //! ```
+//!
+//! A stored checkpoint is acknowledged `0x00 upto`. A reader restores a namespace with
+//! `0x05` (the snapshot), then `0x02` from `upto + 1` (the segments after it).
 //!
 //! All integers are big-endian. A refusal's `code` is its reason (1 `no-grant`,
 //! 2 `over-quota` a=quota b=used c=len, 3 `bad-signature`, 4 `replayed` a=seq b=head,
 //! 5 `broken-chain` a=seq b=head, 6 `length-mismatch` a=len b=got, 7 `hash-mismatch`,
-//! 8 `too-large` a=len b=max, 9 `unavailable` with a detail).
+//! 8 `too-large` a=len b=max, 9 `unavailable` with a detail, 10 `stale-checkpoint`
+//! a=upto b=held).
 //!
 //! **A push is cut at the first limit.** The descriptor comes first; when it declares
 //! more than [`MAX_SEGMENT_BYTES`] the ciphertext is never read (the request becomes
 //! [`Request::Oversize`] and is refused `too-large`), so no push makes the mirror buffer
 //! more than one bounded segment; an owner pushes segment after segment and stops at the
-//! first refusal. Answers to range requests stop before [`MAX_RANGE_BYTES`].
+//! first refusal. A checkpoint's snapshot is cut the same way at [`MAX_SNAPSHOT_BYTES`].
+//! Answers to range requests stop before [`MAX_RANGE_BYTES`].
 
 use std::io;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::checkpoint::{CHECKPOINT_LEN, Checkpoint, SealedCheckpoint};
 use super::descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor};
 use super::segment::SealedSegment;
 use super::verify::Refusal;
@@ -36,6 +46,8 @@ use crate::identity::Identity;
 pub const PROTOCOL: &str = "/plait/mirror/1.0.0";
 /// The largest ciphertext one push may carry.
 pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
+/// The largest snapshot ciphertext one checkpoint push may carry.
+pub const MAX_SNAPSHOT_BYTES: u64 = 64 << 20;
 /// A range answer holds segments up to about this many bytes (at least one segment).
 pub const MAX_RANGE_BYTES: u64 = 32 << 20;
 /// Largest response read: a range answer plus one segment of slack.
@@ -53,6 +65,13 @@ pub enum Request {
     Range { namespace: Identity, from: u64, to: u64 },
     /// Where the mirror's chain of `namespace` stands.
     Head { namespace: Identity },
+    /// Store this checkpoint and drop the segments it supersedes.
+    Checkpoint(SealedCheckpoint),
+    /// A checkpoint push whose snapshot is larger than [`MAX_SNAPSHOT_BYTES`]: not read
+    /// past the checkpoint. Never sent; only made by the reader.
+    OversizeCheckpoint(Checkpoint),
+    /// The checkpoint the mirror holds for `namespace`, with its snapshot.
+    GetCheckpoint { namespace: Identity },
 }
 
 /// A mirror's answer.
@@ -65,6 +84,8 @@ pub enum Response {
     Refused(Refusal),
     Segments(Vec<SealedSegment>),
     Head(ChainHead),
+    /// The checkpoint held, if any (boxed: it is large beside the other answers).
+    Checkpoint(Option<Box<SealedCheckpoint>>),
 }
 
 fn bad(what: &str) -> io::Error {
@@ -109,6 +130,18 @@ async fn read_segment<T: AsyncRead + Unpin>(io: &mut T, max: u64) -> io::Result<
     })
 }
 
+async fn read_checkpoint<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Checkpoint> {
+    let mut b = [0u8; CHECKPOINT_LEN];
+    io.read_exact(&mut b).await?;
+    Checkpoint::from_bytes(&b).map_err(|e| bad(&e.to_string()))
+}
+
+async fn read_bytes<T: AsyncRead + Unpin>(io: &mut T, len: u64) -> io::Result<Vec<u8>> {
+    let mut b = vec![0u8; len as usize];
+    io.read_exact(&mut b).await?;
+    Ok(b)
+}
+
 /// Reads a request (see the module doc: an oversize push is not read past its descriptor).
 pub async fn read_request<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Request> {
     match read_u8(io).await? {
@@ -130,6 +163,17 @@ pub async fn read_request<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Reques
             to: read_u64(io).await?,
         }),
         3 => Ok(Request::Head {
+            namespace: read_namespace(io).await?,
+        }),
+        4 => {
+            let checkpoint = read_checkpoint(io).await?;
+            if checkpoint.len > MAX_SNAPSHOT_BYTES {
+                return Ok(Request::OversizeCheckpoint(checkpoint));
+            }
+            let snapshot = read_bytes(io, checkpoint.len).await?;
+            Ok(Request::Checkpoint(SealedCheckpoint { checkpoint, snapshot }))
+        }
+        5 => Ok(Request::GetCheckpoint {
             namespace: read_namespace(io).await?,
         }),
         _ => Err(bad("unknown mirror request")),
@@ -159,6 +203,19 @@ pub fn encode_request(req: &Request) -> Vec<u8> {
             b.push(3);
             b.extend_from_slice(namespace.as_bytes());
         }
+        Request::Checkpoint(c) => {
+            b.push(4);
+            b.extend_from_slice(&c.checkpoint.to_bytes());
+            b.extend_from_slice(&c.snapshot);
+        }
+        Request::OversizeCheckpoint(c) => {
+            b.push(4);
+            b.extend_from_slice(&c.to_bytes());
+        }
+        Request::GetCheckpoint { namespace } => {
+            b.push(5);
+            b.extend_from_slice(namespace.as_bytes());
+        }
     }
     b
 }
@@ -174,6 +231,7 @@ fn refusal_fields(r: &Refusal) -> (u8, u64, u64, u64, &str) {
         Refusal::HashMismatch => (7, 0, 0, 0, ""),
         Refusal::TooLarge { len, max } => (8, *len, *max, 0, ""),
         Refusal::Unavailable(why) => (9, 0, 0, 0, why.as_str()),
+        Refusal::StaleCheckpoint { upto, held } => (10, *upto, *held, 0, ""),
     }
 }
 
@@ -192,6 +250,7 @@ fn refusal_from(code: u8, a: u64, b: u64, c: u64, detail: String) -> io::Result<
         7 => Refusal::HashMismatch,
         8 => Refusal::TooLarge { len: a, max: b },
         9 => Refusal::Unavailable(detail),
+        10 => Refusal::StaleCheckpoint { upto: a, held: b },
         _ => return Err(bad("unknown refusal")),
     })
 }
@@ -227,6 +286,12 @@ pub fn encode_response(res: &Response) -> Vec<u8> {
             b.push(3);
             b.extend_from_slice(&h.seq.to_be_bytes());
             b.extend_from_slice(&h.hash);
+        }
+        Response::Checkpoint(None) => b.extend_from_slice(&[4, 0]),
+        Response::Checkpoint(Some(c)) => {
+            b.extend_from_slice(&[4, 1]);
+            b.extend_from_slice(&c.checkpoint.to_bytes());
+            b.extend_from_slice(&c.snapshot);
         }
     }
     b
@@ -269,6 +334,21 @@ pub async fn read_response<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Respo
             io.read_exact(&mut hash).await?;
             Ok(Response::Head(ChainHead { seq, hash }))
         }
+        4 => match read_u8(io).await? {
+            0 => Ok(Response::Checkpoint(None)),
+            1 => {
+                let checkpoint = read_checkpoint(io).await?;
+                if checkpoint.len > MAX_SNAPSHOT_BYTES {
+                    return Err(bad("snapshot too large"));
+                }
+                let snapshot = read_bytes(io, checkpoint.len).await?;
+                Ok(Response::Checkpoint(Some(Box::new(SealedCheckpoint {
+                    checkpoint,
+                    snapshot,
+                }))))
+            }
+            _ => Err(bad("unknown checkpoint answer")),
+        },
         _ => Err(bad("unknown mirror response")),
     }
 }
@@ -427,6 +507,7 @@ mod tests {
             Refusal::HashMismatch,
             Refusal::TooLarge { len: 10, max: 11 },
             Refusal::Unavailable("disk full".into()),
+            Refusal::StaleCheckpoint { upto: 12, held: 13 },
         ] {
             let res = Response::Refused(r.clone());
             assert_eq!(read_res(&encode_response(&res)).unwrap(), res, "{}", r.reason());
@@ -457,5 +538,67 @@ mod tests {
         assert!(read_req(&[9]).is_err());
         assert!(read_res(&[1, 42, 0]).is_err());
         assert!(read_res(&[]).is_err());
+    }
+
+    #[test]
+    fn the_checkpoint_messages_are_pinned() {
+        let keys = Keypair::from_secret_bytes(&[7; 32]);
+        let ns = keys.identity();
+        let d = Descriptor::sign(&keys, ChainHead::default(), b"0123456789", 1_700_000_000_000);
+        let c = Checkpoint::sign(&keys, ChainHead::of(&d), b"snap", 1_700_000_000_002);
+        let sealed = SealedCheckpoint {
+            checkpoint: c.clone(),
+            snapshot: b"snap".to_vec(),
+        };
+        let push = Request::Checkpoint(sealed.clone());
+        let b = encode_request(&push);
+        // 00  04                   push a checkpoint
+        // 01  <188-byte checkpoint>
+        // bd  736e6170             the 4 snapshot ciphertext bytes
+        assert_eq!(b.len(), 1 + 188 + 4);
+        assert_eq!(b[0], 4);
+        assert_eq!(&b[1..189], &c.to_bytes());
+        assert_eq!(hex(&b[189..]), "736e6170");
+        assert_eq!(read_req(&b).unwrap(), push);
+
+        // 00  05  namespace(32): the checkpoint held
+        let get = Request::GetCheckpoint { namespace: ns };
+        let b = encode_request(&get);
+        assert_eq!((b.len(), b[0]), (33, 5));
+        assert_eq!(&b[1..], ns.as_bytes());
+        assert_eq!(read_req(&b).unwrap(), get);
+
+        // 04 00: none held
+        let none = Response::Checkpoint(None);
+        assert_eq!(hex(&encode_response(&none)), "0400");
+        assert_eq!(read_res(&encode_response(&none)).unwrap(), none);
+        // 04 01 checkpoint(188) snapshot
+        let some = Response::Checkpoint(Some(Box::new(sealed)));
+        let b = encode_response(&some);
+        assert_eq!(hex(&b[..2]), "0401");
+        assert_eq!(&b[2..190], &c.to_bytes());
+        assert_eq!(&b[190..], b"snap");
+        assert_eq!(read_res(&b).unwrap(), some);
+
+        // 01 0a upto held 0 0000: refused, stale-checkpoint
+        let stale = Response::Refused(Refusal::StaleCheckpoint { upto: 3, held: 5 });
+        assert_eq!(
+            hex(&encode_response(&stale)),
+            "010a\
+             0000000000000003\
+             0000000000000005\
+             0000000000000000\
+             0000"
+        );
+
+        // A checkpoint declaring more than a push carries is not read past itself.
+        let big = Checkpoint::sign(
+            &keys,
+            ChainHead::of(&d),
+            &vec![0; (MAX_SNAPSHOT_BYTES + 1) as usize],
+            1,
+        );
+        let b = encode_request(&Request::OversizeCheckpoint(big.clone()));
+        assert_eq!(read_req(&b).unwrap(), Request::OversizeCheckpoint(big));
     }
 }

@@ -436,10 +436,17 @@ async fn well_known(
         "mirror": {
             "segment_max_bytes": app.mirror.segment_max_bytes,
             "segment_max_delay_ms": app.mirror.segment_max_delay_ms,
+            "checkpoint_ratio": app.mirror.checkpoint_ratio,
+            "checkpoint_min_bytes": app.mirror.checkpoint_min_bytes,
             "max_push_bytes": plait_bridge::mirror::wire::MAX_SEGMENT_BYTES,
+            "max_snapshot_bytes": plait_bridge::mirror::wire::MAX_SNAPSHOT_BYTES,
         },
         "p2p": match &app.p2p {
-            Some(p) if owner => serde_json::json!({ "enabled": true, "status": p.node.status() }),
+            Some(p) if owner => serde_json::json!({
+                "enabled": true,
+                "status": p.node.status(),
+                "mirror": p.mirror_health().await,
+            }),
             Some(_) => serde_json::json!({ "enabled": true }),
             None => serde_json::json!({ "enabled": false }),
         },

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use plait_bridge::Identity;
 use plait_bridge::mirror::wire::{self, Request, Response};
-use plait_bridge::mirror::{Allowance, ChainHead, Descriptor, Refusal, SealedSegment};
+use plait_bridge::mirror::{
+    Allowance, ChainHead, Checkpoint, Descriptor, Held, Refusal, SealedCheckpoint, SealedSegment,
+};
 
 use super::grants::Grants;
 use crate::storage::{Storage, StorageError};
@@ -44,28 +46,109 @@ impl Keeper {
         self.storage.segment_bytes(namespace).await
     }
 
-    /// Where the stored chain of `namespace` stands.
+    /// Where the stored chain of `namespace` stands (its last segment, or its checkpoint).
     pub async fn head(&self, namespace: &Identity) -> Result<ChainHead, StorageError> {
-        match self.storage.last_segment(namespace).await? {
-            None => Ok(ChainHead::default()),
-            Some(s) => {
-                let d = Descriptor::from_bytes(&s.descriptor)
-                    .map_err(|e| StorageError::Corrupt(e.to_string()))?;
-                Ok(ChainHead::of(&d))
-            }
+        super::chain_head(self.storage.as_ref(), namespace).await
+    }
+
+    fn lock(&self, ns: Identity) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .expect("namespace locks")
+            .entry(ns)
+            .or_default()
+            .clone()
+    }
+
+    /// Checks and stores a checkpoint, dropping the segments it supersedes; answers with
+    /// its `upto`.
+    pub async fn checkpoint(&self, c: SealedCheckpoint) -> Result<u64, Refusal> {
+        let ns = c.checkpoint.namespace;
+        let lock = self.lock(ns);
+        let _held = lock.lock().await;
+        let grant = self
+            .grants
+            .of(&ns)
+            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
+        let upto = c.checkpoint.upto;
+        let seq = upto.min(i64::MAX as u64) as i64;
+        let allowance = match grant {
+            None => None,
+            Some(g) => Some(Allowance {
+                quota: g.quota,
+                used: self
+                    .storage
+                    .segment_bytes_after(&ns, seq)
+                    .await
+                    .map_err(unavailable)?,
+            }),
+        };
+        let head = self.head(&ns).await.map_err(unavailable)?;
+        let held_upto = self
+            .storage
+            .checkpoint(&ns, false)
+            .await
+            .map_err(unavailable)?
+            .map_or(0, |h| h.upto as u64);
+        let at_upto = if upto == head.seq {
+            Some(head.hash)
+        } else if upto < head.seq && upto > held_upto {
+            let rows = self
+                .storage
+                .segments(&ns, seq, seq, 0)
+                .await
+                .map_err(unavailable)?;
+            rows.first()
+                .filter(|r| r.seq == seq)
+                .and_then(|r| Descriptor::from_bytes(&r.descriptor).ok())
+                .map(|d| d.digest())
+        } else {
+            None
+        };
+        let held = Held {
+            head,
+            checkpoint: held_upto,
+            at_upto,
+        };
+        plait_bridge::mirror::check_checkpoint(&c.checkpoint, &c.snapshot, held, allowance)?;
+        match self
+            .storage
+            .put_checkpoint(
+                &ns,
+                seq,
+                Bytes::copy_from_slice(&c.checkpoint.to_bytes()),
+                Bytes::from(c.snapshot),
+            )
+            .await
+        {
+            Ok(()) => Ok(upto),
+            Err(StorageError::Behind) => Err(Refusal::StaleCheckpoint {
+                upto,
+                held: held_upto,
+            }),
+            Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// The checkpoint held for `namespace`, with its snapshot.
+    pub async fn get_checkpoint(
+        &self,
+        namespace: &Identity,
+    ) -> Result<Option<SealedCheckpoint>, StorageError> {
+        let Some(c) = self.storage.checkpoint(namespace, true).await? else {
+            return Ok(None);
+        };
+        Ok(Some(SealedCheckpoint {
+            checkpoint: Checkpoint::from_bytes(&c.checkpoint)
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?,
+            snapshot: c.snapshot.to_vec(),
+        }))
     }
 
     /// Checks and stores one segment; answers with the seq the chain now ends at.
     pub async fn push(&self, segment: SealedSegment) -> Result<u64, Refusal> {
         let ns = segment.descriptor.namespace;
-        let lock = self
-            .locks
-            .lock()
-            .expect("namespace locks")
-            .entry(ns)
-            .or_default()
-            .clone();
+        let lock = self.lock(ns);
         let _held = lock.lock().await;
         let grant = self
             .grants
@@ -152,6 +235,24 @@ impl Keeper {
             },
             Request::Head { namespace } => match self.head(&namespace).await {
                 Ok(h) => Response::Head(h),
+                Err(e) => Response::Refused(unavailable(e)),
+            },
+            Request::Checkpoint(c) => {
+                let (ns, upto) = (c.checkpoint.namespace, c.checkpoint.upto);
+                match self.checkpoint(c).await {
+                    Ok(upto) => Response::Stored { seq: upto },
+                    Err(r) => {
+                        tracing::info!(%from, namespace = %ns, upto, reason = r.reason(), "mirror checkpoint refused: {r}");
+                        Response::Refused(r)
+                    }
+                }
+            }
+            Request::OversizeCheckpoint(c) => Response::Refused(Refusal::TooLarge {
+                len: c.len,
+                max: wire::MAX_SNAPSHOT_BYTES,
+            }),
+            Request::GetCheckpoint { namespace } => match self.get_checkpoint(&namespace).await {
+                Ok(c) => Response::Checkpoint(c.map(Box::new)),
                 Err(e) => Response::Refused(unavailable(e)),
             },
         }

@@ -16,7 +16,31 @@ pub mod grants;
 pub mod keeper;
 pub mod owner;
 
+use plait_bridge::Identity;
+use plait_bridge::mirror::{ChainHead, Checkpoint, Descriptor};
 use serde::{Deserialize, Serialize};
+
+use crate::storage::{Storage, StorageError};
+
+/// Where a stored chain stands: its last segment, or its checkpoint's head when the
+/// checkpoint superseded every segment held.
+pub async fn chain_head(storage: &dyn Storage, namespace: &Identity) -> Result<ChainHead, StorageError> {
+    let corrupt = |e: plait_bridge::mirror::DescriptorError| StorageError::Corrupt(e.to_string());
+    let last = storage.last_segment(namespace).await?;
+    let ck = storage.checkpoint(namespace, false).await?;
+    match (last, ck) {
+        (Some(s), Some(c)) if c.upto >= s.seq => Ok(Checkpoint::from_bytes(&c.checkpoint)
+            .map_err(corrupt)?
+            .chain_head()),
+        (Some(s), _) => Ok(ChainHead::of(
+            &Descriptor::from_bytes(&s.descriptor).map_err(corrupt)?,
+        )),
+        (None, Some(c)) => Ok(Checkpoint::from_bytes(&c.checkpoint)
+            .map_err(corrupt)?
+            .chain_head()),
+        (None, None) => Ok(ChainHead::default()),
+    }
+}
 
 /// `[mirror]` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +52,13 @@ pub struct MirrorSettings {
     pub segment_max_bytes: u64,
     /// How long a change may wait before it is sealed (and pushed).
     pub segment_max_delay_ms: u64,
+    /// The owner makes a checkpoint (a sealed snapshot of every resource's current state
+    /// that supersedes the segments before it) once the segments since the last one
+    /// occupy more than this many times the namespace's stored size…
+    pub checkpoint_ratio: u64,
+    /// …and more than this many bytes (so a small namespace is not snapshotted at every
+    /// segment). 0 with `checkpoint_ratio` 0: after every segment.
+    pub checkpoint_min_bytes: u64,
 }
 
 /// The largest `segment_max_bytes`: a segment must fit one push
@@ -39,6 +70,8 @@ impl Default for MirrorSettings {
         MirrorSettings {
             segment_max_bytes: 1 << 20,
             segment_max_delay_ms: 1000,
+            checkpoint_ratio: 4,
+            checkpoint_min_bytes: 4 << 20,
         }
     }
 }

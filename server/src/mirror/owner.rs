@@ -11,6 +11,19 @@
 //! start-up opens the segments the setting does not count yet and advances `through` from
 //! their entries, so nothing is sealed twice and nothing is skipped.
 //!
+//! **Checkpoints.** After sealing, when the segments since the last checkpoint occupy
+//! more than `checkpoint_ratio` × the namespace's stored size (and more than
+//! `checkpoint_min_bytes`), the owner seals a snapshot — a batch holding every resource's
+//! current state: an automerge document saved whole for text and JSON, the latest value
+//! for bytes, each with the resource seq it stands at — and signs a checkpoint
+//! superseding its chain up to the last segment sealed. It stores the checkpoint in its
+//! own outbox (`Storage::put_checkpoint`, which drops the superseded segments there too)
+//! and its pushers send it to each mirror before the segments after it. Sealing and
+//! checkpointing hold the same lock, so the snapshot holds at least what the segments it
+//! supersedes held; a change it holds that a later segment holds again restores the same
+//! (automerge changes apply once; a bytes value is taken at the highest seq). A restore
+//! reads the checkpoint's snapshot, then the segments after its `upto`.
+//!
 //! **Pushing.** For each mirror in `mirrors.json` (`plait mirror add`) a pusher asks where
 //! the mirror's chain stands and pushes the segments after it, one request each, stopping
 //! at the first refusal (logged with its reason) and trying again later. So a restarted
@@ -24,7 +37,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use plait_bridge::mirror::wire::{Request, Response};
-use plait_bridge::mirror::{ChainHead, Descriptor, Refusal, SealKey, SealedSegment};
+use plait_bridge::mirror::{
+    ChainHead, Checkpoint, Descriptor, Refusal, SealKey, SealedCheckpoint, SealedSegment,
+};
 use plait_bridge::node::Node;
 use plait_bridge::{Identity, Keypair};
 use serde::{Deserialize, Serialize};
@@ -113,8 +128,12 @@ struct Sealed {
 pub struct PushStatus {
     /// The last seq the mirror acknowledged holding.
     pub acked: u64,
+    /// The `upto` of the last checkpoint the mirror acknowledged (in this run).
+    pub checkpoint: u64,
     /// The last refusal or error, if the last attempt failed.
     pub error: Option<String>,
+    /// When an attempt last succeeded (ms since the Unix epoch).
+    pub last_ok_ms: Option<u64>,
 }
 
 /// The owner side of one instance.
@@ -152,11 +171,14 @@ impl Owner {
             None => Sealed::default(),
         };
         let ns = keys.identity();
-        let last = storage.last_segment(&ns).await?.map_or(0, |s| s.seq as u64);
+        let last = super::chain_head(storage.as_ref(), &ns).await?.seq;
         while sealed.seq < last {
             let rows = storage
                 .segments(&ns, sealed.seq as i64 + 1, last as i64, 64 << 20)
                 .await?;
+            if rows.is_empty() {
+                anyhow::bail!("our own segments after {} are missing", sealed.seq);
+            }
             for r in rows {
                 let plain = plait_bridge::mirror::open(&seal_key, &r.ciphertext)
                     .with_context(|| format!("opening our own segment {}", r.seq))?;
@@ -306,10 +328,7 @@ impl Owner {
     /// Seals one batch as the next segment, stores it, then counts its entries as sealed.
     async fn seal_one(&self, sealed: &mut Sealed, entries: Vec<Entry>) -> anyhow::Result<()> {
         let ns = self.namespace();
-        let prev = match self.storage.last_segment(&ns).await? {
-            None => ChainHead::default(),
-            Some(s) => ChainHead::of(&Descriptor::from_bytes(&s.descriptor)?),
-        };
+        let prev = super::chain_head(self.storage.as_ref(), &ns).await?;
         let plain = batch::encode(&entries);
         let seg =
             plait_bridge::mirror::seal(&self.keys, &[self.seal_key.recipient()], prev, &plain, now_ms())?;
@@ -339,6 +358,103 @@ impl Owner {
         Ok(())
     }
 
+    /// Makes a checkpoint if the segments since the last one outgrew the namespace (see
+    /// the module doc); answers with its `upto` if one was made.
+    pub async fn maybe_checkpoint(&self) -> anyhow::Result<Option<u64>> {
+        let _sealed = self.sealed.lock().await;
+        let ns = self.namespace();
+        let head = super::chain_head(self.storage.as_ref(), &ns).await?;
+        let held = self
+            .storage
+            .checkpoint(&ns, false)
+            .await?
+            .map_or(0, |c| c.upto as u64);
+        if head.seq <= held {
+            return Ok(None);
+        }
+        let since = self.storage.segment_bytes_after(&ns, held as i64).await?;
+        let size = self.storage.namespace_bytes(&ns).await?;
+        if since < self.settings.checkpoint_min_bytes
+            || since <= self.settings.checkpoint_ratio.saturating_mul(size)
+        {
+            return Ok(None);
+        }
+        self.checkpoint_at(head).await.map(Some)
+    }
+
+    /// Every resource's current state, as the entries of a snapshot.
+    async fn current_state(&self) -> anyhow::Result<Vec<Entry>> {
+        let ns = self.namespace();
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.storage.list(&ns, "", after.as_deref(), 500).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.path.as_str().to_string());
+            for r in page {
+                let key = ResourceKey::new(ns, r.path.clone());
+                let Some(l) = self.storage.load(&key).await? else {
+                    continue;
+                };
+                if r.kind == Kind::Bytes {
+                    out.extend(self.pending(&key, r.kind, &r.media_type, 0).await?);
+                    continue;
+                }
+                let mut doc = crate::doc::Document::load_automerge(
+                    r.kind,
+                    l.snapshot.as_ref().map(|(_, b)| b.as_ref()),
+                    l.changes.iter().map(|c| c.data.as_ref()),
+                )
+                .with_context(|| format!("loading {}", r.path.as_str()))?;
+                out.push(Entry {
+                    what: What::Snapshot,
+                    kind: r.kind,
+                    path: r.path.clone(),
+                    media_type: r.media_type.clone(),
+                    seq: l.row.head_seq,
+                    version: String::new(),
+                    parents: String::new(),
+                    at_ms: 0,
+                    data: Bytes::from(doc.save().unwrap_or_default()),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Seals a snapshot superseding the chain up to `head`, stores the checkpoint in the
+    /// outbox (dropping the segments it supersedes there) and wakes the pushers. The
+    /// caller holds the sealing lock.
+    async fn checkpoint_at(&self, head: ChainHead) -> anyhow::Result<u64> {
+        let ns = self.namespace();
+        let plain = batch::encode(&self.current_state().await?);
+        let sealed = plait_bridge::mirror::seal_checkpoint(
+            &self.keys,
+            &[self.seal_key.recipient()],
+            head,
+            &plain,
+            now_ms(),
+        )?;
+        let max = plait_bridge::mirror::wire::MAX_SNAPSHOT_BYTES;
+        if sealed.snapshot.len() as u64 > max {
+            anyhow::bail!(
+                "the snapshot is {} bytes, more than the {max} a checkpoint carries",
+                sealed.snapshot.len()
+            );
+        }
+        self.storage
+            .put_checkpoint(
+                &ns,
+                head.seq as i64,
+                Bytes::copy_from_slice(&sealed.checkpoint.to_bytes()),
+                Bytes::from(sealed.snapshot),
+            )
+            .await?;
+        tracing::info!(upto = head.seq, bytes = plain.len(), "made a mirror checkpoint");
+        self.wake.notify_waiters();
+        Ok(head.seq)
+    }
+
     /// Seals every `segment_max_delay_ms` until `shutdown`, while `data_dir` lists a
     /// mirror (an owner without mirrors seals nothing).
     pub fn run_sealer(self: Arc<Self>, data_dir: PathBuf, shutdown: CancellationToken) {
@@ -355,8 +471,16 @@ impl Owner {
                 if !mirrors(&data_dir).is_ok_and(|m| !m.is_empty()) {
                     continue;
                 }
-                if let Err(e) = self.seal_pending().await {
-                    tracing::warn!(error = %format!("{e:#}"), "sealing changes for the mirrors failed");
+                match self.seal_pending().await {
+                    Ok(0) => {}
+                    Ok(_) => {
+                        if let Err(e) = self.maybe_checkpoint().await {
+                            tracing::warn!(error = %format!("{e:#}"), "making a mirror checkpoint failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "sealing changes for the mirrors failed")
+                    }
                 }
             }
         });
@@ -371,11 +495,24 @@ impl Owner {
                 match mirrors(&data_dir) {
                     Ok(list) => {
                         for id in list.keys() {
-                            let status = match self.push_to(&node, *id).await {
-                                Ok(acked) => PushStatus { acked, error: None },
+                            let (checkpoint, last_ok_ms) = self
+                                .status
+                                .lock()
+                                .expect("push status")
+                                .get(id)
+                                .map_or((0, None), |s| (s.checkpoint, s.last_ok_ms));
+                            let status = match self.push_to(&node, *id, checkpoint).await {
+                                Ok((acked, checkpoint)) => PushStatus {
+                                    acked,
+                                    checkpoint,
+                                    error: None,
+                                    last_ok_ms: Some(now_ms()),
+                                },
                                 Err((acked, e)) => PushStatus {
                                     acked,
+                                    checkpoint,
                                     error: Some(e),
+                                    last_ok_ms,
                                 },
                             };
                             let mut all = self.status.lock().expect("push status");
@@ -400,10 +537,53 @@ impl Owner {
         });
     }
 
-    /// Brings one mirror up to our chain's head; answers with the seq it acknowledged, or
-    /// that and why it stopped.
-    pub async fn push_to(&self, node: &Node, mirror: Identity) -> Result<u64, (u64, String)> {
+    /// Sends our checkpoint to a mirror unless it acknowledged it already
+    /// (`acked_checkpoint`); answers with the checkpoint it now holds.
+    async fn push_checkpoint(
+        &self,
+        node: &Node,
+        mirror: Identity,
+        acked_checkpoint: u64,
+    ) -> Result<u64, String> {
         let ns = self.namespace();
+        let Some(c) = self
+            .storage
+            .checkpoint(&ns, true)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(acked_checkpoint);
+        };
+        if c.upto as u64 <= acked_checkpoint {
+            return Ok(acked_checkpoint);
+        }
+        let sealed = SealedCheckpoint {
+            checkpoint: Checkpoint::from_bytes(&c.checkpoint).map_err(|e| e.to_string())?,
+            snapshot: c.snapshot.to_vec(),
+        };
+        match node.mirror(mirror, Request::Checkpoint(sealed)).await {
+            Ok(Response::Stored { seq }) => Ok(seq),
+            // It holds this one (or a later one) already.
+            Ok(Response::Refused(Refusal::StaleCheckpoint { held, .. })) if held >= c.upto as u64 => Ok(held),
+            Ok(Response::Refused(r)) => Err(refusal_text(&r)),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Brings one mirror up to our chain's head, our checkpoint first; answers with the
+    /// seq and the checkpoint it acknowledged, or the seq and why it stopped.
+    pub async fn push_to(
+        &self,
+        node: &Node,
+        mirror: Identity,
+        acked_checkpoint: u64,
+    ) -> Result<(u64, u64), (u64, String)> {
+        let ns = self.namespace();
+        let checkpoint = self
+            .push_checkpoint(node, mirror, acked_checkpoint)
+            .await
+            .map_err(|e| (0, e))?;
         let head = match node.mirror(mirror, Request::Head { namespace: ns }).await {
             Ok(Response::Head(h)) => h,
             Ok(Response::Refused(r)) => return Err((0, format!("{}: {r}", r.reason()))),
@@ -424,10 +604,20 @@ impl Owner {
                 .segments(&ns, head.seq as i64, head.seq as i64, 0)
                 .await
                 .map_err(|e| (acked, e.to_string()))?;
-            let same = mine
-                .first()
-                .and_then(|s| Descriptor::from_bytes(&s.descriptor).ok())
-                .is_some_and(|d| d.digest() == head.hash);
+            let ours_at = match mine.first() {
+                Some(s) => Descriptor::from_bytes(&s.descriptor).ok().map(|d| d.digest()),
+                // Superseded here: our checkpoint names its digest if it is the last.
+                None => self
+                    .storage
+                    .checkpoint(&ns, false)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|c| Checkpoint::from_bytes(&c.checkpoint).ok())
+                    .filter(|c| c.upto == head.seq)
+                    .map(|c| c.head),
+            };
+            let same = ours_at == Some(head.hash);
             if !same {
                 return Err((acked, format!("the mirror's segment {} is not ours", head.seq)));
             }
@@ -460,7 +650,7 @@ impl Owner {
                 }
             }
         }
-        Ok(acked)
+        Ok((acked, checkpoint))
     }
 }
 
@@ -503,6 +693,25 @@ mod tests {
         s.append(target, changes).await.unwrap();
     }
 
+    async fn write_value(s: &Arc<dyn Storage>, ns: Identity, path: &str, v: &str, value: &[u8]) {
+        let key = ResourceKey::new(ns, ResourcePath::new(path).unwrap());
+        let target = match s.load(&key).await.unwrap() {
+            Some(l) => Target::Existing {
+                id: l.row.id,
+                after: l.row.head_seq,
+            },
+            None => Target::Create {
+                key,
+                kind: Kind::Bytes,
+                media_type: "application/octet-stream".into(),
+            },
+        };
+        let mut c = change(v, blake3::hash(value).as_bytes());
+        c.meta = Some("application/octet-stream".into());
+        c.blob = Some(Bytes::copy_from_slice(value));
+        s.append(target, vec![c]).await.unwrap();
+    }
+
     /// Every entry of the owner's own chain, opened.
     async fn opened(s: &Arc<dyn Storage>, ns: Identity, key: &SealKey) -> Vec<Entry> {
         let mut out = Vec::new();
@@ -536,6 +745,7 @@ mod tests {
         let settings = MirrorSettings {
             segment_max_bytes: 4096,
             segment_max_delay_ms: 10,
+            ..Default::default()
         };
         let start = || async {
             Owner::start(
@@ -607,5 +817,65 @@ mod tests {
             (What::Snapshot, &b"SNAPSHOT"[..])
         );
         assert_eq!(last.seq, l.row.head_seq);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_snapshots_the_current_state_and_the_chain_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap());
+        let keys = Keypair::generate();
+        let ns = keys.identity();
+        let key_path = dir.path().join("seal-key.txt");
+        let start = |ratio| {
+            let s = s.clone();
+            let keys = Keypair::from_secret_bytes(&keys.secret_bytes());
+            let key_path = key_path.clone();
+            async move {
+                let settings = MirrorSettings {
+                    checkpoint_ratio: ratio,
+                    checkpoint_min_bytes: 0,
+                    ..Default::default()
+                };
+                Owner::start(s, keys, SealKey::load_or_create(&key_path).unwrap(), settings)
+                    .await
+                    .unwrap()
+            }
+        };
+        let owner = start(1000).await;
+        write_value(&s, ns, "img", "a-0", b"x").await;
+        assert_eq!(owner.seal_pending().await.unwrap(), 1);
+        assert_eq!(owner.maybe_checkpoint().await.unwrap(), None, "under the ratio");
+
+        let owner = start(0).await;
+        write_value(&s, ns, "img", "a-1", b"y").await;
+        assert_eq!(owner.seal_pending().await.unwrap(), 1);
+        assert_eq!(owner.maybe_checkpoint().await.unwrap(), Some(2));
+        assert_eq!(owner.maybe_checkpoint().await.unwrap(), None, "nothing new");
+        assert!(
+            s.segments(&ns, 1, 9, u64::MAX).await.unwrap().is_empty(),
+            "outbox compacted"
+        );
+        let c = s.checkpoint(&ns, true).await.unwrap().unwrap();
+        let ck = Checkpoint::from_bytes(&c.checkpoint).unwrap();
+        assert!(ck.verify_signature());
+        assert_eq!(ck.upto, 2);
+        let key = SealKey::load_or_create(&key_path).unwrap();
+        let snap = batch::decode(&plait_bridge::mirror::open(&key, &c.snapshot).unwrap()).unwrap();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(
+            (snap[0].what, snap[0].seq, snap[0].data.as_ref()),
+            (What::Value, 2, &b"y"[..])
+        );
+
+        // The chain goes on after the checkpoint, and a restart finds where it stands.
+        drop(owner);
+        let owner = start(1000).await;
+        assert_eq!(owner.sealed_seq(), 2);
+        write_value(&s, ns, "img", "a-2", b"z").await;
+        assert_eq!(owner.seal_pending().await.unwrap(), 1);
+        let next = s.segments(&ns, 1, 9, u64::MAX).await.unwrap();
+        let d = Descriptor::from_bytes(&next[0].descriptor).unwrap();
+        assert_eq!((d.seq, d.prev), (3, ck.head));
     }
 }

@@ -64,17 +64,24 @@ pub enum Row {
         descriptor: Vec<u8>,
         ciphertext: Vec<u8>,
     },
+    Checkpoint {
+        namespace: Vec<u8>,
+        upto: i64,
+        checkpoint: Vec<u8>,
+        snapshot: Vec<u8>,
+    },
 }
 
 /// The tables, in the order they are exported and imported (a row only refers to rows of
 /// tables before it).
-pub const TABLES: [&str; 6] = [
+pub const TABLES: [&str; 7] = [
     "settings",
     "blobs",
     "resources",
     "snapshots",
     "changes",
     "mirror_segments",
+    "mirror_checkpoints",
 ];
 
 impl Row {
@@ -87,6 +94,7 @@ impl Row {
             Row::Snapshot { .. } => 3,
             Row::Change { .. } => 4,
             Row::Segment { .. } => 5,
+            Row::Checkpoint { .. } => 6,
         }
     }
 
@@ -97,6 +105,7 @@ impl Row {
             Row::Blob { data, .. } | Row::Snapshot { data, .. } | Row::Change { data, .. } => data.len() + 64,
             Row::Resource { path, .. } => path.len() + 64,
             Row::Segment { ciphertext, .. } => ciphertext.len() + 188,
+            Row::Checkpoint { snapshot, .. } => snapshot.len() + 188,
         }
     }
 
@@ -196,6 +205,17 @@ impl Row {
                 bytes(h, descriptor);
                 bytes(h, ciphertext);
             }
+            Row::Checkpoint {
+                namespace,
+                upto,
+                checkpoint,
+                snapshot,
+            } => {
+                bytes(h, namespace);
+                int(h, *upto);
+                bytes(h, checkpoint);
+                bytes(h, snapshot);
+            }
         }
     }
 }
@@ -203,20 +223,20 @@ impl Row {
 /// What a stream of rows held: rows per table and one hash over all of them in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
-    pub rows: [u64; 6],
+    pub rows: [u64; 7],
     pub hash: blake3::Hash,
 }
 
 /// Builds a [`Summary`] row by row.
 pub struct Summing {
-    rows: [u64; 6],
+    rows: [u64; 7],
     hasher: blake3::Hasher,
 }
 
 impl Default for Summing {
     fn default() -> Self {
         Summing {
-            rows: [0; 6],
+            rows: [0; 7],
             hasher: blake3::Hasher::new(),
         }
     }
@@ -261,7 +281,7 @@ pub trait Dump: Send + Sync {
     async fn import(&self, rows: mpsc::Receiver<Row>) -> Result<(), StorageError>;
 
     /// Rows per table now (outside any snapshot: for progress only).
-    async fn count(&self) -> Result<[u64; 6], StorageError>;
+    async fn count(&self) -> Result<[u64; 7], StorageError>;
 }
 
 /// Rows waiting between an export and what consumes it.

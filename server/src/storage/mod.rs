@@ -151,6 +151,17 @@ pub struct StoredSegment {
     pub ciphertext: Bytes,
 }
 
+/// A namespace's mirror checkpoint as stored: opaque bytes here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    /// The last segment it supersedes.
+    pub upto: Seq,
+    /// The signed checkpoint's bytes.
+    pub checkpoint: Bytes,
+    /// The snapshot's ciphertext (empty when not asked for).
+    pub snapshot: Bytes,
+}
+
 /// Why storage failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
@@ -255,7 +266,8 @@ pub trait Storage: Send + Sync + 'static {
     }
 
     /// Stores segment `seq` of `namespace`'s chain of sealed segments, durably, if the
-    /// chain ends at `seq - 1` (0: it is empty); otherwise nothing is stored and the answer
+    /// chain ends at `seq - 1` (0: it is empty; its end is its last segment or its
+    /// checkpoint's `upto`, whichever is later); otherwise nothing is stored and the answer
     /// is [`StorageError::Behind`]. The caller has checked the segment.
     async fn put_segment(
         &self,
@@ -278,8 +290,32 @@ pub trait Storage: Send + Sync + 'static {
     /// The last segment of `namespace`'s chain, without its ciphertext (empty).
     async fn last_segment(&self, namespace: &Namespace) -> Result<Option<StoredSegment>, StorageError>;
 
-    /// Bytes the segments of `namespace` occupy (descriptors and ciphertexts).
+    /// Bytes the segments of `namespace` occupy (descriptors and ciphertexts), its
+    /// checkpoint and snapshot included.
     async fn segment_bytes(&self, namespace: &Namespace) -> Result<u64, StorageError>;
+
+    /// Bytes the segments of `namespace` after `after` occupy.
+    async fn segment_bytes_after(&self, namespace: &Namespace, after: Seq) -> Result<u64, StorageError>;
+
+    /// Stores `namespace`'s checkpoint superseding segments up to `upto`, in one
+    /// transaction: the segments with `seq <= upto` are dropped and the checkpoint held
+    /// before is replaced. Refused ([`StorageError::Behind`]) unless `upto` is past the
+    /// checkpoint held. The chain then ends at `upto` or at its last segment, whichever is
+    /// later (see [`Self::put_segment`]). The caller has checked the checkpoint.
+    async fn put_checkpoint(
+        &self,
+        namespace: &Namespace,
+        upto: Seq,
+        checkpoint: Bytes,
+        snapshot: Bytes,
+    ) -> Result<(), StorageError>;
+
+    /// `namespace`'s checkpoint, with its snapshot only if `with_snapshot`.
+    async fn checkpoint(
+        &self,
+        namespace: &Namespace,
+        with_snapshot: bool,
+    ) -> Result<Option<StoredCheckpoint>, StorageError>;
 
     /// Bytes all resources occupy (the sum of what [`Self::namespace_bytes`] counts, over
     /// every namespace): the storage size metrics publish. One scan of the resources'

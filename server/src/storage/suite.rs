@@ -59,6 +59,62 @@ where
     settings_and_namespaces(make().await).await;
     namespace_bytes_follow_the_log(make().await).await;
     segments_form_one_gap_free_chain_per_namespace(make().await).await;
+    a_checkpoint_drops_what_it_supersedes(make().await).await;
+}
+
+async fn a_checkpoint_drops_what_it_supersedes(s: Arc<dyn Storage>) {
+    let a = Keypair::generate().identity();
+    let seg = |n: u8| (Bytes::from(vec![n; 188]), Bytes::from(vec![n; 1000]));
+    for n in 1..=4u8 {
+        let (d, c) = seg(n);
+        s.put_segment(&a, n as i64, d, c).await.unwrap();
+    }
+    assert_eq!(s.checkpoint(&a, true).await.unwrap(), None);
+    let ck = |n: u8, len: usize| (Bytes::from(vec![100 + n; 188]), Bytes::from(vec![n; len]));
+    let (c, snap) = ck(3, 500);
+    s.put_checkpoint(&a, 3, c.clone(), snap.clone()).await.unwrap();
+    let got = s.checkpoint(&a, true).await.unwrap().unwrap();
+    assert_eq!((got.upto, &got.checkpoint, &got.snapshot), (3, &c, &snap));
+    assert!(
+        s.checkpoint(&a, false)
+            .await
+            .unwrap()
+            .unwrap()
+            .snapshot
+            .is_empty()
+    );
+    let left = s.segments(&a, 1, 9, 1 << 20).await.unwrap();
+    assert_eq!(left.iter().map(|x| x.seq).collect::<Vec<_>>(), [4]);
+    assert_eq!(s.segment_bytes(&a).await.unwrap(), 188 + 1000 + 188 + 500);
+    assert_eq!(s.segment_bytes_after(&a, 3).await.unwrap(), 188 + 1000);
+    assert_eq!(s.segment_bytes_after(&a, 4).await.unwrap(), 0);
+    // Not older, not the same again.
+    assert!(matches!(
+        s.put_checkpoint(&a, 3, c.clone(), snap.clone()).await,
+        Err(StorageError::Behind)
+    ));
+    assert!(matches!(
+        s.put_checkpoint(&a, 2, c, snap).await,
+        Err(StorageError::Behind)
+    ));
+    // A checkpoint at the chain's end leaves no segment; the chain goes on after it.
+    let (c, snap) = ck(4, 10);
+    s.put_checkpoint(&a, 4, c, snap).await.unwrap();
+    assert_eq!(s.last_segment(&a).await.unwrap(), None);
+    assert_eq!(s.segment_bytes(&a).await.unwrap(), 188 + 10);
+    let (d, c) = seg(4);
+    assert!(matches!(
+        s.put_segment(&a, 4, d, c).await,
+        Err(StorageError::Behind)
+    ));
+    let (d, c) = seg(5);
+    s.put_segment(&a, 5, d, c).await.unwrap();
+    // Past the chain's end: a mirror that was away jumps to it.
+    let (c, snap) = ck(9, 10);
+    s.put_checkpoint(&a, 9, c, snap).await.unwrap();
+    assert!(s.segments(&a, 1, 20, 1 << 20).await.unwrap().is_empty());
+    let (d, c) = seg(10);
+    s.put_segment(&a, 10, d, c).await.unwrap();
 }
 
 async fn segments_form_one_gap_free_chain_per_namespace(s: Arc<dyn Storage>) {

@@ -13,7 +13,7 @@ use crate::storage::dump::{Dump, Row, TABLES};
 
 /// Each table's export query, in [`TABLES`] order, keys compared byte-wise (`COLLATE "C"`
 /// for text, as SQLite compares), times as whole milliseconds.
-const EXPORTS: [&str; 6] = [
+const EXPORTS: [&str; 7] = [
     r#"SELECT name, value FROM settings ORDER BY name COLLATE "C""#,
     "SELECT hash, data, size FROM blobs ORDER BY hash",
     "SELECT id, namespace, path, kind, media_type, head_seq, bytes,
@@ -24,6 +24,7 @@ const EXPORTS: [&str; 6] = [
     "SELECT resource_id, seq, version, parents, author, at_ms, data, meta FROM changes
      ORDER BY resource_id, seq",
     "SELECT namespace, seq, descriptor, ciphertext FROM mirror_segments ORDER BY namespace, seq",
+    "SELECT namespace, upto, checkpoint, snapshot FROM mirror_checkpoints ORDER BY namespace",
 ];
 
 fn row_of(table: usize, r: &tokio_postgres::Row) -> Result<Row, tokio_postgres::Error> {
@@ -65,6 +66,12 @@ fn row_of(table: usize, r: &tokio_postgres::Row) -> Result<Row, tokio_postgres::
             data: r.try_get(6)?,
             meta: r.try_get(7)?,
         },
+        6 => Row::Checkpoint {
+            namespace: r.try_get(0)?,
+            upto: r.try_get(1)?,
+            checkpoint: r.try_get(2)?,
+            snapshot: r.try_get(3)?,
+        },
         _ => Row::Segment {
             namespace: r.try_get(0)?,
             seq: r.try_get(1)?,
@@ -76,7 +83,7 @@ fn row_of(table: usize, r: &tokio_postgres::Row) -> Result<Row, tokio_postgres::
 
 /// The insert for each table, in [`TABLES`] order; times from milliseconds exactly
 /// (interval arithmetic, no floating point).
-const INSERTS: [&str; 6] = [
+const INSERTS: [&str; 7] = [
     "INSERT INTO settings (name, value) VALUES ($1, $2)",
     "INSERT INTO blobs (hash, data, size) VALUES ($1, $2, $3)",
     "INSERT INTO resources (id, namespace, path, kind, media_type, head_seq, bytes,
@@ -87,6 +94,7 @@ const INSERTS: [&str; 6] = [
     "INSERT INTO changes (resource_id, seq, version, parents, author, at_ms, data, meta)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     "INSERT INTO mirror_segments (namespace, seq, descriptor, ciphertext) VALUES ($1, $2, $3, $4)",
+    "INSERT INTO mirror_checkpoints (namespace, upto, checkpoint, snapshot) VALUES ($1, $2, $3, $4)",
 ];
 
 fn params_of(row: &Row) -> Vec<&(dyn ToSql + Sync)> {
@@ -129,11 +137,17 @@ fn params_of(row: &Row) -> Vec<&(dyn ToSql + Sync)> {
             descriptor,
             ciphertext,
         } => vec![namespace, seq, descriptor, ciphertext],
+        Row::Checkpoint {
+            namespace,
+            upto,
+            checkpoint,
+            snapshot,
+        } => vec![namespace, upto, checkpoint, snapshot],
     }
 }
 
-async fn counts<C: deadpool_postgres::GenericClient + Sync>(c: &C) -> Result<[u64; 6], StorageError> {
-    let mut out = [0u64; 6];
+async fn counts<C: deadpool_postgres::GenericClient + Sync>(c: &C) -> Result<[u64; 7], StorageError> {
+    let mut out = [0u64; 7];
     for (i, table) in TABLES.iter().enumerate() {
         let n: i64 = c
             .query_one(&format!("SELECT count(*) FROM {table}"), &[])
@@ -202,7 +216,7 @@ impl Dump for PostgresStorage {
         tx.commit().await.map_err(pg_err)
     }
 
-    async fn count(&self) -> Result<[u64; 6], StorageError> {
+    async fn count(&self) -> Result<[u64; 7], StorageError> {
         counts(&self.client().await?).await
     }
 }

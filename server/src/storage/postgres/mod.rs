@@ -26,8 +26,8 @@ use tokio_postgres::NoTls;
 
 use super::{
     Appended, CommitLimits, LoadedResource, NewChange, Notice, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, StoredSegment, Target, identity_from_bytes, key_from_row,
-    kind_from_code, prefix_upper_bound,
+    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Target, identity_from_bytes,
+    key_from_row, kind_from_code, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
@@ -1037,7 +1037,10 @@ impl Storage for PostgresStorage {
             .execute(
                 "INSERT INTO mirror_segments (namespace, seq, descriptor, ciphertext)
                  SELECT $1::bytea, $2::int8, $3::bytea, $4::bytea
-                 WHERE (SELECT COALESCE(MAX(seq), 0) FROM mirror_segments WHERE namespace = $1::bytea) = $2::int8 - 1",
+                 WHERE GREATEST(
+                   (SELECT COALESCE(MAX(seq), 0) FROM mirror_segments WHERE namespace = $1::bytea),
+                   (SELECT COALESCE(MAX(upto), 0) FROM mirror_checkpoints WHERE namespace = $1::bytea)
+                 ) = $2::int8 - 1",
                 &[
                     &namespace.as_bytes().as_slice(),
                     &seq,
@@ -1113,14 +1116,86 @@ impl Storage for PostgresStorage {
         let client = self.client().await?;
         let n: i64 = client
             .query_one(
-                "SELECT COALESCE(SUM(octet_length(descriptor) + octet_length(ciphertext)), 0)::int8
-                 FROM mirror_segments WHERE namespace = $1",
+                "SELECT ((SELECT COALESCE(SUM(octet_length(descriptor) + octet_length(ciphertext)), 0)
+                          FROM mirror_segments WHERE namespace = $1)
+                       + (SELECT COALESCE(SUM(octet_length(checkpoint) + octet_length(snapshot)), 0)
+                          FROM mirror_checkpoints WHERE namespace = $1))::int8",
                 &[&namespace.as_bytes().as_slice()],
             )
             .await
             .map_err(pg_err)?
             .get(0);
         Ok(n.max(0) as u64)
+    }
+
+    async fn segment_bytes_after(&self, namespace: &Namespace, after: Seq) -> Result<u64, StorageError> {
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one(
+                "SELECT COALESCE(SUM(octet_length(descriptor) + octet_length(ciphertext)), 0)::int8
+                 FROM mirror_segments WHERE namespace = $1 AND seq > $2",
+                &[&namespace.as_bytes().as_slice(), &after],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(n.max(0) as u64)
+    }
+
+    async fn put_checkpoint(
+        &self,
+        namespace: &Namespace,
+        upto: Seq,
+        checkpoint: Bytes,
+        snapshot: Bytes,
+    ) -> Result<(), StorageError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let ns = namespace.as_bytes().as_slice();
+        // Replaced only by a later one; two racing ones serialize on the row (or the
+        // primary key, for the first), and the later of them wins.
+        let n = tx
+            .execute(
+                "INSERT INTO mirror_checkpoints (namespace, upto, checkpoint, snapshot)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (namespace) DO UPDATE SET upto = excluded.upto,
+                   checkpoint = excluded.checkpoint, snapshot = excluded.snapshot
+                 WHERE mirror_checkpoints.upto < excluded.upto",
+                &[&ns, &upto, &checkpoint.as_ref(), &snapshot.as_ref()],
+            )
+            .await
+            .map_err(pg_err)?;
+        if n == 0 {
+            return Err(StorageError::Behind);
+        }
+        tx.execute(
+            "DELETE FROM mirror_segments WHERE namespace = $1 AND seq <= $2",
+            &[&ns, &upto],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn checkpoint(
+        &self,
+        namespace: &Namespace,
+        with_snapshot: bool,
+    ) -> Result<Option<StoredCheckpoint>, StorageError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt(
+                "SELECT upto, checkpoint, CASE WHEN $2 THEN snapshot ELSE ''::bytea END
+                 FROM mirror_checkpoints WHERE namespace = $1",
+                &[&namespace.as_bytes().as_slice(), &with_snapshot],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| StoredCheckpoint {
+                upto: r.get(0),
+                checkpoint: Bytes::from(r.get::<_, Vec<u8>>(1)),
+                snapshot: Bytes::from(r.get::<_, Vec<u8>>(2)),
+            }))
     }
 
     async fn get_setting(&self, name: &str) -> Result<Option<String>, StorageError> {

@@ -13,7 +13,7 @@ use crate::storage::dump::{Dump, Row, TABLES};
 
 /// Each table's export query, in [`TABLES`] order; BLOB and `TEXT` keys compare byte-wise
 /// in SQLite, as the Postgres export orders them.
-const EXPORTS: [&str; 6] = [
+const EXPORTS: [&str; 7] = [
     "SELECT name, value FROM settings ORDER BY name",
     "SELECT hash, data, size FROM blobs ORDER BY hash",
     "SELECT id, namespace, path, kind, media_type, head_seq, bytes, created_ms, updated_ms, created_by
@@ -22,6 +22,7 @@ const EXPORTS: [&str; 6] = [
     "SELECT resource_id, seq, version, parents, author, at_ms, data, meta FROM changes
      ORDER BY resource_id, seq",
     "SELECT namespace, seq, descriptor, ciphertext FROM mirror_segments ORDER BY namespace, seq",
+    "SELECT namespace, upto, checkpoint, snapshot FROM mirror_checkpoints ORDER BY namespace",
 ];
 
 fn row_of(table: usize, r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
@@ -62,6 +63,12 @@ fn row_of(table: usize, r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
             at_ms: r.get(5)?,
             data: r.get(6)?,
             meta: r.get(7)?,
+        },
+        6 => Row::Checkpoint {
+            namespace: r.get(0)?,
+            upto: r.get(1)?,
+            checkpoint: r.get(2)?,
+            snapshot: r.get(3)?,
         },
         _ => Row::Segment {
             namespace: r.get(0)?,
@@ -133,11 +140,21 @@ fn insert(tx: &rusqlite::Transaction<'_>, row: &Row) -> rusqlite::Result<usize> 
                 "INSERT INTO mirror_segments (namespace, seq, descriptor, ciphertext) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![namespace, seq, descriptor, ciphertext]),
+        Row::Checkpoint {
+            namespace,
+            upto,
+            checkpoint,
+            snapshot,
+        } => tx
+            .prepare_cached(
+                "INSERT INTO mirror_checkpoints (namespace, upto, checkpoint, snapshot) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![namespace, upto, checkpoint, snapshot]),
     }
 }
 
-fn counts(conn: &Connection) -> Result<[u64; 6], StorageError> {
-    let mut out = [0u64; 6];
+fn counts(conn: &Connection) -> Result<[u64; 7], StorageError> {
+    let mut out = [0u64; 7];
     for (i, table) in TABLES.iter().enumerate() {
         let n: i64 = conn
             .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
@@ -193,7 +210,7 @@ impl Dump for SqliteStorage {
         .map_err(|e| StorageError::Unavailable(format!("import task: {e}")))?
     }
 
-    async fn count(&self) -> Result<[u64; 6], StorageError> {
+    async fn count(&self) -> Result<[u64; 7], StorageError> {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || counts(&open(&path, false)?))
             .await

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Appended, CommitLimits, LoadedResource, NewChange, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, StoredSegment, Target, identity_from_bytes, key_from_row,
-    kind_from_code, prefix_upper_bound,
+    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Target, identity_from_bytes,
+    key_from_row, kind_from_code, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
@@ -78,6 +78,13 @@ enum WriteJob {
         ciphertext: Bytes,
         reply: Reply<()>,
     },
+    PutCheckpoint {
+        namespace: Namespace,
+        upto: Seq,
+        checkpoint: Bytes,
+        snapshot: Bytes,
+        reply: Reply<()>,
+    },
     Seed {
         key: ResourceKey,
         kind: Kind,
@@ -99,6 +106,7 @@ impl WriteJob {
             ),
             WriteJob::Snapshot { data, .. } | WriteJob::Seed { data, .. } => (1, data.len()),
             WriteJob::PutSegment { ciphertext, .. } => (1, ciphertext.len()),
+            WriteJob::PutCheckpoint { snapshot, .. } => (1, snapshot.len()),
             _ => (1, 0),
         }
     }
@@ -277,7 +285,8 @@ fn fail_all(batch: Vec<WriteJob>, e: StorageError) {
             WriteJob::Snapshot { reply, .. }
             | WriteJob::DropBefore { reply, .. }
             | WriteJob::PutSetting { reply, .. }
-            | WriteJob::PutSegment { reply, .. } => drop(reply.send(Err(e.clone()))),
+            | WriteJob::PutSegment { reply, .. }
+            | WriteJob::PutCheckpoint { reply, .. } => drop(reply.send(Err(e.clone()))),
             WriteJob::Delete { reply, .. } => drop(reply.send(Err(e.clone()))),
             WriteJob::Seed { reply, .. } => drop(reply.send(Err(e.clone()))),
         }
@@ -347,7 +356,53 @@ fn run_in_savepoint(tx: &mut Transaction<'_>, job: WriteJob) -> Done {
             reply,
             scoped(tx, |t| put_segment(t, &namespace, seq, &descriptor, &ciphertext)),
         ),
+        WriteJob::PutCheckpoint {
+            namespace,
+            upto,
+            checkpoint,
+            snapshot,
+            reply,
+        } => Done::Unit(
+            reply,
+            scoped(tx, |t| {
+                put_checkpoint(t, &namespace, upto, &checkpoint, &snapshot)
+            }),
+        ),
     }
+}
+
+/// Replaces a namespace's checkpoint with a later one and drops what it supersedes.
+fn put_checkpoint(
+    t: &Connection,
+    namespace: &Namespace,
+    upto: Seq,
+    checkpoint: &[u8],
+    snapshot: &[u8],
+) -> Result<(), StorageError> {
+    let ns = namespace.as_bytes().as_slice();
+    let held: i64 = t
+        .query_row(
+            "SELECT COALESCE(MAX(upto), 0) FROM mirror_checkpoints WHERE namespace = ?1",
+            [ns],
+            |r| r.get(0),
+        )
+        .map_err(sql_err)?;
+    if upto <= held {
+        return Err(StorageError::Behind);
+    }
+    t.execute(
+        "INSERT INTO mirror_checkpoints (namespace, upto, checkpoint, snapshot) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (namespace) DO UPDATE SET upto = excluded.upto,
+           checkpoint = excluded.checkpoint, snapshot = excluded.snapshot",
+        params![ns, upto, checkpoint, snapshot],
+    )
+    .map_err(sql_err)?;
+    t.execute(
+        "DELETE FROM mirror_segments WHERE namespace = ?1 AND seq <= ?2",
+        params![ns, upto],
+    )
+    .map(|_| ())
+    .map_err(sql_err)
 }
 
 /// Appends a segment to its namespace's chain if the chain ends right before it.
@@ -361,7 +416,8 @@ fn put_segment(
     let ns = namespace.as_bytes().as_slice();
     let last: i64 = t
         .query_row(
-            "SELECT COALESCE(MAX(seq), 0) FROM mirror_segments WHERE namespace = ?1",
+            "SELECT MAX((SELECT COALESCE(MAX(seq), 0) FROM mirror_segments WHERE namespace = ?1),
+                        (SELECT COALESCE(MAX(upto), 0) FROM mirror_checkpoints WHERE namespace = ?1))",
             [ns],
             |r| r.get(0),
         )
@@ -967,12 +1023,72 @@ impl Storage for SqliteStorage {
         let ns = namespace.as_bytes().to_vec();
         self.read(move |conn| {
             conn.query_row(
-                "SELECT COALESCE(SUM(LENGTH(descriptor) + LENGTH(ciphertext)), 0)
-                 FROM mirror_segments WHERE namespace = ?1",
+                "SELECT (SELECT COALESCE(SUM(LENGTH(descriptor) + LENGTH(ciphertext)), 0)
+                         FROM mirror_segments WHERE namespace = ?1)
+                      + (SELECT COALESCE(SUM(LENGTH(checkpoint) + LENGTH(snapshot)), 0)
+                         FROM mirror_checkpoints WHERE namespace = ?1)",
                 [ns],
                 |r| r.get::<_, i64>(0),
             )
             .map(|n| n.max(0) as u64)
+            .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn segment_bytes_after(&self, namespace: &Namespace, after: Seq) -> Result<u64, StorageError> {
+        let ns = namespace.as_bytes().to_vec();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT COALESCE(SUM(LENGTH(descriptor) + LENGTH(ciphertext)), 0)
+                 FROM mirror_segments WHERE namespace = ?1 AND seq > ?2",
+                params![ns, after],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn put_checkpoint(
+        &self,
+        namespace: &Namespace,
+        upto: Seq,
+        checkpoint: Bytes,
+        snapshot: Bytes,
+    ) -> Result<(), StorageError> {
+        let namespace = *namespace;
+        self.write(|reply| WriteJob::PutCheckpoint {
+            namespace,
+            upto,
+            checkpoint,
+            snapshot,
+            reply,
+        })
+        .await
+    }
+
+    async fn checkpoint(
+        &self,
+        namespace: &Namespace,
+        with_snapshot: bool,
+    ) -> Result<Option<StoredCheckpoint>, StorageError> {
+        let ns = namespace.as_bytes().to_vec();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT upto, checkpoint, CASE WHEN ?2 THEN snapshot ELSE X'' END
+                 FROM mirror_checkpoints WHERE namespace = ?1",
+                params![ns, with_snapshot],
+                |r| {
+                    Ok(StoredCheckpoint {
+                        upto: r.get(0)?,
+                        checkpoint: r.get::<_, Vec<u8>>(1)?.into(),
+                        snapshot: r.get::<_, Vec<u8>>(2)?.into(),
+                    })
+                },
+            )
+            .optional()
             .map_err(sql_err)
         })
         .await
