@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, watch};
 
-use crate::net::{Conn, Target, find, request, server_rss};
+use crate::net::{Conn, Target, content_length, find, request, server_rss};
 use crate::{Auth, borrowed, hist, now_us, summary};
 
 /// Subscribers that may be in their TLS handshake at once.
@@ -103,14 +103,7 @@ impl Reader {
                 return Ok(());
             };
             let head = std::str::from_utf8(&self.buf[..he])?;
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
+            let len = content_length(head);
             if self.buf.len() < he + 4 + len {
                 return Ok(());
             }

@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
+use super::net::{Target, content_length, find, server_rss};
 use super::{hist, now_us, summary};
 
 /// Connections a browser opens to one origin over HTTP/1.1.
@@ -84,7 +85,7 @@ pub async fn mux(
             bail!("creating {} answered {status}", path(r));
         }
     }
-    let rss0 = server_rss(addr).await?;
+    let rss0 = server_rss(&Target::plain(addr)).await?;
     let tally = Tally {
         ready: Arc::new(AtomicUsize::new(0)),
         got: Arc::new(AtomicU64::new(0)),
@@ -157,7 +158,7 @@ pub async fn mux(
     }
     let connect_s = t_connect.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss1 = server_rss(addr).await?;
+    let rss1 = server_rss(&Target::plain(addr)).await?;
     // The writer: one keep-alive connection, timestamped JSON, round-robin over resources.
     let mut w = KeepAlive::connect(addr).await?;
     let mut want = 0u64;
@@ -335,7 +336,7 @@ fn updates(id: &str, r: &mut Response, tally: &Tally, local: &mut Histogram<u64>
         let Some(he) = find(&r.buf, b"\r\n\r\n") else {
             return Ok(());
         };
-        let len = content_length(std::str::from_utf8(&r.buf[..he])?).unwrap_or(0);
+        let len = content_length(std::str::from_utf8(&r.buf[..he])?);
         if r.buf.len() < he + 4 + len {
             return Ok(());
         }
@@ -437,7 +438,7 @@ impl KeepAlive {
             if let Some(end) = find(&self.buf, b"\r\n\r\n") {
                 let head = std::str::from_utf8(&self.buf[..end])?.to_string();
                 let status: u16 = head.split(' ').nth(1).context("a status line")?.parse()?;
-                let len = content_length(&head).unwrap_or(0);
+                let len = content_length(&head);
                 if self.buf.len() >= end + 4 + len {
                     let body = self.buf[end + 4..end + 4 + len].to_vec();
                     self.buf.drain(..end + 4 + len);
@@ -451,34 +452,6 @@ impl KeepAlive {
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
-}
-
-/// The server's resident memory, from its status resource.
-async fn server_rss(addr: SocketAddr) -> anyhow::Result<u64> {
-    let (status, body) = KeepAlive::connect(addr)
-        .await?
-        .exchange("GET", "/.well-known/plait", &[], b"")
-        .await?;
-    if status != 200 {
-        bail!("the status resource answered {status}");
-    }
-    let v: serde_json::Value = serde_json::from_slice(&body)?;
-    v["rss_bytes"]
-        .as_u64()
-        .context("no rss_bytes in /.well-known/plait")
-}
-
-fn content_length(head: &str) -> Option<usize> {
-    head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| v.trim().parse().ok())?
-    })
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// The write time stamped in an update (`"t":<µs>`).

@@ -191,14 +191,7 @@ impl Conn {
             if let Some(end) = find(&self.buf, b"\r\n\r\n") {
                 let head = std::str::from_utf8(&self.buf[..end])?.to_string();
                 let status: u16 = head.split(' ').nth(1).context("status line")?.parse()?;
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0);
+                let len = content_length(&head);
                 while self.buf.len() < end + 4 + len {
                     self.fill(s).await?;
                 }
@@ -219,6 +212,17 @@ impl Conn {
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
+}
+
+/// The `Content-Length` of a message head (0 without one).
+pub fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0)
 }
 
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
