@@ -274,3 +274,43 @@ fn the_container_file_copies_what_the_build_reads() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Every shell script the repository ships or runs (found by `git ls-files` and its
+/// `#!` line) parses: a lost `;;` in one `case` arm breaks every workload of the script,
+/// not only its own.
+#[test]
+fn every_shell_script_parses() {
+    let root = repo();
+    let files = std::process::Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(&root)
+        .output()
+        .expect("git runs");
+    assert!(files.status.success(), "git ls-files");
+    let mut checked = Vec::new();
+    for name in files.stdout.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let path = root.join(String::from_utf8_lossy(name).as_ref());
+        let Ok(head) = std::fs::read(&path) else { continue };
+        let first = head.split(|b| *b == b'\n').next().unwrap_or_default();
+        if !(first.starts_with(b"#!") && (first.ends_with(b"bash") || first.ends_with(b"/sh"))) {
+            continue;
+        }
+        let out = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .expect("bash runs");
+        assert!(
+            out.status.success(),
+            "{} does not parse: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked.push(path);
+    }
+    assert!(
+        checked.iter().any(|p| p.ends_with("tests/load/run"))
+            && checked.iter().any(|p| p.ends_with(".ci/run")),
+        "the scripts were found: {checked:?}"
+    );
+}
