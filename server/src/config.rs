@@ -254,6 +254,10 @@ pub struct Limits {
     /// How long a request naming a multiplexer not yet open waits for it (the client
     /// sends its first request without waiting for the `POST`) before it is answered 424.
     pub multiplexer_wait_ms: u64,
+    /// Work that may hold a core for long (password hashing; document work on writes and
+    /// loads over 256 KiB) runs this many nice steps below requests, so that a flood of it
+    /// slows itself rather than everyone; 0 runs it at the requests' priority. 0 to 19.
+    pub heavy_work_nice: i32,
 }
 
 /// Memory and batching of live documents.
@@ -375,6 +379,7 @@ impl Default for Limits {
             max_requests_per_multiplexer: 1_000,
             max_multiplexers_per_address: 32,
             multiplexer_wait_ms: 10,
+            heavy_work_nice: crate::cpu::DEFAULT_NICE,
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod braid;
 pub mod cli;
 pub mod config;
+pub mod cpu;
 pub mod doc;
 pub mod engine;
 pub mod federation;

@@ -278,7 +278,8 @@ impl Accounts {
         Ok(self.record(name).await?.map(|r| self.account(&r)))
     }
 
-    /// Runs password hashing in one of the slots, off the async workers.
+    /// Runs password hashing in one of the slots, off the async workers and at lower CPU
+    /// priority ([`crate::cpu::heavy`]).
     async fn hashing<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -287,7 +288,7 @@ impl Accounts {
             .await
             .map_err(|_| AccountError::Busy)?
             .map_err(|_| AccountError::Busy)?;
-        tokio::task::spawn_blocking(f)
+        tokio::task::spawn_blocking(move || crate::cpu::heavy(f))
             .await
             .map_err(|_| AccountError::Busy)
     }

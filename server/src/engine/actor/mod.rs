@@ -46,14 +46,18 @@ const MAX_REMAKES: usize = 8;
 /// moved off the async workers, which other connections need.
 const HEAVY_BYTES: u64 = 256 * 1024;
 
-/// Runs `f`, telling the runtime first when it will hold the thread for long.
-fn cpu_bound<T>(heavy: bool, f: impl FnOnce() -> T) -> T {
+/// Runs `f`; heavy work moves off the async workers, which other connections need, to a
+/// thread of lower priority ([`crate::cpu::heavy`]).
+fn cpu_bound<T: Send>(heavy: bool, f: impl FnOnce() -> T + Send) -> T {
+    if !heavy {
+        return f();
+    }
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if heavy && multi_thread {
-        tokio::task::block_in_place(f)
+    if multi_thread {
+        tokio::task::block_in_place(|| crate::cpu::heavy(f))
     } else {
-        f()
+        crate::cpu::heavy(f)
     }
 }
 
