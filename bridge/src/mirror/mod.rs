@@ -2,6 +2,7 @@
 //! signed descriptors, the checks a mirror makes without decrypting, and the protocol's
 //! bytes.
 //!
+//! * [`device`]: a device's certificate, its sealed key bundle and its one-time link.
 //! * [`descriptor`]: the signed, chained descriptor of a segment (188 bytes, pinned).
 //! * [`checkpoint`]: the signed word that a sealed snapshot supersedes segments (pinned).
 //! * [`segment`]: the owner's X25519 [`SealKey`] and sealing / opening with age.
@@ -16,6 +17,7 @@
 
 pub mod checkpoint;
 pub mod descriptor;
+pub mod device;
 pub mod segment;
 pub mod verify;
 pub mod wire;

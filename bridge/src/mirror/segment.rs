@@ -52,6 +52,19 @@ impl SealKey {
         SealKey(age::x25519::Identity::generate())
     }
 
+    /// The secret as age writes it (`AGE-SECRET-KEY-1…`): for handing the key to a
+    /// device of the same owner, sealed.
+    pub fn secret(&self) -> age::secrecy::SecretString {
+        self.0.to_string()
+    }
+
+    /// The key whose secret is `text` (`AGE-SECRET-KEY-1…`).
+    pub fn from_secret(text: &str) -> Result<SealKey, SealError> {
+        age::x25519::Identity::from_str(text.trim())
+            .map(SealKey)
+            .map_err(|_| SealError::BadKeyFile("the text".into()))
+    }
+
     /// The public half: what others seal to (`age1…`).
     pub fn recipient(&self) -> age::x25519::Recipient {
         self.0.to_public()

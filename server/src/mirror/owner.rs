@@ -150,12 +150,7 @@ pub struct Owner {
     status: Mutex<HashMap<Identity, PushStatus>>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use super::now_ms;
 
 impl Owner {
     /// Loads what was sealed, catching up with segments stored after the setting was last
