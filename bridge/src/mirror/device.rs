@@ -1,8 +1,10 @@
 //! Devices: a second machine of the same owner, linked so that the link works after the
 //! owner went away.
 //!
-//! At link time the owner makes the device's key material itself — a fresh ed25519
-//! device identity and an X25519 [`SealKey`] — and certifies the device identity with
+//! At link time the owner makes the device's key material itself — an ed25519 device
+//! identity (derived from the link's secret, [`LinkSecret::device_key`], so that the
+//! device can join a mirror's network as itself before it opens its bundle) and a fresh
+//! X25519 [`SealKey`] — and certifies the device identity with
 //! its own key ([`DeviceCert`]: owner, device, issued, expires). It puts the device's
 //! keys, the certificate, its own seal key's secret (what opens the segments it already
 //! pushed) and the mirrors to use into a [`KeyBundle`], and seals the bundle with age to
@@ -186,6 +188,12 @@ impl LinkSecret {
     /// Where the sealed bundle waits on a mirror: tells nothing about the secret.
     pub fn address(&self) -> [u8; 32] {
         blake3::derive_key("plait 2026 device bundle address v1", &self.0)
+    }
+
+    /// The device's ed25519 key: derived from the secret, so that a device can join a
+    /// mirror's network as itself before it holds its bundle.
+    pub fn device_key(&self) -> Keypair {
+        Keypair::from_secret_bytes(&blake3::derive_key("plait 2026 device identity v1", &self.0))
     }
 
     fn passphrase(&self) -> SecretString {
@@ -442,6 +450,14 @@ mod tests {
         // The address names the bundle without opening it.
         assert_ne!(secret.address(), secret.0);
         assert_eq!(secret.address(), secret.clone().address());
+        assert_ne!(
+            secret.device_key().identity(),
+            LinkSecret::generate().device_key().identity()
+        );
+        assert_eq!(
+            secret.device_key().identity(),
+            secret.clone().device_key().identity()
+        );
 
         // A bundle whose certificate is for another key is refused.
         let wrong = DeviceCert::sign(&owner, Keypair::generate().identity(), 10, 0);

@@ -101,27 +101,37 @@ impl SealKey {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = SealKey::generate();
-                let text = format!(
-                    "# Plait seal key: opens this instance's sealed segments.\n# public key: {}\n{}\n",
-                    key.recipient(),
-                    key.0.to_string().expose_secret()
-                );
-                let tmp = path.with_extension("tmp");
-                let mut opts = fs::OpenOptions::new();
-                opts.write(true).create(true).truncate(true);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    opts.mode(0o600);
-                }
-                let mut f = opts.open(&tmp).map_err(io)?;
-                f.write_all(text.as_bytes()).map_err(io)?;
-                f.sync_all().map_err(io)?;
-                fs::rename(&tmp, path).map_err(io)?;
+                key.save(path)?;
                 Ok(key)
             }
             Err(e) => Err(io(e)),
         }
+    }
+
+    /// Writes the key to `path` (mode 0600, by rename), as [`SealKey::load_or_create`]
+    /// reads it.
+    pub fn save(&self, path: &Path) -> Result<(), SealError> {
+        let io = |source| SealError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let text = format!(
+            "# Plait seal key: opens sealed segments.\n# public key: {}\n{}\n",
+            self.recipient(),
+            self.0.to_string().expose_secret()
+        );
+        let tmp = path.with_extension("tmp");
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        fs::rename(&tmp, path).map_err(io)
     }
 }
 

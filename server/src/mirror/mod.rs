@@ -6,6 +6,8 @@
 //! * [`keeper`]: the mirror side — checking pushes without decrypting, storing them,
 //!   serving them by range.
 //! * [`bundles`]: devices' sealed key bundles a mirror keeps until their link is used.
+//! * [`devices`]: the owner making a device link (`plait device link`).
+//! * [`join`]: a device joining with a link and restoring the owner's namespace.
 //! * [`grants`]: the mirror operator's consent (`plait mirror grant|revoke|list`).
 //!
 //! Segments, descriptors, sealing and the protocol's bytes are the bridge's
@@ -14,7 +16,9 @@
 
 pub mod batch;
 pub mod bundles;
+pub mod devices;
 pub mod grants;
+pub mod join;
 pub mod keeper;
 pub mod owner;
 

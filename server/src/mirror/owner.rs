@@ -153,6 +153,12 @@ pub struct Owner {
 use super::now_ms;
 
 impl Owner {
+    /// The key this owner seals to (a device is handed it, sealed, to open what was
+    /// sealed before it).
+    pub fn seal_key(&self) -> &SealKey {
+        &self.seal_key
+    }
+
     /// Loads what was sealed, catching up with segments stored after the setting was last
     /// saved (a crash between the two).
     pub async fn start(
