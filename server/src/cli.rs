@@ -262,8 +262,8 @@ pub enum DeviceCommand {
         /// Seconds the link works.
         #[arg(long, default_value_t = 86_400)]
         expires: u64,
-        /// The mirror's invite link (`plait invite` on the mirror), carried in the link
-        /// for a device that is not yet in the mirror's network.
+        /// An invite link of the mirror's network (`plait invite` on the mirror), carried
+        /// in the link for the device to join it; by default the mirror makes one.
         #[arg(long, value_name = "LINK")]
         invite: Option<String>,
     },

@@ -3,7 +3,7 @@
 //! dir D joins with the link — joining M's network, taking its keys from M — and restores
 //! every resource of O's namespace from M, which `plait serve` on D then serves under
 //! `/~<O>/…` with exactly what O wrote. M's storage holds none of the plaintext or keys.
-//! A link used already, and one expired, are refused with a clear error. Both stores.
+//! A link used already and one expired are refused with a clear error. Both stores.
 
 use std::path::Path;
 use std::process::Command;
@@ -148,12 +148,20 @@ async fn a_device_restores_from_the_mirror_while_the_owner_is_gone(store: Store)
     // Waits until M holds all of it.
     ok(&o, &["mirror", "add", &last_line(&ok(&m, &["invite"]))]);
 
-    // The device link names an invite of M's network (two uses: the test tries the
-    // link twice).
-    let invite = last_line(&ok(&m, &["invite", "--uses", "2"]));
-    let linked = ok(&o, &["device", "link", "--invite", &invite]);
+    // The link carries a one-use invite to M's network that M made for O's device.
+    let linked = ok(&o, &["device", "link"]);
     let link = last_line(&linked);
     assert!(link.starts_with("plait-device:"), "{linked}");
+    assert!(
+        link.parse::<DeviceLink>()
+            .unwrap()
+            .invite
+            .starts_with("plait-invite:"),
+        "{linked}"
+    );
+    // Links made with an invite of M's operator.
+    let invite = last_line(&ok(&m, &["invite", "--uses", "2"]));
+    let twice = last_line(&ok(&o, &["device", "link", "--invite", &invite]));
     let short = last_line(&ok(
         &o,
         &["device", "link", "--invite", &invite, "--expires", "1"],
@@ -218,11 +226,17 @@ async fn a_device_restores_from_the_mirror_while_the_owner_is_gone(store: Store)
     // The search finds what is there: D's store holds the bytes value.
     assert!(holds(&raw_storage(&d), SECRETS[2]));
 
-    // The link works once.
+    // The link works once: its bundle is gone (the device, a member already, is let
+    // into M's network again, so the refusal is the bundle's).
     let again = tempfile::tempdir().unwrap();
     let (joined, out) = join(again.path(), &another(&store), &link);
     assert!(!joined, "{out}");
     assert!(out.contains("no-bundle") && out.contains("used already"), "{out}");
+    // A link carrying an invite of M's operator works as well.
+    let other = tempfile::tempdir().unwrap();
+    let (joined, out) = join(other.path(), &another(&store), &twice);
+    assert!(joined, "{out}");
+    assert!(out.contains("restored 3 resources"), "{out}");
 
     // An expired link is refused before anything is done.
     let expires = short.parse::<DeviceLink>().unwrap().expires_ms;

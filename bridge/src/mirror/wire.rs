@@ -10,6 +10,7 @@
 //!          | 0x05 namespace(32)                                    the checkpoint held
 //!          | 0x06 address(32) expires_ms:u64 len:u32 sealed(len)   keep a device's bundle
 //!          | 0x07 address(32)                                      take a device's bundle
+//!          | 0x08 ttl_secs:u64                                     an invite for a device
 //! response = 0x00 seq:u64                                          stored (acknowledged)
 //!          | 0x01 code:u8 a:u64 b:u64 c:u64 detail_len:u16 detail refused (see below)
 //!          | 0x02 count:u32 (descriptor(188) ciphertext(len))*     segments, in seq order
@@ -17,6 +18,7 @@
 //!          | 0x04 0x00                                             no checkpoint held
 //!          | 0x04 0x01 checkpoint(188) snapshot(checkpoint.len)    the checkpoint held
 //!          | 0x05 len:u32 sealed(len)                              the bundle (now gone)
+//!          | 0x06 len:u16 link(len)                                an invite link (UTF-8)
 //! ```
 //!
 //! A stored checkpoint is acknowledged `0x00 upto`. A reader restores a namespace with
@@ -30,7 +32,9 @@
 //!
 //! A device's key bundle (see [`super::device`]) is kept with `0x06` by an owner the
 //! mirror granted storage, answered `0x00 0`, and given once, to whoever names its
-//! address, with `0x07`; a bundle larger than [`MAX_BUNDLE_BYTES`] is not read.
+//! address, with `0x07`; a bundle larger than [`MAX_BUNDLE_BYTES`] is not read. With
+//! `0x08` such an owner asks for a one-use invite to the mirror's network, valid at most
+//! [`MAX_INVITE_TTL_SECS`], which its device link carries.
 //!
 //! **A push is cut at the first limit.** The descriptor comes first; when it declares
 //! more than [`MAX_SEGMENT_BYTES`] the ciphertext is never read (the request becomes
@@ -58,6 +62,10 @@ pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
 pub const MAX_SNAPSHOT_BYTES: u64 = 64 << 20;
 /// A range answer holds segments up to about this many bytes (at least one segment).
 pub const MAX_RANGE_BYTES: u64 = 32 << 20;
+/// The longest an invite asked with [`Request::Invite`] is valid.
+pub const MAX_INVITE_TTL_SECS: u64 = 30 * 24 * 3600;
+/// The longest invite link answered.
+const MAX_INVITE_LINK: usize = 4096;
 /// Largest response read: a range answer plus one segment of slack.
 const MAX_RESPONSE_BYTES: u64 = MAX_RANGE_BYTES + MAX_SEGMENT_BYTES + (1 << 20);
 
@@ -88,6 +96,8 @@ pub enum Request {
     },
     /// Give (and forget) the bundle at `address`.
     TakeBundle { address: [u8; 32] },
+    /// A one-use invite to the mirror's network, for a device of the asking owner.
+    Invite { ttl_secs: u64 },
 }
 
 /// A mirror's answer.
@@ -104,6 +114,8 @@ pub enum Response {
     Checkpoint(Option<Box<SealedCheckpoint>>),
     /// A device's sealed key bundle, no longer held by the mirror.
     Bundle(Vec<u8>),
+    /// An invite link to the mirror's network.
+    Invite(String),
 }
 
 fn bad(what: &str) -> io::Error {
@@ -224,6 +236,9 @@ pub async fn read_request<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Reques
         7 => Ok(Request::TakeBundle {
             address: read_array(io).await?,
         }),
+        8 => Ok(Request::Invite {
+            ttl_secs: read_u64(io).await?,
+        }),
         _ => Err(bad("unknown mirror request")),
     }
 }
@@ -278,6 +293,10 @@ pub fn encode_request(req: &Request) -> Vec<u8> {
         Request::TakeBundle { address } => {
             b.push(7);
             b.extend_from_slice(address);
+        }
+        Request::Invite { ttl_secs } => {
+            b.push(8);
+            b.extend_from_slice(&ttl_secs.to_be_bytes());
         }
     }
     b
@@ -363,6 +382,12 @@ pub fn encode_response(res: &Response) -> Vec<u8> {
             b.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
             b.extend_from_slice(sealed);
         }
+        Response::Invite(link) => {
+            let link = &link.as_bytes()[..link.len().min(MAX_INVITE_LINK)];
+            b.push(6);
+            b.extend_from_slice(&(link.len() as u16).to_be_bytes());
+            b.extend_from_slice(link);
+        }
     }
     b
 }
@@ -420,6 +445,18 @@ pub async fn read_response<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Respo
             _ => Err(bad("unknown checkpoint answer")),
         },
         5 => Ok(Response::Bundle(read_bundle(io).await?)),
+        6 => {
+            let mut n = [0u8; 2];
+            io.read_exact(&mut n).await?;
+            let len = u16::from_be_bytes(n) as usize;
+            if len > MAX_INVITE_LINK {
+                return Err(bad("invite link too long"));
+            }
+            let link = read_bytes(io, len as u64).await?;
+            Ok(Response::Invite(
+                String::from_utf8(link).map_err(|_| bad("invite link is not UTF-8"))?,
+            ))
+        }
         _ => Err(bad("unknown mirror response")),
     }
 }
@@ -705,6 +742,15 @@ mod tests {
         // 01 0b 0.. 0.. 0.. 0000: refused, no-bundle
         let none = Response::Refused(Refusal::NoBundle);
         assert_eq!(hex(&encode_response(&none)[..2]), "010b");
+
+        // 00  08  0000000000000e10: an invite valid an hour
+        let inv = Request::Invite { ttl_secs: 3600 };
+        assert_eq!(hex(&encode_request(&inv)), "080000000000000e10");
+        assert_eq!(read_req(&encode_request(&inv)).unwrap(), inv);
+        // 06 0003 6c6e6b: the link "lnk"
+        let link = Response::Invite("lnk".into());
+        assert_eq!(hex(&encode_response(&link)), "0600036c6e6b");
+        assert_eq!(read_res(&encode_response(&link)).unwrap(), link);
 
         // A bundle declaring more than a bundle may be is not read.
         let mut big = vec![6u8];

@@ -26,7 +26,8 @@ pub struct Linked {
 
 /// Makes a device of `owner` and leaves its sealed bundle with each of `mirrors` (at
 /// least one must keep it) until it is taken or `ttl_secs` pass. `invite` is a mirror's
-/// invite link for a device not yet in the mirror's network; it travels in the link.
+/// invite link for a device not yet in the mirror's network (without one, the mirror
+/// keeping the bundle is asked for one); it travels in the link.
 pub async fn link(
     node: &Node,
     owner: &Keypair,
@@ -67,12 +68,28 @@ pub async fn link(
         let why: Vec<String> = refused.iter().map(|(m, r)| format!("{m}: {r}")).collect();
         return Err(format!("no mirror kept the device's keys: {}", why.join("; ")));
     };
+    // Without an invite given, the mirror keeping the bundle makes one (it does for the
+    // owners it granted storage).
+    let invite = match invite {
+        Some(i) => i,
+        None => match node.mirror(mirror, Request::Invite { ttl_secs }).await {
+            Ok(Response::Invite(link)) => link,
+            Ok(Response::Refused(r)) => {
+                return Err(format!(
+                    "the mirror {mirror} made no invite for the device ({}: {r}); give one with --invite",
+                    r.reason()
+                ));
+            }
+            Ok(other) => return Err(format!("the mirror {mirror} answered {other:?}")),
+            Err(e) => return Err(format!("asking the mirror {mirror} for an invite: {e}")),
+        },
+    };
     Ok(Linked {
         link: DeviceLink {
             mirror,
             secret,
             expires_ms,
-            invite: invite.unwrap_or_default(),
+            invite,
         },
         device: device.identity(),
         kept_by,

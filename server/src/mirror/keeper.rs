@@ -185,6 +185,14 @@ impl Keeper {
         }
     }
 
+    /// Whether `owner` holds a grant here (an invite for its device is made only then).
+    pub fn granted(&self, owner: &Identity) -> Result<bool, Refusal> {
+        self.grants
+            .of(owner)
+            .map(|g| g.is_some())
+            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))
+    }
+
     /// Keeps a device's sealed key bundle for `owner`, counted against its grant.
     pub async fn put_bundle(
         &self,
@@ -294,6 +302,10 @@ impl Keeper {
                     Response::Refused(r)
                 }
             },
+            // Invites are the node's: `serve` answers them before asking the keeper.
+            Request::Invite { .. } => {
+                Response::Refused(Refusal::Unavailable("this node makes no invites".into()))
+            }
             Request::TakeBundle { address } => match self.bundles.take(address, super::now_ms()).await {
                 Ok(sealed) => Response::Bundle(sealed),
                 Err(r) => {
