@@ -267,6 +267,15 @@ pub enum DeviceCommand {
         #[arg(long, value_name = "LINK")]
         invite: Option<String>,
     },
+    /// Revoke DEVICE: what is sealed from now on is not sealed to it (the owner's seal
+    /// key is replaced if the device holds it; the old one is kept for older segments).
+    /// The server must be running.
+    Revoke {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The device's identity (as `plait device link` printed it).
+        device: String,
+    },
     /// Make a new data dir a device of the owner whose LINK this is (`plait device
     /// link`): join the mirror's network, take the device's keys from the mirror (once)
     /// and restore the owner's namespace from it. Then `plait serve` serves it under

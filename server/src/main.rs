@@ -79,6 +79,19 @@ fn main() -> ExitCode {
             serde_json::to_string_pretty(r).unwrap_or_default()
         }),
         Command::Mirror(cmd) => mirror(cmd),
+        Command::Device(DeviceCommand::Revoke { admin, device }) => {
+            admin_command(admin, AdminRequest::DeviceRevoke { id: device }, |r| {
+                let rotated = if r["rotated"].as_bool() == Some(true) {
+                    "; the seal key it held is retired and a new one made"
+                } else {
+                    ""
+                };
+                format!(
+                    "revoked {}: nothing sealed from now on is sealed to it{rotated}",
+                    r["revoked"].as_str().unwrap_or("")
+                )
+            })
+        }
         Command::Device(DeviceCommand::Join { store, link }) => store_config(store).and_then(|cfg| {
             let j = block_on(plait_server::mirror::join::join(&cfg, &link))?;
             println!(

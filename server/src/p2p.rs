@@ -77,6 +77,10 @@ pub enum AdminRequest {
         #[serde(default)]
         invite: Option<String>,
     },
+    /// `plait device revoke`: nothing sealed from now on is sealed to device `id`.
+    DeviceRevoke {
+        id: String,
+    },
 }
 
 /// The answer to an admin command.
@@ -353,6 +357,18 @@ impl P2p {
             AdminRequest::Join { link } => self.join(&link).await,
             AdminRequest::MirrorAdd { link } => self.add_mirror(&link).await,
             AdminRequest::MirrorStatus => self.mirror_status().await,
+            AdminRequest::DeviceRevoke { id } => {
+                let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
+                let device = id
+                    .parse()
+                    .map_err(|e| format!("{id:?} is not an identity: {e}"))?;
+                let show = |e: anyhow::Error| format!("{e:#}");
+                let rotated = crate::mirror::devices::revoke(&m.data_dir, device, crate::mirror::now_ms())
+                    .map_err(show)?;
+                m.owner
+                    .set_seal(crate::mirror::devices::load_seal(&m.data_dir).map_err(show)?);
+                Ok(serde_json::json!({ "revoked": id, "rotated": rotated }))
+            }
             AdminRequest::DeviceLink { ttl_secs, invite } => {
                 let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
                 let mirrors = crate::mirror::owner::mirrors(&m.data_dir)
@@ -362,13 +378,17 @@ impl P2p {
                 let l = crate::mirror::devices::link(
                     &self.node,
                     &self.keys,
-                    m.owner.seal_key(),
+                    &m.owner.seal_key(),
                     mirrors,
                     ttl_secs,
                     invite,
                     crate::mirror::now_ms(),
                 )
                 .await?;
+                let reload = |e: anyhow::Error| format!("{e:#}");
+                crate::mirror::devices::register(&m.data_dir, l.device, l.entry.clone()).map_err(reload)?;
+                m.owner
+                    .set_seal(crate::mirror::devices::load_seal(&m.data_dir).map_err(reload)?);
                 Ok(serde_json::json!({
                     "link": l.link.to_string(),
                     "device": l.device,

@@ -307,9 +307,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
             storage.clone(),
             crate::mirror::grants::Grants::new(&data_dir),
         ));
-        let seal_key = plait_bridge::mirror::SealKey::load_or_create(
-            &data_dir.join(plait_bridge::mirror::SEAL_KEY_FILE),
-        )?;
+        let seal_key = crate::mirror::devices::load_seal(&data_dir)?;
         let owner = crate::mirror::owner::Owner::start(
             storage.clone(),
             plait_bridge::Keypair::from_secret_bytes(&instance.keys.secret_bytes()),

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use plait_bridge::mirror::SealKey;
 use plait_bridge::mirror::device::DeviceLink;
+use plait_server::mirror::batch;
 use plait_tests::on_both_stores;
 use plait_tests::plait::{Plait, Store, binary};
 
@@ -250,4 +252,121 @@ async fn a_device_restores_from_the_mirror_while_the_owner_is_gone(store: Store)
     assert!(!late.path().join("identity.pem").exists());
 }
 
-on_both_stores!(a_device_restores_from_the_mirror_while_the_owner_is_gone);
+/// The ciphertexts a mirror's store holds for `namespace`, in seq order.
+fn stored_ciphertexts(m: &Plait, namespace: &str) -> Vec<Vec<u8>> {
+    let ns: plait_bridge::Identity = namespace.parse().unwrap();
+    match &m.store {
+        Store::Embedded => {
+            let db = rusqlite::Connection::open_with_flags(
+                m.data_dir().join("plait.db"),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            let mut q = db
+                .prepare("SELECT ciphertext FROM mirror_segments WHERE namespace = ?1 ORDER BY seq")
+                .unwrap();
+            q.query_map([ns.as_bytes().as_slice()], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        }
+        Store::Postgres(url) => {
+            let hexns: String = ns.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            let out = plait_tests::pg::cluster().psql(
+                url,
+                &format!(
+                    "SELECT encode(ciphertext, 'hex') FROM mirror_segments \
+                     WHERE namespace = '\\x{hexns}'::bytea ORDER BY seq"
+                ),
+            );
+            out.lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| data_encoding::HEXLOWER.decode(l.trim().as_bytes()).unwrap())
+                .collect()
+        }
+    }
+}
+
+/// Whether `key` opens a segment whose batch holds `secret`.
+fn opens_with(key: &SealKey, ciphertext: &[u8], secret: &str) -> bool {
+    plait_bridge::mirror::open(key, ciphertext).is_ok_and(|plain| {
+        batch::decode(&plain)
+            .unwrap()
+            .iter()
+            .any(|e| contains(&e.data, secret.as_bytes()))
+    })
+}
+
+/// The segment M holds that `key` opens and that holds `secret`.
+async fn sealed_holding(m: &Plait, oid: &str, key_file: &Path, secret: &str) -> Vec<u8> {
+    let key = SealKey::load_or_create(key_file).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(c) = stored_ciphertexts(m, oid)
+            .into_iter()
+            .find(|c| opens_with(&key, c, secret))
+        {
+            return c;
+        }
+        assert!(std::time::Instant::now() < deadline, "M never held {secret}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn a_revoked_device_cannot_open_what_is_sealed_after(store: Store) {
+    let m = p2p_plait(store.clone());
+    let o = p2p_plait(another(&store));
+    let oid = last_line(&ok(&o, &["keygen"]));
+    ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]);
+    put(&o, "/before", "text/plain", b"before-the-link-RVK0").await;
+    ok(&o, &["mirror", "add", &last_line(&ok(&m, &["invite"]))]);
+    let linked = ok(&o, &["device", "link"]);
+    let device = linked.split_whitespace().nth(1).unwrap().to_string();
+    let ddir = tempfile::tempdir().unwrap();
+    let (joined, out) = join(ddir.path(), &another(&store), &last_line(&linked));
+    assert!(joined, "{out}");
+    let own = SealKey::load_or_create(&ddir.path().join("seal-key.txt")).unwrap();
+    let given = SealKey::load_or_create(&ddir.path().join("owner-seal-key.txt")).unwrap();
+    let o_key = o.data_dir().join("seal-key.txt");
+
+    // What O seals after the link is sealed to the device's own key too.
+    put(&o, "/after-link", "text/plain", b"after-the-link-RVK1").await;
+    let c = sealed_holding(&m, &oid, &o_key, "after-the-link-RVK1").await;
+    assert!(opens_with(&own, &c, "after-the-link-RVK1"));
+
+    // Revoked: O's seal key, which the device holds, is replaced.
+    let said = ok(&o, &["device", "revoke", &device]);
+    assert!(said.contains(&device) && said.contains("retired"), "{said}");
+    put(&o, "/after-revoke", "text/plain", b"after-the-revocation-RVK2").await;
+    let c = sealed_holding(&m, &oid, &o_key, "after-the-revocation-RVK2").await;
+    assert!(!opens_with(&own, &c, "after-the-revocation-RVK2"));
+    assert!(plait_bridge::mirror::open(&own, &c).is_err());
+    assert!(plait_bridge::mirror::open(&given, &c).is_err());
+    // The key the device was given is the retired one: it still opens what came before.
+    let new = SealKey::load_or_create(&o_key).unwrap();
+    assert_ne!(new.recipient().to_string(), given.recipient().to_string());
+    let retired: Vec<_> = std::fs::read_dir(o.data_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("seal-key-retired-"))
+        .collect();
+    assert_eq!(retired.len(), 1);
+    let old = SealKey::load_or_create(&retired[0].path()).unwrap();
+    assert_eq!(old.recipient().to_string(), given.recipient().to_string());
+    // Revoking it again changes nothing more; an unknown device is an error.
+    let again = ok(&o, &["device", "revoke", &device]);
+    assert!(!again.contains("retired"), "{again}");
+    let (known, out) = run(&[
+        "device",
+        "revoke",
+        "--data-dir",
+        o.data_dir().to_str().unwrap(),
+        &oid,
+    ]);
+    assert!(!known && out.contains("not a device"), "{out}");
+}
+
+on_both_stores!(
+    a_device_restores_from_the_mirror_while_the_owner_is_gone,
+    a_revoked_device_cannot_open_what_is_sealed_after
+);

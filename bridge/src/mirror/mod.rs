@@ -24,5 +24,5 @@ pub mod wire;
 
 pub use checkpoint::{CHECKPOINT_LEN, Checkpoint, SealedCheckpoint, seal_checkpoint};
 pub use descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor, DescriptorError, Digest};
-pub use segment::{SEAL_KEY_FILE, SealError, SealKey, SealedSegment, open, seal};
+pub use segment::{SEAL_KEY_FILE, SealError, SealKey, SealRecipient, SealedSegment, open, open_with, seal};
 pub use verify::{Allowance, Held, Refusal, check, check_checkpoint};

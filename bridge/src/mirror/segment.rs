@@ -24,7 +24,11 @@ use crate::identity::Keypair;
 pub const SEAL_KEY_FILE: &str = "seal-key.txt";
 
 /// An X25519 key that opens segments (an age identity).
+#[derive(Clone)]
 pub struct SealKey(age::x25519::Identity);
+
+/// The public half of a [`SealKey`]: what segments are sealed to (`age1…`).
+pub type SealRecipient = age::x25519::Recipient;
 
 impl std::fmt::Debug for SealKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -161,9 +165,14 @@ pub fn seal(
 
 /// Decrypts a segment's ciphertext with `key`.
 pub fn open(key: &SealKey, ciphertext: &[u8]) -> Result<Vec<u8>, SealError> {
+    open_with(&[key], ciphertext)
+}
+
+/// Decrypts a segment's ciphertext with whichever of `keys` it was sealed to.
+pub fn open_with(keys: &[&SealKey], ciphertext: &[u8]) -> Result<Vec<u8>, SealError> {
     let dec = age::Decryptor::new_buffered(ciphertext).map_err(|e| SealError::Open(e.to_string()))?;
     let mut r = dec
-        .decrypt(std::iter::once(&key.0 as &dyn age::Identity))
+        .decrypt(keys.iter().map(|k| &k.0 as &dyn age::Identity))
         .map_err(|e| SealError::Open(e.to_string()))?;
     let mut out = Vec::with_capacity(ciphertext.len());
     r.read_to_end(&mut out)

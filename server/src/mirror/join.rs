@@ -141,7 +141,7 @@ pub async fn restore(
     node: &Node,
     mirror: Identity,
     owner: Identity,
-    key: &SealKey,
+    keys: &[&SealKey],
     engine: &Engine,
 ) -> anyhow::Result<(usize, u64)> {
     let head = match ask(node, mirror, Request::Head { namespace: owner }).await? {
@@ -162,7 +162,7 @@ pub async fn restore(
         {
             bail!("the mirror's checkpoint is not the owner's");
         }
-        apply(engine, owner, &c.snapshot, key, &mut touched).await?;
+        apply(engine, owner, &c.snapshot, keys, &mut touched).await?;
         chain = Checkpoint::chain_head(ck);
         progress.update(ck.upto, c.snapshot.len() as u64);
     }
@@ -205,7 +205,7 @@ pub async fn restore(
             }
             chain = ChainHead::of(d);
             bytes += s.ciphertext.len() as u64;
-            apply(engine, owner, &s.ciphertext, key, &mut touched).await?;
+            apply(engine, owner, &s.ciphertext, keys, &mut touched).await?;
             progress.update(chain.seq, bytes);
         }
     }
@@ -218,10 +218,10 @@ async fn apply(
     engine: &Engine,
     owner: Identity,
     ciphertext: &[u8],
-    key: &SealKey,
+    keys: &[&SealKey],
     touched: &mut std::collections::BTreeSet<String>,
 ) -> anyhow::Result<()> {
-    let plain = plait_bridge::mirror::open(key, ciphertext)?;
+    let plain = plait_bridge::mirror::open_with(keys, ciphertext)?;
     let entries = batch::decode(&plain).map_err(|e| anyhow::anyhow!("a sealed batch: {e}"))?;
     // Consecutive changes to one resource are imported together.
     let mut i = 0;
@@ -321,8 +321,11 @@ pub async fn join(cfg: &crate::config::Config, link: &str) -> anyhow::Result<Joi
             ..cfg.engine_config()
         },
     );
-    let owner_key = bundle.owner_seal_key()?;
-    let (resources, segments) = restore(&node, link.mirror, bundle.owner, &owner_key, &engine).await?;
+    // What was sealed before the link opens with the owner's key, what was sealed after
+    // it with the device's own too.
+    let (owner_key, own_key) = (bundle.owner_seal_key()?, bundle.device_seal_key()?);
+    let (resources, segments) =
+        restore(&node, link.mirror, bundle.owner, &[&own_key, &owner_key], &engine).await?;
     Ok(Joined {
         owner: bundle.owner,
         device: device.identity(),
