@@ -298,6 +298,14 @@ impl Node {
         Ok(from)
     }
 
+    /// The name of a DHT `id` is a member of (connected ones first), if any.
+    pub fn dht_of(&self, id: &Identity) -> Option<String> {
+        self.ask_order(id)
+            .into_iter()
+            .find(|d| d.is_member(id))
+            .and_then(|d| d.name())
+    }
+
     /// The memberships `id` belongs to first (connected ones before the others), then the
     /// rest of this node's DHTs.
     fn ask_order(&self, id: &Identity) -> Vec<Dht> {

@@ -88,6 +88,9 @@ pub enum Command {
     /// or push this server's to a mirror (add); list both.
     #[command(subcommand)]
     Mirror(MirrorCommand),
+    /// Devices: other machines of this owner, given its keys through a mirror.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Dial a peer by address (MULTIADDR/p2p/PEER_ID); reports whether it admitted us.
     Connect {
         #[command(flatten)]
@@ -243,6 +246,44 @@ pub enum MirrorCommand {
         /// Longest to wait for the first sync (0: do not wait).
         #[arg(long, default_value_t = 600)]
         wait_secs: u64,
+    },
+}
+
+/// `plait device …`.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Print a one-time link that makes another machine a device of this owner. The
+    /// device's keys are made here, sealed to a secret only the link carries and left
+    /// with this server's mirrors, so the link works after this server stops. The
+    /// server must be running and have a mirror.
+    Link {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Seconds the link works.
+        #[arg(long, default_value_t = 86_400)]
+        expires: u64,
+        /// An invite link of the mirror's network (`plait invite` on the mirror), carried
+        /// in the link for the device to join it; by default the mirror makes one.
+        #[arg(long, value_name = "LINK")]
+        invite: Option<String>,
+    },
+    /// Revoke DEVICE: what is sealed from now on is not sealed to it (the owner's seal
+    /// key is replaced if the device holds it; the old one is kept for older segments).
+    /// The server must be running.
+    Revoke {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The device's identity (as `plait device link` printed it).
+        device: String,
+    },
+    /// Make a new data dir a device of the owner whose LINK this is (`plait device
+    /// link`): join the mirror's network, take the device's keys from the mirror (once)
+    /// and restore the owner's namespace from it. Then `plait serve` serves it under
+    /// `/~<owner>/…`.
+    Join {
+        #[command(flatten)]
+        store: StoreArgs,
+        link: String,
     },
 }
 

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use plait_server::backup;
-use plait_server::cli::{AdminArgs, Cli, Command, ImportCommand, MembersCommand, MirrorCommand};
+use plait_server::cli::{
+    AdminArgs, Cli, Command, DeviceCommand, ImportCommand, MembersCommand, MirrorCommand,
+};
 use plait_server::config::{Config, LogFormat, Overrides};
 use plait_server::p2p::AdminRequest;
 use tracing_subscriber::EnvFilter;
@@ -77,6 +79,53 @@ fn main() -> ExitCode {
             serde_json::to_string_pretty(r).unwrap_or_default()
         }),
         Command::Mirror(cmd) => mirror(cmd),
+        Command::Device(DeviceCommand::Revoke { admin, device }) => {
+            admin_command(admin, AdminRequest::DeviceRevoke { id: device }, |r| {
+                let rotated = if r["rotated"].as_bool() == Some(true) {
+                    "; the seal key it held is retired and a new one made"
+                } else {
+                    ""
+                };
+                format!(
+                    "revoked {}: nothing sealed from now on is sealed to it{rotated}",
+                    r["revoked"].as_str().unwrap_or("")
+                )
+            })
+        }
+        Command::Device(DeviceCommand::Join { store, link }) => store_config(store).and_then(|cfg| {
+            let j = block_on(plait_server::mirror::join::join(&cfg, &link))?;
+            println!(
+                "{} is now device {} of {}: restored {} resources ({} segments); serve them with `plait serve --data-dir {}` under /~{}/",
+                cfg.data_dir().display(),
+                j.device,
+                j.owner,
+                j.resources,
+                j.segments,
+                cfg.data_dir().display(),
+                j.owner
+            );
+            Ok(())
+        }),
+        Command::Device(DeviceCommand::Link {
+            admin,
+            expires,
+            invite,
+        }) => admin_command(
+            admin,
+            AdminRequest::DeviceLink {
+                ttl_secs: expires,
+                invite,
+            },
+            |r| {
+                format!(
+                    "device {} (its keys wait on {}; the link works once, until {} ms)\n{}",
+                    r["device"].as_str().unwrap_or(""),
+                    r["kept_by"],
+                    r["expires_ms"],
+                    r["link"].as_str().unwrap_or("")
+                )
+            },
+        ),
         Command::Backup(args) => backup(args),
         Command::Restore(args) => restore(args),
         Command::Migrate(args) => migrate(args),

@@ -70,6 +70,17 @@ pub enum AdminRequest {
     /// What `plait mirror list` shows of the running server: each mirror's acknowledged
     /// seq, each granted namespace's usage.
     MirrorStatus,
+    /// `plait device link`: make a device of this owner and leave its sealed keys with
+    /// the mirrors for `ttl_secs`; `invite` (a mirror's invite link) goes in the link.
+    DeviceLink {
+        ttl_secs: u64,
+        #[serde(default)]
+        invite: Option<String>,
+    },
+    /// `plait device revoke`: nothing sealed from now on is sealed to device `id`.
+    DeviceRevoke {
+        id: String,
+    },
 }
 
 /// The answer to an admin command.
@@ -268,6 +279,11 @@ impl P2p {
         })
     }
 
+    /// `plait device join`: joins the network of `link`'s inviter.
+    pub(crate) async fn join_link(&self, link: &str) -> Result<serde_json::Value, String> {
+        self.join(link).await
+    }
+
     /// Invitee side: presents `link` to the inviter and takes what it grants. A link not
     /// signed by the inviter it names is refused before anything is sent or kept; so is a
     /// grant that is not that inviter's (`JoinGrant::check`), and the node then dials that
@@ -341,6 +357,46 @@ impl P2p {
             AdminRequest::Join { link } => self.join(&link).await,
             AdminRequest::MirrorAdd { link } => self.add_mirror(&link).await,
             AdminRequest::MirrorStatus => self.mirror_status().await,
+            AdminRequest::DeviceRevoke { id } => {
+                let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
+                let device = id
+                    .parse()
+                    .map_err(|e| format!("{id:?} is not an identity: {e}"))?;
+                let show = |e: anyhow::Error| format!("{e:#}");
+                let rotated = crate::mirror::devices::revoke(&m.data_dir, device, crate::mirror::now_ms())
+                    .map_err(show)?;
+                m.owner
+                    .set_seal(crate::mirror::devices::load_seal(&m.data_dir).map_err(show)?);
+                Ok(serde_json::json!({ "revoked": id, "rotated": rotated }))
+            }
+            AdminRequest::DeviceLink { ttl_secs, invite } => {
+                let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
+                let mirrors = crate::mirror::owner::mirrors(&m.data_dir)
+                    .map_err(|e| format!("{e:#}"))?
+                    .into_keys()
+                    .collect();
+                let l = crate::mirror::devices::link(
+                    &self.node,
+                    &self.keys,
+                    &m.owner.seal_key(),
+                    mirrors,
+                    ttl_secs,
+                    invite,
+                    crate::mirror::now_ms(),
+                )
+                .await?;
+                let reload = |e: anyhow::Error| format!("{e:#}");
+                crate::mirror::devices::register(&m.data_dir, l.device, l.entry.clone()).map_err(reload)?;
+                m.owner
+                    .set_seal(crate::mirror::devices::load_seal(&m.data_dir).map_err(reload)?);
+                Ok(serde_json::json!({
+                    "link": l.link.to_string(),
+                    "device": l.device,
+                    "expires_ms": l.link.expires_ms,
+                    "kept_by": l.kept_by,
+                    "refused": l.refused.iter().map(|(m, r)| serde_json::json!({"id": m, "error": r})).collect::<Vec<_>>(),
+                }))
+            }
             AdminRequest::Status => {
                 let mut v = serde_json::to_value(self.node.status()).expect("serializes");
                 if let (Some(o), Some(h)) = (v.as_object_mut(), self.mirror_health().await) {

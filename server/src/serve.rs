@@ -308,9 +308,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
             storage.clone(),
             crate::mirror::grants::Grants::new(&data_dir),
         ));
-        let seal_key = plait_bridge::mirror::SealKey::load_or_create(
-            &data_dir.join(plait_bridge::mirror::SEAL_KEY_FILE),
-        )?;
+        let seal_key = crate::mirror::devices::load_seal(&data_dir)?;
         let owner = crate::mirror::owner::Owner::start(
             storage.clone(),
             plait_bridge::Keypair::from_secret_bytes(&instance.keys.secret_bytes()),
@@ -319,6 +317,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         )
         .await
         .context("loading what was sealed for the mirrors")?;
+        let inviter = Arc::new(std::sync::OnceLock::new());
         let node = plait_bridge::node::Node::start(
             plait_bridge::Keypair::from_secret_bytes(&instance.keys.secret_bytes()),
             Arc::new(crate::p2p::StoredState(storage.clone())),
@@ -326,6 +325,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
             Some(Arc::new(Served {
                 home,
                 keeper: keeper.clone(),
+                inviter: inviter.clone(),
             })),
         )
         .await
@@ -340,6 +340,10 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
             let scheme = if cfg.tls.enabled() { "https" } else { "http" };
             format!("{scheme}://{host}")
         });
+        let _ = inviter.set((
+            node.clone(),
+            format!("{}/.well-known/plait/join", public_url.trim_end_matches('/')),
+        ));
         owner.clone().run_sealer(data_dir.clone(), shutdown.clone());
         owner
             .clone()
@@ -443,6 +447,9 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
 struct Served {
     home: crate::federation::Home,
     keeper: Arc<crate::mirror::keeper::Keeper>,
+    /// The node and this server's join URL, set once the node runs: a granted owner's
+    /// request for a device's invite is answered with them.
+    inviter: Arc<std::sync::OnceLock<(plait_bridge::node::Node, String)>>,
 }
 
 impl plait_bridge::types::Serve for Served {
@@ -460,7 +467,37 @@ impl plait_bridge::types::Serve for Served {
         from: plait_bridge::Identity,
         req: plait_bridge::mirror::wire::Request,
     ) -> futures::future::BoxFuture<'static, plait_bridge::mirror::wire::Response> {
+        use plait_bridge::mirror::Refusal;
+        use plait_bridge::mirror::wire::{MAX_INVITE_TTL_SECS, Request, Response};
         let keeper = self.keeper.clone();
-        Box::pin(async move { keeper.answer(from, req).await })
+        let inviter = self.inviter.clone();
+        Box::pin(async move {
+            let Request::Invite { ttl_secs } = req else {
+                return keeper.answer(from, req).await;
+            };
+            match keeper.granted(&from) {
+                Ok(true) => {}
+                Ok(false) => return Response::Refused(Refusal::NoGrant),
+                Err(r) => return Response::Refused(r),
+            }
+            let Some((node, join_url)) = inviter.get() else {
+                return Response::Refused(Refusal::Unavailable("starting".into()));
+            };
+            match node
+                .invite(
+                    node.dht_of(&from),
+                    join_url.clone(),
+                    ttl_secs.clamp(1, MAX_INVITE_TTL_SECS),
+                    1,
+                )
+                .await
+            {
+                Ok(inv) => {
+                    tracing::info!(%from, dht = %inv.dht, "an invite for a device of a granted owner");
+                    Response::Invite(inv.to_link())
+                }
+                Err(e) => Response::Refused(Refusal::Unavailable(e.to_string())),
+            }
+        })
     }
 }

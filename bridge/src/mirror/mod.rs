@@ -2,6 +2,7 @@
 //! signed descriptors, the checks a mirror makes without decrypting, and the protocol's
 //! bytes.
 //!
+//! * [`device`]: a device's certificate, its sealed key bundle and its one-time link.
 //! * [`descriptor`]: the signed, chained descriptor of a segment (188 bytes, pinned).
 //! * [`checkpoint`]: the signed word that a sealed snapshot supersedes segments (pinned).
 //! * [`segment`]: the owner's X25519 [`SealKey`] and sealing / opening with age.
@@ -16,11 +17,12 @@
 
 pub mod checkpoint;
 pub mod descriptor;
+pub mod device;
 pub mod segment;
 pub mod verify;
 pub mod wire;
 
 pub use checkpoint::{CHECKPOINT_LEN, Checkpoint, SealedCheckpoint, seal_checkpoint};
 pub use descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor, DescriptorError, Digest};
-pub use segment::{SEAL_KEY_FILE, SealError, SealKey, SealedSegment, open, seal};
+pub use segment::{SEAL_KEY_FILE, SealError, SealKey, SealRecipient, SealedSegment, open, open_with, seal};
 pub use verify::{Allowance, Held, Refusal, check, check_checkpoint};

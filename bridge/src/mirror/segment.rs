@@ -24,7 +24,11 @@ use crate::identity::Keypair;
 pub const SEAL_KEY_FILE: &str = "seal-key.txt";
 
 /// An X25519 key that opens segments (an age identity).
+#[derive(Clone)]
 pub struct SealKey(age::x25519::Identity);
+
+/// The public half of a [`SealKey`]: what segments are sealed to (`age1…`).
+pub type SealRecipient = age::x25519::Recipient;
 
 impl std::fmt::Debug for SealKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -50,6 +54,19 @@ pub enum SealError {
 impl SealKey {
     pub fn generate() -> SealKey {
         SealKey(age::x25519::Identity::generate())
+    }
+
+    /// The secret as age writes it (`AGE-SECRET-KEY-1…`): for handing the key to a
+    /// device of the same owner, sealed.
+    pub fn secret(&self) -> age::secrecy::SecretString {
+        self.0.to_string()
+    }
+
+    /// The key whose secret is `text` (`AGE-SECRET-KEY-1…`).
+    pub fn from_secret(text: &str) -> Result<SealKey, SealError> {
+        age::x25519::Identity::from_str(text.trim())
+            .map(SealKey)
+            .map_err(|_| SealError::BadKeyFile("the text".into()))
     }
 
     /// The public half: what others seal to (`age1…`).
@@ -88,27 +105,37 @@ impl SealKey {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = SealKey::generate();
-                let text = format!(
-                    "# Plait seal key: opens this instance's sealed segments.\n# public key: {}\n{}\n",
-                    key.recipient(),
-                    key.0.to_string().expose_secret()
-                );
-                let tmp = path.with_extension("tmp");
-                let mut opts = fs::OpenOptions::new();
-                opts.write(true).create(true).truncate(true);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    opts.mode(0o600);
-                }
-                let mut f = opts.open(&tmp).map_err(io)?;
-                f.write_all(text.as_bytes()).map_err(io)?;
-                f.sync_all().map_err(io)?;
-                fs::rename(&tmp, path).map_err(io)?;
+                key.save(path)?;
                 Ok(key)
             }
             Err(e) => Err(io(e)),
         }
+    }
+
+    /// Writes the key to `path` (mode 0600, by rename), as [`SealKey::load_or_create`]
+    /// reads it.
+    pub fn save(&self, path: &Path) -> Result<(), SealError> {
+        let io = |source| SealError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let text = format!(
+            "# Plait seal key: opens sealed segments.\n# public key: {}\n{}\n",
+            self.recipient(),
+            self.0.to_string().expose_secret()
+        );
+        let tmp = path.with_extension("tmp");
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp).map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        fs::rename(&tmp, path).map_err(io)
     }
 }
 
@@ -138,9 +165,14 @@ pub fn seal(
 
 /// Decrypts a segment's ciphertext with `key`.
 pub fn open(key: &SealKey, ciphertext: &[u8]) -> Result<Vec<u8>, SealError> {
+    open_with(&[key], ciphertext)
+}
+
+/// Decrypts a segment's ciphertext with whichever of `keys` it was sealed to.
+pub fn open_with(keys: &[&SealKey], ciphertext: &[u8]) -> Result<Vec<u8>, SealError> {
     let dec = age::Decryptor::new_buffered(ciphertext).map_err(|e| SealError::Open(e.to_string()))?;
     let mut r = dec
-        .decrypt(std::iter::once(&key.0 as &dyn age::Identity))
+        .decrypt(keys.iter().map(|k| &k.0 as &dyn age::Identity))
         .map_err(|e| SealError::Open(e.to_string()))?;
     let mut out = Vec::with_capacity(ciphertext.len());
     r.read_to_end(&mut out)

@@ -45,6 +45,9 @@ pub enum Refusal {
     /// rolled back).
     #[error("checkpoint through {upto} is stale: the mirror holds one through {held}")]
     StaleCheckpoint { upto: u64, held: u64 },
+    /// No device bundle waits at this address: never kept, taken already, or expired.
+    #[error("no device bundle here: the link was used already, has expired or is unknown")]
+    NoBundle,
 }
 
 impl Refusal {
@@ -61,6 +64,7 @@ impl Refusal {
             Refusal::TooLarge { .. } => "too-large",
             Refusal::Unavailable(_) => "unavailable",
             Refusal::StaleCheckpoint { .. } => "stale-checkpoint",
+            Refusal::NoBundle => "no-bundle",
         }
     }
 }

@@ -8,12 +8,17 @@
 //!          | 0x03 namespace(32)                                    where the chain stands
 //!          | 0x04 checkpoint(188) snapshot(checkpoint.len)         push a checkpoint
 //!          | 0x05 namespace(32)                                    the checkpoint held
+//!          | 0x06 address(32) expires_ms:u64 len:u32 sealed(len)   keep a device's bundle
+//!          | 0x07 address(32)                                      take a device's bundle
+//!          | 0x08 ttl_secs:u64                                     an invite for a device
 //! response = 0x00 seq:u64                                          stored (acknowledged)
 //!          | 0x01 code:u8 a:u64 b:u64 c:u64 detail_len:u16 detail refused (see below)
 //!          | 0x02 count:u32 (descriptor(188) ciphertext(len))*     segments, in seq order
 //!          | 0x03 seq:u64 hash(32)                                 the chain's head
 //!          | 0x04 0x00                                             no checkpoint held
 //!          | 0x04 0x01 checkpoint(188) snapshot(checkpoint.len)    the checkpoint held
+//!          | 0x05 len:u32 sealed(len)                              the bundle (now gone)
+//!          | 0x06 len:u16 link(len)                                an invite link (UTF-8)
 //! ```
 //!
 //! A stored checkpoint is acknowledged `0x00 upto`. A reader restores a namespace with
@@ -23,7 +28,13 @@
 //! 2 `over-quota` a=quota b=used c=len, 3 `bad-signature`, 4 `replayed` a=seq b=head,
 //! 5 `broken-chain` a=seq b=head, 6 `length-mismatch` a=len b=got, 7 `hash-mismatch`,
 //! 8 `too-large` a=len b=max, 9 `unavailable` with a detail, 10 `stale-checkpoint`
-//! a=upto b=held).
+//! a=upto b=held, 11 `no-bundle`).
+//!
+//! A device's key bundle (see [`super::device`]) is kept with `0x06` by an owner the
+//! mirror granted storage, answered `0x00 0`, and given once, to whoever names its
+//! address, with `0x07`; a bundle larger than [`MAX_BUNDLE_BYTES`] is not read. With
+//! `0x08` such an owner asks for a one-use invite to the mirror's network, valid at most
+//! [`MAX_INVITE_TTL_SECS`], which its device link carries.
 //!
 //! **A push is cut at the first limit.** The descriptor comes first; when it declares
 //! more than [`MAX_SEGMENT_BYTES`] the ciphertext is never read (the request becomes
@@ -38,6 +49,7 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::checkpoint::{CHECKPOINT_LEN, Checkpoint, SealedCheckpoint};
 use super::descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor};
+use super::device::MAX_BUNDLE_BYTES;
 use super::segment::SealedSegment;
 use super::verify::Refusal;
 use crate::identity::Identity;
@@ -50,6 +62,10 @@ pub const MAX_SEGMENT_BYTES: u64 = 16 << 20;
 pub const MAX_SNAPSHOT_BYTES: u64 = 64 << 20;
 /// A range answer holds segments up to about this many bytes (at least one segment).
 pub const MAX_RANGE_BYTES: u64 = 32 << 20;
+/// The longest an invite asked with [`Request::Invite`] is valid.
+pub const MAX_INVITE_TTL_SECS: u64 = 30 * 24 * 3600;
+/// The longest invite link answered.
+const MAX_INVITE_LINK: usize = 4096;
 /// Largest response read: a range answer plus one segment of slack.
 const MAX_RESPONSE_BYTES: u64 = MAX_RANGE_BYTES + MAX_SEGMENT_BYTES + (1 << 20);
 
@@ -72,6 +88,16 @@ pub enum Request {
     OversizeCheckpoint(Checkpoint),
     /// The checkpoint the mirror holds for `namespace`, with its snapshot.
     GetCheckpoint { namespace: Identity },
+    /// Keep a device's sealed key bundle at `address` until it is taken or `expires_ms`.
+    PutBundle {
+        address: [u8; 32],
+        expires_ms: u64,
+        sealed: Vec<u8>,
+    },
+    /// Give (and forget) the bundle at `address`.
+    TakeBundle { address: [u8; 32] },
+    /// A one-use invite to the mirror's network, for a device of the asking owner.
+    Invite { ttl_secs: u64 },
 }
 
 /// A mirror's answer.
@@ -86,6 +112,10 @@ pub enum Response {
     Head(ChainHead),
     /// The checkpoint held, if any (boxed: it is large beside the other answers).
     Checkpoint(Option<Box<SealedCheckpoint>>),
+    /// A device's sealed key bundle, no longer held by the mirror.
+    Bundle(Vec<u8>),
+    /// An invite link to the mirror's network.
+    Invite(String),
 }
 
 fn bad(what: &str) -> io::Error {
@@ -136,6 +166,23 @@ async fn read_checkpoint<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Checkpo
     Checkpoint::from_bytes(&b).map_err(|e| bad(&e.to_string()))
 }
 
+async fn read_array<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<[u8; 32]> {
+    let mut b = [0u8; 32];
+    io.read_exact(&mut b).await?;
+    Ok(b)
+}
+
+/// A bundle's length and bytes; one larger than a bundle may be is not read.
+async fn read_bundle<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut n = [0u8; 4];
+    io.read_exact(&mut n).await?;
+    let len = u32::from_be_bytes(n) as u64;
+    if len > MAX_BUNDLE_BYTES {
+        return Err(bad("bundle too large"));
+    }
+    read_bytes(io, len).await
+}
+
 async fn read_bytes<T: AsyncRead + Unpin>(io: &mut T, len: u64) -> io::Result<Vec<u8>> {
     let mut b = vec![0u8; len as usize];
     io.read_exact(&mut b).await?;
@@ -175,6 +222,22 @@ pub async fn read_request<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Reques
         }
         5 => Ok(Request::GetCheckpoint {
             namespace: read_namespace(io).await?,
+        }),
+        6 => {
+            let address = read_array(io).await?;
+            let expires_ms = read_u64(io).await?;
+            let sealed = read_bundle(io).await?;
+            Ok(Request::PutBundle {
+                address,
+                expires_ms,
+                sealed,
+            })
+        }
+        7 => Ok(Request::TakeBundle {
+            address: read_array(io).await?,
+        }),
+        8 => Ok(Request::Invite {
+            ttl_secs: read_u64(io).await?,
         }),
         _ => Err(bad("unknown mirror request")),
     }
@@ -216,6 +279,25 @@ pub fn encode_request(req: &Request) -> Vec<u8> {
             b.push(5);
             b.extend_from_slice(namespace.as_bytes());
         }
+        Request::PutBundle {
+            address,
+            expires_ms,
+            sealed,
+        } => {
+            b.push(6);
+            b.extend_from_slice(address);
+            b.extend_from_slice(&expires_ms.to_be_bytes());
+            b.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
+            b.extend_from_slice(sealed);
+        }
+        Request::TakeBundle { address } => {
+            b.push(7);
+            b.extend_from_slice(address);
+        }
+        Request::Invite { ttl_secs } => {
+            b.push(8);
+            b.extend_from_slice(&ttl_secs.to_be_bytes());
+        }
     }
     b
 }
@@ -232,6 +314,7 @@ fn refusal_fields(r: &Refusal) -> (u8, u64, u64, u64, &str) {
         Refusal::TooLarge { len, max } => (8, *len, *max, 0, ""),
         Refusal::Unavailable(why) => (9, 0, 0, 0, why.as_str()),
         Refusal::StaleCheckpoint { upto, held } => (10, *upto, *held, 0, ""),
+        Refusal::NoBundle => (11, 0, 0, 0, ""),
     }
 }
 
@@ -251,6 +334,7 @@ fn refusal_from(code: u8, a: u64, b: u64, c: u64, detail: String) -> io::Result<
         8 => Refusal::TooLarge { len: a, max: b },
         9 => Refusal::Unavailable(detail),
         10 => Refusal::StaleCheckpoint { upto: a, held: b },
+        11 => Refusal::NoBundle,
         _ => return Err(bad("unknown refusal")),
     })
 }
@@ -292,6 +376,17 @@ pub fn encode_response(res: &Response) -> Vec<u8> {
             b.extend_from_slice(&[4, 1]);
             b.extend_from_slice(&c.checkpoint.to_bytes());
             b.extend_from_slice(&c.snapshot);
+        }
+        Response::Bundle(sealed) => {
+            b.push(5);
+            b.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
+            b.extend_from_slice(sealed);
+        }
+        Response::Invite(link) => {
+            let link = &link.as_bytes()[..link.len().min(MAX_INVITE_LINK)];
+            b.push(6);
+            b.extend_from_slice(&(link.len() as u16).to_be_bytes());
+            b.extend_from_slice(link);
         }
     }
     b
@@ -349,6 +444,19 @@ pub async fn read_response<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Respo
             }
             _ => Err(bad("unknown checkpoint answer")),
         },
+        5 => Ok(Response::Bundle(read_bundle(io).await?)),
+        6 => {
+            let mut n = [0u8; 2];
+            io.read_exact(&mut n).await?;
+            let len = u16::from_be_bytes(n) as usize;
+            if len > MAX_INVITE_LINK {
+                return Err(bad("invite link too long"));
+            }
+            let link = read_bytes(io, len as u64).await?;
+            Ok(Response::Invite(
+                String::from_utf8(link).map_err(|_| bad("invite link is not UTF-8"))?,
+            ))
+        }
         _ => Err(bad("unknown mirror response")),
     }
 }
@@ -508,6 +616,7 @@ mod tests {
             Refusal::TooLarge { len: 10, max: 11 },
             Refusal::Unavailable("disk full".into()),
             Refusal::StaleCheckpoint { upto: 12, held: 13 },
+            Refusal::NoBundle,
         ] {
             let res = Response::Refused(r.clone());
             assert_eq!(read_res(&encode_response(&res)).unwrap(), res, "{}", r.reason());
@@ -600,5 +709,53 @@ mod tests {
         );
         let b = encode_request(&Request::OversizeCheckpoint(big.clone()));
         assert_eq!(read_req(&b).unwrap(), Request::OversizeCheckpoint(big));
+    }
+
+    #[test]
+    fn the_bundle_messages_are_pinned() {
+        let put = Request::PutBundle {
+            address: [0xaa; 32],
+            expires_ms: 0x0102,
+            sealed: b"age".to_vec(),
+        };
+        let b = encode_request(&put);
+        // 00  06                   keep a device's bundle
+        // 01  aaaa…aa              address(32)
+        // 21  0000000000000102     expires_ms
+        // 29  00000003 616765      len, the sealed bytes
+        assert_eq!(hex(&b[..1]), "06");
+        assert_eq!(&b[1..33], &[0xaa; 32]);
+        assert_eq!(hex(&b[33..]), "000000000000010200000003616765");
+        assert_eq!(read_req(&b).unwrap(), put);
+
+        // 00  07  address(32): take it
+        let take = Request::TakeBundle { address: [0xbb; 32] };
+        let b = encode_request(&take);
+        assert_eq!((b.len(), b[0]), (33, 7));
+        assert_eq!(read_req(&b).unwrap(), take);
+
+        // 05 00000003 616765: the bundle
+        let got = Response::Bundle(b"age".to_vec());
+        assert_eq!(hex(&encode_response(&got)), "0500000003616765");
+        assert_eq!(read_res(&encode_response(&got)).unwrap(), got);
+
+        // 01 0b 0.. 0.. 0.. 0000: refused, no-bundle
+        let none = Response::Refused(Refusal::NoBundle);
+        assert_eq!(hex(&encode_response(&none)[..2]), "010b");
+
+        // 00  08  0000000000000e10: an invite valid an hour
+        let inv = Request::Invite { ttl_secs: 3600 };
+        assert_eq!(hex(&encode_request(&inv)), "080000000000000e10");
+        assert_eq!(read_req(&encode_request(&inv)).unwrap(), inv);
+        // 06 0003 6c6e6b: the link "lnk"
+        let link = Response::Invite("lnk".into());
+        assert_eq!(hex(&encode_response(&link)), "0600036c6e6b");
+        assert_eq!(read_res(&encode_response(&link)).unwrap(), link);
+
+        // A bundle declaring more than a bundle may be is not read.
+        let mut big = vec![6u8];
+        big.extend_from_slice(&[0; 40]);
+        big.extend_from_slice(&((MAX_BUNDLE_BYTES + 1) as u32).to_be_bytes());
+        assert!(read_req(&big).is_err());
     }
 }

@@ -17,6 +17,7 @@ use plait_bridge::mirror::{
     Allowance, ChainHead, Checkpoint, Descriptor, Held, Refusal, SealedCheckpoint, SealedSegment,
 };
 
+use super::bundles::Bundles;
 use super::grants::Grants;
 use crate::storage::{Storage, StorageError};
 
@@ -24,6 +25,8 @@ use crate::storage::{Storage, StorageError};
 pub struct Keeper {
     storage: Arc<dyn Storage>,
     grants: Grants,
+    /// Devices' sealed key bundles, waiting for their links.
+    bundles: Bundles,
     /// One lock per namespace, held from check to store.
     locks: Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -35,6 +38,7 @@ fn unavailable(e: StorageError) -> Refusal {
 impl Keeper {
     pub fn new(storage: Arc<dyn Storage>, grants: Grants) -> Keeper {
         Keeper {
+            bundles: Bundles::new(storage.clone()),
             storage,
             grants,
             locks: Mutex::new(HashMap::new()),
@@ -181,6 +185,38 @@ impl Keeper {
         }
     }
 
+    /// Whether `owner` holds a grant here (an invite for its device is made only then).
+    pub fn granted(&self, owner: &Identity) -> Result<bool, Refusal> {
+        self.grants
+            .of(owner)
+            .map(|g| g.is_some())
+            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))
+    }
+
+    /// Keeps a device's sealed key bundle for `owner`, counted against its grant.
+    pub async fn put_bundle(
+        &self,
+        owner: Identity,
+        address: [u8; 32],
+        expires_ms: u64,
+        sealed: Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let grant = self
+            .grants
+            .of(&owner)
+            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
+        let allowance = match grant {
+            None => None,
+            Some(g) => Some((
+                g.quota,
+                self.storage.segment_bytes(&owner).await.map_err(unavailable)?,
+            )),
+        };
+        self.bundles
+            .put(owner, address, expires_ms, sealed, allowance, super::now_ms())
+            .await
+    }
+
     /// Segments of `namespace` from `from` to `to` (at most about [`wire::MAX_RANGE_BYTES`]).
     pub async fn range(
         &self,
@@ -254,6 +290,28 @@ impl Keeper {
             Request::GetCheckpoint { namespace } => match self.get_checkpoint(&namespace).await {
                 Ok(c) => Response::Checkpoint(c.map(Box::new)),
                 Err(e) => Response::Refused(unavailable(e)),
+            },
+            Request::PutBundle {
+                address,
+                expires_ms,
+                sealed,
+            } => match self.put_bundle(from, address, expires_ms, sealed).await {
+                Ok(()) => Response::Stored { seq: 0 },
+                Err(r) => {
+                    tracing::info!(%from, reason = r.reason(), "device bundle refused: {r}");
+                    Response::Refused(r)
+                }
+            },
+            // Invites are the node's: `serve` answers them before asking the keeper.
+            Request::Invite { .. } => {
+                Response::Refused(Refusal::Unavailable("this node makes no invites".into()))
+            }
+            Request::TakeBundle { address } => match self.bundles.take(address, super::now_ms()).await {
+                Ok(sealed) => Response::Bundle(sealed),
+                Err(r) => {
+                    tracing::info!(%from, reason = r.reason(), "device bundle not given: {r}");
+                    Response::Refused(r)
+                }
             },
         }
     }

@@ -5,6 +5,9 @@
 //!   mirrors it chose (`plait mirror add`, `mirrors.json`).
 //! * [`keeper`]: the mirror side — checking pushes without decrypting, storing them,
 //!   serving them by range.
+//! * [`bundles`]: devices' sealed key bundles a mirror keeps until their link is used.
+//! * [`devices`]: the owner making a device link (`plait device link`).
+//! * [`join`]: a device joining with a link and restoring the owner's namespace.
 //! * [`grants`]: the mirror operator's consent (`plait mirror grant|revoke|list`).
 //!
 //! Segments, descriptors, sealing and the protocol's bytes are the bridge's
@@ -12,7 +15,10 @@
 //! (the `Storage` trait) and who may store.
 
 pub mod batch;
+pub mod bundles;
+pub mod devices;
 pub mod grants;
+pub mod join;
 pub mod keeper;
 pub mod owner;
 
@@ -21,6 +27,14 @@ use plait_bridge::mirror::{ChainHead, Checkpoint, Descriptor};
 use serde::{Deserialize, Serialize};
 
 use crate::storage::{Storage, StorageError};
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// Where a stored chain stands: its last segment, or its checkpoint's head when the
 /// checkpoint superseded every segment held.

@@ -38,7 +38,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use plait_bridge::mirror::wire::{Request, Response};
 use plait_bridge::mirror::{
-    ChainHead, Checkpoint, Descriptor, Refusal, SealKey, SealedCheckpoint, SealedSegment,
+    ChainHead, Checkpoint, Descriptor, Refusal, SealKey, SealRecipient, SealedCheckpoint, SealedSegment,
 };
 use plait_bridge::node::Node;
 use plait_bridge::{Identity, Keypair};
@@ -140,7 +140,8 @@ pub struct PushStatus {
 pub struct Owner {
     storage: Arc<dyn Storage>,
     keys: Keypair,
-    seal_key: SealKey,
+    /// The keys sealing and opening segments; replaced when a device is linked or revoked.
+    seal: Mutex<Seal>,
     settings: MirrorSettings,
     sealed: tokio::sync::Mutex<Sealed>,
     /// The chain's last seq, for pushers to wait on.
@@ -150,22 +151,70 @@ pub struct Owner {
     status: Mutex<HashMap<Identity, PushStatus>>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+use super::now_ms;
+
+/// The keys an owner seals with and opens its own segments with.
+#[derive(Clone)]
+pub struct Seal {
+    /// The owner's key: every segment is sealed to it.
+    pub current: SealKey,
+    /// Keys the owner sealed to before a rotation: they open its older segments.
+    pub retired: Vec<SealKey>,
+    /// Its devices' recipients (revoked ones left out): segments are sealed to them too.
+    pub devices: Vec<SealRecipient>,
+}
+
+impl From<SealKey> for Seal {
+    fn from(current: SealKey) -> Seal {
+        Seal {
+            current,
+            retired: Vec::new(),
+            devices: Vec::new(),
+        }
+    }
+}
+
+impl Seal {
+    /// Who a segment sealed now is sealed to.
+    pub fn recipients(&self) -> Vec<SealRecipient> {
+        let mut all = vec![self.current.recipient()];
+        all.extend(self.devices.iter().cloned());
+        all
+    }
+
+    /// Opens one of the owner's own segments, whichever of its keys it was sealed to.
+    pub fn open(&self, ciphertext: &[u8]) -> Result<Vec<u8>, plait_bridge::mirror::SealError> {
+        let mut keys = vec![&self.current];
+        keys.extend(self.retired.iter());
+        plait_bridge::mirror::open_with(&keys, ciphertext)
+    }
 }
 
 impl Owner {
+    /// The key this owner seals to now (a device is handed it, sealed, to open what was
+    /// sealed before it).
+    pub fn seal_key(&self) -> SealKey {
+        self.seal.lock().expect("seal keys").current.clone()
+    }
+
+    /// Seals to these keys from now on (a device was linked or revoked).
+    pub fn set_seal(&self, seal: Seal) {
+        *self.seal.lock().expect("seal keys") = seal;
+    }
+
+    fn recipients(&self) -> Vec<SealRecipient> {
+        self.seal.lock().expect("seal keys").recipients()
+    }
+
     /// Loads what was sealed, catching up with segments stored after the setting was last
     /// saved (a crash between the two).
     pub async fn start(
         storage: Arc<dyn Storage>,
         keys: Keypair,
-        seal_key: SealKey,
+        seal: impl Into<Seal>,
         settings: MirrorSettings,
     ) -> anyhow::Result<Arc<Owner>> {
+        let seal: Seal = seal.into();
         let mut sealed: Sealed = match storage.get_setting(SEALED_SETTING).await? {
             Some(s) => serde_json::from_str(&s).context("the mirror_sealed setting")?,
             None => Sealed::default(),
@@ -180,7 +229,8 @@ impl Owner {
                 anyhow::bail!("our own segments after {} are missing", sealed.seq);
             }
             for r in rows {
-                let plain = plait_bridge::mirror::open(&seal_key, &r.ciphertext)
+                let plain = seal
+                    .open(&r.ciphertext)
                     .with_context(|| format!("opening our own segment {}", r.seq))?;
                 for e in batch::decode(&plain)? {
                     let t = sealed.through.entry(e.path.as_str().to_string()).or_default();
@@ -193,7 +243,7 @@ impl Owner {
         Ok(Arc::new(Owner {
             storage,
             keys,
-            seal_key,
+            seal: Mutex::new(seal),
             settings,
             sealed: tokio::sync::Mutex::new(sealed),
             head,
@@ -330,8 +380,7 @@ impl Owner {
         let ns = self.namespace();
         let prev = super::chain_head(self.storage.as_ref(), &ns).await?;
         let plain = batch::encode(&entries);
-        let seg =
-            plait_bridge::mirror::seal(&self.keys, &[self.seal_key.recipient()], prev, &plain, now_ms())?;
+        let seg = plait_bridge::mirror::seal(&self.keys, &self.recipients(), prev, &plain, now_ms())?;
         let seq = seg.descriptor.seq;
         self.storage
             .put_segment(
@@ -428,13 +477,8 @@ impl Owner {
     async fn checkpoint_at(&self, head: ChainHead) -> anyhow::Result<u64> {
         let ns = self.namespace();
         let plain = batch::encode(&self.current_state().await?);
-        let sealed = plait_bridge::mirror::seal_checkpoint(
-            &self.keys,
-            &[self.seal_key.recipient()],
-            head,
-            &plain,
-            now_ms(),
-        )?;
+        let sealed =
+            plait_bridge::mirror::seal_checkpoint(&self.keys, &self.recipients(), head, &plain, now_ms())?;
         let max = plait_bridge::mirror::wire::MAX_SNAPSHOT_BYTES;
         if sealed.snapshot.len() as u64 > max {
             anyhow::bail!(

@@ -1,0 +1,232 @@
+//! The owner's side of devices: `plait device link` makes a device's keys, certifies
+//! them, seals them into a bundle to a one-time link secret and leaves the bundle with
+//! its mirrors, so that the link works after the owner went away (the design is
+//! `plait_bridge::mirror::device`'s).
+//!
+//! The owner keeps its devices in `devices.json` (0600): each one's recipient (what is
+//! sealed from its link on is sealed to it too) and the owner seal key it was handed.
+//! `plait device revoke` marks one revoked — later segments are not sealed to it — and,
+//! when it holds the owner's current seal key, retires that key (kept as
+//! `seal-key-retired-<ms>.txt`, to open older segments) and makes a new one.
+//!
+//! Knows nothing of the admin socket or of how a device uses its keys; the bundle is
+//! handed to mirrors through the node's mirror protocol.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use plait_bridge::mirror::device::{DeviceCert, DeviceLink, KeyBundle, LinkSecret};
+use plait_bridge::mirror::wire::{Request, Response};
+use plait_bridge::mirror::{SealKey, SealRecipient};
+use serde::{Deserialize, Serialize};
+
+use super::owner::Seal;
+use plait_bridge::node::Node;
+use plait_bridge::{Identity, Keypair};
+
+/// A link made, and where its bundle waits.
+#[derive(Debug)]
+pub struct Linked {
+    pub link: DeviceLink,
+    /// The new device's identity.
+    pub device: Identity,
+    /// What the owner records of it (`register`).
+    pub entry: DeviceEntry,
+    /// The mirrors holding the bundle.
+    pub kept_by: Vec<Identity>,
+    /// Mirrors that refused it, with why.
+    pub refused: Vec<(Identity, String)>,
+}
+
+/// Makes a device of `owner` and leaves its sealed bundle with each of `mirrors` (at
+/// least one must keep it) until it is taken or `ttl_secs` pass. `invite` is a mirror's
+/// invite link for a device not yet in the mirror's network (without one, the mirror
+/// keeping the bundle is asked for one); it travels in the link.
+pub async fn link(
+    node: &Node,
+    owner: &Keypair,
+    owner_seal: &SealKey,
+    mirrors: Vec<Identity>,
+    ttl_secs: u64,
+    invite: Option<String>,
+    now_ms: u64,
+) -> Result<Linked, String> {
+    if mirrors.is_empty() {
+        return Err("this server has no mirror to leave the device's keys with (`plait mirror add`)".into());
+    }
+    if ttl_secs == 0 {
+        return Err("a link must live at least a second".into());
+    }
+    let secret = LinkSecret::generate();
+    let device = secret.device_key();
+    let device_seal = SealKey::generate();
+    let cert = DeviceCert::sign(owner, device.identity(), now_ms, 0);
+    let bundle = KeyBundle::new(&cert, &device, &device_seal, owner_seal, mirrors.clone());
+    let sealed = bundle.seal(&secret).map_err(|e| e.to_string())?;
+    let expires_ms = now_ms.saturating_add(ttl_secs.saturating_mul(1000));
+    let (mut kept_by, mut refused) = (Vec::new(), Vec::new());
+    for m in mirrors {
+        let req = Request::PutBundle {
+            address: secret.address(),
+            expires_ms,
+            sealed: sealed.clone(),
+        };
+        match node.mirror(m, req).await {
+            Ok(Response::Stored { .. }) => kept_by.push(m),
+            Ok(Response::Refused(r)) => refused.push((m, format!("{}: {r}", r.reason()))),
+            Ok(other) => refused.push((m, format!("unexpected answer {other:?}"))),
+            Err(e) => refused.push((m, e.to_string())),
+        }
+    }
+    let Some(&mirror) = kept_by.first() else {
+        let why: Vec<String> = refused.iter().map(|(m, r)| format!("{m}: {r}")).collect();
+        return Err(format!("no mirror kept the device's keys: {}", why.join("; ")));
+    };
+    // Without an invite given, the mirror keeping the bundle makes one (it does for the
+    // owners it granted storage).
+    let invite = match invite {
+        Some(i) => i,
+        None => match node.mirror(mirror, Request::Invite { ttl_secs }).await {
+            Ok(Response::Invite(link)) => link,
+            Ok(Response::Refused(r)) => {
+                return Err(format!(
+                    "the mirror {mirror} made no invite for the device ({}: {r}); give one with --invite",
+                    r.reason()
+                ));
+            }
+            Ok(other) => return Err(format!("the mirror {mirror} answered {other:?}")),
+            Err(e) => return Err(format!("asking the mirror {mirror} for an invite: {e}")),
+        },
+    };
+    Ok(Linked {
+        link: DeviceLink {
+            mirror,
+            secret,
+            expires_ms,
+            invite,
+        },
+        device: device.identity(),
+        entry: DeviceEntry {
+            recipient: device_seal.recipient().to_string(),
+            owner_key: owner_seal.recipient().to_string(),
+            issued_ms: now_ms,
+            revoked_ms: None,
+        },
+        kept_by,
+        refused,
+    })
+}
+
+/// The owner's devices, in its data dir.
+pub const DEVICES_FILE: &str = "devices.json";
+/// Retired seal keys are kept as `seal-key-retired-<ms>.txt` (they open older segments).
+const RETIRED_PREFIX: &str = "seal-key-retired-";
+
+/// One device of this owner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceEntry {
+    /// The device's own seal key's public half: segments are sealed to it.
+    pub recipient: String,
+    /// The owner's seal key handed to it (public half): revoking it rotates that key if
+    /// it is still the current one.
+    pub owner_key: String,
+    pub issued_ms: u64,
+    #[serde(default)]
+    pub revoked_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct DevicesFile {
+    devices: BTreeMap<Identity, DeviceEntry>,
+}
+
+/// This owner's devices (revoked ones too).
+pub fn devices(data_dir: &Path) -> anyhow::Result<BTreeMap<Identity, DeviceEntry>> {
+    let path = data_dir.join(DEVICES_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => Ok(serde_json::from_slice::<DevicesFile>(&b)
+            .with_context(|| format!("reading {}", path.display()))?
+            .devices),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn save_devices(data_dir: &Path, devices: BTreeMap<Identity, DeviceEntry>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(DEVICES_FILE);
+    let tmp = data_dir.join(format!("{DEVICES_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(&serde_json::to_vec_pretty(&DevicesFile { devices })?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Records a linked device, so that what is sealed from now on is sealed to it too.
+pub fn register(data_dir: &Path, device: Identity, entry: DeviceEntry) -> anyhow::Result<()> {
+    let mut all = devices(data_dir)?;
+    all.insert(device, entry);
+    save_devices(data_dir, all)
+}
+
+/// The owner's keys as its data dir holds them: `seal-key.txt` (made if missing), the
+/// retired keys, and the recipients of the devices not revoked.
+pub fn load_seal(data_dir: &Path) -> anyhow::Result<Seal> {
+    let current = SealKey::load_or_create(&data_dir.join(plait_bridge::mirror::SEAL_KEY_FILE))?;
+    let mut retired = Vec::new();
+    for e in std::fs::read_dir(data_dir).with_context(|| format!("reading {}", data_dir.display()))? {
+        let path = e?.path();
+        let retired_key = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(RETIRED_PREFIX) && n.ends_with(".txt"));
+        if retired_key {
+            retired.push(SealKey::load_or_create(&path)?);
+        }
+    }
+    let mut recipients = Vec::new();
+    for (id, d) in devices(data_dir)? {
+        if d.revoked_ms.is_none() {
+            recipients.push(
+                d.recipient
+                    .parse::<SealRecipient>()
+                    .map_err(|e| anyhow::anyhow!("device {id}'s recipient in {DEVICES_FILE}: {e}"))?,
+            );
+        }
+    }
+    Ok(Seal {
+        current,
+        retired,
+        devices: recipients,
+    })
+}
+
+/// Revokes `device`: nothing sealed from now on is sealed to it and, if it holds the
+/// owner's current seal key, that key is retired (kept, to open older segments) and a
+/// new one made. `true` if the key was rotated.
+pub fn revoke(data_dir: &Path, device: Identity, now_ms: u64) -> anyhow::Result<bool> {
+    let mut all = devices(data_dir)?;
+    let entry = all
+        .get_mut(&device)
+        .ok_or_else(|| anyhow::anyhow!("{device} is not a device of this owner"))?;
+    entry.revoked_ms.get_or_insert(now_ms);
+    let given = entry.owner_key.clone();
+    save_devices(data_dir, all)?;
+    let key_file = data_dir.join(plait_bridge::mirror::SEAL_KEY_FILE);
+    let current = SealKey::load_or_create(&key_file)?;
+    if current.recipient().to_string() != given {
+        return Ok(false);
+    }
+    let retired = data_dir.join(format!("{RETIRED_PREFIX}{now_ms}.txt"));
+    std::fs::rename(&key_file, &retired).with_context(|| format!("retiring {}", key_file.display()))?;
+    SealKey::load_or_create(&key_file)?;
+    Ok(true)
+}

@@ -1,0 +1,335 @@
+//! The device's side: `plait device join` makes a new data dir a device of the owner
+//! whose link it is given, and restores the owner's namespace into it from a mirror.
+//!
+//! In order: the link's expiry is checked before anything is done; the device's identity
+//! (derived from the link's secret, so the device can join the mirror's network before
+//! it holds its bundle) is written as the data dir's `identity.pem`; the store is opened
+//! as `plait serve` opens it; the device joins the mirror's network with the invite the
+//! link carries (unless it is a member already), takes its sealed bundle from the mirror
+//! (given once) and opens it; its seal key (`seal-key.txt`), the owner's
+//! (`owner-seal-key.txt`) and what it knows of its owner (`device.json`: owner,
+//! certificate, mirrors) are written 0600. Then every segment the mirror holds for the
+//! owner — the checkpoint's snapshot first, then the segments after it — is checked (the
+//! owner's signature, the chain, length and BLAKE3), opened and applied through the
+//! engine as federation applies its home's changes: automerge changes and snapshots are
+//! imported into replicas of `/~<owner>/…`, a bytes value is written. `plait serve` on
+//! the data dir then serves them.
+//!
+//! Knows nothing of HTTP; the mirror is reached through the node's mirror protocol.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use plait_bridge::mirror::device::{DeviceLink, KeyBundle};
+use plait_bridge::mirror::wire::{Request, Response};
+use plait_bridge::mirror::{ChainHead, Checkpoint, SealKey};
+use plait_bridge::node::Node;
+use plait_bridge::{Identity, Keypair};
+
+use super::batch::{self, What};
+use crate::engine::Engine;
+use crate::model::{ResourceKey, ResourcePath};
+use crate::progress::Progress;
+
+/// The owner's seal key, in a device's data dir.
+pub const OWNER_SEAL_KEY_FILE: &str = "owner-seal-key.txt";
+/// What a device knows of its owner (no secrets).
+pub const DEVICE_FILE: &str = "device.json";
+
+/// What a join did.
+#[derive(Debug)]
+pub struct Joined {
+    pub owner: Identity,
+    pub device: Identity,
+    pub resources: usize,
+    pub segments: u64,
+}
+
+/// Refuses an expired link before anything is written.
+pub fn check_link(link: &DeviceLink, now_ms: u64) -> anyhow::Result<()> {
+    if link.expires_ms <= now_ms {
+        bail!(
+            "this device link expired {} s ago: make a new one with `plait device link` on the owner",
+            (now_ms - link.expires_ms) / 1000
+        );
+    }
+    Ok(())
+}
+
+/// Writes `text` to `dir/name`, mode 0600, by rename.
+fn write_private(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Takes the bundle from the link's mirror, opens it and writes the device's keys into
+/// `data_dir`. `node` runs as the device (`link.secret.device_key()`) and is a member of
+/// the mirror's network.
+pub async fn take_keys(
+    node: &Node,
+    link: &DeviceLink,
+    data_dir: &Path,
+    now_ms: u64,
+) -> anyhow::Result<KeyBundle> {
+    let answer = node
+        .mirror(
+            link.mirror,
+            Request::TakeBundle {
+                address: link.secret.address(),
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("asking the mirror {} for the device's keys: {e}", link.mirror))?;
+    let sealed = match answer {
+        Response::Bundle(b) => b,
+        Response::Refused(r) => bail!("the mirror refused the link ({}): {r}", r.reason()),
+        other => bail!("the mirror answered {other:?}"),
+    };
+    let bundle = KeyBundle::open(&link.secret, &sealed, now_ms)?;
+    if bundle.device_key()?.identity() != link.secret.device_key().identity() {
+        bail!("the bundle is for another device than the link's");
+    }
+    bundle
+        .device_seal_key()?
+        .save(&data_dir.join(plait_bridge::mirror::SEAL_KEY_FILE))?;
+    bundle
+        .owner_seal_key()?
+        .save(&data_dir.join(OWNER_SEAL_KEY_FILE))?;
+    let cert = bundle.cert()?;
+    write_private(
+        data_dir,
+        DEVICE_FILE,
+        &serde_json::to_string_pretty(&serde_json::json!({
+            "owner": bundle.owner,
+            "device": cert.device,
+            "certificate": data_encoding::BASE64URL_NOPAD.encode(&cert.to_bytes()),
+            "mirrors": bundle.mirrors,
+        }))?,
+    )?;
+    Ok(bundle)
+}
+
+async fn ask(node: &Node, mirror: Identity, req: Request) -> anyhow::Result<Response> {
+    let r = node
+        .mirror(mirror, req)
+        .await
+        .map_err(|e| anyhow::anyhow!("asking the mirror {mirror}: {e}"))?;
+    if let Response::Refused(r) = &r {
+        bail!("the mirror refused ({}): {r}", r.reason());
+    }
+    Ok(r)
+}
+
+/// Restores every resource of `owner`'s namespace that `mirror` holds, sealed to `key`,
+/// into `engine`, with progress.
+pub async fn restore(
+    node: &Node,
+    mirror: Identity,
+    owner: Identity,
+    keys: &[&SealKey],
+    engine: &Engine,
+) -> anyhow::Result<(usize, u64)> {
+    let head = match ask(node, mirror, Request::Head { namespace: owner }).await? {
+        Response::Head(h) => h,
+        other => bail!("the mirror answered {other:?}"),
+    };
+    let mut progress = Progress::counting("restoring from the mirror", "segments", head.seq);
+    let mut touched = std::collections::BTreeSet::new();
+    let mut chain = ChainHead::default();
+    if let Response::Checkpoint(Some(c)) =
+        ask(node, mirror, Request::GetCheckpoint { namespace: owner }).await?
+    {
+        let ck = &c.checkpoint;
+        if ck.namespace != owner
+            || !ck.verify_signature()
+            || ck.len != c.snapshot.len() as u64
+            || &ck.hash != blake3::hash(&c.snapshot).as_bytes()
+        {
+            bail!("the mirror's checkpoint is not the owner's");
+        }
+        apply(engine, owner, &c.snapshot, keys, &mut touched).await?;
+        chain = Checkpoint::chain_head(ck);
+        progress.update(ck.upto, c.snapshot.len() as u64);
+    }
+    let mut bytes = 0u64;
+    while chain.seq < head.seq {
+        let list = match ask(
+            node,
+            mirror,
+            Request::Range {
+                namespace: owner,
+                from: chain.seq + 1,
+                to: head.seq,
+            },
+        )
+        .await?
+        {
+            Response::Segments(l) => l,
+            other => bail!("the mirror answered {other:?}"),
+        };
+        if list.is_empty() {
+            bail!(
+                "the mirror holds no segment {} though its chain ends at {}",
+                chain.seq + 1,
+                head.seq
+            );
+        }
+        for s in list {
+            let d = &s.descriptor;
+            if d.namespace != owner
+                || d.seq != chain.seq + 1
+                || d.prev != chain.hash
+                || !d.verify_signature()
+                || d.len != s.ciphertext.len() as u64
+                || &d.hash != blake3::hash(&s.ciphertext).as_bytes()
+            {
+                bail!(
+                    "segment {} from the mirror does not follow the owner's chain",
+                    d.seq
+                );
+            }
+            chain = ChainHead::of(d);
+            bytes += s.ciphertext.len() as u64;
+            apply(engine, owner, &s.ciphertext, keys, &mut touched).await?;
+            progress.update(chain.seq, bytes);
+        }
+    }
+    progress.finish();
+    Ok((touched.len(), chain.seq))
+}
+
+/// Opens one sealed batch and applies its entries to replicas of the owner's resources.
+async fn apply(
+    engine: &Engine,
+    owner: Identity,
+    ciphertext: &[u8],
+    keys: &[&SealKey],
+    touched: &mut std::collections::BTreeSet<String>,
+) -> anyhow::Result<()> {
+    let plain = plait_bridge::mirror::open_with(keys, ciphertext)?;
+    let entries = batch::decode(&plain).map_err(|e| anyhow::anyhow!("a sealed batch: {e}"))?;
+    // Consecutive changes to one resource are imported together.
+    let mut i = 0;
+    while i < entries.len() {
+        let e = &entries[i];
+        let path = ResourcePath::new(e.path.as_str()).map_err(|e| anyhow::anyhow!("a sealed path: {e}"))?;
+        let rkey = ResourceKey::new(owner, path);
+        touched.insert(e.path.as_str().to_string());
+        match e.what {
+            What::Change => {
+                let mut changes = Vec::new();
+                let mut j = i;
+                while j < entries.len() && entries[j].what == What::Change && entries[j].path == e.path {
+                    changes.push(entries[j].data.clone());
+                    j += 1;
+                }
+                engine
+                    .import(&rkey, e.kind, e.media_type.clone(), changes)
+                    .await
+                    .with_context(|| format!("restoring {}", e.path.as_str()))?;
+                i = j;
+                continue;
+            }
+            What::Snapshot => {
+                engine
+                    .import_snapshot(&rkey, e.kind, e.media_type.clone(), e.data.clone())
+                    .await
+                    .with_context(|| format!("restoring {}", e.path.as_str()))?;
+            }
+            What::Value => {
+                let write = crate::engine::Write {
+                    body: crate::update::WriteBody::Full {
+                        media_type: Some(e.media_type.clone()),
+                        body: e.data.clone(),
+                    },
+                    version: None,
+                    parents: None,
+                    peer: None,
+                    author: None,
+                    digest: None,
+                    writer: crate::engine::Writer::Internal,
+                };
+                engine
+                    .write(&rkey, write)
+                    .await
+                    .with_context(|| format!("restoring {}", e.path.as_str()))?;
+            }
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// `plait device join`: see the module doc. `cfg` names the new data dir (and store).
+pub async fn join(cfg: &crate::config::Config, link: &str) -> anyhow::Result<Joined> {
+    let link: DeviceLink = link.parse()?;
+    let now = super::now_ms();
+    check_link(&link, now)?;
+    let dir = cfg.data_dir();
+    let id_file = dir.join(crate::serve::IDENTITY_FILE);
+    if id_file.exists() {
+        bail!(
+            "{} holds an identity already: a device joins into a new data dir",
+            dir.display()
+        );
+    }
+    let device = link.secret.device_key();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    device.save(&id_file)?;
+    let instance = crate::serve::open_instance(cfg).await?;
+    let storage = instance.storage.clone();
+    let mut settings = cfg.p2p.clone();
+    settings.listen = vec!["/ip4/0.0.0.0/tcp/0".into()];
+    let keys = std::sync::Arc::new(Keypair::from_secret_bytes(&device.secret_bytes()));
+    let node = Node::start(
+        Keypair::from_secret_bytes(&device.secret_bytes()),
+        std::sync::Arc::new(crate::p2p::StoredState(storage.clone())),
+        settings,
+        None,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("starting the p2p node: {e}"))?;
+    if !node.is_member(&link.mirror) {
+        if link.invite.is_empty() {
+            bail!("this device is not in the mirror's network and the link carries no invite");
+        }
+        let p2p = crate::p2p::P2p::new(node.clone(), keys, "http://127.0.0.1:0");
+        p2p.join_link(&link.invite)
+            .await
+            .map_err(|e| anyhow::anyhow!("joining the mirror's network: {e}"))?;
+    }
+    let bundle = take_keys(&node, &link, &dir, now).await?;
+    let engine = Engine::new(
+        storage.clone(),
+        crate::engine::EngineConfig {
+            owner: Some(device.identity()),
+            ..cfg.engine_config()
+        },
+    );
+    // What was sealed before the link opens with the owner's key, what was sealed after
+    // it with the device's own too.
+    let (owner_key, own_key) = (bundle.owner_seal_key()?, bundle.device_seal_key()?);
+    let (resources, segments) =
+        restore(&node, link.mirror, bundle.owner, &[&own_key, &owner_key], &engine).await?;
+    Ok(Joined {
+        owner: bundle.owner,
+        device: device.identity(),
+        resources,
+        segments,
+    })
+}
