@@ -97,10 +97,9 @@ fn writer(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Job>, batched: b
     let at_ms = 1_700_000_000_000i64;
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
-        while batched {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+        if batched {
+            while let Ok(j) = rx.try_recv() {
+                batch.push(j);
             }
         }
         let r = (|| -> rusqlite::Result<()> {
