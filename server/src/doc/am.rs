@@ -381,7 +381,7 @@ pub(crate) struct Committed {
     pub(crate) was_current: bool,
 }
 
-fn same_set(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
+pub(crate) fn same_set(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
     a.len() == b.len() && a.iter().all(|h| b.contains(h))
 }
 

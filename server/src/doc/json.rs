@@ -10,7 +10,7 @@ use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ChangeHash, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue, Value as AmValue};
 use serde_json::{Map, Number, Value};
 
-use super::am::{AmDoc, Genesis};
+use super::am::{AmDoc, Genesis, same_set};
 use super::{Applied, DocError, DocWrite, Outcome};
 use crate::model::{Kind, Version};
 use crate::update::{JsonStep, Patch, Range, UpdateBody, WriteBody};
@@ -23,17 +23,22 @@ pub const MAX_JSON_DEPTH: usize = 128;
 /// A JSON resource's document.
 pub struct JsonDoc {
     base: AmDoc,
+    /// The value at the heads it was read at (or written at), so that a write made on
+    /// the current value neither reads it out of automerge first nor again after: the
+    /// value is a function of the heads, so any other change to the document misses it.
+    current: Option<(Vec<ChangeHash>, Value)>,
 }
 
 impl JsonDoc {
     pub fn new() -> Self {
         JsonDoc {
             base: AmDoc::new(Genesis::Json),
+            current: None,
         }
     }
 
     pub(crate) fn from_base(base: AmDoc) -> Self {
-        JsonDoc { base }
+        JsonDoc { base, current: None }
     }
 
     pub(crate) fn base(&mut self) -> &mut AmDoc {
@@ -81,11 +86,18 @@ impl JsonDoc {
     /// Applies a write; see [`super::Document::apply`].
     pub fn apply(&mut self, w: &DocWrite<'_>, time_secs: i64) -> Result<Outcome, DocError> {
         let old_frontier = self.base.frontier();
+        let heads = self.base.heads();
         let (parents_version, parent_heads) = match w.parents {
             Some(p) => (p.clone(), self.base.heads_for(p)?),
-            None => (old_frontier.clone(), self.base.heads()),
+            None => (old_frontier.clone(), heads.clone()),
         };
-        let old = self.value_at_heads(&parent_heads);
+        let on_current = same_set(&parent_heads, &heads);
+        let old = match self.current.take() {
+            Some((at, v)) if on_current && same_set(&at, &heads) => v,
+            // The current value reads faster than a value at given heads.
+            _ if on_current => self.value(),
+            _ => self.value_at_heads(&parent_heads),
+        };
         let new = match w.body {
             WriteBody::Full { media_type, body } => {
                 if let Some(m) = media_type {
@@ -120,17 +132,27 @@ impl JsonDoc {
             super::check_digest(w.digest, &serde_json::to_vec(&new).expect("JSON serializes"))?;
         }
         if same(&new, &old) && w.version.is_none() && !w.force {
+            self.keep_current(on_current, heads, old);
             return Ok(Outcome::Unchanged);
         }
         let Some(id) = self.base.choose_id(w.version, w.agent_hint, 1) else {
+            self.keep_current(on_current, heads, old);
             return Ok(Outcome::Unchanged);
         };
         let committed = self.base.commit_at(&parent_heads, &id, 1, time_secs, |am| {
             reconcile_prop(am, &ROOT, Genesis::Json.key().into(), Some(&old), &new)
         })?;
-        let _ = committed.was_current;
         let new_frontier = self.base.frontier();
-        let body = serde_json::to_vec(&self.value()).expect("JSON serializes");
+        // Made on the current value, the change turned it into `new` (reconcile_prop's
+        // contract); made on older parents, it merged with what came since: read it.
+        let value = if committed.was_current {
+            debug_assert!(same(&new, &self.value()), "a current write reads back as written");
+            new
+        } else {
+            self.value()
+        };
+        let body = serde_json::to_vec(&value).expect("JSON serializes");
+        self.current = Some((self.base.heads(), value));
         Ok(Outcome::Applied(Applied {
             id: committed.id,
             parents: parents_version,
@@ -141,6 +163,15 @@ impl JsonDoc {
             event_version: new_frontier,
             body: UpdateBody::Snapshot(body.into()),
         }))
+    }
+}
+
+impl JsonDoc {
+    /// Keeps `value` as the current value when it was read at the current `heads`.
+    fn keep_current(&mut self, on_current: bool, heads: Vec<ChangeHash>, value: Value) {
+        if on_current {
+            self.current = Some((heads, value));
+        }
     }
 }
 

@@ -14,6 +14,8 @@
 //!   the same load runs against the server direct and then through a proxy, in one run,
 //!   and the report gives the proxy's added latency.
 //!
+//! * `sqlite-floor` — the floor of `puts` on the embedded store: raw SQLite inserts with
+//!   the store's durability settings and writer model (`sqlite_floor`).
 //! * `handshakes`, `tls-floor`, `tls-cert` — TLS handshakes per second against Plait and
 //!   against the floor, a bare acceptor with the same certificate and crypto (`tls`).
 //!
@@ -26,6 +28,7 @@ mod abuse;
 mod fanout;
 mod mux;
 mod net;
+mod sqlite_floor;
 mod tls;
 
 use net::{Conn, Target, addr_of, find, request, server_rss, server_status};
@@ -131,6 +134,25 @@ enum Cmd {
         /// afresh for every request, as a client would).
         #[arg(long, default_value = "none")]
         auth: String,
+    },
+    /// The embedded store's floor: raw SQLite inserts (WAL, synchronous=FULL) from C
+    /// clients through one writer thread, one commit per insert and group-committed.
+    SqliteFloor {
+        /// The scratch database file (replaced).
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// `single` (one transaction per insert), `batched` (group commit), or both.
+        #[arg(long, value_delimiter = ',', default_value = "single,batched")]
+        modes: Vec<String>,
+        /// A Plait embedded store whose changes give the row sizes (else --data-bytes).
+        #[arg(long)]
+        sizes_from: Option<PathBuf>,
+        #[arg(long, default_value_t = 100)]
+        data_bytes: usize,
     },
     /// Federation sync: writes N changes to a text document at its home, then times how
     /// long a replica on another member takes to hold them all.
@@ -667,6 +689,20 @@ fn main() -> anyhow::Result<()> {
                 kind,
                 auth,
             } => puts(&url, resources, concurrency, seconds, &kind, &auth).await,
+            Cmd::SqliteFloor {
+                path,
+                concurrency,
+                seconds,
+                modes,
+                sizes_from,
+                data_bytes,
+            } => {
+                let sizes = match sizes_from {
+                    Some(p) => sqlite_floor::Sizes::from_store(&p)?,
+                    None => sqlite_floor::Sizes::fixed(data_bytes),
+                };
+                sqlite_floor::floor(path, &modes, concurrency, seconds, sizes).await
+            }
             Cmd::Sync {
                 home,
                 replica,

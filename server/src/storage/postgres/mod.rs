@@ -10,7 +10,9 @@
 //! in id order and read their `head_seq` to check what each append was made on, advance
 //! `head_seq`, insert all changes, insert all blobs). If a batch fails, its appends are
 //! retried one by one so a bad one fails alone.
-//! `synchronous_commit` is left on: the commit returns after the WAL is flushed.
+//! `synchronous_commit` is left on: the commit returns after the WAL is flushed. The
+//! statements are prepared once per pooled connection ([`cached`]), and the notice other
+//! processes wait for is sent in one round trip after the commit.
 
 mod dump;
 pub mod tls;
@@ -280,14 +282,16 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
         let kinds: Vec<i16> = creates.iter().map(|c| c.2.code()).collect();
         let types: Vec<&str> = creates.iter().map(|c| c.3).collect();
         let by: Vec<Option<&[u8]>> = creates.iter().map(|c| c.4).collect();
+        let insert = cached(
+            tx,
+            "INSERT INTO resources (namespace, path, kind, media_type, created_by)
+             SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::int2[], $4::text[], $5::bytea[])
+             ON CONFLICT (namespace, path) DO NOTHING
+             RETURNING id, namespace, path",
+        )
+        .await?;
         let rows = tx
-            .query(
-                "INSERT INTO resources (namespace, path, kind, media_type, created_by)
-                 SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::int2[], $4::text[], $5::bytea[])
-                 ON CONFLICT (namespace, path) DO NOTHING
-                 RETURNING id, namespace, path",
-                &[&ns, &paths, &kinds, &types, &by],
-            )
+            .query(&insert, &[&ns, &paths, &kinds, &types, &by])
             .await
             .map_err(pg_err)?;
         let mut made: HashMap<(Vec<u8>, String), i64> = HashMap::new();
@@ -314,11 +318,13 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
         .collect();
     ids.sort_unstable();
     ids.dedup();
+    let lock = cached(
+        tx,
+        "SELECT id, head_seq FROM resources WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .await?;
     let mut head: HashMap<i64, i64> = tx
-        .query(
-            "SELECT id, head_seq FROM resources WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            &[&ids],
-        )
+        .query(&lock, &[&ids])
         .await
         .map_err(pg_err)?
         .iter()
@@ -354,15 +360,14 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
     };
     let ns: Vec<i64> = ids.iter().map(|id| counts[id]).collect();
     let bs: Vec<i64> = ids.iter().map(|id| added[id]).collect();
-    let rows = tx
-        .query(
-            "UPDATE resources r SET head_seq = r.head_seq + d.n, bytes = r.bytes + d.b, updated_at = now()
-             FROM UNNEST($1::int8[], $2::int8[], $3::int8[]) AS d(id, n, b)
-             WHERE r.id = d.id RETURNING r.id, r.head_seq",
-            &[&ids, &ns, &bs],
-        )
-        .await
-        .map_err(pg_err)?;
+    let advance = cached(
+        tx,
+        "UPDATE resources r SET head_seq = r.head_seq + d.n, bytes = r.bytes + d.b, updated_at = now()
+         FROM UNNEST($1::int8[], $2::int8[], $3::int8[]) AS d(id, n, b)
+         WHERE r.id = d.id RETURNING r.id, r.head_seq",
+    )
+    .await?;
+    let rows = tx.query(&advance, &[&ids, &ns, &bs]).await.map_err(pg_err)?;
     // Next free seq per resource, counting down from the new head in job order.
     let mut next: HashMap<i64, i64> = HashMap::new();
     for r in rows {
@@ -417,24 +422,40 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
         out.push(r);
     }
     if !c_res.is_empty() {
-        tx.execute(
+        let insert = cached(
+            tx,
             "INSERT INTO changes (resource_id, seq, version, parents, author, at_ms, data, meta)
              SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::bytea[], $6::int8[], $7::bytea[], $8::text[])",
+        )
+        .await?;
+        tx.execute(
+            &insert,
             &[&c_res, &c_seq, &c_ver, &c_par, &c_auth, &c_at, &c_data, &c_meta],
         )
         .await
         .map_err(pg_err)?;
     }
     if !b_hash.is_empty() {
-        tx.execute(
+        let insert = cached(
+            tx,
             "INSERT INTO blobs (hash, data, size) SELECT * FROM UNNEST($1::bytea[], $2::bytea[], $3::int8[])
              ON CONFLICT (hash) DO NOTHING",
-            &[&b_hash, &b_data, &b_size],
         )
-        .await
-        .map_err(pg_err)?;
+        .await?;
+        tx.execute(&insert, &[&b_hash, &b_data, &b_size])
+            .await
+            .map_err(pg_err)?;
     }
     Ok(out)
+}
+
+/// A statement prepared once per pooled connection: a statement given as text is parsed
+/// and described by the server on every call, one round trip more per statement.
+async fn cached<C: deadpool_postgres::GenericClient + Sync>(
+    client: &C,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, StorageError> {
+    client.prepare_cached(sql).await.map_err(pg_err)
 }
 
 /// How an append is told in a notice (see [`parse_notice`]).
@@ -507,16 +528,20 @@ async fn notify(client: &mut deadpool_postgres::Object, origin: &str, entries: &
         cur.push_str(e);
     }
     payloads.push(cur);
-    let sent = async {
-        let tx = client.transaction().await?;
-        tx.batch_execute("SET LOCAL synchronous_commit TO OFF").await?;
-        for p in &payloads {
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, p]).await?;
-        }
-        tx.commit().await
-    };
-    if let Err(e) = sent.await {
+    // One round trip: the statements as one simple query. Payloads hold only hex digits,
+    // digits and `|:,cd`; quotes are doubled all the same.
+    let mut sql = String::from("BEGIN; SET LOCAL synchronous_commit TO OFF;");
+    for p in &payloads {
+        sql.push_str(&format!(
+            " SELECT pg_notify('{CHANNEL}', '{}');",
+            p.replace('\'', "''")
+        ));
+    }
+    sql.push_str(" COMMIT;");
+    if let Err(e) = client.batch_execute(&sql).await {
         tracing::debug!(error = %e, "notify failed; followers will catch up on their next notice");
+        // Not back to the pool inside the failed transaction.
+        let _ = client.batch_execute("ROLLBACK").await;
     }
 }
 
