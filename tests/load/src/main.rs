@@ -14,6 +14,8 @@
 //!   the same load runs against the server direct and then through a proxy, in one run,
 //!   and the report gives the proxy's added latency.
 //!
+//! * `fanout-floor` — the floor `fanout` and `idle` are judged against: a minimal tokio
+//!   server writing the same bytes to the same sockets (`floor`).
 //! * `handshakes`, `tls-floor`, `tls-cert` — TLS handshakes per second against Plait and
 //!   against the floor, a bare acceptor with the same certificate and crypto (`tls`).
 //!
@@ -24,6 +26,7 @@
 
 mod abuse;
 mod fanout;
+mod floor;
 mod mux;
 mod net;
 mod tls;
@@ -57,6 +60,12 @@ struct Cli {
 enum Cmd {
     /// One resource, many subscribers, timestamped writes.
     Fanout(fanout::Args),
+    /// The fan-out floor: a minimal tokio server that answers subscriptions as Plait does
+    /// and writes each PUT's update block to every subscriber, until killed.
+    FanoutFloor {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Full TLS handshakes per second (an https:// URL, with --ca).
     Handshakes {
         #[arg(long)]
@@ -640,6 +649,7 @@ fn main() -> anyhow::Result<()> {
     let report = rt.block_on(async {
         match cli.cmd {
             Cmd::Fanout(args) => fanout::fanout(args).await,
+            Cmd::FanoutFloor { listen } => floor::fanout_floor(listen).await,
             Cmd::Handshakes {
                 url,
                 concurrency,
