@@ -57,7 +57,8 @@ pub struct Subscription {
     own_seen: u64,
     /// An update from the client's version to now is owed, to be made at this moment.
     owed: Option<Instant>,
-    first: Option<Update>,
+    /// The first update, until sent (boxed: a subscription lives long, this briefly).
+    first: Option<Box<Update>>,
 }
 
 impl Subscription {
@@ -82,7 +83,7 @@ impl Subscription {
                     media_type: state.media_type.clone(),
                     digest: state.exists().then(|| state.digest().to_string()),
                 };
-                (Some(update), state.version.clone(), seq)
+                (Some(Box::new(update)), state.version.clone(), seq)
             }
             Some(p) => {
                 let (update, seq) = handle
@@ -97,7 +98,7 @@ impl Subscription {
                 let nothing_new =
                     update.version == p && matches!(&update.body, UpdateBody::Text(t) if t.is_empty());
                 let version = update.version.clone();
-                ((!nothing_new).then_some(update), version, seq)
+                ((!nothing_new).then(|| Box::new(update)), version, seq)
             }
         };
         Ok(Subscription {
@@ -123,12 +124,14 @@ impl Subscription {
     /// remembered in the subscription until it has been made.
     pub async fn next(&mut self) -> Option<Delivery> {
         if let Some(u) = self.first.take() {
-            return Some(Delivery::Own(u));
+            return Some(Delivery::Own(*u));
         }
         loop {
             if let Some(at) = self.owed {
-                tokio::time::sleep_until(at).await;
-                let made = self.catch_up().await?;
+                // Boxed, as is the catch-up: the future of `next` lives as long as the
+                // subscription (every idle subscriber holds one), these paths rarely run.
+                Box::pin(tokio::time::sleep_until(at)).await;
+                let made = Box::pin(self.catch_up()).await?;
                 self.owed = None;
                 match made {
                     Some(u) => return Some(Delivery::Own(u)),

@@ -651,7 +651,11 @@ where
             // An HTTP/2 websocket outlives its request's response body: it counts itself.
             req.extensions_mut().insert(activity.clone());
             let call = tower::ServiceExt::oneshot(router.clone(), req);
-            async move {
+            // Boxed: hyper keeps a request's future in its task for as long as the
+            // response body streams (an HTTP/2 subscription's whole life), sized for the
+            // largest state; boxed, the task holds a pointer and the future is freed once
+            // the response is made.
+            Box::pin(async move {
                 let res = call.await?;
                 // The request stays in flight until its response body is done with.
                 Ok::<_, std::convert::Infallible>(res.map(|b| {
@@ -660,7 +664,7 @@ where
                         f
                     }))
                 }))
-            }
+            })
         })
     };
     let svc = TowerToHyperService::new(svc);

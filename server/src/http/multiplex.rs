@@ -541,7 +541,10 @@ async fn through_mux(
 async fn forward(mux: Arc<Mux>, id: String, serial: u64, cancel: CancellationToken, res: Response<Body>) {
     let (parts, body) = res.into_parts();
     let mut body = body.into_data_stream();
-    if !mux.send(data_frame(&id, &head(&parts)), &cancel).await {
+    let head = data_frame(&id, &head(&parts));
+    // Not kept for the response's life (a subscription's): its headers are on the heap.
+    drop(parts);
+    if !mux.send(head, &cancel).await {
         return mux.end(&id, serial);
     }
     loop {

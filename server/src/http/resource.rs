@@ -510,10 +510,11 @@ fn updates(
         sub: Subscription,
         json: bool,
         beat: Option<tokio::time::Interval>,
-        /// Registered once for the whole stream, not once per update (this is a hot path:
-        /// every subscriber polls it for every update).
-        shutdown: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-        reader: Reader,
+        /// Completes when the stream must end: the server shuts down, or a rule change
+        /// takes the reader's right away (the access layer is asked at every rule
+        /// change). Made and registered once for the whole stream, not once per update
+        /// (this is a hot path: every subscriber polls it for every update).
+        ended: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
         metrics: Arc<crate::metrics::Metrics>,
         /// Counts the subscription as open while the stream lives.
         _open: crate::metrics::Subscribed,
@@ -523,46 +524,50 @@ fn updates(
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
-    let shutdown = Box::pin(shutdown.cancelled_owned());
+    let ended = Box::pin(async move {
+        let mut reader = reader;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = reader.watch.changed() => {
+                    if let Err(refusal) = reader.watch.check(&reader.caller) {
+                        tracing::info!(path = %refusal.path, caller = %reader.caller.describe(), "a subscription ends: {refusal}");
+                        return;
+                    }
+                }
+            }
+        }
+    });
     futures::stream::unfold(
         St {
             sub,
             json,
             beat,
-            shutdown,
-            reader,
+            ended,
             _open: metrics.subscribed(Braid),
             metrics,
         },
         |mut st| async move {
-            loop {
-                let bytes = tokio::select! {
-                    biased;
-                    _ = st.shutdown.as_mut() => return None,
-                    _ = st.reader.watch.changed() => {
-                        if let Err(refusal) = st.reader.watch.check(&st.reader.caller) {
-                            tracing::info!(path = %refusal.path, caller = %st.reader.caller.describe(), "a subscription ends: {refusal}");
-                            return None;
-                        }
-                        continue;
+            let bytes = tokio::select! {
+                biased;
+                _ = st.ended.as_mut() => return None,
+                d = st.sub.next() => match d? {
+                    Delivery::Shared(ev) => {
+                        let bytes = ev.wire.get_or_init(|| frame::encode_update(&ev.update())).clone();
+                        st.metrics.delivered(Braid, Some(ev.committed));
+                        bytes
                     }
-                    d = st.sub.next() => match d? {
-                        Delivery::Shared(ev) => {
-                            let bytes = ev.wire.get_or_init(|| frame::encode_update(&ev.update())).clone();
-                            st.metrics.delivered(Braid, Some(ev.committed));
-                            bytes
-                        }
-                        Delivery::Own(u) => {
-                            st.metrics.delivered(Braid, None);
-                            encode_for(&u, st.json)
-                        }
-                    },
-                    _ = async { st.beat.as_mut().expect("guarded").tick().await }, if st.beat.is_some() => {
-                        Bytes::from_static(frame::HEARTBEAT)
+                    Delivery::Own(u) => {
+                        st.metrics.delivered(Braid, None);
+                        encode_for(&u, st.json)
                     }
-                };
-                return Some((Ok(bytes), st));
-            }
+                },
+                _ = async { st.beat.as_mut().expect("guarded").tick().await }, if st.beat.is_some() => {
+                    Bytes::from_static(frame::HEARTBEAT)
+                }
+            };
+            Some((Ok(bytes), st))
         },
     )
     .boxed()

@@ -16,6 +16,8 @@
 //!
 //! * `sqlite-floor` — the floor of `puts` on the embedded store: raw SQLite inserts with
 //!   the store's durability settings and writer model (`sqlite_floor`).
+//! * `fanout-floor` — the floor `fanout` and `idle` are judged against: a minimal tokio
+//!   server writing the same bytes to the same sockets (`floor`).
 //! * `handshakes`, `tls-floor`, `tls-cert` — TLS handshakes per second against Plait and
 //!   against the floor, a bare acceptor with the same certificate and crypto (`tls`).
 //!
@@ -26,6 +28,7 @@
 
 mod abuse;
 mod fanout;
+mod floor;
 mod mux;
 mod net;
 mod sqlite_floor;
@@ -60,6 +63,12 @@ struct Cli {
 enum Cmd {
     /// One resource, many subscribers, timestamped writes.
     Fanout(fanout::Args),
+    /// The fan-out floor: a minimal tokio server that answers subscriptions as Plait does
+    /// and writes each PUT's update block to every subscriber, until killed.
+    FanoutFloor {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Full TLS handshakes per second (an https:// URL, with --ca).
     Handshakes {
         #[arg(long)]
@@ -662,6 +671,7 @@ fn main() -> anyhow::Result<()> {
     let report = rt.block_on(async {
         match cli.cmd {
             Cmd::Fanout(args) => fanout::fanout(args).await,
+            Cmd::FanoutFloor { listen } => floor::fanout_floor(listen).await,
             Cmd::Handshakes {
                 url,
                 concurrency,
