@@ -6,6 +6,7 @@
 //! * [`keeper`]: the mirror side — checking pushes without decrypting, storing them,
 //!   serving them by range.
 //! * [`grants`]: the mirror operator's consent (`plait mirror grant|revoke|list`).
+//! * [`holders`]: naming the mirrors that hold this owner's segments in its DHT record.
 //!
 //! Segments, descriptors, sealing and the protocol's bytes are the bridge's
 //! (`plait_bridge::mirror`); this module decides what is sealed, where it is stored
@@ -13,6 +14,7 @@
 
 pub mod batch;
 pub mod grants;
+pub mod holders;
 pub mod keeper;
 pub mod owner;
 
