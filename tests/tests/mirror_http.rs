@@ -4,7 +4,8 @@
 //! version (`seg-N`, parents `seg-(N-1)`) as O writes; the ciphertexts it fetches from M
 //! (`…/segments/N`) verify (signature, chain, BLAKE3, length) and open with O's seal key to
 //! exactly what O wrote, while M's storage holds none of it. A resumed subscription starts
-//! after its `Parents`. A stranger is refused: 401 without a credential, 403 signed by a
+//! after its `Parents`. A checkpoint is served with its signed checkpoint and opens to
+//! what O wrote. A stranger is refused: 401 without a credential, 403 signed by a
 //! key that is neither O's, M's owner's nor a member's. Both stores.
 
 use std::time::{Duration, Instant};
@@ -140,11 +141,20 @@ fn follow(res: reqwest::Response) -> tokio::sync::mpsc::UnboundedReceiver<Got> {
     rx
 }
 
-async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Got>) -> Got {
-    tokio::time::timeout(T, rx.recv())
-        .await
-        .expect("no update within the time")
-        .expect("the subscription ended")
+/// The next update; on failure, says so with the logs of `servers`.
+async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Got>, servers: &[&Plait]) -> Got {
+    let logs = || {
+        servers
+            .iter()
+            .map(|p| p.log())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    match tokio::time::timeout(T, rx.recv()).await {
+        Ok(Some(g)) => g,
+        Ok(None) => panic!("the subscription ended; logs:\n{}", logs()),
+        Err(_) => panic!("no update within {T:?}; logs:\n{}", logs()),
+    }
 }
 
 /// Fetches segment `seq` from M as `key`, checks it against the descriptor the stream
@@ -288,7 +298,7 @@ async fn a_subscriber_follows_and_decrypts_what_the_mirror_keeps(store: Store) {
             && (i == 0 || has(&entries, "cfg", SECRETS[1]) && has(&entries, "img.bin", SECRETS[2])))
         {
             assert!(Instant::now() < deadline, "the subscriber did not get O's writes");
-            let got = next(&mut rx).await;
+            let got = next(&mut rx, &[&m, &o]).await;
             let seq = got.body["seq"].as_u64().unwrap();
             assert_eq!(got.version, format!("[\"seg-{seq}\"]"));
             let parents = if seq == 1 {
@@ -342,7 +352,7 @@ async fn a_subscriber_follows_and_decrypts_what_the_mirror_keeps(store: Store) {
     .await;
     assert_eq!(sub.status(), 209);
     let mut rx2 = follow(sub);
-    let first = next(&mut rx2).await;
+    let first = next(&mut rx2, &[&m, &o]).await;
     assert_eq!(first.body["seq"], 2);
     assert_eq!(first.parents, "[\"seg-1\"]");
 
@@ -357,4 +367,75 @@ async fn a_subscriber_follows_and_decrypts_what_the_mirror_keeps(store: Store) {
     );
 }
 
-on_both_stores!(a_subscriber_follows_and_decrypts_what_the_mirror_keeps);
+/// With a checkpoint after every segment, M's summary names it and `…/checkpoint` serves
+/// the sealed snapshot with its signed checkpoint, which verifies and opens to O's write.
+async fn the_checkpoint_is_served_signed_and_sealed(store: Store) {
+    use base64::Engine as _;
+    let m = p2p_plait(store.clone());
+    let o = Plait::start_with_env(
+        another(&store),
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+        &[
+            ("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "200"),
+            ("PLAIT_MIRROR__CHECKPOINT_RATIO", "0"),
+            ("PLAIT_MIRROR__CHECKPOINT_MIN_BYTES", "0"),
+        ],
+    );
+    let oid = id(&o);
+    ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]);
+    put(&o, "/notes/secret", "text/plain", SECRETS[0].as_bytes()).await;
+    ok(&o, &["mirror", "add", &ok(&m, &["invite"])]);
+    // The sealer checkpoints after the segments it seals (not after the first sync's).
+    put(&o, "/notes/more", "text/plain", SECRETS[1].as_bytes()).await;
+    let okey = Keypair::load(&o.data_dir().join("identity.pem")).unwrap();
+    let seal = SealKey::load_or_create(&o.data_dir().join(plait_bridge::mirror::SEAL_KEY_FILE)).unwrap();
+    let base = format!("/.well-known/plait/mirror/{oid}");
+
+    let deadline = Instant::now() + T;
+    let upto = loop {
+        let s = json(get(&m, Some(&okey), &base, &[]).await).await;
+        if let Some(u) = s["checkpoint"].as_u64() {
+            break u;
+        }
+        assert!(Instant::now() < deadline, "M holds no checkpoint: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let res = get(&m, Some(&okey), &format!("{base}/checkpoint"), &[]).await;
+    assert_eq!(res.status(), 200);
+    let c = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(res.headers()["plait-checkpoint"].to_str().unwrap())
+        .unwrap();
+    let snapshot = res.bytes().await.unwrap().to_vec();
+    let c = plait_bridge::mirror::Checkpoint::from_bytes(&c).unwrap();
+    assert_eq!(c.namespace.to_string(), oid);
+    assert!(c.upto >= upto);
+    assert!(c.verify_signature());
+    assert_eq!(c.len, snapshot.len() as u64);
+    assert_eq!(&c.hash, blake3::hash(&snapshot).as_bytes());
+    let entries = batch::decode(&plait_bridge::mirror::open(&seal, &snapshot).unwrap()).unwrap();
+    assert!(has(&entries, "notes/secret", SECRETS[0]));
+    assert!(has(&entries, "notes/more", SECRETS[1]));
+    // The segments it superseded are gone; the list starts after them.
+    assert_eq!(
+        get(&m, Some(&okey), &format!("{base}/segments/1"), &[])
+            .await
+            .status(),
+        404
+    );
+    let list = json(get(&m, Some(&okey), &format!("{base}/segments"), &[]).await).await;
+    assert!(
+        list["descriptors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["seq"].as_u64().unwrap() > c.upto),
+        "{list}"
+    );
+    let raw = raw_storage(&m);
+    assert!(!holds(&raw, SECRETS[0]) && !holds(&raw, SECRETS[1]));
+}
+
+on_both_stores!(
+    a_subscriber_follows_and_decrypts_what_the_mirror_keeps,
+    the_checkpoint_is_served_signed_and_sealed
+);
