@@ -395,6 +395,13 @@ impl Node {
         Ok(None)
     }
 
+    /// Names `holders` (the mirrors keeping this node's sealed segments) in its record in
+    /// DHT `dht`, so that a member looking it up while it is offline finds them.
+    pub async fn set_holders(&self, dht: &str, holders: Vec<Identity>) -> Result<(), NodeError> {
+        let d = self.membership(dht, false).await?;
+        d.set_holders(holders).await
+    }
+
     /// Sends an arbitrary record to each DHT's closest peers, unchecked — what a
     /// misbehaving member could do. For tests that check that peers refuse forged and
     /// stale records.

@@ -3,6 +3,10 @@
 //! An [`AddressRecord`] maps an identity to its current network addresses in one named DHT.
 //! It is signed by that identity, carries a sequence number (a newer record replaces an
 //! older one, never the reverse) and an expiry, and is small (≤ [`MAX_RECORD_BYTES`]).
+//! It may name the identity's *holders* (at most [`MAX_HOLDERS`], distinct, not itself):
+//! the mirrors that keep its sealed segments, so that a peer looking it up while it is
+//! offline finds where its data is. A record without holders has the same bytes (and
+//! signature) as before holders existed.
 //! Kademlia's own records are unsigned, so nodes run Kademlia with record filtering and
 //! store only what [`AddressRecord::check`] accepts.
 
@@ -16,6 +20,9 @@ pub const MAX_RECORD_BYTES: usize = 1024;
 /// Longest lifetime a record may claim (so a leaked old record cannot live forever).
 pub const MAX_RECORD_TTL_SECS: u64 = 48 * 3600;
 
+/// Most holders one record names.
+pub const MAX_HOLDERS: usize = 8;
+
 /// What a record says, without its signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Body {
@@ -24,6 +31,8 @@ struct Body {
     seq: u64,
     expires_at: u64,
     addrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    holders: Vec<Identity>,
 }
 
 /// An identity's addresses, signed by it.
@@ -37,6 +46,9 @@ pub struct AddressRecord {
     pub expires_at: u64,
     /// Multiaddrs (text form) the identity listens on.
     pub addrs: Vec<String>,
+    /// Mirrors that hold the identity's sealed segments (ask them when it is offline).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<Identity>,
     pub sig: String,
 }
 
@@ -55,6 +67,10 @@ pub enum RecordError {
     Expired,
     #[error("record claims to live longer than {MAX_RECORD_TTL_SECS} s")]
     TooLong,
+    #[error("record names {0} holders; at most {MAX_HOLDERS}")]
+    TooManyHolders(usize),
+    #[error("record names a holder twice, or itself")]
+    BadHolders,
     #[error("record is older (seq {got}) than the one held (seq {held})")]
     Stale { got: u64, held: u64 },
     #[error(transparent)]
@@ -71,12 +87,27 @@ impl AddressRecord {
         now: u64,
         ttl_secs: u64,
     ) -> AddressRecord {
+        AddressRecord::with_holders(keys, dht, seq, addrs, Vec::new(), now, ttl_secs)
+    }
+
+    /// A record for `keys`' identity naming its `holders` (mirrors), valid for `ttl_secs`
+    /// from `now`. Checks refuse it past [`MAX_HOLDERS`], with a holder twice or itself.
+    pub fn with_holders(
+        keys: &Keypair,
+        dht: &str,
+        seq: u64,
+        addrs: Vec<String>,
+        holders: Vec<Identity>,
+        now: u64,
+        ttl_secs: u64,
+    ) -> AddressRecord {
         let body = Body {
             id: keys.identity(),
             dht: dht.to_string(),
             seq,
-            expires_at: now + ttl_secs,
+            expires_at: now.saturating_add(ttl_secs),
             addrs,
+            holders,
         };
         let sig = sign::sign(keys, "plait-address-record-v1", &body);
         AddressRecord {
@@ -85,6 +116,7 @@ impl AddressRecord {
             seq,
             expires_at: body.expires_at,
             addrs: body.addrs,
+            holders: body.holders,
             sig,
         }
     }
@@ -124,8 +156,17 @@ impl AddressRecord {
             seq: r.seq,
             expires_at: r.expires_at,
             addrs: r.addrs.clone(),
+            holders: r.holders.clone(),
         };
         sign::verify(&r.id, "plait-address-record-v1", &body, &r.sig)?;
+        if r.holders.len() > MAX_HOLDERS {
+            return Err(RecordError::TooManyHolders(r.holders.len()));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(r.holders.len() + 1);
+        seen.insert(r.id);
+        if !r.holders.iter().all(|h| seen.insert(*h)) {
+            return Err(RecordError::BadHolders);
+        }
         if r.expires_at <= now {
             return Err(RecordError::Expired);
         }
@@ -205,5 +246,50 @@ mod tests {
             AddressRecord::check(b"{", &key, "net", NOW, None),
             Err(RecordError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn holders_are_signed_bounded_and_distinct() {
+        let k = Keypair::generate();
+        let key = AddressRecord::key_for("net", &k.identity());
+        let m: Vec<Identity> = (0..=MAX_HOLDERS)
+            .map(|_| Keypair::generate().identity())
+            .collect();
+        let r = AddressRecord::with_holders(&k, "net", 1, vec![], m[..2].to_vec(), NOW, 60);
+        assert_eq!(
+            AddressRecord::check(&r.encode(), &key, "net", NOW, None).unwrap(),
+            r
+        );
+        // A holder added or dropped by someone else: the signature no longer matches.
+        let mut forged = r.clone();
+        forged.holders.push(m[2]);
+        assert!(matches!(
+            AddressRecord::check(&forged.encode(), &key, "net", NOW, None),
+            Err(RecordError::Signature(_))
+        ));
+        let mut dropped = r.clone();
+        dropped.holders.clear();
+        assert!(matches!(
+            AddressRecord::check(&dropped.encode(), &key, "net", NOW, None),
+            Err(RecordError::Signature(_))
+        ));
+        let many = AddressRecord::with_holders(&k, "net", 1, vec![], m.clone(), NOW, 60);
+        assert_eq!(
+            AddressRecord::check(&many.encode(), &key, "net", NOW, None),
+            Err(RecordError::TooManyHolders(MAX_HOLDERS + 1))
+        );
+        let twice = AddressRecord::with_holders(&k, "net", 1, vec![], vec![m[0], m[0]], NOW, 60);
+        assert_eq!(
+            AddressRecord::check(&twice.encode(), &key, "net", NOW, None),
+            Err(RecordError::BadHolders)
+        );
+        let itself = AddressRecord::with_holders(&k, "net", 1, vec![], vec![k.identity()], NOW, 60);
+        assert_eq!(
+            AddressRecord::check(&itself.encode(), &key, "net", NOW, None),
+            Err(RecordError::BadHolders)
+        );
+        // Without holders, the bytes are those of a record from before holders.
+        let plain = AddressRecord::new(&k, "net", 1, vec![], NOW, 60);
+        assert!(!String::from_utf8(plain.encode()).unwrap().contains("holders"));
     }
 }

@@ -186,6 +186,11 @@ impl P2p {
         self
     }
 
+    /// The mirror side (what this server keeps for others), once set up.
+    pub fn keeper(&self) -> Option<&Arc<crate::mirror::keeper::Keeper>> {
+        self.mirror.as_ref().map(|m| &m.keeper)
+    }
+
     /// `plait mirror add`: joins the network of the link's inviter unless it is a member
     /// already (then the link is not used), and adds it to this server's mirrors.
     async fn add_mirror(&self, link: &str) -> Result<serde_json::Value, String> {

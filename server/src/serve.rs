@@ -348,6 +348,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         owner
             .clone()
             .run_pusher(node.clone(), data_dir.clone(), shutdown.clone());
+        crate::mirror::holders::run(node.clone(), owner.clone(), data_dir.clone(), shutdown.clone());
         let p2p = Arc::new(
             crate::p2p::P2p::new(node, instance.keys.clone(), &public_url).with_mirror(crate::p2p::Mirror {
                 data_dir: data_dir.clone(),

@@ -98,6 +98,10 @@ enum Cmd {
         key: Vec<u8>,
         value: Vec<u8>,
     },
+    /// The mirrors this node's record names from now on (republished when they change).
+    Holders {
+        holders: Vec<Identity>,
+    },
     /// Removes a member; answered with the DHT's name.
     Remove {
         id: Identity,
@@ -241,6 +245,14 @@ impl Dht {
         self.ask(|reply| Cmd::Held { id, reply }).await
     }
 
+    /// Names `holders` in this node's record from now on (republished if they changed).
+    pub async fn set_holders(&self, holders: Vec<Identity>) -> Result<(), NodeError> {
+        self.cmd
+            .send(Cmd::Holders { holders })
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
     pub async fn remove(&self, id: Identity) -> Result<String, NodeError> {
         self.ask(|reply| Cmd::Remove { id, reply }).await?
     }
@@ -298,6 +310,8 @@ struct Runner {
     records_refused: u64,
     /// The sequence number of this node's last published record (records').
     published_seq: u64,
+    /// The mirrors this node's record names (records').
+    holders: Vec<Identity>,
     /// Answers fetches from members.
     server: Option<Arc<dyn Serve>>,
     /// Our fetches in flight.
@@ -348,6 +362,7 @@ impl Runner {
             relay_listeners: HashMap::new(),
             records_refused: 0,
             published_seq: 0,
+            holders: Vec::new(),
             server,
             outbound: HashMap::new(),
             mirror_out: HashMap::new(),
@@ -504,6 +519,7 @@ impl Runner {
                 let _ = reply.send(self.held(id));
             }
             Cmd::Offer { key, value } => self.offer(key, value),
+            Cmd::Holders { holders } => self.set_holders(holders),
             Cmd::Connect { addr, reply } => self.connect(addr, reply),
             Cmd::Fetch {
                 id,

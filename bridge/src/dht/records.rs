@@ -1,5 +1,5 @@
 //! Address records in a membership's Kademlia: this node's own (signed, sequence-numbered,
-//! republished), the ones it holds for other members (each checked by
+//! republished, naming the mirrors that hold its sealed segments), the ones it holds for other members (each checked by
 //! [`AddressRecord::check`] before it is stored, and again when loaded), and lookups of a
 //! member's record (every record found is checked and the newest kept, then the member is
 //! dialled and the requests waiting for it go out).
@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use super::Runner;
 use super::listen::worth_dialling;
 use crate::identity::Identity;
-use crate::record::AddressRecord;
+use crate::record::{AddressRecord, MAX_HOLDERS};
 use crate::types::{NodeError, now_millis, now_secs, peer_id_of};
 
 /// A DHT lookup in flight: whom for, who waits, the best record so far.
@@ -64,11 +64,12 @@ impl Runner {
         }
         // Milliseconds since the epoch: increasing across restarts.
         self.published_seq = now_millis().max(self.published_seq + 1);
-        let r = AddressRecord::new(
+        let r = AddressRecord::with_holders(
             &self.keys,
             &dht,
             self.published_seq,
             addrs,
+            self.holders.clone(),
             now_secs(),
             self.settings.record_ttl_secs,
         );
@@ -79,6 +80,22 @@ impl Runner {
         rec.expires = Some(std::time::Instant::now() + Duration::from_secs(self.settings.record_ttl_secs));
         if let Err(e) = self.swarm.behaviour_mut().kad.put_record(rec, kad::Quorum::One) {
             tracing::debug!(error = %e, "could not publish the address record");
+        }
+    }
+
+    /// Names `holders` in this node's record (distinct, not itself, at most
+    /// [`MAX_HOLDERS`]: what a record may say), published again at once if they changed.
+    pub(super) fn set_holders(&mut self, holders: Vec<Identity>) {
+        let me = self.keys.identity();
+        let mut list: Vec<Identity> = Vec::new();
+        for h in holders {
+            if h != me && !list.contains(&h) && list.len() < MAX_HOLDERS {
+                list.push(h);
+            }
+        }
+        if list != self.holders {
+            self.holders = list;
+            self.publish_record();
         }
     }
 

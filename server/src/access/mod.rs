@@ -46,6 +46,8 @@ use crate::update::{UpdateBody, WriteBody};
 
 /// The URL path of the rules document.
 pub const RULES_URL_PATH: &str = ".well-known/plait/access";
+/// Where a mirror serves what it keeps for each namespace (`<this>/<namespace>/…`).
+pub const MIRROR_URL_PATH: &str = ".well-known/plait/mirror";
 
 /// Settings of the access layer (`[access]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -490,6 +492,34 @@ impl Access {
                 ),
             )),
         }
+    }
+
+    /// Whether `caller` may read what this server keeps as a mirror for `namespace` (its
+    /// sealed segments' descriptors, ciphertexts and checkpoint, `/.well-known/plait/mirror/
+    /// <namespace>/…`). The ciphertext is opaque, but descriptors tell sizes and times, so
+    /// not everyone: this server's owner (the mirror's operator), the namespace's owner
+    /// (a request signed by its key), and members of this server's network — who may read
+    /// the same ranges over libp2p already. Not the access rules: they govern resources.
+    pub fn check_mirror_read(&self, caller: &Caller, namespace: &Identity) -> Result<(), Refusal> {
+        let allowed = match caller {
+            Caller::Owner => true,
+            Caller::Identity { id, member } => id == namespace || *member,
+            _ => false,
+        };
+        if allowed {
+            return Ok(());
+        }
+        Err(Refusal {
+            op: Op::Read,
+            path: format!("/{MIRROR_URL_PATH}/{namespace}"),
+            rule: None,
+            reason: format!(
+                "what this mirror keeps for {namespace} is for that identity, this server's owner and \
+                 members of its network (a request signed by one of their keys), not {}",
+                caller.describe()
+            ),
+            anonymous: caller.is_anonymous(),
+        })
     }
 
     /// [`Access::check`] for a write, which also checks that a write to the rules leaves

@@ -18,6 +18,7 @@ pub mod conn;
 pub mod dashboard;
 pub mod error;
 pub mod forwarded;
+pub mod mirror;
 pub mod multiplex;
 pub mod resource;
 pub mod static_files;
@@ -101,6 +102,7 @@ pub fn router(app: App) -> Router {
         )
         .route("/.well-known/plait/join", axum::routing::post(join))
         .merge(dashboard::routes())
+        .merge(mirror::routes())
         .route(
             "/.well-known/multiplexer/{*ids}",
             axum::routing::any(multiplex::endpoint),
@@ -438,6 +440,7 @@ async fn well_known(
             "segment_max_delay_ms": app.mirror.segment_max_delay_ms,
             "checkpoint_ratio": app.mirror.checkpoint_ratio,
             "checkpoint_min_bytes": app.mirror.checkpoint_min_bytes,
+            "http_max_descriptors": app.mirror.http_max_descriptors,
             "max_push_bytes": plait_bridge::mirror::wire::MAX_SEGMENT_BYTES,
             "max_snapshot_bytes": plait_bridge::mirror::wire::MAX_SNAPSHOT_BYTES,
         },

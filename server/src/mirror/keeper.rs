@@ -4,8 +4,9 @@
 //! length, quota, BLAKE3 — nothing is decrypted) against the chain as stored, then stored
 //! through [`Storage::put_segment`]. Pushes for one namespace are taken one at a time, so
 //! the chain head and usage a check sees are the ones its store lands on. Segments are
-//! served by namespace and sequence range, to anyone the node lets ask (members).
-//! Knows nothing of what segments hold.
+//! served by namespace and sequence range, to anyone the node lets ask (members), and
+//! followed: [`Keeper::follow`] wakes when a namespace's chain grows in this process
+//! (`http::mirror` streams it over Braid-HTTP). Knows nothing of what segments hold.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,8 @@ pub struct Keeper {
     bundles: Bundles,
     /// One lock per namespace, held from check to store.
     locks: Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bumped when a namespace's chain grows or is checkpointed here; subscribers wait on it.
+    grown: tokio::sync::watch::Sender<u64>,
 }
 
 fn unavailable(e: StorageError) -> Refusal {
@@ -42,7 +45,43 @@ impl Keeper {
             storage,
             grants,
             locks: Mutex::new(HashMap::new()),
+            grown: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// A receiver that changes whenever a chain held here grows (a push or a checkpoint
+    /// stored by this process).
+    pub fn follow(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.grown.subscribe()
+    }
+
+    /// At most `limit` descriptors of `namespace` from `from` on, in order.
+    pub async fn descriptors(
+        &self,
+        namespace: &Identity,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Descriptor>, StorageError> {
+        let rows = self
+            .storage
+            .descriptors(namespace, from.min(i64::MAX as u64) as i64, limit)
+            .await?;
+        rows.into_iter()
+            .map(|r| Descriptor::from_bytes(&r.descriptor).map_err(|e| StorageError::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// Segment `seq` of `namespace`, if it is held.
+    pub async fn segment(
+        &self,
+        namespace: &Identity,
+        seq: u64,
+    ) -> Result<Option<SealedSegment>, StorageError> {
+        Ok(self
+            .range(namespace, seq, seq)
+            .await?
+            .into_iter()
+            .find(|s| s.descriptor.seq == seq))
     }
 
     /// Bytes `namespace`'s segments occupy here.
@@ -125,13 +164,25 @@ impl Keeper {
             )
             .await
         {
-            Ok(()) => Ok(upto),
+            Ok(()) => {
+                self.grown.send_modify(|n| *n += 1);
+                Ok(upto)
+            }
             Err(StorageError::Behind) => Err(Refusal::StaleCheckpoint {
                 upto,
                 held: held_upto,
             }),
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// The `upto` of the checkpoint held for `namespace`, if any.
+    pub async fn checkpoint_upto(&self, namespace: &Identity) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .storage
+            .checkpoint(namespace, false)
+            .await?
+            .map(|c| c.upto.max(0) as u64))
     }
 
     /// The checkpoint held for `namespace`, with its snapshot.
@@ -178,7 +229,10 @@ impl Keeper {
             )
             .await
         {
-            Ok(()) => Ok(seq),
+            Ok(()) => {
+                self.grown.send_modify(|n| *n += 1);
+                Ok(seq)
+            }
             // Another process on the same database stored one first.
             Err(StorageError::Behind) => Err(Refusal::BrokenChain { seq, head: head.seq }),
             Err(e) => Err(unavailable(e)),

@@ -9,6 +9,7 @@
 //! * [`devices`]: the owner making a device link (`plait device link`).
 //! * [`join`]: a device joining with a link and restoring the owner's namespace.
 //! * [`grants`]: the mirror operator's consent (`plait mirror grant|revoke|list`).
+//! * [`holders`]: naming the mirrors that hold this owner's segments in its DHT record.
 //!
 //! Segments, descriptors, sealing and the protocol's bytes are the bridge's
 //! (`plait_bridge::mirror`); this module decides what is sealed, where it is stored
@@ -18,6 +19,7 @@ pub mod batch;
 pub mod bundles;
 pub mod devices;
 pub mod grants;
+pub mod holders;
 pub mod join;
 pub mod keeper;
 pub mod owner;
@@ -73,6 +75,9 @@ pub struct MirrorSettings {
     /// …and more than this many bytes (so a small namespace is not snapshotted at every
     /// segment). 0 with `checkpoint_ratio` 0: after every segment.
     pub checkpoint_min_bytes: u64,
+    /// Descriptors in one answer over HTTP (`GET /.well-known/plait/mirror/<id>/segments`,
+    /// and each batch of a subscription's catch-up), at most.
+    pub http_max_descriptors: usize,
 }
 
 /// The largest `segment_max_bytes`: a segment must fit one push
@@ -86,6 +91,7 @@ impl Default for MirrorSettings {
             segment_max_delay_ms: 1000,
             checkpoint_ratio: 4,
             checkpoint_min_bytes: 4 << 20,
+            http_max_descriptors: 1000,
         }
     }
 }
@@ -96,6 +102,9 @@ impl MirrorSettings {
             return Err(format!(
                 "mirror.segment_max_bytes must be between 1 and {MAX_SEGMENT_MAX_BYTES}"
             ));
+        }
+        if self.http_max_descriptors == 0 {
+            return Err("mirror.http_max_descriptors must be at least 1".into());
         }
         if self.segment_max_delay_ms == 0 {
             return Err("mirror.segment_max_delay_ms must be at least 1".into());

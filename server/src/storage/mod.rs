@@ -287,6 +287,15 @@ pub trait Storage: Send + Sync + 'static {
         max_bytes: u64,
     ) -> Result<Vec<StoredSegment>, StorageError>;
 
+    /// At most `limit` segments of `namespace` with `seq >= from`, in order, without their
+    /// ciphertexts (empty): what a mirror lists and streams over HTTP.
+    async fn descriptors(
+        &self,
+        namespace: &Namespace,
+        from: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredSegment>, StorageError>;
+
     /// The last segment of `namespace`'s chain, without its ciphertext (empty).
     async fn last_segment(&self, namespace: &Namespace) -> Result<Option<StoredSegment>, StorageError>;
 

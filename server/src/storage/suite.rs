@@ -168,6 +168,13 @@ async fn segments_form_one_gap_free_chain_per_namespace(s: Arc<dyn Storage>) {
     let one = s.segments(&a, 4, 5, 10).await.unwrap();
     assert_eq!(one.iter().map(|x| x.seq).collect::<Vec<_>>(), [4]);
     assert!(s.segments(&a, 6, 9, 1 << 20).await.unwrap().is_empty());
+    // Descriptors alone, from a seq, at most `limit`.
+    let ds = s.descriptors(&a, 2, 3).await.unwrap();
+    assert_eq!(ds.iter().map(|x| x.seq).collect::<Vec<_>>(), [2, 3, 4]);
+    assert_eq!(ds[1].descriptor, Bytes::from(vec![3u8; 188]));
+    assert!(ds.iter().all(|x| x.ciphertext.is_empty()));
+    assert_eq!(s.descriptors(&b, 1, 10).await.unwrap().len(), 1);
+    assert!(s.descriptors(&a, 6, 10).await.unwrap().is_empty());
 }
 
 async fn namespace_bytes_follow_the_log(s: Arc<dyn Storage>) {

@@ -1121,6 +1121,35 @@ impl Storage for PostgresStorage {
             .collect())
     }
 
+    async fn descriptors(
+        &self,
+        namespace: &Namespace,
+        from: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredSegment>, StorageError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT seq, descriptor FROM mirror_segments
+                 WHERE namespace = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                &[
+                    &namespace.as_bytes().as_slice(),
+                    &from,
+                    &(limit.min(i64::MAX as usize) as i64),
+                ],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredSegment {
+                seq: r.get(0),
+                descriptor: Bytes::from(r.get::<_, Vec<u8>>(1)),
+                ciphertext: Bytes::new(),
+            })
+            .collect())
+    }
+
     async fn last_segment(&self, namespace: &Namespace) -> Result<Option<StoredSegment>, StorageError> {
         let client = self.client().await?;
         Ok(client

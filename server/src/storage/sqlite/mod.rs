@@ -999,6 +999,35 @@ impl Storage for SqliteStorage {
         .await
     }
 
+    async fn descriptors(
+        &self,
+        namespace: &Namespace,
+        from: Seq,
+        limit: usize,
+    ) -> Result<Vec<StoredSegment>, StorageError> {
+        let ns = namespace.as_bytes().to_vec();
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, descriptor FROM mirror_segments
+                     WHERE namespace = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+                )
+                .map_err(sql_err)?;
+            let rows = stmt
+                .query_map(params![ns, from, limit], |r| {
+                    Ok(StoredSegment {
+                        seq: r.get(0)?,
+                        descriptor: r.get::<_, Vec<u8>>(1)?.into(),
+                        ciphertext: Bytes::new(),
+                    })
+                })
+                .map_err(sql_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(sql_err)
+        })
+        .await
+    }
+
     async fn last_segment(&self, namespace: &Namespace) -> Result<Option<StoredSegment>, StorageError> {
         let ns = namespace.as_bytes().to_vec();
         self.read(move |conn| {
