@@ -2,6 +2,7 @@
 //! ([`pg`]) and real `plait` processes ([`plait`]). Nothing here is a stand-in: tests talk
 //! to a real server binary over real sockets, backed by a real database.
 
+pub mod mirror;
 pub mod netns;
 pub mod node;
 pub mod pg;

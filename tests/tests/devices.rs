@@ -6,14 +6,14 @@
 //! A link used already and one expired are refused with a clear error. Both stores.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use plait_bridge::mirror::SealKey;
 use plait_bridge::mirror::device::DeviceLink;
 use plait_server::mirror::batch;
+use plait_tests::mirror::{another, contains, holds, ok, p2p_plait, put, raw_storage, run};
 use plait_tests::on_both_stores;
-use plait_tests::plait::{Plait, Store, binary};
+use plait_tests::plait::{Plait, Store};
 
 /// Strings O writes; none may appear in M's storage.
 const SECRETS: [&str; 3] = [
@@ -21,41 +21,6 @@ const SECRETS: [&str; 3] = [
     "device-json-secret-QWV2",
     "device-bytes-secret-QWV3",
 ];
-
-fn p2p_plait(store: Store) -> Plait {
-    Plait::start_with_env(
-        store,
-        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
-        &[("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "200")],
-    )
-}
-
-/// Another store of the same sort (a second fresh database on Postgres).
-fn another(store: &Store) -> Store {
-    match store {
-        Store::Embedded => Store::Embedded,
-        Store::Postgres(_) => Store::fresh_postgres(),
-    }
-}
-
-fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(binary()).args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text.trim().to_string())
-}
-
-fn ok(p: &Plait, args: &[&str]) -> String {
-    let dir = p.data_dir().to_str().unwrap().to_string();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--data-dir", &dir]);
-    let (success, text) = run(&all);
-    assert!(success, "plait {args:?} failed: {text}\nserver log:\n{}", p.log());
-    text
-}
 
 fn last_line(s: &str) -> String {
     s.lines().last().unwrap().trim().to_string()
@@ -72,19 +37,6 @@ fn join(dir: &Path, store: &Store, link: &str) -> (bool, String) {
     run(&args)
 }
 
-async fn put(p: &Plait, path: &str, ty: &str, body: &[u8]) {
-    let (k, v) = p.owner_auth();
-    let r = reqwest::Client::new()
-        .put(p.url(path))
-        .header(k, v)
-        .header("Content-Type", ty)
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "PUT {path}: {}", r.status());
-}
-
 async fn get(p: &Plait, path: &str) -> (u16, Vec<u8>) {
     let (k, v) = p.owner_auth();
     let r = reqwest::Client::new()
@@ -95,39 +47,6 @@ async fn get(p: &Plait, path: &str) -> (u16, Vec<u8>) {
         .await
         .unwrap();
     (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
-}
-
-/// Everything a mirror stores, as bytes to search: the files of its data dir or every
-/// row of every table of its database.
-fn raw_storage(m: &Plait) -> Vec<u8> {
-    let mut all = Vec::new();
-    for e in std::fs::read_dir(m.data_dir()).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            all.extend(std::fs::read(&p).unwrap_or_default());
-        }
-    }
-    if let Store::Postgres(url) = &m.store {
-        let pg = plait_tests::pg::cluster();
-        let tables = pg.psql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'");
-        for t in tables.lines().filter(|l| !l.is_empty()) {
-            all.extend(
-                pg.psql(url, &format!("SELECT t::text FROM \"{t}\" t"))
-                    .into_bytes(),
-            );
-        }
-    }
-    all
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Whether `raw` holds `s`, as is or hex-encoded (Postgres shows bytea as hex).
-fn holds(raw: &[u8], s: &str) -> bool {
-    let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
-    contains(raw, s.as_bytes()) || contains(raw, hex.as_bytes())
 }
 
 fn now_ms() -> u64 {

@@ -11,7 +11,6 @@
 //! stores.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,10 +21,9 @@ use plait_bridge::mirror::{
     seal_checkpoint,
 };
 use plait_server::mirror::batch;
+use plait_tests::mirror::{WAIT, another, contains, holds, id, ok, p2p_plait, put, raw_storage, until};
 use plait_tests::on_both_stores;
-use plait_tests::plait::{Plait, Store, binary};
-
-const T: Duration = Duration::from_secs(30);
+use plait_tests::plait::{Plait, Store};
 
 /// Strings O writes; none may appear in M's storage.
 const SECRETS: [&str; 4] = [
@@ -34,68 +32,6 @@ const SECRETS: [&str; 4] = [
     "binary-secret-payload-ZQX3",
     "written-after-restart-ZQX4",
 ];
-
-fn p2p_plait(store: Store) -> Plait {
-    Plait::start_with_env(
-        store,
-        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
-        &[("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "200")],
-    )
-}
-
-/// Another store of the same sort (a second fresh database on Postgres).
-fn another(store: &Store) -> Store {
-    match store {
-        Store::Embedded => Store::Embedded,
-        Store::Postgres(_) => Store::fresh_postgres(),
-    }
-}
-
-fn plait(p: &Plait, args: &[&str]) -> (bool, String) {
-    let out = Command::new(binary())
-        .args(args)
-        .arg("--data-dir")
-        .arg(p.data_dir())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text.trim().to_string())
-}
-
-fn ok(p: &Plait, args: &[&str]) -> String {
-    let (success, text) = plait(p, args);
-    assert!(success, "plait {args:?} failed: {text}\nserver log:\n{}", p.log());
-    text
-}
-
-fn id(p: &Plait) -> String {
-    ok(p, &["keygen"]).lines().last().unwrap().to_string()
-}
-
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn put(p: &Plait, path: &str, ty: &str, body: &[u8]) {
-    let (k, v) = p.owner_auth();
-    let r = reqwest::Client::new()
-        .put(p.url(path))
-        .header(k, v)
-        .header("Content-Type", ty)
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "PUT {path}: {}", r.status());
-}
 
 /// The segments a mirror's store holds for `namespace`: (seq, descriptor, ciphertext).
 fn stored_segments(m: &Plait, namespace: &str) -> Vec<(i64, Vec<u8>, Vec<u8>)> {
@@ -186,40 +122,6 @@ fn stored_checkpoint(m: &Plait, namespace: &str) -> Option<(i64, Vec<u8>, Vec<u8
             })
         }
     }
-}
-
-/// Everything a mirror stores, as bytes to search: the files of its data dir (the
-/// embedded store, its journal) or every row of every table of its database.
-fn raw_storage(m: &Plait) -> Vec<u8> {
-    let mut all = Vec::new();
-    for e in std::fs::read_dir(m.data_dir()).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            all.extend(std::fs::read(&p).unwrap_or_default());
-        }
-    }
-    if let Store::Postgres(url) = &m.store {
-        let pg = plait_tests::pg::cluster();
-        let tables = pg.psql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'");
-        for t in tables.lines().filter(|l| !l.is_empty()) {
-            // Rows as text: bytea shows as hex, so the search also looks for hex below.
-            all.extend(
-                pg.psql(url, &format!("SELECT t::text FROM \"{t}\" t"))
-                    .into_bytes(),
-            );
-        }
-    }
-    all
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Whether `raw` holds `s`, as is or hex-encoded (Postgres shows bytea as hex).
-fn holds(raw: &[u8], s: &str) -> bool {
-    let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
-    contains(raw, s.as_bytes()) || contains(raw, hex.as_bytes())
 }
 
 /// Checks the chain the way a mirror does and opens each segment with O's key; returns
@@ -418,7 +320,7 @@ async fn join_as_bare_node(m: &Plait, dir: &Path) -> (plait_bridge::node::Node, 
 }
 
 async fn ask(node: &plait_bridge::node::Node, m: plait_bridge::Identity, req: Request) -> Response {
-    let deadline = Instant::now() + T;
+    let deadline = Instant::now() + WAIT;
     loop {
         match node.mirror(m, req.clone()).await {
             Ok(r) => return r,
@@ -633,7 +535,7 @@ async fn a_checkpoint_compacts_what_the_mirror_keeps(store: Store) {
     assert!(before > 5 * 20_000, "{before}");
 
     overwrite(5).await;
-    let deadline = Instant::now() + T;
+    let deadline = Instant::now() + WAIT;
     while !(stored_checkpoint(&m, &oid).is_some() && synced()) {
         assert!(
             Instant::now() < deadline,

@@ -3,65 +3,13 @@
 //! (`kill -9`); a third server N joins M's network only afterwards (so it never saw O's
 //! record) and looks O up: the record it finds, kept by M, names M. Both stores.
 
-use std::process::Command;
-use std::time::{Duration, Instant};
-
+use plait_tests::mirror::{another, id, ok, on, p2p_plait, until};
 use plait_tests::on_both_stores;
-use plait_tests::plait::{Plait, Store, binary};
-
-const T: Duration = Duration::from_secs(30);
-
-fn p2p_plait(store: Store) -> Plait {
-    Plait::start_with_env(
-        store,
-        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
-        &[("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "200")],
-    )
-}
-
-fn another(store: &Store) -> Store {
-    match store {
-        Store::Embedded => Store::Embedded,
-        Store::Postgres(_) => Store::fresh_postgres(),
-    }
-}
-
-fn plait(p: &Plait, args: &[&str]) -> (bool, String) {
-    let out = Command::new(binary())
-        .args(args)
-        .arg("--data-dir")
-        .arg(p.data_dir())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text.trim().to_string())
-}
-
-fn ok(p: &Plait, args: &[&str]) -> String {
-    let (success, text) = plait(p, args);
-    assert!(success, "plait {args:?} failed: {text}\nserver log:\n{}", p.log());
-    text
-}
-
-fn id(p: &Plait) -> String {
-    ok(p, &["keygen"]).lines().last().unwrap().to_string()
-}
-
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use plait_tests::plait::{Plait, Store};
 
 /// The record `p` finds for `id` (`plait resolve`), if the lookup succeeds.
 fn resolve(p: &Plait, id: &str) -> Option<serde_json::Value> {
-    let (found, text) = plait(p, &["resolve", id]);
+    let (found, text) = on(p, &["resolve", id]);
     found.then(|| serde_json::from_str(&text).unwrap())
 }
 

@@ -15,8 +15,9 @@ use plait_bridge::Keypair;
 use plait_bridge::mirror::{ChainHead, Descriptor, SealKey};
 use plait_server::braid::frame::Decoder;
 use plait_server::mirror::batch;
+use plait_tests::mirror::{another, holds, id, ok, p2p_plait, put, raw_storage};
 use plait_tests::on_both_stores;
-use plait_tests::plait::{Plait, Store, binary};
+use plait_tests::plait::{Plait, Store};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -26,58 +27,6 @@ const SECRETS: [&str; 3] = [
     "over-http-hunter2-ZQY2",
     "over-http-binary-payload-ZQY3",
 ];
-
-fn p2p_plait(store: Store) -> Plait {
-    Plait::start_with_env(
-        store,
-        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
-        &[("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "200")],
-    )
-}
-
-fn another(store: &Store) -> Store {
-    match store {
-        Store::Embedded => Store::Embedded,
-        Store::Postgres(_) => Store::fresh_postgres(),
-    }
-}
-
-fn ok(p: &Plait, args: &[&str]) -> String {
-    let out = std::process::Command::new(binary())
-        .args(args)
-        .arg("--data-dir")
-        .arg(p.data_dir())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "plait {args:?} failed: {text}\nserver log:\n{}",
-        p.log()
-    );
-    text.trim().to_string()
-}
-
-fn id(p: &Plait) -> String {
-    ok(p, &["keygen"]).lines().last().unwrap().to_string()
-}
-
-async fn put(p: &Plait, path: &str, ty: &str, body: &[u8]) {
-    let (k, v) = p.owner_auth();
-    let r = reqwest::Client::new()
-        .put(p.url(path))
-        .header(k, v)
-        .header("Content-Type", ty)
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "PUT {path}: {}", r.status());
-}
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -205,35 +154,6 @@ fn has(entries: &[batch::Entry], path: &str, secret: &str) -> bool {
         e.path.as_str().trim_start_matches('/') == path
             && e.data.windows(secret.len()).any(|w| w == secret.as_bytes())
     })
-}
-
-/// Everything a mirror stores, as bytes to search: its data dir's files, or every row of
-/// every table of its database (bytea shown as hex).
-fn raw_storage(m: &Plait) -> Vec<u8> {
-    let mut all = Vec::new();
-    for e in std::fs::read_dir(m.data_dir()).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            all.extend(std::fs::read(&p).unwrap_or_default());
-        }
-    }
-    if let Store::Postgres(url) = &m.store {
-        let pg = plait_tests::pg::cluster();
-        let tables = pg.psql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'");
-        for t in tables.lines().filter(|l| !l.is_empty()) {
-            all.extend(
-                pg.psql(url, &format!("SELECT t::text FROM \"{t}\" t"))
-                    .into_bytes(),
-            );
-        }
-    }
-    all
-}
-
-fn holds(raw: &[u8], s: &str) -> bool {
-    let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
-    let found = |n: &[u8]| raw.windows(n.len()).any(|w| w == n);
-    found(s.as_bytes()) || found(hex.as_bytes())
 }
 
 async fn a_subscriber_follows_and_decrypts_what_the_mirror_keeps(store: Store) {
