@@ -5,7 +5,7 @@
 //! writes under `/~<O>/…` from its own owner: a text edit, a JSON change and a new bytes
 //! resource, which it seals to O and pushes to M on its own chain. O restarts and its
 //! resources hold both its own unsealed writes and D's, merged. M's storage holds none of
-//! D's plaintext. D with a certificate that is not O's signature has its pushes refused
+//! D's plaintext. Once O revokes D, what D seals after is not merged. D with a certificate that is not O's signature has its pushes refused
 //! (`bad-certificate`). Both stores.
 
 use std::path::Path;
@@ -169,6 +169,41 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
         holds(&raw_storage(&d), SECRETS[2]),
         "the search finds what is there"
     );
+
+    // Revoked, D may still push (M does not know), but O merges nothing D sealed after.
+    ok(&o, &["device", "revoke", &device]);
+    let held = || async {
+        let (k, v) = m.owner_auth();
+        let r = reqwest::Client::new()
+            .get(m.url(&format!("/.well-known/plait/mirror/{device}")))
+            .header(k, v)
+            .send()
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        v["head"].as_u64().unwrap()
+    };
+    let before = held().await;
+    assert!(before >= 1, "M holds D's chain");
+    put(
+        &d,
+        &format!("/~{oid}/late"),
+        "text/plain",
+        b"after-the-revocation-DW4",
+    )
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while held().await == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "D never pushed its late write"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, body) = get(&o, "/late").await;
+    assert!(!has(&body, "DW4"), "a revoked device's later write is not merged");
+    assert!(o.log().contains("revoked device"), "{}", o.log());
 
     // A device whose certificate is not its owner's signature is refused by M.
     let mut dev: serde_json::Value =
