@@ -119,6 +119,10 @@ pub async fn start_device(
 struct Merged {
     seq: u64,
     hash: [u8; 32],
+    /// The device was revoked and its chain reached past its revocation: nothing more of
+    /// it is merged, nor fetched.
+    #[serde(default)]
+    closed: bool,
 }
 
 /// The owner merging its devices' writes (see the module doc).
@@ -167,6 +171,9 @@ impl Merger {
         let mut merged = self.merged().await?;
         let mut n = 0;
         for (device, entry) in devices {
+            if merged.get(&device).is_some_and(|m| m.closed) {
+                continue;
+            }
             for &mirror in &mirrors {
                 match self
                     .merge_from(mirror, device, entry.revoked_ms, &mut merged)
@@ -246,6 +253,10 @@ impl Merger {
                 }
                 if revoked_ms.is_some_and(|r| d.at_ms >= r) {
                     tracing::info!(%device, seq = d.seq, "not merging what a revoked device sealed after its revocation");
+                    merged.entry(device).or_default().closed = true;
+                    self.storage
+                        .put_setting(MERGED_SETTING, &serde_json::to_string(&merged)?)
+                        .await?;
                     return Ok(n);
                 }
                 let plain = self
@@ -262,6 +273,7 @@ impl Merger {
                     Merged {
                         seq: chain.seq,
                         hash: chain.hash,
+                        closed: false,
                     },
                 );
                 self.storage
@@ -346,5 +358,102 @@ impl Merger {
             i += 1;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::sqlite::SqliteStorage;
+    use crate::storage::{CommitLimits, NewChange, Target};
+    use bytes::Bytes;
+    use plait_bridge::mirror::Descriptor;
+
+    fn change(v: &str, author: Option<Identity>) -> NewChange {
+        NewChange {
+            version: v.into(),
+            parents: String::new(),
+            author,
+            at_ms: 1,
+            data: Bytes::copy_from_slice(v.as_bytes()),
+            meta: None,
+            blob: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_device_seals_only_its_users_writes_on_its_own_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap());
+        let owner = Keypair::generate();
+        let device = Keypair::generate();
+        let (owner_key, own) = (SealKey::generate(), SealKey::generate());
+        let start = || {
+            let as_device = AsDevice {
+                cert: DeviceCert::sign(&owner, device.identity(), 1, 0),
+                mirrors: Vec::new(),
+            };
+            let seal = Seal {
+                current: own.clone(),
+                retired: Vec::new(),
+                devices: vec![owner_key.recipient()],
+            };
+            Owner::start_device(
+                s.clone(),
+                Keypair::from_secret_bytes(&device.secret_bytes()),
+                as_device,
+                seal,
+                Default::default(),
+            )
+        };
+        // Restored from the owner: no author.
+        let key = ResourceKey::new(owner.identity(), ResourcePath::new("notes").unwrap());
+        let target = Target::Create {
+            key: key.clone(),
+            kind: Kind::Text,
+            media_type: "text/plain".into(),
+        };
+        s.append(target, vec![change("o-1", None)]).await.unwrap();
+        let sealer = start().await.unwrap();
+        assert_eq!(sealer.seal_pending().await.unwrap(), 0, "nothing of its own");
+
+        // The device's user writes; the owner's next change arrives too.
+        let l = s.load(&key).await.unwrap().unwrap();
+        let target = Target::Existing {
+            id: l.row.id,
+            after: l.row.head_seq,
+        };
+        s.append(
+            target,
+            vec![change("d-1", Some(device.identity())), change("o-2", None)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(sealer.seal_pending().await.unwrap(), 1);
+        assert!(
+            s.segments(&owner.identity(), 1, 9, u64::MAX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let rows = s.segments(&device.identity(), 1, 9, u64::MAX).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let d = Descriptor::from_bytes(&rows[0].descriptor).unwrap();
+        assert_eq!(d.namespace, device.identity(), "the device's own chain");
+        assert!(d.verify_signature());
+        // Sealed to the owner and to the device itself.
+        for k in [&owner_key, &own] {
+            let plain = plait_bridge::mirror::open(k, &rows[0].ciphertext).unwrap();
+            let e = batch::decode(&plain).unwrap();
+            assert_eq!(e.len(), 1);
+            assert_eq!((e[0].path.as_str(), e[0].data.as_ref()), ("notes", &b"d-1"[..]));
+        }
+
+        // A restart goes on from there.
+        drop(sealer);
+        let again = start().await.unwrap();
+        assert_eq!(again.sealed_seq(), 1);
+        assert_eq!(again.seal_pending().await.unwrap(), 0);
     }
 }

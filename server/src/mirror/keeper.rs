@@ -93,9 +93,16 @@ impl Keeper {
             .find(|s| s.descriptor.seq == seq))
     }
 
-    /// Bytes `namespace`'s segments occupy here.
+    /// Bytes `namespace`'s segments occupy here, with the chains of the devices that
+    /// pushed under its grant (what its quota counts).
     pub async fn used(&self, namespace: &Identity) -> Result<u64, StorageError> {
-        self.storage.segment_bytes(namespace).await
+        let mut used = self.storage.segment_bytes(namespace).await?;
+        for (device, o) in self.device_owners().await? {
+            if o == *namespace {
+                used += self.storage.segment_bytes(&device).await?;
+            }
+        }
+        Ok(used)
     }
 
     /// Where the stored chain of `namespace` stands (its last segment, or its checkpoint).
@@ -210,28 +217,12 @@ impl Keeper {
     }
 
     /// The devices that pushed here, each with the owner it speaks for.
-    async fn device_owners(&self) -> Result<std::collections::BTreeMap<Identity, Identity>, Refusal> {
-        match self
-            .storage
-            .get_setting(DEVICE_OWNERS_SETTING)
-            .await
-            .map_err(unavailable)?
-        {
+    async fn device_owners(&self) -> Result<std::collections::BTreeMap<Identity, Identity>, StorageError> {
+        match self.storage.get_setting(DEVICE_OWNERS_SETTING).await? {
             Some(s) => serde_json::from_str(&s)
-                .map_err(|e| Refusal::Unavailable(format!("the {DEVICE_OWNERS_SETTING} setting: {e}"))),
+                .map_err(|e| StorageError::Corrupt(format!("the {DEVICE_OWNERS_SETTING} setting: {e}"))),
             None => Ok(Default::default()),
         }
-    }
-
-    /// Bytes `owner`'s segments and its devices' chains occupy here.
-    async fn used_by_owner(&self, owner: &Identity) -> Result<u64, Refusal> {
-        let mut used = self.storage.segment_bytes(owner).await.map_err(unavailable)?;
-        for (device, o) in self.device_owners().await? {
-            if o == *owner {
-                used += self.storage.segment_bytes(&device).await.map_err(unavailable)?;
-            }
-        }
-        Ok(used)
     }
 
     /// Checks and stores one segment; answers with the seq the chain now ends at.
@@ -247,7 +238,7 @@ impl Keeper {
             None => None,
             Some(g) => Some(Allowance {
                 quota: g.quota,
-                used: self.used_by_owner(&ns).await?,
+                used: self.used(&ns).await.map_err(unavailable)?,
             }),
         };
         self.store(segment, allowance).await
@@ -270,10 +261,10 @@ impl Keeper {
             None => None,
             Some(g) => Some(Allowance {
                 quota: g.quota,
-                used: self.used_by_owner(&cert.owner).await?,
+                used: self.used(&cert.owner).await.map_err(unavailable)?,
             }),
         };
-        let mut owners = self.device_owners().await?;
+        let mut owners = self.device_owners().await.map_err(unavailable)?;
         if owners.get(&ns) != Some(&cert.owner) && allowance.is_some() {
             owners.insert(ns, cert.owner);
             let json = serde_json::to_string(&owners).map_err(|e| Refusal::Unavailable(e.to_string()))?;
@@ -334,10 +325,7 @@ impl Keeper {
             .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
         let allowance = match grant {
             None => None,
-            Some(g) => Some((
-                g.quota,
-                self.storage.segment_bytes(&owner).await.map_err(unavailable)?,
-            )),
+            Some(g) => Some((g.quota, self.used(&owner).await.map_err(unavailable)?)),
         };
         self.bundles
             .put(owner, address, expires_ms, sealed, allowance, super::now_ms())
@@ -558,6 +546,11 @@ mod tests {
         );
         // One quota: the owner's segment fits beside the device's chain, then nothing more.
         assert_eq!(keeper.push(o_seg.clone()).await, Ok(1));
+        assert_eq!(
+            keeper.used(&owner.identity()).await.unwrap(),
+            quota,
+            "both counted"
+        );
         let s2 = seal(&device, &to, ChainHead::of(&s1.descriptor), b"x", 2).unwrap();
         assert!(matches!(
             keeper.push_device(cert, s2).await,
