@@ -15,8 +15,9 @@
 //! resources: automerge changes are imported (they merge), a snapshot's changes too, and
 //! a bytes value is written when it is newer than the owner's latest. How far each
 //! device's chain was merged is kept (the `mirror_device_merged` setting), so a restart
-//! goes on from there. A revoked device's segments sealed at or after its revocation are
-//! not merged. What is merged grows the owner's resources, so the owner's own sealer seals
+//! goes on from there. Of a revoked device, nothing sealed at or after its revocation
+//! (by the segment's signed time) nor past where its chain stood when the owner first
+//! looked after the revocation is merged; then its chain is closed. What is merged grows the owner's resources, so the owner's own sealer seals
 //! it on the owner's chain as usual, and other devices get it from there.
 //!
 //! Knows nothing of HTTP; mirrors are reached through the node's mirror protocol.
@@ -123,6 +124,11 @@ struct Merged {
     /// it is merged, nor fetched.
     #[serde(default)]
     closed: bool,
+    /// For a revoked device: where its chain stood on a mirror when the owner first
+    /// looked after the revocation. Nothing past it is merged, whatever time a segment
+    /// claims (a revoked device could date its segments back).
+    #[serde(default)]
+    cap: Option<u64>,
 }
 
 /// The owner merging its devices' writes (see the module doc).
@@ -212,20 +218,31 @@ impl Merger {
             Response::Head(h) => h,
             other => bail!("answered {other:?}"),
         };
-        let at = merged.get(&device).copied().unwrap_or_default();
+        let mut at = merged.get(&device).copied().unwrap_or_default();
+        let mut end = head.seq;
+        if revoked_ms.is_some() {
+            if at.cap.is_none() {
+                at.cap = Some(head.seq);
+                merged.insert(device, at);
+                self.storage
+                    .put_setting(MERGED_SETTING, &serde_json::to_string(&merged)?)
+                    .await?;
+            }
+            end = end.min(at.cap.unwrap_or(0));
+        }
         let mut chain = ChainHead {
             seq: at.seq,
             hash: at.hash,
         };
         let mut n = 0;
-        while chain.seq < head.seq {
+        while chain.seq < end {
             let list = match self
                 .ask(
                     mirror,
                     Request::Range {
                         namespace: device,
                         from: chain.seq + 1,
-                        to: head.seq,
+                        to: end,
                     },
                 )
                 .await?
@@ -240,7 +257,7 @@ impl Merger {
                     head.seq
                 );
             }
-            for s in list {
+            for s in list.into_iter().filter(|s| s.descriptor.seq <= end) {
                 let d = &s.descriptor;
                 if d.namespace != device
                     || d.seq != chain.seq + 1
@@ -252,12 +269,7 @@ impl Merger {
                     bail!("segment {} does not follow the device's chain", d.seq);
                 }
                 if revoked_ms.is_some_and(|r| d.at_ms >= r) {
-                    tracing::info!(%device, seq = d.seq, "not merging what a revoked device sealed after its revocation");
-                    merged.entry(device).or_default().closed = true;
-                    self.storage
-                        .put_setting(MERGED_SETTING, &serde_json::to_string(&merged)?)
-                        .await?;
-                    return Ok(n);
+                    return self.close(device, merged, d.seq).await.map(|()| n);
                 }
                 let plain = self
                     .owner
@@ -274,6 +286,7 @@ impl Merger {
                         seq: chain.seq,
                         hash: chain.hash,
                         closed: false,
+                        cap: at.cap,
                     },
                 );
                 self.storage
@@ -282,7 +295,25 @@ impl Merger {
                 n += 1;
             }
         }
+        if revoked_ms.is_some() && head.seq > end {
+            self.close(device, merged, end + 1).await?;
+        }
         Ok(n)
+    }
+
+    /// Merges nothing more of a revoked device, from segment `seq` on.
+    async fn close(
+        &self,
+        device: Identity,
+        merged: &mut BTreeMap<Identity, Merged>,
+        seq: u64,
+    ) -> anyhow::Result<()> {
+        tracing::info!(%device, seq, "not merging what a revoked device sealed after its revocation");
+        merged.entry(device).or_default().closed = true;
+        self.storage
+            .put_setting(MERGED_SETTING, &serde_json::to_string(&merged)?)
+            .await?;
+        Ok(())
     }
 
     /// Applies a device's entries to the owner's resources.
