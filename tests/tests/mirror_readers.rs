@@ -26,10 +26,11 @@ const SHARED_JSON: &str = "reader-shared-json-KPL2";
 const SHARED_BYTES: &str = "reader-shared-bytes-KPL3";
 const LIVE_BYTES: &str = "reader-shared-live-KPL4";
 const AFTER_UNSHARE: &str = "reader-after-unshare-KPL5";
-const PRIVATE: [&str; 3] = [
+const PRIVATE: [&str; 4] = [
     "reader-private-text-KPL6",
     "reader-private-json-KPL7",
     "reader-private-bytes-KPL8",
+    "reader-private-later-KPL9",
 ];
 
 fn last_line(s: &str) -> String {
@@ -206,7 +207,15 @@ async fn a_reader_follows_its_shared_part_and_nothing_else(store: Store, checkpo
     })
     .await;
 
-    // Live: a new write under /shared reaches R.
+    // Live: a new write under /shared reaches R; one under /personal, sealed with it,
+    // does not.
+    put(
+        &o,
+        "/personal/later.bin",
+        "application/octet-stream",
+        PRIVATE[3].as_bytes(),
+    )
+    .await;
     put(
         &o,
         "/shared/live.bin",
@@ -265,6 +274,7 @@ async fn a_reader_follows_its_shared_part_and_nothing_else(store: Store, checkpo
         "personal/notes/a",
         "personal/cfg",
         "personal/img.bin",
+        "personal/later.bin",
     ] {
         let path = format!("/~{oid}/{path}");
         assert_eq!(get_json(&r, &path).await, 404, "{path}");
