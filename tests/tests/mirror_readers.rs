@@ -305,6 +305,17 @@ async fn a_reader_follows_its_shared_part_and_nothing_else(store: Store, checkpo
     {
         assert!(!holds(&raw_m, s), "{s} in M's storage");
     }
+
+    // Unfollowed: no more fetching, what was fetched stays.
+    ok(&r, &["mirror", "unfollow", &oid]);
+    let (again, out) = on(&r, &["mirror", "unfollow", &oid]);
+    assert!(!again && out.contains("does not follow"), "{out}");
+    until("R's status drops O", || {
+        mirror_list(&r)["following"].get(&oid).is_none()
+    })
+    .await;
+    let (status, body) = get(&r, None, &format!("/~{oid}/shared/img.bin")).await;
+    assert_eq!((status, body.as_slice()), (200, SHARED_BYTES.as_bytes()));
 }
 
 async fn a_reader_from_the_first_segment(store: Store) {

@@ -216,6 +216,11 @@ impl Reader {
     /// Brings every followed chain up to its mirror's head once.
     pub async fn follow_once(&self) -> anyhow::Result<()> {
         let all = follows(&self.data_dir)?;
+        // An owner no longer followed leaves the status.
+        self.status
+            .lock()
+            .expect("follow status")
+            .retain(|owner, _| all.contains_key(owner));
         let mut positions = self.positions().await?;
         let seal = self.keys.seal();
         let mut keys = vec![&seal.current];
