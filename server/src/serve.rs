@@ -346,6 +346,32 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
             format!("{}/.well-known/plait/join", public_url.trim_end_matches('/')),
         ));
         owner.clone().run_sealer(data_dir.clone(), shutdown.clone());
+        crate::mirror::device_writes::Merger {
+            node: node.clone(),
+            engine: engine.clone(),
+            storage: storage.clone(),
+            owner: owner.clone(),
+            data_dir: data_dir.clone(),
+        }
+        .run(
+            std::time::Duration::from_millis(cfg.mirror.device_merge_interval_ms),
+            shutdown.clone(),
+        );
+        if let Some(device) = crate::mirror::device_writes::load_device(&data_dir)? {
+            let of = device.0.cert.owner;
+            crate::mirror::device_writes::start_device(
+                storage.clone(),
+                &instance.keys,
+                device,
+                cfg.mirror,
+                node.clone(),
+                &data_dir,
+                shutdown.clone(),
+            )
+            .await?;
+            access.set_device_of(of);
+            tracing::info!(owner = %of, "a device: its owner's writes under /~{of}/ are sealed for the owner");
+        }
         owner
             .clone()
             .run_pusher(node.clone(), data_dir.clone(), shutdown.clone());

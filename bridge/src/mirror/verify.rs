@@ -48,6 +48,10 @@ pub enum Refusal {
     /// No device bundle waits at this address: never kept, taken already, or expired.
     #[error("no device bundle here: the link was used already, has expired or is unknown")]
     NoBundle,
+    /// A device's push whose certificate is not its owner's signature over this device,
+    /// or has expired.
+    #[error("the device certificate is not valid for this segment's chain")]
+    BadCertificate,
 }
 
 impl Refusal {
@@ -65,6 +69,7 @@ impl Refusal {
             Refusal::Unavailable(_) => "unavailable",
             Refusal::StaleCheckpoint { .. } => "stale-checkpoint",
             Refusal::NoBundle => "no-bundle",
+            Refusal::BadCertificate => "bad-certificate",
         }
     }
 }

@@ -11,6 +11,7 @@
 //!          | 0x06 address(32) expires_ms:u64 len:u32 sealed(len)   keep a device's bundle
 //!          | 0x07 address(32)                                      take a device's bundle
 //!          | 0x08 ttl_secs:u64                                     an invite for a device
+//!          | 0x09 cert(148) descriptor(188) ciphertext(len)        a device pushes one segment
 //! response = 0x00 seq:u64                                          stored (acknowledged)
 //!          | 0x01 code:u8 a:u64 b:u64 c:u64 detail_len:u16 detail refused (see below)
 //!          | 0x02 count:u32 (descriptor(188) ciphertext(len))*     segments, in seq order
@@ -28,13 +29,19 @@
 //! 2 `over-quota` a=quota b=used c=len, 3 `bad-signature`, 4 `replayed` a=seq b=head,
 //! 5 `broken-chain` a=seq b=head, 6 `length-mismatch` a=len b=got, 7 `hash-mismatch`,
 //! 8 `too-large` a=len b=max, 9 `unavailable` with a detail, 10 `stale-checkpoint`
-//! a=upto b=held, 11 `no-bundle`).
+//! a=upto b=held, 11 `no-bundle`, 12 `bad-certificate`).
 //!
 //! A device's key bundle (see [`super::device`]) is kept with `0x06` by an owner the
 //! mirror granted storage, answered `0x00 0`, and given once, to whoever names its
 //! address, with `0x07`; a bundle larger than [`MAX_BUNDLE_BYTES`] is not read. With
 //! `0x08` such an owner asks for a one-use invite to the mirror's network, valid at most
 //! [`MAX_INVITE_TTL_SECS`], which its device link carries.
+//!
+//! A device pushes its own chain (its writes to its owner's namespace, signed by the
+//! device's key) with `0x09`: the segment as in `0x01`, preceded by the device's
+//! certificate ([`DeviceCert`], signed by the owner), so the mirror stores it under the
+//! owner's grant; `bad-certificate` when the certificate is not the owner's for this
+//! chain or has expired, `no-grant` when the owner holds no grant.
 //!
 //! **A push is cut at the first limit.** The descriptor comes first; when it declares
 //! more than [`MAX_SEGMENT_BYTES`] the ciphertext is never read (the request becomes
@@ -49,7 +56,7 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::checkpoint::{CHECKPOINT_LEN, Checkpoint, SealedCheckpoint};
 use super::descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor};
-use super::device::MAX_BUNDLE_BYTES;
+use super::device::{CERT_LEN, DeviceCert, MAX_BUNDLE_BYTES};
 use super::segment::SealedSegment;
 use super::verify::Refusal;
 use crate::identity::Identity;
@@ -98,6 +105,16 @@ pub enum Request {
     TakeBundle { address: [u8; 32] },
     /// A one-use invite to the mirror's network, for a device of the asking owner.
     Invite { ttl_secs: u64 },
+    /// Store this segment of a device's chain, under the grant of the owner that
+    /// certified the device.
+    DevicePush {
+        /// Boxed: it is large beside the other requests.
+        cert: Box<DeviceCert>,
+        segment: SealedSegment,
+    },
+    /// A device's push whose descriptor declared more than [`MAX_SEGMENT_BYTES`]: its
+    /// ciphertext was not read. Never sent; only made by the reader.
+    OversizeDevicePush(Descriptor),
 }
 
 /// A mirror's answer.
@@ -239,6 +256,23 @@ pub async fn read_request<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Reques
         8 => Ok(Request::Invite {
             ttl_secs: read_u64(io).await?,
         }),
+        9 => {
+            let mut c = [0u8; CERT_LEN];
+            io.read_exact(&mut c).await?;
+            let cert = Box::new(DeviceCert::from_bytes(&c).map_err(|e| bad(&e.to_string()))?);
+            let descriptor = read_descriptor(io).await?;
+            if descriptor.len > MAX_SEGMENT_BYTES {
+                return Ok(Request::OversizeDevicePush(descriptor));
+            }
+            let ciphertext = read_bytes(io, descriptor.len).await?;
+            Ok(Request::DevicePush {
+                cert,
+                segment: SealedSegment {
+                    descriptor,
+                    ciphertext,
+                },
+            })
+        }
         _ => Err(bad("unknown mirror request")),
     }
 }
@@ -298,6 +332,18 @@ pub fn encode_request(req: &Request) -> Vec<u8> {
             b.push(8);
             b.extend_from_slice(&ttl_secs.to_be_bytes());
         }
+        Request::DevicePush { cert, segment } => {
+            b.push(9);
+            b.extend_from_slice(&cert.to_bytes());
+            b.extend_from_slice(&segment.descriptor.to_bytes());
+            b.extend_from_slice(&segment.ciphertext);
+        }
+        // Only the tag and descriptor: what a reader keeps of an oversize device push
+        // (the certificate is not kept, so it is not sent; never sent anyway).
+        Request::OversizeDevicePush(d) => {
+            b.push(1);
+            b.extend_from_slice(&d.to_bytes());
+        }
     }
     b
 }
@@ -315,6 +361,7 @@ fn refusal_fields(r: &Refusal) -> (u8, u64, u64, u64, &str) {
         Refusal::Unavailable(why) => (9, 0, 0, 0, why.as_str()),
         Refusal::StaleCheckpoint { upto, held } => (10, *upto, *held, 0, ""),
         Refusal::NoBundle => (11, 0, 0, 0, ""),
+        Refusal::BadCertificate => (12, 0, 0, 0, ""),
     }
 }
 
@@ -335,6 +382,7 @@ fn refusal_from(code: u8, a: u64, b: u64, c: u64, detail: String) -> io::Result<
         9 => Refusal::Unavailable(detail),
         10 => Refusal::StaleCheckpoint { upto: a, held: b },
         11 => Refusal::NoBundle,
+        12 => Refusal::BadCertificate,
         _ => return Err(bad("unknown refusal")),
     })
 }
@@ -617,6 +665,7 @@ mod tests {
             Refusal::Unavailable("disk full".into()),
             Refusal::StaleCheckpoint { upto: 12, held: 13 },
             Refusal::NoBundle,
+            Refusal::BadCertificate,
         ] {
             let res = Response::Refused(r.clone());
             assert_eq!(read_res(&encode_response(&res)).unwrap(), res, "{}", r.reason());
@@ -757,5 +806,50 @@ mod tests {
         big.extend_from_slice(&[0; 40]);
         big.extend_from_slice(&((MAX_BUNDLE_BYTES + 1) as u32).to_be_bytes());
         assert!(read_req(&big).is_err());
+    }
+
+    #[test]
+    fn the_device_push_is_pinned() {
+        let owner = Keypair::from_secret_bytes(&[7; 32]);
+        let device = Keypair::from_secret_bytes(&[8; 32]);
+        let cert = DeviceCert::sign(&owner, device.identity(), 1_700_000_000_000, 0);
+        let d = Descriptor::sign(&device, ChainHead::default(), b"abc", 1_700_000_000_001);
+        let push = Request::DevicePush {
+            cert: Box::new(cert.clone()),
+            segment: SealedSegment {
+                descriptor: d.clone(),
+                ciphertext: b"abc".to_vec(),
+            },
+        };
+        let b = encode_request(&push);
+        // 000  09                   a device pushes one segment
+        // 001  <148-byte certificate>
+        // 095  <188-byte descriptor, signed by the device>
+        // 151  616263               the 3 ciphertext bytes
+        assert_eq!(b.len(), 1 + 148 + 188 + 3);
+        assert_eq!(hex(&b[..1]), "09");
+        assert_eq!(&b[1..149], &cert.to_bytes());
+        assert_eq!(&b[149..337], &d.to_bytes());
+        assert_eq!(hex(&b[337..]), "616263");
+        assert_eq!(read_req(&b).unwrap(), push);
+
+        // 01 0c 0.. 0.. 0.. 0000: refused, bad-certificate
+        let refused = Response::Refused(Refusal::BadCertificate);
+        assert_eq!(
+            hex(&encode_response(&refused)),
+            "010c\
+             0000000000000000\
+             0000000000000000\
+             0000000000000000\
+             0000"
+        );
+
+        // A device push declaring more than a push carries is not read past its descriptor.
+        let big = vec![0u8; (MAX_SEGMENT_BYTES + 1) as usize];
+        let d = Descriptor::sign(&device, ChainHead::default(), &big, 1);
+        let mut b = vec![9u8];
+        b.extend_from_slice(&cert.to_bytes());
+        b.extend_from_slice(&d.to_bytes());
+        assert_eq!(read_req(&b).unwrap(), Request::OversizeDevicePush(d));
     }
 }

@@ -10,7 +10,8 @@
 //!    *master* namespace (accounts, sessions) nobody's.
 //! 2. An account does anything in its own namespace; in other namespaces than the
 //!    instance's, `private…` paths are their account's alone, and nobody else writes there
-//!    (another instance's replica only grows by its home's changes).
+//!    (another instance's replica only grows by its home's changes) — except on a
+//!    device of that identity (`plait device join`), whose owner writes there too.
 //! 3. The owner does anything else; a limited token does what its prefixes allow.
 //! 4. Otherwise the rules decide ([`rules`]): deny entries win; the longest matching rule
 //!    listing the operation says who may. Without a rule, other namespaces are readable,
@@ -237,6 +238,9 @@ struct Inner {
     /// The parts of the namespace the owner shares with readers (`plait mirror share`):
     /// each lets its reader read its prefix, as a rule listing it would.
     shares: crate::mirror::shares::Shares,
+    /// On a device (`plait device join`): the owner whose namespace this instance's
+    /// owner writes too.
+    device_of: std::sync::OnceLock<Identity>,
 }
 
 fn is_private(path: &ResourcePath) -> bool {
@@ -270,6 +274,7 @@ impl Access {
                 changed: watch::channel(0).0,
                 nonces: signature::NonceCache::new(settings.signature_nonce_cache.max(1)),
                 shares,
+                device_of: std::sync::OnceLock::new(),
                 settings,
             }),
         }
@@ -402,6 +407,12 @@ impl Access {
         Ok(v)
     }
 
+    /// Makes this instance a device of `owner`: its owner writes in `owner`'s namespace
+    /// as in its own (the writes are sealed to the owner, who merges them).
+    pub fn set_device_of(&self, owner: Identity) {
+        let _ = self.inner.device_of.set(owner);
+    }
+
     /// The caller an identity that proved itself makes (the owner's key is the owner).
     pub fn identity(&self, id: Identity, member: bool) -> Caller {
         if id == self.inner.owner {
@@ -434,6 +445,9 @@ impl Access {
             ));
         }
         if caller.account().is_some_and(|a| a.identity == key.namespace) {
+            return Ok(());
+        }
+        if matches!(caller, Caller::Owner) && i.device_of.get() == Some(&key.namespace) {
             return Ok(());
         }
         let instance = key.namespace == i.owner;

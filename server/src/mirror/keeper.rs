@@ -6,7 +6,11 @@
 //! the chain head and usage a check sees are the ones its store lands on. Segments are
 //! served by namespace and sequence range, to anyone the node lets ask (members), and
 //! followed: [`Keeper::follow`] wakes when a namespace's chain grows in this process
-//! (`http::mirror` streams it over Braid-HTTP). Knows nothing of what segments hold.
+//! (`http::mirror` streams it over Braid-HTTP). A device's chain (its writes to its
+//! owner's namespace, [`Keeper::push_device`]) is taken when its certificate is its
+//! owner's, under the owner's grant: the owner's segments and all its devices' chains
+//! held here count against one quota (the devices seen are kept in the
+//! `mirror_device_owners` setting). Knows nothing of what segments hold.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +21,8 @@ use plait_bridge::mirror::wire::{self, Request, Response};
 use plait_bridge::mirror::{
     Allowance, ChainHead, Checkpoint, Descriptor, Held, Refusal, SealedCheckpoint, SealedSegment,
 };
+
+use plait_bridge::mirror::device::DeviceCert;
 
 use super::bundles::Bundles;
 use super::grants::Grants;
@@ -33,6 +39,9 @@ pub struct Keeper {
     /// Bumped when a namespace's chain grows or is checkpointed here; subscribers wait on it.
     grown: tokio::sync::watch::Sender<u64>,
 }
+
+/// The setting keeping which owner each device that pushed here speaks for.
+const DEVICE_OWNERS_SETTING: &str = "mirror_device_owners";
 
 fn unavailable(e: StorageError) -> Refusal {
     Refusal::Unavailable(e.to_string())
@@ -84,9 +93,16 @@ impl Keeper {
             .find(|s| s.descriptor.seq == seq))
     }
 
-    /// Bytes `namespace`'s segments occupy here.
+    /// Bytes `namespace`'s segments occupy here, with the chains of the devices that
+    /// pushed under its grant (what its quota counts).
     pub async fn used(&self, namespace: &Identity) -> Result<u64, StorageError> {
-        self.storage.segment_bytes(namespace).await
+        let mut used = self.storage.segment_bytes(namespace).await?;
+        for (device, o) in self.device_owners().await? {
+            if o == *namespace {
+                used += self.storage.segment_bytes(&device).await?;
+            }
+        }
+        Ok(used)
     }
 
     /// Where the stored chain of `namespace` stands (its last segment, or its checkpoint).
@@ -200,6 +216,15 @@ impl Keeper {
         }))
     }
 
+    /// The devices that pushed here, each with the owner it speaks for.
+    async fn device_owners(&self) -> Result<std::collections::BTreeMap<Identity, Identity>, StorageError> {
+        match self.storage.get_setting(DEVICE_OWNERS_SETTING).await? {
+            Some(s) => serde_json::from_str(&s)
+                .map_err(|e| StorageError::Corrupt(format!("the {DEVICE_OWNERS_SETTING} setting: {e}"))),
+            None => Ok(Default::default()),
+        }
+    }
+
     /// Checks and stores one segment; answers with the seq the chain now ends at.
     pub async fn push(&self, segment: SealedSegment) -> Result<u64, Refusal> {
         let ns = segment.descriptor.namespace;
@@ -213,9 +238,48 @@ impl Keeper {
             None => None,
             Some(g) => Some(Allowance {
                 quota: g.quota,
-                used: self.storage.segment_bytes(&ns).await.map_err(unavailable)?,
+                used: self.used(&ns).await.map_err(unavailable)?,
             }),
         };
+        self.store(segment, allowance).await
+    }
+
+    /// Checks and stores one segment of a device's chain, under the grant of the owner
+    /// whose certificate it carries; answers with the seq the chain now ends at.
+    pub async fn push_device(&self, cert: DeviceCert, segment: SealedSegment) -> Result<u64, Refusal> {
+        let ns = segment.descriptor.namespace;
+        if cert.device != ns || !cert.check(super::now_ms()) {
+            return Err(Refusal::BadCertificate);
+        }
+        let lock = self.lock(ns);
+        let _held = lock.lock().await;
+        let grant = self
+            .grants
+            .of(&cert.owner)
+            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
+        let allowance = match grant {
+            None => None,
+            Some(g) => Some(Allowance {
+                quota: g.quota,
+                used: self.used(&cert.owner).await.map_err(unavailable)?,
+            }),
+        };
+        let mut owners = self.device_owners().await.map_err(unavailable)?;
+        if owners.get(&ns) != Some(&cert.owner) && allowance.is_some() {
+            owners.insert(ns, cert.owner);
+            let json = serde_json::to_string(&owners).map_err(|e| Refusal::Unavailable(e.to_string()))?;
+            self.storage
+                .put_setting(DEVICE_OWNERS_SETTING, &json)
+                .await
+                .map_err(unavailable)?;
+        }
+        self.store(segment, allowance).await
+    }
+
+    /// Checks a segment against the chain held and `allowance`, then stores it. The
+    /// caller holds the chain's lock.
+    async fn store(&self, segment: SealedSegment, allowance: Option<Allowance>) -> Result<u64, Refusal> {
+        let ns = segment.descriptor.namespace;
         let head = self.head(&ns).await.map_err(unavailable)?;
         plait_bridge::mirror::check(&segment.descriptor, &segment.ciphertext, head, allowance)?;
         let seq = segment.descriptor.seq;
@@ -261,10 +325,7 @@ impl Keeper {
             .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
         let allowance = match grant {
             None => None,
-            Some(g) => Some((
-                g.quota,
-                self.storage.segment_bytes(&owner).await.map_err(unavailable)?,
-            )),
+            Some(g) => Some((g.quota, self.used(&owner).await.map_err(unavailable)?)),
         };
         self.bundles
             .put(owner, address, expires_ms, sealed, allowance, super::now_ms())
@@ -311,7 +372,17 @@ impl Keeper {
                     }
                 }
             }
-            Request::Oversize(d) => Response::Refused(Refusal::TooLarge {
+            Request::DevicePush { cert, segment } => {
+                let (owner, ns, seq) = (cert.owner, segment.descriptor.namespace, segment.descriptor.seq);
+                match self.push_device(*cert, segment).await {
+                    Ok(seq) => Response::Stored { seq },
+                    Err(r) => {
+                        tracing::info!(%from, %owner, device = %ns, seq, reason = r.reason(), "device push refused: {r}");
+                        Response::Refused(r)
+                    }
+                }
+            }
+            Request::Oversize(d) | Request::OversizeDevicePush(d) => Response::Refused(Refusal::TooLarge {
                 len: d.len,
                 max: wire::MAX_SEGMENT_BYTES,
             }),
@@ -420,5 +491,70 @@ mod tests {
                 max: wire::MAX_SEGMENT_BYTES
             })
         );
+    }
+
+    #[tokio::test]
+    async fn a_device_chain_is_taken_under_its_owners_grant_and_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
+        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()));
+        let owner = Keypair::generate();
+        let device = Keypair::generate();
+        let stranger = Keypair::generate();
+        let to = [SealKey::generate().recipient()];
+        let cert = DeviceCert::sign(&owner, device.identity(), 1, 0);
+        let s1 = seal(&device, &to, ChainHead::default(), b"device write", 1).unwrap();
+
+        // No grant for the owner; a plain push of a device's chain has none either.
+        assert_eq!(
+            keeper.push_device(cert.clone(), s1.clone()).await,
+            Err(Refusal::NoGrant)
+        );
+        assert_eq!(keeper.push(s1.clone()).await, Err(Refusal::NoGrant));
+        let o_seg = seal(&owner, &to, ChainHead::default(), &[1; 300], 1).unwrap();
+        let quota = 188 + o_seg.ciphertext.len() as u64 + 188 + s1.ciphertext.len() as u64;
+        Grants::new(dir.path()).grant(owner.identity(), quota).unwrap();
+        // Certificates that are not the owner's for this chain.
+        let other = DeviceCert::sign(&owner, stranger.identity(), 1, 0);
+        assert_eq!(
+            keeper.push_device(other, s1.clone()).await,
+            Err(Refusal::BadCertificate)
+        );
+        let forged = DeviceCert::sign(&stranger, device.identity(), 1, 0);
+        assert_eq!(
+            keeper.push_device(forged, s1.clone()).await,
+            Err(Refusal::NoGrant)
+        );
+        let expired = DeviceCert::sign(&owner, device.identity(), 1, 2);
+        assert_eq!(
+            keeper.push_device(expired, s1.clone()).await,
+            Err(Refusal::BadCertificate)
+        );
+        let mut bytes = cert.to_bytes();
+        bytes[100] ^= 1;
+        let tampered = DeviceCert::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            keeper.push_device(tampered, s1.clone()).await,
+            Err(Refusal::BadCertificate)
+        );
+
+        assert_eq!(keeper.push_device(cert.clone(), s1.clone()).await, Ok(1));
+        assert_eq!(
+            keeper.range(&device.identity(), 1, 9).await.unwrap(),
+            vec![s1.clone()]
+        );
+        // One quota: the owner's segment fits beside the device's chain, then nothing more.
+        assert_eq!(keeper.push(o_seg.clone()).await, Ok(1));
+        assert_eq!(
+            keeper.used(&owner.identity()).await.unwrap(),
+            quota,
+            "both counted"
+        );
+        let s2 = seal(&device, &to, ChainHead::of(&s1.descriptor), b"x", 2).unwrap();
+        assert!(matches!(
+            keeper.push_device(cert, s2).await,
+            Err(Refusal::OverQuota { .. })
+        ));
     }
 }

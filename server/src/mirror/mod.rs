@@ -8,6 +8,8 @@
 //! * [`bundles`]: devices' sealed key bundles a mirror keeps until their link is used.
 //! * [`devices`]: the owner making a device link (`plait device link`).
 //! * [`join`]: a device joining with a link and restoring the owner's namespace.
+//! * [`device_writes`]: a device sealing its writes to the owner's namespace, the owner
+//!   merging them.
 //! * [`grants`]: the mirror operator's consent (`plait mirror grant|revoke|list`).
 //! * [`holders`]: naming the mirrors that hold this owner's segments in its DHT record.
 //! * [`shares`]: the parts of its namespace the owner seals to readers (`plait mirror share`).
@@ -19,6 +21,7 @@
 
 pub mod batch;
 pub mod bundles;
+pub mod device_writes;
 pub mod devices;
 pub mod grants;
 pub mod holders;
@@ -85,6 +88,9 @@ pub struct MirrorSettings {
     /// How often a reader asks a mirror whether the chains it follows grew
     /// (`plait mirror follow`).
     pub follow_interval_ms: u64,
+    /// How often the owner looks for its devices' writes on its mirrors and merges them
+    /// (it does at start too).
+    pub device_merge_interval_ms: u64,
 }
 
 /// The largest `segment_max_bytes`: a segment must fit one push
@@ -100,6 +106,7 @@ impl Default for MirrorSettings {
             checkpoint_min_bytes: 4 << 20,
             http_max_descriptors: 1000,
             follow_interval_ms: 1000,
+            device_merge_interval_ms: 5000,
         }
     }
 }
@@ -116,6 +123,9 @@ impl MirrorSettings {
         }
         if self.follow_interval_ms == 0 {
             return Err("mirror.follow_interval_ms must be at least 1".into());
+        }
+        if self.device_merge_interval_ms == 0 {
+            return Err("mirror.device_merge_interval_ms must be at least 1".into());
         }
         if self.segment_max_delay_ms == 0 {
             return Err("mirror.segment_max_delay_ms must be at least 1".into());

@@ -36,6 +36,14 @@
 //! the mirror's chain stands and pushes the segments after it, one request each, stopping
 //! at the first refusal (logged with its reason) and trying again later. So a restarted
 //! owner, or a mirror that was away, resumes from the mirror's acknowledged sequence.
+//!
+//! **As a device.** The same sealer and pushers run on a device for its writes to its
+//! owner's namespace ([`Owner::start_device`]): they list the owner's namespace but seal
+//! only the changes the device's own user made (not what it restored or replicated from
+//! the owner), into the device's own chain — descriptors signed by the device's key,
+//! sealed to the owner's seal key and the device's own — kept as the `mirror_device_sealed`
+//! setting, pushed with the device's certificate (`DevicePush`) to the mirrors its link
+//! named, and never checkpointed. The owner merges that chain (`device_writes`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -64,6 +72,8 @@ use crate::storage::{Storage, StorageError};
 pub const MIRRORS_FILE: &str = "mirrors.json";
 /// The setting that keeps what has been sealed.
 const SEALED_SETTING: &str = "mirror_sealed";
+/// The setting that keeps what a device has sealed of its writes.
+const DEVICE_SEALED_SETTING: &str = "mirror_device_sealed";
 /// How often a pusher tries again when nothing new was sealed (a mirror came back, a
 /// grant was given).
 const PUSH_RETRY: Duration = Duration::from_secs(5);
@@ -162,10 +172,24 @@ pub struct PushStatus {
     pub last_ok_ms: Option<u64>,
 }
 
-/// The owner side of one instance.
+/// What a device seals as: the certificate its pushes carry and the mirrors it pushes to.
+#[derive(Clone)]
+pub struct AsDevice {
+    pub cert: plait_bridge::mirror::device::DeviceCert,
+    pub mirrors: Vec<Identity>,
+}
+
+/// The owner side of one instance (or a device's writes to its owner's namespace).
 pub struct Owner {
     storage: Arc<dyn Storage>,
+    /// Signs the chain: the chain is `keys.identity()`'s.
     keys: Keypair,
+    /// The namespace whose resources are sealed: the owner's (on a device too).
+    namespace: Identity,
+    /// Set on a device: only its user's writes are sealed, pushed with its certificate.
+    device: Option<AsDevice>,
+    /// The setting that keeps what has been sealed.
+    setting: &'static str,
     /// The keys sealing and opening segments; replaced when a device is linked or revoked.
     seal: Mutex<Seal>,
     settings: MirrorSettings,
@@ -256,9 +280,39 @@ impl Owner {
         seal: impl Into<Seal>,
         settings: MirrorSettings,
     ) -> anyhow::Result<Arc<Owner>> {
-        let seal: Seal = seal.into();
-        let mut sealed: Sealed = match storage.get_setting(SEALED_SETTING).await? {
-            Some(s) => serde_json::from_str(&s).context("the mirror_sealed setting")?,
+        let namespace = keys.identity();
+        Owner::start_as(storage, keys, namespace, None, seal.into(), settings).await
+    }
+
+    /// A device's sealer: `keys` are the device's, `as_device.cert.owner` the namespace
+    /// whose writes (by the device's user) are sealed; `seal` is the device's own key
+    /// with the owner's recipient among its `devices`.
+    pub async fn start_device(
+        storage: Arc<dyn Storage>,
+        keys: Keypair,
+        as_device: AsDevice,
+        seal: Seal,
+        settings: MirrorSettings,
+    ) -> anyhow::Result<Arc<Owner>> {
+        let namespace = as_device.cert.owner;
+        Owner::start_as(storage, keys, namespace, Some(as_device), seal, settings).await
+    }
+
+    async fn start_as(
+        storage: Arc<dyn Storage>,
+        keys: Keypair,
+        namespace: Identity,
+        device: Option<AsDevice>,
+        seal: Seal,
+        settings: MirrorSettings,
+    ) -> anyhow::Result<Arc<Owner>> {
+        let setting = if device.is_some() {
+            DEVICE_SEALED_SETTING
+        } else {
+            SEALED_SETTING
+        };
+        let mut sealed: Sealed = match storage.get_setting(setting).await? {
+            Some(s) => serde_json::from_str(&s).with_context(|| format!("the {setting} setting"))?,
             None => Sealed::default(),
         };
         let ns = keys.identity();
@@ -285,6 +339,9 @@ impl Owner {
         Ok(Arc::new(Owner {
             storage,
             keys,
+            namespace,
+            device,
+            setting,
             seal: Mutex::new(seal),
             settings,
             sealed: tokio::sync::Mutex::new(sealed),
@@ -295,8 +352,34 @@ impl Owner {
         }))
     }
 
+    /// The namespace whose resources are sealed.
     pub fn namespace(&self) -> Identity {
+        self.namespace
+    }
+
+    /// The chain the segments make: the signer's (the owner's, or a device's).
+    pub fn chain(&self) -> Identity {
         self.keys.identity()
+    }
+
+    /// Opens a segment sealed to one of this sealer's keys (the owner opens its devices'
+    /// chains with it).
+    pub fn open(&self, ciphertext: &[u8]) -> Result<Vec<u8>, plait_bridge::mirror::SealError> {
+        self.seal.lock().expect("seal keys").open(ciphertext)
+    }
+
+    /// The mirrors this sealer pushes to: `mirrors.json`'s, or a device's link's.
+    fn mirror_ids(&self, data_dir: &Path) -> anyhow::Result<Vec<Identity>> {
+        match &self.device {
+            Some(d) => Ok(d.mirrors.clone()),
+            None => Ok(mirrors(data_dir)?.into_keys().collect()),
+        }
+    }
+
+    /// Whether a stored change is to be sealed: all of them on the owner, only its own
+    /// user's on a device (what it restored or replicated is the owner's already).
+    fn sealable(&self, author: Option<Identity>) -> bool {
+        self.device.is_none() || author == Some(self.keys.identity())
     }
 
     /// Seals and pushes now rather than at the next tick (a mirror was added).
@@ -330,6 +413,7 @@ impl Owner {
             // Last writer wins: the latest value is what a restore needs.
             if let (Some(c), Some(blob)) = (l.changes.last(), l.blob)
                 && c.seq > through
+                && self.sealable(c.author)
             {
                 out.push(Entry {
                     what: What::Value,
@@ -361,7 +445,11 @@ impl Owner {
                 data: snap,
             });
         }
-        for c in l.changes.into_iter().filter(|c| c.seq > through) {
+        for c in l
+            .changes
+            .into_iter()
+            .filter(|c| c.seq > through && self.sealable(c.author))
+        {
             out.push(Entry {
                 what: What::Change,
                 kind,
@@ -382,7 +470,12 @@ impl Owner {
         let mut sealed = self.sealed.lock().await;
         let ns = self.namespace();
         let max = self.settings.segment_max_bytes.max(1) as usize;
-        let shares = self.shares();
+        // A device's chain holds only its own writes, sealed to its owner: no shares.
+        let shares = if self.device.is_some() {
+            Vec::new()
+        } else {
+            self.shares()
+        };
         let mut made = 0;
         // A new share first gets its part's current state.
         let keys: std::collections::BTreeSet<String> = shares.iter().map(share_key).collect();
@@ -424,7 +517,13 @@ impl Owner {
                         readers: readers.into_values().collect(),
                     });
                 let key = ResourceKey::new(ns, r.path.clone());
-                for e in self.pending(&key, r.kind, &r.media_type, through).await? {
+                let pending = self.pending(&key, r.kind, &r.media_type, through).await?;
+                if pending.is_empty() && self.device.is_some() {
+                    // Nothing of the device's own: not looked at again until it grows.
+                    sealed.through.insert(r.path.as_str().to_string(), r.head_seq);
+                    changed = true;
+                }
+                for e in pending {
                     if !b.entries.is_empty() && b.len + e.encoded_len() > max {
                         self.seal_one(&mut sealed, std::mem::take(&mut b.entries), &b.readers)
                             .await?;
@@ -446,7 +545,7 @@ impl Owner {
         }
         if changed {
             self.storage
-                .put_setting(SEALED_SETTING, &serde_json::to_string(&*sealed)?)
+                .put_setting(self.setting, &serde_json::to_string(&*sealed)?)
                 .await?;
         }
         Ok(made)
@@ -486,7 +585,7 @@ impl Owner {
         entries: Vec<Entry>,
         extra: &[SealRecipient],
     ) -> anyhow::Result<()> {
-        let ns = self.namespace();
+        let ns = self.chain();
         let prev = super::chain_head(self.storage.as_ref(), &ns).await?;
         let plain = batch::encode(&entries);
         let mut to = self.recipients();
@@ -506,7 +605,7 @@ impl Owner {
         }
         sealed.seq = seq;
         self.storage
-            .put_setting(SEALED_SETTING, &serde_json::to_string(&*sealed)?)
+            .put_setting(self.setting, &serde_json::to_string(&*sealed)?)
             .await?;
         tracing::debug!(
             seq,
@@ -521,8 +620,13 @@ impl Owner {
     /// Makes a checkpoint if the segments since the last one outgrew the namespace (see
     /// the module doc); answers with its `upto` if one was made.
     pub async fn maybe_checkpoint(&self) -> anyhow::Result<Option<u64>> {
+        if self.device.is_some() {
+            // A device's chain holds only its writes; the owner's checkpoints stand for
+            // the namespace.
+            return Ok(None);
+        }
         let mut sealed = self.sealed.lock().await;
-        let ns = self.namespace();
+        let ns = self.chain();
         let head = super::chain_head(self.storage.as_ref(), &ns).await?;
         let held = self
             .storage
@@ -600,7 +704,7 @@ impl Owner {
     /// outbox (dropping the segments it supersedes there) and wakes the pushers. The
     /// caller holds the sealing lock.
     async fn checkpoint_at(&self, head: ChainHead) -> anyhow::Result<u64> {
-        let ns = self.namespace();
+        let ns = self.chain();
         let plain = batch::encode(&self.current_state("").await?);
         let sealed =
             plait_bridge::mirror::seal_checkpoint(&self.keys, &self.recipients(), head, &plain, now_ms())?;
@@ -638,7 +742,7 @@ impl Owner {
                     _ = tick.tick() => {}
                     _ = self.wake.notified() => {}
                 }
-                if !mirrors(&data_dir).is_ok_and(|m| !m.is_empty()) {
+                if !self.mirror_ids(&data_dir).is_ok_and(|m| !m.is_empty()) {
                     continue;
                 }
                 match shares.list() {
@@ -670,9 +774,9 @@ impl Owner {
         tokio::spawn(async move {
             let mut sealed = self.head.subscribe();
             loop {
-                match mirrors(&data_dir) {
+                match self.mirror_ids(&data_dir) {
                     Ok(list) => {
-                        for id in list.keys() {
+                        for id in &list {
                             let (checkpoint, last_ok_ms) = self
                                 .status
                                 .lock()
@@ -723,7 +827,7 @@ impl Owner {
         mirror: Identity,
         acked_checkpoint: u64,
     ) -> Result<u64, String> {
-        let ns = self.namespace();
+        let ns = self.chain();
         let Some(c) = self
             .storage
             .checkpoint(&ns, true)
@@ -757,7 +861,7 @@ impl Owner {
         mirror: Identity,
         acked_checkpoint: u64,
     ) -> Result<(u64, u64), (u64, String)> {
-        let ns = self.namespace();
+        let ns = self.chain();
         let checkpoint = self
             .push_checkpoint(node, mirror, acked_checkpoint)
             .await
@@ -820,7 +924,14 @@ impl Owner {
                     descriptor,
                     ciphertext: r.ciphertext.to_vec(),
                 };
-                match node.mirror(mirror, Request::Push(seg)).await {
+                let req = match &self.device {
+                    Some(d) => Request::DevicePush {
+                        cert: Box::new(d.cert.clone()),
+                        segment: seg,
+                    },
+                    None => Request::Push(seg),
+                };
+                match node.mirror(mirror, req).await {
                     Ok(Response::Stored { seq }) => acked = seq,
                     Ok(Response::Refused(r)) => return Err((acked, refusal_text(&r))),
                     Ok(other) => return Err((acked, format!("unexpected answer {other:?}"))),

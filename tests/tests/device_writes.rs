@@ -1,0 +1,229 @@
+//! A device's writes and the owner merging them, with real processes: an owner O writes
+//! text, JSON and bytes and pushes them, sealed, to a mirror M, prints a device link,
+//! then writes again (text and JSON) without sealing it and is killed with `kill -9`. A
+//! new data dir D joins with the link, restores every resource from M and, served, takes
+//! writes under `/~<O>/…` from its own owner: a text edit, a JSON change and a new bytes
+//! resource, which it seals to O and pushes to M on its own chain. O restarts and its
+//! resources hold both its own unsealed writes and D's, merged. M's storage holds none of
+//! D's plaintext. Once O revokes D, what D seals after is not merged. D with a certificate that is not O's signature has its pushes refused
+//! (`bad-certificate`). Both stores.
+
+use std::path::Path;
+use std::time::Duration;
+
+use plait_tests::mirror::{WAIT, another, holds, ok, p2p_plait, put, raw_storage, run, until};
+use plait_tests::on_both_stores;
+use plait_tests::plait::{Plait, Store};
+
+/// What D writes; none may appear in M's storage.
+const SECRETS: [&str; 3] = [
+    "device-text-secret-DW1",
+    "device-json-secret-DW2",
+    "device-bytes-secret-DW3",
+];
+
+fn last_line(s: &str) -> String {
+    s.lines().last().unwrap().trim().to_string()
+}
+
+/// `plait device join` into `dir`, on `store`.
+fn join(dir: &Path, store: &Store, link: &str) -> (bool, String) {
+    let dir = dir.to_str().unwrap();
+    let mut args = vec!["device", "join", "--data-dir", dir];
+    if let Store::Postgres(url) = store {
+        args.extend(["--database-url", url.as_str()]);
+    }
+    args.push(link);
+    run(&args)
+}
+
+async fn get(p: &Plait, path: &str) -> (u16, Vec<u8>) {
+    let (k, v) = p.owner_auth();
+    match reqwest::Client::new()
+        .get(p.url(path))
+        .header(k, v)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+    {
+        Ok(r) => (r.status().as_u16(), r.bytes().await.unwrap_or_default().to_vec()),
+        Err(_) => (0, Vec::new()),
+    }
+}
+
+/// Polls `p` until `path` satisfies `f`, for at most [`WAIT`]; the last body.
+async fn until_body(p: &Plait, path: &str, what: &str, f: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = get(p, path).await;
+        if status == 200 && f(&body) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out: {what}: {path} is {status} {}\nlog:\n{}",
+            String::from_utf8_lossy(&body),
+            p.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn has(body: &[u8], s: &str) -> bool {
+    String::from_utf8_lossy(body).contains(s)
+}
+
+async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
+    let m = p2p_plait(store.clone());
+    // O seals only when asked (`mirror add`) until it restarts: its writes after the
+    // link stay its own, so D's writes are concurrent with them. It merges every 300 ms.
+    let mut o = Plait::start_with_env(
+        another(&store),
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+        &[
+            ("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "600000"),
+            ("PLAIT_MIRROR__DEVICE_MERGE_INTERVAL_MS", "300"),
+        ],
+    );
+    let oid = last_line(&ok(&o, &["keygen"]));
+    ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]);
+
+    put(&o, "/notes", "text/plain", b"first line\n").await;
+    put(&o, "/cfg", "application/json", br#"{"a":1}"#).await;
+    put(&o, "/img.bin", "application/octet-stream", b"owner-bytes").await;
+    ok(&o, &["mirror", "add", &last_line(&ok(&m, &["invite"]))]);
+    let linked = ok(&o, &["device", "link"]);
+    let link = last_line(&linked);
+    let device = linked.split_whitespace().nth(1).unwrap().to_string();
+
+    // O writes again, not sealed, then is gone.
+    put(&o, "/notes", "text/plain", b"first line\nowner line\n").await;
+    put(&o, "/cfg", "application/json", br#"{"a":1,"o":true}"#).await;
+    o.kill9();
+
+    // D restores what M holds: O's writes before the link.
+    let dstore = another(&store);
+    let ddir = tempfile::tempdir().unwrap();
+    let (joined, out) = join(ddir.path(), &dstore, &link);
+    assert!(joined, "device join failed: {out}\nmirror log:\n{}", m.log());
+    assert!(out.contains("restored 3 resources"), "{out}");
+    let mut d = Plait::start_in(dstore, ddir.path(), &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"]);
+    let (status, body) = get(&d, &format!("/~{oid}/notes")).await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, &b"first line\n"[..]),
+        "{}",
+        d.log()
+    );
+
+    // D's owner writes under /~O/: a text edit, a JSON change, a new bytes resource.
+    let text = format!("{}\nfirst line\n", SECRETS[0]);
+    put(&d, &format!("/~{oid}/notes"), "text/plain", text.as_bytes()).await;
+    let json = format!(r#"{{"a":1,"d":"{}"}}"#, SECRETS[1]);
+    put(&d, &format!("/~{oid}/cfg"), "application/json", json.as_bytes()).await;
+    put(
+        &d,
+        &format!("/~{oid}/dev.bin"),
+        "application/octet-stream",
+        SECRETS[2].as_bytes(),
+    )
+    .await;
+    let (status, body) = get(&d, &format!("/~{oid}/notes")).await;
+    assert_eq!((status, body.as_slice()), (200, text.as_bytes()));
+    // Anyone else may not write there.
+    let r = reqwest::Client::new()
+        .put(d.url(&format!("/~{oid}/notes")))
+        .body("anonymous")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+
+    // O comes back and merges D's writes with its own.
+    o.restart();
+    let notes = until_body(&o, "/notes", "D's text edit merged", |b| has(b, SECRETS[0])).await;
+    let notes = String::from_utf8(notes).unwrap();
+    assert_eq!(
+        notes,
+        format!("{}\nfirst line\nowner line\n", SECRETS[0]),
+        "both edits"
+    );
+    let cfg = until_body(&o, "/cfg", "D's JSON change merged", |b| has(b, SECRETS[1])).await;
+    let cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
+    assert_eq!(
+        cfg,
+        serde_json::json!({"a": 1, "o": true, "d": SECRETS[1]}),
+        "both changes"
+    );
+    let bin = until_body(&o, "/dev.bin", "D's bytes resource merged", |_| true).await;
+    assert_eq!(bin, SECRETS[2].as_bytes());
+    let (status, body) = get(&o, "/img.bin").await;
+    assert_eq!((status, body.as_slice()), (200, &b"owner-bytes"[..]));
+
+    // M held only ciphertext of D's writes.
+    let raw = raw_storage(&m);
+    for s in SECRETS {
+        assert!(!holds(&raw, s), "{s} in M's storage");
+    }
+    assert!(
+        holds(&raw_storage(&d), SECRETS[2]),
+        "the search finds what is there"
+    );
+
+    // Revoked, D may still push (M does not know), but O merges nothing D sealed after.
+    ok(&o, &["device", "revoke", &device]);
+    let held = || async {
+        let (k, v) = m.owner_auth();
+        let r = reqwest::Client::new()
+            .get(m.url(&format!("/.well-known/plait/mirror/{device}")))
+            .header(k, v)
+            .send()
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        v["head"].as_u64().unwrap()
+    };
+    let before = held().await;
+    assert!(before >= 1, "M holds D's chain");
+    put(
+        &d,
+        &format!("/~{oid}/late"),
+        "text/plain",
+        b"after-the-revocation-DW4",
+    )
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while held().await == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "D never pushed its late write"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    until("O closes the revoked device's chain", || {
+        o.log().contains("not merging what a revoked device sealed")
+    })
+    .await;
+    let (_, body) = get(&o, "/late").await;
+    assert!(!has(&body, "DW4"), "a revoked device's later write is not merged");
+
+    // A device whose certificate is not its owner's signature is refused by M.
+    let mut dev: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ddir.path().join("device.json")).unwrap()).unwrap();
+    let cert = dev["certificate"].as_str().unwrap();
+    let mut bytes = data_encoding::BASE64URL_NOPAD.decode(cert.as_bytes()).unwrap();
+    bytes[120] ^= 1; // in the owner's signature
+    dev["certificate"] = data_encoding::BASE64URL_NOPAD.encode(&bytes).into();
+    std::fs::write(ddir.path().join("device.json"), dev.to_string()).unwrap();
+    d.restart();
+    put(&d, &format!("/~{oid}/forged"), "text/plain", b"not merged").await;
+    until("M refuses the forged certificate", || {
+        m.log().contains("bad-certificate") && m.log().contains(&device)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, body) = get(&o, "/forged").await;
+    assert!(!has(&body, "not merged"), "nothing of a refused chain is merged");
+}
+
+on_both_stores!(the_owner_merges_a_devices_writes_after_a_kill);
