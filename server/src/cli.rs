@@ -247,6 +247,60 @@ pub enum MirrorCommand {
         #[arg(long, default_value_t = 600)]
         wait_secs: u64,
     },
+    /// Seal what this server writes under PREFIX to READER_ID too, so that reader, following
+    /// this server's chain on a mirror (`plait mirror follow` there), reads that part of
+    /// the namespace and nothing else; this server lets it read the prefix as well. The
+    /// server may be running or not. Sharing again replaces the recipient.
+    Share {
+        #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// The part of the namespace (`/shared`; `/` for all of it).
+        prefix: String,
+        /// The reader's identity (52 characters).
+        reader: String,
+        /// The reader's age recipient (`plait mirror recipient` on the reader).
+        #[arg(long, value_name = "age1…")]
+        recipient: String,
+    },
+    /// Stop sealing PREFIX to READER_ID: what is sealed from now on is not sealed to it.
+    Unshare {
+        #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        prefix: String,
+        reader: String,
+    },
+    /// The parts of this server's namespace it shares, and with whom.
+    Shares {
+        #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Print JSON rather than text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print this server's age recipient (`age1…`), which an owner shares a part of its
+    /// namespace with (`plait mirror share … --recipient`).
+    Recipient {
+        #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Follow OWNER_ID's chain on a mirror and serve the parts it shares with this server
+    /// under `/~<OWNER_ID>/…`, live, even while the owner is offline. LINK (an invite of
+    /// the mirror's network) is joined if this server is not a member; without it, the
+    /// mirrors the owner's DHT record names are asked. The server must be running.
+    Follow {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The owner's identity (52 characters).
+        owner: String,
+        /// An invite link of the mirror's network, made by the mirror.
+        link: Option<String>,
+    },
+    /// Stop following OWNER_ID (what was fetched stays).
+    Unfollow {
+        #[arg(long, value_name = "DIR", env = "PLAIT_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        owner: String,
+    },
 }
 
 /// `plait device …`.

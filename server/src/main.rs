@@ -329,6 +329,7 @@ fn mirror(cmd: MirrorCommand) -> anyhow::Result<()> {
                     "error": live.as_ref().and_then(|l| l["mirrors"][id.to_string()].get("error").cloned()),
                 })).collect::<Vec<_>>(),
                 "sealed_seq": live.as_ref().map(|l| l["sealed_seq"].clone()),
+                "following": live.as_ref().map(|l| l["following"].clone()),
             });
             if json {
                 println!("{}", serde_json::to_string_pretty(&out)?);
@@ -351,6 +352,13 @@ fn mirror(cmd: MirrorCommand) -> anyhow::Result<()> {
                         m["id"].as_str().unwrap_or(""),
                         m["dht"].as_str().unwrap_or("")
                     );
+                }
+                if let Some(f) = out["following"].as_object().filter(|f| !f.is_empty()) {
+                    println!("following (owners' chains this server reads its shares of):");
+                    for (owner, st) in f {
+                        let err = st["error"].as_str().map_or(String::new(), |e| format!(" ({e})"));
+                        println!("  {owner}  through {}{err}", st["seq"]);
+                    }
                 }
             }
         }
@@ -384,6 +392,99 @@ fn mirror(cmd: MirrorCommand) -> anyhow::Result<()> {
                 rt.block_on(first_sync(&dir, &mirror, target, Duration::from_secs(wait_secs)))?;
             }
         }
+        other => mirror_sharing(other)?,
+    }
+    Ok(())
+}
+
+/// `plait mirror share|unshare|shares|recipient|follow|unfollow`: an owner's shares work
+/// on the data dir's shares file, whether or not the server runs; `follow` goes through
+/// the running server (it may join the mirror's network).
+fn mirror_sharing(cmd: MirrorCommand) -> anyhow::Result<()> {
+    use plait_server::mirror::{reader, shares};
+    let dir = |d: Option<std::path::PathBuf>| d.unwrap_or_else(plait_server::config::default_data_dir);
+    let identity = |id: &str| {
+        id.parse::<plait_bridge::Identity>()
+            .map_err(|e| anyhow::anyhow!("{id:?} is not an identity: {e}"))
+    };
+    match cmd {
+        MirrorCommand::Share {
+            data_dir,
+            prefix,
+            reader,
+            recipient,
+        } => {
+            let reader = identity(&reader)?;
+            let prefix = shares::Shares::new(&dir(data_dir)).share(
+                &prefix,
+                reader,
+                &recipient,
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            )?;
+            println!("sharing /{prefix} with {reader}: what is sealed from now on opens with {recipient}");
+        }
+        MirrorCommand::Unshare {
+            data_dir,
+            prefix,
+            reader,
+        } => {
+            let reader = identity(&reader)?;
+            if !shares::Shares::new(&dir(data_dir)).unshare(&prefix, &reader)? {
+                anyhow::bail!("{prefix} is not shared with {reader}");
+            }
+            println!("no longer sharing {prefix} with {reader}");
+        }
+        MirrorCommand::Shares { data_dir, json } => {
+            let all = shares::Shares::new(&dir(data_dir)).list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                for s in all {
+                    println!("/{}  {}  {}", s.prefix, s.reader, s.recipient);
+                }
+            }
+        }
+        MirrorCommand::Recipient { data_dir } => {
+            let dir = dir(data_dir);
+            std::fs::create_dir_all(&dir)?;
+            let key = plait_bridge::mirror::SealKey::load_or_create(
+                &dir.join(plait_bridge::mirror::SEAL_KEY_FILE),
+            )?;
+            println!("{}", key.recipient());
+        }
+        MirrorCommand::Follow { admin, owner, link } => {
+            let dir = admin
+                .data_dir
+                .unwrap_or_else(plait_server::config::default_data_dir);
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(plait_server::p2p::admin_request(
+                    &dir,
+                    &AdminRequest::MirrorFollow { owner, link },
+                ))?;
+            let on = r["mirror"]
+                .as_str()
+                .map_or("the mirrors its record names".to_string(), str::to_string);
+            println!(
+                "following {} on {on}; the owner shares with this server's recipient:\n{}",
+                r["owner"].as_str().unwrap_or(""),
+                r["recipient"].as_str().unwrap_or("")
+            );
+        }
+        MirrorCommand::Unfollow { data_dir, owner } => {
+            let owner = identity(&owner)?;
+            if !reader::remove_follow(&dir(data_dir), &owner)? {
+                anyhow::bail!("this server does not follow {owner}");
+            }
+            println!("no longer following {owner}");
+        }
+        MirrorCommand::Grant { .. }
+        | MirrorCommand::Revoke { .. }
+        | MirrorCommand::List { .. }
+        | MirrorCommand::Add { .. } => unreachable!("handled by `mirror`"),
     }
     Ok(())
 }

@@ -20,10 +20,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use plait_bridge::Keypair;
 use plait_bridge::invite::{Invite, JoinRequest};
 use plait_bridge::node::Node;
 use plait_bridge::types::{JoinGrant, NodeError};
+use plait_bridge::{Identity, Keypair};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -80,6 +80,13 @@ pub enum AdminRequest {
     /// `plait device revoke`: nothing sealed from now on is sealed to device `id`.
     DeviceRevoke {
         id: String,
+    },
+    /// `plait mirror follow`: follow `owner`'s chain on the inviter of `link` (joining its
+    /// network first if need be), or on the mirrors its DHT record names.
+    MirrorFollow {
+        owner: String,
+        #[serde(default)]
+        link: Option<String>,
     },
 }
 
@@ -152,6 +159,7 @@ pub struct Mirror {
     pub data_dir: PathBuf,
     pub owner: Arc<crate::mirror::owner::Owner>,
     pub keeper: Arc<crate::mirror::keeper::Keeper>,
+    pub reader: Arc<crate::mirror::reader::Reader>,
 }
 
 impl P2p {
@@ -271,6 +279,7 @@ impl P2p {
             "sealed_seq": m.owner.sealed_seq(),
             "mirrors": m.owner.push_status(),
             "used": used,
+            "following": m.reader.status(),
         }))
     }
 
@@ -343,6 +352,36 @@ impl P2p {
         Ok(serde_json::json!({ "dht": dht, "inviter": inviter }))
     }
 
+    /// `plait mirror follow`: joins the network of the link's inviter unless it is a
+    /// member already, and follows `owner`'s chain there (without a link: on the mirrors
+    /// its record names).
+    async fn follow(&self, owner: &str, link: Option<&str>) -> Result<serde_json::Value, String> {
+        let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
+        let owner: Identity = owner
+            .parse()
+            .map_err(|e| format!("{owner:?} is not an identity: {e}"))?;
+        if owner == self.keys.identity() {
+            return Err("this server is that owner: it reads its own namespace".into());
+        }
+        let mirror = match link {
+            Some(link) => {
+                let invite = Invite::from_link(link).map_err(|e| e.to_string())?;
+                if !self.node.is_member(&invite.inviter) {
+                    self.join(link).await?;
+                }
+                Some(invite.inviter)
+            }
+            None => None,
+        };
+        crate::mirror::reader::add_follow(&m.data_dir, owner, mirror).map_err(|e| format!("{e:#}"))?;
+        m.reader.wake();
+        Ok(serde_json::json!({
+            "owner": owner,
+            "mirror": mirror,
+            "recipient": m.owner.seal().current.recipient().to_string(),
+        }))
+    }
+
     /// Carries out one admin request (the admin socket's, or the owner's dashboard's).
     pub(crate) async fn handle(&self, req: AdminRequest) -> Result<serde_json::Value, String> {
         match req {
@@ -362,6 +401,7 @@ impl P2p {
             AdminRequest::Join { link } => self.join(&link).await,
             AdminRequest::MirrorAdd { link } => self.add_mirror(&link).await,
             AdminRequest::MirrorStatus => self.mirror_status().await,
+            AdminRequest::MirrorFollow { owner, link } => self.follow(&owner, link.as_deref()).await,
             AdminRequest::DeviceRevoke { id } => {
                 let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;
                 let device = id

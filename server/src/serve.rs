@@ -284,6 +284,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         accounts,
         crate::access::tokens::Tokens::new(&data_dir),
         owner_logins,
+        crate::mirror::shares::Shares::new(&data_dir),
         cfg.access.clone(),
     );
     access.start(&engine).await.context("loading the access rules")?;
@@ -375,11 +376,21 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
             .clone()
             .run_pusher(node.clone(), data_dir.clone(), shutdown.clone());
         crate::mirror::holders::run(node.clone(), owner.clone(), data_dir.clone(), shutdown.clone());
+        let reader = crate::mirror::reader::Reader::new(
+            storage.clone(),
+            engine.clone(),
+            node.clone(),
+            owner.clone(),
+            data_dir.clone(),
+            cfg.mirror,
+        );
+        reader.clone().run(shutdown.clone());
         let p2p = Arc::new(
             crate::p2p::P2p::new(node, instance.keys.clone(), &public_url).with_mirror(crate::p2p::Mirror {
                 data_dir: data_dir.clone(),
                 owner,
                 keeper,
+                reader,
             }),
         );
         if let Err(e) = crate::p2p::serve_admin(&data_dir, p2p.clone(), shutdown.clone()).await {

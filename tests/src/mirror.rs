@@ -1,7 +1,8 @@
 //! What the encrypted mirror's tests share (`mirror`, `devices`, `mirror_http`,
-//! `mirror_holders`): servers with a p2p node that seal quickly, a second store of the same
-//! sort, the `plait` command on a server's data dir, the owner's writes, waiting for a
-//! condition, and searching everything a server stores for plaintext.
+//! `mirror_holders`, `mirror_readers`): servers with a p2p node that seal quickly, a
+//! second store of the same sort, the `plait` command on a server's data dir, the owner's
+//! writes, waiting for a condition, and searching everything a server stores for
+//! plaintext.
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -49,6 +49,10 @@ pub enum SealError {
     Seal(String),
     #[error("the segment does not open with this key: {0}")]
     Open(String),
+    /// Well formed, but sealed to none of the keys tried (a reader meets the segments of
+    /// the owner's other parts).
+    #[error("the segment is not sealed to this key")]
+    NotSealedToUs,
 }
 
 impl SealKey {
@@ -173,7 +177,10 @@ pub fn open_with(keys: &[&SealKey], ciphertext: &[u8]) -> Result<Vec<u8>, SealEr
     let dec = age::Decryptor::new_buffered(ciphertext).map_err(|e| SealError::Open(e.to_string()))?;
     let mut r = dec
         .decrypt(keys.iter().map(|k| &k.0 as &dyn age::Identity))
-        .map_err(|e| SealError::Open(e.to_string()))?;
+        .map_err(|e| match e {
+            age::DecryptError::NoMatchingKeys => SealError::NotSealedToUs,
+            e => SealError::Open(e.to_string()),
+        })?;
     let mut out = Vec::with_capacity(ciphertext.len());
     r.read_to_end(&mut out)
         .map_err(|e| SealError::Open(e.to_string()))?;
@@ -206,7 +213,10 @@ mod tests {
         assert!(!s.ciphertext.windows(17).any(|w| w == b"secret plaintext "));
         assert_eq!(open(&me, &s.ciphertext).unwrap(), plain);
         assert_eq!(open(&reader, &s.ciphertext).unwrap(), plain);
-        assert!(matches!(open(&stranger, &s.ciphertext), Err(SealError::Open(_))));
+        assert!(matches!(
+            open(&stranger, &s.ciphertext),
+            Err(SealError::NotSealedToUs)
+        ));
         // A header (one X25519 stanza per recipient, and a random-length "grease" stanza
         // the age crate adds), the nonce, and 16 bytes per 64 KiB chunk: 240 to 330 bytes
         // for one recipient, measured.

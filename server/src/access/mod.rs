@@ -235,6 +235,9 @@ struct Inner {
     changed: watch::Sender<u64>,
     /// Nonces of signed requests, until their signatures expire.
     nonces: signature::NonceCache,
+    /// The parts of the namespace the owner shares with readers (`plait mirror share`):
+    /// each lets its reader read its prefix, as a rule listing it would.
+    shares: crate::mirror::shares::Shares,
     /// On a device (`plait device join`): the owner whose namespace this instance's
     /// owner writes too.
     device_of: std::sync::OnceLock<Identity>,
@@ -251,6 +254,7 @@ impl Access {
         accounts: Accounts,
         tokens: Tokens,
         owner_logins: owner_login::OwnerLogins,
+        shares: crate::mirror::shares::Shares,
         settings: AccessSettings,
     ) -> Access {
         let rules_key = ResourceKey::new(
@@ -269,6 +273,7 @@ impl Access {
                 rules: ArcSwap::from_pointee(defaults),
                 changed: watch::channel(0).0,
                 nonces: signature::NonceCache::new(settings.signature_nonce_cache.max(1)),
+                shares,
                 device_of: std::sync::OnceLock::new(),
                 settings,
             }),
@@ -478,8 +483,15 @@ impl Access {
             _ => String::new(),
         };
         let public = i.settings.public_writes && instance && op != Op::Read;
+        // A share allows as a rule would (a deny still wins).
+        let shared = || {
+            op == Op::Read
+                && instance
+                && matches!(caller, Caller::Identity { id, .. } if i.shares.grants_read(id, key.path.as_str()))
+        };
         match i.rules.load().judge(caller, key, op, i.owner) {
             Verdict::Allowed(_) => Ok(()),
+            Verdict::NotListed(_) | Verdict::NoRule if shared() => Ok(()),
             Verdict::Denied(rule) => Err(refuse(
                 Some(rule.clone()),
                 format!(

@@ -441,6 +441,7 @@ async fn well_known(
             "checkpoint_ratio": app.mirror.checkpoint_ratio,
             "checkpoint_min_bytes": app.mirror.checkpoint_min_bytes,
             "http_max_descriptors": app.mirror.http_max_descriptors,
+            "follow_interval_ms": app.mirror.follow_interval_ms,
             "max_push_bytes": plait_bridge::mirror::wire::MAX_SEGMENT_BYTES,
             "max_snapshot_bytes": plait_bridge::mirror::wire::MAX_SNAPSHOT_BYTES,
         },

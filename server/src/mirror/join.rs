@@ -144,15 +144,72 @@ pub async fn restore(
     keys: &[&SealKey],
     engine: &Engine,
 ) -> anyhow::Result<(usize, u64)> {
+    let f = fetch_chain(
+        node,
+        mirror,
+        owner,
+        keys,
+        engine,
+        ChainHead::default(),
+        Opening::Every,
+    )
+    .await?;
+    Ok((f.resources, f.head.seq))
+}
+
+/// Which of a chain's segments must open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// Every one (a device holds the owner's keys), with progress shown.
+    Every,
+    /// Those sealed to the keys given; the others are checked and passed over (a reader
+    /// of a shared part), quietly.
+    Ours,
+}
+
+/// What [`fetch_chain`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Fetched {
+    /// Resources written.
+    pub resources: usize,
+    /// Where the chain stands now.
+    pub head: ChainHead,
+    /// Segments (and snapshots) opened.
+    pub opened: u64,
+}
+
+/// Fetches `owner`'s chain from `mirror` after `from` — its checkpoint's snapshot first
+/// when the checkpoint is past `from` (the segments before it are gone) — checks each
+/// segment against the owner's signature and chain, opens it with `keys` and applies it
+/// to replicas of `/~<owner>/…` in `engine`.
+pub async fn fetch_chain(
+    node: &Node,
+    mirror: Identity,
+    owner: Identity,
+    keys: &[&SealKey],
+    engine: &Engine,
+    from: ChainHead,
+    opening: Opening,
+) -> anyhow::Result<Fetched> {
     let head = match ask(node, mirror, Request::Head { namespace: owner }).await? {
         Response::Head(h) => h,
         other => bail!("the mirror answered {other:?}"),
     };
-    let mut progress = Progress::counting("restoring from the mirror", "segments", head.seq);
+    let mut done = Fetched {
+        resources: 0,
+        head: from,
+        opened: 0,
+    };
+    if head.seq <= from.seq {
+        return Ok(done);
+    }
+    let mut progress = (opening == Opening::Every)
+        .then(|| Progress::counting("restoring from the mirror", "segments", head.seq));
     let mut touched = std::collections::BTreeSet::new();
-    let mut chain = ChainHead::default();
+    let mut chain = from;
     if let Response::Checkpoint(Some(c)) =
         ask(node, mirror, Request::GetCheckpoint { namespace: owner }).await?
+        && c.checkpoint.upto > from.seq
     {
         let ck = &c.checkpoint;
         if ck.namespace != owner
@@ -162,9 +219,13 @@ pub async fn restore(
         {
             bail!("the mirror's checkpoint is not the owner's");
         }
-        apply(engine, owner, &c.snapshot, keys, &mut touched).await?;
+        if apply(engine, owner, &c.snapshot, keys, opening, &mut touched).await? {
+            done.opened += 1;
+        }
         chain = Checkpoint::chain_head(ck);
-        progress.update(ck.upto, c.snapshot.len() as u64);
+        if let Some(p) = progress.as_mut() {
+            p.update(ck.upto, c.snapshot.len() as u64);
+        }
     }
     let mut bytes = 0u64;
     while chain.seq < head.seq {
@@ -203,25 +264,41 @@ pub async fn restore(
                     d.seq
                 );
             }
+            if apply(engine, owner, &s.ciphertext, keys, opening, &mut touched).await? {
+                done.opened += 1;
+            }
+            // Only once applied: a failure is fetched again from here.
             chain = ChainHead::of(d);
+            done.head = chain;
             bytes += s.ciphertext.len() as u64;
-            apply(engine, owner, &s.ciphertext, keys, &mut touched).await?;
-            progress.update(chain.seq, bytes);
+            if let Some(p) = progress.as_mut() {
+                p.update(chain.seq, bytes);
+            }
         }
     }
-    progress.finish();
-    Ok((touched.len(), chain.seq))
+    if let Some(p) = progress {
+        p.finish();
+    }
+    done.head = chain;
+    done.resources = touched.len();
+    Ok(done)
 }
 
-/// Opens one sealed batch and applies its entries to replicas of the owner's resources.
+/// Opens one sealed batch and applies its entries to replicas of the owner's resources;
+/// `false` if it is not sealed to `keys` and need not be ([`Opening::Ours`]).
 async fn apply(
     engine: &Engine,
     owner: Identity,
     ciphertext: &[u8],
     keys: &[&SealKey],
+    opening: Opening,
     touched: &mut std::collections::BTreeSet<String>,
-) -> anyhow::Result<()> {
-    let plain = plait_bridge::mirror::open_with(keys, ciphertext)?;
+) -> anyhow::Result<bool> {
+    let plain = match plait_bridge::mirror::open_with(keys, ciphertext) {
+        Ok(p) => p,
+        Err(plait_bridge::mirror::SealError::NotSealedToUs) if opening == Opening::Ours => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
     let entries = batch::decode(&plain).map_err(|e| anyhow::anyhow!("a sealed batch: {e}"))?;
     // Consecutive changes to one resource are imported together.
     let mut i = 0;
@@ -246,10 +323,28 @@ async fn apply(
                 continue;
             }
             What::Snapshot => {
-                engine
+                let started = engine
                     .import_snapshot(&rkey, e.kind, e.media_type.clone(), e.data.clone())
                     .await
                     .with_context(|| format!("restoring {}", e.path.as_str()))?;
+                if !started {
+                    // The replica exists: what the snapshot holds that it lacks goes in
+                    // as changes (those it holds apply once).
+                    let changes = crate::doc::Document::load_automerge(
+                        e.kind,
+                        Some(e.data.as_ref()),
+                        std::iter::empty::<&[u8]>(),
+                    )
+                    .with_context(|| format!("restoring {}", e.path.as_str()))?
+                    .export(&[])
+                    .into_iter()
+                    .map(|c| bytes::Bytes::from(c.bytes))
+                    .collect();
+                    engine
+                        .import(&rkey, e.kind, e.media_type.clone(), changes)
+                        .await
+                        .with_context(|| format!("restoring {}", e.path.as_str()))?;
+                }
             }
             What::Value => {
                 let write = crate::engine::Write {
@@ -272,7 +367,7 @@ async fn apply(
         }
         i += 1;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// `plait device join`: see the module doc. `cfg` names the new data dir (and store).

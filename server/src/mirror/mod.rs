@@ -12,6 +12,8 @@
 //!   merging them.
 //! * [`grants`]: the mirror operator's consent (`plait mirror grant|revoke|list`).
 //! * [`holders`]: naming the mirrors that hold this owner's segments in its DHT record.
+//! * [`shares`]: the parts of its namespace the owner seals to readers (`plait mirror share`).
+//! * [`reader`]: a reader following another owner's chain on a mirror (`plait mirror follow`).
 //!
 //! Segments, descriptors, sealing and the protocol's bytes are the bridge's
 //! (`plait_bridge::mirror`); this module decides what is sealed, where it is stored
@@ -26,6 +28,8 @@ pub mod holders;
 pub mod join;
 pub mod keeper;
 pub mod owner;
+pub mod reader;
+pub mod shares;
 
 use plait_bridge::Identity;
 use plait_bridge::mirror::{ChainHead, Checkpoint, Descriptor};
@@ -81,6 +85,9 @@ pub struct MirrorSettings {
     /// Descriptors in one answer over HTTP (`GET /.well-known/plait/mirror/<id>/segments`,
     /// and each batch of a subscription's catch-up), at most.
     pub http_max_descriptors: usize,
+    /// How often a reader asks a mirror whether the chains it follows grew
+    /// (`plait mirror follow`).
+    pub follow_interval_ms: u64,
     /// How often the owner looks for its devices' writes on its mirrors and merges them
     /// (it does at start too).
     pub device_merge_interval_ms: u64,
@@ -98,6 +105,7 @@ impl Default for MirrorSettings {
             checkpoint_ratio: 4,
             checkpoint_min_bytes: 4 << 20,
             http_max_descriptors: 1000,
+            follow_interval_ms: 1000,
             device_merge_interval_ms: 5000,
         }
     }
@@ -112,6 +120,9 @@ impl MirrorSettings {
         }
         if self.http_max_descriptors == 0 {
             return Err("mirror.http_max_descriptors must be at least 1".into());
+        }
+        if self.follow_interval_ms == 0 {
+            return Err("mirror.follow_interval_ms must be at least 1".into());
         }
         if self.device_merge_interval_ms == 0 {
             return Err("mirror.device_merge_interval_ms must be at least 1".into());

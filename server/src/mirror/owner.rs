@@ -24,6 +24,14 @@
 //! (automerge changes apply once; a bytes value is taken at the highest seq). A restore
 //! reads the checkpoint's snapshot, then the segments after its `upto`.
 //!
+//! **Shares.** A resource under a prefix the owner shares ([`super::shares`]) is sealed
+//! in segments of its own, to the owner's recipients plus that prefix's readers; the rest
+//! as before. All stay on the one chain. A share new since the last seal first gets a
+//! segment holding its part's current state (as a checkpoint's snapshot holds it, sealed
+//! to the owner and that share's readers), and so does every share after a checkpoint
+//! (whose snapshot only the owner opens), so a reader starting anywhere on the chain
+//! finds its part whole.
+//!
 //! **Pushing.** For each mirror in `mirrors.json` (`plait mirror add`) a pusher asks where
 //! the mirror's chain stands and pushes the segments after it, one request each, stopping
 //! at the first refusal (logged with its reason) and trying again later. So a restarted
@@ -56,6 +64,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::MirrorSettings;
 use super::batch::{self, Entry, What};
+use super::shares::{self, Share};
 use crate::model::{Kind, ResourceKey};
 use crate::storage::{Storage, StorageError};
 
@@ -131,6 +140,23 @@ pub fn add_mirror(data_dir: &Path, id: Identity, dht: &str) -> anyhow::Result<()
 struct Sealed {
     seq: u64,
     through: BTreeMap<String, i64>,
+    /// The shares whose part's state has been sealed to them ([`share_key`]).
+    #[serde(default)]
+    shared: std::collections::BTreeSet<String>,
+}
+
+/// Entries waiting to be sealed to one set of readers.
+struct Batch {
+    entries: Vec<Entry>,
+    /// Bytes the entries take encoded.
+    len: usize,
+    /// Who beyond the owner's recipients the segment is sealed to.
+    readers: Vec<SealRecipient>,
+}
+
+/// How [`Sealed::shared`] names a share.
+fn share_key(s: &Share) -> String {
+    format!("{}\n{}\n{}", s.prefix, s.reader, s.recipient)
 }
 
 /// A mirror as a pusher last found it.
@@ -173,6 +199,8 @@ pub struct Owner {
     /// Wakes the sealer and pushers at once (a mirror was added).
     wake: tokio::sync::Notify,
     status: Mutex<HashMap<Identity, PushStatus>>,
+    /// The shares as the sealer last read them.
+    shares: Mutex<Vec<Share>>,
 }
 
 use super::now_ms;
@@ -228,6 +256,20 @@ impl Owner {
 
     fn recipients(&self) -> Vec<SealRecipient> {
         self.seal.lock().expect("seal keys").recipients()
+    }
+
+    /// The keys sealing and opening segments now (a reader opens with them).
+    pub fn seal(&self) -> Seal {
+        self.seal.lock().expect("seal keys").clone()
+    }
+
+    /// Seals to these shares from now on (read from the data dir's shares file).
+    pub fn set_shares(&self, shares: Vec<Share>) {
+        *self.shares.lock().expect("shares") = shares;
+    }
+
+    fn shares(&self) -> Vec<Share> {
+        self.shares.lock().expect("shares").clone()
     }
 
     /// Loads what was sealed, catching up with segments stored after the setting was last
@@ -306,6 +348,7 @@ impl Owner {
             head,
             wake: tokio::sync::Notify::new(),
             status: Mutex::new(HashMap::new()),
+            shares: Mutex::new(Vec::new()),
         }))
     }
 
@@ -427,11 +470,31 @@ impl Owner {
         let mut sealed = self.sealed.lock().await;
         let ns = self.namespace();
         let max = self.settings.segment_max_bytes.max(1) as usize;
-        let mut batch: Vec<Entry> = Vec::new();
-        let mut batch_len = batch::BATCH_HEADER_LEN;
+        // A device's chain holds only its own writes, sealed to its owner: no shares.
+        let shares = if self.device.is_some() {
+            Vec::new()
+        } else {
+            self.shares()
+        };
         let mut made = 0;
+        // A new share first gets its part's current state.
+        let keys: std::collections::BTreeSet<String> = shares.iter().map(share_key).collect();
+        let dropped = sealed.shared.len();
+        sealed.shared.retain(|k| keys.contains(k));
+        let mut changed = sealed.shared.len() != dropped;
+        for s in &shares {
+            if !sealed.shared.contains(&share_key(s)) {
+                made += self
+                    .seal_part(&mut sealed, &s.prefix, std::slice::from_ref(s))
+                    .await?;
+                sealed.shared.insert(share_key(s));
+                changed = true;
+            }
+        }
+        // One batch per set of readers, so each segment holds only what all its
+        // recipients may open.
+        let mut batches: BTreeMap<Vec<String>, Batch> = BTreeMap::new();
         let mut after: Option<String> = None;
-        let mut skipped = false;
         loop {
             let page = self.storage.list(&ns, "", after.as_deref(), 500).await?;
             let Some(last) = page.last() else { break };
@@ -445,28 +508,42 @@ impl Owner {
                 if r.head_seq <= through {
                     continue;
                 }
+                let readers = shares::readers_of(&shares, r.path.as_str());
+                let b = batches
+                    .entry(readers.keys().cloned().collect())
+                    .or_insert_with(|| Batch {
+                        entries: Vec::new(),
+                        len: batch::BATCH_HEADER_LEN,
+                        readers: readers.into_values().collect(),
+                    });
                 let key = ResourceKey::new(ns, r.path.clone());
                 let pending = self.pending(&key, r.kind, &r.media_type, through).await?;
                 if pending.is_empty() && self.device.is_some() {
                     // Nothing of the device's own: not looked at again until it grows.
                     sealed.through.insert(r.path.as_str().to_string(), r.head_seq);
-                    skipped = true;
+                    changed = true;
                 }
                 for e in pending {
-                    if !batch.is_empty() && batch_len + e.encoded_len() > max {
-                        self.seal_one(&mut sealed, std::mem::take(&mut batch)).await?;
-                        batch_len = batch::BATCH_HEADER_LEN;
+                    if !b.entries.is_empty() && b.len + e.encoded_len() > max {
+                        self.seal_one(&mut sealed, std::mem::take(&mut b.entries), &b.readers)
+                            .await?;
+                        b.len = batch::BATCH_HEADER_LEN;
                         made += 1;
+                        changed = false;
                     }
-                    batch_len += e.encoded_len();
-                    batch.push(e);
+                    b.len += e.encoded_len();
+                    b.entries.push(e);
                 }
             }
         }
-        if !batch.is_empty() {
-            self.seal_one(&mut sealed, batch).await?;
-            made += 1;
-        } else if skipped {
+        for b in batches.into_values() {
+            if !b.entries.is_empty() {
+                self.seal_one(&mut sealed, b.entries, &b.readers).await?;
+                made += 1;
+                changed = false;
+            }
+        }
+        if changed {
             self.storage
                 .put_setting(self.setting, &serde_json::to_string(&*sealed)?)
                 .await?;
@@ -474,12 +551,46 @@ impl Owner {
         Ok(made)
     }
 
-    /// Seals one batch as the next segment, stores it, then counts its entries as sealed.
-    async fn seal_one(&self, sealed: &mut Sealed, entries: Vec<Entry>) -> anyhow::Result<()> {
+    /// Seals the current state of the resources under `prefix` to the owner's recipients
+    /// and those of `to`, in as many segments as `segment_max_bytes` asks; answers with
+    /// how many.
+    async fn seal_part(&self, sealed: &mut Sealed, prefix: &str, to: &[Share]) -> anyhow::Result<usize> {
+        let extra: Vec<SealRecipient> = to.iter().filter_map(|s| s.seal_recipient().ok()).collect();
+        let max = self.settings.segment_max_bytes.max(1) as usize;
+        let mut made = 0;
+        let mut batch = Vec::new();
+        let mut batch_len = batch::BATCH_HEADER_LEN;
+        for e in self.current_state(prefix).await? {
+            if !batch.is_empty() && batch_len + e.encoded_len() > max {
+                self.seal_one(sealed, std::mem::take(&mut batch), &extra).await?;
+                batch_len = batch::BATCH_HEADER_LEN;
+                made += 1;
+            }
+            batch_len += e.encoded_len();
+            batch.push(e);
+        }
+        if !batch.is_empty() {
+            self.seal_one(sealed, batch, &extra).await?;
+            made += 1;
+        }
+        tracing::info!(prefix, segments = made, "sealed a shared part's state");
+        Ok(made)
+    }
+
+    /// Seals one batch as the next segment, to the owner's recipients and `extra`, stores
+    /// it, then counts its entries as sealed.
+    async fn seal_one(
+        &self,
+        sealed: &mut Sealed,
+        entries: Vec<Entry>,
+        extra: &[SealRecipient],
+    ) -> anyhow::Result<()> {
         let ns = self.chain();
         let prev = super::chain_head(self.storage.as_ref(), &ns).await?;
         let plain = batch::encode(&entries);
-        let seg = plait_bridge::mirror::seal(&self.keys, &self.recipients(), prev, &plain, now_ms())?;
+        let mut to = self.recipients();
+        to.extend(extra.iter().cloned());
+        let seg = plait_bridge::mirror::seal(&self.keys, &to, prev, &plain, now_ms())?;
         let seq = seg.descriptor.seq;
         self.storage
             .put_segment(
@@ -514,7 +625,7 @@ impl Owner {
             // the namespace.
             return Ok(None);
         }
-        let _sealed = self.sealed.lock().await;
+        let mut sealed = self.sealed.lock().await;
         let ns = self.chain();
         let head = super::chain_head(self.storage.as_ref(), &ns).await?;
         let held = self
@@ -532,19 +643,33 @@ impl Owner {
         {
             return Ok(None);
         }
-        self.checkpoint_at(head).await.map(Some)
+        let upto = self.checkpoint_at(head).await?;
+        // Only the owner opens the snapshot: each share gets its part again after it.
+        let shares = self.shares();
+        let mut prefixes: BTreeMap<&str, Vec<Share>> = BTreeMap::new();
+        for s in &shares {
+            prefixes.entry(&s.prefix).or_default().push(s.clone());
+        }
+        for (prefix, to) in prefixes {
+            self.seal_part(&mut sealed, prefix, &to).await?;
+        }
+        Ok(Some(upto))
     }
 
-    /// Every resource's current state, as the entries of a snapshot.
-    async fn current_state(&self) -> anyhow::Result<Vec<Entry>> {
+    /// The current state of every resource under `prefix` (empty: all), as the entries of
+    /// a snapshot.
+    async fn current_state(&self, prefix: &str) -> anyhow::Result<Vec<Entry>> {
         let ns = self.namespace();
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = self.storage.list(&ns, "", after.as_deref(), 500).await?;
+            let page = self.storage.list(&ns, prefix, after.as_deref(), 500).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.path.as_str().to_string());
             for r in page {
+                if !shares::covers(prefix, r.path.as_str()) {
+                    continue;
+                }
                 let key = ResourceKey::new(ns, r.path.clone());
                 let Some(l) = self.storage.load(&key).await? else {
                     continue;
@@ -580,7 +705,7 @@ impl Owner {
     /// caller holds the sealing lock.
     async fn checkpoint_at(&self, head: ChainHead) -> anyhow::Result<u64> {
         let ns = self.chain();
-        let plain = batch::encode(&self.current_state().await?);
+        let plain = batch::encode(&self.current_state("").await?);
         let sealed =
             plait_bridge::mirror::seal_checkpoint(&self.keys, &self.recipients(), head, &plain, now_ms())?;
         let max = plait_bridge::mirror::wire::MAX_SNAPSHOT_BYTES;
@@ -606,6 +731,7 @@ impl Owner {
     /// Seals every `segment_max_delay_ms` until `shutdown`, while `data_dir` lists a
     /// mirror (an owner without mirrors seals nothing).
     pub fn run_sealer(self: Arc<Self>, data_dir: PathBuf, shutdown: CancellationToken) {
+        let shares = shares::Shares::new(&data_dir);
         tokio::spawn(async move {
             let mut tick =
                 tokio::time::interval(Duration::from_millis(self.settings.segment_max_delay_ms.max(1)));
@@ -618,6 +744,14 @@ impl Owner {
                 }
                 if !self.mirror_ids(&data_dir).is_ok_and(|m| !m.is_empty()) {
                     continue;
+                }
+                match shares.list() {
+                    Ok(list) => self.set_shares(list),
+                    // Sealing to stale shares could seal to a reader unshared since.
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "the mirror shares: sealing waits");
+                        continue;
+                    }
                 }
                 match self.seal_pending().await {
                     Ok(0) => {}
@@ -972,6 +1106,88 @@ mod tests {
             (What::Snapshot, &b"SNAPSHOT"[..])
         );
         assert_eq!(last.seq, l.row.head_seq);
+    }
+
+    #[tokio::test]
+    async fn a_shared_prefix_is_sealed_to_its_reader_and_nothing_else_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap());
+        let keys = Keypair::generate();
+        let ns = keys.identity();
+        let own = SealKey::load_or_create(&dir.path().join("seal-key.txt")).unwrap();
+        let settings = MirrorSettings {
+            checkpoint_ratio: 0,
+            checkpoint_min_bytes: 0,
+            ..Default::default()
+        };
+        let owner = Owner::start(s.clone(), keys, own.clone(), settings)
+            .await
+            .unwrap();
+        let reader = SealKey::generate();
+        let share = Share {
+            prefix: "shared".into(),
+            reader: Keypair::generate().identity(),
+            recipient: reader.recipient().to_string(),
+            added_ms: 1,
+        };
+        write_value(&s, ns, "shared/a", "a-0", b"one").await;
+        write_value(&s, ns, "sharedx", "x-0", b"two").await;
+        assert_eq!(owner.seal_pending().await.unwrap(), 1, "nothing shared yet");
+
+        // Shared: the part's state first (standing for its pending changes), then its
+        // changes in segments of their own. (Bytes resources: their state is their value,
+        // and these test changes are not automerge's.)
+        owner.set_shares(vec![share.clone()]);
+        write_value(&s, ns, "shared/a", "a-1", b"three").await;
+        write_value(&s, ns, "sharedx", "x-1", b"four").await;
+        assert_eq!(owner.seal_pending().await.unwrap(), 2);
+        assert_eq!(owner.seal_pending().await.unwrap(), 0, "the share's state once");
+        write_value(&s, ns, "shared/a", "a-2", b"five").await;
+        write_value(&s, ns, "sharedx", "x-2", b"six").await;
+        assert_eq!(owner.seal_pending().await.unwrap(), 2);
+        let readable = |from: i64| {
+            let (s, reader) = (s.clone(), reader.clone());
+            async move {
+                let mut paths = Vec::new();
+                for r in s.segments(&ns, from, i64::MAX, u64::MAX).await.unwrap() {
+                    match plait_bridge::mirror::open(&reader, &r.ciphertext) {
+                        Ok(plain) => paths.extend(
+                            batch::decode(&plain)
+                                .unwrap()
+                                .into_iter()
+                                .map(|e| (e.what, e.path.as_str().to_string())),
+                        ),
+                        Err(plait_bridge::mirror::SealError::NotSealedToUs) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                paths
+            }
+        };
+        assert_eq!(
+            readable(2).await,
+            vec![
+                (What::Value, "shared/a".to_string()),
+                (What::Value, "shared/a".to_string())
+            ]
+        );
+        assert_eq!(
+            opened(&s, ns, &own).await.len(),
+            2 + 1 + 1 + 1 + 1,
+            "the owner opens all"
+        );
+
+        // A checkpoint only the owner opens, then the part again for its reader.
+        assert_eq!(owner.maybe_checkpoint().await.unwrap(), Some(5));
+        assert_eq!(readable(1).await, vec![(What::Value, "shared/a".to_string())]);
+
+        // Unshared: what is sealed from now on is not sealed to the reader.
+        owner.set_shares(Vec::new());
+        write_value(&s, ns, "shared/a", "a-3", b"seven").await;
+        assert_eq!(owner.seal_pending().await.unwrap(), 1);
+        assert!(readable(7).await.is_empty());
+        assert_eq!(s.segments(&ns, 7, 7, u64::MAX).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
