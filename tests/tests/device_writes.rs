@@ -155,7 +155,11 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
         serde_json::json!({"a": 1, "o": true, "d": SECRETS[1]}),
         "both changes"
     );
-    let bin = until_body(&o, "/dev.bin", "D's bytes resource merged", |_| true).await;
+    // A missing resource answers a plain GET 200 with an empty body: wait for the bytes.
+    let bin = until_body(&o, "/dev.bin", "D's bytes resource merged", |b| {
+        has(b, SECRETS[2])
+    })
+    .await;
     assert_eq!(bin, SECRETS[2].as_bytes());
     let (status, body) = get(&o, "/img.bin").await;
     assert_eq!((status, body.as_slice()), (200, &b"owner-bytes"[..]));
