@@ -8,8 +8,9 @@
 //!   store or Postgres alike), taken in one read snapshot, so a backup of a running server
 //!   is consistent: every write acknowledged before the backup began is in it;
 //! * `data/…` — the data dir's small files: tokens, mirror grants, the mirrors this
-//!   instance pushes to, and with `--keys` the identity and seal keys (the file is then
-//!   as secret as the keys; it is created 0600 either way).
+//!   instance pushes to, its devices (`devices.json`), and with `--keys` the identity and
+//!   seal keys, the retired ones (`seal-key-retired-<ms>.txt`, which open older segments)
+//!   included (the file is then as secret as the keys; it is created 0600 either way).
 //!
 //! A restore goes into a data dir with no store or an empty one (embedded or Postgres),
 //! and checks the copy against the manifest. A move (`migrate`) copies an embedded store
@@ -38,12 +39,24 @@ const MANIFEST: &str = "plait-backup.json";
 /// What `format` says in backups this code writes and reads.
 const FORMAT: &str = "plait-backup/1";
 /// The data dir's files a backup carries (when present); keys only with `--keys`.
-const DATA_FILES: [&str; 3] = [
+const DATA_FILES: [&str; 4] = [
     crate::access::tokens::TOKENS_FILE,
     crate::mirror::grants::GRANTS_FILE,
     crate::mirror::owner::MIRRORS_FILE,
+    crate::mirror::devices::DEVICES_FILE,
 ];
 const KEY_FILES: [&str; 2] = [IDENTITY_FILE, plait_bridge::mirror::SEAL_KEY_FILE];
+
+/// Whether the data dir's file `name` is a key (carried only with `--keys`): the
+/// identity, the seal key, a retired seal key.
+fn is_key_file(name: &str) -> bool {
+    KEY_FILES.contains(&name) || crate::mirror::devices::is_retired_key_file(name)
+}
+
+/// Whether a backup may carry the data dir's file `name`.
+fn is_carried(name: &str) -> bool {
+    DATA_FILES.contains(&name) || is_key_file(name)
+}
 
 /// What a backup holds, written beside the store in the archive.
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,7 +70,8 @@ pub struct Manifest {
     pub rows: std::collections::BTreeMap<String, u64>,
     /// BLAKE3 over every row (see `storage::dump`).
     pub blake3: String,
-    /// Whether `data/identity.pem` and `data/seal-key.txt` are inside.
+    /// Whether the keys are inside: `data/identity.pem`, `data/seal-key.txt` and the
+    /// retired seal keys.
     pub keys: bool,
     pub files: Vec<String>,
 }
@@ -171,6 +185,20 @@ pub async fn backup(data_dir: &Path, source: Place<'_>, file: &Path, keys: bool)
             files.push(name.to_string());
         }
     }
+    if keys {
+        let mut retired = Vec::new();
+        for e in std::fs::read_dir(data_dir).with_context(|| format!("reading {}", data_dir.display()))? {
+            let name = e?.file_name();
+            if let Some(n) = name
+                .to_str()
+                .filter(|n| crate::mirror::devices::is_retired_key_file(n))
+            {
+                retired.push(n.to_string());
+            }
+        }
+        retired.sort();
+        files.extend(retired);
+    }
     if keys && !files.iter().any(|f| f == IDENTITY_FILE) {
         bail!("--keys: {} has no {IDENTITY_FILE}", data_dir.display());
     }
@@ -231,7 +259,7 @@ pub async fn restore(data_dir: &Path, target: Place<'_>, file: &Path) -> anyhow:
             }
             EMBEDDED_FILE => scratch.path().join(EMBEDDED_FILE),
             other => match other.strip_prefix("data/") {
-                Some(f) if DATA_FILES.contains(&f) || KEY_FILES.contains(&f) => scratch.path().join(f),
+                Some(f) if is_carried(f) => scratch.path().join(f),
                 _ => bail!(
                     "{}: unexpected entry {other:?}: not a plait backup",
                     file.display()
@@ -281,8 +309,14 @@ pub async fn restore(data_dir: &Path, target: Place<'_>, file: &Path) -> anyhow:
             manifest.identity
         );
     }
+    if let Some(odd) = manifest.files.iter().find(|f| !is_carried(f)) {
+        bail!(
+            "{}: the manifest names {odd:?}, not a file a backup carries: not a plait backup",
+            file.display()
+        );
+    }
     for name in &manifest.files {
-        if !KEY_FILES.contains(&name.as_str()) && data_dir.join(name).exists() {
+        if !is_key_file(name) && data_dir.join(name).exists() {
             bail!(
                 "{} already has {name}: restore into a new data dir",
                 data_dir.display()

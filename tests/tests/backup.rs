@@ -261,3 +261,81 @@ async fn migrate_embedded_to_postgres_and_back() {
     );
     assert_eq!(back.len(), 64);
 }
+
+/// `--keys` carries what an owner with devices holds beside its key: the retired seal
+/// keys (a device was revoked, so the key it held was retired) and `devices.json`;
+/// `plait restore` puts them back, 0600. Without `--keys` only `devices.json` travels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_keys_carry_retired_seal_keys_and_devices() {
+    use plait_tests::mirror::{ok, p2p_plait, put};
+    use std::os::unix::fs::PermissionsExt;
+
+    let m = p2p_plait(Store::Embedded);
+    let o = p2p_plait(Store::Embedded);
+    let oid = ok(&o, &["keygen"]).lines().last().unwrap().trim().to_string();
+    ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]);
+    put(&o, "/before", "text/plain", b"sealed before the revocation").await;
+    let invite = ok(&m, &["invite"]).lines().last().unwrap().trim().to_string();
+    ok(&o, &["mirror", "add", &invite]);
+    let linked = ok(&o, &["device", "link"]);
+    let device = linked.split_whitespace().nth(1).unwrap().to_string();
+    let said = ok(&o, &["device", "revoke", &device]);
+    assert!(said.contains("retired"), "{said}");
+    let retired: Vec<String> = std::fs::read_dir(o.data_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("seal-key-retired-"))
+        .collect();
+    assert_eq!(retired.len(), 1, "{retired:?}");
+    let carried = [
+        retired[0].as_str(),
+        "seal-key.txt",
+        "identity.pem",
+        "devices.json",
+    ];
+
+    let scratch = tempfile::tempdir().unwrap();
+    for keys in [true, false] {
+        let file = scratch.path().join(format!("keys-{keys}.backup"));
+        let mut list = vec!["backup"];
+        if keys {
+            list.push("--keys");
+        }
+        list.push(file.to_str().unwrap());
+        let (done, out, err) = plait(args(&list, o.data_dir(), &Store::Embedded)).await;
+        assert!(done, "backup failed: {out}\n{err}");
+        let dir2 = tempfile::tempdir().unwrap();
+        if !keys {
+            std::fs::copy(
+                o.data_dir().join("identity.pem"),
+                dir2.path().join("identity.pem"),
+            )
+            .unwrap();
+        }
+        let (done, out, err) = plait(args(
+            &["restore", file.to_str().unwrap()],
+            dir2.path(),
+            &Store::Embedded,
+        ))
+        .await;
+        assert!(done, "restore failed: {out}\n{err}");
+        for name in carried {
+            let restored = dir2.path().join(name);
+            let travels = keys || name == "devices.json" || name == "identity.pem";
+            assert_eq!(restored.exists(), travels, "{name}, --keys {keys}");
+            if travels {
+                assert_eq!(
+                    std::fs::read(&restored).unwrap(),
+                    std::fs::read(o.data_dir().join(name)).unwrap(),
+                    "{name} restored as it was"
+                );
+                let mode = std::fs::metadata(&restored).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{name}");
+            }
+        }
+        // The restored owner knows its device as revoked.
+        let devices: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir2.path().join("devices.json")).unwrap()).unwrap();
+        assert!(devices["devices"][&device]["revoked_ms"].is_u64(), "{devices}");
+    }
+}

@@ -123,6 +123,14 @@ pub const DEVICES_FILE: &str = "devices.json";
 /// Retired seal keys are kept as `seal-key-retired-<ms>.txt` (they open older segments).
 const RETIRED_PREFIX: &str = "seal-key-retired-";
 
+/// Whether `name` is a retired seal key's file name (`seal-key-retired-<ms>.txt`, nothing
+/// else: a backup's entries are checked with it).
+pub fn is_retired_key_file(name: &str) -> bool {
+    name.strip_prefix(RETIRED_PREFIX)
+        .and_then(|n| n.strip_suffix(".txt"))
+        .is_some_and(|ms| !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// One device of this owner.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceEntry {
@@ -184,11 +192,11 @@ pub fn load_seal(data_dir: &Path) -> anyhow::Result<Seal> {
     let mut retired = Vec::new();
     for e in std::fs::read_dir(data_dir).with_context(|| format!("reading {}", data_dir.display()))? {
         let path = e?.path();
-        let retired_key = path
+        if path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(RETIRED_PREFIX) && n.ends_with(".txt"));
-        if retired_key {
+            .is_some_and(is_retired_key_file)
+        {
             retired.push(SealKey::load_or_create(&path)?);
         }
     }
@@ -229,4 +237,24 @@ pub fn revoke(data_dir: &Path, device: Identity, now_ms: u64) -> anyhow::Result<
     std::fs::rename(&key_file, &retired).with_context(|| format!("retiring {}", key_file.display()))?;
     SealKey::load_or_create(&key_file)?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_retired_key_file;
+
+    #[test]
+    fn a_retired_key_file_is_named_by_its_time_and_nothing_else() {
+        assert!(is_retired_key_file("seal-key-retired-1733300000000.txt"));
+        for odd in [
+            "seal-key-retired-.txt",
+            "seal-key-retired-12.txt.tmp",
+            "seal-key-retired-../../etc/x.txt",
+            "seal-key-retired-1/2.txt",
+            "seal-key.txt",
+            "identity.pem",
+        ] {
+            assert!(!is_retired_key_file(odd), "{odd}");
+        }
+    }
 }

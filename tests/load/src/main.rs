@@ -18,6 +18,8 @@
 //!   the store's durability settings and writer model (`sqlite_floor`).
 //! * `fanout-floor` — the floor `fanout` and `idle` are judged against: a minimal tokio
 //!   server writing the same bytes to the same sockets (`floor`).
+//! * `restore fill|verify|floor` — a device restoring a namespace from a mirror: the
+//!   owner's resources, checking what the device restored, and the link's floor (`restore`).
 //! * `handshakes`, `tls-floor`, `tls-cert` — TLS handshakes per second against Plait and
 //!   against the floor, a bare acceptor with the same certificate and crypto (`tls`).
 //!
@@ -31,6 +33,7 @@ mod fanout;
 mod floor;
 mod mux;
 mod net;
+mod restore;
 mod sqlite_floor;
 mod tls;
 
@@ -201,6 +204,9 @@ enum Cmd {
         #[arg(long, default_value = "multiplexed")]
         mode: String,
     },
+    /// A device restoring from a mirror: `fill`, `verify`, `floor` (see `restore`).
+    #[command(subcommand)]
+    Restore(restore::Cmd),
     /// GET throughput and latency; direct and through a proxy when `--proxy-url` is given.
     Gets {
         /// The server that holds the resource.
@@ -747,6 +753,7 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
                 seconds,
             } => gets(&url, proxy_url.as_deref(), &path, concurrency, seconds).await,
+            Cmd::Restore(cmd) => restore::run(cmd).await,
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&report)?);
