@@ -14,6 +14,8 @@
 //!   the same load runs against the server direct and then through a proxy, in one run,
 //!   and the report gives the proxy's added latency.
 //!
+//! * `text-floor` — the floor of `puts --kind text` on one document: the same edits to one
+//!   automerge text document in a loop, in process (`text_floor`).
 //! * `sqlite-floor` — the floor of `puts` on the embedded store: raw SQLite inserts with
 //!   the store's durability settings and writer model (`sqlite_floor`).
 //! * `fanout-floor` — the floor `fanout` and `idle` are judged against: a minimal tokio
@@ -33,6 +35,7 @@ mod idle;
 mod mux;
 mod net;
 mod sqlite_floor;
+mod text_floor;
 mod tls;
 
 use net::{Conn, Target, addr_of, find, request, server_rss};
@@ -172,6 +175,12 @@ enum Cmd {
         sizes_from: Option<PathBuf>,
         #[arg(long, default_value_t = 100)]
         data_bytes: usize,
+    },
+    /// The floor of `hot-text`: the same one-character insertions applied to one
+    /// automerge text document in a loop in this process (what the CRDT alone costs).
+    TextFloor {
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
     },
     /// Federation sync: writes N changes to a text document at its home, then times how
     /// long a replica on another member takes to hold them all.
@@ -622,6 +631,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 sqlite_floor::floor(path, &modes, concurrency, seconds, sizes).await
             }
+            Cmd::TextFloor { seconds } => text_floor::text_floor(seconds),
             Cmd::Sync {
                 home,
                 replica,
