@@ -524,8 +524,12 @@ fn updates(
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
+    // `reader` is mutated in place by the block that owns it: a `let mut reader = reader`
+    // inside would keep a second copy of it in the future (a `Reader` is about 450 bytes:
+    // a `Caller` and a `ResourceKey` each hold an ed25519 key of 192), and this future
+    // lives as long as the subscription.
+    let mut reader = reader;
     let ended = Box::pin(async move {
-        let mut reader = reader;
         loop {
             tokio::select! {
                 biased;

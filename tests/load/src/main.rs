@@ -5,7 +5,7 @@
 //! * `fanout` — N subscribers to one resource (HTTP/1.1, or HTTP/2 streams; plain or TLS); a
 //!   writer PUTs timestamped JSON; delivery latency per subscriber and update (`fanout`).
 //! * `idle` — N subscriptions held open over HTTP/2 streams (many per connection); reports
-//!   the server's resident memory per subscription.
+//!   the server's resident memory per subscription and the machine's memory (`idle`).
 //! * `puts` — durable PUTs from C concurrent keep-alive connections to R resources;
 //!   acknowledgement latency and throughput.
 //! * `mux` — one browser-like client with N subscriptions through one Braid multiplexer, or
@@ -14,6 +14,8 @@
 //!   the same load runs against the server direct and then through a proxy, in one run,
 //!   and the report gives the proxy's added latency.
 //!
+//! * `text-floor` — the floor of `puts --kind text` on one document: the same edits to one
+//!   automerge text document in a loop, in process (`text_floor`).
 //! * `sqlite-floor` — the floor of `puts` on the embedded store: raw SQLite inserts with
 //!   the store's durability settings and writer model (`sqlite_floor`).
 //! * `fanout-floor` — the floor `fanout` and `idle` are judged against: a minimal tokio
@@ -31,13 +33,15 @@
 mod abuse;
 mod fanout;
 mod floor;
+mod idle;
 mod mux;
 mod net;
 mod restore;
 mod sqlite_floor;
+mod text_floor;
 mod tls;
 
-use net::{Conn, Target, addr_of, find, request, server_rss, server_status};
+use net::{Conn, Target, addr_of, find, request, server_rss};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -107,6 +111,15 @@ enum Cmd {
         /// Distinct resources subscribed to (subscription i takes resource i % resources).
         #[arg(long, default_value_t = 1)]
         resources: usize,
+        /// Connections being set up at once (each until its streams had their first update).
+        #[arg(long, default_value_t = 200)]
+        opening: usize,
+        /// Longest time setting the subscriptions up may take.
+        #[arg(long, default_value_t = 600)]
+        open_timeout_secs: u64,
+        /// The server's process id (on this machine): its /proc/PID/status before and after.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// Normal Braid and Statebus clients alone, then beside abusers (slow sockets, a login
     /// flood, a subscription flood, big PUTs, deep JSON): their latency in both, the
@@ -165,6 +178,12 @@ enum Cmd {
         sizes_from: Option<PathBuf>,
         #[arg(long, default_value_t = 100)]
         data_bytes: usize,
+    },
+    /// The floor of `hot-text`: the same one-character insertions applied to one
+    /// automerge text document in a loop in this process (what the CRDT alone costs).
+    TextFloor {
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
     },
     /// Federation sync: writes N changes to a text document at its home, then times how
     /// long a replica on another member takes to hold them all.
@@ -247,121 +266,6 @@ fn summary(h: &Histogram<u64>) -> serde_json::Value {
         "p999_ms": ms(h.value_at_quantile(0.999)),
         "max_ms": ms(h.max()),
     })
-}
-
-async fn idle(url: &str, subs: usize, conns: usize, resources: usize) -> anyhow::Result<serde_json::Value> {
-    let addr = addr_of(url)?;
-    for r in 0..resources {
-        request(
-            &Target::plain(addr),
-            "PUT",
-            &format!("/bench/idle/{r}"),
-            &[("Content-Type", "application/json")],
-            b"{\"idle\":true}",
-        )
-        .await?;
-    }
-    let rss0 = server_rss(&Target::plain(addr)).await?;
-    let per_conn = subs.div_ceil(conns.max(1));
-    let opened = Arc::new(AtomicUsize::new(0));
-    let t0 = Instant::now();
-    let mut holders = Vec::new();
-    for c in 0..conns {
-        let n = per_conn.min(subs.saturating_sub(c * per_conn));
-        if n == 0 {
-            break;
-        }
-        let opened = opened.clone();
-        holders.push(tokio::spawn(async move {
-            let tcp = TcpStream::connect(addr).await?;
-            let (client, conn) = h2::client::Builder::new()
-                .initial_window_size(65_535)
-                .handshake::<_, bytes::Bytes>(tcp)
-                .await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            let mut client = client;
-            let mut readers = Vec::with_capacity(n);
-            let here = Arc::new(AtomicUsize::new(0));
-            for k in 0..n {
-                // Open in waves of 50, each waiting for the previous wave's first updates:
-                // h2 refuses to buffer many small unread frames on one connection.
-                if k % 50 == 0 {
-                    while here.load(Ordering::SeqCst) < k {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                }
-                let i = c * per_conn + k;
-                client = client.ready().await?;
-                let req = http::Request::get(format!("http://{addr}/bench/idle/{}", i % resources))
-                    .header("subscribe", "true")
-                    .header("accept", "application/json")
-                    .body(())?;
-                let (resp, _) = client.send_request(req, true)?;
-                let (opened, here) = (opened.clone(), here.clone());
-                // Each stream is read as its data arrives, as a real client would.
-                readers.push(tokio::spawn(async move {
-                    let resp = resp.await?;
-                    if resp.status().as_u16() != 209 {
-                        bail!("subscription answered {}", resp.status());
-                    }
-                    let mut body = resp.into_body();
-                    let mut first = true;
-                    while let Some(d) = body.data().await {
-                        let d = d?;
-                        let _ = body.flow_control().release_capacity(d.len());
-                        if std::mem::take(&mut first) {
-                            opened.fetch_add(1, Ordering::SeqCst);
-                            here.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    Ok::<(), anyhow::Error>(())
-                }));
-            }
-            // Hold the connection open until the process ends; report a stream's failure.
-            for r in readers {
-                r.await??;
-            }
-            drop(client);
-            Ok::<(), anyhow::Error>(())
-        }));
-    }
-    while opened.load(Ordering::SeqCst) < subs {
-        if let Some(i) = holders.iter().position(|h| h.is_finished()) {
-            let err = match holders.swap_remove(i).await {
-                Ok(Ok(())) => "ended".to_string(),
-                Ok(Err(e)) => format!("{e:#}"),
-                Err(e) => e.to_string(),
-            };
-            bail!(
-                "an HTTP/2 connection failed after {} subscriptions opened: {err}",
-                opened.load(Ordering::SeqCst)
-            );
-        }
-        if t0.elapsed() > Duration::from_secs(600) {
-            bail!(
-                "only {} of {subs} subscriptions opened",
-                opened.load(Ordering::SeqCst)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let open_s = t0.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let status = server_status(&Target::plain(addr)).await?;
-    let rss1 = status["rss_bytes"].as_u64().context("rss_bytes")?;
-    Ok(serde_json::json!({
-        "workload": "idle",
-        "subscriptions": subs,
-        "http2_connections": holders.len(),
-        "resources": resources,
-        "open_secs": open_s,
-        "server_rss_before": rss0,
-        "server_rss_after": rss1,
-        "server_counts_subscriptions": status["subscriptions"],
-        "server_bytes_per_subscription": rss1.saturating_sub(rss0) / subs.max(1) as u64,
-    }))
 }
 
 /// `(String, String)` headers as the `(&str, &str)` pairs [`Conn::send`] takes.
@@ -696,7 +600,21 @@ fn main() -> anyhow::Result<()> {
                 subs,
                 conns,
                 resources,
-            } => idle(&url, subs, conns, resources).await,
+                opening,
+                open_timeout_secs,
+                server_pid,
+            } => {
+                idle::idle(idle::Idle {
+                    url,
+                    subs,
+                    conns,
+                    resources,
+                    opening,
+                    open_timeout: Duration::from_secs(open_timeout_secs),
+                    server_pid,
+                })
+                .await
+            }
             Cmd::Puts {
                 url,
                 resources,
@@ -719,6 +637,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 sqlite_floor::floor(path, &modes, concurrency, seconds, sizes).await
             }
+            Cmd::TextFloor { seconds } => text_floor::text_floor(seconds),
             Cmd::Sync {
                 home,
                 replica,
