@@ -141,7 +141,18 @@ async fn missed_notices_are_caught_up_when_the_listener_reconnects() {
     .await;
     assert_eq!(json(&s.next_block(T).await.unwrap())["n"], 0);
     // Cut every listening connection, then write while they are down: those notices are lost.
+    // (A terminated backend goes a moment later: writes made before B saw its listener go
+    // would still reach it as notices, so wait for B to say so; it reconnects 1 s later.)
     cut_listeners(&url);
+    let deadline = std::time::Instant::now() + T;
+    while !b.log().contains("lost the notice connection") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never saw its listener cut: {}",
+            b.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     for n in 1..=5 {
         let body = format!("{{\"n\":{n}}}");
         assert_eq!(
