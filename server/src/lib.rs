@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod model;
 pub mod p2p;
+pub mod private_file;
 pub mod progress;
 pub mod proxy;
 pub mod refusals;

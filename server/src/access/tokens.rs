@@ -120,26 +120,12 @@ impl Tokens {
     }
 
     fn read_file(&self) -> anyhow::Result<TokenFile> {
-        match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("reading {}", self.path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokenFile::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
-        }
+        crate::private_file::read_json(&self.path)
     }
 
     /// Writes the file whole, atomically, mode 0600.
     fn write_file(&self, f: &TokenFile) -> anyhow::Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        serde_json::to_writer_pretty(&mut tmp, f)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&self.path)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))?;
-        }
-        Ok(())
+        crate::private_file::write_json(&self.path, f)
     }
 
     /// Changes the file under an exclusive lock (several `plait token` may run at once).

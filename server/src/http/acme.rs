@@ -197,8 +197,8 @@ impl Acme {
         let expires = leaf_expiry(&certified)?;
         // The key first: a crash between the two leaves a pair that does not match, which
         // `kept` refuses (and orders again), never a certificate without its key.
-        write_private(&self.dir.join("key.pem"), key.as_bytes())?;
-        write_private(&self.dir.join("cert.pem"), chain.as_bytes())?;
+        crate::private_file::write(&self.dir.join("key.pem"), key.as_bytes())?;
+        crate::private_file::write(&self.dir.join("cert.pem"), chain.as_bytes())?;
         self.certificates.set(certified);
         *self.expires.lock().unwrap_or_else(|e| e.into_inner()) = Some(expires);
         tracing::info!(domains = ?self.domains, expires = %humantime::format_rfc3339_seconds(expires), "ACME: new certificate in use");
@@ -245,7 +245,7 @@ impl Acme {
             directory: self.directory.clone(),
             credentials,
         };
-        write_private(&path, &serde_json::to_vec_pretty(&kept)?)?;
+        crate::private_file::write(&path, &serde_json::to_vec_pretty(&kept)?)?;
         tracing::info!(account = account.id(), "ACME: new account");
         Ok(account)
     }
@@ -361,21 +361,6 @@ fn self_signed(domains: &[String], provider: &CryptoProvider) -> anyhow::Result<
     .map_err(|e| anyhow!("the temporary certificate does not load: {e}"))
 }
 
-/// Writes `bytes` to `path` (mode 0600) by writing a temporary file beside it and renaming.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    // `tempfile` creates it 0600.
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,8 +372,8 @@ mod tests {
         let domains = vec!["a.example".to_string(), "b.example".to_string()];
         assert!(kept(dir.path(), &domains, &provider).is_none(), "nothing kept");
         let made = rcgen::generate_simple_self_signed(domains.clone()).unwrap();
-        write_private(&dir.path().join("cert.pem"), made.cert.pem().as_bytes()).unwrap();
-        write_private(
+        crate::private_file::write(&dir.path().join("cert.pem"), made.cert.pem().as_bytes()).unwrap();
+        crate::private_file::write(
             &dir.path().join("key.pem"),
             made.signing_key.serialize_pem().as_bytes(),
         )

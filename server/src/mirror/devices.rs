@@ -151,31 +151,11 @@ struct DevicesFile {
 
 /// This owner's devices (revoked ones too).
 pub fn devices(data_dir: &Path) -> anyhow::Result<BTreeMap<Identity, DeviceEntry>> {
-    let path = data_dir.join(DEVICES_FILE);
-    match std::fs::read(&path) {
-        Ok(b) => Ok(serde_json::from_slice::<DevicesFile>(&b)
-            .with_context(|| format!("reading {}", path.display()))?
-            .devices),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    Ok(crate::private_file::read_json::<DevicesFile>(&data_dir.join(DEVICES_FILE))?.devices)
 }
 
 fn save_devices(data_dir: &Path, devices: BTreeMap<Identity, DeviceEntry>) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join(DEVICES_FILE);
-    let tmp = data_dir.join(format!("{DEVICES_FILE}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(&DevicesFile { devices })?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    crate::private_file::write_json(&data_dir.join(DEVICES_FILE), &DevicesFile { devices })
 }
 
 /// Records a linked device, so that what is sealed from now on is sealed to it too.

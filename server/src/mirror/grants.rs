@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use anyhow::Context;
 use plait_bridge::Identity;
 use serde::{Deserialize, Serialize};
 
@@ -77,28 +76,11 @@ impl Grants {
     }
 
     fn read_file(&self) -> anyhow::Result<GrantFile> {
-        match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("reading {}", self.path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(GrantFile::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
-        }
+        crate::private_file::read_json(&self.path)
     }
 
     fn write_file(&self, f: &GrantFile) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = self.path.with_extension("tmp");
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        out.write_all(&serde_json::to_vec_pretty(f)?)?;
-        out.sync_all()?;
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?;
-        Ok(())
+        crate::private_file::write_json(&self.path, f)
     }
 
     /// Grants `id` storage up to `quota` bytes (replacing an earlier grant's quota).

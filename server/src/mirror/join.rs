@@ -56,27 +56,6 @@ pub fn check_link(link: &DeviceLink, now_ms: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `text` to `dir/name`, mode 0600, by rename.
-fn write_private(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let path = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
 /// Takes the bundle from the link's mirror, opens it and writes the device's keys into
 /// `data_dir`. `node` runs as the device (`link.secret.device_key()`) and is a member of
 /// the mirror's network.
@@ -111,15 +90,14 @@ pub async fn take_keys(
         .owner_seal_key()?
         .save(&data_dir.join(OWNER_SEAL_KEY_FILE))?;
     let cert = bundle.cert()?;
-    write_private(
-        data_dir,
-        DEVICE_FILE,
-        &serde_json::to_string_pretty(&serde_json::json!({
+    crate::private_file::write_json(
+        &data_dir.join(DEVICE_FILE),
+        &serde_json::json!({
             "owner": bundle.owner,
             "device": cert.device,
             "certificate": data_encoding::BASE64URL_NOPAD.encode(&cert.to_bytes()),
             "mirrors": bundle.mirrors,
-        }))?,
+        }),
     )?;
     Ok(bundle)
 }

@@ -93,20 +93,11 @@ struct MirrorsFile {
 
 /// This data dir's mirrors.
 pub fn mirrors(data_dir: &Path) -> anyhow::Result<BTreeMap<Identity, MirrorEntry>> {
-    let path = data_dir.join(MIRRORS_FILE);
-    match std::fs::read(&path) {
-        Ok(b) => Ok(serde_json::from_slice::<MirrorsFile>(&b)
-            .with_context(|| format!("reading {}", path.display()))?
-            .mirrors),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    Ok(crate::private_file::read_json::<MirrorsFile>(&data_dir.join(MIRRORS_FILE))?.mirrors)
 }
 
 /// Adds a mirror to this data dir's list (mode 0600, replaced whole by rename).
 pub fn add_mirror(data_dir: &Path, id: Identity, dht: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut all = mirrors(data_dir)?;
     let added_secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -119,19 +110,7 @@ pub fn add_mirror(data_dir: &Path, id: Identity, dht: &str) -> anyhow::Result<()
             added_secs,
         },
     );
-    let path: PathBuf = data_dir.join(MIRRORS_FILE);
-    let tmp = path.with_extension("tmp");
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    out.write_all(&serde_json::to_vec_pretty(&MirrorsFile { mirrors: all })?)?;
-    out.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::private_file::write_json(&data_dir.join(MIRRORS_FILE), &MirrorsFile { mirrors: all })
 }
 
 /// What has been sealed: the chain's last seq, and per path the resource seq sealed

@@ -55,32 +55,11 @@ struct FollowsFile {
 
 /// This data dir's follows.
 pub fn follows(data_dir: &Path) -> anyhow::Result<BTreeMap<Identity, Follow>> {
-    let path = data_dir.join(FOLLOWS_FILE);
-    match std::fs::read(&path) {
-        Ok(b) => Ok(serde_json::from_slice::<FollowsFile>(&b)
-            .with_context(|| format!("reading {}", path.display()))?
-            .follows),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    Ok(crate::private_file::read_json::<FollowsFile>(&data_dir.join(FOLLOWS_FILE))?.follows)
 }
 
 fn write_follows(data_dir: &Path, follows: BTreeMap<Identity, Follow>) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path: PathBuf = data_dir.join(FOLLOWS_FILE);
-    let tmp = path.with_extension("tmp");
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    out.write_all(&serde_json::to_vec_pretty(&FollowsFile { follows })?)?;
-    out.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::private_file::write_json(&data_dir.join(FOLLOWS_FILE), &FollowsFile { follows })
 }
 
 /// Follows `owner` (on `mirror`, or on the holders its record names).

@@ -172,19 +172,7 @@ impl Shares {
     }
 
     fn write(&self, shares: Vec<Share>) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = self.path.with_extension("tmp");
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        out.write_all(&serde_json::to_vec_pretty(&SharesFile { shares })?)?;
-        out.sync_all()?;
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?;
+        crate::private_file::write_json(&self.path, &SharesFile { shares })?;
         // Read again at the next look, whatever the clock's granularity.
         *self.cached.lock().expect("shares") = (None, Vec::new());
         Ok(())
