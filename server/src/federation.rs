@@ -430,18 +430,10 @@ impl Federation {
                 return Ok(!took);
             }
             Some(Kind::Bytes) if header.exists && changes.len() == 1 => {
-                let write = crate::engine::Write {
-                    body: crate::update::WriteBody::Full {
-                        media_type: Some(header.media_type),
-                        body: changes.into_iter().next().expect("one value"),
-                    },
-                    version: None,
-                    parents: None,
-                    peer: None,
-                    author: None,
-                    digest: None,
-                    writer: crate::engine::Writer::Internal,
-                };
+                let write = crate::engine::Write::internal_value(
+                    header.media_type,
+                    changes.into_iter().next().expect("one value"),
+                );
                 self.engine.write(key, write).await.map_err(|e| e.to_string())?;
             }
             Some(kind) if header.exists && !changes.is_empty() => {

@@ -116,10 +116,20 @@ impl Write {
     /// A whole JSON value written by the server itself (accounts, sessions, the access
     /// rules, imports): no peer, no author, not rate-limited.
     pub fn internal_json(value: &serde_json::Value) -> Write {
+        Write::internal_value(
+            "application/json".into(),
+            bytes::Bytes::from(serde_json::to_vec(value).expect("JSON serializes")),
+        )
+    }
+
+    /// A whole value of `media_type` written by the server itself (a replica's bytes
+    /// value, from a home instance, a mirror or a device): no peer, no author, not
+    /// rate-limited.
+    pub fn internal_value(media_type: String, body: bytes::Bytes) -> Write {
         Write {
             body: WriteBody::Full {
-                media_type: Some("application/json".into()),
-                body: bytes::Bytes::from(serde_json::to_vec(value).expect("JSON serializes")),
+                media_type: Some(media_type),
+                body,
             },
             version: None,
             parents: None,

@@ -367,18 +367,8 @@ impl Merger {
                         .await?
                         .and_then(|l| l.changes.last().map(|c| c.at_ms));
                     if e.kind == Kind::Bytes && ours.is_none_or(|at| e.at_ms > at) {
-                        let write = crate::engine::Write {
-                            body: crate::update::WriteBody::Full {
-                                media_type: Some(e.media_type.clone()),
-                                body: e.data.clone(),
-                            },
-                            version: None,
-                            parents: None,
-                            peer: None,
-                            author: None,
-                            digest: None,
-                            writer: crate::engine::Writer::Internal,
-                        };
+                        let write =
+                            crate::engine::Write::internal_value(e.media_type.clone(), e.data.clone());
                         self.engine
                             .write(&key, write)
                             .await

@@ -325,18 +325,7 @@ async fn apply(
                 }
             }
             What::Value => {
-                let write = crate::engine::Write {
-                    body: crate::update::WriteBody::Full {
-                        media_type: Some(e.media_type.clone()),
-                        body: e.data.clone(),
-                    },
-                    version: None,
-                    parents: None,
-                    peer: None,
-                    author: None,
-                    digest: None,
-                    writer: crate::engine::Writer::Internal,
-                };
+                let write = crate::engine::Write::internal_value(e.media_type.clone(), e.data.clone());
                 engine
                     .write(&rkey, write)
                     .await
