@@ -1,8 +1,8 @@
-//! What the encrypted mirror's tests share (`mirror`, `devices`, `mirror_http`,
-//! `mirror_holders`, `mirror_readers`): servers with a p2p node that seal quickly, a
-//! second store of the same sort, the `plait` command on a server's data dir, the owner's
-//! writes, waiting for a condition, and searching everything a server stores for
-//! plaintext.
+//! What the encrypted mirror's tests share (`mirror`, `devices`, `device_writes`,
+//! `mirror_http`, `mirror_holders`, `mirror_readers`): servers with a p2p node that seal
+//! quickly, a second store of the same sort, the `plait` command on a server's data dir
+//! (and `plait device join` into a new one), the owner's writes and reads, waiting for a
+//! condition, and searching everything a server stores for plaintext.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -38,6 +38,38 @@ pub fn run(args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text.trim().to_string())
+}
+
+/// The last line of a command's output (where `plait` prints a link, key or id), trimmed.
+pub fn last_line(s: &str) -> String {
+    s.lines().last().unwrap_or_default().trim().to_string()
+}
+
+/// `plait device join LINK` into a new data dir `dir`, on `store`.
+pub fn device_join(dir: &std::path::Path, store: &Store, link: &str) -> (bool, String) {
+    let dir = dir.to_str().unwrap();
+    let mut args = vec!["device", "join", "--data-dir", dir];
+    if let Store::Postgres(url) = store {
+        args.extend(["--database-url", url.as_str()]);
+    }
+    args.push(link);
+    run(&args)
+}
+
+/// A GET on `p` as its owner: the status and body, or status 0 if it did not answer
+/// within 30 s.
+pub async fn owner_get(p: &Plait, path: &str) -> (u16, Vec<u8>) {
+    let (k, v) = p.owner_auth();
+    match reqwest::Client::new()
+        .get(p.url(path))
+        .header(k, v)
+        .timeout(WAIT)
+        .send()
+        .await
+    {
+        Ok(r) => (r.status().as_u16(), r.bytes().await.unwrap_or_default().to_vec()),
+        Err(_) => (0, Vec::new()),
+    }
 }
 
 /// Runs `plait ARGS --data-dir <p's data dir>`.

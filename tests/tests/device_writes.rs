@@ -8,10 +8,11 @@
 //! D's plaintext. Once O revokes D, what D seals after is not merged. D with a certificate that is not O's signature has its pushes refused
 //! (`bad-certificate`). Both stores.
 
-use std::path::Path;
 use std::time::Duration;
 
-use plait_tests::mirror::{WAIT, another, holds, ok, p2p_plait, put, raw_storage, run, until};
+use plait_tests::mirror::{
+    WAIT, another, device_join, holds, last_line, ok, owner_get, p2p_plait, put, raw_storage, until,
+};
 use plait_tests::on_both_stores;
 use plait_tests::plait::{Plait, Store};
 
@@ -22,40 +23,11 @@ const SECRETS: [&str; 3] = [
     "device-bytes-secret-DW3",
 ];
 
-fn last_line(s: &str) -> String {
-    s.lines().last().unwrap().trim().to_string()
-}
-
-/// `plait device join` into `dir`, on `store`.
-fn join(dir: &Path, store: &Store, link: &str) -> (bool, String) {
-    let dir = dir.to_str().unwrap();
-    let mut args = vec!["device", "join", "--data-dir", dir];
-    if let Store::Postgres(url) = store {
-        args.extend(["--database-url", url.as_str()]);
-    }
-    args.push(link);
-    run(&args)
-}
-
-async fn get(p: &Plait, path: &str) -> (u16, Vec<u8>) {
-    let (k, v) = p.owner_auth();
-    match reqwest::Client::new()
-        .get(p.url(path))
-        .header(k, v)
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-    {
-        Ok(r) => (r.status().as_u16(), r.bytes().await.unwrap_or_default().to_vec()),
-        Err(_) => (0, Vec::new()),
-    }
-}
-
 /// Polls `p` until `path` satisfies `f`, for at most [`WAIT`]; the last body.
 async fn until_body(p: &Plait, path: &str, what: &str, f: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (status, body) = get(p, path).await;
+        let (status, body) = owner_get(p, path).await;
         if status == 200 && f(&body) {
             return body;
         }
@@ -104,11 +76,11 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
     // D restores what M holds: O's writes before the link.
     let dstore = another(&store);
     let ddir = tempfile::tempdir().unwrap();
-    let (joined, out) = join(ddir.path(), &dstore, &link);
+    let (joined, out) = device_join(ddir.path(), &dstore, &link);
     assert!(joined, "device join failed: {out}\nmirror log:\n{}", m.log());
     assert!(out.contains("restored 3 resources"), "{out}");
     let mut d = Plait::start_in(dstore, ddir.path(), &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"]);
-    let (status, body) = get(&d, &format!("/~{oid}/notes")).await;
+    let (status, body) = owner_get(&d, &format!("/~{oid}/notes")).await;
     assert_eq!(
         (status, body.as_slice()),
         (200, &b"first line\n"[..]),
@@ -128,7 +100,7 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
         SECRETS[2].as_bytes(),
     )
     .await;
-    let (status, body) = get(&d, &format!("/~{oid}/notes")).await;
+    let (status, body) = owner_get(&d, &format!("/~{oid}/notes")).await;
     assert_eq!((status, body.as_slice()), (200, text.as_bytes()));
     // Anyone else may not write there.
     let r = reqwest::Client::new()
@@ -161,7 +133,7 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
     })
     .await;
     assert_eq!(bin, SECRETS[2].as_bytes());
-    let (status, body) = get(&o, "/img.bin").await;
+    let (status, body) = owner_get(&o, "/img.bin").await;
     assert_eq!((status, body.as_slice()), (200, &b"owner-bytes"[..]));
 
     // M held only ciphertext of D's writes.
@@ -208,7 +180,7 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
         o.log().contains("not merging what a revoked device sealed")
     })
     .await;
-    let (_, body) = get(&o, "/late").await;
+    let (_, body) = owner_get(&o, "/late").await;
     assert!(!has(&body, "DW4"), "a revoked device's later write is not merged");
 
     // A device whose certificate is not its owner's signature is refused by M.
@@ -226,7 +198,7 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (_, body) = get(&o, "/forged").await;
+    let (_, body) = owner_get(&o, "/forged").await;
     assert!(!has(&body, "not merged"), "nothing of a refused chain is merged");
 }
 

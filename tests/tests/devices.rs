@@ -11,7 +11,9 @@ use std::time::Duration;
 use plait_bridge::mirror::SealKey;
 use plait_bridge::mirror::device::DeviceLink;
 use plait_server::mirror::batch;
-use plait_tests::mirror::{another, contains, holds, ok, p2p_plait, put, raw_storage, run};
+use plait_tests::mirror::{
+    another, contains, device_join, holds, last_line, ok, owner_get, p2p_plait, put, raw_storage, run,
+};
 use plait_tests::on_both_stores;
 use plait_tests::plait::{Plait, Store};
 
@@ -21,33 +23,6 @@ const SECRETS: [&str; 3] = [
     "device-json-secret-QWV2",
     "device-bytes-secret-QWV3",
 ];
-
-fn last_line(s: &str) -> String {
-    s.lines().last().unwrap().trim().to_string()
-}
-
-/// `plait device join` into `dir`, on `store`.
-fn join(dir: &Path, store: &Store, link: &str) -> (bool, String) {
-    let dir = dir.to_str().unwrap();
-    let mut args = vec!["device", "join", "--data-dir", dir];
-    if let Store::Postgres(url) = store {
-        args.extend(["--database-url", url.as_str()]);
-    }
-    args.push(link);
-    run(&args)
-}
-
-async fn get(p: &Plait, path: &str) -> (u16, Vec<u8>) {
-    let (k, v) = p.owner_auth();
-    let r = reqwest::Client::new()
-        .get(p.url(path))
-        .header(k, v)
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
-}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -94,7 +69,7 @@ async fn a_device_restores_from_the_mirror_while_the_owner_is_gone(store: Store)
     // D joins and restores everything from M.
     let dstore = another(&store);
     let ddir = tempfile::tempdir().unwrap();
-    let (joined, out) = join(ddir.path(), &dstore, &link);
+    let (joined, out) = device_join(ddir.path(), &dstore, &link);
     assert!(joined, "device join failed: {out}\nmirror log:\n{}", m.log());
     assert!(
         out.contains(&oid) && out.contains("restored 3 resources"),
@@ -119,18 +94,18 @@ async fn a_device_restores_from_the_mirror_while_the_owner_is_gone(store: Store)
     assert_eq!(device["owner"], oid.as_str());
 
     let d = Plait::start_in(dstore, ddir.path(), &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"]);
-    let (status, body) = get(&d, &format!("/~{oid}/notes/secret")).await;
+    let (status, body) = owner_get(&d, &format!("/~{oid}/notes/secret")).await;
     assert_eq!(
         (status, body.as_slice()),
         (200, SECRETS[0].as_bytes()),
         "{}",
         d.log()
     );
-    let (status, body) = get(&d, &format!("/~{oid}/cfg")).await;
+    let (status, body) = owner_get(&d, &format!("/~{oid}/cfg")).await;
     assert_eq!(status, 200);
     let got: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(got, serde_json::from_str::<serde_json::Value>(&json).unwrap());
-    let (status, body) = get(&d, &format!("/~{oid}/img.bin")).await;
+    let (status, body) = owner_get(&d, &format!("/~{oid}/img.bin")).await;
     assert_eq!((status, body.as_slice()), (200, SECRETS[2].as_bytes()));
 
     // M held only ciphertext: no plaintext, and not the keys it passed on.
@@ -150,12 +125,12 @@ async fn a_device_restores_from_the_mirror_while_the_owner_is_gone(store: Store)
     // The link works once: its bundle is gone (the device, a member already, is let
     // into M's network again, so the refusal is the bundle's).
     let again = tempfile::tempdir().unwrap();
-    let (joined, out) = join(again.path(), &another(&store), &link);
+    let (joined, out) = device_join(again.path(), &another(&store), &link);
     assert!(!joined, "{out}");
     assert!(out.contains("no-bundle") && out.contains("used already"), "{out}");
     // A link carrying an invite of M's operator works as well.
     let other = tempfile::tempdir().unwrap();
-    let (joined, out) = join(other.path(), &another(&store), &twice);
+    let (joined, out) = device_join(other.path(), &another(&store), &twice);
     assert!(joined, "{out}");
     assert!(out.contains("restored 3 resources"), "{out}");
 
@@ -165,7 +140,7 @@ async fn a_device_restores_from_the_mirror_while_the_owner_is_gone(store: Store)
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let late = tempfile::tempdir().unwrap();
-    let (joined, out) = join(late.path(), &another(&store), &short);
+    let (joined, out) = device_join(late.path(), &another(&store), &short);
     assert!(!joined, "{out}");
     assert!(out.contains("expired"), "{out}");
     assert!(!late.path().join("identity.pem").exists());
@@ -242,7 +217,7 @@ async fn a_revoked_device_cannot_open_what_is_sealed_after(store: Store) {
     let linked = ok(&o, &["device", "link"]);
     let device = linked.split_whitespace().nth(1).unwrap().to_string();
     let ddir = tempfile::tempdir().unwrap();
-    let (joined, out) = join(ddir.path(), &another(&store), &last_line(&linked));
+    let (joined, out) = device_join(ddir.path(), &another(&store), &last_line(&linked));
     assert!(joined, "{out}");
     let own = SealKey::load_or_create(&ddir.path().join("seal-key.txt")).unwrap();
     let given = SealKey::load_or_create(&ddir.path().join("owner-seal-key.txt")).unwrap();

@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use plait_bridge::Keypair;
-use plait_tests::mirror::{another, holds, id, ok, on, p2p_plait, put, raw_storage, until};
+use plait_tests::mirror::{another, holds, id, last_line, ok, on, p2p_plait, put, raw_storage, until};
 use plait_tests::on_both_stores;
 use plait_tests::plait::{Plait, Store};
 
@@ -34,10 +34,6 @@ const PRIVATE: [&str; 4] = [
     "reader-private-bytes-KPL8",
     "reader-private-later-KPL9",
 ];
-
-fn last_line(s: &str) -> String {
-    s.lines().last().unwrap().trim().to_string()
-}
 
 fn now() -> u64 {
     std::time::SystemTime::now()
