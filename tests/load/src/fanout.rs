@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, watch};
 
-use crate::net::{Conn, Target, content_length, find, request, server_rss};
+use crate::net::{Conn, Target, Waves, content_length, find, request, server_rss};
 use crate::{Auth, borrowed, hist, now_us, summary};
 
 /// Subscribers that may be in their TLS handshake at once.
@@ -208,15 +208,9 @@ async fn h2_subscribers(
     let scheme = if target.is_tls() { "https" } else { "http" };
     let mut client = client;
     let mut readers = Vec::with_capacity(n);
-    let here = Arc::new(AtomicUsize::new(0));
+    let waves = Waves::default();
     for k in 0..n {
-        // Open in waves of 50, each waiting for the previous wave's first updates (h2
-        // refuses to buffer many small unread frames on one connection).
-        if k % 50 == 0 {
-            while here.load(Ordering::SeqCst) < k {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
+        waves.turn(k).await;
         client = client.ready().await?;
         let mut req = http::Request::get(format!("{scheme}://{}{path}", target.addr))
             .header("subscribe", "true")
@@ -225,7 +219,7 @@ async fn h2_subscribers(
             req = req.header(k, v);
         }
         let (resp, _) = client.send_request(req.body(())?, true)?;
-        let (tally, here) = (tally.clone(), here.clone());
+        let (tally, waves) = (tally.clone(), waves.clone());
         readers.push(tokio::spawn(async move {
             let mut stop = tally.stop.clone();
             let resp = resp.await?;
@@ -246,7 +240,7 @@ async fn h2_subscribers(
                 reader.feed(&d)?;
                 if !counted && !reader.first {
                     counted = true;
-                    here.fetch_add(1, Ordering::SeqCst);
+                    waves.arrived();
                 }
             }
             reader.finish().await

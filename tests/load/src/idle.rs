@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use crate::net::{Target, addr_of, request, server_rss, server_status};
+use crate::net::{Target, Waves, addr_of, request, server_rss, server_status};
 
 /// What `idle` is asked to hold.
 pub struct Idle {
@@ -135,15 +135,9 @@ async fn hold(
     });
     let mut client = client;
     let mut readers = Vec::with_capacity(n);
-    let here = Arc::new(AtomicUsize::new(0));
+    let waves = Waves::default();
     for k in 0..n {
-        // Open in waves of 50, each waiting for the previous wave's first updates: h2
-        // refuses to buffer many small unread frames on one connection.
-        if k % 50 == 0 {
-            while here.load(Ordering::SeqCst) < k {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
+        waves.turn(k).await;
         let i = first + k;
         client = client.ready().await?;
         let req = http::Request::get(format!("http://{addr}/bench/idle/{}", i % resources))
@@ -151,7 +145,7 @@ async fn hold(
             .header("accept", "application/json")
             .body(())?;
         let (resp, _) = client.send_request(req, true)?;
-        let (opened, here) = (opened.clone(), here.clone());
+        let (opened, waves) = (opened.clone(), waves.clone());
         // Each stream is read as its data arrives, as a real client would.
         readers.push(tokio::spawn(async move {
             let resp = resp.await?;
@@ -165,15 +159,13 @@ async fn hold(
                 let _ = body.flow_control().release_capacity(d.len());
                 if std::mem::take(&mut first) {
                     opened.fetch_add(1, Ordering::SeqCst);
-                    here.fetch_add(1, Ordering::SeqCst);
+                    waves.arrived();
                 }
             }
             Ok::<(), anyhow::Error>(())
         }));
     }
-    while here.load(Ordering::SeqCst) < n {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    waves.all(n).await;
     drop(permit);
     // Hold the connection open until the process ends; report a stream's failure.
     for r in readers {

@@ -2,12 +2,15 @@
 //! `https://` URL, the TLS client configuration (the CA named by `--ca`, ALPN `http/1.1` or
 //! `h2`); [`Conn`] is a keep-alive HTTP/1.1 client over any stream, raw on the wire so the
 //! tool's own cost stays small; [`request`] and [`server_status`] are the one-off requests
-//! every workload makes. Knows nothing of workloads.
+//! every workload makes; [`Waves`] paces subscriptions opened on one HTTP/2 connection. Knows
+//! nothing of workloads.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use rustls::pki_types::pem::PemObject;
@@ -227,4 +230,35 @@ pub fn content_length(head: &str) -> usize {
 
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Paces the subscriptions opened on one HTTP/2 connection: in waves of [`Waves::SIZE`],
+/// each waiting for the previous wave's first updates (h2 refuses to buffer many small
+/// unread frames on one connection). Cloned into each subscription's reader, which calls
+/// [`Waves::arrived`] once its first update is in.
+#[derive(Clone, Default)]
+pub struct Waves(Arc<AtomicUsize>);
+
+impl Waves {
+    /// Subscriptions per wave.
+    pub const SIZE: usize = 50;
+
+    /// Waits, before opening the `k`th subscription, until its wave may start.
+    pub async fn turn(&self, k: usize) {
+        if k % Self::SIZE == 0 {
+            self.all(k).await;
+        }
+    }
+
+    /// Waits until `n` subscriptions have had their first update.
+    pub async fn all(&self, n: usize) {
+        while self.0.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// One subscription has had its first update.
+    pub fn arrived(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
