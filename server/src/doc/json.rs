@@ -315,41 +315,53 @@ fn read_prop(am: &AutoCommit, obj: &ObjId, prop: Prop, heads: Option<&[ChangeHas
 }
 
 fn read_value(am: &AutoCommit, v: AmValue<'_>, id: &ObjId, heads: Option<&[ChangeHash]>) -> Value {
+    // Children are read by iterating the object once: reading a list's items by index
+    // seeks from the start for each (quadratic in its length).
+    let child = |value: automerge::ValueRef<'_>, id: Option<ObjId>| {
+        read_value(am, value.into_value(), id.as_ref().unwrap_or(&ROOT), heads)
+    };
     match v {
         AmValue::Scalar(s) => scalar_to_json(&s),
         AmValue::Object(ObjType::Map | ObjType::Table) => {
-            let mut keys: Vec<String> = match heads {
-                Some(h) => am.keys_at(id, h).collect(),
-                None => am.keys(id).collect(),
+            let items = match heads {
+                Some(h) => am.map_range_at(id, .., h),
+                None => am.map_range(id, ..),
             };
-            keys.retain(|k| k != ORDER_KEY);
-            // Keys in the order they were written; any the order list does not know of
-            // (written by software that does not keep it) come after, sorted.
-            if let Some(Value::Array(order)) = read_prop(am, id, ORDER_KEY.into(), heads) {
-                let pos = |k: &String| {
-                    order
-                        .iter()
-                        .position(|o| o.as_str() == Some(k.as_str()))
-                        .unwrap_or(usize::MAX)
-                };
-                keys.sort_by_key(pos);
-            }
-            let mut m = Map::new();
-            for k in keys {
-                if let Some(v) = read_prop(am, id, k.clone().into(), heads) {
-                    m.insert(k, v);
+            let mut order = None;
+            let mut entries = Vec::new();
+            for item in items {
+                let id = matches!(item.value, automerge::ValueRef::Object(_)).then(|| item.id());
+                let v = child(item.value, id);
+                if item.key == ORDER_KEY {
+                    order = Some(v);
+                } else {
+                    entries.push((item.key.into_owned(), v));
                 }
             }
-            Value::Object(m)
+            // Keys in the order they were written; any the order list does not know of
+            // (written by software that does not keep it) come after, sorted.
+            if let Some(Value::Array(order)) = order {
+                let mut pos = std::collections::HashMap::new();
+                for (i, o) in order.iter().enumerate() {
+                    if let Some(k) = o.as_str() {
+                        pos.entry(k).or_insert(i);
+                    }
+                }
+                entries.sort_by_key(|(k, _)| pos.get(k.as_str()).copied().unwrap_or(usize::MAX));
+            }
+            Value::Object(entries.into_iter().collect::<Map<_, _>>())
         }
         AmValue::Object(ObjType::List) => {
-            let len = match heads {
-                Some(h) => am.length_at(id, h),
-                None => am.length(id),
+            let items = match heads {
+                Some(h) => am.list_range_at(id, .., h),
+                None => am.list_range(id, ..),
             };
             Value::Array(
-                (0..len)
-                    .map(|i| read_prop(am, id, i.into(), heads).unwrap_or(Value::Null))
+                items
+                    .map(|item| {
+                        let id = matches!(item.value, automerge::ValueRef::Object(_)).then(|| item.id());
+                        child(item.value, id)
+                    })
                     .collect(),
             )
         }
