@@ -12,8 +12,9 @@
 //! owner — the checkpoint's snapshot first, then the segments after it — is checked (the
 //! owner's signature, the chain, length and BLAKE3), opened and applied through the
 //! engine as federation applies its home's changes: automerge changes and snapshots are
-//! imported into replicas of `/~<owner>/…`, a bytes value is written. `plait serve` on
-//! the data dir then serves them.
+//! imported into replicas of `/~<owner>/…`, a bytes value is written — a segment's
+//! resources at once (each resource's entries in order), so that the store commits them
+//! together rather than one commit each. `plait serve` on the data dir then serves them.
 //!
 //! Knows nothing of HTTP; the mirror is reached through the node's mirror protocol.
 
@@ -205,54 +206,74 @@ pub async fn fetch_chain(
             p.update(ck.upto, c.snapshot.len() as u64);
         }
     }
-    let mut bytes = 0u64;
-    while chain.seq < head.seq {
-        let list = match ask(
+    let range = |from: u64| async move {
+        match ask(
             node,
             mirror,
             Request::Range {
                 namespace: owner,
-                from: chain.seq + 1,
+                from,
                 to: head.seq,
             },
         )
         .await?
         {
-            Response::Segments(l) => l,
-            other => bail!("the mirror answered {other:?}"),
-        };
-        if list.is_empty() {
-            bail!(
-                "the mirror holds no segment {} though its chain ends at {}",
-                chain.seq + 1,
+            Response::Segments(l) if l.is_empty() => bail!(
+                "the mirror holds no segment {from} though its chain ends at {}",
                 head.seq
-            );
+            ),
+            Response::Segments(l) => Ok(l),
+            other => bail!("the mirror answered {other:?}"),
         }
-        for s in list {
-            let d = &s.descriptor;
-            if d.namespace != owner
-                || d.seq != chain.seq + 1
-                || d.prev != chain.hash
-                || !d.verify_signature()
-                || d.len != s.ciphertext.len() as u64
-                || &d.hash != blake3::hash(&s.ciphertext).as_bytes()
-            {
-                bail!(
-                    "segment {} from the mirror does not follow the owner's chain",
-                    d.seq
-                );
+    };
+    let mut bytes = 0u64;
+    let mut list = if chain.seq < head.seq {
+        range(chain.seq + 1).await?
+    } else {
+        Vec::new()
+    };
+    while !list.is_empty() {
+        // The next range is fetched while this one is applied (it is checked only once
+        // this one is in: it must follow it).
+        let last = list.last().map_or(0, |s| s.descriptor.seq);
+        let next = async {
+            if last < head.seq {
+                range(last + 1).await
+            } else {
+                Ok(Vec::new())
             }
-            if apply(engine, owner, &s.ciphertext, keys, opening, &mut touched).await? {
-                done.opened += 1;
+        };
+        let applying = async {
+            for s in list {
+                let d = &s.descriptor;
+                if d.namespace != owner
+                    || d.seq != chain.seq + 1
+                    || d.prev != chain.hash
+                    || !d.verify_signature()
+                    || d.len != s.ciphertext.len() as u64
+                    || &d.hash != blake3::hash(&s.ciphertext).as_bytes()
+                {
+                    bail!(
+                        "segment {} from the mirror does not follow the owner's chain",
+                        d.seq
+                    );
+                }
+                if apply(engine, owner, &s.ciphertext, keys, opening, &mut touched).await? {
+                    done.opened += 1;
+                }
+                // Only once applied: a failure is fetched again from here.
+                chain = ChainHead::of(d);
+                done.head = chain;
+                bytes += s.ciphertext.len() as u64;
+                if let Some(p) = progress.as_mut() {
+                    p.update(chain.seq, bytes);
+                }
             }
-            // Only once applied: a failure is fetched again from here.
-            chain = ChainHead::of(d);
-            done.head = chain;
-            bytes += s.ciphertext.len() as u64;
-            if let Some(p) = progress.as_mut() {
-                p.update(chain.seq, bytes);
-            }
-        }
+            Ok(())
+        };
+        let (applied, next) = tokio::join!(applying, next);
+        applied?;
+        list = next?;
     }
     if let Some(p) = progress {
         p.finish();
@@ -262,8 +283,14 @@ pub async fn fetch_chain(
     Ok(done)
 }
 
+/// Resources of one segment restored at once. The store commits what is waiting
+/// together, so a segment of many small resources costs a few commits, not one each.
+const RESTORE_CONCURRENCY: usize = 64;
+
 /// Opens one sealed batch and applies its entries to replicas of the owner's resources;
-/// `false` if it is not sealed to `keys` and need not be ([`Opening::Ours`]).
+/// `false` if it is not sealed to `keys` and need not be ([`Opening::Ours`]). Each
+/// resource's entries are applied in their order; different resources at once (up to
+/// [`RESTORE_CONCURRENCY`]). It returns once all of them are applied (or one failed).
 async fn apply(
     engine: &Engine,
     owner: Identity,
@@ -272,39 +299,65 @@ async fn apply(
     opening: Opening,
     touched: &mut std::collections::BTreeSet<String>,
 ) -> anyhow::Result<bool> {
+    use futures::{StreamExt, TryStreamExt};
     let plain = match plait_bridge::mirror::open_with(keys, ciphertext) {
         Ok(p) => p,
         Err(plait_bridge::mirror::SealError::NotSealedToUs) if opening == Opening::Ours => return Ok(false),
         Err(e) => return Err(e.into()),
     };
     let entries = batch::decode(&plain).map_err(|e| anyhow::anyhow!("a sealed batch: {e}"))?;
-    // Consecutive changes to one resource are imported together.
+    // Each resource's entries, in the batch's order.
+    let mut per_resource: Vec<(ResourcePath, Vec<batch::Entry>)> = Vec::new();
+    let mut at = std::collections::HashMap::new();
+    for e in entries {
+        let i = *at.entry(e.path.clone()).or_insert_with(|| {
+            per_resource.push((e.path.clone(), Vec::new()));
+            per_resource.len() - 1
+        });
+        per_resource[i].1.push(e);
+    }
+    for (path, _) in &per_resource {
+        touched.insert(path.as_str().to_string());
+    }
+    // Owned futures (an engine handle and the entries each), so the stream is `Send`.
+    let restores = per_resource.into_iter().map(|(path, entries)| {
+        let engine = engine.clone();
+        async move {
+            apply_resource(&engine, ResourceKey::new(owner, path.clone()), &entries)
+                .await
+                .with_context(|| format!("restoring {}", path.as_str()))
+        }
+    });
+    futures::stream::iter(restores)
+        .buffer_unordered(RESTORE_CONCURRENCY)
+        .try_collect::<()>()
+        .await?;
+    Ok(true)
+}
+
+/// Applies one resource's entries of a batch, in order: consecutive changes are imported
+/// together, a snapshot starts an empty replica (or adds what it lacks), a bytes value
+/// is written.
+async fn apply_resource(engine: &Engine, rkey: ResourceKey, entries: &[batch::Entry]) -> anyhow::Result<()> {
     let mut i = 0;
     while i < entries.len() {
         let e = &entries[i];
-        let path = ResourcePath::new(e.path.as_str()).map_err(|e| anyhow::anyhow!("a sealed path: {e}"))?;
-        let rkey = ResourceKey::new(owner, path);
-        touched.insert(e.path.as_str().to_string());
         match e.what {
             What::Change => {
                 let mut changes = Vec::new();
-                let mut j = i;
-                while j < entries.len() && entries[j].what == What::Change && entries[j].path == e.path {
-                    changes.push(entries[j].data.clone());
-                    j += 1;
+                while i < entries.len() && entries[i].what == What::Change {
+                    changes.push(entries[i].data.clone());
+                    i += 1;
                 }
                 engine
                     .import(&rkey, e.kind, e.media_type.clone(), changes)
-                    .await
-                    .with_context(|| format!("restoring {}", e.path.as_str()))?;
-                i = j;
+                    .await?;
                 continue;
             }
             What::Snapshot => {
                 let started = engine
                     .import_snapshot(&rkey, e.kind, e.media_type.clone(), e.data.clone())
-                    .await
-                    .with_context(|| format!("restoring {}", e.path.as_str()))?;
+                    .await?;
                 if !started {
                     // The replica exists: what the snapshot holds that it lacks goes in
                     // as changes (those it holds apply once).
@@ -312,29 +365,28 @@ async fn apply(
                         e.kind,
                         Some(e.data.as_ref()),
                         std::iter::empty::<&[u8]>(),
-                    )
-                    .with_context(|| format!("restoring {}", e.path.as_str()))?
+                    )?
                     .export(&[])
                     .into_iter()
                     .map(|c| bytes::Bytes::from(c.bytes))
                     .collect();
                     engine
                         .import(&rkey, e.kind, e.media_type.clone(), changes)
-                        .await
-                        .with_context(|| format!("restoring {}", e.path.as_str()))?;
+                        .await?;
                 }
             }
             What::Value => {
-                let write = crate::engine::Write::internal_value(e.media_type.clone(), e.data.clone());
                 engine
-                    .write(&rkey, write)
-                    .await
-                    .with_context(|| format!("restoring {}", e.path.as_str()))?;
+                    .write(
+                        &rkey,
+                        crate::engine::Write::internal_value(e.media_type.clone(), e.data.clone()),
+                    )
+                    .await?;
             }
         }
         i += 1;
     }
-    Ok(true)
+    Ok(())
 }
 
 /// `plait device join`: see the module doc. `cfg` names the new data dir (and store).
