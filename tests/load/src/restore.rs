@@ -11,7 +11,12 @@
 //! * `floor` — the link's floor: the mirror's stored bytes for the namespace (checkpoint,
 //!   descriptors, ciphertexts, read from its embedded store as the mirror reads them to
 //!   answer) sent over one loopback TCP connection to a reader that counts them: the time
-//!   to move the same ciphertext over the same link with nothing else done.
+//!   to move the same ciphertext over the same link with nothing else done. With
+//!   `--store FILE` the reader also keeps what it receives durably, as any restore must:
+//!   each segment a row of a fresh SQLite file with the embedded store's settings (WAL,
+//!   `synchronous=FULL`), one commit per segment, written by a thread beside the reader;
+//!   the time ends with the last commit. That is the link plus the disk's cost of the same
+//!   bytes in as many commits as the chain has segments.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -74,6 +79,10 @@ pub struct Floor {
     /// The owner's identity, whose stored segments are sent.
     #[arg(long)]
     namespace: String,
+    /// Also keep what is received durably in this (new) SQLite file, one commit per
+    /// segment.
+    #[arg(long)]
+    store: Option<PathBuf>,
 }
 
 pub async fn run(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
@@ -297,7 +306,8 @@ async fn floor(a: Floor) -> anyhow::Result<serde_json::Value> {
     let addr = listener.local_addr()?;
     let t0 = Instant::now();
     // The sender reads the store as the mirror answers a range: the checkpoint, then each
-    // segment's descriptor and ciphertext in seq order, written as they are read.
+    // segment's descriptor and ciphertext in seq order, written as they are read, each
+    // behind its length (4 bytes, big-endian), a pair at a time.
     let db = a.db.clone();
     let sender = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
         let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -305,50 +315,94 @@ async fn floor(a: Floor) -> anyhow::Result<serde_json::Value> {
         let rt = tokio::runtime::Handle::current();
         let mut s = rt.block_on(TcpStream::connect(addr))?;
         let (mut bytes, mut segments) = (0u64, 0u64);
-        let mut send = |b: &[u8]| -> anyhow::Result<()> {
-            rt.block_on(s.write_all(b))?;
-            bytes += b.len() as u64;
+        let mut send = |a: &[u8], b: &[u8]| -> anyhow::Result<()> {
+            for part in [a, b] {
+                rt.block_on(s.write_all(&(part.len() as u32).to_be_bytes()))?;
+                rt.block_on(s.write_all(part))?;
+                bytes += part.len() as u64;
+            }
             Ok(())
         };
         let mut q =
             conn.prepare("SELECT checkpoint, snapshot FROM mirror_checkpoints WHERE namespace = ?1")?;
         let mut rows = q.query([ns.as_bytes().as_slice()])?;
         while let Some(r) = rows.next()? {
-            send(r.get_ref(0)?.as_blob()?)?;
-            send(r.get_ref(1)?.as_blob()?)?;
+            send(r.get_ref(0)?.as_blob()?, r.get_ref(1)?.as_blob()?)?;
         }
         let mut q = conn.prepare(
             "SELECT descriptor, ciphertext FROM mirror_segments WHERE namespace = ?1 ORDER BY seq",
         )?;
         let mut rows = q.query([ns.as_bytes().as_slice()])?;
         while let Some(r) = rows.next()? {
-            send(r.get_ref(0)?.as_blob()?)?;
-            send(r.get_ref(1)?.as_blob()?)?;
+            send(r.get_ref(0)?.as_blob()?, r.get_ref(1)?.as_blob()?)?;
             segments += 1;
         }
         rt.block_on(s.shutdown())?;
         Ok((bytes, segments))
     });
-    let (mut s, _) = listener.accept().await?;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut received = 0u64;
-    loop {
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            break;
+    // The keeper: one commit per pair received.
+    let (keep, kept) = match &a.store {
+        Some(path) => {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, Vec<u8>)>();
+            let conn = crate::sqlite_floor::open_durable(
+                path,
+                "CREATE TABLE segments (seq INTEGER PRIMARY KEY, descriptor BLOB NOT NULL,
+                     ciphertext BLOB NOT NULL);",
+            )?;
+            let keeper = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                let mut n = 0u64;
+                while let Some((descriptor, ciphertext)) = rx.blocking_recv() {
+                    conn.execute(
+                        "INSERT INTO segments (seq, descriptor, ciphertext) VALUES (?1, ?2, ?3)",
+                        rusqlite::params![n as i64, descriptor, ciphertext],
+                    )?;
+                    n += 1;
+                }
+                Ok(n)
+            });
+            (Some(tx), Some(keeper))
         }
-        received += n as u64;
+        None => (None, None),
+    };
+    let (s, _) = listener.accept().await?;
+    let mut s = tokio::io::BufReader::with_capacity(1 << 16, s);
+    let mut received = 0u64;
+    while let Some(first) = frame(&mut s).await? {
+        let second = frame(&mut s).await?.context("a pair cut in half")?;
+        received += (first.len() + second.len()) as u64;
+        if let Some(k) = &keep {
+            k.send((first, second)).context("the keeper stopped")?;
+        }
     }
+    drop(keep);
+    let commits = match kept {
+        Some(k) => Some(k.await??),
+        None => None,
+    };
     let secs = t0.elapsed().as_secs_f64();
     let (sent, segments) = sender.await??;
     if sent != received || sent == 0 {
         bail!("the floor sent {sent} bytes and received {received}");
     }
     Ok(serde_json::json!({
-        "workload": "restore-floor",
+        "workload": if commits.is_some() { "restore-floor-link-and-disk" } else { "restore-floor-link" },
         "segments": segments,
         "bytes": received,
+        "commits": commits,
         "seconds": secs,
         "mb_per_sec": received as f64 / 1e6 / secs,
     }))
+}
+
+/// One frame of the floor's stream (its length, then its bytes); `None` at the end.
+async fn frame(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await?;
+    Ok(Some(buf))
 }

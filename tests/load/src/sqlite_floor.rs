@@ -72,18 +72,25 @@ struct Job {
 }
 
 fn open(path: &Path) -> anyhow::Result<Connection> {
-    let _ = std::fs::remove_file(path);
-    let conn = Connection::open(path)?;
-    // Plait's embedded store: WAL, synchronous=FULL (server/src/storage/sqlite).
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-    anyhow::ensure!(mode.eq_ignore_ascii_case("wal"), "no WAL mode ({mode})");
-    conn.execute_batch(
-        "PRAGMA synchronous = FULL;
-         CREATE TABLE changes (
+    open_durable(
+        path,
+        "CREATE TABLE changes (
              resource_id INTEGER NOT NULL, seq INTEGER NOT NULL, version TEXT NOT NULL,
              parents TEXT NOT NULL, author BLOB, at_ms INTEGER NOT NULL, data BLOB NOT NULL,
              meta TEXT, PRIMARY KEY (resource_id, seq)) WITHOUT ROWID;",
-    )?;
+    )
+}
+
+/// A new SQLite file at `path` (an old one is removed) with the durability of Plait's
+/// embedded store (server/src/storage/sqlite): WAL, `synchronous=FULL`; `schema` is run
+/// in it. Each statement outside a transaction is one commit (one fsync).
+pub fn open_durable(path: &Path, schema: &str) -> anyhow::Result<Connection> {
+    let _ = std::fs::remove_file(path);
+    let conn = Connection::open(path).with_context(|| format!("creating {}", path.display()))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    anyhow::ensure!(mode.eq_ignore_ascii_case("wal"), "no WAL mode ({mode})");
+    conn.execute_batch("PRAGMA synchronous = FULL;")?;
+    conn.execute_batch(schema)?;
     Ok(conn)
 }
 
