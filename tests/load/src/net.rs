@@ -245,7 +245,7 @@ impl Waves {
 
     /// Waits, before opening the `k`th subscription, until its wave may start.
     pub async fn turn(&self, k: usize) {
-        if k % Self::SIZE == 0 {
+        if k.is_multiple_of(Self::SIZE) {
             self.all(k).await;
         }
     }
