@@ -72,6 +72,40 @@ pub async fn owner_get(p: &Plait, path: &str) -> (u16, Vec<u8>) {
     }
 }
 
+/// `plait mirror list --json` on a running server.
+pub fn mirror_list(p: &Plait) -> serde_json::Value {
+    serde_json::from_str(&ok(p, &["mirror", "list", "--json"])).unwrap()
+}
+
+/// Waits until owner `o` has sealed past `after` and its (first) mirror acknowledged
+/// every segment it sealed; answers with its sealed seq.
+pub async fn pushed(o: &Plait, after: u64) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let l = mirror_list(o);
+        let sealed = l["sealed_seq"].as_u64().unwrap_or(0);
+        if sealed > after && l["mirrors"][0]["acked"].as_u64() == Some(sealed) {
+            return sealed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: the mirror holds all the owner sealed past {after}; the owner's list: {l}\nits log:\n{}",
+            o.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `p` (a reader or a device) has followed `owner`'s chain through `seq`.
+pub async fn followed(p: &Plait, owner: &str, seq: u64) {
+    until(&format!("following {owner}'s chain through {seq}"), || {
+        mirror_list(p)["following"][owner]["seq"]
+            .as_u64()
+            .is_some_and(|s| s >= seq)
+    })
+    .await;
+}
+
 /// Runs `plait ARGS --data-dir <p's data dir>`.
 pub fn on(p: &Plait, args: &[&str]) -> (bool, String) {
     let dir = p.data_dir().to_str().unwrap().to_string();

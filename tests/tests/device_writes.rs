@@ -4,14 +4,17 @@
 //! new data dir D joins with the link, restores every resource from M and, served, takes
 //! writes under `/~<O>/…` from its own owner: a text edit, a JSON change and a new bytes
 //! resource, which it seals to O and pushes to M on its own chain. O restarts and its
-//! resources hold both its own unsealed writes and D's, merged. M's storage holds none of
-//! D's plaintext. Once O revokes D, what D seals after is not merged. D with a certificate that is not O's signature has its pushes refused
-//! (`bad-certificate`). Both stores.
+//! resources hold both its own unsealed writes and D's, merged; D, following O's chain,
+//! gets the merged result and O's new writes live. M's storage holds none of D's
+//! plaintext. Once O revokes D, what D seals after is not merged, and what O seals after
+//! does not open on D. D with a certificate that is not O's signature has its pushes
+//! refused (`bad-certificate`). Both stores.
 
 use std::time::Duration;
 
 use plait_tests::mirror::{
-    WAIT, another, device_join, holds, last_line, ok, owner_get, p2p_plait, put, raw_storage, until,
+    WAIT, another, device_join, followed, holds, last_line, ok, owner_get, p2p_plait, pushed, put,
+    raw_storage, until,
 };
 use plait_tests::on_both_stores;
 use plait_tests::plait::{Plait, Store};
@@ -40,6 +43,11 @@ async fn until_body(p: &Plait, path: &str, what: &str, f: impl Fn(&[u8]) -> bool
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// What O writes once back, which D (following O) serves.
+const OWNER_BACK: &str = "owner-is-back-DW5";
+/// What O writes after revoking D, which D never opens.
+const AFTER_REVOKE: &str = "sealed-after-revocation-DW6";
 
 fn has(body: &[u8], s: &str) -> bool {
     String::from_utf8_lossy(body).contains(s)
@@ -111,7 +119,11 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
         .unwrap();
     assert!(r.status().is_client_error(), "{}", r.status());
 
-    // O comes back and merges D's writes with its own.
+    // O comes back, sealing as it goes from now on, and merges D's writes with its own.
+    o.env = vec![
+        ("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS".into(), "200".into()),
+        ("PLAIT_MIRROR__DEVICE_MERGE_INTERVAL_MS".into(), "300".into()),
+    ];
     o.restart();
     let notes = until_body(&o, "/notes", "D's text edit merged", |b| has(b, SECRETS[0])).await;
     let notes = String::from_utf8(notes).unwrap();
@@ -135,6 +147,23 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
     assert_eq!(bin, SECRETS[2].as_bytes());
     let (status, body) = owner_get(&o, "/img.bin").await;
     assert_eq!((status, body.as_slice()), (200, &b"owner-bytes"[..]));
+
+    // D follows O's chain on M: the merged text (with O's line written before the kill)
+    // and a new write of O's reach D through M, with O gone again (so not from O).
+    let before = pushed(&o, 0).await;
+    put(&o, "/back", "text/plain", OWNER_BACK.as_bytes()).await;
+    let sealed = pushed(&o, before).await;
+    o.kill9();
+    followed(&d, &oid, sealed).await;
+    until_body(&d, &format!("/~{oid}/back"), "O's new write on D", |b| {
+        b == OWNER_BACK.as_bytes()
+    })
+    .await;
+    until_body(&d, &format!("/~{oid}/notes"), "O's merged text on D", |b| {
+        b == notes.as_bytes()
+    })
+    .await;
+    o.restart();
 
     // M held only ciphertext of D's writes.
     let raw = raw_storage(&m);
@@ -182,6 +211,19 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
     .await;
     let (_, body) = owner_get(&o, "/late").await;
     assert!(!has(&body, "DW4"), "a revoked device's later write is not merged");
+    // Nor does D open what O seals after the revocation, though it follows past it
+    // (with O gone, so that D can only have it from M).
+    let before = pushed(&o, 0).await;
+    put(&o, "/after-revoke", "text/plain", AFTER_REVOKE.as_bytes()).await;
+    let sealed = pushed(&o, before).await;
+    o.kill9();
+    followed(&d, &oid, sealed).await;
+    let (_, body) = owner_get(&d, &format!("/~{oid}/after-revoke")).await;
+    assert!(
+        !has(&body, AFTER_REVOKE),
+        "a revoked device opened a later segment"
+    );
+    assert!(!holds(&raw_storage(&d), AFTER_REVOKE));
 
     // A device whose certificate is not its owner's signature is refused by M.
     let mut dev: serde_json::Value =

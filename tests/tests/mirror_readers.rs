@@ -19,7 +19,9 @@
 use std::time::Duration;
 
 use plait_bridge::Keypair;
-use plait_tests::mirror::{another, holds, id, last_line, ok, on, p2p_plait, put, raw_storage, until};
+use plait_tests::mirror::{
+    another, followed, holds, id, last_line, mirror_list, ok, on, p2p_plait, pushed, put, raw_storage, until,
+};
 use plait_tests::on_both_stores;
 use plait_tests::plait::{Plait, Store};
 
@@ -85,33 +87,6 @@ async fn get_json(p: &Plait, path: &str) -> u16 {
         .unwrap()
         .status()
         .as_u16()
-}
-
-/// `plait mirror list --json` on a running server.
-fn mirror_list(p: &Plait) -> serde_json::Value {
-    serde_json::from_str(&ok(p, &["mirror", "list", "--json"])).unwrap()
-}
-
-/// Waits until M acknowledged every segment O sealed; answers with O's sealed seq.
-async fn pushed(o: &Plait) -> u64 {
-    let mut sealed = 0;
-    until("the mirror holds all O sealed", || {
-        let l = mirror_list(o);
-        sealed = l["sealed_seq"].as_u64().unwrap_or(0);
-        sealed > 0 && l["mirrors"][0]["acked"].as_u64() == Some(sealed)
-    })
-    .await;
-    sealed
-}
-
-/// Waits until R followed O's chain through `seq`.
-async fn followed(r: &Plait, oid: &str, seq: u64) {
-    until(&format!("R follows O's chain through {seq}"), || {
-        mirror_list(r)["following"][oid]["seq"]
-            .as_u64()
-            .is_some_and(|s| s >= seq)
-    })
-    .await;
 }
 
 async fn a_reader_follows_its_shared_part_and_nothing_else(store: Store, checkpoint_each_segment: bool) {
@@ -207,7 +182,7 @@ async fn a_reader_follows_its_shared_part_and_nothing_else(store: Store, checkpo
 
     // R fetches what O shared, from M (R never asks O: nothing is read from R's server
     // while O is up, so only the follower can have stored it).
-    let seq = pushed(&o).await;
+    let seq = pushed(&o, 0).await;
     followed(&r, &oid, seq).await;
     until("R holds the shared bytes", || {
         holds(&raw_storage(&r), SHARED_BYTES)
@@ -237,7 +212,7 @@ async fn a_reader_follows_its_shared_part_and_nothing_else(store: Store, checkpo
     assert_eq!(get(&o, Some(&rkey), "/shared/img.bin").await.0, 403);
     // The sealer reads the shares at its next tick (200 ms).
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let before = pushed(&o).await;
+    let before = pushed(&o, 0).await;
     put(
         &o,
         "/shared/after.bin",
@@ -245,11 +220,7 @@ async fn a_reader_follows_its_shared_part_and_nothing_else(store: Store, checkpo
         AFTER_UNSHARE.as_bytes(),
     )
     .await;
-    let mut seq = pushed(&o).await;
-    while seq <= before {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        seq = pushed(&o).await;
-    }
+    let seq = pushed(&o, before).await;
     followed(&r, &oid, seq).await;
     assert!(
         !holds(&raw_storage(&r), AFTER_UNSHARE),

@@ -14,7 +14,8 @@
 //! engine as federation applies its home's changes: automerge changes and snapshots are
 //! imported into replicas of `/~<owner>/…`, a bytes value is written — a segment's
 //! resources at once (each resource's entries in order), so that the store commits them
-//! together rather than one commit each. `plait serve` on the data dir then serves them.
+//! together rather than one commit each. `plait serve` on the data dir then serves them,
+//! and follows the owner's chain from where the join stopped ([`super::reader`]).
 //!
 //! Knows nothing of HTTP; the mirror is reached through the node's mirror protocol.
 
@@ -122,7 +123,7 @@ pub async fn restore(
     owner: Identity,
     keys: &[&SealKey],
     engine: &Engine,
-) -> anyhow::Result<(usize, u64)> {
+) -> anyhow::Result<(usize, ChainHead)> {
     let f = fetch_chain(
         node,
         mirror,
@@ -133,7 +134,7 @@ pub async fn restore(
         Opening::Every,
     )
     .await?;
-    Ok((f.resources, f.head.seq))
+    Ok((f.resources, f.head))
 }
 
 /// Which of a chain's segments must open.
@@ -438,12 +439,15 @@ pub async fn join(cfg: &crate::config::Config, link: &str) -> anyhow::Result<Joi
     // What was sealed before the link opens with the owner's key, what was sealed after
     // it with the device's own too.
     let (owner_key, own_key) = (bundle.owner_seal_key()?, bundle.device_seal_key()?);
-    let (resources, segments) =
+    let (resources, head) =
         restore(&node, link.mirror, bundle.owner, &[&own_key, &owner_key], &engine).await?;
+    // From here on the device follows its owner live, as a reader does.
+    super::reader::set_position(storage.as_ref(), bundle.owner, head).await?;
+    super::reader::add_follow(&dir, bundle.owner, Some(link.mirror))?;
     Ok(Joined {
         owner: bundle.owner,
         device: device.identity(),
         resources,
-        segments,
+        segments: head.seq,
     })
 }

@@ -15,6 +15,11 @@
 //! after it, where the owner sealed each share's part again. Nothing of the owner's other
 //! parts is ever stored here: this instance cannot open them.
 //!
+//! A device follows its owner the same way (`plait device join` adds the follow, at the
+//! position it restored to): what the owner seals while the device is linked is sealed
+//! to the device's key, so it opens and is applied live; once the device is revoked,
+//! nothing more opens.
+//!
 //! Knows nothing of HTTP; the mirror is reached through the node's mirror protocol.
 
 use std::collections::BTreeMap;
@@ -73,6 +78,31 @@ pub fn add_follow(data_dir: &Path, owner: Identity, mirror: Option<Identity>) ->
         },
     );
     write_follows(data_dir, all)
+}
+
+/// Where each followed chain stands, as kept in `storage`.
+async fn positions(storage: &dyn Storage) -> anyhow::Result<BTreeMap<Identity, Position>> {
+    Ok(match storage.get_setting(POSITION_SETTING).await? {
+        Some(s) => serde_json::from_str(&s).context("the mirror_following setting")?,
+        None => BTreeMap::new(),
+    })
+}
+
+/// Records that `owner`'s chain has been applied through `head` (a device's join, which
+/// restored it so far), so that following it starts there.
+pub async fn set_position(storage: &dyn Storage, owner: Identity, head: ChainHead) -> anyhow::Result<()> {
+    let mut all = positions(storage).await?;
+    all.insert(
+        owner,
+        Position {
+            seq: head.seq,
+            hash: head.hash,
+        },
+    );
+    storage
+        .put_setting(POSITION_SETTING, &serde_json::to_string(&all)?)
+        .await?;
+    Ok(())
 }
 
 /// Stops following `owner` (what was fetched stays); `false` if it was not followed.
@@ -170,10 +200,7 @@ impl Reader {
     }
 
     async fn positions(&self) -> anyhow::Result<BTreeMap<Identity, Position>> {
-        Ok(match self.storage.get_setting(POSITION_SETTING).await? {
-            Some(s) => serde_json::from_str(&s).context("the mirror_following setting")?,
-            None => BTreeMap::new(),
-        })
+        positions(self.storage.as_ref()).await
     }
 
     /// The mirrors to ask for `owner`'s chain.
