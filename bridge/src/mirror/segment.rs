@@ -18,6 +18,7 @@ use std::str::FromStr;
 use age::secrecy::ExposeSecret;
 
 use super::descriptor::{ChainHead, Descriptor};
+use crate::Identity;
 use crate::identity::Keypair;
 
 /// File name of the owner's X25519 key in the data dir.
@@ -150,6 +151,23 @@ pub struct SealedSegment {
     pub ciphertext: Vec<u8>,
 }
 
+impl SealedSegment {
+    /// Whether this is the segment that follows `chain` in `namespace`'s chain, as its
+    /// owner signed it: the namespace, seq and previous hash are the chain's next, the
+    /// signature is good, and the ciphertext has the descriptor's length and BLAKE3. What a
+    /// reader of a chain (a device restoring, an owner merging a device's chain) checks
+    /// before opening a segment it fetched.
+    pub fn follows(&self, namespace: Identity, chain: ChainHead) -> bool {
+        let d = &self.descriptor;
+        d.namespace == namespace
+            && d.seq == chain.seq + 1
+            && d.prev == chain.hash
+            && d.verify_signature()
+            && d.len == self.ciphertext.len() as u64
+            && &d.hash == blake3::hash(&self.ciphertext).as_bytes()
+    }
+}
+
 /// Encrypts `plaintext` to `recipients` and signs its descriptor as the segment after
 /// `prev` in `keys`'s namespace.
 pub fn seal(
@@ -190,6 +208,33 @@ pub fn open_with(keys: &[&SealKey], ciphertext: &[u8]) -> Result<Vec<u8>, SealEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_segment_follows_only_its_own_chain_untampered() {
+        let keys = Keypair::generate();
+        let to = [SealKey::generate().recipient()];
+        let first = seal(&keys, &to, ChainHead::default(), b"one", 1).unwrap();
+        let head = ChainHead::of(&first.descriptor);
+        let second = seal(&keys, &to, head, b"two", 2).unwrap();
+        let me = keys.identity();
+        assert!(first.follows(me, ChainHead::default()));
+        assert!(second.follows(me, head));
+        // Not at another place in the chain, nor in another namespace.
+        assert!(!second.follows(me, ChainHead::default()));
+        assert!(!first.follows(me, head));
+        assert!(!second.follows(Keypair::generate().identity(), head));
+        // Not with its ciphertext changed, cut, or its descriptor re-signed by another.
+        let mut flipped = second.clone();
+        flipped.ciphertext[40] ^= 1;
+        assert!(!flipped.follows(me, head));
+        let mut cut = second.clone();
+        cut.ciphertext.pop();
+        assert!(!cut.follows(me, head));
+        let forged = seal(&Keypair::generate(), &to, head, b"two", 2).unwrap();
+        let mut claimed = forged.clone();
+        claimed.descriptor.namespace = me;
+        assert!(!claimed.follows(me, head));
+    }
 
     #[test]
     fn seal_and_open() {

@@ -259,13 +259,7 @@ impl Merger {
             }
             for s in list.into_iter().filter(|s| s.descriptor.seq <= end) {
                 let d = &s.descriptor;
-                if d.namespace != device
-                    || d.seq != chain.seq + 1
-                    || d.prev != chain.hash
-                    || !d.verify_signature()
-                    || d.len != s.ciphertext.len() as u64
-                    || &d.hash != blake3::hash(&s.ciphertext).as_bytes()
-                {
+                if !s.follows(device, chain) {
                     bail!("segment {} does not follow the device's chain", d.seq);
                 }
                 if revoked_ms.is_some_and(|r| d.at_ms >= r) {

@@ -247,13 +247,7 @@ pub async fn fetch_chain(
         let applying = async {
             for s in list {
                 let d = &s.descriptor;
-                if d.namespace != owner
-                    || d.seq != chain.seq + 1
-                    || d.prev != chain.hash
-                    || !d.verify_signature()
-                    || d.len != s.ciphertext.len() as u64
-                    || &d.hash != blake3::hash(&s.ciphertext).as_bytes()
-                {
+                if !s.follows(owner, chain) {
                     bail!(
                         "segment {} from the mirror does not follow the owner's chain",
                         d.seq
