@@ -62,8 +62,13 @@ pub enum IdentityError {
 }
 
 /// A public key: the identity of an instance, account or peer, and the root of its namespace.
+///
+/// Kept as its 32 bytes, checked to be a valid key when made: every subscription, resource
+/// key and caller holds identities, and the decompressed point (`VerifyingKey`, 192 bytes)
+/// is needed only to verify a signature, where it is made again (a few microseconds beside
+/// the verification's tens).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Identity(VerifyingKey);
+pub struct Identity([u8; IDENTITY_LEN]);
 
 impl PartialOrd for Identity {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
@@ -82,19 +87,21 @@ impl Identity {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
         let arr: [u8; IDENTITY_LEN] = bytes.try_into().map_err(|_| IdentityError::InvalidKey)?;
         VerifyingKey::from_bytes(&arr)
-            .map(Identity)
+            .map(|_| Identity(arr))
             .map_err(|_| IdentityError::InvalidKey)
     }
 
     /// The 32 raw bytes of the public key.
     pub fn as_bytes(&self) -> &[u8; IDENTITY_LEN] {
-        self.0.as_bytes()
+        &self.0
     }
 
     /// Checks that `signature` (64 bytes) was made over `message` by this identity's key.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), IdentityError> {
         let sig = Signature::from_slice(signature).map_err(|_| IdentityError::BadSignature)?;
-        self.0
+        // Valid when made (`from_bytes`, `Keypair::identity`).
+        VerifyingKey::from_bytes(&self.0)
+            .map_err(|_| IdentityError::InvalidKey)?
             .verify(message, &sig)
             .map_err(|_| IdentityError::BadSignature)
     }
@@ -175,7 +182,7 @@ impl Keypair {
 
     /// The public half.
     pub fn identity(&self) -> Identity {
-        Identity(self.0.verifying_key())
+        Identity(self.0.verifying_key().to_bytes())
     }
 
     /// Signs `message`; the result is 64 bytes.
@@ -332,6 +339,24 @@ mod tests {
         // 'l' and 'v' are not in the z-base-32 alphabet.
         let bad: String = format!("l{}", &good[1..]);
         assert!(bad.parse::<Identity>().is_err());
+    }
+
+    #[test]
+    fn an_identity_is_its_32_bytes_and_only_a_valid_key_is_one() {
+        // Held by every subscription, caller and resource key: no decompressed point.
+        assert_eq!(std::mem::size_of::<Identity>(), IDENTITY_LEN);
+        let id = Keypair::generate().identity();
+        assert_eq!(Identity::from_bytes(id.as_bytes()).unwrap(), id);
+        // Not every 32 bytes are a point on the curve.
+        let not_a_point = (0u8..=255)
+            .map(|b| [b; IDENTITY_LEN])
+            .find(|a| VerifyingKey::from_bytes(a).is_err())
+            .expect("some 32 repeated bytes are not a point");
+        assert!(matches!(
+            Identity::from_bytes(&not_a_point),
+            Err(IdentityError::InvalidKey)
+        ));
+        assert!(Identity::from_bytes(&[1; 31]).is_err());
     }
 
     #[test]
