@@ -271,7 +271,7 @@ impl Runner {
     }
 
     /// Invitee side: takes the grant (checked by the node already) and dials the inviter.
-    pub(super) fn joined(&mut self, grant: Box<JoinGrant>, reply: oneshot::Sender<Result<(), NodeError>>) {
+    pub(super) fn joined(&mut self, grant: JoinGrant, reply: oneshot::Sender<Result<(), NodeError>>) {
         if let Some(m) = &self.state.membership
             && (m.dht != grant.dht || m.root != grant.root)
         {

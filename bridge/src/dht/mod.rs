@@ -509,7 +509,7 @@ impl Runner {
                 reply,
             } => self.invite(dht, join_url, ttl_secs, uses, reply),
             Cmd::Admit { req, reply } => self.admit(req, reply),
-            Cmd::Joined { grant, reply } => self.joined(grant, reply),
+            Cmd::Joined { grant, reply } => self.joined(*grant, reply),
             Cmd::Remove { id, reply } => self.remove(id, reply),
             Cmd::Members { reply } => {
                 let _ = reply.send(self.roster());
