@@ -308,6 +308,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         let keeper = Arc::new(crate::mirror::keeper::Keeper::new(
             storage.clone(),
             crate::mirror::grants::Grants::new(&data_dir),
+            &cfg.mirror,
         ));
         let seal_key = crate::mirror::devices::load_seal(&data_dir)?;
         let owner = crate::mirror::owner::Owner::start(

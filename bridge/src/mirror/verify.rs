@@ -52,6 +52,14 @@ pub enum Refusal {
     /// or has expired.
     #[error("the device certificate is not valid for this segment's chain")]
     BadCertificate,
+    /// The owner has as many device bundles waiting on this mirror as it keeps for one
+    /// owner (`mirror.device_bundles_per_owner`).
+    #[error("{held} device bundles wait here already, the most this mirror keeps for one owner is {max}")]
+    TooManyBundles { held: u64, max: u64 },
+    /// A device bundle asked to be kept longer than this mirror keeps one
+    /// (`mirror.device_link_max_ttl_ms`).
+    #[error("a device link for {ttl_ms} ms: this mirror keeps a bundle for {max_ms} ms at most")]
+    LinkTooLong { ttl_ms: u64, max_ms: u64 },
 }
 
 impl Refusal {
@@ -70,6 +78,8 @@ impl Refusal {
             Refusal::StaleCheckpoint { .. } => "stale-checkpoint",
             Refusal::NoBundle => "no-bundle",
             Refusal::BadCertificate => "bad-certificate",
+            Refusal::TooManyBundles { .. } => "too-many-bundles",
+            Refusal::LinkTooLong { .. } => "link-too-long",
         }
     }
 }

@@ -362,6 +362,8 @@ fn refusal_fields(r: &Refusal) -> (u8, u64, u64, u64, &str) {
         Refusal::StaleCheckpoint { upto, held } => (10, *upto, *held, 0, ""),
         Refusal::NoBundle => (11, 0, 0, 0, ""),
         Refusal::BadCertificate => (12, 0, 0, 0, ""),
+        Refusal::TooManyBundles { held, max } => (13, *held, *max, 0, ""),
+        Refusal::LinkTooLong { ttl_ms, max_ms } => (14, *ttl_ms, *max_ms, 0, ""),
     }
 }
 
@@ -383,6 +385,8 @@ fn refusal_from(code: u8, a: u64, b: u64, c: u64, detail: String) -> io::Result<
         10 => Refusal::StaleCheckpoint { upto: a, held: b },
         11 => Refusal::NoBundle,
         12 => Refusal::BadCertificate,
+        13 => Refusal::TooManyBundles { held: a, max: b },
+        14 => Refusal::LinkTooLong { ttl_ms: a, max_ms: b },
         _ => return Err(bad("unknown refusal")),
     })
 }
@@ -666,6 +670,11 @@ mod tests {
             Refusal::StaleCheckpoint { upto: 12, held: 13 },
             Refusal::NoBundle,
             Refusal::BadCertificate,
+            Refusal::TooManyBundles { held: 14, max: 15 },
+            Refusal::LinkTooLong {
+                ttl_ms: 16,
+                max_ms: 17,
+            },
         ] {
             let res = Response::Refused(r.clone());
             assert_eq!(read_res(&encode_response(&res)).unwrap(), res, "{}", r.reason());

@@ -6,8 +6,10 @@
 //! All of them are one setting in the store (`mirror-device-bundles`: address → owner,
 //! expiry, sealed bytes), read, changed and written back under one lock; a bundle is a
 //! few hundred bytes and each owner's count against its quota, beside its segments.
-//! Expired bundles are dropped whenever the setting is written. Knows nothing of what a
-//! bundle holds or of the protocol.
+//! Expired bundles are dropped whenever the setting is written. How many one owner may
+//! keep waiting and for how long are the mirror's settings
+//! (`mirror.device_bundles_per_owner`, `mirror.device_link_max_ttl_ms`). Knows nothing of
+//! what a bundle holds or of the protocol.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,6 +36,10 @@ struct Kept {
 /// The bundles of one store.
 pub struct Bundles {
     storage: Arc<dyn Storage>,
+    /// Bundles one owner may keep waiting, at most.
+    per_owner: u64,
+    /// How long a bundle may be kept, at most.
+    max_ttl_ms: u64,
     /// Held from reading the setting to writing it back.
     lock: tokio::sync::Mutex<()>,
 }
@@ -43,9 +49,11 @@ fn unavailable(e: StorageError) -> Refusal {
 }
 
 impl Bundles {
-    pub fn new(storage: Arc<dyn Storage>) -> Bundles {
+    pub fn new(storage: Arc<dyn Storage>, settings: &super::MirrorSettings) -> Bundles {
         Bundles {
             storage,
+            per_owner: settings.device_bundles_per_owner,
+            max_ttl_ms: settings.device_link_max_ttl_ms,
             lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -83,9 +91,23 @@ impl Bundles {
         now_ms: u64,
     ) -> Result<(), Refusal> {
         let (quota, segments) = allowance.ok_or(Refusal::NoGrant)?;
+        let ttl_ms = expires_ms.saturating_sub(now_ms);
+        if ttl_ms > self.max_ttl_ms {
+            return Err(Refusal::LinkTooLong {
+                ttl_ms,
+                max_ms: self.max_ttl_ms,
+            });
+        }
         let _held = self.lock.lock().await;
         let mut all = self.read().await?;
         all.retain(|_, k| k.expires_ms > now_ms);
+        let held = all.values().filter(|k| k.owner == owner).count() as u64;
+        if held >= self.per_owner && !all.contains_key(&hex(&address)) {
+            return Err(Refusal::TooManyBundles {
+                held,
+                max: self.per_owner,
+            });
+        }
         let used = segments + occupied(&all, &owner, now_ms);
         let len = sealed.len() as u64;
         if used + len > quota {
@@ -144,7 +166,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s: Arc<dyn Storage> =
             Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
-        let b = Bundles::new(s.clone());
+        let b = Bundles::new(s.clone(), &Default::default());
         let owner = Keypair::generate().identity();
         let sealed = vec![7u8; 300];
 
@@ -176,12 +198,63 @@ mod tests {
         ));
 
         // Kept through a restart (it is in the store), given once.
-        let b = Bundles::new(s);
+        let b = Bundles::new(s, &Default::default());
         assert_eq!(b.take([1; 32], 5).await.unwrap(), sealed);
         assert_eq!(b.take([1; 32], 5).await, Err(Refusal::NoBundle));
         // Expired: gone.
         assert_eq!(b.take([2; 32], 10).await, Err(Refusal::NoBundle));
         assert_eq!(b.used(&owner, 0).await.unwrap(), 0);
         assert_eq!(b.take([9; 32], 0).await, Err(Refusal::NoBundle));
+    }
+
+    #[tokio::test]
+    async fn an_owner_keeps_a_bounded_number_of_bundles_for_a_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
+        let settings = crate::mirror::MirrorSettings {
+            device_bundles_per_owner: 2,
+            device_link_max_ttl_ms: 1000,
+            ..Default::default()
+        };
+        let b = Bundles::new(s, &settings);
+        let (owner, other) = (Keypair::generate().identity(), Keypair::generate().identity());
+        let room = Some((1 << 20, 0));
+        let sealed = vec![7u8; 100];
+        // Longer than the mirror keeps one: refused, nothing kept.
+        assert_eq!(
+            b.put(owner, [1; 32], 5001, sealed.clone(), room, 4000).await,
+            Err(Refusal::LinkTooLong {
+                ttl_ms: 1001,
+                max_ms: 1000
+            })
+        );
+        assert_eq!(b.used(&owner, 4000).await.unwrap(), 0);
+        b.put(owner, [1; 32], 5000, sealed.clone(), room, 4000)
+            .await
+            .unwrap();
+        b.put(owner, [2; 32], 4500, sealed.clone(), room, 4000)
+            .await
+            .unwrap();
+        // A third waiting one is refused; another owner's count is its own; the same
+        // address again replaces its bundle.
+        assert_eq!(
+            b.put(owner, [3; 32], 5000, sealed.clone(), room, 4000).await,
+            Err(Refusal::TooManyBundles { held: 2, max: 2 })
+        );
+        b.put(other, [3; 32], 5000, sealed.clone(), room, 4000)
+            .await
+            .unwrap();
+        b.put(owner, [2; 32], 4900, sealed.clone(), room, 4000)
+            .await
+            .unwrap();
+        // Taken or expired, a place is free again.
+        b.take([1; 32], 4100).await.unwrap();
+        b.put(owner, [4; 32], 5000, sealed.clone(), room, 4100)
+            .await
+            .unwrap();
+        b.put(owner, [5; 32], 5800, sealed.clone(), room, 4950)
+            .await
+            .unwrap();
     }
 }

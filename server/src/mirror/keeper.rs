@@ -48,9 +48,9 @@ fn unavailable(e: StorageError) -> Refusal {
 }
 
 impl Keeper {
-    pub fn new(storage: Arc<dyn Storage>, grants: Grants) -> Keeper {
+    pub fn new(storage: Arc<dyn Storage>, grants: Grants, settings: &super::MirrorSettings) -> Keeper {
         Keeper {
-            bundles: Bundles::new(storage.clone()),
+            bundles: Bundles::new(storage.clone(), settings),
             storage,
             grants,
             locks: Mutex::new(HashMap::new()),
@@ -455,7 +455,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s: Arc<dyn Storage> =
             Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
-        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()));
+        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
         let owner = Keypair::generate();
         let ns = owner.identity();
         let to = [SealKey::generate().recipient()];
@@ -498,7 +498,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s: Arc<dyn Storage> =
             Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
-        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()));
+        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
         let owner = Keypair::generate();
         let device = Keypair::generate();
         let stranger = Keypair::generate();

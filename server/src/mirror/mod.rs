@@ -91,6 +91,13 @@ pub struct MirrorSettings {
     /// How often the owner looks for its devices' writes on its mirrors and merges them
     /// (it does at start too).
     pub device_merge_interval_ms: u64,
+    /// On a mirror: device bundles (`plait device link`) kept waiting for one owner at
+    /// once, at most; more are refused `too-many-bundles` (each counts against the
+    /// owner's quota too).
+    pub device_bundles_per_owner: u64,
+    /// On a mirror: how long a device bundle is kept at most; a link asking for longer is
+    /// refused `link-too-long`.
+    pub device_link_max_ttl_ms: u64,
 }
 
 /// The largest `segment_max_bytes`: a segment must fit one push
@@ -107,6 +114,8 @@ impl Default for MirrorSettings {
             http_max_descriptors: 1000,
             follow_interval_ms: 1000,
             device_merge_interval_ms: 5000,
+            device_bundles_per_owner: 16,
+            device_link_max_ttl_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }
