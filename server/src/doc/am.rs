@@ -37,7 +37,20 @@ impl Genesis {
         }
     }
 
+    /// The genesis change, made once per kind (it is the same bytes every time, and
+    /// making it builds a document).
     fn change(self) -> Change {
+        static TEXT: std::sync::OnceLock<Change> = std::sync::OnceLock::new();
+        static JSON: std::sync::OnceLock<Change> = std::sync::OnceLock::new();
+        match self {
+            Genesis::Text => &TEXT,
+            Genesis::Json => &JSON,
+        }
+        .get_or_init(|| self.make())
+        .clone()
+    }
+
+    fn make(self) -> Change {
         let mut am = AutoCommit::new_with_encoding(TextEncoding::UnicodeCodePoint)
             .with_actor(ActorId::from(GENESIS_ACTOR));
         let ty = match self {
@@ -404,6 +417,15 @@ pub(crate) fn decode_change(bytes: &[u8]) -> Result<Change, DocError> {
 mod tests {
     use super::*;
     use automerge::ReadDoc;
+
+    #[test]
+    fn the_kept_genesis_is_the_one_made_anew_and_each_kind_has_its_own() {
+        for g in [Genesis::Text, Genesis::Json] {
+            assert_eq!(g.change().hash(), g.make().hash());
+            assert_eq!(g.change().raw_bytes(), g.make().raw_bytes());
+        }
+        assert_ne!(Genesis::Text.change().hash(), Genesis::Json.change().hash());
+    }
 
     /// Edits that change nothing, then an edit on old parents: the stored changes must
     /// replay (automerge requires each actor's changes to chain).
