@@ -276,6 +276,32 @@ async fn a_subscriber_follows_and_decrypts_what_the_mirror_keeps(store: Store) {
     assert_eq!(first.body["seq"], 2);
     assert_eq!(first.parents, "[\"seg-1\"]");
 
+    // Nothing new past the head: a subscriber that asked for heartbeats gets blank lines.
+    let sub = get(
+        &m,
+        Some(&okey),
+        &format!("{base}/segments"),
+        &[
+            ("Subscribe", "true"),
+            ("Parents", &format!("\"seg-{}\"", head.seq)),
+            ("Heartbeats", "0.5s"),
+        ],
+    )
+    .await;
+    assert_eq!(sub.status(), 209);
+    assert_eq!(sub.headers()["heartbeats"], "0.5s");
+    let mut body = sub.bytes_stream();
+    let mut beats = Vec::new();
+    while beats.len() < 4 {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("a heartbeat within 10 s")
+            .expect("the stream goes on")
+            .unwrap();
+        beats.extend_from_slice(&chunk);
+    }
+    assert!(beats.iter().all(|b| b"\r\n".contains(b)), "{beats:?}");
+
     // M never had the plaintext.
     let raw = raw_storage(&m);
     for s in SECRETS {

@@ -197,6 +197,13 @@ fn parse_merge_type(value: &str) -> Result<MergeType, BraidError> {
 }
 
 /// `1s`, `1`, `1.5s`, `500ms` (braid-http sends `<n>s`).
+/// A `Heartbeats` interval as the answer's header echoes it: seconds, up to three
+/// decimals, e.g. `2.5s`.
+pub fn format_heartbeats(d: Duration) -> String {
+    let s = format!("{:.3}", d.as_secs_f64());
+    format!("{}s", s.trim_end_matches('0').trim_end_matches('.'))
+}
+
 fn parse_heartbeats(value: &str) -> Result<Duration, String> {
     let v = value.trim().to_ascii_lowercase();
     let (num, scale) = if let Some(n) = v.strip_suffix("ms") {
@@ -311,5 +318,14 @@ mod tests {
         assert!(parse_heartbeats("-1s").is_err());
         assert!(parse_heartbeats("soon").is_err());
         assert!(parse_heartbeats("NaN").is_err());
+        // The echo reads back as what it says.
+        for d in [
+            MIN_HEARTBEAT,
+            Duration::from_millis(2500),
+            Duration::from_secs(10),
+        ] {
+            assert_eq!(parse_heartbeats(&format_heartbeats(d)).unwrap(), d);
+        }
+        assert_eq!(format_heartbeats(Duration::from_millis(2500)), "2.5s");
     }
 }

@@ -8,7 +8,8 @@
 //!   and `descriptor`: the signed 188 bytes, base64url). With `Subscribe: true`, a `209`
 //!   stream of one update per descriptor (`Version: "seg-N"`, `Parents: "seg-(N-1)"`, the
 //!   same JSON as body), from after the request's `Parents` (`"seg-N"`; none: from the
-//!   start), and then each one as the mirror stores it.
+//!   start), and then each one as the mirror stores it; with `Heartbeats`, a blank line
+//!   when nothing else was sent for that long.
 //! * `GET …/<id>/segments/<N>` — segment N's ciphertext (`application/octet-stream`),
 //!   with its descriptor in `Plait-Descriptor` (base64url).
 //! * `GET …/<id>/checkpoint` — the sealed snapshot, with the signed checkpoint in
@@ -167,6 +168,11 @@ async fn segments(
         };
         let mut grown = keeper.follow();
         grown.mark_changed();
+        let beat = braid.heartbeats.map(|d| {
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
         let follow = Follow {
             app,
             caller,
@@ -175,6 +181,7 @@ async fn segments(
             sent: after,
             limit,
             grown,
+            beat,
         };
         let stream = futures::stream::unfold(follow, |mut f| async move {
             let b = f.next().await?;
@@ -185,6 +192,11 @@ async fn segments(
         let h = res.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&subscribe) {
             h.insert("subscribe", v);
+        }
+        if let Some(hb) = braid.heartbeats
+            && let Ok(v) = HeaderValue::from_str(&crate::braid::headers::format_heartbeats(hb))
+        {
+            h.insert("heartbeats", v);
         }
         h.insert("x-accel-buffering", HeaderValue::from_static("no"));
         h.insert(
@@ -211,6 +223,9 @@ struct Follow {
     limit: usize,
     /// Wakes when a chain held here grows.
     grown: tokio::sync::watch::Receiver<u64>,
+    /// The subscriber's `Heartbeats`: a blank line when nothing else was sent for that
+    /// long (proxies and clients then know the stream is alive).
+    beat: Option<tokio::time::Interval>,
 }
 
 impl Follow {
@@ -220,6 +235,9 @@ impl Follow {
             tokio::select! {
                 _ = self.app.shutdown.cancelled() => return None,
                 r = self.grown.changed() => r.ok()?,
+                _ = async { self.beat.as_mut().expect("guarded").tick().await }, if self.beat.is_some() => {
+                    return Some(Bytes::from_static(frame::HEARTBEAT));
+                }
             }
             let list = self
                 .keeper
@@ -246,6 +264,10 @@ impl Follow {
                     digest: None,
                 }));
                 self.sent = d.seq;
+            }
+            if let Some(b) = self.beat.as_mut() {
+                // Something was sent: the next heartbeat is a whole interval away.
+                b.reset();
             }
             return Some(Bytes::from(out));
         }

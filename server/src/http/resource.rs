@@ -485,14 +485,9 @@ async fn subscribe(
     h.insert("editable", HeaderValue::from_static("true"));
     h.insert("accept-subscribe", HeaderValue::from_static("true"));
     if let Some(hb) = braid.heartbeats {
-        set(h, "heartbeats", &format!("{}s", trim_float(hb.as_secs_f64())));
+        set(h, "heartbeats", &crate::braid::headers::format_heartbeats(hb));
     }
     Ok(res)
-}
-
-fn trim_float(f: f64) -> String {
-    let s = format!("{f:.3}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// The body of a 209: update blocks as they come, blank lines as heartbeats; it ends when
@@ -525,9 +520,8 @@ fn updates(
         i
     });
     // `reader` is mutated in place by the block that owns it: a `let mut reader = reader`
-    // inside would keep a second copy of it in the future (a `Reader` is about 450 bytes:
-    // a `Caller` and a `ResourceKey` each hold an ed25519 key of 192), and this future
-    // lives as long as the subscription.
+    // inside would keep a second copy of it in the future (a `Reader` holds a `Caller`
+    // and a `ResourceKey`), and this future lives as long as the subscription.
     let mut reader = reader;
     let ended = Box::pin(async move {
         loop {
