@@ -399,7 +399,7 @@ pub(crate) fn same_set(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
 }
 
 /// A short random agent name for writes that name none, like braid-text's.
-fn random_agent() -> String {
+pub(crate) fn random_agent() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::thread_rng();

@@ -111,12 +111,26 @@ impl BytesDoc {
             Some(v) if self.knows(v) => return Ok(Outcome::Unchanged),
             Some(v) => v.clone(),
             None => {
-                let agent = w
+                // The client's `Peer`, else one named by the value's hash. An agent whose
+                // seqs a client used up (by naming the largest) is passed over, for a
+                // random one at last, as automerge documents do (`AmDoc::choose_id`).
+                let next = |agent: &str| self.seen.get(agent).map_or(Some(0), |s| s.checked_add(1));
+                let hashed = format!("b{}", &blake3::hash(&body).to_hex()[..8]);
+                let (agent, seq) = w
                     .agent_hint
                     .filter(|a| VersionId::new(*a, 0).is_ok())
                     .map(str::to_string)
-                    .unwrap_or_else(|| format!("b{}", &blake3::hash(&body).to_hex()[..8]));
-                let seq = self.seen.get(&agent).map_or(0, |s| s + 1);
+                    .into_iter()
+                    .chain([hashed])
+                    .find_map(|a| next(&a).map(|s| (a, s)))
+                    .unwrap_or_else(|| {
+                        loop {
+                            let a = super::am::random_agent();
+                            if let Some(s) = next(&a) {
+                                break (a, s);
+                            }
+                        }
+                    });
                 VersionId::new(agent, seq).expect("agent checked")
             }
         };
@@ -189,6 +203,59 @@ mod tests {
             digest: None,
             max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
         }
+    }
+
+    #[test]
+    fn a_peer_whose_seqs_were_used_up_gets_another_agent() {
+        // Found by the `doc_patch` fuzzer: a write naming `a-<u64::MAX>`, then an
+        // unversioned one from peer `a`, overflowed the next seq.
+        let mut d = BytesDoc::new();
+        let body = WriteBody::Full {
+            media_type: None,
+            body: Bytes::from_static(b"one"),
+        };
+        let last = VersionId::new("cam", u64::MAX).unwrap();
+        let named = DocWrite {
+            version: Some(&last),
+            ..w(&body, None)
+        };
+        assert!(matches!(d.apply(&named).unwrap(), Outcome::Applied(_)));
+        let again = WriteBody::Full {
+            media_type: None,
+            body: Bytes::from_static(b"two"),
+        };
+        let Outcome::Applied(a) = d.apply(&w(&again, None)).unwrap() else {
+            panic!("applied")
+        };
+        assert_ne!(a.id.agent(), "cam");
+        assert_eq!(a.id.seq(), 0);
+        // The same value's hash agent, used up as well: a random one.
+        let hashed = VersionId::new(format!("b{}", &blake3::hash(b"three").to_hex()[..8]), u64::MAX).unwrap();
+        let three = WriteBody::Full {
+            media_type: None,
+            body: Bytes::from_static(b"three"),
+        };
+        d.apply(&DocWrite {
+            version: Some(&hashed),
+            agent_hint: None,
+            ..w(&again, None)
+        })
+        .unwrap();
+        let Outcome::Applied(b) = d
+            .apply(&DocWrite {
+                agent_hint: Some("cam"),
+                force: true,
+                ..w(&three, None)
+            })
+            .unwrap()
+        else {
+            panic!("applied")
+        };
+        assert!(
+            b.id.agent() != "cam" && b.id.agent() != hashed.agent(),
+            "{}",
+            b.id
+        );
     }
 
     #[test]
