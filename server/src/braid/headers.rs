@@ -197,6 +197,14 @@ fn parse_merge_type(value: &str) -> Result<MergeType, BraidError> {
 }
 
 /// `1s`, `1`, `1.5s`, `500ms` (braid-http sends `<n>s`).
+/// The timer of a subscription's heartbeats: first after `every`, then every `every`; one
+/// late is not made up in a burst.
+pub fn heartbeat_timer(every: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
 /// A `Heartbeats` interval as the answer's header echoes it: seconds, up to three
 /// decimals, e.g. `2.5s`.
 pub fn format_heartbeats(d: Duration) -> String {

@@ -168,11 +168,7 @@ async fn segments(
         };
         let mut grown = keeper.follow();
         grown.mark_changed();
-        let beat = braid.heartbeats.map(|d| {
-            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
-            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            i
-        });
+        let beat = braid.heartbeats.map(crate::braid::headers::heartbeat_timer);
         let follow = Follow {
             app,
             caller,

@@ -514,11 +514,7 @@ fn updates(
         /// Counts the subscription as open while the stream lives.
         _open: crate::metrics::Subscribed,
     }
-    let beat = heartbeats.map(|d| {
-        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    });
+    let beat = heartbeats.map(crate::braid::headers::heartbeat_timer);
     // `reader` is mutated in place by the block that owns it: a `let mut reader = reader`
     // inside would keep a second copy of it in the future (a `Reader` holds a `Caller`
     // and a `ResourceKey`), and this future lives as long as the subscription.

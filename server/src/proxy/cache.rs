@@ -232,11 +232,7 @@ fn stream(
         beat: Option<tokio::time::Interval>,
         shutdown: tokio_util::sync::CancellationToken,
     }
-    let beat = heartbeats.map(|d| {
-        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    });
+    let beat = heartbeats.map(crate::braid::headers::heartbeat_timer);
     let first = (!initial.is_empty()).then_some(initial);
     let st = St {
         local,
