@@ -4,9 +4,9 @@
 //!
 //! * `GET` with `Subscribe` (HTTP/1.1): the response head Plait sends for a JSON
 //!   subscription (`209 Multiresponse`, chunked) and the current value as one update block;
-//!   the socket then joins one of the writer groups (one per core).
+//!   the socket then has its own writer task, as each of Plait's subscriptions has.
 //! * `PUT`: `200`, and the body as an update block, encoded once (one shared `Bytes`: chunk
-//!   size, block, CRLF, as hyper writes it) and written by every group to its sockets.
+//!   size, block, CRLF, as hyper writes it) and written by every socket's task to its socket.
 //! * HTTP/2 (prior knowledge, as `idle` connects): each subscription stream answered with
 //!   the same head and first block, then held open; nothing else.
 //! * `GET /.well-known/plait`: `{"rss_bytes", "subscriptions"}`, as Plait's status answers.
@@ -25,23 +25,19 @@ use plait_server::model::{Version, VersionId};
 use plait_server::update::{Update, UpdateBody};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
 use crate::net::{content_length, find};
 
-/// Updates a writer group may fall behind by.
+/// Updates a socket's writer may fall behind by.
 const UPDATES_QUEUE: usize = 1024;
 
 /// What every connection shares.
 struct Floor {
     /// The latest value's update block, as a chunk (what a new subscriber gets first).
     current: std::sync::Mutex<Bytes>,
-    /// The writer groups' inboxes for new subscriber sockets.
-    groups: Vec<mpsc::UnboundedSender<TcpStream>>,
-    /// Round-robin over the groups.
-    next_group: AtomicUsize,
-    /// Each write's chunk, seen by every group (none skipped: a group behind by more
-    /// than `UPDATES_QUEUE` reports it).
+    /// Each write's chunk, seen by every socket's writer (none skipped: a writer behind
+    /// by more than `UPDATES_QUEUE` reports it).
     updates: broadcast::Sender<Bytes>,
     /// Version numbers of the writes (the block names one, as Plait's do).
     seq: AtomicU64,
@@ -86,24 +82,15 @@ fn chunk(block: &[u8]) -> Bytes {
 /// Serves until killed.
 pub async fn fanout_floor(listen: SocketAddr) -> anyhow::Result<serde_json::Value> {
     let listener = TcpListener::bind(listen).await?;
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let first = chunk(&block(Bytes::from_static(b"{\"start\":true}"), 0));
     let (updates, _) = broadcast::channel(UPDATES_QUEUE);
-    let mut groups = Vec::new();
-    for _ in 0..cores {
-        let (tx, rx) = mpsc::unbounded_channel();
-        groups.push(tx);
-        tokio::spawn(group(rx, updates.subscribe()));
-    }
     let floor = Arc::new(Floor {
         current: std::sync::Mutex::new(first),
-        groups,
-        next_group: AtomicUsize::new(0),
         updates,
         seq: AtomicU64::new(0),
         subscriptions: AtomicUsize::new(0),
     });
-    eprintln!("fanout-floor listening on {listen}, {cores} writer groups");
+    eprintln!("fanout-floor listening on {listen}, one writer task per subscriber");
     loop {
         let (s, _) = listener.accept().await?;
         let _ = s.set_nodelay(true);
@@ -116,35 +103,19 @@ pub async fn fanout_floor(listen: SocketAddr) -> anyhow::Result<serde_json::Valu
     }
 }
 
-/// One writer group: its sockets, each update written to each in turn. A socket that
-/// fails is dropped.
-async fn group(mut joins: mpsc::UnboundedReceiver<TcpStream>, mut updates: broadcast::Receiver<Bytes>) {
-    let mut sockets: Vec<TcpStream> = Vec::new();
+/// One subscriber's writer: each update written to its socket, until the socket fails.
+async fn writer(mut s: TcpStream, mut updates: broadcast::Receiver<Bytes>) {
     loop {
-        tokio::select! {
-            s = joins.recv() => match s {
-                Some(s) => sockets.push(s),
-                None => return,
-            },
-            r = updates.recv() => {
-                let bytes = match r {
-                    Ok(bytes) => bytes,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        eprintln!("fanout-floor: a writer group fell {n} updates behind");
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let mut failed = Vec::new();
-                for (i, s) in sockets.iter_mut().enumerate() {
-                    if s.write_all(&bytes).await.is_err() {
-                        failed.push(i);
-                    }
-                }
-                for i in failed.into_iter().rev() {
-                    sockets.swap_remove(i);
-                }
+        let bytes = match updates.recv().await {
+            Ok(bytes) => bytes,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                eprintln!("fanout-floor: a subscriber's writer fell {n} updates behind");
+                continue;
             }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if s.write_all(&bytes).await.is_err() {
+            return;
         }
     }
 }
@@ -194,14 +165,15 @@ async fn connection(mut s: TcpStream, floor: Arc<Floor>) -> anyhow::Result<()> {
             );
             s.write_all(res.as_bytes()).await?;
         } else if line.starts_with("GET ") && subscribe {
+            // Subscribed before the current value is read: no update falls between.
+            let updates = floor.updates.subscribe();
             let first = floor.current.lock().expect("not poisoned").clone();
             let seq = floor.seq.load(Ordering::Relaxed);
             let mut out = subscription_head(&format!("\"{}\"", version_id(seq))).into_bytes();
             out.extend_from_slice(&first);
             s.write_all(&out).await?;
             floor.subscriptions.fetch_add(1, Ordering::Relaxed);
-            let g = floor.next_group.fetch_add(1, Ordering::Relaxed) % floor.groups.len();
-            let _ = floor.groups[g].send(s);
+            writer(s, updates).await;
             return Ok(());
         } else if line.starts_with("PUT ") {
             let seq = floor.seq.fetch_add(1, Ordering::Relaxed) + 1;
