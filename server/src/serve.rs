@@ -420,7 +420,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         cfg.dashboard.clone(),
     );
     status.start(shutdown.clone());
-    let app = App {
+    let app = App::new(http::AppParts {
         engine,
         identity,
         limits: Arc::new(cfg.limits.clone()),
@@ -447,7 +447,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         metrics_settings: cfg.metrics.clone(),
         status,
         multiplexers: Arc::new(http::multiplex::Multiplexers::new(&cfg.limits)),
-    };
+    });
     app.metrics.upkeep(app.shutdown.clone());
     if let Some(addr) = &cfg.metrics.listen {
         let listener = TcpListener::bind(addr)

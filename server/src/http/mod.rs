@@ -48,9 +48,27 @@ const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 /// `Retry-After` of a connection refused at a connection cap.
 const RETRY_AFTER_SECS: u64 = 5;
 
-/// What every request handler can reach. Cheap to clone.
+/// What every request handler can reach: one shared [`AppParts`]. Cloned for every
+/// request (the router's state), so a clone is one reference count, not one per part.
 #[derive(Clone)]
-pub struct App {
+pub struct App(Arc<AppParts>);
+
+impl App {
+    pub fn new(parts: AppParts) -> App {
+        App(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for App {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// The parts of [`App`].
+pub struct AppParts {
     pub engine: Engine,
     /// The instance's identity: whose namespace `/` is.
     pub identity: Identity,
@@ -341,15 +359,15 @@ async fn statebus_websocket(
             // closed as idle while it is open.
             let in_flight = activity.map(|a| a.begin());
             let services = crate::statebus::Services {
-                engine: app.engine,
+                engine: app.engine.clone(),
                 identity: app.identity,
-                access: app.access,
-                limits: app.limits,
-                shutdown: app.shutdown,
-                refusals: app.refusals,
-                messages: app.statebus_messages,
-                metrics: app.metrics,
-                connections: app.statebus_connections,
+                access: app.access.clone(),
+                limits: app.limits.clone(),
+                shutdown: app.shutdown.clone(),
+                refusals: app.refusals.clone(),
+                messages: app.statebus_messages.clone(),
+                metrics: app.metrics.clone(),
+                connections: app.statebus_connections.clone(),
             };
             let session =
                 crate::statebus::session::run(socket, services, peer.ip(), auth.caller, auth.session);
