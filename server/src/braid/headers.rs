@@ -196,7 +196,6 @@ fn parse_merge_type(value: &str) -> Result<MergeType, BraidError> {
     }
 }
 
-/// `1s`, `1`, `1.5s`, `500ms` (braid-http sends `<n>s`).
 /// The timer of a subscription's heartbeats: first after `every`, then every `every`; one
 /// late is not made up in a burst.
 pub fn heartbeat_timer(every: Duration) -> tokio::time::Interval {
@@ -212,6 +211,7 @@ pub fn format_heartbeats(d: Duration) -> String {
     format!("{}s", s.trim_end_matches('0').trim_end_matches('.'))
 }
 
+/// `1s`, `1`, `1.5s`, `500ms` (braid-http sends `<n>s`).
 fn parse_heartbeats(value: &str) -> Result<Duration, String> {
     let v = value.trim().to_ascii_lowercase();
     let (num, scale) = if let Some(n) = v.strip_suffix("ms") {
