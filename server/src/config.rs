@@ -268,7 +268,8 @@ pub struct EngineSettings {
     pub subscriber_queue: usize,
     /// Documents kept in memory while unused.
     pub warm_resources: usize,
-    /// Changes after which a document is snapshotted and its change log compacted.
+    /// Changes after which a document is snapshotted and its change log compacted (once
+    /// their bytes also reach the last snapshot's size: see `engine::actor::compaction`).
     pub snapshot_every: usize,
     /// Milliseconds the correction to a simpleton client's own edit waits, so the client
     /// has its PUT's answer first (braid-text's server waits likewise).

@@ -44,7 +44,8 @@ pub struct EngineConfig {
     pub subscriber_queue: usize,
     /// Resources kept in memory while nobody uses them.
     pub warm_resources: usize,
-    /// Changes after which a document is snapshotted and its log compacted.
+    /// Changes after which a document is snapshotted and its log compacted (once their
+    /// bytes also reach the last snapshot's size: see `actor::compaction`).
     pub snapshot_every: usize,
     /// Commands waiting for one resource before writers are made to wait.
     pub mailbox: usize,

@@ -31,9 +31,12 @@ use crate::model::{Kind, ResourceKey, Version, VersionId};
 use crate::storage::{Hold, LoadedResource, NewChange, ResourceId, Seq, Storage, StorageError, Target};
 use crate::update::{Update, UpdateBody, WriteBody};
 
+mod compaction;
 mod read;
 mod replica;
 mod write;
+
+use compaction::SinceSnapshot;
 
 /// Most commands taken from the mailbox in one round.
 const MAX_ROUND: usize = 1024;
@@ -138,7 +141,7 @@ struct Present {
     media_type: String,
     doc: Document,
     known_through: Seq,
-    since_snapshot: usize,
+    since_snapshot: SinceSnapshot,
 }
 
 /// Past this many changes, an empty replica is sent the whole document, not the changes.
@@ -318,7 +321,8 @@ impl Actor {
                         Some(first) if first.seq == p.known_through + 1 => {
                             p.doc.apply_remote(changes.iter().map(|c| c.data.as_ref()))?;
                             p.known_through = changes.last().map_or(p.known_through, |c| c.seq);
-                            p.since_snapshot += changes.len();
+                            p.since_snapshot
+                                .add(changes.len(), changes.iter().map(|c| c.data.len()).sum());
                             true
                         }
                         _ => false,
@@ -415,7 +419,7 @@ impl Actor {
             media_type,
             doc: Document::new(kind),
             known_through: 0,
-            since_snapshot: 0,
+            since_snapshot: SinceSnapshot::default(),
         })));
         target
     }
@@ -426,14 +430,15 @@ impl Actor {
             return;
         };
         let Some(id) = p.id else { return };
-        if p.since_snapshot < self.config.snapshot_every.max(1) {
+        if !p.since_snapshot.due(self.config.snapshot_every) {
             return;
         }
-        p.since_snapshot = 0;
         let upto = p.known_through;
         let storage = self.storage.clone();
         let key = self.key.clone();
-        match p.doc.save() {
+        let snapshot = p.doc.save();
+        p.since_snapshot.saved(snapshot.as_ref().map_or(0, Vec::len));
+        match snapshot {
             Some(bytes) => {
                 tokio::spawn(async move {
                     if let Err(e) = storage.save_snapshot(id, upto, bytes.into()).await {
@@ -506,7 +511,11 @@ fn build(l: LoadedResource) -> Result<Present, EngineError> {
         media_type: l.row.media_type,
         doc,
         known_through,
-        since_snapshot: l.changes.len(),
+        since_snapshot: SinceSnapshot::loaded(
+            l.snapshot.as_ref().map_or(0, |(_, b)| b.len()),
+            l.changes.len(),
+            l.changes.iter().map(|c| c.data.len()).sum(),
+        ),
     })
 }
 

@@ -74,7 +74,7 @@ impl Actor {
                     media_type,
                     doc,
                     known_through: 0,
-                    since_snapshot: 0,
+                    since_snapshot: super::SinceSnapshot::default(),
                 })));
                 self.register();
                 self.publish_state();
@@ -150,7 +150,6 @@ impl Actor {
             return Ok(false);
         }
         let now = now_ms();
-        let n = fresh.len();
         let new: Vec<NewChange> = fresh
             .into_iter()
             .map(|c| NewChange {
@@ -171,6 +170,7 @@ impl Actor {
             },
             (None, None) => unreachable!("a present resource without an id is being created"),
         };
+        let (n, bytes) = (new.len(), new.iter().map(|c| c.data.len()).sum());
         match append(&self.storage, target, hold, new).await {
             Ok(app) => {
                 debug_assert_eq!(
@@ -180,7 +180,7 @@ impl Actor {
                 );
                 p.id = Some(app.resource);
                 p.known_through = app.last_seq;
-                p.since_snapshot += n;
+                p.since_snapshot.add(n, bytes);
                 self.register();
                 self.publish_state();
                 self.announce_since(&before)?;

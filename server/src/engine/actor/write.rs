@@ -197,11 +197,7 @@ impl Actor {
             },
             (None, None) => unreachable!("a new resource has a create target"),
         };
-        let n = if big {
-            self.config.snapshot_every.max(1)
-        } else {
-            changes.len()
-        };
+        let (n, bytes) = (changes.len(), changes.iter().map(|c| c.data.len()).sum());
         match append(&self.storage, target, hold, changes).await {
             Ok(app) => {
                 debug_assert_eq!(
@@ -211,7 +207,10 @@ impl Actor {
                 );
                 p.id = Some(app.resource);
                 p.known_through = app.last_seq;
-                p.since_snapshot += n;
+                p.since_snapshot.add(n, bytes);
+                if big {
+                    p.since_snapshot.force(self.config.snapshot_every);
+                }
                 let kind = p.kind;
                 let newly_known = self.registered != Some(app.resource);
                 self.publish_state();

@@ -1,0 +1,214 @@
+//! When a document is snapshotted: its whole state saved and the change log before it
+//! dropped ([`super::Actor::maybe_compact`] does it; this file decides when).
+//!
+//! Saving costs the whole document, so saving every `snapshot_every` changes would charge
+//! each change a share of the document's size: a growing hot document would cost more per
+//! write the bigger it got. A snapshot is therefore due once at least `snapshot_every`
+//! changes have piled up *and* their bytes have reached the last snapshot's size. Saving
+//! then costs a bounded number of bytes per byte written, whatever the document's size
+//! (the snapshots' sizes grow geometrically: with snapshots a fraction `s` of the changes
+//! they fold, about `1 + s` bytes saved per byte written), and the log kept beside a
+//! snapshot (what a load replays) stays about as big as the snapshot. Bytes resources have no snapshot (their log is dropped): only the count
+//! applies to them.
+
+/// What has piled up since the last snapshot.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SinceSnapshot {
+    changes: usize,
+    bytes: usize,
+    /// The last snapshot's size (0: none).
+    snapshot_bytes: usize,
+}
+
+impl SinceSnapshot {
+    /// A document as loaded: its snapshot's size, and the changes after it.
+    pub(super) fn loaded(snapshot_bytes: usize, changes: usize, bytes: usize) -> Self {
+        SinceSnapshot {
+            changes,
+            bytes,
+            snapshot_bytes,
+        }
+    }
+
+    /// Changes appended (by this process or another).
+    pub(super) fn add(&mut self, changes: usize, bytes: usize) {
+        self.changes = self.changes.saturating_add(changes);
+        self.bytes = self.bytes.saturating_add(bytes);
+    }
+
+    /// A snapshot is due at once (a big write was committed as a run of changes).
+    pub(super) fn force(&mut self, every: usize) {
+        self.changes = self.changes.max(every);
+        self.bytes = self.bytes.max(self.snapshot_bytes);
+    }
+
+    /// Whether a snapshot is due (`every`: the `snapshot_every` setting).
+    pub(super) fn due(&self, every: usize) -> bool {
+        self.changes >= every.max(1) && self.bytes >= self.snapshot_bytes
+    }
+
+    /// A snapshot of `snapshot_bytes` was made (0: the log was dropped, no snapshot).
+    pub(super) fn saved(&mut self, snapshot_bytes: usize) {
+        *self = SinceSnapshot {
+            snapshot_bytes,
+            ..Default::default()
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use plait_bridge::Keypair;
+
+    use super::SinceSnapshot;
+    use crate::engine::{Engine, EngineConfig, Write, Writer};
+    use crate::model::{ResourceKey, ResourcePath};
+    use crate::storage::sqlite::SqliteStorage;
+    use crate::storage::{CommitLimits, Seq, Storage};
+    use crate::update::{Patch, Range, WriteBody};
+
+    fn insert(text: &str) -> Write {
+        Write {
+            body: WriteBody::Patches(vec![Patch {
+                range: Range::Text { start: 0, end: 0 },
+                content: Bytes::from(text.to_string()),
+            }]),
+            version: None,
+            parents: None,
+            peer: None,
+            author: None,
+            digest: None,
+            writer: Writer::Internal,
+        }
+    }
+
+    /// The changes the store's snapshot of `key` covers (0: none), once it stops moving.
+    async fn snapshot_upto(storage: &Arc<SqliteStorage>, key: &ResourceKey) -> (Seq, usize) {
+        // The actor saves in the background, right after the append that made it due.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let l = storage.load(key).await.unwrap().expect("the resource");
+        l.snapshot.map_or((0, 0), |(upto, b)| (upto, b.len()))
+    }
+
+    /// The rule in the actor: a snapshot after `snapshot_every` changes, the next only once
+    /// the changes since have as many bytes as it; the text survives a fresh engine.
+    #[tokio::test]
+    async fn the_actor_snapshots_by_count_then_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage =
+            Arc::new(SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap());
+        let config = EngineConfig {
+            snapshot_every: 10,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(storage.clone(), config.clone());
+        let key = ResourceKey::new(Keypair::generate().identity(), ResourcePath::new("/hot").unwrap());
+        // A first write of 20,000 letters that do not compress, then one-letter edits.
+        let mut x = 7u64;
+        let big: String = (0..20_000)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b'a' + (x >> 59) as u8 % 26)
+            })
+            .collect();
+        engine.write(&key, insert(&big)).await.unwrap();
+        for _ in 0..9 {
+            engine.write(&key, insert("z")).await.unwrap();
+        }
+        let (upto, size) = snapshot_upto(&storage, &key).await;
+        assert_eq!(upto, 10, "the first snapshot: after 10 changes");
+        assert!(size > 10_000, "the snapshot holds the letters ({size} bytes)");
+
+        // Ten more small edits: the count is reached, not the snapshot's size.
+        for _ in 0..10 {
+            engine.write(&key, insert("y")).await.unwrap();
+        }
+        assert_eq!(
+            snapshot_upto(&storage, &key).await.0,
+            10,
+            "not yet: too few bytes"
+        );
+
+        // Edits until the next snapshot: it comes once their bytes reach its size.
+        let mut edits = 10;
+        while snapshot_upto(&storage, &key).await.0 == 10 {
+            for _ in 0..20 {
+                engine.write(&key, insert("w")).await.unwrap();
+            }
+            edits += 20;
+            assert!(edits < 2_000, "no second snapshot after {edits} edits");
+        }
+        let l = storage.load(&key).await.unwrap().unwrap();
+        let written: usize = l.changes.iter().map(|c| c.data.len()).sum();
+        assert!(written < size, "the log beside the snapshot stays under its size");
+
+        let text = engine.read(&key).await.unwrap().body.clone();
+        let fresh = Engine::new(storage.clone(), config);
+        assert_eq!(
+            fresh.read(&key).await.unwrap().body,
+            text,
+            "loaded from the snapshot and the log"
+        );
+    }
+
+    #[test]
+    fn due_after_the_count_and_the_last_snapshots_size() {
+        let mut s = SinceSnapshot::default();
+        s.add(999, 10);
+        assert!(!s.due(1000), "fewer changes than the setting");
+        s.add(1, 10);
+        assert!(s.due(1000), "no snapshot yet: the count alone");
+        s.saved(50_000);
+        s.add(1000, 49_999);
+        assert!(
+            !s.due(1000),
+            "the changes' bytes are short of the snapshot's size"
+        );
+        s.add(1, 1);
+        assert!(s.due(1000));
+        s.saved(0);
+        s.add(1000, 0);
+        assert!(
+            s.due(1000),
+            "after the log was dropped (bytes values): the count alone"
+        );
+    }
+
+    #[test]
+    fn forced_after_a_big_write() {
+        let mut s = SinceSnapshot::loaded(1 << 20, 3, 300);
+        assert!(!s.due(1000));
+        s.force(1000);
+        assert!(s.due(1000));
+    }
+
+    #[test]
+    fn saving_costs_a_bounded_share_of_what_was_written() {
+        // A document growing by 100-byte changes, its snapshot a third of what it holds:
+        // the bytes saved over its life stay within (1 + 1/3) of the bytes written (every
+        // 1,000 changes, whatever the size, they would be about 170 times what was written).
+        let (every, change) = (1000, 100);
+        let mut s = SinceSnapshot::default();
+        let (mut written, mut saved, mut size) = (0usize, 0usize, 0usize);
+        for _ in 0..1_000_000 {
+            s.add(1, change);
+            written += change;
+            size += change;
+            if s.due(every) {
+                let snapshot = size / 3;
+                saved += snapshot;
+                s.saved(snapshot);
+            }
+        }
+        assert!(
+            saved * 3 <= written * 4,
+            "saved {saved} bytes for {written} written"
+        );
+    }
+}
