@@ -53,7 +53,8 @@ impl Actor {
             )));
         }
         let before = self.current();
-        let heavy = snapshot.len() > 64 << 10;
+        let snapshot_bytes = snapshot.len();
+        let heavy = snapshot_bytes > 64 << 10;
         let doc = cpu_bound(heavy, || {
             Document::load_automerge(kind, Some(snapshot.as_ref()), std::iter::empty::<&[u8]>())
         })?;
@@ -74,7 +75,7 @@ impl Actor {
                     media_type,
                     doc,
                     known_through: 0,
-                    since_snapshot: super::SinceSnapshot::default(),
+                    since_snapshot: super::SinceSnapshot::loaded(snapshot_bytes, 0, 0),
                 })));
                 self.register();
                 self.publish_state();
