@@ -43,12 +43,33 @@ pub enum Delivery {
     Own(Update),
 }
 
+/// The version a subscriber's client has. Usually that of the last event the subscriber
+/// passed on, held by the event every subscriber at its parents shares: passing an update
+/// on costs each subscriber a reference count, not a copy of the version.
+#[derive(Debug)]
+enum ClientVersion {
+    Own(Version),
+    Event(Arc<Event>),
+}
+
+// Every idle subscription holds one: no bigger than the version it replaced.
+const _: () = assert!(size_of::<ClientVersion>() == size_of::<Version>());
+
+impl ClientVersion {
+    fn get(&self) -> &Version {
+        match self {
+            ClientVersion::Own(v) => v,
+            ClientVersion::Event(e) => &e.version,
+        }
+    }
+}
+
 /// An open subscription; dropping it unsubscribes.
 pub struct Subscription {
     handle: Arc<ResourceHandle>,
     rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
     /// The version the client has (the root when it has nothing or the resource is gone).
-    version: Version,
+    version: ClientVersion,
     peer: Option<String>,
     /// Events up to this seq are already covered by an update sent.
     skip_through: u64,
@@ -104,7 +125,7 @@ impl Subscription {
         Ok(Subscription {
             handle,
             rx,
-            version,
+            version: ClientVersion::Own(version),
             peer,
             skip_through: seq,
             own_seen: seq,
@@ -162,8 +183,9 @@ impl Subscription {
                 // parents are not its version). From there it needs nothing, or the
                 // correction to the merge, a moment later (see `correction_delay`).
                 let client_has = Version::one(o.write.clone());
-                self.version = client_has.clone();
-                if ev.version == client_has && ev.seq > self.skip_through {
+                let nothing_else = ev.version == client_has && ev.seq > self.skip_through;
+                self.version = ClientVersion::Own(client_has);
+                if nothing_else {
                     continue;
                 }
                 if matches!(ev.body, UpdateBody::Text(_)) {
@@ -174,11 +196,11 @@ impl Subscription {
                 continue;
             }
             match &ev.body {
-                UpdateBody::Text(_) if self.version != ev.parents => {
+                UpdateBody::Text(_) if *self.version.get() != ev.parents => {
                     self.owed = Some(Instant::now());
                 }
                 _ => {
-                    self.version = ev.version.clone();
+                    self.version = ClientVersion::Event(ev.clone());
                     return Some(Delivery::Shared(ev));
                 }
             }
@@ -187,7 +209,7 @@ impl Subscription {
 
     /// One update from the client's version to now; `None` inside means nothing to send.
     async fn catch_up(&mut self) -> Option<Option<Update>> {
-        let from = self.version.clone();
+        let from = self.version.get().clone();
         let (u, seq) = self
             .handle
             .ask(|r| Command::CatchUp {
@@ -202,7 +224,7 @@ impl Subscription {
         self.skip_through = seq;
         self.own_seen = seq;
         let empty = u.version == u.parents && matches!(&u.body, UpdateBody::Text(t) if t.is_empty());
-        self.version = u.version.clone();
+        self.version = ClientVersion::Own(u.version.clone());
         Some((!empty).then_some(u))
     }
 }
