@@ -45,10 +45,17 @@ async function put (p, body) {
     try {
         const page = await browser.newPage()
         const errors = []
+        // After a restart (see below), the restart's own kinds of error are passed over
+        // whenever they come: braid-http's late DELETEs keep arriving to the very end.
+        let restarted = false
+        const benign = m => /Could not cancel multiplexed request: Error: status not ok: 404/.test(m) ||
+            /Failed to load resource: the server responded with a status of 404/.test(m) ||
+            /ERR_CONNECTION_REFUSED/.test(m)
         page.on('pageerror', e => errors.push(e.message))
-        page.on('console', m => { if (m.type() === 'error') errors.push(m.text()) })
+        page.on('console', m => {
+            if (m.type() === 'error' && !(restarted && benign(m.text()))) errors.push(m.text())
+        })
         let via293 = 0, muxOpened = 0
-        let benignFrom = Infinity   // errors from here on may be the restart's (see below)
         page.on('response', r => {
             if (r.status() === 293) via293++
             if (r.url().includes('/.well-known/multiplexer/') && r.status() === 200 && r.request().method() !== 'DELETE') muxOpened++
@@ -106,15 +113,11 @@ async function put (p, body) {
             // While the server was away the browser logged refused connections, and
             // braid-http 1.3 logs its DELETEs of requests on the dead multiplexer (which the
             // new server does not know: 404), some of them later than this: what came until
-            // now is dropped, and those two kinds from now on; the page's own errors are in
-            // window.errors.
+            // now is dropped, and those kinds from now on (in the console handler, so that
+            // none arriving later slips through); the page's own errors are in window.errors.
             errors.length = errorsBefore
-            benignFrom = errorsBefore
+            restarted = true
         }
-        const benign = m => /Could not cancel multiplexed request: Error: status not ok: 404/.test(m) ||
-            /Failed to load resource: the server responded with a status of 404/.test(m) ||
-            /ERR_CONNECTION_REFUSED/.test(m)
-        errors.splice(benignFrom, errors.length - benignFrom, ...errors.slice(benignFrom).filter(m => !benign(m)))
 
         const info = await page.evaluate(() => ({
             multiplexed: window.multiplexed,
