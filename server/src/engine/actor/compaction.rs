@@ -86,12 +86,23 @@ mod tests {
         }
     }
 
-    /// The changes the store's snapshot of `key` covers (0: none), once it stops moving.
-    async fn snapshot_upto(storage: &Arc<SqliteStorage>, key: &ResourceKey) -> (Seq, usize) {
-        // The actor saves in the background, right after the append that made it due.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    /// The changes the store's snapshot of `key` covers and its size (0: none).
+    async fn snapshot(storage: &Arc<SqliteStorage>, key: &ResourceKey) -> (Seq, usize) {
         let l = storage.load(key).await.unwrap().expect("the resource");
         l.snapshot.map_or((0, 0), |(upto, b)| (upto, b.len()))
+    }
+
+    /// The snapshot once it covers more than `after` (the actor saves in the background,
+    /// right after the append that made one due).
+    async fn snapshot_past(storage: &Arc<SqliteStorage>, key: &ResourceKey, after: Seq) -> (Seq, usize) {
+        for _ in 0..500 {
+            let s = snapshot(storage, key).await;
+            if s.0 > after {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no snapshot past {after} within 10 s");
     }
 
     /// The rule in the actor: a snapshot after `snapshot_every` changes, the next only once
@@ -121,32 +132,37 @@ mod tests {
         for _ in 0..9 {
             engine.write(&key, insert("z")).await.unwrap();
         }
-        let (upto, size) = snapshot_upto(&storage, &key).await;
+        let (upto, size) = snapshot_past(&storage, &key, 0).await;
         assert_eq!(upto, 10, "the first snapshot: after 10 changes");
         assert!(size > 10_000, "the snapshot holds the letters ({size} bytes)");
 
-        // Ten more small edits: the count is reached, not the snapshot's size.
+        // Ten more small edits: the count is reached, not the snapshot's size. (A save
+        // still under way could only hide a wrong snapshot here, never fail this.)
         for _ in 0..10 {
             engine.write(&key, insert("y")).await.unwrap();
         }
-        assert_eq!(
-            snapshot_upto(&storage, &key).await.0,
-            10,
-            "not yet: too few bytes"
-        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(snapshot(&storage, &key).await.0, 10, "not yet: too few bytes");
 
-        // Edits until the next snapshot: it comes once their bytes reach its size.
+        // Edits until their bytes reach the snapshot's size: then the next one comes.
         let mut edits = 10;
-        while snapshot_upto(&storage, &key).await.0 == 10 {
-            for _ in 0..20 {
-                engine.write(&key, insert("w")).await.unwrap();
+        loop {
+            let l = storage.load(&key).await.unwrap().unwrap();
+            if l.snapshot.as_ref().is_some_and(|(upto, _)| *upto > 10) {
+                break;
             }
-            edits += 20;
-            assert!(edits < 2_000, "no second snapshot after {edits} edits");
+            if l.changes.iter().map(|c| c.data.len()).sum::<usize>() >= size {
+                snapshot_past(&storage, &key, 10).await;
+                break;
+            }
+            engine.write(&key, insert("w")).await.unwrap();
+            edits += 1;
+            assert!(edits < 5_000, "the changes never reached {size} bytes");
         }
-        let l = storage.load(&key).await.unwrap().unwrap();
-        let written: usize = l.changes.iter().map(|c| c.data.len()).sum();
-        assert!(written < size, "the log beside the snapshot stays under its size");
+        assert!(
+            edits > 20,
+            "by count alone the second snapshot would have come at 20"
+        );
 
         let text = engine.read(&key).await.unwrap().body.clone();
         let fresh = Engine::new(storage.clone(), config);
