@@ -105,8 +105,9 @@ impl Default for AccessSettings {
 pub enum Caller {
     #[default]
     Anonymous,
-    /// A logged-in account (a browser session, Statebus `current_user`).
-    Account(Account),
+    /// A logged-in account (a browser session, Statebus `current_user`). Shared: every
+    /// open subscription keeps its caller, and an account is about 100 bytes.
+    Account(Arc<Account>),
     /// An identity that proved itself: a signed request, or a libp2p connection of a
     /// member instance (`member`).
     Identity {
@@ -116,6 +117,15 @@ pub enum Caller {
     /// A bearer token limited to prefixes (a full owner token is [`Caller::Owner`]).
     Token(Arc<Grant>),
     Owner,
+}
+
+// Every open subscription keeps its caller: an identity and a flag, at most.
+const _: () = assert!(size_of::<Caller>() <= 40);
+
+impl From<Account> for Caller {
+    fn from(a: Account) -> Caller {
+        Caller::Account(Arc::new(a))
+    }
 }
 
 impl Caller {

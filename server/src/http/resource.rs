@@ -171,7 +171,7 @@ pub(crate) async fn authenticate(
     if let Some(session) = cookie(h, SESSION_COOKIE) {
         let account = app.access.accounts().session(session).await?;
         return Ok(Authenticated {
-            caller: account.map_or(Caller::Anonymous, Caller::Account),
+            caller: account.map_or(Caller::Anonymous, Caller::from),
             session: Some(session.to_string()),
             signed: false,
         });
@@ -668,7 +668,7 @@ async fn current_user(
                         _ => None,
                     };
                     let account = accounts.account_of_session(value.as_ref()).await.ok().flatten();
-                    let caller = account.map_or(Caller::Anonymous, Caller::Account);
+                    let caller = account.map_or(Caller::Anonymous, Caller::from);
                     let v = current_user_value(Dialect::V7, &caller, None);
                     let update = Update {
                         version: Version::root(),
@@ -739,7 +739,7 @@ async fn current_user(
                 match accounts.login(&name_of(c), pass, ip).await {
                     Ok(a) => {
                         accounts.bind(&session, &a).await?;
-                        caller = Caller::Account(a);
+                        caller = Caller::from(a);
                     }
                     Err(e) => error = Some(e),
                 }

@@ -161,7 +161,7 @@ impl Session {
 
     /// Logs the connection in as `account`, or (None) back out to the upgrade's caller.
     fn set_account(&self, account: Option<Account>) {
-        *self.viewer.write().expect("viewer") = account.map_or_else(|| self.base.clone(), Caller::Account);
+        *self.viewer.write().expect("viewer") = account.map_or_else(|| self.base.clone(), Caller::from);
         self.svc.connections.touch();
     }
 
@@ -714,7 +714,7 @@ async fn follow_session(
             if w.account() == account.as_ref() {
                 continue;
             }
-            *w = account.map_or_else(|| base.clone(), Caller::Account);
+            *w = account.map_or_else(|| base.clone(), Caller::from);
             current_user_value(dialect, &w, None)
         };
         svc.connections.touch();
