@@ -127,11 +127,17 @@ impl Write {
     /// value, from a home instance, a mirror or a device): no peer, no author, not
     /// rate-limited.
     pub fn internal_value(media_type: String, body: bytes::Bytes) -> Write {
+        Write::internal(WriteBody::Full {
+            media_type: Some(media_type),
+            body,
+        })
+    }
+
+    /// `body` written by the server itself, unversioned: no peer, no author, not
+    /// rate-limited.
+    pub fn internal(body: WriteBody) -> Write {
         Write {
-            body: WriteBody::Full {
-                media_type: Some(media_type),
-                body,
-            },
+            body,
             version: None,
             parents: None,
             peer: None,

@@ -65,25 +65,17 @@ mod tests {
     use plait_bridge::Keypair;
 
     use super::SinceSnapshot;
-    use crate::engine::{Engine, EngineConfig, Write, Writer};
+    use crate::engine::{Engine, EngineConfig, Write};
     use crate::model::{ResourceKey, ResourcePath};
     use crate::storage::sqlite::SqliteStorage;
     use crate::storage::{CommitLimits, Seq, Storage};
     use crate::update::{Patch, Range, WriteBody};
 
     fn insert(text: &str) -> Write {
-        Write {
-            body: WriteBody::Patches(vec![Patch {
-                range: Range::Text { start: 0, end: 0 },
-                content: Bytes::from(text.to_string()),
-            }]),
-            version: None,
-            parents: None,
-            peer: None,
-            author: None,
-            digest: None,
-            writer: Writer::Internal,
-        }
+        Write::internal(WriteBody::Patches(vec![Patch {
+            range: Range::Text { start: 0, end: 0 },
+            content: Bytes::from(text.to_string()),
+        }]))
     }
 
     /// The changes the store's snapshot of `key` covers and its size (0: none).
