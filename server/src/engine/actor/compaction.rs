@@ -11,6 +11,40 @@
 //! snapshot (what a load replays) stays about as big as the snapshot. Bytes resources have no snapshot (their log is dropped): only the count
 //! applies to them.
 
+/// A run of changes as a snapshot's rule counts them: how many, and their bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Counted {
+    pub(super) changes: usize,
+    pub(super) bytes: usize,
+}
+
+/// A change in a resource's log, as [`Counted`] sees it.
+pub(super) trait LogEntry {
+    /// The bytes it adds to the log.
+    fn log_bytes(&self) -> usize;
+}
+
+impl LogEntry for crate::storage::StoredChange {
+    fn log_bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl LogEntry for crate::storage::NewChange {
+    fn log_bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl Counted {
+    pub(super) fn of<C: LogEntry>(changes: &[C]) -> Counted {
+        Counted {
+            changes: changes.len(),
+            bytes: changes.iter().map(LogEntry::log_bytes).sum(),
+        }
+    }
+}
+
 /// What has piled up since the last snapshot.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct SinceSnapshot {
@@ -22,18 +56,18 @@ pub(super) struct SinceSnapshot {
 
 impl SinceSnapshot {
     /// A document as loaded: its snapshot's size, and the changes after it.
-    pub(super) fn loaded(snapshot_bytes: usize, changes: usize, bytes: usize) -> Self {
+    pub(super) fn loaded(snapshot_bytes: usize, after: Counted) -> Self {
         SinceSnapshot {
-            changes,
-            bytes,
+            changes: after.changes,
+            bytes: after.bytes,
             snapshot_bytes,
         }
     }
 
     /// Changes appended (by this process or another).
-    pub(super) fn add(&mut self, changes: usize, bytes: usize) {
-        self.changes = self.changes.saturating_add(changes);
-        self.bytes = self.bytes.saturating_add(bytes);
+    pub(super) fn add(&mut self, added: Counted) {
+        self.changes = self.changes.saturating_add(added.changes);
+        self.bytes = self.bytes.saturating_add(added.bytes);
     }
 
     /// A snapshot is due at once (a big write was committed as a run of changes).
@@ -64,7 +98,7 @@ mod tests {
     use bytes::Bytes;
     use plait_bridge::Keypair;
 
-    use super::SinceSnapshot;
+    use super::{Counted, SinceSnapshot};
     use crate::engine::{Engine, EngineConfig, Write};
     use crate::model::{ResourceKey, ResourcePath};
     use crate::storage::sqlite::SqliteStorage;
@@ -143,7 +177,7 @@ mod tests {
             if l.snapshot.as_ref().is_some_and(|(upto, _)| *upto > 10) {
                 break;
             }
-            if l.changes.iter().map(|c| c.data.len()).sum::<usize>() >= size {
+            if super::Counted::of(&l.changes).bytes >= size {
                 snapshot_past(&storage, &key, 10).await;
                 break;
             }
@@ -165,23 +199,27 @@ mod tests {
         );
     }
 
+    fn n(changes: usize, bytes: usize) -> Counted {
+        Counted { changes, bytes }
+    }
+
     #[test]
     fn due_after_the_count_and_the_last_snapshots_size() {
         let mut s = SinceSnapshot::default();
-        s.add(999, 10);
+        s.add(n(999, 10));
         assert!(!s.due(1000), "fewer changes than the setting");
-        s.add(1, 10);
+        s.add(n(1, 10));
         assert!(s.due(1000), "no snapshot yet: the count alone");
         s.saved(50_000);
-        s.add(1000, 49_999);
+        s.add(n(1000, 49_999));
         assert!(
             !s.due(1000),
             "the changes' bytes are short of the snapshot's size"
         );
-        s.add(1, 1);
+        s.add(n(1, 1));
         assert!(s.due(1000));
         s.saved(0);
-        s.add(1000, 0);
+        s.add(n(1000, 0));
         assert!(
             s.due(1000),
             "after the log was dropped (bytes values): the count alone"
@@ -190,7 +228,7 @@ mod tests {
 
     #[test]
     fn forced_after_a_big_write() {
-        let mut s = SinceSnapshot::loaded(1 << 20, 3, 300);
+        let mut s = SinceSnapshot::loaded(1 << 20, n(3, 300));
         assert!(!s.due(1000));
         s.force(1000);
         assert!(s.due(1000));
@@ -205,7 +243,7 @@ mod tests {
         let mut s = SinceSnapshot::default();
         let (mut written, mut saved, mut size) = (0usize, 0usize, 0usize);
         for _ in 0..1_000_000 {
-            s.add(1, change);
+            s.add(n(1, change));
             written += change;
             size += change;
             if s.due(every) {

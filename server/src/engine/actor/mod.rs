@@ -36,7 +36,7 @@ mod read;
 mod replica;
 mod write;
 
-use compaction::SinceSnapshot;
+use compaction::{Counted, SinceSnapshot};
 
 /// Most commands taken from the mailbox in one round.
 const MAX_ROUND: usize = 1024;
@@ -285,8 +285,7 @@ impl Actor {
         let res = match loaded {
             None => Res::Missing,
             Some(l) => {
-                let bytes = l.snapshot.as_ref().map_or(0, |s| s.1.len())
-                    + l.changes.iter().map(|c| c.data.len()).sum::<usize>();
+                let bytes = l.snapshot.as_ref().map_or(0, |s| s.1.len()) + Counted::of(&l.changes).bytes;
                 Res::Present(Box::new(cpu_bound(bytes as u64 > HEAVY_BYTES, || build(l))?))
             }
         };
@@ -321,8 +320,7 @@ impl Actor {
                         Some(first) if first.seq == p.known_through + 1 => {
                             p.doc.apply_remote(changes.iter().map(|c| c.data.as_ref()))?;
                             p.known_through = changes.last().map_or(p.known_through, |c| c.seq);
-                            p.since_snapshot
-                                .add(changes.len(), changes.iter().map(|c| c.data.len()).sum());
+                            p.since_snapshot.add(Counted::of(&changes));
                             true
                         }
                         _ => false,
@@ -513,8 +511,7 @@ fn build(l: LoadedResource) -> Result<Present, EngineError> {
         known_through,
         since_snapshot: SinceSnapshot::loaded(
             l.snapshot.as_ref().map_or(0, |(_, b)| b.len()),
-            l.changes.len(),
-            l.changes.iter().map(|c| c.data.len()).sum(),
+            Counted::of(&l.changes),
         ),
     })
 }

@@ -75,7 +75,7 @@ impl Actor {
                     media_type,
                     doc,
                     known_through: 0,
-                    since_snapshot: super::SinceSnapshot::loaded(snapshot_bytes, 0, 0),
+                    since_snapshot: super::SinceSnapshot::loaded(snapshot_bytes, super::Counted::default()),
                 })));
                 self.register();
                 self.publish_state();
@@ -171,7 +171,7 @@ impl Actor {
             },
             (None, None) => unreachable!("a present resource without an id is being created"),
         };
-        let (n, bytes) = (new.len(), new.iter().map(|c| c.data.len()).sum());
+        let counted = super::Counted::of(&new);
         match append(&self.storage, target, hold, new).await {
             Ok(app) => {
                 debug_assert_eq!(
@@ -181,7 +181,7 @@ impl Actor {
                 );
                 p.id = Some(app.resource);
                 p.known_through = app.last_seq;
-                p.since_snapshot.add(n, bytes);
+                p.since_snapshot.add(counted);
                 self.register();
                 self.publish_state();
                 self.announce_since(&before)?;

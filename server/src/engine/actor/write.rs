@@ -197,7 +197,7 @@ impl Actor {
             },
             (None, None) => unreachable!("a new resource has a create target"),
         };
-        let (n, bytes) = (changes.len(), changes.iter().map(|c| c.data.len()).sum());
+        let counted = super::Counted::of(&changes);
         match append(&self.storage, target, hold, changes).await {
             Ok(app) => {
                 debug_assert_eq!(
@@ -207,7 +207,7 @@ impl Actor {
                 );
                 p.id = Some(app.resource);
                 p.known_through = app.last_seq;
-                p.since_snapshot.add(n, bytes);
+                p.since_snapshot.add(counted);
                 if big {
                     p.since_snapshot.force(self.config.snapshot_every);
                 }
