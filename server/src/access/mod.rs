@@ -582,14 +582,13 @@ impl Access {
         Ok(())
     }
 
-    /// Follows the rules for a reader of `key`, so that a subscription can end when its
-    /// reader loses the right.
-    pub fn watch(&self, key: ResourceKey) -> RightWatch {
+    /// Follows the rules for a reader, so that a subscription can end when its reader
+    /// loses the right.
+    pub fn watch(&self) -> RightWatch {
         let mut rx = self.changes();
         rx.mark_unchanged();
         RightWatch {
             access: self.clone(),
-            key,
             rx,
         }
     }
@@ -607,11 +606,15 @@ impl Access {
 }
 
 /// A subscription's view of the rules: wakes on every rule change (see [`Access::watch`]).
+/// It keeps no resource key: the subscription holds one already, and passes it to
+/// [`RightWatch::check`].
 pub struct RightWatch {
     access: Access,
-    key: ResourceKey,
     rx: watch::Receiver<u64>,
 }
+
+// Every open subscription holds one: two pointers and a version, no key.
+const _: () = assert!(std::mem::size_of::<RightWatch>() <= 24);
 
 impl RightWatch {
     /// Waits for the next rule change (forever when the access layer is gone).
@@ -622,9 +625,9 @@ impl RightWatch {
         }
     }
 
-    /// Whether `caller` may still read the resource.
-    pub fn check(&self, caller: &Caller) -> Result<(), Refusal> {
-        self.access.check(caller, &self.key, Op::Read)
+    /// Whether `caller` may still read `key`.
+    pub fn check(&self, caller: &Caller, key: &ResourceKey) -> Result<(), Refusal> {
+        self.access.check(caller, key, Op::Read)
     }
 }
 

@@ -83,6 +83,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The resource followed (its key, for whoever holds the subscription).
+    pub fn resource(&self) -> Arc<ResourceHandle> {
+        self.handle.clone()
+    }
+
     pub(crate) async fn open(
         handle: Arc<ResourceHandle>,
         parents: Option<Version>,

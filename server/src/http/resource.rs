@@ -211,7 +211,7 @@ async fn route(app: &App, req: Request<Body>) -> Result<Response<Body>, ApiError
             app.access.check(&auth.caller, &key, Op::Read)?;
             let reader = Reader {
                 caller: auth.caller,
-                watch: app.access.watch(key.clone()),
+                watch: app.access.watch(),
             };
             match app.federation.as_ref().filter(|f| f.is_remote(&key)) {
                 Some(fed) => get_replica(app, fed, key, braid, req, reader).await?,
@@ -517,15 +517,17 @@ fn updates(
     let beat = heartbeats.map(crate::braid::headers::heartbeat_timer);
     // `reader` is mutated in place by the block that owns it: a `let mut reader = reader`
     // inside would keep a second copy of it in the future (a `Reader` holds a `Caller`
-    // and a `ResourceKey`), and this future lives as long as the subscription.
+    // and the rules' watch), and this future lives as long as the subscription.
     let mut reader = reader;
+    // The subscription's own handle names the resource: no second copy of its key.
+    let resource = sub.resource();
     let ended = Box::pin(async move {
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
                 _ = reader.watch.changed() => {
-                    if let Err(refusal) = reader.watch.check(&reader.caller) {
+                    if let Err(refusal) = reader.watch.check(&reader.caller, &resource.key) {
                         tracing::info!(path = %refusal.path, caller = %reader.caller.describe(), "a subscription ends: {refusal}");
                         return;
                     }

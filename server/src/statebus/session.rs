@@ -757,7 +757,7 @@ async fn forward(
             return;
         }
     };
-    let mut rules = svc.access.watch(rk.clone());
+    let mut rules = svc.access.watch();
     let _open = svc.metrics.subscribed(Protocol::Statebus);
     loop {
         let d = tokio::select! {
@@ -765,7 +765,7 @@ async fn forward(
             biased;
             _ = rules.changed() => {
                 let caller = viewer.read().expect("viewer").clone();
-                if let Err(r) = rules.check(&caller) {
+                if let Err(r) = rules.check(&caller, &rk) {
                     let _ = out.send(wire::refusal(&r, &key)).await;
                     let _ = out.send(wire::state(dialect, &key, None)).await;
                     return;
