@@ -86,10 +86,20 @@ fn main() -> ExitCode {
                 } else {
                     ""
                 };
-                format!(
+                let mut out = format!(
                     "revoked {}: nothing sealed from now on is sealed to it{rotated}",
                     r["revoked"].as_str().unwrap_or("")
-                )
+                );
+                let told = r["mirrors_told"].as_array().map_or(0, Vec::len);
+                out.push_str(&format!("\n{told} mirror(s) told to refuse its pushes"));
+                for m in r["mirrors_not_told"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\nnot told yet (retried while the server runs): {}: {}",
+                        m["id"].as_str().unwrap_or(""),
+                        m["error"].as_str().unwrap_or("")
+                    ));
+                }
+                out
             })
         }
         Command::Device(DeviceCommand::Join { store, link }) => store_config(store).and_then(|cfg| {
@@ -327,9 +337,11 @@ fn mirror(cmd: MirrorCommand) -> anyhow::Result<()> {
                     "dht": m.dht,
                     "acked": live.as_ref().and_then(|l| l["mirrors"][id.to_string()].get("acked").cloned()),
                     "error": live.as_ref().and_then(|l| l["mirrors"][id.to_string()].get("error").cloned()),
+                    "revoked_acked": live.as_ref().and_then(|l| l["mirrors"][id.to_string()].get("revoked_acked").cloned()),
                 })).collect::<Vec<_>>(),
                 "sealed_seq": live.as_ref().map(|l| l["sealed_seq"].clone()),
                 "following": live.as_ref().map(|l| l["following"].clone()),
+                "device_pushes": live.as_ref().map(|l| l["device_pushes"].clone()),
             });
             if json {
                 println!("{}", serde_json::to_string_pretty(&out)?);
@@ -357,7 +369,17 @@ fn mirror(cmd: MirrorCommand) -> anyhow::Result<()> {
                     println!("following (owners' chains this server reads its shares of):");
                     for (owner, st) in f {
                         let err = st["error"].as_str().map_or(String::new(), |e| format!(" ({e})"));
-                        println!("  {owner}  through {}{err}", st["seq"]);
+                        println!(
+                            "  {owner}  through {}, {} bytes fetched{err}",
+                            st["seq"], st["fetched_bytes"]
+                        );
+                    }
+                }
+                if let Some(d) = out["device_pushes"].as_object().filter(|d| !d.is_empty()) {
+                    println!("this device's writes, pushed to its owner's mirrors:");
+                    for (mirror, st) in d {
+                        let err = st["error"].as_str().map_or(String::new(), |e| format!(" ({e})"));
+                        println!("  {mirror}  holds up to {}{err}", st["acked"]);
                     }
                 }
             }

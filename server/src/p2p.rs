@@ -160,6 +160,8 @@ pub struct Mirror {
     pub owner: Arc<crate::mirror::owner::Owner>,
     pub keeper: Arc<crate::mirror::keeper::Keeper>,
     pub reader: Arc<crate::mirror::reader::Reader>,
+    /// On a device: what seals and pushes its own writes to its owner's namespace.
+    pub device: Option<Arc<crate::mirror::owner::Owner>>,
 }
 
 impl P2p {
@@ -244,6 +246,7 @@ impl P2p {
                     "checkpoint": s.map(|s| s.checkpoint),
                     "error": s.and_then(|s| s.error.clone()),
                     "last_ok_ms": s.and_then(|s| s.last_ok_ms),
+                    "revoked_acked": s.map(|s| s.revoked_acked),
                 })
             })
             .collect();
@@ -280,6 +283,7 @@ impl P2p {
             "mirrors": m.owner.push_status(),
             "used": used,
             "following": m.reader.status(),
+            "device_pushes": m.device.as_ref().map(|d| d.push_status()),
         }))
     }
 
@@ -412,7 +416,21 @@ impl P2p {
                     .map_err(show)?;
                 m.owner
                     .set_seal(crate::mirror::devices::load_seal(&m.data_dir).map_err(show)?);
-                Ok(serde_json::json!({ "revoked": id, "rotated": rotated }))
+                // Told now, so that the mirrors refuse the device's next push; the pushers
+                // tell those that could not be reached when they answer again.
+                let (mut told, mut not_told) = (Vec::new(), Vec::new());
+                for mirror in crate::mirror::owner::mirrors(&m.data_dir)
+                    .map_err(show)?
+                    .into_keys()
+                {
+                    match m.owner.tell_revoked(&self.node, &m.data_dir, mirror, true).await {
+                        Ok(_) => told.push(mirror),
+                        Err(e) => not_told.push(serde_json::json!({ "id": mirror, "error": e })),
+                    }
+                }
+                Ok(
+                    serde_json::json!({ "revoked": id, "rotated": rotated, "mirrors_told": told, "mirrors_not_told": not_told }),
+                )
             }
             AdminRequest::DeviceLink { ttl_secs, invite } => {
                 let m = self.mirror.as_ref().ok_or("this server runs no mirror")?;

@@ -358,9 +358,10 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
             std::time::Duration::from_millis(cfg.mirror.device_merge_interval_ms),
             shutdown.clone(),
         );
+        let mut device_sealer = None;
         if let Some(device) = crate::mirror::device_writes::load_device(&data_dir)? {
             let of = device.0.cert.owner;
-            crate::mirror::device_writes::start_device(
+            let sealer = crate::mirror::device_writes::start_device(
                 storage.clone(),
                 &instance.keys,
                 device,
@@ -370,6 +371,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
                 shutdown.clone(),
             )
             .await?;
+            device_sealer = Some(sealer);
             access.set_device_of(of);
             tracing::info!(owner = %of, "a device: its owner's writes under /~{of}/ are sealed for the owner");
         }
@@ -392,6 +394,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
                 owner,
                 keeper,
                 reader,
+                device: device_sealer,
             }),
         );
         if let Err(e) = crate::p2p::serve_admin(&data_dir, p2p.clone(), shutdown.clone()).await {

@@ -6,15 +6,16 @@
 //! resource, which it seals to O and pushes to M on its own chain. O restarts and its
 //! resources hold both its own unsealed writes and D's, merged; D, following O's chain,
 //! gets the merged result and O's new writes live. M's storage holds none of D's
-//! plaintext. Once O revokes D, what D seals after is not merged, and what O seals after
-//! does not open on D. D with a certificate that is not O's signature has its pushes
+//! plaintext. Once O revokes D, O tells M, which refuses D's later pushes (`revoked`), so
+//! what D seals after is neither stored nor merged, and what O seals after does not open
+//! on D. D with a certificate that is not O's signature has its pushes
 //! refused (`bad-certificate`). Both stores.
 
 use std::time::Duration;
 
 use plait_tests::mirror::{
-    WAIT, another, device_join, followed, holds, last_line, ok, owner_get, p2p_plait, pushed, put,
-    raw_storage, until,
+    WAIT, another, device_join, followed, holds, last_line, mirror_list, ok, owner_get, p2p_plait, pushed,
+    put, raw_storage, until,
 };
 use plait_tests::on_both_stores;
 use plait_tests::plait::{Plait, Store};
@@ -175,8 +176,9 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
         "the search finds what is there"
     );
 
-    // Revoked, D may still push (M does not know), but O merges nothing D sealed after.
-    ok(&o, &["device", "revoke", &device]);
+    // Revoked, D is refused by M (O tells it at once) and O has nothing D sealed after.
+    let out = ok(&o, &["device", "revoke", &device]);
+    assert!(out.contains("1 mirror(s) told"), "{out}");
     let held = || async {
         let (k, v) = m.owner_auth();
         let r = reqwest::Client::new()
@@ -197,18 +199,22 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
         b"after-the-revocation-DW4",
     )
     .await;
-    let deadline = std::time::Instant::now() + WAIT;
-    while held().await == before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "D never pushed its late write"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    until("O closes the revoked device's chain", || {
-        o.log().contains("not merging what a revoked device sealed")
+    until("M refuses the revoked device's push", || {
+        m.log()
+            .lines()
+            .any(|l| l.contains("device push refused") && l.contains(&device) && l.contains("revoked"))
     })
     .await;
+    until("D shows the refusal", || {
+        let l = mirror_list(&d);
+        l["device_pushes"].to_string().contains("refused, revoked")
+    })
+    .await;
+    assert_eq!(
+        held().await,
+        before,
+        "M stored nothing of D's after the revocation"
+    );
     let (_, body) = owner_get(&o, "/late").await;
     assert!(!has(&body, "DW4"), "a revoked device's later write is not merged");
     // Nor does D open what O seals after the revocation, though it follows past it

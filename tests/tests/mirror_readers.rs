@@ -2,7 +2,7 @@
 //! and `/personal/…` and pushes them, sealed, to a mirror M; a reader R (its own instance,
 //! following O's chain on M with `plait mirror follow` and M's invite) is shared `/shared`
 //! (`plait mirror share` on O, with R's identity and age recipient). R fetches and opens
-//! only that part, live: a later write by O under `/shared` reaches R. O's own server lets
+//! only that part, live — of O's private megabyte it downloads the age header alone —: a later write by O under `/shared` reaches R. O's own server lets
 //! R read `/shared` even where its rules would not (the share, through the access layer),
 //! and only while shared. After `plait mirror unshare`, O's later writes under `/shared`
 //! reach M but not R. O is killed with `kill -9`; R restarts and serves every `/shared`
@@ -36,6 +36,19 @@ const PRIVATE: [&str; 4] = [
     "reader-private-bytes-KPL8",
     "reader-private-later-KPL9",
 ];
+
+/// A megabyte O keeps to itself (incompressible): R must not download it.
+fn big_private() -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -128,6 +141,13 @@ async fn a_reader_follows_its_shared_part_and_nothing_else(store: Store, checkpo
         PRIVATE[2].as_bytes(),
     )
     .await;
+    put(
+        &o,
+        "/personal/big.bin",
+        "application/octet-stream",
+        &big_private(),
+    )
+    .await;
     ok(&o, &["mirror", "add", &last_line(&ok(&m, &["invite"]))]);
 
     // R follows O on M and prints the recipient O shares with: joining M's network with
@@ -188,6 +208,23 @@ async fn a_reader_follows_its_shared_part_and_nothing_else(store: Store, checkpo
         holds(&raw_storage(&r), SHARED_BYTES)
     })
     .await;
+    // R downloaded the heads of O's segments and its own part, not O's private megabyte
+    // (nor, with checkpoints, the snapshot holding it), though M holds them.
+    let fetched = mirror_list(&r)["following"][&oid]["fetched_bytes"]
+        .as_u64()
+        .unwrap();
+    let grants = mirror_list(&m)["grants"].clone();
+    let used = grants
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == oid.as_str())
+        .and_then(|g| g["used"].as_u64())
+        .unwrap();
+    assert!(
+        used > 1 << 20 && fetched < 128 << 10,
+        "R fetched {fetched} bytes of the {used} M holds for O"
+    );
 
     // Live: a new write under /shared reaches R; one under /personal, sealed with it,
     // does not.

@@ -149,6 +149,14 @@ pub struct SealedCheckpoint {
     pub snapshot: Vec<u8>,
 }
 
+/// A checkpoint with the first bytes of its snapshot's ciphertext: enough to tell from
+/// its age header whether the snapshot is sealed to a key before fetching it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointHead {
+    pub checkpoint: Checkpoint,
+    pub head: Vec<u8>,
+}
+
 /// Encrypts the snapshot `plaintext` to `recipients` and signs a checkpoint superseding
 /// the chain up to `head`.
 pub fn seal_checkpoint(

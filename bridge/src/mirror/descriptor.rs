@@ -101,6 +101,16 @@ impl Descriptor {
         d
     }
 
+    /// Whether it is the next in `namespace`'s chain after `chain`, signed by the
+    /// namespace: what a reader checks of a segment before it has the ciphertext (whose
+    /// length and BLAKE3 are then checked against it).
+    pub fn follows(&self, namespace: Identity, chain: ChainHead) -> bool {
+        self.namespace == namespace
+            && self.seq == chain.seq + 1
+            && self.prev == chain.hash
+            && self.verify_signature()
+    }
+
     /// Checks the signature against the namespace's key.
     pub fn verify_signature(&self) -> bool {
         self.namespace
@@ -153,6 +163,11 @@ impl Descriptor {
             at_ms: u64_at(116),
             signature: b[SIGNED_LEN..].try_into().expect("64 bytes"),
         })
+    }
+
+    /// Whether `ciphertext` is the one it describes (its length and BLAKE3).
+    pub fn matches(&self, ciphertext: &[u8]) -> bool {
+        self.len == ciphertext.len() as u64 && &self.hash == blake3::hash(ciphertext).as_bytes()
     }
 
     /// BLAKE3 of the encoded descriptor: what the next descriptor names as `prev`.

@@ -7,7 +7,8 @@
 //! * [`checkpoint`]: the signed word that a sealed snapshot supersedes segments (pinned).
 //! * [`segment`]: the owner's X25519 [`SealKey`] and sealing / opening with age.
 //! * [`verify`]: a mirror's checks and its typed [`Refusal`]s.
-//! * [`wire`]: `/plait/mirror/1.0.0`, pushes, range reads and chain heads (pinned).
+//! * [`wire`]: `/plait/mirror/1.0.0`, pushes, range reads, the heads a reader picks its
+//!   own segments by, and chain heads (pinned).
 //!
 //! It knows nothing of what a segment's plaintext holds (the server batches changes into
 //! it), nor of where segments are stored (the server's storage) or who holds a grant (the
@@ -22,7 +23,10 @@ pub mod segment;
 pub mod verify;
 pub mod wire;
 
-pub use checkpoint::{CHECKPOINT_LEN, Checkpoint, SealedCheckpoint, seal_checkpoint};
+pub use checkpoint::{CHECKPOINT_LEN, Checkpoint, CheckpointHead, SealedCheckpoint, seal_checkpoint};
 pub use descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor, DescriptorError, Digest};
-pub use segment::{SEAL_KEY_FILE, SealError, SealKey, SealRecipient, SealedSegment, open, open_with, seal};
+pub use segment::{
+    SEAL_KEY_FILE, SealError, SealKey, SealRecipient, SealedSegment, SegmentHead, open, open_with, seal,
+    sealed_to,
+};
 pub use verify::{Allowance, Held, Refusal, check, check_checkpoint};

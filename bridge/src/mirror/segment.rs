@@ -158,13 +158,38 @@ impl SealedSegment {
     /// reader of a chain (a device restoring, an owner merging a device's chain) checks
     /// before opening a segment it fetched.
     pub fn follows(&self, namespace: Identity, chain: ChainHead) -> bool {
-        let d = &self.descriptor;
-        d.namespace == namespace
-            && d.seq == chain.seq + 1
-            && d.prev == chain.hash
-            && d.verify_signature()
-            && d.len == self.ciphertext.len() as u64
-            && &d.hash == blake3::hash(&self.ciphertext).as_bytes()
+        self.descriptor.follows(namespace, chain) && self.descriptor.matches(&self.ciphertext)
+    }
+}
+
+/// A segment's descriptor with the first bytes of its ciphertext (all of it when it is
+/// short): enough to tell from its age header whether it is sealed to a key
+/// ([`sealed_to`]) before fetching the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentHead {
+    pub descriptor: Descriptor,
+    pub head: Vec<u8>,
+}
+
+impl SegmentHead {
+    /// The whole segment, when the head is all of its ciphertext.
+    pub fn whole(&self) -> Option<SealedSegment> {
+        (self.head.len() as u64 == self.descriptor.len).then(|| SealedSegment {
+            descriptor: self.descriptor.clone(),
+            ciphertext: self.head.clone(),
+        })
+    }
+}
+
+/// Whether a ciphertext beginning with `head` is sealed to one of `keys`, told from its
+/// age header alone (the recipients' stanzas, the header's MAC, the payload's nonce):
+/// `None` when `head` is too short to hold all that, or is not an age header.
+pub fn sealed_to(keys: &[&SealKey], head: &[u8]) -> Option<bool> {
+    let dec = age::Decryptor::new_buffered(head).ok()?;
+    match dec.decrypt(keys.iter().map(|k| &k.0 as &dyn age::Identity)) {
+        Ok(_) => Some(true),
+        Err(age::DecryptError::NoMatchingKeys) => Some(false),
+        Err(_) => None,
     }
 }
 
@@ -234,6 +259,40 @@ mod tests {
         let mut claimed = forged.clone();
         claimed.descriptor.namespace = me;
         assert!(!claimed.follows(me, head));
+    }
+
+    #[test]
+    fn whom_a_segment_is_sealed_to_is_told_from_its_head() {
+        let keys = Keypair::generate();
+        let (a, b, c) = (SealKey::generate(), SealKey::generate(), SealKey::generate());
+        let big = vec![7u8; 100_000];
+        let s = seal(
+            &keys,
+            &[a.recipient(), b.recipient()],
+            ChainHead::default(),
+            &big,
+            1,
+        )
+        .unwrap();
+        let head = &s.ciphertext[..crate::mirror::wire::SEGMENT_HEAD_BYTES];
+        assert_eq!(sealed_to(&[&a], head), Some(true));
+        assert_eq!(sealed_to(&[&c, &b], head), Some(true));
+        assert_eq!(sealed_to(&[&c], head), Some(false));
+        // Too little to hold the header, or not an age file: cannot tell.
+        assert_eq!(sealed_to(&[&a], &s.ciphertext[..40]), None);
+        assert_eq!(sealed_to(&[&a], b"not age at all"), None);
+        // A head that is the whole ciphertext is the segment itself.
+        let d = s.descriptor.clone();
+        let short = SegmentHead {
+            descriptor: d.clone(),
+            head: s.ciphertext[..100].to_vec(),
+        };
+        assert_eq!(short.whole(), None);
+        let all = SegmentHead {
+            descriptor: d,
+            head: s.ciphertext.clone(),
+        };
+        assert_eq!(all.whole(), Some(s));
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub enum Refusal {
     /// (`mirror.device_link_max_ttl_ms`).
     #[error("a device link for {ttl_ms} ms: this mirror keeps a bundle for {max_ms} ms at most")]
     LinkTooLong { ttl_ms: u64, max_ms: u64 },
+    /// A device's push whose owner told this mirror the device is revoked: its
+    /// certificate no longer counts here.
+    #[error("the device was revoked by its owner")]
+    Revoked,
 }
 
 impl Refusal {
@@ -80,6 +84,7 @@ impl Refusal {
             Refusal::BadCertificate => "bad-certificate",
             Refusal::TooManyBundles { .. } => "too-many-bundles",
             Refusal::LinkTooLong { .. } => "link-too-long",
+            Refusal::Revoked => "revoked",
         }
     }
 }

@@ -12,6 +12,9 @@
 //!          | 0x07 address(32)                                      take a device's bundle
 //!          | 0x08 ttl_secs:u64                                     an invite for a device
 //!          | 0x09 cert(148) descriptor(188) ciphertext(len)        a device pushes one segment
+//!          | 0x0a count:u16 device(32)*                            the asker's revoked devices
+//!          | 0x0b namespace(32) from:u64 to:u64                    heads of segments from..=to
+//!          | 0x0c namespace(32)                                    the checkpoint and its head
 //! response = 0x00 seq:u64                                          stored (acknowledged)
 //!          | 0x01 code:u8 a:u64 b:u64 c:u64 detail_len:u16 detail refused (see below)
 //!          | 0x02 count:u32 (descriptor(188) ciphertext(len))*     segments, in seq order
@@ -20,16 +23,29 @@
 //!          | 0x04 0x01 checkpoint(188) snapshot(checkpoint.len)    the checkpoint held
 //!          | 0x05 len:u32 sealed(len)                              the bundle (now gone)
 //!          | 0x06 len:u16 link(len)                                an invite link (UTF-8)
+//!          | 0x07 count:u32 (descriptor(188) len:u16 head(len))*   segment heads, in seq order
+//!          | 0x08 0x00                                             no checkpoint held
+//!          | 0x08 0x01 checkpoint(188) len:u16 head(len)           the checkpoint, its head
 //! ```
 //!
 //! A stored checkpoint is acknowledged `0x00 upto`. A reader restores a namespace with
 //! `0x05` (the snapshot), then `0x02` from `upto + 1` (the segments after it).
 //!
+//! A reader that can open only some segments (one a prefix was shared with) asks for
+//! *heads* first: `0x0b` answers the descriptors of a range (at most [`MAX_HEADS`]) with
+//! the first [`SEGMENT_HEAD_BYTES`] of each ciphertext — all of it when it is shorter —
+//! and `0x0c` the checkpoint with the head of its snapshot. An age header (recipients'
+//! stanzas, MAC, nonce) fits in a head, so the reader tells which segments are sealed to
+//! it ([`super::sealed_to`]) and fetches only those with `0x02`, checking each against
+//! its descriptor. The mirror still decrypts nothing, and learns only which segments a
+//! reader fetched whole.
+//!
 //! All integers are big-endian. A refusal's `code` is its reason (1 `no-grant`,
 //! 2 `over-quota` a=quota b=used c=len, 3 `bad-signature`, 4 `replayed` a=seq b=head,
 //! 5 `broken-chain` a=seq b=head, 6 `length-mismatch` a=len b=got, 7 `hash-mismatch`,
 //! 8 `too-large` a=len b=max, 9 `unavailable` with a detail, 10 `stale-checkpoint`
-//! a=upto b=held, 11 `no-bundle`, 12 `bad-certificate`).
+//! a=upto b=held, 11 `no-bundle`, 12 `bad-certificate`, 13 `too-many-bundles` a=held
+//! b=max, 14 `link-too-long` a=ttl_ms b=max_ms, 15 `revoked`).
 //!
 //! A device's key bundle (see [`super::device`]) is kept with `0x06` by an owner the
 //! mirror granted storage, answered `0x00 0`, and given once, to whoever names its
@@ -41,7 +57,12 @@
 //! device's key) with `0x09`: the segment as in `0x01`, preceded by the device's
 //! certificate ([`DeviceCert`], signed by the owner), so the mirror stores it under the
 //! owner's grant; `bad-certificate` when the certificate is not the owner's for this
-//! chain or has expired, `no-grant` when the owner holds no grant.
+//! chain or has expired, `no-grant` when the owner holds no grant, `revoked` when the
+//! owner told the mirror the device is revoked. An owner tells its mirrors with `0x0a`:
+//! the whole list of its revoked devices (at most [`MAX_REVOKED_DEVICES`], the latest
+//! revoked; a longer list is not read), which replaces the list the mirror held for it
+//! and is answered `0x00 count`. The asker is the owner: the list is about the devices
+//! whose certificates it signed.
 //!
 //! **A push is cut at the first limit.** The descriptor comes first; when it declares
 //! more than [`MAX_SEGMENT_BYTES`] the ciphertext is never read (the request becomes
@@ -54,10 +75,10 @@ use std::io;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::checkpoint::{CHECKPOINT_LEN, Checkpoint, SealedCheckpoint};
+use super::checkpoint::{CHECKPOINT_LEN, Checkpoint, CheckpointHead, SealedCheckpoint};
 use super::descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor};
 use super::device::{CERT_LEN, DeviceCert, MAX_BUNDLE_BYTES};
-use super::segment::SealedSegment;
+use super::segment::{SealedSegment, SegmentHead};
 use super::verify::Refusal;
 use crate::identity::Identity;
 
@@ -71,6 +92,12 @@ pub const MAX_SNAPSHOT_BYTES: u64 = 64 << 20;
 pub const MAX_RANGE_BYTES: u64 = 32 << 20;
 /// The longest an invite asked with [`Request::Invite`] is valid.
 pub const MAX_INVITE_TTL_SECS: u64 = 30 * 24 * 3600;
+/// The most of a ciphertext a head carries (`0x07`, `0x08`).
+pub const SEGMENT_HEAD_BYTES: usize = 4096;
+/// The most segment heads one answer carries.
+pub const MAX_HEADS: usize = 1024;
+/// The most revoked devices an owner's `0x0a` names.
+pub const MAX_REVOKED_DEVICES: usize = 1024;
 /// The longest invite link answered.
 const MAX_INVITE_LINK: usize = 4096;
 /// Largest response read: a range answer plus one segment of slack.
@@ -115,6 +142,14 @@ pub enum Request {
     /// A device's push whose descriptor declared more than [`MAX_SEGMENT_BYTES`]: its
     /// ciphertext was not read. Never sent; only made by the reader.
     OversizeDevicePush(Descriptor),
+    /// The asking owner's revoked devices, all of them (at most
+    /// [`MAX_REVOKED_DEVICES`]): their pushes are refused from now on.
+    RevokedDevices(Vec<Identity>),
+    /// The heads of `namespace`'s segments with `from <= seq <= to` (at most
+    /// [`MAX_HEADS`]).
+    Heads { namespace: Identity, from: u64, to: u64 },
+    /// The checkpoint held for `namespace`, with the head of its snapshot.
+    CheckpointHead { namespace: Identity },
 }
 
 /// A mirror's answer.
@@ -133,6 +168,11 @@ pub enum Response {
     Bundle(Vec<u8>),
     /// An invite link to the mirror's network.
     Invite(String),
+    /// Segments' descriptors with the heads of their ciphertexts, in seq order.
+    Heads(Vec<SegmentHead>),
+    /// The checkpoint held, if any, with the head of its snapshot (boxed: it is large
+    /// beside the other answers).
+    CheckpointHead(Option<Box<CheckpointHead>>),
 }
 
 fn bad(what: &str) -> io::Error {
@@ -273,6 +313,27 @@ pub async fn read_request<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Reques
                 },
             })
         }
+        10 => {
+            let mut n = [0u8; 2];
+            io.read_exact(&mut n).await?;
+            let count = u16::from_be_bytes(n) as usize;
+            if count > MAX_REVOKED_DEVICES {
+                return Err(bad("too many revoked devices"));
+            }
+            let mut devices = Vec::with_capacity(count);
+            for _ in 0..count {
+                devices.push(read_namespace(io).await?);
+            }
+            Ok(Request::RevokedDevices(devices))
+        }
+        11 => Ok(Request::Heads {
+            namespace: read_namespace(io).await?,
+            from: read_u64(io).await?,
+            to: read_u64(io).await?,
+        }),
+        12 => Ok(Request::CheckpointHead {
+            namespace: read_namespace(io).await?,
+        }),
         _ => Err(bad("unknown mirror request")),
     }
 }
@@ -344,6 +405,23 @@ pub fn encode_request(req: &Request) -> Vec<u8> {
             b.push(1);
             b.extend_from_slice(&d.to_bytes());
         }
+        Request::RevokedDevices(devices) => {
+            b.push(10);
+            b.extend_from_slice(&(devices.len() as u16).to_be_bytes());
+            for d in devices {
+                b.extend_from_slice(d.as_bytes());
+            }
+        }
+        Request::Heads { namespace, from, to } => {
+            b.push(11);
+            b.extend_from_slice(namespace.as_bytes());
+            b.extend_from_slice(&from.to_be_bytes());
+            b.extend_from_slice(&to.to_be_bytes());
+        }
+        Request::CheckpointHead { namespace } => {
+            b.push(12);
+            b.extend_from_slice(namespace.as_bytes());
+        }
     }
     b
 }
@@ -364,6 +442,7 @@ fn refusal_fields(r: &Refusal) -> (u8, u64, u64, u64, &str) {
         Refusal::BadCertificate => (12, 0, 0, 0, ""),
         Refusal::TooManyBundles { held, max } => (13, *held, *max, 0, ""),
         Refusal::LinkTooLong { ttl_ms, max_ms } => (14, *ttl_ms, *max_ms, 0, ""),
+        Refusal::Revoked => (15, 0, 0, 0, ""),
     }
 }
 
@@ -387,6 +466,7 @@ fn refusal_from(code: u8, a: u64, b: u64, c: u64, detail: String) -> io::Result<
         12 => Refusal::BadCertificate,
         13 => Refusal::TooManyBundles { held: a, max: b },
         14 => Refusal::LinkTooLong { ttl_ms: a, max_ms: b },
+        15 => Refusal::Revoked,
         _ => return Err(bad("unknown refusal")),
     })
 }
@@ -440,8 +520,40 @@ pub fn encode_response(res: &Response) -> Vec<u8> {
             b.extend_from_slice(&(link.len() as u16).to_be_bytes());
             b.extend_from_slice(link);
         }
+        Response::Heads(list) => {
+            let list = &list[..list.len().min(MAX_HEADS)];
+            b.push(7);
+            b.extend_from_slice(&(list.len() as u32).to_be_bytes());
+            for h in list {
+                b.extend_from_slice(&h.descriptor.to_bytes());
+                put_head(&mut b, &h.head);
+            }
+        }
+        Response::CheckpointHead(None) => b.extend_from_slice(&[8, 0]),
+        Response::CheckpointHead(Some(c)) => {
+            b.extend_from_slice(&[8, 1]);
+            b.extend_from_slice(&c.checkpoint.to_bytes());
+            put_head(&mut b, &c.head);
+        }
     }
     b
+}
+
+/// A head's length and bytes (at most [`SEGMENT_HEAD_BYTES`]).
+fn put_head(b: &mut Vec<u8>, head: &[u8]) {
+    let head = &head[..head.len().min(SEGMENT_HEAD_BYTES)];
+    b.extend_from_slice(&(head.len() as u16).to_be_bytes());
+    b.extend_from_slice(head);
+}
+
+async fn read_head<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut n = [0u8; 2];
+    io.read_exact(&mut n).await?;
+    let len = u16::from_be_bytes(n) as usize;
+    if len > SEGMENT_HEAD_BYTES {
+        return Err(bad("segment head too long"));
+    }
+    read_bytes(io, len as u64).await
 }
 
 /// Reads a response, refusing one larger than a range answer may be.
@@ -509,6 +621,33 @@ pub async fn read_response<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Respo
                 String::from_utf8(link).map_err(|_| bad("invite link is not UTF-8"))?,
             ))
         }
+        7 => {
+            let mut n = [0u8; 4];
+            io.read_exact(&mut n).await?;
+            let count = u32::from_be_bytes(n) as usize;
+            if count > MAX_HEADS {
+                return Err(bad("too many segment heads"));
+            }
+            let mut list = Vec::with_capacity(count);
+            for _ in 0..count {
+                let descriptor = read_descriptor(io).await?;
+                let head = read_head(io).await?;
+                list.push(SegmentHead { descriptor, head });
+            }
+            Ok(Response::Heads(list))
+        }
+        8 => match read_u8(io).await? {
+            0 => Ok(Response::CheckpointHead(None)),
+            1 => {
+                let checkpoint = read_checkpoint(io).await?;
+                let head = read_head(io).await?;
+                Ok(Response::CheckpointHead(Some(Box::new(CheckpointHead {
+                    checkpoint,
+                    head,
+                }))))
+            }
+            _ => Err(bad("unknown checkpoint head answer")),
+        },
         _ => Err(bad("unknown mirror response")),
     }
 }
@@ -675,6 +814,7 @@ mod tests {
                 ttl_ms: 16,
                 max_ms: 17,
             },
+            Refusal::Revoked,
         ] {
             let res = Response::Refused(r.clone());
             assert_eq!(read_res(&encode_response(&res)).unwrap(), res, "{}", r.reason());
@@ -860,5 +1000,94 @@ mod tests {
         b.extend_from_slice(&cert.to_bytes());
         b.extend_from_slice(&d.to_bytes());
         assert_eq!(read_req(&b).unwrap(), Request::OversizeDevicePush(d));
+
+        // 01 0f 0.. 0.. 0.. 0000: refused, revoked
+        let refused = Response::Refused(Refusal::Revoked);
+        assert_eq!(hex(&encode_response(&refused)[..2]), "010f");
+        assert_eq!(read_res(&encode_response(&refused)).unwrap(), refused);
+    }
+
+    #[test]
+    fn the_head_messages_are_pinned() {
+        let keys = Keypair::from_secret_bytes(&[7; 32]);
+        let ns = keys.identity();
+        let req = Request::Heads {
+            namespace: ns,
+            from: 3,
+            to: 9,
+        };
+        let b = encode_request(&req);
+        // 00  0b  namespace(32)  0000000000000003  0000000000000009
+        assert_eq!(hex(&b[..1]), "0b");
+        assert_eq!(&b[1..33], ns.as_bytes());
+        assert_eq!(hex(&b[33..]), "00000000000000030000000000000009");
+        assert_eq!(read_req(&b).unwrap(), req);
+        // 00  0c  namespace(32)
+        let ck = Request::CheckpointHead { namespace: ns };
+        let b = encode_request(&ck);
+        assert_eq!((b.len(), b[0]), (33, 12));
+        assert_eq!(read_req(&b).unwrap(), ck);
+
+        let d = Descriptor::sign(&keys, ChainHead::default(), b"0123456789", 1_700_000_000_000);
+        let heads = Response::Heads(vec![SegmentHead {
+            descriptor: d.clone(),
+            head: b"0123".to_vec(),
+        }]);
+        let b = encode_response(&heads);
+        // 000  07 00000001          one head
+        // 005  <188-byte descriptor>
+        // 0c1  0004 30313233        the first 4 bytes of its ciphertext
+        assert_eq!(hex(&b[..5]), "0700000001");
+        assert_eq!(&b[5..193], &d.to_bytes());
+        assert_eq!(hex(&b[193..]), "000430313233");
+        assert_eq!(read_res(&b).unwrap(), heads);
+
+        let c = Checkpoint::sign(&keys, ChainHead::of(&d), b"snap", 1_700_000_000_002);
+        let some = Response::CheckpointHead(Some(Box::new(CheckpointHead {
+            checkpoint: c.clone(),
+            head: b"sn".to_vec(),
+        })));
+        let b = encode_response(&some);
+        // 08 01 checkpoint(188) 0002 736e
+        assert_eq!(hex(&b[..2]), "0801");
+        assert_eq!(&b[2..190], &c.to_bytes());
+        assert_eq!(hex(&b[190..]), "0002736e");
+        assert_eq!(read_res(&b).unwrap(), some);
+        assert_eq!(hex(&encode_response(&Response::CheckpointHead(None))), "0800");
+
+        // A head longer than a head may be, or more heads than an answer carries, is not read.
+        let mut long = vec![8u8, 1];
+        long.extend_from_slice(&c.to_bytes());
+        long.extend_from_slice(&((SEGMENT_HEAD_BYTES + 1) as u16).to_be_bytes());
+        long.extend_from_slice(&vec![0; SEGMENT_HEAD_BYTES + 1]);
+        assert!(read_res(&long).is_err());
+        let mut many = vec![7u8];
+        many.extend_from_slice(&((MAX_HEADS + 1) as u32).to_be_bytes());
+        assert!(read_res(&many).is_err());
+    }
+
+    #[test]
+    fn the_revoked_devices_are_pinned() {
+        let a = Keypair::from_secret_bytes(&[8; 32]).identity();
+        let b = Keypair::from_secret_bytes(&[9; 32]).identity();
+        let req = Request::RevokedDevices(vec![a, b]);
+        let bytes = encode_request(&req);
+        // 00  0a                   the asker's revoked devices
+        // 01  0002                 count
+        // 03  device(32)           the first
+        // 23  device(32)           the second
+        assert_eq!(hex(&bytes[..3]), "0a0002");
+        assert_eq!(&bytes[3..35], a.as_bytes());
+        assert_eq!(&bytes[35..], b.as_bytes());
+        assert_eq!(read_req(&bytes).unwrap(), req);
+        // None revoked (an owner that revoked none, or that un-revokes by forgetting).
+        assert_eq!(hex(&encode_request(&Request::RevokedDevices(vec![]))), "0a0000");
+
+        // A longer list than an owner may send is not read; a cut one is an error.
+        let mut long = vec![10u8];
+        long.extend_from_slice(&((MAX_REVOKED_DEVICES + 1) as u16).to_be_bytes());
+        long.extend_from_slice(&a.as_bytes().repeat(MAX_REVOKED_DEVICES + 1));
+        assert!(read_req(&long).is_err());
+        assert!(read_req(&bytes[..bytes.len() - 1]).is_err());
     }
 }

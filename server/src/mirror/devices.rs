@@ -7,7 +7,9 @@
 //! sealed from its link on is sealed to it too) and the owner seal key it was handed.
 //! `plait device revoke` marks one revoked — later segments are not sealed to it — and,
 //! when it holds the owner's current seal key, retires that key (kept as
-//! `seal-key-retired-<ms>.txt`, to open older segments) and makes a new one.
+//! `seal-key-retired-<ms>.txt`, to open older segments) and makes a new one; the owner
+//! then tells its mirrors the list of its revoked devices ([`tell_revoked`]), which
+//! refuse their pushes from then on.
 //!
 //! Knows nothing of the admin socket or of how a device uses its keys; the bundle is
 //! handed to mirrors through the node's mirror protocol.
@@ -219,9 +221,64 @@ pub fn revoke(data_dir: &Path, device: Identity, now_ms: u64) -> anyhow::Result<
     Ok(true)
 }
 
+/// The devices an owner tells its mirrors it revoked: every revoked one, the latest
+/// revoked first when there are more than the protocol carries.
+pub fn revoked(devices: &BTreeMap<Identity, DeviceEntry>) -> Vec<Identity> {
+    let mut list: Vec<(u64, Identity)> = devices
+        .iter()
+        .filter_map(|(id, d)| d.revoked_ms.map(|ms| (ms, *id)))
+        .collect();
+    list.sort_by(|a, b| b.cmp(a));
+    list.into_iter()
+        .take(plait_bridge::mirror::wire::MAX_REVOKED_DEVICES)
+        .map(|(_, id)| id)
+        .collect()
+}
+
+/// Tells `mirror` which of this owner's devices are revoked (the whole list, which
+/// replaces the one it held), so that it refuses their pushes; answers how many it keeps.
+pub async fn tell_revoked(node: &Node, mirror: Identity, revoked: Vec<Identity>) -> Result<u64, String> {
+    match node.mirror(mirror, Request::RevokedDevices(revoked)).await {
+        Ok(Response::Stored { seq }) => Ok(seq),
+        Ok(Response::Refused(r)) => Err(format!("refused, {}: {r}", r.reason())),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_retired_key_file;
+    use super::*;
+
+    #[test]
+    fn the_revoked_list_is_every_revoked_device_latest_first() {
+        let entry = |revoked_ms| DeviceEntry {
+            recipient: String::new(),
+            owner_key: String::new(),
+            issued_ms: 1,
+            revoked_ms,
+        };
+        let ids: Vec<Identity> = (0..4).map(|_| Keypair::generate().identity()).collect();
+        let all: BTreeMap<Identity, DeviceEntry> = [
+            (ids[0], entry(Some(5))),
+            (ids[1], entry(None)),
+            (ids[2], entry(Some(9))),
+            (ids[3], entry(Some(7))),
+        ]
+        .into();
+        assert_eq!(revoked(&all), vec![ids[2], ids[3], ids[0]]);
+
+        let many: BTreeMap<Identity, DeviceEntry> =
+            (0..plait_bridge::mirror::wire::MAX_REVOKED_DEVICES as u64 + 2)
+                .map(|ms| (Keypair::generate().identity(), entry(Some(ms))))
+                .collect();
+        let told = revoked(&many);
+        assert_eq!(told.len(), plait_bridge::mirror::wire::MAX_REVOKED_DEVICES);
+        assert!(
+            told.iter().all(|id| many[id].revoked_ms >= Some(2)),
+            "the oldest two left out"
+        );
+    }
 
     #[test]
     fn a_retired_key_file_is_named_by_its_time_and_nothing_else() {

@@ -10,7 +10,10 @@
 //! owner's namespace, [`Keeper::push_device`]) is taken when its certificate is its
 //! owner's, under the owner's grant: the owner's segments and all its devices' chains
 //! held here count against one quota (the devices seen are kept in the
-//! `mirror_device_owners` setting). Knows nothing of what segments hold.
+//! `mirror_device_owners` setting). An owner tells the mirror which of its devices it
+//! revoked ([`Keeper::set_revoked`], the `mirror_revoked_devices` setting); their pushes
+//! are refused from then on (`revoked`), whatever certificate they carry. Knows nothing
+//! of what segments hold.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,14 +22,15 @@ use bytes::Bytes;
 use plait_bridge::Identity;
 use plait_bridge::mirror::wire::{self, Request, Response};
 use plait_bridge::mirror::{
-    Allowance, ChainHead, Checkpoint, Descriptor, Held, Refusal, SealedCheckpoint, SealedSegment,
+    Allowance, ChainHead, Checkpoint, CheckpointHead, Descriptor, Held, Refusal, SealedCheckpoint,
+    SealedSegment, SegmentHead,
 };
 
 use plait_bridge::mirror::device::DeviceCert;
 
 use super::bundles::Bundles;
 use super::grants::Grants;
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Storage, StorageError, Take};
 
 /// The mirror service of one server.
 pub struct Keeper {
@@ -38,10 +42,16 @@ pub struct Keeper {
     locks: Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
     /// Bumped when a namespace's chain grows or is checkpointed here; subscribers wait on it.
     grown: tokio::sync::watch::Sender<u64>,
+    /// Held from reading one of the keeper's settings to writing it back.
+    settings_lock: tokio::sync::Mutex<()>,
 }
 
 /// The setting keeping which owner each device that pushed here speaks for.
 const DEVICE_OWNERS_SETTING: &str = "mirror_device_owners";
+/// The setting keeping each owner's revoked devices, as the owner last told them.
+const REVOKED_SETTING: &str = "mirror_revoked_devices";
+
+type Revoked = std::collections::BTreeMap<Identity, std::collections::BTreeSet<Identity>>;
 
 fn unavailable(e: StorageError) -> Refusal {
     Refusal::Unavailable(e.to_string())
@@ -55,6 +65,7 @@ impl Keeper {
             grants,
             locks: Mutex::new(HashMap::new()),
             grown: tokio::sync::watch::channel(0).0,
+            settings_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -73,7 +84,7 @@ impl Keeper {
     ) -> Result<Vec<Descriptor>, StorageError> {
         let rows = self
             .storage
-            .descriptors(namespace, from.min(i64::MAX as u64) as i64, limit)
+            .descriptors(namespace, from.min(i64::MAX as u64) as i64, limit, Take::NOTHING)
             .await?;
         rows.into_iter()
             .map(|r| Descriptor::from_bytes(&r.descriptor).map_err(|e| StorageError::Corrupt(e.to_string())))
@@ -145,7 +156,7 @@ impl Keeper {
         let head = self.head(&ns).await.map_err(unavailable)?;
         let held_upto = self
             .storage
-            .checkpoint(&ns, false)
+            .checkpoint(&ns, Take::NOTHING)
             .await
             .map_err(unavailable)?
             .map_or(0, |h| h.upto as u64);
@@ -196,7 +207,7 @@ impl Keeper {
     pub async fn checkpoint_upto(&self, namespace: &Identity) -> Result<Option<u64>, StorageError> {
         Ok(self
             .storage
-            .checkpoint(namespace, false)
+            .checkpoint(namespace, Take::NOTHING)
             .await?
             .map(|c| c.upto.max(0) as u64))
     }
@@ -206,7 +217,7 @@ impl Keeper {
         &self,
         namespace: &Identity,
     ) -> Result<Option<SealedCheckpoint>, StorageError> {
-        let Some(c) = self.storage.checkpoint(namespace, true).await? else {
+        let Some(c) = self.storage.checkpoint(namespace, Take::ALL).await? else {
             return Ok(None);
         };
         Ok(Some(SealedCheckpoint {
@@ -216,13 +227,100 @@ impl Keeper {
         }))
     }
 
+    /// The checkpoint held for `namespace`, with the head of its snapshot.
+    pub async fn checkpoint_head(
+        &self,
+        namespace: &Identity,
+    ) -> Result<Option<CheckpointHead>, StorageError> {
+        let take = Take::head(wire::SEGMENT_HEAD_BYTES);
+        let Some(c) = self.storage.checkpoint(namespace, take).await? else {
+            return Ok(None);
+        };
+        Ok(Some(CheckpointHead {
+            checkpoint: Checkpoint::from_bytes(&c.checkpoint)
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?,
+            head: c.snapshot.to_vec(),
+        }))
+    }
+
+    /// The heads of `namespace`'s segments with `from <= seq <= to`, in order (at most
+    /// [`wire::MAX_HEADS`]).
+    pub async fn heads(
+        &self,
+        namespace: &Identity,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<SegmentHead>, StorageError> {
+        if to < from {
+            return Ok(Vec::new());
+        }
+        let limit = (to - from).saturating_add(1).min(wire::MAX_HEADS as u64) as usize;
+        let rows = self
+            .storage
+            .descriptors(
+                namespace,
+                from.min(i64::MAX as u64) as i64,
+                limit,
+                Take::head(wire::SEGMENT_HEAD_BYTES),
+            )
+            .await?;
+        rows.into_iter()
+            .filter(|r| r.seq as u64 <= to)
+            .map(|r| {
+                Ok(SegmentHead {
+                    descriptor: Descriptor::from_bytes(&r.descriptor)
+                        .map_err(|e| StorageError::Corrupt(e.to_string()))?,
+                    head: r.ciphertext.to_vec(),
+                })
+            })
+            .collect()
+    }
+
     /// The devices that pushed here, each with the owner it speaks for.
     async fn device_owners(&self) -> Result<std::collections::BTreeMap<Identity, Identity>, StorageError> {
-        match self.storage.get_setting(DEVICE_OWNERS_SETTING).await? {
+        self.json_setting(DEVICE_OWNERS_SETTING).await
+    }
+
+    /// Each owner's revoked devices, as it last told them.
+    async fn revoked(&self) -> Result<Revoked, StorageError> {
+        self.json_setting(REVOKED_SETTING).await
+    }
+
+    async fn json_setting<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        name: &str,
+    ) -> Result<T, StorageError> {
+        match self.storage.get_setting(name).await? {
             Some(s) => serde_json::from_str(&s)
-                .map_err(|e| StorageError::Corrupt(format!("the {DEVICE_OWNERS_SETTING} setting: {e}"))),
-            None => Ok(Default::default()),
+                .map_err(|e| StorageError::Corrupt(format!("the {name} setting: {e}"))),
+            None => Ok(T::default()),
         }
+    }
+
+    async fn put_json_setting<T: serde::Serialize>(&self, name: &str, value: &T) -> Result<(), Refusal> {
+        let json = serde_json::to_string(value).map_err(|e| Refusal::Unavailable(e.to_string()))?;
+        self.storage.put_setting(name, &json).await.map_err(unavailable)
+    }
+
+    /// Replaces what `owner` told this mirror of its revoked devices with `devices` (the
+    /// whole list); answers how many are kept. Only a granted owner is heard, so what is
+    /// kept is bounded by the grants and [`wire::MAX_REVOKED_DEVICES`].
+    pub async fn set_revoked(&self, owner: Identity, devices: Vec<Identity>) -> Result<u64, Refusal> {
+        if !self.granted(&owner)? {
+            return Err(Refusal::NoGrant);
+        }
+        let devices: std::collections::BTreeSet<Identity> =
+            devices.into_iter().take(wire::MAX_REVOKED_DEVICES).collect();
+        let kept = devices.len() as u64;
+        let _held = self.settings_lock.lock().await;
+        let mut all = self.revoked().await.map_err(unavailable)?;
+        if devices.is_empty() {
+            all.remove(&owner);
+        } else {
+            all.insert(owner, devices);
+        }
+        self.put_json_setting(REVOKED_SETTING, &all).await?;
+        Ok(kept)
     }
 
     /// Checks and stores one segment; answers with the seq the chain now ends at.
@@ -251,6 +349,10 @@ impl Keeper {
         if cert.device != ns || !cert.check(super::now_ms()) {
             return Err(Refusal::BadCertificate);
         }
+        let revoked = self.revoked().await.map_err(unavailable)?;
+        if revoked.get(&cert.owner).is_some_and(|r| r.contains(&ns)) {
+            return Err(Refusal::Revoked);
+        }
         let lock = self.lock(ns);
         let _held = lock.lock().await;
         let grant = self
@@ -264,14 +366,13 @@ impl Keeper {
                 used: self.used(&cert.owner).await.map_err(unavailable)?,
             }),
         };
-        let mut owners = self.device_owners().await.map_err(unavailable)?;
-        if owners.get(&ns) != Some(&cert.owner) && allowance.is_some() {
-            owners.insert(ns, cert.owner);
-            let json = serde_json::to_string(&owners).map_err(|e| Refusal::Unavailable(e.to_string()))?;
-            self.storage
-                .put_setting(DEVICE_OWNERS_SETTING, &json)
-                .await
-                .map_err(unavailable)?;
+        if allowance.is_some() {
+            let _held = self.settings_lock.lock().await;
+            let mut owners = self.device_owners().await.map_err(unavailable)?;
+            if owners.get(&ns) != Some(&cert.owner) {
+                owners.insert(ns, cert.owner);
+                self.put_json_setting(DEVICE_OWNERS_SETTING, &owners).await?;
+            }
         }
         self.store(segment, allowance).await
     }
@@ -382,6 +483,16 @@ impl Keeper {
                     }
                 }
             }
+            Request::RevokedDevices(devices) => match self.set_revoked(from, devices).await {
+                Ok(kept) => {
+                    tracing::info!(owner = %from, revoked = kept, "an owner's revoked devices");
+                    Response::Stored { seq: kept }
+                }
+                Err(r) => {
+                    tracing::info!(%from, reason = r.reason(), "revoked devices refused: {r}");
+                    Response::Refused(r)
+                }
+            },
             Request::Oversize(d) | Request::OversizeDevicePush(d) => Response::Refused(Refusal::TooLarge {
                 len: d.len,
                 max: wire::MAX_SEGMENT_BYTES,
@@ -412,6 +523,18 @@ impl Keeper {
                 len: c.len,
                 max: wire::MAX_SNAPSHOT_BYTES,
             }),
+            Request::Heads {
+                namespace,
+                from: a,
+                to: b,
+            } => match self.heads(&namespace, a, b).await {
+                Ok(list) => Response::Heads(list),
+                Err(e) => Response::Refused(unavailable(e)),
+            },
+            Request::CheckpointHead { namespace } => match self.checkpoint_head(&namespace).await {
+                Ok(c) => Response::CheckpointHead(c.map(Box::new)),
+                Err(e) => Response::Refused(unavailable(e)),
+            },
             Request::GetCheckpoint { namespace } => match self.get_checkpoint(&namespace).await {
                 Ok(c) => Response::Checkpoint(c.map(Box::new)),
                 Err(e) => Response::Refused(unavailable(e)),
@@ -556,5 +679,64 @@ mod tests {
             keeper.push_device(cert, s2).await,
             Err(Refusal::OverQuota { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_device_its_owner_revoked_is_refused_from_then_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
+        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
+        let owner = Keypair::generate();
+        let (device, other) = (Keypair::generate(), Keypair::generate());
+        let stranger = Keypair::generate();
+        let to = [SealKey::generate().recipient()];
+        let cert = DeviceCert::sign(&owner, device.identity(), 1, 0);
+        let other_cert = DeviceCert::sign(&owner, other.identity(), 1, 0);
+        let s1 = seal(&device, &to, ChainHead::default(), b"before", 1).unwrap();
+        let s2 = seal(&device, &to, ChainHead::of(&s1.descriptor), b"after", 2).unwrap();
+        let o1 = seal(&other, &to, ChainHead::default(), b"other", 1).unwrap();
+        let revoke = |from: &Keypair, list: Vec<Identity>| {
+            keeper.answer(from.identity(), Request::RevokedDevices(list))
+        };
+
+        // Only a granted owner is heard.
+        assert_eq!(
+            revoke(&owner, vec![device.identity()]).await,
+            Response::Refused(Refusal::NoGrant)
+        );
+        Grants::new(dir.path()).grant(owner.identity(), 1 << 20).unwrap();
+        assert_eq!(keeper.push_device(cert.clone(), s1.clone()).await, Ok(1));
+        assert_eq!(
+            revoke(&owner, vec![device.identity(), device.identity()]).await,
+            Response::Stored { seq: 1 }
+        );
+        assert_eq!(
+            keeper.push_device(cert.clone(), s2.clone()).await,
+            Err(Refusal::Revoked)
+        );
+        // Its other devices push on; what the revoked one stored before stays.
+        assert_eq!(keeper.push_device(other_cert, o1).await, Ok(1));
+        assert_eq!(keeper.head(&device.identity()).await.unwrap().seq, 1);
+
+        // A stranger's list, granted or not, touches nothing of the owner's.
+        Grants::new(dir.path())
+            .grant(stranger.identity(), 1 << 20)
+            .unwrap();
+        assert_eq!(revoke(&stranger, vec![]).await, Response::Stored { seq: 0 });
+        assert_eq!(
+            keeper.push_device(cert.clone(), s2.clone()).await,
+            Err(Refusal::Revoked),
+            "kept across what others send, and read from storage by a new keeper"
+        );
+        let again = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
+        assert_eq!(
+            again.push_device(cert.clone(), s2.clone()).await,
+            Err(Refusal::Revoked)
+        );
+
+        // The owner's list replaces the last one.
+        assert_eq!(revoke(&owner, vec![]).await, Response::Stored { seq: 0 });
+        assert_eq!(keeper.push_device(cert, s2).await, Ok(2));
     }
 }

@@ -23,6 +23,7 @@ pub mod batch;
 pub mod bundles;
 pub mod device_writes;
 pub mod devices;
+pub mod fetch;
 pub mod grants;
 pub mod holders;
 pub mod join;
@@ -35,7 +36,7 @@ use plait_bridge::Identity;
 use plait_bridge::mirror::{ChainHead, Checkpoint, Descriptor};
 use serde::{Deserialize, Serialize};
 
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Storage, StorageError, Take};
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
@@ -50,7 +51,7 @@ pub(crate) fn now_ms() -> u64 {
 pub async fn chain_head(storage: &dyn Storage, namespace: &Identity) -> Result<ChainHead, StorageError> {
     let corrupt = |e: plait_bridge::mirror::DescriptorError| StorageError::Corrupt(e.to_string());
     let last = storage.last_segment(namespace).await?;
-    let ck = storage.checkpoint(namespace, false).await?;
+    let ck = storage.checkpoint(namespace, Take::NOTHING).await?;
     match (last, ck) {
         (Some(s), Some(c)) if c.upto >= s.seq => Ok(Checkpoint::from_bytes(&c.checkpoint)
             .map_err(corrupt)?

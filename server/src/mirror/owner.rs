@@ -66,7 +66,7 @@ use super::MirrorSettings;
 use super::batch::{self, Entry, What};
 use super::shares::{self, Share};
 use crate::model::{Kind, ResourceKey};
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Storage, StorageError, Take};
 
 /// File name of the owner's list of mirrors in the data dir.
 pub const MIRRORS_FILE: &str = "mirrors.json";
@@ -149,6 +149,9 @@ pub struct PushStatus {
     pub error: Option<String>,
     /// When an attempt last succeeded (ms since the Unix epoch).
     pub last_ok_ms: Option<u64>,
+    /// How many of our revoked devices the mirror acknowledged (in this run): it refuses
+    /// their pushes.
+    pub revoked_acked: u64,
 }
 
 /// What a device seals as: the certificate its pushes carry and the mirrors it pushes to.
@@ -609,7 +612,7 @@ impl Owner {
         let head = super::chain_head(self.storage.as_ref(), &ns).await?;
         let held = self
             .storage
-            .checkpoint(&ns, false)
+            .checkpoint(&ns, Take::NOTHING)
             .await?
             .map_or(0, |c| c.upto as u64);
         if head.seq <= held {
@@ -756,25 +759,29 @@ impl Owner {
                 match self.mirror_ids(&data_dir) {
                     Ok(list) => {
                         for id in &list {
-                            let (checkpoint, last_ok_ms) = self
+                            let (checkpoint, last_ok_ms, revoked_before) = self
                                 .status
                                 .lock()
                                 .expect("push status")
                                 .get(id)
-                                .map_or((0, None), |s| (s.checkpoint, s.last_ok_ms));
-                            let status = match self.push_to(&node, *id, checkpoint).await {
-                                Ok((acked, checkpoint)) => PushStatus {
-                                    acked,
-                                    checkpoint,
-                                    error: None,
-                                    last_ok_ms: Some(now_ms()),
+                                .map_or((0, None, 0), |s| (s.checkpoint, s.last_ok_ms, s.revoked_acked));
+                            let told = self.tell_revoked(&node, &data_dir, *id, false).await;
+                            let revoked_acked = *told.as_ref().unwrap_or(&revoked_before);
+                            let (acked, checkpoint, error) =
+                                match (self.push_to(&node, *id, checkpoint).await, told) {
+                                    (Ok((acked, checkpoint)), told) => (acked, checkpoint, told.err()),
+                                    (Err((acked, e)), _) => (acked, checkpoint, Some(e)),
+                                };
+                            let status = PushStatus {
+                                acked,
+                                checkpoint,
+                                last_ok_ms: if error.is_none() {
+                                    Some(now_ms())
+                                } else {
+                                    last_ok_ms
                                 },
-                                Err((acked, e)) => PushStatus {
-                                    acked,
-                                    checkpoint,
-                                    error: Some(e),
-                                    last_ok_ms,
-                                },
+                                error,
+                                revoked_acked,
                             };
                             let mut all = self.status.lock().expect("push status");
                             // Logged when it changes, not at every retry.
@@ -798,6 +805,38 @@ impl Owner {
         });
     }
 
+    /// Tells `mirror` our revoked devices unless it acknowledged as many already in this
+    /// run (or `always`); answers how many it acknowledged. A device tells nothing.
+    pub async fn tell_revoked(
+        &self,
+        node: &Node,
+        data_dir: &Path,
+        mirror: Identity,
+        always: bool,
+    ) -> Result<u64, String> {
+        if self.device.is_some() {
+            return Ok(0);
+        }
+        let devices = super::devices::devices(data_dir).map_err(|e| format!("{e:#}"))?;
+        let list = super::devices::revoked(&devices);
+        let acked = self
+            .status
+            .lock()
+            .expect("push status")
+            .get(&mirror)
+            .map_or(0, |s| s.revoked_acked);
+        if !always && acked == list.len() as u64 {
+            return Ok(acked);
+        }
+        let kept = super::devices::tell_revoked(node, mirror, list)
+            .await
+            .map_err(|e| format!("telling it our revoked devices: {e}"))?;
+        if let Some(s) = self.status.lock().expect("push status").get_mut(&mirror) {
+            s.revoked_acked = kept;
+        }
+        Ok(kept)
+    }
+
     /// Sends our checkpoint to a mirror unless it acknowledged it already
     /// (`acked_checkpoint`); answers with the checkpoint it now holds.
     async fn push_checkpoint(
@@ -809,7 +848,7 @@ impl Owner {
         let ns = self.chain();
         let Some(c) = self
             .storage
-            .checkpoint(&ns, true)
+            .checkpoint(&ns, Take::ALL)
             .await
             .map_err(|e| e.to_string())?
         else {
@@ -870,7 +909,7 @@ impl Owner {
                 // Superseded here: our checkpoint names its digest if it is the last.
                 None => self
                     .storage
-                    .checkpoint(&ns, false)
+                    .checkpoint(&ns, Take::NOTHING)
                     .await
                     .ok()
                     .flatten()
@@ -1206,7 +1245,7 @@ mod tests {
             s.segments(&ns, 1, 9, u64::MAX).await.unwrap().is_empty(),
             "outbox compacted"
         );
-        let c = s.checkpoint(&ns, true).await.unwrap().unwrap();
+        let c = s.checkpoint(&ns, Take::ALL).await.unwrap().unwrap();
         let ck = Checkpoint::from_bytes(&c.checkpoint).unwrap();
         assert!(ck.verify_signature());
         assert_eq!(ck.upto, 2);

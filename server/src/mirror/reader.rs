@@ -8,7 +8,7 @@
 //! inviter of the link `follow` joined with), or none (then the mirrors the owner's DHT
 //! record names as holders). Every `mirror.follow_interval_ms` a running server asks the
 //! mirror where the owner's chain stands and fetches what follows the position it keeps
-//! (the `mirror_following` setting), through [`super::join::fetch_chain`], as a device
+//! (the `mirror_following` setting), through [`super::fetch::fetch_chain`], as a device
 //! restores: every descriptor checked against the owner's signature and the chain, the
 //! segments that open with this instance's keys applied to replicas of `/~<owner>/…`, the
 //! others passed over. A reader that starts after a checkpoint begins at the segments
@@ -34,7 +34,7 @@ use plait_bridge::node::Node;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::join::{Opening, fetch_chain};
+use super::fetch::{Opening, fetch_chain};
 use super::now_ms;
 use super::owner::Owner;
 use crate::engine::Engine;
@@ -124,6 +124,8 @@ pub struct FollowStatus {
     pub seq: u64,
     /// Segments (and snapshots) opened and applied in this run.
     pub opened: u64,
+    /// Ciphertext bytes received in this run (heads, and what was fetched whole).
+    pub fetched_bytes: u64,
     /// Why the last attempt failed, if it did.
     pub error: Option<String>,
     pub last_ok_ms: Option<u64>,
@@ -277,6 +279,7 @@ impl Reader {
                         }
                         last.seq = f.head.seq;
                         last.opened += f.opened;
+                        last.fetched_bytes += f.bytes;
                         last.error = None;
                         last.last_ok_ms = Some(now_ms());
                         break;

@@ -151,6 +151,28 @@ pub struct StoredSegment {
     pub ciphertext: Bytes,
 }
 
+/// How much of a stored ciphertext (a segment's, a snapshot's) a read brings back: its
+/// first bytes, up to a count — none, a head (what a reader tells its age header from),
+/// or all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Take(i32);
+
+impl Take {
+    pub const NOTHING: Take = Take(0);
+    /// All of it: a ciphertext is far below 2 GiB (a push carries at most 64 MiB).
+    pub const ALL: Take = Take(i32::MAX);
+
+    /// The first `n` bytes.
+    pub fn head(n: usize) -> Take {
+        Take(n.min(i32::MAX as usize) as i32)
+    }
+
+    /// The count, as the stores' `substr` takes it.
+    pub fn bytes(self) -> i32 {
+        self.0
+    }
+}
+
 /// A namespace's mirror checkpoint as stored: opaque bytes here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredCheckpoint {
@@ -158,7 +180,7 @@ pub struct StoredCheckpoint {
     pub upto: Seq,
     /// The signed checkpoint's bytes.
     pub checkpoint: Bytes,
-    /// The snapshot's ciphertext (empty when not asked for).
+    /// The snapshot's ciphertext, as much as was asked for.
     pub snapshot: Bytes,
 }
 
@@ -287,13 +309,15 @@ pub trait Storage: Send + Sync + 'static {
         max_bytes: u64,
     ) -> Result<Vec<StoredSegment>, StorageError>;
 
-    /// At most `limit` segments of `namespace` with `seq >= from`, in order, without their
-    /// ciphertexts (empty): what a mirror lists and streams over HTTP.
+    /// At most `limit` segments of `namespace` with `seq >= from`, in order, with as much
+    /// of their ciphertexts as `take` says: what a mirror lists and streams over HTTP
+    /// (nothing), and the heads a reader tells its own segments by.
     async fn descriptors(
         &self,
         namespace: &Namespace,
         from: Seq,
         limit: usize,
+        take: Take,
     ) -> Result<Vec<StoredSegment>, StorageError>;
 
     /// The last segment of `namespace`'s chain, without its ciphertext (empty).
@@ -319,11 +343,11 @@ pub trait Storage: Send + Sync + 'static {
         snapshot: Bytes,
     ) -> Result<(), StorageError>;
 
-    /// `namespace`'s checkpoint, with its snapshot only if `with_snapshot`.
+    /// `namespace`'s checkpoint, with as much of its snapshot as `take` says.
     async fn checkpoint(
         &self,
         namespace: &Namespace,
-        with_snapshot: bool,
+        take: Take,
     ) -> Result<Option<StoredCheckpoint>, StorageError>;
 
     /// Bytes all resources occupy (the sum of what [`Self::namespace_bytes`] counts, over

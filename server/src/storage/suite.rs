@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use plait_bridge::Keypair;
 
-use super::{NewChange, Storage, StorageError, Target};
+use super::{NewChange, Storage, StorageError, Take, Target};
 use crate::model::{Kind, ResourceKey, ResourcePath};
 
 fn change(v: &str, data: &[u8]) -> NewChange {
@@ -69,20 +69,17 @@ async fn a_checkpoint_drops_what_it_supersedes(s: Arc<dyn Storage>) {
         let (d, c) = seg(n);
         s.put_segment(&a, n as i64, d, c).await.unwrap();
     }
-    assert_eq!(s.checkpoint(&a, true).await.unwrap(), None);
+    assert_eq!(s.checkpoint(&a, Take::ALL).await.unwrap(), None);
     let ck = |n: u8, len: usize| (Bytes::from(vec![100 + n; 188]), Bytes::from(vec![n; len]));
     let (c, snap) = ck(3, 500);
     s.put_checkpoint(&a, 3, c.clone(), snap.clone()).await.unwrap();
-    let got = s.checkpoint(&a, true).await.unwrap().unwrap();
+    let got = s.checkpoint(&a, Take::ALL).await.unwrap().unwrap();
     assert_eq!((got.upto, &got.checkpoint, &got.snapshot), (3, &c, &snap));
-    assert!(
-        s.checkpoint(&a, false)
-            .await
-            .unwrap()
-            .unwrap()
-            .snapshot
-            .is_empty()
-    );
+    let none = s.checkpoint(&a, Take::NOTHING).await.unwrap().unwrap();
+    assert_eq!((none.upto, &none.checkpoint), (3, &c));
+    assert!(none.snapshot.is_empty());
+    let head = s.checkpoint(&a, Take::head(16)).await.unwrap().unwrap();
+    assert_eq!(head.snapshot, snap.slice(..16));
     let left = s.segments(&a, 1, 9, 1 << 20).await.unwrap();
     assert_eq!(left.iter().map(|x| x.seq).collect::<Vec<_>>(), [4]);
     assert_eq!(s.segment_bytes(&a).await.unwrap(), 188 + 1000 + 188 + 500);
@@ -169,12 +166,19 @@ async fn segments_form_one_gap_free_chain_per_namespace(s: Arc<dyn Storage>) {
     assert_eq!(one.iter().map(|x| x.seq).collect::<Vec<_>>(), [4]);
     assert!(s.segments(&a, 6, 9, 1 << 20).await.unwrap().is_empty());
     // Descriptors alone, from a seq, at most `limit`.
-    let ds = s.descriptors(&a, 2, 3).await.unwrap();
+    let ds = s.descriptors(&a, 2, 3, Take::NOTHING).await.unwrap();
     assert_eq!(ds.iter().map(|x| x.seq).collect::<Vec<_>>(), [2, 3, 4]);
     assert_eq!(ds[1].descriptor, Bytes::from(vec![3u8; 188]));
     assert!(ds.iter().all(|x| x.ciphertext.is_empty()));
-    assert_eq!(s.descriptors(&b, 1, 10).await.unwrap().len(), 1);
-    assert!(s.descriptors(&a, 6, 10).await.unwrap().is_empty());
+    assert_eq!(s.descriptors(&b, 1, 10, Take::NOTHING).await.unwrap().len(), 1);
+    assert!(s.descriptors(&a, 6, 10, Take::NOTHING).await.unwrap().is_empty());
+    // With the heads of their ciphertexts, or all of them.
+    let heads = s.descriptors(&a, 1, 9, Take::head(2500)).await.unwrap();
+    let lens: Vec<usize> = heads.iter().map(|x| x.ciphertext.len()).collect();
+    assert_eq!(lens, [1000, 2000, 2500, 2500, 2500]);
+    assert_eq!(heads[2].ciphertext, Bytes::from(vec![3u8; 2500]));
+    let whole = s.descriptors(&a, 3, 1, Take::ALL).await.unwrap();
+    assert_eq!(whole[0].ciphertext, Bytes::from(vec![3u8; 3000]));
 }
 
 async fn namespace_bytes_follow_the_log(s: Arc<dyn Storage>) {

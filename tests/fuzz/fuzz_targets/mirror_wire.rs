@@ -1,6 +1,7 @@
 //! The mirror's bytes from outside: `/plait/mirror/1.0.0` requests and responses as a peer
 //! sends them, segment descriptors, checkpoints, device certificates, device links, a key
-//! bundle's JSON, age ciphertext a device opens, and a segment's plaintext batch (which a
+//! bundle's JSON, age ciphertext a device opens (and a head of it a reader tells its own
+//! segments by), and a segment's plaintext batch (which a
 //! device or reader decodes after opening what a mirror served). The first byte chooses
 //! the parser; the rest is its input.
 //!
@@ -82,7 +83,14 @@ fuzz_target!(|data: &[u8]| {
             // Ciphertext a mirror served, opened by a device's key (age's parser). The key
             // is fixed so that the corpus can hold segments really sealed to it.
             let key = SealKey::from_secret(SEAL_SECRET).expect("a key");
-            let _ = plait_bridge::mirror::open(&key, input);
+            let opened = plait_bridge::mirror::open(&key, input);
+            // A segment's head (what a reader tells its own segments by): what opens is
+            // never told apart as not sealed to the key.
+            if opened.is_ok() {
+                assert_ne!(plait_bridge::mirror::sealed_to(&[&key], input), Some(false));
+            } else {
+                let _ = plait_bridge::mirror::sealed_to(&[&key], input);
+            }
         }
         _ => {
             if let Ok(entries) = batch::decode(input) {

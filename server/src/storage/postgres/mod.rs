@@ -28,7 +28,7 @@ use tokio_postgres::NoTls;
 
 use super::{
     Appended, CommitLimits, LoadedResource, NewChange, Notice, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Target, identity_from_bytes,
+    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target, identity_from_bytes,
     key_from_row, kind_from_code, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
@@ -1126,16 +1126,18 @@ impl Storage for PostgresStorage {
         namespace: &Namespace,
         from: Seq,
         limit: usize,
+        take: Take,
     ) -> Result<Vec<StoredSegment>, StorageError> {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT seq, descriptor FROM mirror_segments
+                "SELECT seq, descriptor, substring(ciphertext from 1 for $4) FROM mirror_segments
                  WHERE namespace = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
                 &[
                     &namespace.as_bytes().as_slice(),
                     &from,
                     &(limit.min(i64::MAX as usize) as i64),
+                    &take.bytes(),
                 ],
             )
             .await
@@ -1145,7 +1147,7 @@ impl Storage for PostgresStorage {
             .map(|r| StoredSegment {
                 seq: r.get(0),
                 descriptor: Bytes::from(r.get::<_, Vec<u8>>(1)),
-                ciphertext: Bytes::new(),
+                ciphertext: Bytes::from(r.get::<_, Vec<u8>>(2)),
             })
             .collect())
     }
@@ -1234,14 +1236,14 @@ impl Storage for PostgresStorage {
     async fn checkpoint(
         &self,
         namespace: &Namespace,
-        with_snapshot: bool,
+        take: Take,
     ) -> Result<Option<StoredCheckpoint>, StorageError> {
         let client = self.client().await?;
         Ok(client
             .query_opt(
-                "SELECT upto, checkpoint, CASE WHEN $2 THEN snapshot ELSE ''::bytea END
+                "SELECT upto, checkpoint, substring(snapshot from 1 for $2)
                  FROM mirror_checkpoints WHERE namespace = $1",
-                &[&namespace.as_bytes().as_slice(), &with_snapshot],
+                &[&namespace.as_bytes().as_slice(), &take.bytes()],
             )
             .await
             .map_err(pg_err)?

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Appended, CommitLimits, LoadedResource, NewChange, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Target, identity_from_bytes,
+    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target, identity_from_bytes,
     key_from_row, kind_from_code, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
@@ -1004,22 +1004,23 @@ impl Storage for SqliteStorage {
         namespace: &Namespace,
         from: Seq,
         limit: usize,
+        take: Take,
     ) -> Result<Vec<StoredSegment>, StorageError> {
         let ns = namespace.as_bytes().to_vec();
         let limit = limit.min(i64::MAX as usize) as i64;
         self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT seq, descriptor FROM mirror_segments
+                    "SELECT seq, descriptor, substr(ciphertext, 1, ?4) FROM mirror_segments
                      WHERE namespace = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
                 )
                 .map_err(sql_err)?;
             let rows = stmt
-                .query_map(params![ns, from, limit], |r| {
+                .query_map(params![ns, from, limit, take.bytes()], |r| {
                     Ok(StoredSegment {
                         seq: r.get(0)?,
                         descriptor: r.get::<_, Vec<u8>>(1)?.into(),
-                        ciphertext: Bytes::new(),
+                        ciphertext: r.get::<_, Vec<u8>>(2)?.into(),
                     })
                 })
                 .map_err(sql_err)?;
@@ -1101,14 +1102,14 @@ impl Storage for SqliteStorage {
     async fn checkpoint(
         &self,
         namespace: &Namespace,
-        with_snapshot: bool,
+        take: Take,
     ) -> Result<Option<StoredCheckpoint>, StorageError> {
         let ns = namespace.as_bytes().to_vec();
         self.read(move |conn| {
             conn.query_row(
-                "SELECT upto, checkpoint, CASE WHEN ?2 THEN snapshot ELSE X'' END
+                "SELECT upto, checkpoint, substr(snapshot, 1, ?2)
                  FROM mirror_checkpoints WHERE namespace = ?1",
-                params![ns, with_snapshot],
+                params![ns, take.bytes()],
                 |r| {
                     Ok(StoredCheckpoint {
                         upto: r.get(0)?,
