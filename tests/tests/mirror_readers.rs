@@ -221,6 +221,7 @@ async fn a_reader_follows_its_shared_part_and_nothing_else(store: Store, checkpo
         .find(|g| g["id"] == oid.as_str())
         .and_then(|g| g["used"].as_u64())
         .unwrap();
+    eprintln!("R fetched {fetched} bytes of the {used} M holds for O");
     assert!(
         used > 1 << 20 && fetched < 128 << 10,
         "R fetched {fetched} bytes of the {used} M holds for O"

@@ -149,8 +149,8 @@ pub struct PushStatus {
     pub error: Option<String>,
     /// When an attempt last succeeded (ms since the Unix epoch).
     pub last_ok_ms: Option<u64>,
-    /// How many of our revoked devices the mirror acknowledged (in this run): it refuses
-    /// their pushes.
+    /// How many of our revoked devices the mirror acknowledged being told of (in this
+    /// run): it refuses their pushes.
     pub revoked_acked: u64,
 }
 
@@ -818,23 +818,25 @@ impl Owner {
             return Ok(0);
         }
         let devices = super::devices::devices(data_dir).map_err(|e| format!("{e:#}"))?;
-        let list = super::devices::revoked(&devices);
+        // Revocations are never undone, so their number says whether there is news (the
+        // list sent is capped, the number is not).
+        let revoked = devices.values().filter(|d| d.revoked_ms.is_some()).count() as u64;
         let acked = self
             .status
             .lock()
             .expect("push status")
             .get(&mirror)
             .map_or(0, |s| s.revoked_acked);
-        if !always && acked == list.len() as u64 {
+        if !always && acked == revoked {
             return Ok(acked);
         }
-        let kept = super::devices::tell_revoked(node, mirror, list)
+        super::devices::tell_revoked(node, mirror, super::devices::revoked(&devices))
             .await
             .map_err(|e| format!("telling it our revoked devices: {e}"))?;
         if let Some(s) = self.status.lock().expect("push status").get_mut(&mirror) {
-            s.revoked_acked = kept;
+            s.revoked_acked = revoked;
         }
-        Ok(kept)
+        Ok(revoked)
     }
 
     /// Sends our checkpoint to a mirror unless it acknowledged it already
