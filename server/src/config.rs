@@ -238,6 +238,10 @@ pub struct Limits {
     /// Keys one Statebus websocket may follow at once (each `get` of a new key holds a
     /// subscription until `forget` or close); past it a `get` is refused with a reason.
     pub max_statebus_subscriptions: usize,
+    /// An HTTP request refused for going too fast (429) is answered this long after it
+    /// was refused, so a client that ignores `Retry-After` and asks again at once costs a
+    /// waiting task, not a request's work, each time; 0 = at once.
+    pub rate_limited_delay_ms: u64,
     /// Statebus messages read per second from one client address, over all its websockets
     /// (a burst of two seconds' worth is allowed at once); past it the server reads that
     /// address's messages more slowly (TCP pushes back on the client); 0 = unlimited.
@@ -375,6 +379,7 @@ impl Default for Limits {
             ping_interval_secs: 30,
             ping_timeout_secs: 20,
             max_statebus_subscriptions: 10_000,
+            rate_limited_delay_ms: 1_000,
             statebus_messages_per_second_per_address: 1_000,
             tls_handshake_timeout_secs: 10,
             max_requests_per_multiplexer: 1_000,

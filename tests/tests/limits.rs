@@ -28,8 +28,16 @@ async fn writes_per_second_per_client() {
         .await;
         assert_eq!(r.status, 200, "write {n} is within the burst");
     }
+    let asked = std::time::Instant::now();
     let r = wire::send(p.addr, "PUT", "/r", &[("Content-Type", "application/json")], b"6").await;
     assert_eq!(r.status, 429);
+    // Held before it is sent (`limits.rate_limited_delay_ms`, 1 s by default), so a client
+    // asking again at once asks about once a second. (A lower bound: a slow machine
+    // cannot make it fail.)
+    assert!(
+        asked.elapsed() >= Duration::from_millis(1000),
+        "the 429 was not held"
+    );
     assert_eq!(r.header("plait-error"), Some("rate-limited"));
     let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
     assert!((1..=2).contains(&retry), "Retry-After: {retry}");
@@ -53,6 +61,7 @@ async fn writes_per_second_per_client() {
     .unwrap();
     assert_eq!(info["limits"]["writes_per_second"], 2);
     assert_eq!(info["limits"]["write_burst"], 5);
+    assert_eq!(info["limits"]["rate_limited_delay_ms"], 1000);
 }
 
 #[tokio::test]

@@ -132,6 +132,10 @@ pub fn router(app: App) -> Router {
         .fallback(dispatch)
         .layer(axum::middleware::map_response(no_sniffing))
         .layer(axum::middleware::from_fn_with_state(
+            app.limits.clone(),
+            hold_rate_limited,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
             app.refusals.clone(),
             count_refusal,
         ))
@@ -142,6 +146,22 @@ pub fn router(app: App) -> Router {
             multiplex::through,
         ))
         .with_state(app)
+}
+
+/// Holds every 429 for `limits.rate_limited_delay_ms` before it is sent: a client
+/// that asks again as soon as it is refused then asks about once a delay, whatever it
+/// ignores, and costs the server a sleeping task meanwhile (its connections are capped per
+/// address).
+async fn hold_rate_limited(
+    State(limits): State<Arc<crate::config::Limits>>,
+    req: Request<Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let res = next.run(req).await;
+    if res.status() == http::StatusCode::TOO_MANY_REQUESTS && limits.rate_limited_delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(limits.rate_limited_delay_ms)).await;
+    }
+    res
 }
 
 /// Tallies (and logs) every refusal the HTTP layer sends: a client error or an
@@ -432,6 +452,7 @@ async fn well_known(
             "ping_interval_secs": app.limits.ping_interval_secs,
             "ping_timeout_secs": app.limits.ping_timeout_secs,
             "max_statebus_subscriptions": app.limits.max_statebus_subscriptions,
+            "rate_limited_delay_ms": app.limits.rate_limited_delay_ms,
             "statebus_messages_per_second_per_address": app.limits.statebus_messages_per_second_per_address,
             "tls_handshake_timeout_secs": app.limits.tls_handshake_timeout_secs,
             "max_requests_per_multiplexer": app.limits.max_requests_per_multiplexer,
