@@ -419,11 +419,12 @@ impl P2p {
                 // Told now, so that the mirrors refuse the device's next push; the pushers
                 // tell those that could not be reached when they answer again.
                 let (mut told, mut not_told) = (Vec::new(), Vec::new());
+                let devices = crate::mirror::devices::devices(&m.data_dir).map_err(show)?;
                 for mirror in crate::mirror::owner::mirrors(&m.data_dir)
                     .map_err(show)?
                     .into_keys()
                 {
-                    match m.owner.tell_revoked(&self.node, &m.data_dir, mirror, true).await {
+                    match m.owner.tell_revoked(&self.node, &devices, mirror, true).await {
                         Ok(_) => told.push(mirror),
                         Err(e) => not_told.push(serde_json::json!({ "id": mirror, "error": e })),
                     }

@@ -53,6 +53,11 @@ const REVOKED_SETTING: &str = "mirror_revoked_devices";
 
 type Revoked = std::collections::BTreeMap<Identity, std::collections::BTreeSet<Identity>>;
 
+/// A stored segment's descriptor, parsed (bytes that do not parse are a corrupt store).
+fn stored_descriptor(row: &crate::storage::StoredSegment) -> Result<Descriptor, StorageError> {
+    Descriptor::from_bytes(&row.descriptor).map_err(|e| StorageError::Corrupt(e.to_string()))
+}
+
 fn unavailable(e: StorageError) -> Refusal {
     Refusal::Unavailable(e.to_string())
 }
@@ -86,9 +91,7 @@ impl Keeper {
             .storage
             .descriptors(namespace, from.min(i64::MAX as u64) as i64, limit, Take::NOTHING)
             .await?;
-        rows.into_iter()
-            .map(|r| Descriptor::from_bytes(&r.descriptor).map_err(|e| StorageError::Corrupt(e.to_string())))
-            .collect()
+        rows.into_iter().map(|r| stored_descriptor(&r)).collect()
     }
 
     /// Segment `seq` of `namespace`, if it is held.
@@ -217,14 +220,10 @@ impl Keeper {
         &self,
         namespace: &Identity,
     ) -> Result<Option<SealedCheckpoint>, StorageError> {
-        let Some(c) = self.storage.checkpoint(namespace, Take::ALL).await? else {
-            return Ok(None);
-        };
-        Ok(Some(SealedCheckpoint {
-            checkpoint: Checkpoint::from_bytes(&c.checkpoint)
-                .map_err(|e| StorageError::Corrupt(e.to_string()))?,
-            snapshot: c.snapshot.to_vec(),
-        }))
+        Ok(self
+            .stored_checkpoint(namespace, Take::ALL)
+            .await?
+            .map(|(checkpoint, snapshot)| SealedCheckpoint { checkpoint, snapshot }))
     }
 
     /// The checkpoint held for `namespace`, with the head of its snapshot.
@@ -232,15 +231,24 @@ impl Keeper {
         &self,
         namespace: &Identity,
     ) -> Result<Option<CheckpointHead>, StorageError> {
-        let take = Take::head(wire::SEGMENT_HEAD_BYTES);
+        Ok(self
+            .stored_checkpoint(namespace, Take::head(wire::SEGMENT_HEAD_BYTES))
+            .await?
+            .map(|(checkpoint, head)| CheckpointHead { checkpoint, head }))
+    }
+
+    /// The checkpoint held for `namespace`, parsed, with as much of its snapshot as `take`.
+    async fn stored_checkpoint(
+        &self,
+        namespace: &Identity,
+        take: Take,
+    ) -> Result<Option<(Checkpoint, Vec<u8>)>, StorageError> {
         let Some(c) = self.storage.checkpoint(namespace, take).await? else {
             return Ok(None);
         };
-        Ok(Some(CheckpointHead {
-            checkpoint: Checkpoint::from_bytes(&c.checkpoint)
-                .map_err(|e| StorageError::Corrupt(e.to_string()))?,
-            head: c.snapshot.to_vec(),
-        }))
+        let checkpoint =
+            Checkpoint::from_bytes(&c.checkpoint).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        Ok(Some((checkpoint, c.snapshot.to_vec())))
     }
 
     /// The heads of `namespace`'s segments with `from <= seq <= to`, in order (at most
@@ -268,8 +276,7 @@ impl Keeper {
             .filter(|r| r.seq as u64 <= to)
             .map(|r| {
                 Ok(SegmentHead {
-                    descriptor: Descriptor::from_bytes(&r.descriptor)
-                        .map_err(|e| StorageError::Corrupt(e.to_string()))?,
+                    descriptor: stored_descriptor(&r)?,
                     head: r.ciphertext.to_vec(),
                 })
             })
@@ -452,8 +459,7 @@ impl Keeper {
         rows.into_iter()
             .map(|r| {
                 Ok(SealedSegment {
-                    descriptor: Descriptor::from_bytes(&r.descriptor)
-                        .map_err(|e| StorageError::Corrupt(e.to_string()))?,
+                    descriptor: stored_descriptor(&r)?,
                     ciphertext: r.ciphertext.to_vec(),
                 })
             })

@@ -758,6 +758,11 @@ impl Owner {
             loop {
                 match self.mirror_ids(&data_dir) {
                     Ok(list) => {
+                        // Read once a round, for every mirror (a device has no list).
+                        let devices = match &self.device {
+                            None => super::devices::devices(&data_dir).map_err(|e| format!("{e:#}")),
+                            Some(_) => Ok(BTreeMap::new()),
+                        };
                         for id in &list {
                             let (checkpoint, last_ok_ms, revoked_before) = self
                                 .status
@@ -765,7 +770,10 @@ impl Owner {
                                 .expect("push status")
                                 .get(id)
                                 .map_or((0, None, 0), |s| (s.checkpoint, s.last_ok_ms, s.revoked_acked));
-                            let told = self.tell_revoked(&node, &data_dir, *id, false).await;
+                            let told = match &devices {
+                                Ok(d) => self.tell_revoked(&node, d, *id, false).await,
+                                Err(e) => Err(e.clone()),
+                            };
                             let revoked_acked = *told.as_ref().unwrap_or(&revoked_before);
                             let (acked, checkpoint, error) =
                                 match (self.push_to(&node, *id, checkpoint).await, told) {
@@ -805,19 +813,19 @@ impl Owner {
         });
     }
 
-    /// Tells `mirror` our revoked devices unless it acknowledged as many already in this
-    /// run (or `always`); answers how many it acknowledged. A device tells nothing.
+    /// Tells `mirror` our revoked devices (`devices`: this owner's, as `devices.json`
+    /// lists them) unless it acknowledged as many already in this run (or `always`);
+    /// answers how many it acknowledged. A device tells nothing.
     pub async fn tell_revoked(
         &self,
         node: &Node,
-        data_dir: &Path,
+        devices: &BTreeMap<Identity, super::devices::DeviceEntry>,
         mirror: Identity,
         always: bool,
     ) -> Result<u64, String> {
         if self.device.is_some() {
             return Ok(0);
         }
-        let devices = super::devices::devices(data_dir).map_err(|e| format!("{e:#}"))?;
         // Revocations are never undone, so their number says whether there is news (the
         // list sent is capped, the number is not).
         let revoked = devices.values().filter(|d| d.revoked_ms.is_some()).count() as u64;
@@ -830,7 +838,7 @@ impl Owner {
         if !always && acked == revoked {
             return Ok(acked);
         }
-        super::devices::tell_revoked(node, mirror, super::devices::revoked(&devices))
+        super::devices::tell_revoked(node, mirror, super::devices::revoked(devices))
             .await
             .map_err(|e| format!("telling it our revoked devices: {e}"))?;
         if let Some(s) = self.status.lock().expect("push status").get_mut(&mirror) {
