@@ -200,7 +200,7 @@ impl Merger {
 
     async fn ask(&self, mirror: Identity, req: Request) -> anyhow::Result<Response> {
         match self.node.mirror(mirror, req).await {
-            Ok(Response::Refused(r)) => bail!("refused, {}: {r}", r.reason()),
+            Ok(Response::Refused(r)) => bail!(super::owner::refusal_text(&r)),
             Ok(r) => Ok(r),
             Err(e) => bail!("{e}"),
         }

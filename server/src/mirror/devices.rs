@@ -240,7 +240,7 @@ pub fn revoked(devices: &BTreeMap<Identity, DeviceEntry>) -> Vec<Identity> {
 pub async fn tell_revoked(node: &Node, mirror: Identity, revoked: Vec<Identity>) -> Result<u64, String> {
     match node.mirror(mirror, Request::RevokedDevices(revoked)).await {
         Ok(Response::Stored { seq }) => Ok(seq),
-        Ok(Response::Refused(r)) => Err(format!("refused, {}: {r}", r.reason())),
+        Ok(Response::Refused(r)) => Err(super::owner::refusal_text(&r)),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
         Err(e) => Err(e.to_string()),
     }

@@ -971,7 +971,8 @@ impl Owner {
     }
 }
 
-fn refusal_text(r: &Refusal) -> String {
+/// How a mirror's refusal is shown (in `plait mirror list`, errors and logs).
+pub(super) fn refusal_text(r: &Refusal) -> String {
     format!("refused, {}: {r}", r.reason())
 }
 
