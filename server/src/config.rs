@@ -206,6 +206,12 @@ pub struct Limits {
     pub writes_per_second: u32,
     /// Writes a writer may make at once above the sustained rate.
     pub write_burst: u32,
+    /// Sustained bytes written per second per writer (the owner aside); 0 = unlimited.
+    /// Over it: 429 with Retry-After.
+    pub write_bytes_per_second: u64,
+    /// Bytes a writer may write at once above that rate; no one write may be larger (413).
+    /// At least `max_body_bytes` while `write_bytes_per_second` is on.
+    pub write_bytes_burst: u64,
     /// Bytes one namespace (an identity's tree of state) may occupy in storage; 0 =
     /// unlimited. Over it: 507.
     pub max_stored_bytes_per_namespace: u64,
@@ -367,6 +373,8 @@ impl Default for Limits {
             proxy_subscription_grace_ms: 5_000,
             writes_per_second: crate::engine::WriteLimits::default().writes_per_second,
             write_burst: crate::engine::WriteLimits::default().write_burst,
+            write_bytes_per_second: crate::engine::WriteLimits::default().write_bytes_per_second,
+            write_bytes_burst: crate::engine::WriteLimits::default().write_bytes_burst,
             max_stored_bytes_per_namespace: crate::engine::WriteLimits::default()
                 .max_stored_bytes_per_namespace,
             max_stored_bytes_per_identity: crate::engine::WriteLimits::default()
@@ -413,6 +421,8 @@ impl Config {
             limits: crate::engine::WriteLimits {
                 writes_per_second: self.limits.writes_per_second,
                 write_burst: self.limits.write_burst,
+                write_bytes_per_second: self.limits.write_bytes_per_second,
+                write_bytes_burst: self.limits.write_bytes_burst,
                 max_stored_bytes_per_namespace: self.limits.max_stored_bytes_per_namespace,
                 max_stored_bytes_per_identity: self.limits.max_stored_bytes_per_identity,
                 max_json_depth: self.limits.max_json_depth,
@@ -542,6 +552,14 @@ impl Config {
         let depth = crate::doc::json::MAX_JSON_DEPTH;
         if !(1..=depth).contains(&self.limits.max_json_depth) {
             return Err(format!("limits.max_json_depth must be 1 to {depth}"));
+        }
+        let l = &self.limits;
+        if l.write_bytes_per_second > 0 && l.write_bytes_burst < l.max_body_bytes as u64 {
+            return Err(format!(
+                "limits.write_bytes_burst ({}) must be at least limits.max_body_bytes ({}) while \
+                 limits.write_bytes_per_second is on, or no body that large could be written",
+                l.write_bytes_burst, l.max_body_bytes
+            ));
         }
         let patches = crate::braid::patch::MAX_PATCHES;
         if !(1..=patches).contains(&self.limits.max_patches_per_request) {

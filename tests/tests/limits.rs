@@ -140,6 +140,88 @@ async fn deletes_count_against_the_writer_rate() {
     assert!(r.header("retry-after").is_some());
 }
 
+/// Bytes written count per writer too (`write_bytes_per_second`, `write_bytes_burst`): a
+/// writer of big values is slowed with a 429 naming that limit while small writes of its
+/// own, other writers and the owner go on; the setting is published; a burst smaller than
+/// the largest body is refused at start.
+#[tokio::test]
+async fn bytes_written_per_second_per_client() {
+    let p = Plait::start_with_env(
+        Store::Embedded,
+        &[],
+        &[
+            ("PLAIT_LIMITS__WRITE_BYTES_PER_SECOND", "65536"),
+            ("PLAIT_LIMITS__WRITE_BYTES_BURST", "131072"),
+            ("PLAIT_LIMITS__MAX_BODY_BYTES", "131072"),
+        ],
+    );
+    let big = vec![7u8; 100 << 10];
+    let put = |path: &'static str, auth: Option<(&'static str, String)>| {
+        let (addr, big) = (p.addr, big.clone());
+        async move {
+            let mut h = vec![("Content-Type", "application/octet-stream")];
+            if let Some((k, v)) = &auth {
+                h.push((k, v.as_str()));
+            }
+            wire::send(addr, "PUT", path, &h, &big).await
+        }
+    };
+    assert_eq!(put("/big/1", None).await.status, 200, "within the burst");
+    let r = put("/big/2", None).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("plait-error"), Some("rate-limited"));
+    assert!(r.text().contains("limits.write_bytes_per_second"), "{}", r.text());
+    let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!((1..=3).contains(&retry), "Retry-After: {retry}");
+    assert_eq!(
+        wire::send(p.addr, "GET", "/big/2", &[("Accept", "application/json")], b"")
+            .await
+            .status,
+        404,
+        "the refused write stored nothing"
+    );
+    // A small write still fits what is left of the bucket.
+    let r = wire::send(
+        p.addr,
+        "PUT",
+        "/small",
+        &[("Content-Type", "application/json")],
+        b"1",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The owner's bytes are not counted.
+    for _ in 0..3 {
+        let r = put("/big/owner", Some(p.owner_auth())).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    assert_eq!(put("/big/3", None).await.status, 200, "the bucket refills");
+    let info: serde_json::Value = serde_json::from_slice(
+        &wire::send(p.addr, "GET", "/.well-known/plait", &[], b"")
+            .await
+            .body,
+    )
+    .unwrap();
+    assert_eq!(info["limits"]["write_bytes_per_second"], 65536);
+    assert_eq!(info["limits"]["write_bytes_burst"], 131072);
+
+    // A burst smaller than the largest body could never let such a body in: refused at
+    // start, naming both settings.
+    let out = std::process::Command::new(plait_tests::plait::binary())
+        .args(["serve", "--no-p2p", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tempfile::tempdir().unwrap().path())
+        .env("PLAIT_LIMITS__WRITE_BYTES_BURST", "1000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("limits.write_bytes_burst") && err.contains("limits.max_body_bytes"),
+        "{err}"
+    );
+}
+
 /// An account's or identity's resources may occupy `max_stored_bytes_per_identity`; past it
 /// its writes are 507 naming the limit, while other accounts, anonymous writers and the
 /// owner still write; deleting frees the room again.

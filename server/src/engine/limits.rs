@@ -5,6 +5,10 @@
 //!
 //! * **Rate**: a token bucket per writer (`writes_per_second`, `write_burst`). A writer is
 //!   the identity that signed the request when there is one, else the client's address.
+//! * **Bytes**: a second bucket per writer, of bytes written (`write_bytes_per_second`,
+//!   `write_bytes_burst`), so that a writer of large values cannot take the store's one
+//!   commit lane (and the namespace's quota) as fast as it can send; the owner's writes
+//!   are not counted. A write larger than the burst can never pass and is refused as such.
 //! * **Quotas**: a namespace may occupy `max_stored_bytes_per_namespace` bytes in storage,
 //!   and the resources an identity (an account, a signing key, a member) created
 //!   `max_stored_bytes_per_identity`; the owner's writes have no identity quota. Usage is
@@ -35,6 +39,10 @@ pub struct WriteLimits {
     pub writes_per_second: u32,
     /// Writes a writer may make at once above the sustained rate.
     pub write_burst: u32,
+    /// Sustained bytes written per second per writer (the owner aside); 0 turns it off.
+    pub write_bytes_per_second: u64,
+    /// Bytes a writer may write at once above the sustained rate: the largest write.
+    pub write_bytes_burst: u64,
     /// Bytes a namespace may occupy in storage; 0 turns the quota off.
     pub max_stored_bytes_per_namespace: u64,
     /// Bytes the resources one identity created may occupy; 0 turns the quota off.
@@ -51,6 +59,8 @@ impl Default for WriteLimits {
         WriteLimits {
             writes_per_second: 2_000,
             write_burst: 4_000,
+            write_bytes_per_second: 2 << 20,
+            write_bytes_burst: 16 << 20,
             max_stored_bytes_per_namespace: 1 << 30,
             max_stored_bytes_per_identity: 256 << 20,
             max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
@@ -70,9 +80,14 @@ pub enum Writer {
     Internal,
 }
 
+/// The bytes bucket counts in cells of this many bytes (governor counts in `u32`s).
+const BYTES_CELL: u64 = 1024;
+
 pub(crate) struct Limiter {
     limits: WriteLimits,
     rate: Option<DefaultKeyedRateLimiter<Writer>>,
+    /// Bytes written per writer, in [`BYTES_CELL`]s.
+    bytes: Option<DefaultKeyedRateLimiter<Writer>>,
     /// namespace → (bytes, when read from storage).
     usage: Mutex<HashMap<Namespace, (u64, Instant)>>,
     /// identity → (bytes of the resources it created, when read from storage).
@@ -87,9 +102,15 @@ impl Limiter {
             let burst = NonZeroU32::new(limits.write_burst.max(limits.writes_per_second)).unwrap_or(per_sec);
             RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst))
         });
+        let cells = |b: u64| NonZeroU32::new(size_cells(b));
+        let bytes = cells(limits.write_bytes_per_second).map(|per_sec| {
+            let burst = cells(limits.write_bytes_burst).unwrap_or(per_sec).max(per_sec);
+            RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst))
+        });
         Limiter {
             limits,
             rate,
+            bytes,
             usage: Mutex::new(HashMap::new()),
             authored: Mutex::new(HashMap::new()),
             owner,
@@ -100,14 +121,38 @@ impl Limiter {
         self.limits
     }
 
-    /// Takes one write from `writer`'s bucket, or says when to come back.
-    pub(crate) fn check_rate(&self, writer: &Writer) -> Result<(), EngineError> {
-        let (Some(rate), false) = (&self.rate, matches!(writer, Writer::Internal)) else {
+    /// Takes one write of `size` bytes from `writer`'s buckets, or says when to come back
+    /// (a delete is a write of no bytes). The bytes are taken first: a write refused for
+    /// its bytes costs no write.
+    pub(crate) fn check_rate(&self, writer: &Writer, size: u64) -> Result<(), EngineError> {
+        if matches!(writer, Writer::Internal) {
+            return Ok(());
+        }
+        let owner = matches!(writer, Writer::Identity(id) if Some(*id) == self.owner);
+        if let (Some(bytes), false, Some(n)) = (&self.bytes, owner, NonZeroU32::new(size_cells(size))) {
+            match bytes.check_key_n(writer, n) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => {
+                    return Err(EngineError::RateLimited {
+                        retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+                        limit: "write_bytes_per_second",
+                    });
+                }
+                Err(_) => {
+                    return Err(EngineError::WriteTooLarge {
+                        size,
+                        limit: self.limits.write_bytes_burst,
+                    });
+                }
+            }
+        }
+        let Some(rate) = &self.rate else {
             return Ok(());
         };
         rate.check_key(writer)
             .map_err(|not_until| EngineError::RateLimited {
                 retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+                limit: "writes_per_second",
             })
     }
 
@@ -199,7 +244,7 @@ impl Limiter {
 
     /// Forgets idle writers' buckets and stale usage figures.
     pub(crate) fn prune(&self) {
-        if let Some(rate) = &self.rate {
+        for rate in [&self.rate, &self.bytes].into_iter().flatten() {
             rate.retain_recent();
             rate.shrink_to_fit();
         }
@@ -212,6 +257,11 @@ impl Limiter {
             .expect("authored")
             .retain(|_, (_, at)| at.elapsed() < USAGE_TTL * 60);
     }
+}
+
+/// `size` bytes in [`BYTES_CELL`]s, rounded up.
+fn size_cells(size: u64) -> u32 {
+    u32::try_from(size.div_ceil(BYTES_CELL)).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -232,15 +282,19 @@ mod tests {
         let a = Writer::Address("10.0.0.1".parse().unwrap());
         let b = Writer::Address("10.0.0.2".parse().unwrap());
         for _ in 0..3 {
-            l.check_rate(&a).unwrap();
+            l.check_rate(&a, 10).unwrap();
         }
-        let Err(EngineError::RateLimited { retry_after }) = l.check_rate(&a) else {
+        let Err(EngineError::RateLimited {
+            retry_after,
+            limit: "writes_per_second",
+        }) = l.check_rate(&a, 10)
+        else {
             panic!("fourth write refused")
         };
         assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
-        l.check_rate(&b).unwrap();
+        l.check_rate(&b, 10).unwrap();
         for _ in 0..10 {
-            l.check_rate(&Writer::Internal).unwrap();
+            l.check_rate(&Writer::Internal, 1 << 30).unwrap();
         }
     }
 
@@ -257,7 +311,43 @@ mod tests {
         );
         let a = Writer::Address("10.0.0.1".parse().unwrap());
         for _ in 0..10_000 {
-            l.check_rate(&a).unwrap();
+            l.check_rate(&a, 10).unwrap();
+        }
+    }
+
+    #[test]
+    fn bytes_are_counted_per_writer_but_not_the_owners() {
+        let owner = plait_bridge::Keypair::generate().identity();
+        let l = Limiter::new(
+            WriteLimits {
+                write_bytes_per_second: 64 << 10,
+                write_bytes_burst: 128 << 10,
+                ..WriteLimits::default()
+            },
+            Some(owner),
+        );
+        let a = Writer::Address("10.0.0.1".parse().unwrap());
+        let b = Writer::Address("10.0.0.2".parse().unwrap());
+        l.check_rate(&a, 100 << 10).unwrap();
+        let Err(EngineError::RateLimited {
+            retry_after,
+            limit: "write_bytes_per_second",
+        }) = l.check_rate(&a, 100 << 10)
+        else {
+            panic!("the second 100 KiB is over the bucket")
+        };
+        // 72 KiB short at 64 KiB a second.
+        assert!(retry_after > Duration::from_millis(500) && retry_after <= Duration::from_secs(2));
+        // Small writes still fit what is left; another writer has its own bucket.
+        l.check_rate(&a, 20 << 10).unwrap();
+        l.check_rate(&b, 100 << 10).unwrap();
+        // More than the burst can never pass: told so, not told to wait.
+        let Err(EngineError::WriteTooLarge { size, limit }) = l.check_rate(&b, 200 << 10) else {
+            panic!("a write over the burst")
+        };
+        assert_eq!((size, limit), (200 << 10, 128 << 10));
+        for _ in 0..10 {
+            l.check_rate(&Writer::Identity(owner), 1 << 20).unwrap();
         }
     }
 }

@@ -83,9 +83,16 @@ pub enum EngineError {
     CannotCreate(String),
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// The writer went over `limits.writes_per_second`.
-    #[error("too many writes; try again in {retry_after:?}")]
-    RateLimited { retry_after: std::time::Duration },
+    /// The writer went over `limits.{limit}` (`writes_per_second` or
+    /// `write_bytes_per_second`).
+    #[error("over limits.{limit}; try again in {retry_after:?}")]
+    RateLimited {
+        retry_after: std::time::Duration,
+        limit: &'static str,
+    },
+    /// One write larger than `limits.write_bytes_burst`: it could never pass.
+    #[error("a write of {size} bytes; limits.write_bytes_burst is {limit}")]
+    WriteTooLarge { size: u64, limit: u64 },
     /// The resources this writer created would go over `limits.max_stored_bytes_per_identity`.
     #[error(
         "the resources this identity created hold {used} bytes; limits.max_stored_bytes_per_identity is {limit}"
@@ -507,8 +514,8 @@ impl Engine {
     pub async fn write(&self, key: &ResourceKey, write: Write) -> Result<WriteResult, EngineError> {
         let limiter = &self.inner.limiter;
         limiter.check_patches(&write.body)?;
-        limiter.check_rate(&write.writer)?;
         let size = write.size();
+        limiter.check_rate(&write.writer, size)?;
         if write.writer != Writer::Internal {
             let storage = self.inner.storage.as_ref();
             limiter.check_quota(storage, &key.namespace, size).await?;
@@ -587,7 +594,7 @@ impl Engine {
     /// Deletes a resource; `false` if it did not exist.
     pub async fn delete(&self, key: &ResourceKey, writer: &Writer) -> Result<bool, EngineError> {
         // A delete counts against its writer's rate like any write.
-        self.inner.limiter.check_rate(writer)?;
+        self.inner.limiter.check_rate(writer, 0)?;
         self.resource(key).ask(Command::Delete).await
     }
 

@@ -329,13 +329,18 @@ impl From<EngineError> for ApiError {
             EngineError::CannotCreate(m) => ApiError::new(409, "conflict", m),
             EngineError::ShuttingDown => ApiError::new(503, "shutting-down", "the server is shutting down")
                 .with_header("retry-after", "1".into()),
-            EngineError::RateLimited { retry_after } => {
+            EngineError::RateLimited { retry_after, limit } => {
                 let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                let what = if limit == "writes_per_second" {
+                    "writes"
+                } else {
+                    "bytes written"
+                };
                 ApiError::new(
                     429,
                     "rate-limited",
                     format!(
-                        "too many writes from this client (limits.writes_per_second); retry in {} ms",
+                        "too many {what} from this client (limits.{limit}); retry in {} ms",
                         retry_after.as_millis().max(1)
                     ),
                 )
@@ -347,6 +352,7 @@ impl From<EngineError> for ApiError {
                 ApiError::new(507, "identity-quota-exceeded", e.to_string())
             }
             e @ EngineError::TooManyPatches { .. } => ApiError::new(413, "too-many-patches", e.to_string()),
+            e @ EngineError::WriteTooLarge { .. } => ApiError::new(413, "write-too-large", e.to_string()),
         }
     }
 }
