@@ -244,10 +244,14 @@ pub struct Limits {
     /// Keys one Statebus websocket may follow at once (each `get` of a new key holds a
     /// subscription until `forget` or close); past it a `get` is refused with a reason.
     pub max_statebus_subscriptions: usize,
-    /// An HTTP request refused for going too fast (429) is answered this long after it
-    /// was refused, so a client that ignores `Retry-After` and asks again at once costs a
-    /// waiting task, not a request's work, each time; 0 = at once.
+    /// An HTTP request refused for going too fast (429), and a connection past
+    /// `max_connections_per_address` (503), is answered this long after it was refused,
+    /// so a client that ignores `Retry-After` and asks again at once costs a waiting task,
+    /// not a request's (or a connection's) work, each time; 0 = at once.
     pub rate_limited_delay_ms: u64,
+    /// Malformed or oversized requests (400, 413, 414, 431) one client address is answered
+    /// at once in a second; past it their answers wait `rate_limited_delay_ms`; 0 = never.
+    pub bad_requests_per_second_per_address: u32,
     /// Statebus messages read per second from one client address, over all its websockets
     /// (a burst of two seconds' worth is allowed at once); past it the server reads that
     /// address's messages more slowly (TCP pushes back on the client); 0 = unlimited.
@@ -388,6 +392,7 @@ impl Default for Limits {
             ping_timeout_secs: 20,
             max_statebus_subscriptions: 10_000,
             rate_limited_delay_ms: 1_000,
+            bad_requests_per_second_per_address: 10,
             statebus_messages_per_second_per_address: 1_000,
             tls_handshake_timeout_secs: 10,
             max_requests_per_multiplexer: 1_000,

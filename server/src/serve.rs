@@ -446,6 +446,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
             cfg.limits.statebus_messages_per_second_per_address,
         )),
         statebus_connections: crate::statebus::connections::Registry::new(),
+        holds: Arc::new(http::hold::Holds::new(&cfg.limits)),
         metrics,
         metrics_settings: cfg.metrics.clone(),
         status,
@@ -460,13 +461,14 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         tokio::spawn(http::serve_metrics(listener, app.clone()));
         tracing::info!("metrics on http://{at}{}", cfg.metrics.listener_path());
     }
-    // Idle addresses' message buckets are dropped once a minute.
-    let messages = app.statebus_messages.clone();
+    // Idle addresses' message and bad-request buckets are dropped once a minute.
+    let (messages, holds) = (app.statebus_messages.clone(), app.holds.clone());
     tokio::spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             every.tick().await;
             messages.prune();
+            holds.prune();
         }
     });
     tracing::info!(

@@ -158,8 +158,13 @@ async fn connections_per_address_are_capped() {
     );
     let a = TcpStream::connect(p.addr).await.unwrap();
     let _b = TcpStream::connect(p.addr).await.unwrap();
+    let asked = Instant::now();
     let r = wire::send(p.addr, "GET", "/.well-known/plait", &[], b"").await;
     assert_eq!(r.status, 503);
+    // Held `limits.rate_limited_delay_ms` (1 s) as a 429 is, so a client reconnecting as
+    // soon as it is refused does so about once a second. (A lower bound: a slow machine
+    // cannot make it fail.)
+    assert!(asked.elapsed() >= Duration::from_millis(1000), "not held");
     assert_eq!(r.header("plait-error"), Some("too-many-connections-from-address"));
     assert!(r.header("retry-after").is_some());
     drop(a);

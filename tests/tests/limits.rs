@@ -222,6 +222,46 @@ async fn bytes_written_per_second_per_client() {
     );
 }
 
+/// A client sending malformed requests in a loop is answered at once up to
+/// `bad_requests_per_second_per_address`, then each answer waits
+/// `rate_limited_delay_ms`; the answer itself is unchanged, and the limit is published.
+#[tokio::test]
+async fn bad_requests_in_a_loop_are_answered_slowly() {
+    let p = Plait::start_with_env(
+        Store::Embedded,
+        &[],
+        &[("PLAIT_LIMITS__BAD_REQUESTS_PER_SECOND_PER_ADDRESS", "3")],
+    );
+    let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+    let started = std::time::Instant::now();
+    for n in 0..5 {
+        let r = wire::send(
+            p.addr,
+            "PUT",
+            "/deep",
+            &[("Content-Type", "application/json")],
+            deep.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 400, "bad request {n}: {}", r.text());
+    }
+    // Three at once, then the fourth held a second (a lower bound: a slow machine cannot
+    // make this fail); meanwhile the bucket refilled, so a client in a loop gets about
+    // the budget a second, whatever it sends.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    let info: serde_json::Value = serde_json::from_slice(
+        &wire::send(p.addr, "GET", "/.well-known/plait", &[], b"")
+            .await
+            .body,
+    )
+    .unwrap();
+    assert_eq!(info["limits"]["bad_requests_per_second_per_address"], 3);
+}
+
 /// An account's or identity's resources may occupy `max_stored_bytes_per_identity`; past it
 /// its writes are 507 naming the limit, while other accounts, anonymous writers and the
 /// owner still write; deleting frees the room again.

@@ -196,13 +196,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
 /// has it (the handshake first, within its timeout), HTTP/1.1 or HTTP/2 as the client
 /// speaks; every request on it is answered the same until [`REFUSAL_LINGER`] has passed.
 /// At most [`MAX_REFUSALS`] are answered at once; past that a connection is closed.
+///
+/// A connection past its address's cap is answered after `hold`
+/// (`limits.rate_limited_delay_ms`), as a 429 is: that address already holds
+/// `max_connections_per_address` connections, and one that reconnects as soon as it is
+/// refused would otherwise make the server accept and refuse as fast as it can connect
+/// (tens of thousands a second from one abuser, the CPU everyone else's requests need).
+/// Past the server's own cap the answer is at once: the client may be anyone.
 pub fn refuse(
     gate: &Arc<Gate>,
     stream: TcpStream,
     why: Full,
     retry_after_secs: u64,
+    hold: Duration,
     tls: Option<Arc<crate::http::tls::Tls>>,
 ) {
+    let hold = if why == Full::Address {
+        hold
+    } else {
+        Duration::ZERO
+    };
     let Ok(permit) = gate.refusals.clone().try_acquire_owned() else {
         return; // Dropped: closed at once.
     };
@@ -225,6 +238,7 @@ pub fn refuse(
     });
     tokio::spawn(async move {
         let _permit = permit;
+        tokio::time::sleep(hold).await;
         let _ = stream.set_nodelay(true);
         let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
         // HTTP/1.1: one answer, then the connection closes.

@@ -18,6 +18,7 @@ pub mod conn;
 pub mod dashboard;
 pub mod error;
 pub mod forwarded;
+pub mod hold;
 pub mod mirror;
 pub mod multiplex;
 pub mod resource;
@@ -96,6 +97,8 @@ pub struct AppParts {
     pub refusals: Arc<crate::refusals::Refusals>,
     /// Statebus messages per client address (`limits.statebus_messages_per_second_per_address`).
     pub statebus_messages: Arc<crate::statebus::MessageRate>,
+    /// Which answers wait before they are sent (429s, repeated bad requests).
+    pub holds: Arc<hold::Holds>,
     /// The open Statebus connections (the v6 `connections` state).
     pub statebus_connections: Arc<crate::statebus::connections::Registry>,
     /// Connections, subscriptions, deliveries: what `[metrics] path` shows.
@@ -132,8 +135,8 @@ pub fn router(app: App) -> Router {
         .fallback(dispatch)
         .layer(axum::middleware::map_response(no_sniffing))
         .layer(axum::middleware::from_fn_with_state(
-            app.limits.clone(),
-            hold_rate_limited,
+            app.holds.clone(),
+            hold::answers,
         ))
         .layer(axum::middleware::from_fn_with_state(
             app.refusals.clone(),
@@ -146,22 +149,6 @@ pub fn router(app: App) -> Router {
             multiplex::through,
         ))
         .with_state(app)
-}
-
-/// Holds every 429 for `limits.rate_limited_delay_ms` before it is sent: a client
-/// that asks again as soon as it is refused then asks about once a delay, whatever it
-/// ignores, and costs the server a sleeping task meanwhile (its connections are capped per
-/// address).
-async fn hold_rate_limited(
-    State(limits): State<Arc<crate::config::Limits>>,
-    req: Request<Body>,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let res = next.run(req).await;
-    if res.status() == http::StatusCode::TOO_MANY_REQUESTS && limits.rate_limited_delay_ms > 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(limits.rate_limited_delay_ms)).await;
-    }
-    res
 }
 
 /// Tallies (and logs) every refusal the HTTP layer sends: a client error or an
@@ -496,6 +483,7 @@ fn published_limits(app: &App) -> serde_json::Value {
         "ping_timeout_secs": app.limits.ping_timeout_secs,
         "max_statebus_subscriptions": app.limits.max_statebus_subscriptions,
         "rate_limited_delay_ms": app.limits.rate_limited_delay_ms,
+        "bad_requests_per_second_per_address": app.limits.bad_requests_per_second_per_address,
         "statebus_messages_per_second_per_address": app.limits.statebus_messages_per_second_per_address,
         "tls_handshake_timeout_secs": app.limits.tls_handshake_timeout_secs,
         "max_requests_per_multiplexer": app.limits.max_requests_per_multiplexer,
@@ -551,6 +539,9 @@ struct Accepting {
     trusted: Arc<forwarded::TrustedProxies>,
     idle: Duration,
     body_timeout: Duration,
+    /// How long a connection past its address's cap waits for its 503
+    /// (`limits.rate_limited_delay_ms`).
+    refusal_hold: Duration,
 }
 
 /// Serves connections from `listener` (over TLS with `https`, and the redirect listener
@@ -592,6 +583,7 @@ pub async fn serve(listener: TcpListener, app: App, https: Option<Https>) {
         trusted,
         idle: Duration::from_secs(limits.idle_timeout_secs.max(1)),
         body_timeout: Duration::from_secs(limits.body_read_timeout_secs.max(1)),
+        refusal_hold: Duration::from_millis(limits.rate_limited_delay_ms),
     });
     let (tls, redirect, challenges) = match https {
         Some(h) => (Some(h.tls), h.redirect, h.challenges),
@@ -644,7 +636,14 @@ async fn accept_loop(listener: TcpListener, router: Router, tls: Option<Arc<tls:
                 };
                 a.refusals
                     .count(full.code(), reason, Some(peer.ip()), format_args!("a connection"));
-                conn::refuse(&a.gate, stream, full, RETRY_AFTER_SECS, tls.clone());
+                conn::refuse(
+                    &a.gate,
+                    stream,
+                    full,
+                    RETRY_AFTER_SECS,
+                    a.refusal_hold,
+                    tls.clone(),
+                );
                 continue;
             }
         };
