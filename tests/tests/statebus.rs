@@ -376,6 +376,59 @@ async fn one_address_s_messages_are_paced() {
     );
 }
 
+/// A client that sends a thousand `get`s and vanishes costs nothing after it is gone: the
+/// server stops at the first answer it cannot deliver rather than reading (at the paced
+/// rate, for 20 s here) and following keys for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_s_queued_messages_are_not_read() {
+    let p = Plait::start_with_env(
+        Store::Embedded,
+        &[],
+        &[("PLAIT_LIMITS__STATEBUS_MESSAGES_PER_SECOND_PER_ADDRESS", "50")],
+    );
+    let owner = p.owner_auth();
+    let open = || async {
+        let r = wire::send(
+            p.addr,
+            "GET",
+            "/.well-known/plait",
+            &[(owner.0, owner.1.as_str())],
+            b"",
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+        v["subscriptions"].as_u64().expect("a count")
+    };
+    let mut flood = ws(&p).await;
+    for k in 0..1100 {
+        send(&mut flood, &format!(r#"{{"get":"gone/{k}"}}"#)).await;
+    }
+    // The burst's hundred are followed; the rest wait in the socket.
+    recv(&mut flood).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open().await < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the burst was never followed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Gone without a close frame, answers unread (the kernel resets the connection).
+    drop(flood);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = open().await;
+        if n == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} subscriptions still open 5 s after their client vanished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Who sees the open connections is the access layer's to say: a rule that denies reading
 /// `/connections` refuses the list (to a follower at once), while a connection's own record
 /// stays its own; and a v7 client has no such states (they are ordinary keys to it).

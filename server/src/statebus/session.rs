@@ -68,6 +68,9 @@ pub async fn run(socket: WebSocket, svc: Services, ip: IpAddr, caller: Caller, s
         let _ = sink.close().await;
     });
     let shutdown = svc.shutdown.clone();
+    // Ends when the writer has: the peer is gone (a write failed), so the messages it
+    // left in the socket's buffer are not worth reading.
+    let peer_gone = out.clone();
     let mut s = Session::new(svc, ip, out, caller);
     if let Some(secret) = session {
         s.bind_client(secret).await;
@@ -75,6 +78,7 @@ pub async fn run(socket: WebSocket, svc: Services, ip: IpAddr, caller: Caller, s
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = peer_gone.closed() => break,
             m = tokio::time::timeout(quiet_limit, stream.next()) => match m {
                 Ok(m) => m,
                 Err(_) => {
@@ -94,7 +98,8 @@ pub async fn run(socket: WebSocket, svc: Services, ip: IpAddr, caller: Caller, s
         }
     }
     s.close();
-    drop(s);
+    // The last senders: the writer sees the end of its queue and closes the socket.
+    drop((s, peer_gone));
     // A client that stopped reading could keep the writer (and the socket) forever.
     if tokio::time::timeout(quiet_limit, &mut writer).await.is_err() {
         writer.abort();
