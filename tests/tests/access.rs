@@ -510,19 +510,24 @@ async fn a_login_flood_is_cut_off_while_others_log_in() {
     login(&p, "other", "right2", true).await;
     let wrong = json!({"login_as": {"name": "victim", "pass": "wrong"}}).to_string();
     let mut statuses = std::collections::BTreeMap::new();
+    let mut refusal = None;
     // In waves of 200 at once (within `max_connections_per_address`): each 429 is held
     // a second (`limits.rate_limited_delay_ms`), so a flood asking one at a time would
     // make about one attempt a second.
     for _ in 0..5 {
         let wave = (0..200).map(|_| send_from("127.0.0.7", p.addr, "PUT", "/current_user", &wrong));
-        for (status, _) in futures::future::join_all(wave).await {
+        for (status, text) in futures::future::join_all(wave).await {
             *statuses.entry(status).or_insert(0) += 1;
+            if status == 429 {
+                refusal = Some(text);
+            }
         }
     }
-    // At most the per-address burst was even tried; the rest were refused with 429.
+    // At most the per-address burst was even tried; the rest were refused with 429,
+    // saying when to try again. (A single attempt after the waves is not asked: on a
+    // loaded machine the waves take long enough for the address's budget to refill.)
     assert!(statuses.get(&429).copied().unwrap_or(0) >= 980, "{statuses:?}");
-    let (status, text) = send_from("127.0.0.7", p.addr, "PUT", "/current_user", &wrong).await;
-    assert_eq!(status, 429);
+    let text = refusal.expect("a refusal");
     assert!(text.to_lowercase().contains("retry-after"), "{text}");
     // Another address still logs in, to another account.
     let ok = json!({"login_as": {"name": "other", "pass": "right2"}}).to_string();
