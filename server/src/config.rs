@@ -272,6 +272,10 @@ pub struct Limits {
     /// loads over 256 KiB) runs this many nice steps below requests, so that a flood of it
     /// slows itself rather than everyone; 0 runs it at the requests' priority. 0 to 19.
     pub heavy_work_nice: i32,
+    /// Heavy document work (not password hashing) also runs under Linux's `SCHED_IDLE`
+    /// policy: a request's thread that wakes takes its core at once, and that work runs
+    /// on what requests leave.
+    pub heavy_work_idle: bool,
 }
 
 /// Memory and batching of live documents.
@@ -399,6 +403,7 @@ impl Default for Limits {
             max_multiplexers_per_address: 32,
             multiplexer_wait_ms: 10,
             heavy_work_nice: crate::cpu::DEFAULT_NICE,
+            heavy_work_idle: true,
         }
     }
 }

@@ -1,11 +1,17 @@
 //! Work that may hold a core for long: password hashing (argon2) and document work on
 //! large writes and loads (automerge on megabytes of text).
 //!
-//! Such work runs on a thread of its own whose scheduling priority is lowered by
-//! `limits.heavy_work_nice` steps (Linux's per-thread nice value; default
-//! [`DEFAULT_NICE`]). When the cores are idle it runs at full
-//! speed; when ordinary requests want them, the scheduler gives those first (a nice-10
-//! thread gets about a tenth of a core's share against a nice-0 one). So a flood of
+//! Such work runs on a thread of its own with its scheduling priority lowered by
+//! `limits.heavy_work_nice` steps (the per-thread nice value; default [`DEFAULT_NICE`]);
+//! document work also under Linux's `SCHED_IDLE` policy (`limits.heavy_work_idle`, on by
+//! default). Password hashing is kept out of the idle policy: under a load that leaves no
+//! core free an idle-policy thread barely runs, and a person logging in should not wait
+//! out a flood of big writes.
+//! When the cores are idle it runs at full speed; when ordinary requests want them, the
+//! scheduler gives those first. A lower nice value alone was not enough: the kernel's
+//! scheduler (EEVDF) lets a running nice-10 thread finish its slice before a request's
+//! thread that wakes, and in the abuse benchmark the normal clients' p99 came out no better
+//! than at nice 0; an idle-policy thread is preempted at once. So a flood of
 //! expensive requests — logins with wrong passwords, multi-megabyte text PUTs — slows
 //! those requests, not everyone else's. How many run at once is bounded by their callers
 //! (`access.password_hash_concurrency`, one actor per resource).
@@ -14,7 +20,7 @@
 //! raising it back would, which is why the thread is fresh and ends with the work (a
 //! thread costs tens of microseconds; the work it carries costs milliseconds or more).
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// How much lower the priority of heavy work is than the process's, by default (nice
 /// steps; 19 is the lowest priority Linux has).
@@ -23,23 +29,36 @@ pub const DEFAULT_NICE: i32 = 10;
 /// `limits.heavy_work_nice` of this process.
 static NICE: AtomicI32 = AtomicI32::new(DEFAULT_NICE);
 
+/// `limits.heavy_work_idle` of this process.
+static IDLE: AtomicBool = AtomicBool::new(true);
+
 /// Sets how much lower heavy work runs (`limits.heavy_work_nice`, 0 to 19), for the
 /// whole process.
 pub fn set_nice(steps: i32) {
     NICE.store(steps.clamp(0, 19), Ordering::Relaxed);
 }
 
+/// What heavy work is, for how far it yields to requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heavy {
+    /// Automerge work on big writes and loads: `limits.heavy_work_nice`, and `SCHED_IDLE`
+    /// if `limits.heavy_work_idle`.
+    Document,
+    /// Password hashing: `limits.heavy_work_nice` only.
+    Password,
+}
+
 /// Runs `f` to completion on a fresh thread at lower CPU priority and returns its result;
 /// a panic in `f` is resumed on the caller's thread. Blocks the calling thread: from async
 /// code, call it inside `spawn_blocking` or `block_in_place`. If no thread can be started,
 /// `f` runs here at the caller's priority.
-pub fn heavy<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+pub fn heavy<T: Send>(kind: Heavy, f: impl FnOnce() -> T + Send) -> T {
     let mut f = Some(f);
     let ran = std::thread::scope(|s| {
         let spawned = std::thread::Builder::new()
             .name("plait-heavy".into())
             .spawn_scoped(s, || {
-                lower_priority();
+                lower_priority(kind);
                 (f.take().expect("taken once"))()
             });
         spawned
@@ -52,8 +71,25 @@ pub fn heavy<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
-/// Lowers the calling thread's priority by `limits.heavy_work_nice`.
-fn lower_priority() {
+/// Whether heavy work runs under `SCHED_IDLE` (`limits.heavy_work_idle`), for the whole
+/// process.
+pub fn set_idle(on: bool) {
+    IDLE.store(on, Ordering::Relaxed);
+}
+
+/// Lowers the calling thread's priority for `kind` of work.
+fn lower_priority(kind: Heavy) {
+    #[cfg(target_os = "linux")]
+    if kind == Heavy::Document && IDLE.load(Ordering::Relaxed) {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a system call on the calling thread (0) with a valid parameter.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+            tracing::debug!(
+                "could not put a heavy thread under SCHED_IDLE: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
     let steps = NICE.load(Ordering::Relaxed);
     #[cfg(target_os = "linux")]
     if steps > 0 {
@@ -85,7 +121,7 @@ mod tests {
     fn heavy_work_runs_at_lower_priority_and_the_caller_keeps_its_own() {
         let mut borrowed = vec![1, 2, 3];
         let before = my_nice();
-        let inside = heavy(|| {
+        let inside = heavy(Heavy::Password, || {
             borrowed.push(4);
             my_nice()
         });
@@ -95,8 +131,19 @@ mod tests {
     }
 
     #[test]
+    fn document_work_runs_under_the_idle_policy_and_password_hashing_does_not() {
+        // SAFETY: reads the calling thread's own policy.
+        let policy = || unsafe { libc::sched_getscheduler(0) };
+        let before = policy();
+        let inside = heavy(Heavy::Document, policy);
+        assert_eq!(inside, libc::SCHED_IDLE, "the default (limits.heavy_work_idle)");
+        assert_eq!(heavy(Heavy::Password, policy), before);
+        assert_eq!(policy(), before, "the caller's thread is untouched");
+    }
+
+    #[test]
     fn a_panic_in_heavy_work_reaches_the_caller() {
-        let caught = std::panic::catch_unwind(|| heavy(|| panic!("in the heavy thread")));
+        let caught = std::panic::catch_unwind(|| heavy(Heavy::Document, || panic!("in the heavy thread")));
         let msg = caught.expect_err("panics").downcast::<&str>().map(|s| *s);
         assert_eq!(msg.ok(), Some("in the heavy thread"));
     }

@@ -182,6 +182,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
     unsafe { libc::umask(0o077) };
     let open_files = raise_open_files_limit();
     crate::cpu::set_nice(cfg.limits.heavy_work_nice);
+    crate::cpu::set_idle(cfg.limits.heavy_work_idle);
     if cfg.limits.max_connections == 0 {
         cfg.limits.max_connections = crate::config::connections_for_open_files(
             open_files.unwrap_or(1024),

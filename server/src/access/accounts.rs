@@ -288,7 +288,7 @@ impl Accounts {
             .await
             .map_err(|_| AccountError::Busy)?
             .map_err(|_| AccountError::Busy)?;
-        tokio::task::spawn_blocking(move || crate::cpu::heavy(f))
+        tokio::task::spawn_blocking(move || crate::cpu::heavy(crate::cpu::Heavy::Password, f))
             .await
             .map_err(|_| AccountError::Busy)
     }

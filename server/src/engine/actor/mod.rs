@@ -58,9 +58,9 @@ fn cpu_bound<T: Send>(heavy: bool, f: impl FnOnce() -> T + Send) -> T {
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if multi_thread {
-        tokio::task::block_in_place(|| crate::cpu::heavy(f))
+        tokio::task::block_in_place(|| crate::cpu::heavy(crate::cpu::Heavy::Document, f))
     } else {
-        crate::cpu::heavy(f)
+        crate::cpu::heavy(crate::cpu::Heavy::Document, f)
     }
 }
 
