@@ -2,22 +2,23 @@
 //! large writes and loads (automerge on megabytes of text).
 //!
 //! Such work runs on a thread of its own with its scheduling priority lowered by
-//! `limits.heavy_work_nice` steps (the per-thread nice value; default [`DEFAULT_NICE`]);
-//! document work also under Linux's `SCHED_IDLE` policy (`limits.heavy_work_idle`, on by
-//! default). Password hashing is kept out of the idle policy: under a load that leaves no
-//! core free an idle-policy thread barely runs, and a person logging in should not wait
-//! out a flood of big writes.
-//! When the cores are idle it runs at full speed; when ordinary requests want them, the
-//! scheduler gives those first. A lower nice value alone was not enough: the kernel's
-//! scheduler (EEVDF) lets a running nice-10 thread finish its slice before a request's
-//! thread that wakes, and in the abuse benchmark the normal clients' p99 came out no better
-//! than at nice 0; an idle-policy thread is preempted at once. So a flood of
-//! expensive requests — logins with wrong passwords, multi-megabyte text PUTs — slows
-//! those requests, not everyone else's. How many run at once is bounded by their callers
-//! (`access.password_hash_concurrency`, one actor per resource).
+//! `limits.heavy_work_nice` steps (the per-thread nice value; default [`DEFAULT_NICE`]),
+//! and document work also under Linux's `SCHED_IDLE` policy (`limits.heavy_work_idle`, on
+//! by default). When the cores are idle it runs at full speed; when ordinary requests want
+//! them, the scheduler gives those first. So a flood of expensive requests — logins with
+//! wrong passwords, multi-megabyte text PUTs — slows those requests, not everyone else's.
+//! How many run at once is bounded by their callers (`access.password_hash_concurrency`,
+//! one actor per resource).
 //!
-//! Knows nothing of what the work is. Lowering a thread's priority needs no privilege;
-//! raising it back would, which is why the thread is fresh and ends with the work (a
+//! A lower nice value alone was not enough for document work: the kernel's scheduler
+//! (EEVDF) lets a running nice-10 thread finish its slice before a request's thread that
+//! wakes, and in the abuse benchmark the normal clients' p99 came out no better than at
+//! nice 0; an idle-policy thread is preempted at once. Password hashing is kept out of the
+//! idle policy: under a load that leaves no core free an idle-policy thread barely runs,
+//! and a person logging in should not wait out a flood of big writes.
+//!
+//! Knows of the work only which of those two kinds ([`Heavy`]) it is. Lowering a
+//! thread's priority needs no privilege; raising it back would, which is why the thread is fresh and ends with the work (a
 //! thread costs tens of microseconds; the work it carries costs milliseconds or more).
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};

@@ -269,14 +269,13 @@ impl Plait {
             .enable_all()
             .build()
             .expect("runtime");
+        rt.block_on(self.status())
+    }
+
+    /// [`Plait::well_known`], from async code.
+    pub async fn status(&self) -> serde_json::Value {
         let (k, v) = self.owner_auth();
-        let r = rt.block_on(crate::wire::send(
-            self.addr,
-            "GET",
-            "/.well-known/plait",
-            &[(k, v.as_str())],
-            b"",
-        ));
+        let r = crate::wire::send(self.addr, "GET", "/.well-known/plait", &[(k, v.as_str())], b"").await;
         serde_json::from_slice(&r.body).expect("the status resource is JSON")
     }
 

@@ -386,19 +386,7 @@ async fn a_vanished_client_s_queued_messages_are_not_read() {
         &[],
         &[("PLAIT_LIMITS__STATEBUS_MESSAGES_PER_SECOND_PER_ADDRESS", "50")],
     );
-    let owner = p.owner_auth();
-    let open = || async {
-        let r = wire::send(
-            p.addr,
-            "GET",
-            "/.well-known/plait",
-            &[(owner.0, owner.1.as_str())],
-            b"",
-        )
-        .await;
-        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
-        v["subscriptions"].as_u64().expect("a count")
-    };
+    let open = || async { p.status().await["subscriptions"].as_u64().expect("a count") };
     let mut flood = ws(&p).await;
     for k in 0..1100 {
         send(&mut flood, &format!(r#"{{"get":"gone/{k}"}}"#)).await;

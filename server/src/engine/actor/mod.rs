@@ -57,10 +57,11 @@ fn cpu_bound<T: Send>(heavy: bool, f: impl FnOnce() -> T + Send) -> T {
     }
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let run = || crate::cpu::heavy(crate::cpu::Heavy::Document, f);
     if multi_thread {
-        tokio::task::block_in_place(|| crate::cpu::heavy(crate::cpu::Heavy::Document, f))
+        tokio::task::block_in_place(run)
     } else {
-        crate::cpu::heavy(crate::cpu::Heavy::Document, f)
+        run()
     }
 }
 
