@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md at the repository root for the code map.
 
 pub mod access;
+pub mod address;
 pub mod backup;
 pub mod braid;
 pub mod cli;

@@ -91,9 +91,21 @@ impl Plait {
     /// Starts a server listening on `listen` (e.g. `10.1.2.3:0`), inside network namespace
     /// `netns` when given (see [`crate::netns::NetNs`]).
     pub fn start_at(store: Store, listen: &str, netns: Option<&str>, extra: &[&str]) -> Plait {
+        Self::start_at_with_env(store, listen, netns, extra, &[])
+    }
+
+    /// [`Self::start_at`] with settings from the environment, as [`Self::start_with_env`].
+    pub fn start_at_with_env(
+        store: Store,
+        listen: &str,
+        netns: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Plait {
         let data_dir = DataDir::Owned(tempfile::tempdir().expect("temp dir"));
         let mut p = Self::new(store, data_dir, extra);
         p.netns = netns.map(str::to_string);
+        p.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         p.spawn(listen);
         p
     }

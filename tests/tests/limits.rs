@@ -222,6 +222,75 @@ async fn bytes_written_per_second_per_client() {
     );
 }
 
+/// Per-address limits count an IPv6 client by its /64, which it may pick addresses from
+/// at will: writes from two addresses of one /64 share a budget, and another /64 has its
+/// own. The server and the clients (curl, bound to each address) run in a network
+/// namespace of the test's, with the addresses on its loopback.
+#[test]
+fn an_ipv6_64_is_one_writer() {
+    let net = plait_tests::netns::NetNs::new("v6");
+    let [a1, a2, b1] = ["2001:db8:1::a", "2001:db8:1::b", "2001:db8:2::a"];
+    for a in [a1, a2, b1] {
+        let ok = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &net.name,
+                "addr",
+                "add",
+                &format!("{a}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip addr add {a}");
+    }
+    let p = Plait::start_at_with_env(
+        Store::Embedded,
+        "[::]:0",
+        Some(&net.name),
+        &[],
+        &[
+            ("PLAIT_LIMITS__WRITES_PER_SECOND", "1"),
+            ("PLAIT_LIMITS__WRITE_BURST", "1"),
+        ],
+    );
+    let put = |from: &str, path: &str| -> String {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.name,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .args([
+                "--interface",
+                from,
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+            ])
+            .args(["--data", "1", &format!("http://[{a1}]:{}{path}", p.addr.port())])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(put(a1, "/one"), "200");
+    assert_eq!(
+        put(a2, "/two"),
+        "429",
+        "another address of the same /64 shares its budget"
+    );
+    assert_eq!(put(b1, "/three"), "200", "another /64 has its own");
+}
+
 /// A client sending malformed requests in a loop is answered at once up to
 /// `bad_requests_per_second_per_address`, then each answer waits
 /// `rate_limited_delay_ms`; the answer itself is unchanged, and the limit is published.

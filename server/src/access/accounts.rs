@@ -34,6 +34,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, Semaphore};
 
+use crate::address::AddressKey;
 use crate::engine::{Engine, EngineError, Write, Writer};
 use crate::model::{ResourceKey, ResourcePath};
 
@@ -107,11 +108,11 @@ pub enum AccountError {
 
 /// Rate limits on logins and account creation, and the slots password hashing runs in.
 struct Guards {
-    by_address: DefaultKeyedRateLimiter<IpAddr>,
+    by_address: DefaultKeyedRateLimiter<AddressKey>,
     failures_by_account: DefaultKeyedRateLimiter<String>,
     /// Accounts whose failures ran out, until when.
     locked: std::sync::Mutex<HashMap<String, Instant>>,
-    creations_by_address: DefaultKeyedRateLimiter<IpAddr>,
+    creations_by_address: DefaultKeyedRateLimiter<AddressKey>,
     hashing: Semaphore,
     hash_queue: Duration,
     session_lifetime: Duration,
@@ -303,7 +304,7 @@ impl Accounts {
         from: Option<IpAddr>,
     ) -> Result<Account, AccountError> {
         if let Some(ip) = from
-            && let Err(e) = self.guards.creations_by_address.check_key(&ip)
+            && let Err(e) = self.guards.creations_by_address.check_key(&AddressKey::of(ip))
         {
             return Err(AccountError::TooMany {
                 limit: "access.account_creations_per_hour_per_address",
@@ -370,7 +371,7 @@ impl Accounts {
     /// password get the same answer after the same work.
     pub async fn login(&self, name: &str, pass: &str, from: Option<IpAddr>) -> Result<Account, AccountError> {
         if let Some(ip) = from
-            && let Err(e) = self.guards.by_address.check_key(&ip)
+            && let Err(e) = self.guards.by_address.check_key(&AddressKey::of(ip))
         {
             return Err(AccountError::TooMany {
                 limit: "access.logins_per_minute_per_address",

@@ -154,7 +154,7 @@ impl Caller {
     pub fn writer(&self, owner: Identity, ip: Option<std::net::IpAddr>) -> Writer {
         match (self.author(owner), ip) {
             (Some(id), _) => Writer::Identity(id),
-            (None, Some(ip)) => Writer::Address(ip),
+            (None, Some(ip)) => Writer::Address(crate::address::AddressKey::of(ip)),
             (None, None) => Writer::Internal,
         }
     }

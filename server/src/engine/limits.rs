@@ -16,7 +16,6 @@
 //!   from writes in between, so the check costs no query on the hot path.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -26,6 +25,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use plait_bridge::Identity;
 
 use super::EngineError;
+use crate::address::AddressKey;
 use crate::model::Namespace;
 use crate::storage::Storage;
 
@@ -74,8 +74,8 @@ impl Default for WriteLimits {
 pub enum Writer {
     /// A request signed by (or a session of) this identity.
     Identity(Identity),
-    /// An anonymous client at this address.
-    Address(IpAddr),
+    /// An anonymous client at this address (an IPv6 client's /64).
+    Address(AddressKey),
     /// The server itself (imports, replicas of other instances): not limited.
     Internal,
 }
@@ -279,8 +279,8 @@ mod tests {
             },
             None,
         );
-        let a = Writer::Address("10.0.0.1".parse().unwrap());
-        let b = Writer::Address("10.0.0.2".parse().unwrap());
+        let a = Writer::Address(AddressKey::of("10.0.0.1".parse().unwrap()));
+        let b = Writer::Address(AddressKey::of("10.0.0.2".parse().unwrap()));
         for _ in 0..3 {
             l.check_rate(&a, 10).unwrap();
         }
@@ -309,7 +309,7 @@ mod tests {
             },
             None,
         );
-        let a = Writer::Address("10.0.0.1".parse().unwrap());
+        let a = Writer::Address(AddressKey::of("10.0.0.1".parse().unwrap()));
         for _ in 0..10_000 {
             l.check_rate(&a, 10).unwrap();
         }
@@ -326,8 +326,8 @@ mod tests {
             },
             Some(owner),
         );
-        let a = Writer::Address("10.0.0.1".parse().unwrap());
-        let b = Writer::Address("10.0.0.2".parse().unwrap());
+        let a = Writer::Address(AddressKey::of("10.0.0.1".parse().unwrap()));
+        let b = Writer::Address(AddressKey::of("10.0.0.2".parse().unwrap()));
         l.check_rate(&a, 100 << 10).unwrap();
         let Err(EngineError::RateLimited {
             retry_after,

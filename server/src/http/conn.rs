@@ -31,6 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::address::AddressKey;
+
 /// Connections being refused at once; past this a refused connection is just closed
 /// (each one holds a socket for up to [`REFUSAL_LINGER`]).
 const MAX_REFUSALS: usize = 256;
@@ -42,7 +44,7 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 pub struct Gate {
     permits: Arc<Semaphore>,
     max_per_address: usize,
-    per_address: Mutex<HashMap<IpAddr, usize>>,
+    per_address: Mutex<HashMap<AddressKey, usize>>,
     refusals: Arc<Semaphore>,
     trusted: Arc<crate::http::forwarded::TrustedProxies>,
     /// Connections open (the metric), moved by each [`Slot`].
@@ -88,11 +90,11 @@ impl Gate {
     /// A slot for a new connection from `ip`, or why there is none.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Full> {
         // An IPv4 client on a dual-stack listener shows as an IPv4-mapped IPv6 address.
-        let ip = ip.to_canonical();
-        let counted = !self.trusted.contains(ip);
+        let counted = !self.trusted.contains(ip.to_canonical());
+        let key = AddressKey::of(ip);
         if counted {
             let mut map = self.per_address.lock().expect("per-address counts");
-            let n = map.entry(ip).or_insert(0);
+            let n = map.entry(key).or_insert(0);
             if *n >= self.max_per_address {
                 return Err(Full::Address);
             }
@@ -101,7 +103,7 @@ impl Gate {
         // Made before the permit is taken, so a refusal gives the address count back.
         let mut slot = Slot {
             permit: None,
-            address: counted.then(|| (self.clone(), ip)),
+            address: counted.then(|| (self.clone(), key)),
             open: None,
         };
         slot.permit = Some(
@@ -119,7 +121,7 @@ impl Gate {
 /// A connection's place under the caps; given back when dropped.
 pub struct Slot {
     permit: Option<OwnedSemaphorePermit>,
-    address: Option<(Arc<Gate>, IpAddr)>,
+    address: Option<(Arc<Gate>, AddressKey)>,
     /// The open-connections gauge, once the slot is taken.
     open: Option<metrics::Gauge>,
 }

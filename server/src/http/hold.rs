@@ -19,6 +19,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use axum::body::Body;
 
 use super::Peer;
+use crate::address::AddressKey;
 use crate::config::Limits;
 
 /// When answers are held. (A client asking in a loop gets its budget at once, waits one
@@ -28,7 +29,7 @@ pub struct Holds {
     delay: Duration,
     /// Bad requests answered at once per address (`limits.bad_requests_per_second_per_address`,
     /// a burst of one second's worth); `None`: every one at once.
-    bad: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    bad: Option<DefaultKeyedRateLimiter<AddressKey>>,
 }
 
 impl Holds {
@@ -53,7 +54,7 @@ impl Holds {
             true
         } else if bad {
             match (&self.bad, client) {
-                (Some(bad), Some(ip)) => bad.check_key(&ip.to_canonical()).is_err(),
+                (Some(bad), Some(ip)) => bad.check_key(&AddressKey::of(ip)).is_err(),
                 _ => false,
             }
         } else {

@@ -55,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::{App, Peer};
+use crate::address::AddressKey;
 use crate::config::Limits;
 
 /// The protocol version this server speaks (`Multiplex-Version`).
@@ -123,7 +124,7 @@ pub struct Multiplexers {
 #[derive(Default)]
 struct Open {
     by_id: HashMap<String, Arc<Mux>>,
-    per_address: HashMap<IpAddr, usize>,
+    per_address: HashMap<AddressKey, usize>,
 }
 
 /// One open multiplexer.
@@ -169,7 +170,7 @@ impl Multiplexers {
         if open.by_id.contains_key(id) {
             return Err(MuxError::DuplicateMultiplexer(id.to_string()));
         }
-        let n = open.per_address.entry(owner).or_default();
+        let n = open.per_address.entry(AddressKey::of(owner)).or_default();
         if *n >= self.max_per_address {
             return Err(MuxError::TooManyMultiplexers(self.max_per_address));
         }
@@ -194,10 +195,10 @@ impl Multiplexers {
         let mut open = self.lock();
         if open.by_id.get(&mux.id).is_some_and(|m| Arc::ptr_eq(m, mux)) {
             open.by_id.remove(&mux.id);
-            if let Some(n) = open.per_address.get_mut(&mux.owner) {
+            if let Some(n) = open.per_address.get_mut(&AddressKey::of(mux.owner)) {
                 *n -= 1;
                 if *n == 0 {
-                    open.per_address.remove(&mux.owner);
+                    open.per_address.remove(&AddressKey::of(mux.owner));
                 }
             }
         }

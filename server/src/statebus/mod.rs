@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::Access;
+use crate::address::AddressKey;
 use crate::config::Limits;
 use crate::engine::Engine;
 use plait_bridge::Identity;
@@ -67,7 +68,7 @@ pub struct MessageRate {
     /// How far ahead of now an address's schedule may run before it waits.
     burst: Duration,
     /// Each address's theoretical arrival time.
-    next: std::sync::Mutex<HashMap<IpAddr, Instant>>,
+    next: std::sync::Mutex<HashMap<AddressKey, Instant>>,
 }
 
 impl MessageRate {
@@ -93,7 +94,7 @@ impl MessageRate {
     fn reserve(&self, ip: IpAddr, now: Instant) -> Option<Instant> {
         let interval = self.interval?;
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let tat = next.entry(ip).or_insert(now);
+        let tat = next.entry(AddressKey::of(ip)).or_insert(now);
         *tat = (*tat).max(now) + interval;
         // A burst's worth of slots may be taken ahead of now.
         tat.checked_sub(self.burst).filter(|&at| at > now)
