@@ -192,5 +192,35 @@ fn hot_doc(c: &mut Criterion, trace: &Trace) {
     g.finish();
 }
 
-criterion_group!(text, benches);
+/// One PUT of a whole body of N bytes to a new text resource: what a client that uploads a
+/// file costs the server (automerge holds one op per code point).
+fn whole_body(c: &mut Criterion) {
+    let mut g = c.benchmark_group("whole_body_put");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    for n in [256 << 10, 1 << 20, 2 << 20] {
+        let body = WriteBody::Full {
+            media_type: None,
+            body: Bytes::from("x".repeat(n)),
+        };
+        g.bench_function(format!("{}_kib", n >> 10), |b| {
+            b.iter(|| {
+                let mut d = TextDoc::new();
+                let w = DocWrite {
+                    body: &body,
+                    version: None,
+                    parents: None,
+                    agent_hint: Some("bench"),
+                    force: false,
+                    digest: None,
+                    max_json_depth: plait_server::doc::json::MAX_JSON_DEPTH,
+                };
+                black_box(d.apply(&w, 0).expect("a whole body applies"));
+                d
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(text, whole_body, benches);
 criterion_main!(text);
