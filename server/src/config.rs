@@ -212,6 +212,12 @@ pub struct Limits {
     /// Bytes a writer may write at once above that rate; no one write may be larger (413).
     /// At least `max_body_bytes` while `write_bytes_per_second` is on.
     pub write_bytes_burst: u64,
+    /// CPU milliseconds per second that applying a writer's writes may cost on average
+    /// (the owner aside; measured per write, charged after it); 0 = unlimited. A writer
+    /// owing more than `document_work_burst_ms` gets 429 with Retry-After until paid off.
+    pub document_work_ms_per_second: u32,
+    /// Milliseconds of document work a writer may owe and still write.
+    pub document_work_burst_ms: u32,
     /// Bytes one namespace (an identity's tree of state) may occupy in storage; 0 =
     /// unlimited. Over it: 507.
     pub max_stored_bytes_per_namespace: u64,
@@ -383,6 +389,8 @@ impl Default for Limits {
             write_burst: crate::engine::WriteLimits::default().write_burst,
             write_bytes_per_second: crate::engine::WriteLimits::default().write_bytes_per_second,
             write_bytes_burst: crate::engine::WriteLimits::default().write_bytes_burst,
+            document_work_ms_per_second: crate::engine::WriteLimits::default().document_work_ms_per_second,
+            document_work_burst_ms: crate::engine::WriteLimits::default().document_work_burst_ms,
             max_stored_bytes_per_namespace: crate::engine::WriteLimits::default()
                 .max_stored_bytes_per_namespace,
             max_stored_bytes_per_identity: crate::engine::WriteLimits::default()
@@ -433,6 +441,8 @@ impl Config {
                 write_burst: self.limits.write_burst,
                 write_bytes_per_second: self.limits.write_bytes_per_second,
                 write_bytes_burst: self.limits.write_bytes_burst,
+                document_work_ms_per_second: self.limits.document_work_ms_per_second,
+                document_work_burst_ms: self.limits.document_work_burst_ms,
                 max_stored_bytes_per_namespace: self.limits.max_stored_bytes_per_namespace,
                 max_stored_bytes_per_identity: self.limits.max_stored_bytes_per_identity,
                 max_json_depth: self.limits.max_json_depth,

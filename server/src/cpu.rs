@@ -78,6 +78,27 @@ pub fn set_idle(on: bool) {
     IDLE.store(on, Ordering::Relaxed);
 }
 
+/// Runs `f` and returns its result with the CPU time the calling thread spent in it (not
+/// the time it waited for a core): what the work cost, whatever else the machine was doing.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
+    let start = thread_cpu_time();
+    let out = f();
+    (out, thread_cpu_time().saturating_sub(start))
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the calling thread's own clock into a valid timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Lowers the calling thread's priority for `kind` of work.
 fn lower_priority(kind: Heavy) {
     #[cfg(target_os = "linux")]
@@ -140,6 +161,28 @@ mod tests {
         assert_eq!(inside, libc::SCHED_IDLE, "the default (limits.heavy_work_idle)");
         assert_eq!(heavy(Heavy::Password, policy), before);
         assert_eq!(policy(), before, "the caller's thread is untouched");
+    }
+
+    #[test]
+    fn timed_work_counts_the_cpu_it_used_not_the_time_it_slept() {
+        let ((), slept) = timed(|| std::thread::sleep(std::time::Duration::from_millis(50)));
+        assert!(
+            slept < std::time::Duration::from_millis(5),
+            "sleeping is not work: {slept:?}"
+        );
+        let (_, spun) = timed(|| {
+            let t = std::time::Instant::now();
+            let mut x = 0u64;
+            while t.elapsed() < std::time::Duration::from_millis(50) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            x
+        });
+        // However few of those 50 ms the thread got on a busy machine, it got some.
+        assert!(
+            spun >= std::time::Duration::from_millis(1),
+            "spinning is: {spun:?}"
+        );
     }
 
     #[test]

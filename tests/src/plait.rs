@@ -78,7 +78,7 @@ impl Plait {
 
     /// Starts a server with extra arguments and settings from the environment
     /// (e.g. `("PLAIT_LIMITS__WRITES_PER_SECOND", "5")`). Unless set here, the write rate
-    /// limits (writes and bytes) and the hold on repeated bad requests are off: tests that
+    /// limits (writes, bytes and document work) and the hold on repeated bad requests are off: tests that
     /// write fast, or send many bad requests on purpose, must not trip them by accident.
     pub fn start_with_env(store: Store, extra: &[&str], env: &[(&str, &str)]) -> Plait {
         let data_dir = DataDir::Owned(tempfile::tempdir().expect("temp dir"));
@@ -182,6 +182,7 @@ impl Plait {
         cmd.env_remove("DATABASE_URL").env_remove("PLAIT_DATABASE_URL");
         cmd.env("PLAIT_LIMITS__WRITES_PER_SECOND", "0");
         cmd.env("PLAIT_LIMITS__WRITE_BYTES_PER_SECOND", "0");
+        cmd.env("PLAIT_LIMITS__DOCUMENT_WORK_MS_PER_SECOND", "0");
         cmd.env("PLAIT_LIMITS__BAD_REQUESTS_PER_SECOND_PER_ADDRESS", "0");
         // Most tests write anonymously, as apps written for the reference servers do; the
         // access tests turn this off (an entry in `env` wins).

@@ -222,6 +222,59 @@ async fn bytes_written_per_second_per_client() {
     );
 }
 
+/// What applying a writer's writes costs the server's CPU is limited too
+/// (`document_work_ms_per_second`, `document_work_burst_ms`): a client whose big text
+/// write took more than its share of document work is refused, naming that limit, until
+/// it has paid it off, and nothing of the refused write is stored; the owner writes on;
+/// the settings are published.
+#[tokio::test]
+async fn document_work_per_writer() {
+    let p = Plait::start_with_env(
+        Store::Embedded,
+        &[],
+        &[
+            ("PLAIT_LIMITS__DOCUMENT_WORK_MS_PER_SECOND", "10"),
+            ("PLAIT_LIMITS__DOCUMENT_WORK_BURST_MS", "0"),
+        ],
+    );
+    let text = |path: &'static str, body: Vec<u8>, auth: Option<(&'static str, String)>| {
+        let addr = p.addr;
+        async move {
+            let mut h = vec![("Content-Type", "text/plain")];
+            if let Some((k, v)) = &auth {
+                h.push((k, v.as_str()));
+            }
+            wire::send(addr, "PUT", path, &h, &body).await
+        }
+    };
+    // 256 KiB of new text is a quarter of a million automerge ops: tens of milliseconds
+    // of work at least, seconds to pay off at 10 ms a second.
+    let r = text("/novel", vec![b'x'; 256 << 10], None).await;
+    assert_eq!(r.status, 200, "a fresh writer's first write passes: {}", r.text());
+    let r = text("/note", b"hello".to_vec(), None).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("plait-error"), Some("rate-limited"));
+    assert!(
+        r.text().contains("limits.document_work_ms_per_second"),
+        "{}",
+        r.text()
+    );
+    let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!(retry >= 2, "Retry-After: {retry}");
+    let got = wire::send(p.addr, "GET", "/note", &[("Accept", "application/json")], b"").await;
+    assert_eq!(got.status, 404, "the refused write stored nothing");
+    let r = text("/note", b"from the owner".to_vec(), Some(p.owner_auth())).await;
+    assert_eq!(r.status, 200, "the owner's work is not counted: {}", r.text());
+    let info: serde_json::Value = serde_json::from_slice(
+        &wire::send(p.addr, "GET", "/.well-known/plait", &[], b"")
+            .await
+            .body,
+    )
+    .unwrap();
+    assert_eq!(info["limits"]["document_work_ms_per_second"], 10);
+    assert_eq!(info["limits"]["document_work_burst_ms"], 0);
+}
+
 /// Per-address limits count an IPv6 client by its /64, which it may pick addresses from
 /// at will: writes from two addresses of one /64 share a budget, and another /64 has its
 /// own. The server and the clients (curl, bound to each address) run in a network

@@ -9,6 +9,12 @@
 //!   `write_bytes_burst`), so that a writer of large values cannot take the store's one
 //!   commit lane (and the namespace's quota) as fast as it can send; the owner's writes
 //!   are not counted. A write larger than the burst can never pass and is refused as such.
+//! * **Document work**: a schedule per writer of the CPU time its writes took to apply
+//!   (`document_work_ms_per_second`, `document_work_burst_ms`), measured on the thread that
+//!   did the work and charged after it, since what a write costs (automerge holds one op
+//!   per character of text) is known only once it is applied; a writer in debt past the
+//!   burst is refused until it has paid it off. Bytes alone let one client keep a core
+//!   busy: 2 MiB of new text is about a second of work. The owner's writes are not counted.
 //! * **Quotas**: a namespace may occupy `max_stored_bytes_per_namespace` bytes in storage,
 //!   and the resources an identity (an account, a signing key, a member) created
 //!   `max_stored_bytes_per_identity`; the owner's writes have no identity quota. Usage is
@@ -43,6 +49,11 @@ pub struct WriteLimits {
     pub write_bytes_per_second: u64,
     /// Bytes a writer may write at once above the sustained rate: the largest write.
     pub write_bytes_burst: u64,
+    /// CPU milliseconds of document work per second a writer's writes may cost on average
+    /// (the owner aside); 0 turns it off.
+    pub document_work_ms_per_second: u32,
+    /// Milliseconds of document work a writer may owe before its writes are refused.
+    pub document_work_burst_ms: u32,
     /// Bytes a namespace may occupy in storage; 0 turns the quota off.
     pub max_stored_bytes_per_namespace: u64,
     /// Bytes the resources one identity created may occupy; 0 turns the quota off.
@@ -61,6 +72,8 @@ impl Default for WriteLimits {
             write_burst: 4_000,
             write_bytes_per_second: 2 << 20,
             write_bytes_burst: 16 << 20,
+            document_work_ms_per_second: 100,
+            document_work_burst_ms: 1_000,
             max_stored_bytes_per_namespace: 1 << 30,
             max_stored_bytes_per_identity: 256 << 20,
             max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
@@ -88,6 +101,8 @@ pub(crate) struct Limiter {
     rate: Option<DefaultKeyedRateLimiter<Writer>>,
     /// Bytes written per writer, in [`BYTES_CELL`]s.
     bytes: Option<DefaultKeyedRateLimiter<Writer>>,
+    /// Document work per writer.
+    work: Option<WorkBudget>,
     /// namespace → (bytes, when read from storage).
     usage: Mutex<HashMap<Namespace, (u64, Instant)>>,
     /// identity → (bytes of the resources it created, when read from storage).
@@ -107,10 +122,16 @@ impl Limiter {
             let burst = cells(limits.write_bytes_burst).unwrap_or(per_sec).max(per_sec);
             RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst))
         });
+        let work = (limits.document_work_ms_per_second > 0).then(|| WorkBudget {
+            per_second: limits.document_work_ms_per_second,
+            burst: Duration::from_millis(limits.document_work_burst_ms.into()),
+            due: Mutex::new(HashMap::new()),
+        });
         Limiter {
             limits,
             rate,
             bytes,
+            work,
             usage: Mutex::new(HashMap::new()),
             authored: Mutex::new(HashMap::new()),
             owner,
@@ -121,14 +142,26 @@ impl Limiter {
         self.limits
     }
 
+    /// Whether `writer` is limited only by the write rate: the server itself, or the owner.
+    fn unmetered(&self, writer: &Writer) -> bool {
+        match writer {
+            Writer::Internal => true,
+            Writer::Identity(id) => Some(*id) == self.owner,
+            Writer::Address(_) => false,
+        }
+    }
+
     /// Takes one write of `size` bytes from `writer`'s buckets, or says when to come back
-    /// (a delete is a write of no bytes). The bytes are taken first: a write refused for
-    /// its bytes costs no write.
+    /// (a delete is a write of no bytes). A writer in debt for document work is refused
+    /// first, then the bytes are taken: a write refused for its bytes costs no write.
     pub(crate) fn check_rate(&self, writer: &Writer, size: u64) -> Result<(), EngineError> {
         if matches!(writer, Writer::Internal) {
             return Ok(());
         }
-        let owner = matches!(writer, Writer::Identity(id) if Some(*id) == self.owner);
+        let owner = self.unmetered(writer);
+        if let (Some(work), false) = (&self.work, owner) {
+            work.check(writer, Instant::now())?;
+        }
         if let (Some(bytes), false, Some(n)) = (&self.bytes, owner, NonZeroU32::new(size_cells(size))) {
             match bytes.check_key_n(writer, n) {
                 Ok(Ok(())) => {}
@@ -242,8 +275,24 @@ impl Limiter {
         }
     }
 
+    /// Charges `writer` for `cpu` of document work one of its writes took (applied or
+    /// refused by the document: the work was done either way).
+    pub(crate) fn charge_work(&self, writer: &Writer, cpu: Duration) {
+        if let Some(work) = &self.work
+            && !self.unmetered(writer)
+        {
+            work.charge(writer, cpu, Instant::now());
+        }
+    }
+
     /// Forgets idle writers' buckets and stale usage figures.
     pub(crate) fn prune(&self) {
+        if let Some(work) = &self.work {
+            let now = Instant::now();
+            let mut due = work.due.lock().unwrap_or_else(|e| e.into_inner());
+            due.retain(|_, at| *at > now);
+            due.shrink_to_fit();
+        }
         for rate in [&self.rate, &self.bytes].into_iter().flatten() {
             rate.retain_recent();
             rate.shrink_to_fit();
@@ -256,6 +305,36 @@ impl Limiter {
             .lock()
             .expect("authored")
             .retain(|_, (_, at)| at.elapsed() < USAGE_TTL * 60);
+    }
+}
+
+/// Document work owed per writer (a GCRA schedule pushed forward after the fact): a
+/// writer's `due` is when its work so far is paid for at `per_second` milliseconds a second.
+struct WorkBudget {
+    per_second: u32,
+    /// How far ahead of now a writer's `due` may be while its writes are still taken.
+    burst: Duration,
+    due: Mutex<HashMap<Writer, Instant>>,
+}
+
+impl WorkBudget {
+    fn check(&self, writer: &Writer, now: Instant) -> Result<(), EngineError> {
+        let due = self.due.lock().unwrap_or_else(|e| e.into_inner());
+        match due.get(writer).and_then(|d| d.checked_sub(self.burst)) {
+            Some(at) if at > now => Err(EngineError::RateLimited {
+                retry_after: at - now,
+                limit: "document_work_ms_per_second",
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn charge(&self, writer: &Writer, cpu: Duration, now: Instant) {
+        // `cpu` at `per_second` ms a second takes cpu × 1000 / per_second to pay off.
+        let owed = cpu.saturating_mul(1_000) / self.per_second;
+        let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
+        let d = due.entry(*writer).or_insert(now);
+        *d = (*d).max(now) + owed;
     }
 }
 
@@ -296,6 +375,50 @@ mod tests {
         for _ in 0..10 {
             l.check_rate(&Writer::Internal, 1 << 30).unwrap();
         }
+    }
+
+    #[test]
+    fn document_work_is_charged_after_the_fact_per_writer_but_not_the_owners() {
+        let owner = plait_bridge::Keypair::generate().identity();
+        let l = Limiter::new(
+            WriteLimits {
+                document_work_ms_per_second: 100,
+                document_work_burst_ms: 1_000,
+                ..WriteLimits::default()
+            },
+            Some(owner),
+        );
+        let a = Writer::Address(AddressKey::of("10.0.0.1".parse().unwrap()));
+        let b = Writer::Address(AddressKey::of("10.0.0.2".parse().unwrap()));
+        // A fresh writer's first write passes however much it costs: 0.6 s of work is
+        // 6 s at 100 ms a second, 5 s past the burst.
+        l.check_rate(&a, 10).unwrap();
+        l.charge_work(&a, Duration::from_millis(600));
+        let Err(EngineError::RateLimited {
+            retry_after,
+            limit: "document_work_ms_per_second",
+        }) = l.check_rate(&a, 10)
+        else {
+            panic!("a writer in debt past the burst is refused")
+        };
+        assert!(retry_after > Duration::from_millis(4_900) && retry_after <= Duration::from_secs(5));
+        // Debt within the burst is fine; others (and the owner) are not held back.
+        l.charge_work(&b, Duration::from_millis(50));
+        l.check_rate(&b, 10).unwrap();
+        for _ in 0..10 {
+            l.charge_work(&Writer::Identity(owner), Duration::from_secs(1));
+            l.check_rate(&Writer::Identity(owner), 10).unwrap();
+        }
+        // Paid off, a writer is forgotten.
+        let then = Instant::now() - Duration::from_secs(10);
+        l.work.as_ref().unwrap().due.lock().unwrap().insert(a, then);
+        l.check_rate(&a, 10).unwrap();
+        l.prune();
+        assert_eq!(
+            l.work.as_ref().unwrap().due.lock().unwrap().len(),
+            1,
+            "only b still owes"
+        );
     }
 
     #[test]

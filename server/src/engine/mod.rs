@@ -392,7 +392,7 @@ struct Inner {
     config: EngineConfig,
     registry: Mutex<HashMap<ResourceKey, Weak<ResourceHandle>>>,
     warm: Mutex<LruCache<ResourceKey, Arc<ResourceHandle>>>,
-    limiter: limits::Limiter,
+    limiter: Arc<limits::Limiter>,
     /// Live resources by row id, for notices from other processes (actors add themselves
     /// once they know their id).
     by_id: Arc<Mutex<HashMap<ResourceId, Weak<ResourceHandle>>>>,
@@ -411,7 +411,7 @@ impl Engine {
                 storage,
                 registry: Mutex::new(HashMap::new()),
                 warm: Mutex::new(LruCache::new(cap)),
-                limiter: limits::Limiter::new(config.limits, config.owner),
+                limiter: Arc::new(limits::Limiter::new(config.limits, config.owner)),
                 by_id: Arc::new(Mutex::new(HashMap::new())),
                 writes: Default::default(),
                 config,
@@ -469,6 +469,7 @@ impl Engine {
                     rx,
                     by_id: self.inner.by_id.clone(),
                     me: Arc::downgrade(&h),
+                    limiter: self.inner.limiter.clone(),
                 });
                 if registry.len() > 4 * self.inner.config.warm_resources + 1024 {
                     registry.retain(|_, w| w.strong_count() > 0);

@@ -466,6 +466,8 @@ fn published_limits(app: &App) -> serde_json::Value {
         "write_burst": app.engine.write_limits().write_burst,
         "write_bytes_per_second": app.engine.write_limits().write_bytes_per_second,
         "write_bytes_burst": app.engine.write_limits().write_bytes_burst,
+        "document_work_ms_per_second": app.engine.write_limits().document_work_ms_per_second,
+        "document_work_burst_ms": app.engine.write_limits().document_work_burst_ms,
         "max_stored_bytes_per_namespace": app.engine.write_limits().max_stored_bytes_per_namespace,
         "max_stored_bytes_per_identity": app.engine.write_limits().max_stored_bytes_per_identity,
         "min_heartbeat_ms": crate::braid::headers::MIN_HEARTBEAT.as_millis() as u64,

@@ -76,6 +76,8 @@ pub(crate) struct Setup {
     /// so the actor never keeps itself alive) to put in it.
     pub by_id: Arc<Mutex<HashMap<ResourceId, Weak<ResourceHandle>>>>,
     pub me: Weak<ResourceHandle>,
+    /// The engine's write limits, charged for the document work each write took.
+    pub limiter: Arc<super::limits::Limiter>,
 }
 
 pub(crate) fn spawn(s: Setup) {
@@ -87,6 +89,7 @@ pub(crate) fn spawn(s: Setup) {
         rx: s.rx,
         by_id: s.by_id,
         me: s.me,
+        limiter: s.limiter,
         registered: None,
         res: None,
         event_seq: 0,
@@ -103,6 +106,7 @@ struct Actor {
     rx: mpsc::Receiver<Command>,
     by_id: Arc<Mutex<HashMap<ResourceId, Weak<ResourceHandle>>>>,
     me: Weak<ResourceHandle>,
+    limiter: Arc<super::limits::Limiter>,
     /// The id under which this actor is in `by_id`.
     registered: Option<ResourceId>,
     /// `None` until loaded (or after a failure that requires a reload).

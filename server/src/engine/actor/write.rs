@@ -103,7 +103,9 @@ impl Actor {
                 },
             };
             let heavy = w.size() > HEAVY_BYTES;
-            match cpu_bound(heavy, || p.doc.apply(&dw, now / 1000)) {
+            let (applied, work) = cpu_bound(heavy, || crate::cpu::timed(|| p.doc.apply(&dw, now / 1000)));
+            self.limiter.charge_work(&w.writer, work);
+            match applied {
                 Err(e) => {
                     if creating {
                         // Nothing was stored for a resource this write was to create.
