@@ -109,8 +109,13 @@ fn put(doc: &mut TextDoc, e: &Edit) {
         },
         content: Bytes::copy_from_slice(e.ins.as_bytes()),
     }]);
+    write(doc, &body);
+}
+
+/// Applies `body` as a PUT from one client, at the current version.
+fn write(doc: &mut TextDoc, body: &WriteBody) {
     let w = DocWrite {
-        body: &body,
+        body,
         version: None,
         parents: None,
         agent_hint: Some("bench"),
@@ -118,7 +123,7 @@ fn put(doc: &mut TextDoc, e: &Edit) {
         digest: None,
         max_json_depth: plait_server::doc::json::MAX_JSON_DEPTH,
     };
-    doc.apply(&w, 0).expect("trace edit applies");
+    black_box(doc.apply(&w, 0).expect("the write applies"));
 }
 
 fn doc_with(trace: &Trace, n: usize) -> TextDoc {
@@ -205,16 +210,7 @@ fn whole_body(c: &mut Criterion) {
         g.bench_function(format!("{}_kib", n >> 10), |b| {
             b.iter(|| {
                 let mut d = TextDoc::new();
-                let w = DocWrite {
-                    body: &body,
-                    version: None,
-                    parents: None,
-                    agent_hint: Some("bench"),
-                    force: false,
-                    digest: None,
-                    max_json_depth: plait_server::doc::json::MAX_JSON_DEPTH,
-                };
-                black_box(d.apply(&w, 0).expect("a whole body applies"));
+                write(&mut d, &body);
                 d
             })
         });
