@@ -275,6 +275,56 @@ async fn document_work_per_writer() {
     assert_eq!(info["limits"]["document_work_burst_ms"], 0);
 }
 
+/// Reading past versions of a big document is document work too, charged to the reader:
+/// a stranger's catch-up from an old version (`Parents`), read of an old version
+/// (`Version`) or subscription from one is refused while it owes more than the burst; the
+/// owner reads on.
+#[tokio::test]
+async fn reading_past_versions_is_document_work() {
+    let p = Plait::start_with_env(
+        Store::Embedded,
+        &[],
+        &[
+            ("PLAIT_LIMITS__DOCUMENT_WORK_MS_PER_SECOND", "10"),
+            ("PLAIT_LIMITS__DOCUMENT_WORK_BURST_MS", "0"),
+        ],
+    );
+    // 256 KiB of text from the owner (not counted), stored as four runs of 65,536
+    // characters: `w-65535` is the first run's end.
+    let (k, v) = p.owner_auth();
+    let h = [("Content-Type", "text/plain"), ("Peer", "w"), (k, v.as_str())];
+    let r = wire::send(p.addr, "PUT", "/paper", &h, &vec![b'x'; 256 << 10]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let old = [("Parents", "\"w-65535\"")];
+    let r = wire::send(p.addr, "GET", "/paper", &old, b"").await;
+    assert_eq!(
+        r.status,
+        209,
+        "a stranger's first catch-up is answered: {}",
+        r.text()
+    );
+    for (what, h) in [
+        ("a catch-up", ("Parents", "\"w-65535\"")),
+        ("an old version", ("Version", "\"w-1000\"")),
+    ] {
+        let r = wire::send(p.addr, "GET", "/paper", &[h], b"").await;
+        assert_eq!(r.status, 429, "{what}: {}", r.text());
+        assert!(
+            r.text().contains("limits.document_work_ms_per_second"),
+            "{}",
+            r.text()
+        );
+    }
+    let sub = [("Subscribe", "true"), ("Parents", "\"w-65535\"")];
+    let r = wire::send(p.addr, "GET", "/paper", &sub, b"").await;
+    assert_eq!(r.status, 429, "a subscription from an old version: {}", r.text());
+    // The current version costs no document work; the owner is not counted.
+    let r = wire::send(p.addr, "GET", "/paper", &[], b"").await;
+    assert_eq!((r.status, r.body.len()), (200, 256 << 10));
+    let r = wire::send(p.addr, "GET", "/paper", &[old[0], (k, v.as_str())], b"").await;
+    assert_eq!(r.status, 209, "{}", r.text());
+}
+
 /// Per-address limits count an IPv6 client by its /64, which it may pick addresses from
 /// at will: writes from two addresses of one /64 share a budget, and another /64 has its
 /// own. The server and the clients (curl, bound to each address) run in a network

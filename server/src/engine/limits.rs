@@ -14,7 +14,9 @@
 //!   did the work and charged after it, since what a write costs (automerge holds one op
 //!   per character of text) is known only once it is applied; a writer in debt past the
 //!   burst is refused until it has paid it off. Bytes alone let one client keep a core
-//!   busy: 2 MiB of new text is about a second of work. The owner's writes are not counted.
+//!   busy: 2 MiB of new text is about a second of work. Reading past versions is charged
+//!   to the reader the same way (a catch-up over a megabyte of text is seconds). The
+//!   owner is not counted.
 //! * **Quotas**: a namespace may occupy `max_stored_bytes_per_namespace` bytes in storage,
 //!   and the resources an identity (an account, a signing key, a member) created
 //!   `max_stored_bytes_per_identity`; the owner's writes have no identity quota. Usage is
@@ -82,7 +84,7 @@ impl Default for WriteLimits {
     }
 }
 
-/// Who is writing, for the rate limit.
+/// Who is writing (or reading past versions), for the limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Writer {
     /// A request signed by (or a session of) this identity.
@@ -159,9 +161,7 @@ impl Limiter {
             return Ok(());
         }
         let owner = self.unmetered(writer);
-        if let (Some(work), false) = (&self.work, owner) {
-            work.check(writer, Instant::now())?;
-        }
+        self.check_work(writer)?;
         if let (Some(bytes), false, Some(n)) = (&self.bytes, owner, NonZeroU32::new(size_cells(size))) {
             match bytes.check_key_n(writer, n) {
                 Ok(Ok(())) => {}
@@ -272,6 +272,15 @@ impl Limiter {
             && let Some((used, _)) = self.authored.lock().expect("authored").get_mut(id)
         {
             *used = used.saturating_add(bytes);
+        }
+    }
+
+    /// Refuses `who` while it owes more document work than the burst (reads of past
+    /// versions are charged to the reader as writes are to the writer).
+    pub(crate) fn check_work(&self, who: &Writer) -> Result<(), EngineError> {
+        match &self.work {
+            Some(work) if !self.unmetered(who) => work.check(who, Instant::now()),
+            _ => Ok(()),
         }
     }
 

@@ -278,23 +278,31 @@ pub(crate) enum Command {
     Delete(oneshot::Sender<Result<bool, EngineError>>),
     /// The current state (loading the resource first if needed).
     Read(oneshot::Sender<Result<Arc<State>, EngineError>>),
-    /// The representation at a version, and the current version.
-    ReadAt(Version, oneshot::Sender<Result<(Bytes, Version), EngineError>>),
+    /// The representation at a version, and the current version; its document work is
+    /// charged to the reader.
+    ReadAt(
+        Version,
+        Writer,
+        oneshot::Sender<Result<(Bytes, Version), EngineError>>,
+    ),
     /// The current state and the last event seq it includes.
     Snapshot(oneshot::Sender<Result<(Arc<State>, u64), EngineError>>),
     /// What takes a subscriber at `from` to now, and the last event seq that includes.
     /// With `strict`, an unknown `from` is an error; otherwise it gets the whole value.
     /// When `peer` wrote after event `own_after`, its client is at its latest write
-    /// instead (it moved there when it sent it), and the update starts from that.
+    /// instead (it moved there when it sent it), and the update starts from that. Its
+    /// document work is charged to `who`.
     CatchUp {
         from: Version,
         strict: bool,
         peer: Option<String>,
         own_after: u64,
+        who: Writer,
         reply: oneshot::Sender<Result<(Update, u64), EngineError>>,
     },
-    /// The changes after `from`, each as an update.
-    History(Version, oneshot::Sender<Result<Vec<Update>, EngineError>>),
+    /// The changes after `from`, each as an update; its document work is charged to the
+    /// reader.
+    History(Version, Writer, oneshot::Sender<Result<Vec<Update>, EngineError>>),
     /// Another process changed the resource: read what is new and announce it.
     Refresh,
     /// The automerge heads (empty for a missing or bytes resource).
@@ -496,18 +504,27 @@ impl Engine {
         h.ask(Command::Read).await
     }
 
-    /// The representation at `version` and the current version.
+    /// The representation at `version` and the current version. Reading a past version
+    /// is document work, limited per reader `who` as writes are (`limits::Limiter::check_work`).
     pub async fn read_at(
         &self,
         key: &ResourceKey,
         version: Version,
+        who: Writer,
     ) -> Result<(Bytes, Version), EngineError> {
-        self.resource(key).ask(|r| Command::ReadAt(version, r)).await
+        self.inner.limiter.check_work(&who)?;
+        self.resource(key).ask(|r| Command::ReadAt(version, who, r)).await
     }
 
-    /// The updates after `from`, one per change.
-    pub async fn history(&self, key: &ResourceKey, from: Version) -> Result<Vec<Update>, EngineError> {
-        self.resource(key).ask(|r| Command::History(from, r)).await
+    /// The updates after `from`, one per change; document work limited per reader `who`.
+    pub async fn history(
+        &self,
+        key: &ResourceKey,
+        from: Version,
+        who: Writer,
+    ) -> Result<Vec<Update>, EngineError> {
+        self.inner.limiter.check_work(&who)?;
+        self.resource(key).ask(|r| Command::History(from, who, r)).await
     }
 
     /// Applies a write; returns after it is durable. Writes over a limit are refused
@@ -601,12 +618,18 @@ impl Engine {
 
     /// Subscribes to a resource. With `parents`, the first update takes the client from
     /// there; without, it is the whole current state. `peer` enables echo suppression.
+    /// Follows a resource from its current state, or from `parents`: the client's version,
+    /// and who is charged for the document work of catching up from it (limited per
+    /// subscriber as writes are per writer).
     pub async fn subscribe(
         &self,
         key: &ResourceKey,
-        parents: Option<Version>,
+        parents: Option<(Version, Writer)>,
         peer: Option<String>,
     ) -> Result<Subscription, EngineError> {
+        if let Some((_, who)) = &parents {
+            self.inner.limiter.check_work(who)?;
+        }
         Subscription::open(self.resource(key), parents, peer).await
     }
 

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
-use super::{Command, EngineError, Event, ResourceHandle};
+use super::{Command, EngineError, Event, ResourceHandle, Writer};
 use crate::model::Version;
 use crate::update::{Update, UpdateBody};
 
@@ -90,7 +90,7 @@ impl Subscription {
 
     pub(crate) async fn open(
         handle: Arc<ResourceHandle>,
-        parents: Option<Version>,
+        parents: Option<(Version, Writer)>,
         peer: Option<String>,
     ) -> Result<Subscription, EngineError> {
         // Subscribe before asking for the state, so no event falls between the two.
@@ -111,13 +111,14 @@ impl Subscription {
                 };
                 (Some(Box::new(update)), state.version.clone(), seq)
             }
-            Some(p) => {
+            Some((p, who)) => {
                 let (update, seq) = handle
                     .ask(|r| Command::CatchUp {
                         from: p.clone(),
                         strict: true,
                         peer: None,
                         own_after: 0,
+                        who,
                         reply: r,
                     })
                     .await?;
@@ -222,6 +223,8 @@ impl Subscription {
                 strict: false,
                 peer: self.peer.clone(),
                 own_after: self.own_seen,
+                // A subscriber that fell behind did not ask for it: others' writes did.
+                who: Writer::Internal,
                 reply: r,
             })
             .await
@@ -286,7 +289,7 @@ mod tests {
         engine.write(&key, base).await.unwrap();
         let base = Version::one(VersionId::parse("base-4").unwrap());
         let sub = engine
-            .subscribe(&key, Some(base), Some("pa".into()))
+            .subscribe(&key, Some((base, super::Writer::Internal)), Some("pa".into()))
             .await
             .unwrap();
         engine

@@ -21,7 +21,7 @@ use super::error::ApiError;
 use crate::access::accounts::AccountError;
 use crate::access::{Caller, Op};
 use crate::braid::{BraidHeaders, format_version, frame};
-use crate::engine::{Delivery, Subscription, Write};
+use crate::engine::{Delivery, Subscription, Write, Writer};
 use crate::model::{Kind, PathError, ResourceKey, ResourcePath, Version};
 use crate::statebus::access::{self, Resolved, Target};
 use crate::statebus::keys::{KeyError, StatebusKey};
@@ -314,16 +314,19 @@ async fn get(
 ) -> Result<Response<Body>, ApiError> {
     let head = req.method() == Method::HEAD;
     let json = wants_json(req.headers());
+    // Who the document work of reading past versions is charged to, as writes are.
+    let ip = req.extensions().get::<super::Peer>().map(|p| p.0.ip());
+    let who = reader.caller.writer(app.identity, ip);
     if braid.subscribe.is_some() {
         if braid.version.is_some() {
             return Err(ApiError::bad_request(
                 "Version is not allowed with Subscribe; use Parents to resume from a version",
             ));
         }
-        return subscribe(app, key, braid, json, head, reader).await;
+        return subscribe(app, key, braid, json, head, reader, who).await;
     }
     if let Some(version) = braid.version {
-        let (body, current) = app.engine.read_at(&key, version.clone()).await?;
+        let (body, current) = app.engine.read_at(&key, version.clone(), who).await?;
         let state = app.engine.read(&key).await?;
         let mut res = representation(
             if head { Bytes::new() } else { body },
@@ -334,7 +337,7 @@ async fn get(
         return Ok(res);
     }
     if let Some(parents) = braid.parents {
-        return history(app, key, parents, head).await;
+        return history(app, key, parents, head, who).await;
     }
     let state = app.engine.read(&key).await?;
     if !state.exists() && json {
@@ -383,8 +386,9 @@ async fn history(
     key: ResourceKey,
     parents: Version,
     head: bool,
+    who: Writer,
 ) -> Result<Response<Body>, ApiError> {
-    let updates = app.engine.history(&key, parents).await?;
+    let updates = app.engine.history(&key, parents, who).await?;
     let state = app.engine.read(&key).await?;
     let mut body = Vec::new();
     for u in &updates {
@@ -442,10 +446,11 @@ async fn subscribe(
     json: bool,
     head: bool,
     reader: Reader,
+    who: Writer,
 ) -> Result<Response<Body>, ApiError> {
     let sub = app
         .engine
-        .subscribe(&key, braid.parents.clone(), braid.peer.clone())
+        .subscribe(&key, braid.parents.clone().map(|p| (p, who)), braid.peer.clone())
         .await?;
     let state = app.engine.read(&key).await?;
     let media_type = if state.exists() {

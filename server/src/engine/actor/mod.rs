@@ -49,6 +49,10 @@ const MAX_REMAKES: usize = 8;
 /// moved off the async workers, which other connections need.
 const HEAVY_BYTES: u64 = 256 * 1024;
 
+/// A history longer than this many stored changes makes reading past versions heavy work
+/// too, whatever the document's size.
+const HEAVY_HISTORY: Seq = 10_000;
+
 /// Runs `f`; heavy work moves off the async workers, which other connections need, to a
 /// thread of lower priority ([`crate::cpu::heavy`]).
 fn cpu_bound<T: Send>(heavy: bool, f: impl FnOnce() -> T + Send) -> T {
@@ -203,8 +207,8 @@ impl Actor {
                 Command::Read(reply) => {
                     let _ = reply.send(Ok(self.current()));
                 }
-                Command::ReadAt(v, reply) => {
-                    let _ = reply.send(self.read_at(&v));
+                Command::ReadAt(v, who, reply) => {
+                    let _ = reply.send(self.metered(&who, |a| a.read_at(&v)));
                 }
                 Command::Snapshot(reply) => {
                     let _ = reply.send(Ok((self.current(), self.event_seq)));
@@ -214,16 +218,18 @@ impl Actor {
                     strict,
                     peer,
                     own_after,
+                    who,
                     reply,
                 } => {
                     let from = match peer.and_then(|p| self.peer_writes.peek(&p).cloned()) {
                         Some((seq, write)) if seq > own_after => Version::one(write),
                         _ => from,
                     };
-                    let _ = reply.send(self.catch_up(&from, strict).map(|u| (u, self.event_seq)));
+                    let caught_up = self.metered(&who, |a| a.catch_up(&from, strict));
+                    let _ = reply.send(caught_up.map(|u| (u, self.event_seq)));
                 }
-                Command::History(from, reply) => {
-                    let _ = reply.send(self.history(&from));
+                Command::History(from, who, reply) => {
+                    let _ = reply.send(self.metered(&who, |a| a.history(&from)));
                 }
                 Command::Heads(reply) => {
                     let heads = match &mut self.res {
@@ -271,6 +277,20 @@ impl Actor {
                 return;
             }
         }
+    }
+
+    /// Runs a read of past versions (`f`), off the async workers when the document is
+    /// big or its history long, and charges `who` for the document work it took.
+    fn metered<T: Send>(&mut self, who: &super::Writer, f: impl FnOnce(&mut Actor) -> T + Send) -> T {
+        let heavy = match &self.res {
+            Some(Res::Present(p)) => {
+                self.current().body.len() as u64 > HEAVY_BYTES || p.known_through > HEAVY_HISTORY
+            }
+            _ => false,
+        };
+        let (out, work) = cpu_bound(heavy, || crate::cpu::timed(|| f(self)));
+        self.limiter.charge_work(who, work);
+        out
     }
 
     fn current(&self) -> Arc<State> {
@@ -544,10 +564,10 @@ fn fail(c: Command, e: EngineError) {
         Command::Write(_, r) => drop(r.send(Err(e))),
         Command::Delete(r) => drop(r.send(Err(e))),
         Command::Read(r) => drop(r.send(Err(e))),
-        Command::ReadAt(_, r) => drop(r.send(Err(e))),
+        Command::ReadAt(_, _, r) => drop(r.send(Err(e))),
         Command::Snapshot(r) => drop(r.send(Err(e))),
         Command::CatchUp { reply, .. } => drop(reply.send(Err(e))),
-        Command::History(_, r) => drop(r.send(Err(e))),
+        Command::History(_, _, r) => drop(r.send(Err(e))),
         Command::Heads(r) => drop(r.send(Err(e))),
         Command::Export(_, r) => drop(r.send(Err(e))),
         Command::Import { reply, .. } => drop(reply.send(Err(e))),
