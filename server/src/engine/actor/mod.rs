@@ -280,8 +280,15 @@ impl Actor {
     }
 
     /// Runs a read of past versions (`f`), off the async workers when the document is
-    /// big or its history long, and charges `who` for the document work it took.
-    fn metered<T: Send>(&mut self, who: &super::Writer, f: impl FnOnce(&mut Actor) -> T + Send) -> T {
+    /// big or its history long, and charges `who` for the document work it took. Asked
+    /// again here, not only before the request was queued: requests a client sent at once
+    /// all passed that check before the first was charged.
+    fn metered<T: Send>(
+        &mut self,
+        who: &super::Writer,
+        f: impl FnOnce(&mut Actor) -> Result<T, EngineError> + Send,
+    ) -> Result<T, EngineError> {
+        self.limiter.check_work(who)?;
         let heavy = match &self.res {
             Some(Res::Present(p)) => {
                 self.current().body.len() as u64 > HEAVY_BYTES || p.known_through > HEAVY_HISTORY
