@@ -1,7 +1,7 @@
 //! `plait-load abuse`: normal clients beside abusers. The same normal load (Braid PUTs and
 //! GETs on keep-alive connections at a steady pace, Statebus `get` round trips) runs twice against one
 //! server: alone, then beside 1,000 slow sockets, a login flood, a Statebus subscription
-//! flood, big PUTs and deep JSON. Reports the normal clients' latency in both runs and the
+//! flood, big PUTs, deep JSON and catch-ups from a past version of a big document. Reports the normal clients' latency in both runs and the
 //! ratio, what the abusers were answered, the server's peak memory, and whether it stayed
 //! up.
 //!
@@ -60,7 +60,7 @@ async fn connect_from(from: IpAddr, to: SocketAddr) -> anyhow::Result<TcpStream>
 }
 
 /// The kinds of abuse, as `--abusers` names them.
-pub const KINDS: [&str; 5] = ["slow", "login", "subscriptions", "big", "deep"];
+pub const KINDS: [&str; 6] = ["slow", "login", "subscriptions", "big", "deep", "history"];
 
 pub async fn abuse(
     url: &str,
@@ -358,6 +358,28 @@ fn start_abusers(
                 let status = one(loopback(23), addr, "PUT", "/deep", &h, deep.as_bytes()).await;
                 note(&answers, "deep-json", status).await;
             }
+        }));
+    }
+    // Past-version reads: a megabyte of text written once (from one address), then
+    // catch-ups from its first run's end (from another), four at a time, over and over.
+    if on("history") {
+        let (stop, answers) = (stop.clone(), answers.clone());
+        tasks.push(tokio::spawn(async move {
+            let text = "x".repeat(1 << 20);
+            let h = [("Content-Type", "text/plain"), ("Peer", "abuser")];
+            let status = one(loopback(24), addr, "PUT", "/history", &h, text.as_bytes()).await;
+            note(&answers, "history-put", status).await;
+            let readers = (0..4).map(|_| {
+                let (stop, answers) = (stop.clone(), answers.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let h = [("Parents", "\"abuser-65535\"")];
+                        let status = one(loopback(25), addr, "GET", "/history", &h, b"").await;
+                        note(&answers, "history-catch-up", status).await;
+                    }
+                })
+            });
+            futures::future::join_all(readers.collect::<Vec<_>>()).await;
         }));
     }
     tasks

@@ -133,11 +133,11 @@ enum Cmd {
         /// The server's process id, for its peak memory (`VmHWM`).
         #[arg(long)]
         server_pid: Option<u32>,
-        /// Which abusers run (comma-separated): slow, login, subscriptions, big, deep.
+        /// Which abusers run (comma-separated): slow, login, subscriptions, big, deep, history.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "slow,login,subscriptions,big,deep"
+            default_value = "slow,login,subscriptions,big,deep,history"
         )]
         abusers: Vec<String>,
     },
