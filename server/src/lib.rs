@@ -21,6 +21,7 @@ pub mod private_file;
 pub mod progress;
 pub mod proxy;
 pub mod refusals;
+pub mod schedule;
 pub mod serve;
 pub mod service;
 pub mod statebus;

@@ -35,6 +35,7 @@ use plait_bridge::Identity;
 use super::EngineError;
 use crate::address::AddressKey;
 use crate::model::Namespace;
+use crate::schedule::Schedule;
 use crate::storage::Storage;
 
 /// How long a namespace's usage figure is trusted before it is read again.
@@ -127,7 +128,7 @@ impl Limiter {
         let work = (limits.document_work_ms_per_second > 0).then(|| WorkBudget {
             per_second: limits.document_work_ms_per_second,
             burst: Duration::from_millis(limits.document_work_burst_ms.into()),
-            due: Mutex::new(HashMap::new()),
+            due: Schedule::default(),
         });
         Limiter {
             limits,
@@ -160,9 +161,12 @@ impl Limiter {
         if matches!(writer, Writer::Internal) {
             return Ok(());
         }
-        let owner = self.unmetered(writer);
         self.check_work(writer)?;
-        if let (Some(bytes), false, Some(n)) = (&self.bytes, owner, NonZeroU32::new(size_cells(size))) {
+        if let (Some(bytes), false, Some(n)) = (
+            &self.bytes,
+            self.unmetered(writer),
+            NonZeroU32::new(size_cells(size)),
+        ) {
             match bytes.check_key_n(writer, n) {
                 Ok(Ok(())) => {}
                 Ok(Err(not_until)) => {
@@ -284,6 +288,11 @@ impl Limiter {
         }
     }
 
+    /// Whether `who`'s document work is counted (so worth timing).
+    pub(crate) fn meters_work(&self, who: &Writer) -> bool {
+        self.work.is_some() && !self.unmetered(who)
+    }
+
     /// Charges `writer` for `cpu` of document work one of its writes took (applied or
     /// refused by the document: the work was done either way).
     pub(crate) fn charge_work(&self, writer: &Writer, cpu: Duration) {
@@ -297,10 +306,7 @@ impl Limiter {
     /// Forgets idle writers' buckets and stale usage figures.
     pub(crate) fn prune(&self) {
         if let Some(work) = &self.work {
-            let now = Instant::now();
-            let mut due = work.due.lock().unwrap_or_else(|e| e.into_inner());
-            due.retain(|_, at| *at > now);
-            due.shrink_to_fit();
+            work.due.prune();
         }
         for rate in [&self.rate, &self.bytes].into_iter().flatten() {
             rate.retain_recent();
@@ -317,21 +323,20 @@ impl Limiter {
     }
 }
 
-/// Document work owed per writer (a GCRA schedule pushed forward after the fact): a
-/// writer's `due` is when its work so far is paid for at `per_second` milliseconds a second.
+/// Document work owed per writer: a writer's schedule is pushed on by what its work would
+/// take to pay off at `per_second` milliseconds a second.
 struct WorkBudget {
     per_second: u32,
-    /// How far ahead of now a writer's `due` may be while its writes are still taken.
+    /// How far ahead of now a writer's schedule may run while its writes are still taken.
     burst: Duration,
-    due: Mutex<HashMap<Writer, Instant>>,
+    due: Schedule<Writer>,
 }
 
 impl WorkBudget {
     fn check(&self, writer: &Writer, now: Instant) -> Result<(), EngineError> {
-        let due = self.due.lock().unwrap_or_else(|e| e.into_inner());
-        match due.get(writer).and_then(|d| d.checked_sub(self.burst)) {
-            Some(at) if at > now => Err(EngineError::RateLimited {
-                retry_after: at - now,
+        match self.due.ahead(writer, now).checked_sub(self.burst) {
+            Some(wait) if !wait.is_zero() => Err(EngineError::RateLimited {
+                retry_after: wait,
                 limit: "document_work_ms_per_second",
             }),
             _ => Ok(()),
@@ -340,10 +345,8 @@ impl WorkBudget {
 
     fn charge(&self, writer: &Writer, cpu: Duration, now: Instant) {
         // `cpu` at `per_second` ms a second takes cpu × 1000 / per_second to pay off.
-        let owed = cpu.saturating_mul(1_000) / self.per_second;
-        let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
-        let d = due.entry(*writer).or_insert(now);
-        *d = (*d).max(now) + owed;
+        self.due
+            .push(*writer, now, cpu.saturating_mul(1_000) / self.per_second);
     }
 }
 
@@ -419,15 +422,16 @@ mod tests {
             l.check_rate(&Writer::Identity(owner), 10).unwrap();
         }
         // Paid off, a writer is forgotten.
-        let then = Instant::now() - Duration::from_secs(10);
-        l.work.as_ref().unwrap().due.lock().unwrap().insert(a, then);
-        l.check_rate(&a, 10).unwrap();
-        l.prune();
-        assert_eq!(
-            l.work.as_ref().unwrap().due.lock().unwrap().len(),
-            1,
-            "only b still owes"
+        let c = Writer::Address(AddressKey::of("10.0.0.3".parse().unwrap()));
+        let work = l.work.as_ref().unwrap();
+        work.charge(
+            &c,
+            Duration::from_millis(100),
+            Instant::now() - Duration::from_secs(10),
         );
+        l.check_rate(&c, 10).unwrap();
+        l.prune();
+        assert_eq!(work.due.len(), 2, "only a and b still owe");
     }
 
     #[test]

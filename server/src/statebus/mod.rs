@@ -15,7 +15,6 @@ pub mod keys;
 pub mod session;
 pub mod wire;
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,7 +67,7 @@ pub struct MessageRate {
     /// How far ahead of now an address's schedule may run before it waits.
     burst: Duration,
     /// Each address's theoretical arrival time.
-    next: std::sync::Mutex<HashMap<AddressKey, Instant>>,
+    next: crate::schedule::Schedule<AddressKey>,
 }
 
 impl MessageRate {
@@ -78,7 +77,7 @@ impl MessageRate {
             interval,
             // Two seconds' worth.
             burst: Duration::from_secs(2),
-            next: std::sync::Mutex::new(HashMap::new()),
+            next: crate::schedule::Schedule::default(),
         }
     }
 
@@ -92,20 +91,14 @@ impl MessageRate {
 
     /// Takes `ip`'s next slot at `now`: when its message may be read, or `None` for now.
     fn reserve(&self, ip: IpAddr, now: Instant) -> Option<Instant> {
-        let interval = self.interval?;
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let tat = next.entry(AddressKey::of(ip)).or_insert(now);
-        *tat = (*tat).max(now) + interval;
+        let tat = self.next.push(AddressKey::of(ip), now, self.interval?);
         // A burst's worth of slots may be taken ahead of now.
         tat.checked_sub(self.burst).filter(|&at| at > now)
     }
 
     /// Forgets addresses whose schedules have fallen behind now (a full burst again).
     pub fn prune(&self) {
-        let now = Instant::now();
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        next.retain(|_, tat| *tat > now);
-        next.shrink_to_fit();
+        self.next.prune();
     }
 }
 
@@ -137,6 +130,6 @@ mod tests {
         }
         // Once its schedule is behind, an address is forgotten.
         rate.prune();
-        assert_eq!(rate.next.lock().unwrap().len(), 2);
+        assert_eq!(rate.next.len(), 2);
     }
 }

@@ -69,6 +69,26 @@ fn cpu_bound<T: Send>(heavy: bool, f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
+/// Document work done for `who` (a write's, or a read of past versions): refused while
+/// `who` owes more than the budget allows, run as [`cpu_bound`], and charged to `who` by
+/// the CPU time it took, read only when `who` is metered. Asked here, on the actor, and not
+/// only before the request was queued: requests a client sent at once all passed that
+/// check before the first of them was charged.
+fn metered_work<T: Send>(
+    limiter: &super::limits::Limiter,
+    who: &super::Writer,
+    heavy: bool,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, EngineError> {
+    limiter.check_work(who)?;
+    if !limiter.meters_work(who) {
+        return Ok(cpu_bound(heavy, f));
+    }
+    let (out, work) = cpu_bound(heavy, || crate::cpu::timed(f));
+    limiter.charge_work(who, work);
+    Ok(out)
+}
+
 /// What an actor starts with.
 pub(crate) struct Setup {
     pub key: ResourceKey,
@@ -279,25 +299,21 @@ impl Actor {
         }
     }
 
-    /// Runs a read of past versions (`f`), off the async workers when the document is
-    /// big or its history long, and charges `who` for the document work it took. Asked
-    /// again here, not only before the request was queued: requests a client sent at once
-    /// all passed that check before the first was charged.
+    /// A read of past versions (`f`) as [`metered_work`]: heavy when the document is big
+    /// or its history long.
     fn metered<T: Send>(
         &mut self,
         who: &super::Writer,
         f: impl FnOnce(&mut Actor) -> Result<T, EngineError> + Send,
     ) -> Result<T, EngineError> {
-        self.limiter.check_work(who)?;
         let heavy = match &self.res {
             Some(Res::Present(p)) => {
                 self.current().body.len() as u64 > HEAVY_BYTES || p.known_through > HEAVY_HISTORY
             }
             _ => false,
         };
-        let (out, work) = cpu_bound(heavy, || crate::cpu::timed(|| f(self)));
-        self.limiter.charge_work(who, work);
-        out
+        let limiter = self.limiter.clone();
+        metered_work(&limiter, who, heavy, || f(self))?
     }
 
     fn current(&self) -> Arc<State> {

@@ -102,19 +102,19 @@ impl Actor {
                     self.config.limits.max_json_depth
                 },
             };
-            // Asked again here: writes a client sent at once all passed the engine's check
-            // before the first of them was charged.
-            if let Err(e) = self.limiter.check_work(&w.writer) {
-                if creating {
-                    self.res = Some(Res::Missing);
-                    create = None;
-                }
-                let _ = reply.send(Err(e));
-                continue;
-            }
             let heavy = w.size() > HEAVY_BYTES;
-            let (applied, work) = cpu_bound(heavy, || crate::cpu::timed(|| p.doc.apply(&dw, now / 1000)));
-            self.limiter.charge_work(&w.writer, work);
+            let applied = match metered_work(&self.limiter, &w.writer, heavy, || p.doc.apply(&dw, now / 1000))
+            {
+                Ok(applied) => applied,
+                Err(e) => {
+                    if creating {
+                        self.res = Some(Res::Missing);
+                        create = None;
+                    }
+                    let _ = reply.send(Err(e));
+                    continue;
+                }
+            };
             match applied {
                 Err(e) => {
                     if creating {
