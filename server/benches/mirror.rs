@@ -25,7 +25,7 @@ use plait_bridge::Keypair;
 use plait_bridge::mirror::{Allowance, ChainHead, DESCRIPTOR_LEN, SealKey, check, seal};
 use plait_server::mirror::MirrorSettings;
 use plait_server::mirror::batch::{self, Entry, What};
-use plait_server::model::{Kind, ResourcePath};
+use plait_server::model::{Kind, ResourcePath, Version, VersionId};
 
 const CHANGE_BYTES: usize = 200;
 
@@ -42,8 +42,8 @@ fn changes() -> Vec<Entry> {
             path: ResourcePath::new(format!("notes/{}", i % 97)).expect("path"),
             media_type: "text/plain".into(),
             seq: i as i64 + 1,
-            version: format!("k7f3q-{i}"),
-            parents: format!("\"k7f3q-{}\"", i.saturating_sub(1)),
+            version: Some(VersionId::new("k7f3q", i).unwrap()),
+            parents: Version::one(VersionId::new("k7f3q", i.saturating_sub(1)).unwrap()),
             at_ms: 1_700_000_000_000 + i as i64,
             // Incompressible, as automerge's compressed columns are.
             data: Bytes::from(
@@ -157,8 +157,8 @@ fn benches(c: &mut Criterion) {
             path: ResourcePath::new(format!("app/items/{i}")).expect("path"),
             media_type: "application/json".into(),
             seq: 40,
-            version: String::new(),
-            parents: String::new(),
+            version: None,
+            parents: Version::root(),
             at_ms: 0,
             data: Bytes::from(vec![(i % 251) as u8; 1000]),
         })

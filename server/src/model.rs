@@ -201,6 +201,18 @@ impl VersionId {
         VersionId::new(agent, seq)
     }
 
+    /// The id of a change that has none (the genesis change, changes made by other
+    /// automerge software): `am`, the first 16 hex digits of its hash, seq 0.
+    pub fn unlabelled(hash_hex: &str) -> Result<Self, VersionError> {
+        let prefix = hash_hex
+            .get(..16)
+            .filter(|p| p.bytes().all(|b| b.is_ascii_hexdigit()));
+        match prefix {
+            Some(p) => VersionId::new(format!("am{}", p.to_ascii_lowercase()), 0),
+            None => Err(VersionError::Syntax(hash_hex.to_string())),
+        }
+    }
+
     pub fn agent(&self) -> &str {
         &self.agent
     }

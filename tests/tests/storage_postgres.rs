@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use plait_server::model::{Version, VersionId};
 use plait_server::storage::postgres::PostgresStorage;
 use plait_server::storage::{CommitLimits, NewChange, Storage, StorageError, Target};
 
@@ -45,8 +46,8 @@ async fn a_hold_keeps_other_processes_appends_out() {
             .unwrap(),
     );
     let change = |v: &str| NewChange {
-        version: v.to_string(),
-        parents: String::new(),
+        version: VersionId::parse(v).unwrap(),
+        parents: Version::root(),
         author: None,
         at_ms: 0,
         data: bytes::Bytes::copy_from_slice(v.as_bytes()),
@@ -105,7 +106,7 @@ async fn a_hold_keeps_other_processes_appends_out() {
         .unwrap()
         .changes
         .into_iter()
-        .map(|c| c.version)
+        .map(|c| c.version.to_string())
         .collect();
     assert_eq!(versions, ["a-0", "a-1", "b-1"]);
 }

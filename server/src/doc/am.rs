@@ -11,7 +11,7 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, Change, ChangeHash, LoadOptions, ObjType, ROOT, TextEncoding};
 
 use super::DocError;
-use super::versions::{ChangeLabel, Resolved, VersionIndex};
+use super::versions::{ChangeLabel, Resolved, VersionIndex, synthetic_id};
 use crate::model::{Version, VersionId};
 
 /// Root key written by a write that changes nothing else (see [`AmDoc::commit_at`]).
@@ -335,11 +335,16 @@ impl AmDoc {
     /// A change with its Braid id and parents (from the version index).
     fn describe(&self, c: Change) -> Exported {
         let hash = c.hash();
-        let version = self
-            .index
-            .id_of(&hash)
-            .map_or_else(|| hash.to_string(), |id| id.to_string());
-        let parents = crate::braid::format_version(&self.index.version_of(c.deps()));
+        // A change still waiting for its dependencies is not in the index yet: it is named
+        // as the index will name it once applied.
+        let version = match self.index.id_of(&hash) {
+            Some(id) => id.clone(),
+            None => match ChangeLabel::from_message(c.message()) {
+                Some((id, _)) => id,
+                None => synthetic_id(&hash),
+            },
+        };
+        let parents = self.index.version_of(c.deps());
         Exported {
             bytes: c.raw_bytes().to_vec(),
             version,
@@ -372,8 +377,8 @@ impl AmDoc {
 #[derive(Debug, Clone)]
 pub struct Exported {
     pub bytes: Vec<u8>,
-    pub version: String,
-    pub parents: String,
+    pub version: VersionId,
+    pub parents: Version,
 }
 
 /// One change in a history listing.

@@ -144,9 +144,8 @@ impl VersionIndex {
 }
 
 /// An id for a change that has none: its hash prefix as the agent.
-fn synthetic_id(hash: &ChangeHash) -> VersionId {
-    let hex: String = hash.0.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    VersionId::new(format!("am{hex}"), 0).expect("hex agent is valid")
+pub(crate) fn synthetic_id(hash: &ChangeHash) -> VersionId {
+    VersionId::unlabelled(&hash.to_string()).expect("a hash is hex")
 }
 
 #[cfg(test)]

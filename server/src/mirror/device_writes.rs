@@ -386,8 +386,8 @@ mod tests {
 
     fn change(v: &str, author: Option<Identity>) -> NewChange {
         NewChange {
-            version: v.into(),
-            parents: String::new(),
+            version: crate::model::VersionId::parse(v).unwrap(),
+            parents: crate::model::Version::root(),
             author,
             at_ms: 1,
             data: Bytes::copy_from_slice(v.as_bytes()),

@@ -65,7 +65,7 @@ use tokio_util::sync::CancellationToken;
 use super::MirrorSettings;
 use super::batch::{self, Entry, What};
 use super::shares::{self, Share};
-use crate::model::{Kind, ResourceKey};
+use crate::model::{Kind, ResourceKey, Version};
 use crate::storage::{Storage, StorageError, Take};
 
 /// File name of the owner's list of mirrors in the data dir.
@@ -403,7 +403,7 @@ impl Owner {
                     path: key.path.clone(),
                     media_type: c.meta.clone().unwrap_or_else(|| media_type.to_string()),
                     seq: l.row.head_seq,
-                    version: c.version.clone(),
+                    version: Some(c.version.clone()),
                     parents: c.parents.clone(),
                     at_ms: c.at_ms,
                     data: blob,
@@ -421,8 +421,8 @@ impl Owner {
                 path: key.path.clone(),
                 media_type: media_type.to_string(),
                 seq: upto,
-                version: String::new(),
-                parents: String::new(),
+                version: None,
+                parents: Version::root(),
                 at_ms: 0,
                 data: snap,
             });
@@ -438,7 +438,7 @@ impl Owner {
                 path: key.path.clone(),
                 media_type: media_type.to_string(),
                 seq: c.seq,
-                version: c.version,
+                version: Some(c.version),
                 parents: c.parents,
                 at_ms: c.at_ms,
                 data: c.data,
@@ -672,8 +672,8 @@ impl Owner {
                     path: r.path.clone(),
                     media_type: r.media_type.clone(),
                     seq: l.row.head_seq,
-                    version: String::new(),
-                    parents: String::new(),
+                    version: None,
+                    parents: Version::root(),
                     at_ms: 0,
                     data: Bytes::from(doc.save().unwrap_or_default()),
                 });
@@ -985,8 +985,8 @@ mod tests {
 
     fn change(v: &str, data: &[u8]) -> NewChange {
         NewChange {
-            version: v.to_string(),
-            parents: String::new(),
+            version: crate::model::VersionId::parse(v).unwrap(),
+            parents: crate::model::Version::root(),
             author: None,
             at_ms: 1,
             data: Bytes::copy_from_slice(data),

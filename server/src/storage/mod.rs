@@ -16,6 +16,7 @@
 //!
 //! This module knows nothing of documents, HTTP or subscribers: changes are opaque bytes.
 
+pub mod columns;
 pub mod dump;
 pub mod postgres;
 pub mod sqlite;
@@ -25,7 +26,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use plait_bridge::Identity;
 
-use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
+use crate::model::{Kind, Namespace, ResourceKey, ResourcePath, Version, VersionId};
 
 /// A resource's row id.
 pub type ResourceId = i64;
@@ -46,10 +47,10 @@ pub struct ResourceRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredChange {
     pub seq: Seq,
-    /// Braid version id of the change.
-    pub version: String,
-    /// Braid parents as a header value (`"a-1", "b-2"`).
-    pub parents: String,
+    /// The change's version id.
+    pub version: VersionId,
+    /// The version it was made on.
+    pub parents: Version,
     /// Who made it, when known.
     pub author: Option<Identity>,
     /// Milliseconds since the Unix epoch.
@@ -63,8 +64,8 @@ pub struct StoredChange {
 /// A change to append.
 #[derive(Debug, Clone)]
 pub struct NewChange {
-    pub version: String,
-    pub parents: String,
+    pub version: VersionId,
+    pub parents: Version,
     pub author: Option<Identity>,
     pub at_ms: i64,
     pub data: Bytes,

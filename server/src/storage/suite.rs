@@ -10,12 +10,12 @@ use bytes::Bytes;
 use plait_bridge::Keypair;
 
 use super::{NewChange, Storage, StorageError, Take, Target};
-use crate::model::{Kind, ResourceKey, ResourcePath};
+use crate::model::{Kind, ResourceKey, ResourcePath, Version, VersionId};
 
 fn change(v: &str, data: &[u8]) -> NewChange {
     NewChange {
-        version: v.to_string(),
-        parents: String::new(),
+        version: VersionId::parse(v).unwrap(),
+        parents: Version::root(),
         author: None,
         at_ms: 1_700_000_000_000,
         data: Bytes::copy_from_slice(data),
@@ -234,9 +234,12 @@ async fn appends_number_changes_and_load_returns_them(s: Arc<dyn Storage>) {
     assert!(s.load(&k).await.unwrap().is_none());
     let mut c1 = change("alice-4", b"one");
     c1.author = Some(author);
-    c1.parents = String::new();
     let mut c2 = change("bob-5", b"two");
-    c2.parents = "\"alice-4\"".into();
+    c2.parents = Version::new(vec![
+        VersionId::parse("alice-4").unwrap(),
+        VersionId::parse("x-1").unwrap(),
+    ]);
+    let c2_parents = c2.parents.clone();
     let a = s.append(create(&k, Kind::Text), vec![c1, c2]).await.unwrap();
     assert_eq!((a.first_seq, a.last_seq), (1, 2));
     let b = s
@@ -253,18 +256,19 @@ async fn appends_number_changes_and_load_returns_them(s: Arc<dyn Storage>) {
     let got: Vec<_> = l
         .changes
         .iter()
-        .map(|c| (c.seq, c.version.as_str(), &c.data[..]))
+        .map(|c| (c.seq, c.version.to_string(), &c.data[..]))
         .collect();
     assert_eq!(
         got,
         vec![
-            (1, "alice-4", &b"one"[..]),
-            (2, "bob-5", &b"two"[..]),
-            (3, "carol-2", &b"three"[..])
+            (1, "alice-4".to_string(), &b"one"[..]),
+            (2, "bob-5".to_string(), &b"two"[..]),
+            (3, "carol-2".to_string(), &b"three"[..])
         ]
     );
     assert_eq!(l.changes[0].author, Some(author));
-    assert_eq!(l.changes[1].parents, "\"alice-4\"");
+    assert_eq!(l.changes[0].parents, Version::root());
+    assert_eq!(l.changes[1].parents, c2_parents);
     assert_eq!(l.changes[0].at_ms, 1_700_000_000_000);
     let after = s.changes_after(a.resource, 1).await.unwrap();
     assert_eq!(after.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
@@ -297,7 +301,10 @@ async fn appends_made_on_an_older_state_are_refused(s: Arc<dyn Storage>) {
     let l = s.load(&k).await.unwrap().unwrap();
     assert_eq!(l.row.head_seq, 2);
     assert_eq!(
-        l.changes.iter().map(|c| c.version.as_str()).collect::<Vec<_>>(),
+        l.changes
+            .iter()
+            .map(|c| c.version.to_string())
+            .collect::<Vec<_>>(),
         vec!["a-0", "a-1"]
     );
 }
@@ -332,7 +339,10 @@ async fn a_held_resource_takes_one_append(s: Arc<dyn Storage>) {
     assert_eq!((c.first_seq, c.last_seq), (3, 4));
     let l = s.load(&k).await.unwrap().unwrap();
     assert_eq!(
-        l.changes.iter().map(|c| c.version.as_str()).collect::<Vec<_>>(),
+        l.changes
+            .iter()
+            .map(|c| c.version.to_string())
+            .collect::<Vec<_>>(),
         vec!["a-0", "a-1", "a-2", "a-3"]
     );
     // Appends go on after a hold.
@@ -369,7 +379,7 @@ async fn concurrent_appends_are_gap_free(s: Arc<dyn Storage>) {
                             on(id, after),
                             vec![
                                 change(&format!("w{w}-{i}"), b"d"),
-                                change(&format!("w{w}-{i}b"), b"e"),
+                                change(&format!("w{w}b-{i}"), b"e"),
                             ],
                         )
                         .await;
@@ -394,7 +404,7 @@ async fn concurrent_appends_are_gap_free(s: Arc<dyn Storage>) {
         assert_eq!(seqs, (1..=l.row.head_seq).collect::<Vec<_>>(), "{k}");
         assert_eq!(l.row.head_seq, 1 + 8 * 10 * 2);
         // Every append landed once.
-        let mut versions: Vec<&str> = l.changes.iter().map(|c| c.version.as_str()).collect();
+        let mut versions: Vec<String> = l.changes.iter().map(|c| c.version.to_string()).collect();
         versions.sort_unstable();
         versions.dedup();
         assert_eq!(versions.len(), l.changes.len());

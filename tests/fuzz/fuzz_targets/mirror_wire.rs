@@ -94,7 +94,14 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             if let Ok(entries) = batch::decode(input) {
-                assert_eq!(batch::encode(&entries), input);
+                let again = batch::encode(&entries);
+                if input.starts_with(b"PSB2") {
+                    assert_eq!(again, input);
+                } else {
+                    // A batch written before versions were typed: written anew, it is a
+                    // PSB2 batch of the same entries.
+                    assert_eq!(batch::decode(&again).as_ref(), Ok(&entries));
+                }
             }
         }
     }

@@ -25,7 +25,6 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     Command, EngineConfig, EngineError, Event, Origin, ResourceHandle, Shared, State, Write, WriteResult,
 };
-use crate::braid::format_version;
 use crate::doc::{BytesDoc, BytesValue, DocWrite, Document, Outcome};
 use crate::model::{Kind, ResourceKey, Version, VersionId};
 use crate::storage::{Hold, LoadedResource, NewChange, ResourceId, Seq, Storage, StorageError, Target};
@@ -533,11 +532,10 @@ fn build(l: LoadedResource) -> Result<Present, EngineError> {
     let known_through = l.row.head_seq;
     let doc = match l.row.kind {
         Kind::Bytes => {
-            let ids = l.changes.iter().filter_map(|c| VersionId::parse(&c.version).ok());
+            let ids = l.changes.iter().map(|c| c.version.clone());
             let current = match (l.changes.last(), l.blob) {
                 (Some(c), Some(body)) => Some(BytesValue {
-                    id: VersionId::parse(&c.version)
-                        .map_err(|e| crate::doc::DocError::Corrupt(e.to_string()))?,
+                    id: c.version.clone(),
                     media_type: c.meta.clone().unwrap_or_else(|| l.row.media_type.clone()),
                     body,
                 }),

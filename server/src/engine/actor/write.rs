@@ -146,8 +146,8 @@ impl Actor {
                     };
                     for e in a.earlier {
                         changes.push(NewChange {
-                            version: e.id.to_string(),
-                            parents: format_version(&e.parents),
+                            version: e.id,
+                            parents: e.parents,
                             author: w.author,
                             at_ms: now,
                             data: Bytes::from(e.change),
@@ -156,8 +156,8 @@ impl Actor {
                         });
                     }
                     changes.push(NewChange {
-                        version: a.id.to_string(),
-                        parents: format_version(&stored_parents),
+                        version: a.id.clone(),
+                        parents: stored_parents,
                         author: w.author,
                         at_ms: now,
                         data: Bytes::from(a.change),

@@ -28,8 +28,8 @@ use tokio_postgres::NoTls;
 
 use super::{
     Appended, CommitLimits, LoadedResource, NewChange, Notice, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target, identity_from_bytes,
-    key_from_row, kind_from_code, prefix_upper_bound,
+    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target, columns,
+    identity_from_bytes, key_from_row, kind_from_code, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
@@ -398,8 +398,8 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
                     for c in changes {
                         c_res.push(id);
                         c_seq.push(*seq);
-                        c_ver.push(c.version.as_str());
-                        c_par.push(c.parents.as_str());
+                        c_ver.push(columns::version_text(&c.version));
+                        c_par.push(columns::parents_text(&c.parents));
                         c_auth.push(c.author.as_ref().map(|a| a.as_bytes().as_slice()));
                         c_at.push(c.at_ms);
                         c_data.push(c.data.as_ref());
@@ -654,8 +654,8 @@ async fn listen(
 fn change_from_row(r: &tokio_postgres::Row) -> Result<StoredChange, StorageError> {
     Ok(StoredChange {
         seq: r.get(0),
-        version: r.get(1),
-        parents: r.get(2),
+        version: columns::version_from(r.get(1))?,
+        parents: columns::parents_from(r.get(2))?,
         author: identity_from_bytes(r.get(3))?,
         at_ms: r.get(4),
         data: Bytes::from(r.get::<_, Vec<u8>>(5)),

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Appended, CommitLimits, LoadedResource, NewChange, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target, identity_from_bytes,
-    key_from_row, kind_from_code, prefix_upper_bound,
+    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target, columns,
+    identity_from_bytes, key_from_row, kind_from_code, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
@@ -529,8 +529,8 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
             .execute(params![
                 id,
                 seq,
-                c.version,
-                c.parents,
+                columns::version_text(&c.version),
+                columns::parents_text(&c.parents),
                 c.author.as_ref().map(|a| a.as_bytes().to_vec()),
                 c.at_ms,
                 c.data.as_ref(),
@@ -709,8 +709,8 @@ fn read_changes(conn: &Connection, id: ResourceId, after: Seq) -> Result<Vec<Sto
         let (seq, version, parents, author, at_ms, data, meta) = row.map_err(sql_err)?;
         out.push(StoredChange {
             seq,
-            version,
-            parents,
+            version: columns::version_from(&version)?,
+            parents: columns::parents_from(&parents)?,
             author: identity_from_bytes(author)?,
             at_ms,
             data: data.into(),
