@@ -16,7 +16,10 @@
 //!   each segment a row of a fresh SQLite file with the embedded store's settings (WAL,
 //!   `synchronous=FULL`), one commit per segment, written by a thread beside the reader;
 //!   the time ends with the last commit. That is the link plus the disk's cost of the same
-//!   bytes in as many commits as the chain has segments.
+//!   bytes in as many commits as the chain has segments. With `--listen ADDR --sender-netns
+//!   NS` the sender is a process of its own in network namespace NS (`restore send`, run
+//!   by `ip netns exec`), so the bytes cross the same shaped link the mirror's do.
+//! * `send` — the floor's sender alone: reads the store and writes the stream to `--to`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,7 +29,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::net::{Conn, addr_of};
@@ -40,6 +43,8 @@ pub enum Cmd {
     Verify(Verify),
     /// Moves the mirror's stored bytes for a namespace over loopback TCP (the floor).
     Floor(Floor),
+    /// The floor's sender alone (run by `floor --sender-netns`).
+    Send(SendArgs),
 }
 
 #[derive(Args)]
@@ -83,6 +88,25 @@ pub struct Floor {
     /// segment.
     #[arg(long)]
     store: Option<PathBuf>,
+    /// Where the receiver listens.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Run the sender as a process in this network namespace (`ip netns exec`).
+    #[arg(long)]
+    sender_netns: Option<String>,
+}
+
+#[derive(Args)]
+pub struct SendArgs {
+    /// The mirror's embedded store (`plait.db` in its data dir).
+    #[arg(long)]
+    db: PathBuf,
+    /// The owner's identity, whose stored segments are sent.
+    #[arg(long)]
+    namespace: String,
+    /// The receiver's address.
+    #[arg(long)]
+    to: SocketAddr,
 }
 
 pub async fn run(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
@@ -90,6 +114,15 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
         Cmd::Fill(a) => fill(a).await,
         Cmd::Verify(a) => verify(a).await,
         Cmd::Floor(a) => floor(a).await,
+        Cmd::Send(a) => {
+            let ns = a
+                .namespace
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--namespace: {e}"))?;
+            let db = a.db.clone();
+            let (bytes, segments) = tokio::task::spawn_blocking(move || send_stored(&db, ns, a.to)).await??;
+            Ok(serde_json::json!({"workload": "restore-send", "bytes": bytes, "segments": segments}))
+        }
     }
 }
 
@@ -302,44 +335,33 @@ async fn floor(a: Floor) -> anyhow::Result<serde_json::Value> {
         .namespace
         .parse()
         .map_err(|e| anyhow::anyhow!("--namespace: {e}"))?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = TcpListener::bind(a.listen).await?;
     let addr = listener.local_addr()?;
     let t0 = Instant::now();
-    // The sender reads the store as the mirror answers a range: the checkpoint, then each
-    // segment's descriptor and ciphertext in seq order, written as they are read, each
-    // behind its length (4 bytes, big-endian), a pair at a time.
-    let db = a.db.clone();
-    let sender = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
-        let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .with_context(|| format!("opening {}", db.display()))?;
-        let rt = tokio::runtime::Handle::current();
-        let mut s = rt.block_on(TcpStream::connect(addr))?;
-        let (mut bytes, mut segments) = (0u64, 0u64);
-        let mut send = |a: &[u8], b: &[u8]| -> anyhow::Result<()> {
-            for part in [a, b] {
-                rt.block_on(s.write_all(&(part.len() as u32).to_be_bytes()))?;
-                rt.block_on(s.write_all(part))?;
-                bytes += part.len() as u64;
-            }
-            Ok(())
-        };
-        let mut q =
-            conn.prepare("SELECT checkpoint, snapshot FROM mirror_checkpoints WHERE namespace = ?1")?;
-        let mut rows = q.query([ns.as_bytes().as_slice()])?;
-        while let Some(r) = rows.next()? {
-            send(r.get_ref(0)?.as_blob()?, r.get_ref(1)?.as_blob()?)?;
+    let sender = match &a.sender_netns {
+        None => {
+            let db = a.db.clone();
+            Sender::Task(tokio::task::spawn_blocking(move || send_stored(&db, ns, addr)))
         }
-        let mut q = conn.prepare(
-            "SELECT descriptor, ciphertext FROM mirror_segments WHERE namespace = ?1 ORDER BY seq",
-        )?;
-        let mut rows = q.query([ns.as_bytes().as_slice()])?;
-        while let Some(r) = rows.next()? {
-            send(r.get_ref(0)?.as_blob()?, r.get_ref(1)?.as_blob()?)?;
-            segments += 1;
-        }
-        rt.block_on(s.shutdown())?;
-        Ok((bytes, segments))
-    });
+        Some(netns) => Sender::Process(
+            tokio::process::Command::new("ip")
+                .args(["netns", "exec", netns])
+                .arg(std::env::current_exe()?)
+                .args([
+                    "restore",
+                    "send",
+                    "--namespace",
+                    &a.namespace,
+                    "--to",
+                    &addr.to_string(),
+                    "--db",
+                ])
+                .arg(&a.db)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("running the sender with ip netns exec")?,
+        ),
+    };
     // The keeper: one commit per pair received.
     let (keep, kept) = match &a.store {
         Some(path) => {
@@ -380,7 +402,20 @@ async fn floor(a: Floor) -> anyhow::Result<serde_json::Value> {
         None => None,
     };
     let secs = t0.elapsed().as_secs_f64();
-    let (sent, segments) = sender.await??;
+    let (sent, segments) = match sender {
+        Sender::Task(t) => t.await??,
+        Sender::Process(p) => {
+            let out = p.wait_with_output().await?;
+            if !out.status.success() {
+                bail!("the sender failed: {}", out.status);
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("the sender's report")?;
+            (
+                v["bytes"].as_u64().unwrap_or(0),
+                v["segments"].as_u64().unwrap_or(0),
+            )
+        }
+    };
     if sent != received || sent == 0 {
         bail!("the floor sent {sent} bytes and received {received}");
     }
@@ -392,6 +427,52 @@ async fn floor(a: Floor) -> anyhow::Result<serde_json::Value> {
         "seconds": secs,
         "mb_per_sec": received as f64 / 1e6 / secs,
     }))
+}
+
+/// The floor's sender: a task of the floor's own process, or a process in another network
+/// namespace.
+enum Sender {
+    Task(tokio::task::JoinHandle<anyhow::Result<(u64, u64)>>),
+    Process(tokio::process::Child),
+}
+
+/// Reads the store as the mirror answers a range: the checkpoint, then each segment's
+/// descriptor and ciphertext in seq order, written to `to` as they are read, each behind
+/// its length (4 bytes, big-endian), a pair at a time. Answers bytes and segments sent.
+fn send_stored(
+    db: &std::path::Path,
+    ns: plait_bridge::Identity,
+    to: SocketAddr,
+) -> anyhow::Result<(u64, u64)> {
+    use std::io::Write;
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("opening {}", db.display()))?;
+    let mut s = std::io::BufWriter::with_capacity(1 << 16, std::net::TcpStream::connect(to)?);
+    let (mut bytes, mut segments) = (0u64, 0u64);
+    let mut send = |a: &[u8], b: &[u8]| -> anyhow::Result<()> {
+        for part in [a, b] {
+            s.write_all(&(part.len() as u32).to_be_bytes())?;
+            s.write_all(part)?;
+            bytes += part.len() as u64;
+        }
+        Ok(())
+    };
+    let mut q = conn.prepare("SELECT checkpoint, snapshot FROM mirror_checkpoints WHERE namespace = ?1")?;
+    let mut rows = q.query([ns.as_bytes().as_slice()])?;
+    while let Some(r) = rows.next()? {
+        send(r.get_ref(0)?.as_blob()?, r.get_ref(1)?.as_blob()?)?;
+    }
+    let mut q =
+        conn.prepare("SELECT descriptor, ciphertext FROM mirror_segments WHERE namespace = ?1 ORDER BY seq")?;
+    let mut rows = q.query([ns.as_bytes().as_slice()])?;
+    while let Some(r) = rows.next()? {
+        send(r.get_ref(0)?.as_blob()?, r.get_ref(1)?.as_blob()?)?;
+        segments += 1;
+    }
+    s.into_inner()
+        .map_err(|e| e.into_error())?
+        .shutdown(std::net::Shutdown::Write)?;
+    Ok((bytes, segments))
 }
 
 /// One frame of the floor's stream (its length, then its bytes); `None` at the end.
