@@ -264,3 +264,62 @@ on_both_stores!(
     a_device_restores_from_the_mirror_while_the_owner_is_gone,
     a_revoked_device_cannot_open_what_is_sealed_after
 );
+
+/// A chain of many segments (one change each) is restored range by range, later ranges
+/// fetched while earlier ones are applied: every resource arrives, in the chain's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_restores_a_long_chain_range_by_range() {
+    const N: usize = 23;
+    let m = p2p_plait(Store::Embedded);
+    let mut o = Plait::start_with_env(
+        Store::Embedded,
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+        &[
+            ("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "200"),
+            ("PLAIT_MIRROR__SEGMENT_MAX_BYTES", "1"),
+        ],
+    );
+    let oid = last_line(&ok(&o, &["keygen"]));
+    ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]);
+    for i in 0..N {
+        put(
+            &o,
+            &format!("/many/{i}"),
+            "text/plain",
+            format!("value {i}").as_bytes(),
+        )
+        .await;
+    }
+    // The last one written again: restored in order, the later value wins.
+    put(&o, "/many/0", "text/plain", b"value 0, again").await;
+    ok(&o, &["mirror", "add", &last_line(&ok(&m, &["invite"]))]);
+    let link = last_line(&ok(&o, &["device", "link"]));
+    let segments = stored_ciphertexts(&m, &oid).len();
+    assert!(
+        segments > N,
+        "{segments} segments: the chain should hold one change each"
+    );
+    o.kill9();
+
+    let ddir = tempfile::tempdir().unwrap();
+    let (joined, out) = device_join(ddir.path(), &Store::Embedded, &link);
+    assert!(joined, "device join failed: {out}\nmirror log:\n{}", m.log());
+    assert!(
+        out.contains(&format!("restored {N} resources ({segments} segments)")),
+        "{out}"
+    );
+    let d = Plait::start_in(
+        Store::Embedded,
+        ddir.path(),
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+    );
+    for i in 0..N {
+        let want = if i == 0 {
+            "value 0, again".to_string()
+        } else {
+            format!("value {i}")
+        };
+        let (status, body) = owner_get(&d, &format!("/~{oid}/many/{i}")).await;
+        assert_eq!((status, String::from_utf8_lossy(&body).into_owned()), (200, want));
+    }
+}

@@ -192,24 +192,28 @@ async fn every(c: Chain<'_>, from: ChainHead) -> anyhow::Result<Fetched> {
         done.bytes += sealed.snapshot.len() as u64;
         progress.update(ck.upto, done.bytes);
     }
-    let mut list = if chain.seq < c.head.seq {
-        c.range(chain.seq + 1, c.head.seq).await?
-    } else {
-        Vec::new()
-    };
-    while !list.is_empty() {
-        // The next range is fetched while this one is applied (it is checked only once
-        // this one is in: it must follow it).
-        let last = list.last().map_or(0, |s| s.descriptor.seq);
-        let next = async {
-            if last < c.head.seq {
-                c.range(last + 1, c.head.seq).await
-            } else {
-                Ok(Vec::new())
+    // Ranges are fetched ahead while earlier ones are applied, a few at a time: the link
+    // stays busy, and what is left to apply once the last bytes are in is one small range.
+    let (tx, rx) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<SealedSegment>>>(RESTORE_RANGES_AHEAD);
+    let fetching = async move {
+        let mut next = chain.seq + 1;
+        while next <= c.head.seq {
+            let to = next.saturating_add(RESTORE_RANGE_SEGMENTS - 1).min(c.head.seq);
+            let got = c.range(next, to).await;
+            let last = got.as_ref().ok().and_then(|l| l.last()).map(|s| s.descriptor.seq);
+            if tx.send(got).await.is_err() {
+                return; // the applier stopped
             }
-        };
-        let applying = async {
-            for s in list {
+            match last {
+                Some(l) => next = l + 1,
+                None => return, // the error was sent
+            }
+        }
+    };
+    let applying = async {
+        let mut rx = rx; // owned here: dropped when applying stops, which stops the fetcher
+        while let Some(list) = rx.recv().await {
+            for s in list? {
                 let d = &s.descriptor;
                 if !s.follows(c.owner, chain) {
                     bail!(
@@ -226,12 +230,11 @@ async fn every(c: Chain<'_>, from: ChainHead) -> anyhow::Result<Fetched> {
                 done.bytes += s.ciphertext.len() as u64;
                 progress.update(chain.seq, done.bytes);
             }
-            Ok(())
-        };
-        let (applied, next) = tokio::join!(applying, next);
-        applied?;
-        list = next?;
-    }
+        }
+        Ok(())
+    };
+    let ((), applied) = tokio::join!(fetching, applying);
+    applied?;
     progress.finish();
     done.head = chain;
     done.resources = touched.len();
@@ -347,6 +350,15 @@ async fn ours(c: Chain<'_>, from: ChainHead) -> anyhow::Result<Fetched> {
     done.resources = touched.len();
     Ok(done)
 }
+
+/// Segments asked for in one range while restoring (a range answer also stops at
+/// [`plait_bridge::mirror::wire::MAX_RANGE_BYTES`]): at the default segment size a few
+/// MiB, so the last range, applied after the link has gone quiet, is short.
+const RESTORE_RANGE_SEGMENTS: u64 = 4;
+/// Ranges fetched ahead of the one being applied and held meanwhile (with the one being
+/// fetched and the one being applied: four ranges in memory at most, 16 MiB at the
+/// default segment size, 128 MiB if every segment were as large as a push may carry).
+const RESTORE_RANGES_AHEAD: usize = 2;
 
 /// Resources of one segment restored at once. The store commits what is waiting
 /// together, so a segment of many small resources costs a few commits, not one each.
