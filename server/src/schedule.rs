@@ -40,9 +40,8 @@ impl<K: Hash + Eq + Copy> Schedule<K> {
             .map_or(Duration::ZERO, |d| d.saturating_duration_since(now))
     }
 
-    /// Forgets keys whose schedules have fallen behind now.
-    pub fn prune(&self) {
-        let now = Instant::now();
+    /// Forgets keys whose schedules have fallen behind `now`.
+    pub fn prune(&self, now: Instant) {
         let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
         due.retain(|_, d| *d > now);
         due.shrink_to_fit();
@@ -75,7 +74,7 @@ mod tests {
         );
         assert_eq!(s.ahead(&2, now), Duration::ZERO, "each key its own");
         s.push(2, now - ms(100), ms(1));
-        s.prune();
+        s.prune(now);
         assert_eq!(s.len(), 1, "a schedule behind now is forgotten");
     }
 }

@@ -468,7 +468,7 @@ pub async fn run(mut cfg: Config, reload: Option<crate::service::Reload>) -> any
         let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
             every.tick().await;
-            messages.prune();
+            messages.prune(std::time::Instant::now());
             holds.prune();
         }
     });

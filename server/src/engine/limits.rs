@@ -306,7 +306,7 @@ impl Limiter {
     /// Forgets idle writers' buckets and stale usage figures.
     pub(crate) fn prune(&self) {
         if let Some(work) = &self.work {
-            work.due.prune();
+            work.due.prune(Instant::now());
         }
         for rate in [&self.rate, &self.bytes].into_iter().flatten() {
             rate.retain_recent();

@@ -96,9 +96,9 @@ impl MessageRate {
         tat.checked_sub(self.burst).filter(|&at| at > now)
     }
 
-    /// Forgets addresses whose schedules have fallen behind now (a full burst again).
-    pub fn prune(&self) {
-        self.next.prune();
+    /// Forgets addresses whose schedules have fallen behind `now` (a full burst again).
+    pub fn prune(&self, now: Instant) {
+        self.next.prune(now);
     }
 }
 
@@ -128,8 +128,11 @@ mod tests {
         for _ in 0..10_000 {
             assert_eq!(off.reserve(a, now), None);
         }
-        // Once its schedule is behind, an address is forgotten.
-        rate.prune();
+        // Once its schedule is behind, an address is forgotten: b's, a millisecond ahead,
+        // a moment later; a's still runs seconds ahead.
+        rate.prune(now);
         assert_eq!(rate.next.len(), 2);
+        rate.prune(now + Duration::from_millis(2));
+        assert_eq!(rate.next.len(), 1);
     }
 }
