@@ -103,18 +103,9 @@ impl Actor {
                 },
             };
             let heavy = w.size() > HEAVY_BYTES;
-            let applied = match metered_work(&self.limiter, &w.writer, heavy, || p.doc.apply(&dw, now / 1000))
-            {
-                Ok(applied) => applied,
-                Err(e) => {
-                    if creating {
-                        self.res = Some(Res::Missing);
-                        create = None;
-                    }
-                    let _ = reply.send(Err(e));
-                    continue;
-                }
-            };
+            // Refused by the work budget or by the document: either way, nothing applied.
+            let applied = metered_work(&self.limiter, &w.writer, heavy, || p.doc.apply(&dw, now / 1000))
+                .and_then(|applied| applied.map_err(EngineError::from));
             match applied {
                 Err(e) => {
                     if creating {
@@ -122,7 +113,7 @@ impl Actor {
                         self.res = Some(Res::Missing);
                         create = None;
                     }
-                    let _ = reply.send(Err(e.into()));
+                    let _ = reply.send(Err(e));
                 }
                 Ok(Outcome::Unchanged) => {
                     let v = p.doc.frontier();
