@@ -163,7 +163,7 @@ fn converge(
             r.import([c]).unwrap();
         }
     }
-    let values: Vec<Bytes> = replicas.iter().map(Document::render).collect();
+    let values: Vec<Bytes> = replicas.iter_mut().map(Document::render).collect();
     prop_assert_eq!(&values[0], &values[1]);
     prop_assert_eq!(&values[0], &values[2]);
     let versions: Vec<_> = replicas.iter_mut().map(Document::frontier).collect();

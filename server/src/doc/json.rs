@@ -54,6 +54,19 @@ impl JsonDoc {
         read_prop(&self.base.am, &ROOT, Genesis::Json.key().into(), None).unwrap_or(Value::Null)
     }
 
+    /// The current value as JSON text. Read out of automerge only when no write or read
+    /// since the document last changed kept it (see `current`); kept for the next caller.
+    pub fn render(&mut self) -> Vec<u8> {
+        let heads = self.base.heads();
+        let value = match self.current.take() {
+            Some((at, v)) if same_set(&at, &heads) => v,
+            _ => self.value(),
+        };
+        let body = serde_json::to_vec(&value).expect("JSON serializes");
+        self.current = Some((heads, value));
+        body
+    }
+
     /// The value at a version (whole changes only: JSON changes are one event each).
     pub fn value_at(&mut self, version: &Version) -> Result<Value, DocError> {
         let heads = self.base.heads_for(version)?;
@@ -691,6 +704,35 @@ mod tests {
         write(&mut d, full(&json!({"a": 1, "b": 3})), Some(&base));
         assert_eq!(d.value(), json!({"a": 2, "b": 3}));
         assert_eq!(d.frontier().ids().len(), 2);
+    }
+
+    #[test]
+    fn the_rendered_value_follows_changes_merged_from_another_replica() {
+        let mut d = JsonDoc::new();
+        write(&mut d, full(&json!({"a": 1, "b": 1})), None);
+        assert_eq!(d.render(), br#"{"a":1,"b":1}"#);
+        let mut e = JsonDoc::new();
+        let all = d.base().export(&[]);
+        e.base()
+            .import(
+                all.iter()
+                    .map(|x| super::super::am::decode_change(&x.bytes).unwrap())
+                    .collect(),
+            )
+            .unwrap();
+        write(&mut e, full(&json!({"a": 1, "b": 2})), None);
+        write(&mut d, full(&json!({"a": 3, "b": 1})), None);
+        assert_eq!(d.render(), br#"{"a":3,"b":1}"#, "the value kept by the write");
+        let theirs = e.base().export(&d.base().heads());
+        d.base()
+            .import(
+                theirs
+                    .iter()
+                    .map(|x| super::super::am::decode_change(&x.bytes).unwrap())
+                    .collect(),
+            )
+            .unwrap();
+        assert_eq!(d.render(), br#"{"a":3,"b":2}"#, "read again once the heads moved");
     }
 
     #[test]

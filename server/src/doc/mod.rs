@@ -222,10 +222,10 @@ impl Document {
     }
 
     /// The current representation.
-    pub fn render(&self) -> Bytes {
+    pub fn render(&mut self) -> Bytes {
         match self {
             Document::Text(d) => Bytes::from(d.text()),
-            Document::Json(d) => serde_json::to_vec(&d.value()).expect("JSON serializes").into(),
+            Document::Json(d) => d.render().into(),
             Document::Bytes(d) => d.current().map(|c| c.body.clone()).unwrap_or_default(),
         }
     }
