@@ -434,6 +434,15 @@ fn reconcile_prop(
     if old.is_some_and(|o| same(o, new)) {
         return Ok(());
     }
+    // Only a container written over one of its kind is reconciled inside; anything else is
+    // put whole, without looking up what the document holds there.
+    let same_container = matches!(
+        (old, new),
+        (Some(Value::Object(_)), Value::Object(_)) | (Some(Value::Array(_)), Value::Array(_))
+    );
+    if !same_container {
+        return put_value(am, obj, prop, new, false);
+    }
     let existing = am.get(obj, prop.clone()).map_err(am_err)?;
     match (old, new, existing) {
         (Some(Value::Object(o)), Value::Object(n), Some((AmValue::Object(ObjType::Map), id))) => {
