@@ -8,6 +8,14 @@
 //! checkpoint's). The snapshot is sealed as a segment is (age, the same recipients); its
 //! plaintext is a batch of every resource's current state.
 //!
+//! **A device's chain** (its writes to its owner's namespace, see [`super::device`]) is
+//! checkpointed by its owner, not by the device: once the owner merged the chain up to a
+//! segment into its own chain, it signs a checkpoint whose namespace is the device's,
+//! with no snapshot (`len` 0, `hash` BLAKE3 of nothing: what the segments held is in the
+//! owner's chain now), with its own key ([`Checkpoint::sign_merged`]). A mirror checks
+//! it against the owner the device pushed for ([`Checkpoint::verify_signature_by`]); a
+//! device cannot drop its own writes before its owner merged them.
+//!
 //! The chain is not re-linked: segment `upto + 1` still names segment `upto`'s digest as
 //! its `prev`, which the checkpoint carries as `head`, so a mirror that dropped segment
 //! `upto` still checks the next one. Its bytes are fixed-size (188), big-endian, pinned by
@@ -78,9 +86,31 @@ impl Checkpoint {
         c
     }
 
+    /// The owner's checkpoint of its device's chain, merged up to `head` (see the module
+    /// doc): no snapshot, signed by `owner`.
+    pub fn sign_merged(owner: &Keypair, device: Identity, head: ChainHead, at_ms: u64) -> Checkpoint {
+        let mut c = Checkpoint {
+            namespace: device,
+            upto: head.seq,
+            head: head.hash,
+            hash: *blake3::hash(&[]).as_bytes(),
+            len: 0,
+            at_ms,
+            signature: [0; 64],
+        };
+        c.signature = owner.sign(&signed_message(&c.signed_bytes()));
+        c
+    }
+
     /// Checks the signature against the namespace's key.
     pub fn verify_signature(&self) -> bool {
-        self.namespace
+        self.verify_signature_by(&self.namespace)
+    }
+
+    /// Checks the signature against `signer`'s key: the namespace's for an owner's chain,
+    /// the owner's for one of its devices' chains.
+    pub fn verify_signature_by(&self, signer: &Identity) -> bool {
+        signer
             .verify(&signed_message(&self.signed_bytes()), &self.signature)
             .is_ok()
     }
@@ -195,6 +225,30 @@ mod tests {
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn a_device_chain_is_checkpointed_by_its_owner() {
+        let owner = Keypair::from_secret_bytes(&[7; 32]);
+        let device = Keypair::from_secret_bytes(&[8; 32]);
+        let first = Descriptor::sign(&device, ChainHead::default(), b"ciphertext", 1_700_000_000_000);
+        let c = Checkpoint::sign_merged(
+            &owner,
+            device.identity(),
+            ChainHead::of(&first),
+            1_700_000_000_002,
+        );
+        let back = Checkpoint::from_bytes(&c.to_bytes()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!((back.namespace, back.upto, back.len), (device.identity(), 1, 0));
+        assert_eq!(&back.hash, blake3::hash(b"").as_bytes(), "no snapshot");
+        assert!(back.verify_signature_by(&owner.identity()));
+        // Not the device's own signature, nor anyone else's.
+        assert!(!back.verify_signature());
+        assert!(!back.verify_signature_by(&Keypair::generate().identity()));
+        // A device signing its own chain's checkpoint does not pass for its owner's.
+        let own = Checkpoint::sign(&device, ChainHead::of(&first), b"", 1_700_000_000_002);
+        assert!(!own.verify_signature_by(&owner.identity()));
     }
 
     #[test]

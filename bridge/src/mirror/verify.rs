@@ -7,6 +7,7 @@
 
 use super::checkpoint::{CHECKPOINT_LEN, Checkpoint};
 use super::descriptor::{ChainHead, DESCRIPTOR_LEN, Descriptor, Digest};
+use crate::identity::Identity;
 
 /// Why a mirror refused a segment. [`Refusal::reason`] is the machine-readable word sent
 /// on the wire.
@@ -156,7 +157,9 @@ pub struct Held {
 
 /// Checks a checkpoint and its snapshot's ciphertext for a mirror holding `held`, under
 /// `allowance`, whose `used` counts what would remain beside the new checkpoint (the
-/// segments after its `upto`). Decrypts nothing.
+/// segments after its `upto`). Decrypts nothing. `signer` is whose signature it must
+/// carry: the namespace's own key, or for a device's chain the key of the owner the
+/// device pushed for.
 ///
 /// A checkpoint must supersede more than the one held (`stale-checkpoint` otherwise: no
 /// replay, no rollback). When the mirror holds segment `upto`, that descriptor's digest
@@ -166,11 +169,12 @@ pub struct Held {
 pub fn check_checkpoint(
     checkpoint: &Checkpoint,
     snapshot: &[u8],
+    signer: &Identity,
     held: Held,
     allowance: Option<Allowance>,
 ) -> Result<(), Refusal> {
     let allowance = allowance.ok_or(Refusal::NoGrant)?;
-    if !checkpoint.verify_signature() {
+    if !checkpoint.verify_signature_by(signer) {
         return Err(Refusal::BadSignature);
     }
     if checkpoint.upto <= held.checkpoint || checkpoint.upto == 0 {
@@ -296,9 +300,11 @@ mod tests {
             checkpoint,
             at_upto,
         };
-        let ok = |c: &SealedCheckpoint, h| check_checkpoint(&c.checkpoint, &c.snapshot, h, PLENTY);
+        let ok = |c: &SealedCheckpoint, h| {
+            check_checkpoint(&c.checkpoint, &c.snapshot, &c.checkpoint.namespace, h, PLENTY)
+        };
         let refused = |c: &SealedCheckpoint, h, a| {
-            check_checkpoint(&c.checkpoint, &c.snapshot, h, a)
+            check_checkpoint(&c.checkpoint, &c.snapshot, &c.checkpoint.namespace, h, a)
                 .unwrap_err()
                 .reason()
         };

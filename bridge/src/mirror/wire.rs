@@ -29,7 +29,10 @@
 //! ```
 //!
 //! A stored checkpoint is acknowledged `0x00 upto`. A reader restores a namespace with
-//! `0x05` (the snapshot), then `0x02` from `upto + 1` (the segments after it).
+//! `0x05` (the snapshot), then `0x02` from `upto + 1` (the segments after it). A
+//! device's chain is checkpointed with `0x04` too, by its owner: the checkpoint names the
+//! device's namespace, carries no snapshot and the owner's signature
+//! ([`Checkpoint::sign_merged`]).
 //!
 //! A reader that can open only some segments (one a prefix was shared with) asks for
 //! *heads* first: `0x0b` answers the descriptors of a range (at most [`MAX_HEADS`]) with

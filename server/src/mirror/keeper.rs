@@ -139,9 +139,18 @@ impl Keeper {
         let ns = c.checkpoint.namespace;
         let lock = self.lock(ns);
         let _held = lock.lock().await;
+        // A device's chain is checkpointed by the owner it pushed for, under that owner's
+        // grant; an owner's chain by the owner.
+        let owner = self
+            .device_owners()
+            .await
+            .map_err(unavailable)?
+            .get(&ns)
+            .copied()
+            .unwrap_or(ns);
         let grant = self
             .grants
-            .of(&ns)
+            .of(&owner)
             .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
         let upto = c.checkpoint.upto;
         let seq = upto.min(i64::MAX as u64) as i64;
@@ -183,7 +192,7 @@ impl Keeper {
             checkpoint: held_upto,
             at_upto,
         };
-        plait_bridge::mirror::check_checkpoint(&c.checkpoint, &c.snapshot, held, allowance)?;
+        plait_bridge::mirror::check_checkpoint(&c.checkpoint, &c.snapshot, &owner, held, allowance)?;
         match self
             .storage
             .put_checkpoint(
@@ -685,6 +694,69 @@ mod tests {
             keeper.push_device(cert, s2).await,
             Err(Refusal::OverQuota { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn the_owner_checkpoints_what_it_merged_of_a_device_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
+        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
+        let (owner, device, stranger) = (Keypair::generate(), Keypair::generate(), Keypair::generate());
+        Grants::new(dir.path()).grant(owner.identity(), 1 << 20).unwrap();
+        let to = [SealKey::generate().recipient()];
+        let cert = DeviceCert::sign(&owner, device.identity(), 1, 0);
+        let mut chain = ChainHead::default();
+        let mut segs = Vec::new();
+        for i in 1..=3u64 {
+            let seg = seal(&device, &to, chain, &[i as u8; 1000], i).unwrap();
+            chain = ChainHead::of(&seg.descriptor);
+            assert_eq!(keeper.push_device(cert.clone(), seg.clone()).await, Ok(i));
+            segs.push(seg);
+        }
+        let used = keeper.used(&owner.identity()).await.unwrap();
+        let merged = |by: &Keypair, upto: usize| SealedCheckpoint {
+            checkpoint: Checkpoint::sign_merged(
+                by,
+                device.identity(),
+                ChainHead::of(&segs[upto - 1].descriptor),
+                9,
+            ),
+            snapshot: Vec::new(),
+        };
+        // Neither the device itself nor a stranger may drop the device's writes.
+        let own = SealedCheckpoint {
+            checkpoint: Checkpoint::sign(&device, ChainHead::of(&segs[1].descriptor), b"", 9),
+            snapshot: Vec::new(),
+        };
+        assert_eq!(keeper.checkpoint(own).await, Err(Refusal::BadSignature));
+        assert_eq!(
+            keeper.checkpoint(merged(&stranger, 2)).await,
+            Err(Refusal::BadSignature)
+        );
+        // The owner merged two: they are dropped, the third stays and the chain goes on.
+        assert_eq!(keeper.checkpoint(merged(&owner, 2)).await, Ok(2));
+        assert_eq!(
+            keeper.range(&device.identity(), 1, 9).await.unwrap(),
+            vec![segs[2].clone()]
+        );
+        let after = keeper.used(&owner.identity()).await.unwrap();
+        assert!(after < used - 2 * 1000, "{after} bytes used, {used} before");
+        let s4 = seal(&device, &to, chain, b"after", 4).unwrap();
+        assert_eq!(keeper.push_device(cert.clone(), s4).await, Ok(4));
+        // Not again, nor back; then all of it (a revoked device's chain, once merged).
+        assert!(matches!(
+            keeper.checkpoint(merged(&owner, 2)).await,
+            Err(Refusal::StaleCheckpoint { upto: 2, held: 2 })
+        ));
+        let whole = keeper.head(&device.identity()).await.unwrap();
+        let all = SealedCheckpoint {
+            checkpoint: Checkpoint::sign_merged(&owner, device.identity(), whole, 9),
+            snapshot: Vec::new(),
+        };
+        assert_eq!(keeper.checkpoint(all).await, Ok(4));
+        assert!(keeper.range(&device.identity(), 1, 9).await.unwrap().is_empty());
+        assert_eq!(keeper.head(&device.identity()).await.unwrap(), whole);
     }
 
     #[tokio::test]

@@ -112,6 +112,14 @@ async fn a_checkpoint_drops_what_it_supersedes(s: Arc<dyn Storage>) {
     assert!(s.segments(&a, 1, 20, 1 << 20).await.unwrap().is_empty());
     let (d, c) = seg(10);
     s.put_segment(&a, 10, d, c).await.unwrap();
+    // A checkpoint may carry no snapshot (a device's chain, merged by its owner).
+    let (c, _) = ck(10, 0);
+    s.put_checkpoint(&a, 10, c.clone(), Bytes::new()).await.unwrap();
+    for take in [Take::NOTHING, Take::head(4096), Take::ALL] {
+        let held = s.checkpoint(&a, take).await.unwrap().unwrap();
+        assert_eq!((held.upto, &held.checkpoint, held.snapshot.len()), (10, &c, 0));
+    }
+    assert_eq!(s.segment_bytes(&a).await.unwrap(), 188);
 }
 
 async fn segments_form_one_gap_free_chain_per_namespace(s: Arc<dyn Storage>) {

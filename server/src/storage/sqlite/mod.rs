@@ -1106,8 +1106,10 @@ impl Storage for SqliteStorage {
     ) -> Result<Option<StoredCheckpoint>, StorageError> {
         let ns = namespace.as_bytes().to_vec();
         self.read(move |conn| {
+            // SQLite's substr of a zero-length blob is NULL: a device chain's checkpoint
+            // has no snapshot.
             conn.query_row(
-                "SELECT upto, checkpoint, substr(snapshot, 1, ?2)
+                "SELECT upto, checkpoint, coalesce(substr(snapshot, 1, ?2), x'')
                  FROM mirror_checkpoints WHERE namespace = ?1",
                 params![ns, take.bytes()],
                 |r| {
