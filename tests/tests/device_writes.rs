@@ -179,17 +179,7 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
     // Revoked, D is refused by M (O tells it at once) and O has nothing D sealed after.
     let out = ok(&o, &["device", "revoke", &device]);
     assert!(out.contains("1 mirror(s) told"), "{out}");
-    let held = || async {
-        let (k, v) = m.owner_auth();
-        let r = reqwest::Client::new()
-            .get(m.url(&format!("/.well-known/plait/mirror/{device}")))
-            .header(k, v)
-            .send()
-            .await
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-        v["head"].as_u64().unwrap()
-    };
+    let held = || async { chain_on(&m, &device).await.0 };
     let before = held().await;
     assert!(before >= 1, "M holds D's chain");
     put(
@@ -250,4 +240,92 @@ async fn the_owner_merges_a_devices_writes_after_a_kill(store: Store) {
     assert!(!has(&body, "not merged"), "nothing of a refused chain is merged");
 }
 
-on_both_stores!(the_owner_merges_a_devices_writes_after_a_kill);
+/// Where M's chain of `namespace` stands: (head, checkpoint upto).
+async fn chain_on(m: &Plait, namespace: &str) -> (u64, u64) {
+    let (k, v) = m.owner_auth();
+    let r = reqwest::Client::new()
+        .get(m.url(&format!("/.well-known/plait/mirror/{namespace}")))
+        .header(k, v)
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    (v["head"].as_u64().unwrap(), v["checkpoint"].as_u64().unwrap_or(0))
+}
+
+/// O checkpoints its own chain after each seal (ratio 0): once it merged D's writes and
+/// M holds a checkpoint made after, O has M drop D's chain up to what it merged. D's
+/// chain goes on after that, and O merges what follows.
+async fn the_owners_checkpoint_compacts_a_devices_merged_chain(store: Store) {
+    let m = p2p_plait(store.clone());
+    let o = Plait::start_with_env(
+        another(&store),
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+        &[
+            ("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "200"),
+            ("PLAIT_MIRROR__DEVICE_MERGE_INTERVAL_MS", "300"),
+            ("PLAIT_MIRROR__CHECKPOINT_RATIO", "0"),
+            ("PLAIT_MIRROR__CHECKPOINT_MIN_BYTES", "1"),
+        ],
+    );
+    let oid = last_line(&ok(&o, &["keygen"]));
+    ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]);
+    put(&o, "/notes", "text/plain", b"first line\n").await;
+    ok(&o, &["mirror", "add", &last_line(&ok(&m, &["invite"]))]);
+    let linked = ok(&o, &["device", "link"]);
+    let link = last_line(&linked);
+    let device = linked.split_whitespace().nth(1).unwrap().to_string();
+    let dstore = another(&store);
+    let ddir = tempfile::tempdir().unwrap();
+    let (joined, out) = device_join(ddir.path(), &dstore, &link);
+    assert!(joined, "device join failed: {out}\nmirror log:\n{}", m.log());
+    let d = Plait::start_in(dstore, ddir.path(), &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"]);
+
+    let used = || -> u64 { mirror_list(&m)["grants"][0]["used"].as_u64().unwrap() };
+    for i in 0..3 {
+        let v = format!("device write {i} {}", "x".repeat(20_000));
+        put(&d, &format!("/~{oid}/d{i}"), "text/plain", v.as_bytes()).await;
+        until_body(&o, &format!("/d{i}"), "D's write merged", |b| b == v.as_bytes()).await;
+    }
+    // Merged, then sealed by O into a checkpoint M holds: D's chain there is dropped.
+    let mut at = (0, 0);
+    until("M drops what O merged of D's chain", || {
+        at = futures::executor::block_on(chain_on(&m, &device));
+        at.0 >= 1 && at.1 == at.0
+    })
+    .await;
+    let compacted = used();
+    assert!(
+        compacted < 3 * 20_000,
+        "M's use for O and D is {compacted} bytes after the compaction, {at:?}\nO's log:\n{}",
+        o.log()
+    );
+    assert!(
+        o.log().contains("compacted devices' merged chains"),
+        "{}",
+        o.log()
+    );
+
+    // D's chain goes on after the checkpoint, and O merges what follows.
+    put(
+        &d,
+        &format!("/~{oid}/after"),
+        "text/plain",
+        b"after-the-compaction",
+    )
+    .await;
+    until_body(&o, "/after", "D's write after the compaction merged", |b| {
+        b == b"after-the-compaction"
+    })
+    .await;
+    let (head, _) = chain_on(&m, &device).await;
+    assert!(
+        head > at.0,
+        "D's chain grew past the checkpoint: {head} after {at:?}"
+    );
+}
+
+on_both_stores!(
+    the_owner_merges_a_devices_writes_after_a_kill,
+    the_owners_checkpoint_compacts_a_devices_merged_chain
+);

@@ -20,6 +20,17 @@
 //! looked after the revocation is merged; then its chain is closed. What is merged grows the owner's resources, so the owner's own sealer seals
 //! it on the owner's chain as usual, and other devices get it from there.
 //!
+//! **Compacting what was merged.** A device's chain is never checkpointed by the device;
+//! the owner does it. When the owner makes a checkpoint of its own chain, it first notes
+//! where each device's chain was merged to ([`note_merged`], the
+//! `mirror_device_checkpointed` setting): the snapshot, read after, holds all of that.
+//! Once a mirror holds that checkpoint, the owner sends it a checkpoint of each device's
+//! chain up to the noted segment ([`checkpoint_devices`]: signed by the owner, no
+//! snapshot), and the mirror drops those segments. A closed chain (a revoked device's) is
+//! dropped whole, up to where the mirror's chain of it stands. So the devices' chains,
+//! like the owner's, take room in proportion to what was written since the last
+//! checkpoint, and a revoked device's chain stops counting against the owner's quota.
+//!
 //! Knows nothing of HTTP; mirrors are reached through the node's mirror protocol.
 
 use std::collections::BTreeMap;
@@ -30,7 +41,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use plait_bridge::mirror::device::DeviceCert;
 use plait_bridge::mirror::wire::{Request, Response};
-use plait_bridge::mirror::{ChainHead, SealKey};
+use plait_bridge::mirror::{ChainHead, Checkpoint, Refusal, SealKey, SealedCheckpoint};
 use plait_bridge::node::Node;
 use plait_bridge::{Identity, Keypair};
 use serde::{Deserialize, Serialize};
@@ -115,6 +126,92 @@ pub async fn start_device(
     Ok(sealer)
 }
 
+/// The setting noting, for the owner's last checkpoint, where each device's chain was
+/// merged to just before its snapshot was read.
+const CHECKPOINTED_SETTING: &str = "mirror_device_checkpointed";
+
+/// What [`CHECKPOINTED_SETTING`] holds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Noted {
+    /// The owner's checkpoint's `upto`.
+    upto: u64,
+    devices: BTreeMap<Identity, Merged>,
+}
+
+/// Notes where each device's chain was merged to, for the owner's checkpoint superseding
+/// its chain up to `upto`; called before that checkpoint's snapshot is read, so the
+/// snapshot holds everything merged by then.
+pub async fn note_merged(storage: &dyn Storage, upto: u64) -> anyhow::Result<()> {
+    let devices = merged(storage).await?;
+    let noted = Noted { upto, devices };
+    storage
+        .put_setting(CHECKPOINTED_SETTING, &serde_json::to_string(&noted)?)
+        .await?;
+    Ok(())
+}
+
+/// Once `mirror` holds the owner's checkpoint `upto`, drops there what the devices'
+/// chains held that the checkpoint's snapshot holds too (see the module doc). Answers how
+/// many device chains the mirror compacted.
+pub async fn checkpoint_devices(
+    storage: &dyn Storage,
+    node: &Node,
+    owner: &Keypair,
+    mirror: Identity,
+    upto: u64,
+) -> anyhow::Result<usize> {
+    let noted: Noted = match storage.get_setting(CHECKPOINTED_SETTING).await? {
+        Some(s) => serde_json::from_str(&s).with_context(|| format!("the {CHECKPOINTED_SETTING} setting"))?,
+        None => return Ok(0),
+    };
+    if noted.upto != upto {
+        // Noted for a checkpoint that was not made, or not this one.
+        return Ok(0);
+    }
+    let mut n = 0;
+    for (device, m) in noted.devices {
+        let head = if m.closed {
+            // Nothing more of it is merged: all it holds goes.
+            match node.mirror(mirror, Request::Head { namespace: device }).await {
+                Ok(Response::Head(h)) => h,
+                Ok(other) => bail!("the head of {device}'s chain: answered {other:?}"),
+                Err(e) => bail!("the head of {device}'s chain: {e}"),
+            }
+        } else {
+            ChainHead {
+                seq: m.seq,
+                hash: m.hash,
+            }
+        };
+        if head.seq == 0 {
+            continue;
+        }
+        let checkpoint = Checkpoint::sign_merged(owner, device, head, super::now_ms());
+        let sealed = SealedCheckpoint {
+            checkpoint,
+            snapshot: Vec::new(),
+        };
+        match node.mirror(mirror, Request::Checkpoint(sealed)).await {
+            Ok(Response::Stored { .. }) => n += 1,
+            // Compacted there already, as far or further.
+            Ok(Response::Refused(Refusal::StaleCheckpoint { held, .. })) if held >= head.seq => {}
+            Ok(Response::Refused(r)) => {
+                bail!("compacting {device}'s chain: {}", super::owner::refusal_text(&r))
+            }
+            Ok(other) => bail!("compacting {device}'s chain: answered {other:?}"),
+            Err(e) => bail!("compacting {device}'s chain: {e}"),
+        }
+    }
+    Ok(n)
+}
+
+async fn merged(storage: &dyn Storage) -> anyhow::Result<BTreeMap<Identity, Merged>> {
+    Ok(match storage.get_setting(MERGED_SETTING).await? {
+        Some(s) => serde_json::from_str(&s).with_context(|| format!("the {MERGED_SETTING} setting"))?,
+        None => BTreeMap::new(),
+    })
+}
+
 /// Where a device's chain was merged to.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct Merged {
@@ -159,13 +256,6 @@ impl Merger {
         });
     }
 
-    async fn merged(&self) -> anyhow::Result<BTreeMap<Identity, Merged>> {
-        Ok(match self.storage.get_setting(MERGED_SETTING).await? {
-            Some(s) => serde_json::from_str(&s).with_context(|| format!("the {MERGED_SETTING} setting"))?,
-            None => BTreeMap::new(),
-        })
-    }
-
     /// Merges what every device pushed since the last time; answers with the number of
     /// segments merged.
     pub async fn merge_all(&self) -> anyhow::Result<usize> {
@@ -174,7 +264,7 @@ impl Merger {
             return Ok(0);
         }
         let mirrors: Vec<Identity> = super::owner::mirrors(&self.data_dir)?.into_keys().collect();
-        let mut merged = self.merged().await?;
+        let mut merged = merged(self.storage.as_ref()).await?;
         let mut n = 0;
         for (device, entry) in devices {
             if merged.get(&device).is_some_and(|m| m.closed) {

@@ -43,7 +43,8 @@
 //! the owner), into the device's own chain — descriptors signed by the device's key,
 //! sealed to the owner's seal key and the device's own — kept as the `mirror_device_sealed`
 //! setting, pushed with the device's certificate (`DevicePush`) to the mirrors its link
-//! named, and never checkpointed. The owner merges that chain (`device_writes`).
+//! named, and never checkpointed by the device. The owner merges that chain, and drops
+//! what it merged of it with its own checkpoints (`device_writes`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -687,6 +688,9 @@ impl Owner {
     /// caller holds the sealing lock.
     async fn checkpoint_at(&self, head: ChainHead) -> anyhow::Result<u64> {
         let ns = self.chain();
+        // Before the snapshot is read, so that it holds what the devices' chains held up to
+        // there.
+        super::device_writes::note_merged(self.storage.as_ref(), head.seq).await?;
         let plain = batch::encode(&self.current_state("").await?);
         let sealed =
             plait_bridge::mirror::seal_checkpoint(&self.keys, &self.recipients(), head, &plain, now_ms())?;
@@ -871,14 +875,32 @@ impl Owner {
             checkpoint: Checkpoint::from_bytes(&c.checkpoint).map_err(|e| e.to_string())?,
             snapshot: c.snapshot.to_vec(),
         };
-        match node.mirror(mirror, Request::Checkpoint(sealed)).await {
-            Ok(Response::Stored { seq }) => Ok(seq),
+        let held = match node.mirror(mirror, Request::Checkpoint(sealed)).await {
+            Ok(Response::Stored { seq }) => seq,
             // It holds this one (or a later one) already.
-            Ok(Response::Refused(Refusal::StaleCheckpoint { held, .. })) if held >= c.upto as u64 => Ok(held),
-            Ok(Response::Refused(r)) => Err(refusal_text(&r)),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(e.to_string()),
+            Ok(Response::Refused(Refusal::StaleCheckpoint { held, .. })) if held >= c.upto as u64 => held,
+            Ok(Response::Refused(r)) => return Err(refusal_text(&r)),
+            Ok(other) => return Err(format!("unexpected answer {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        };
+        // The mirror holds the snapshot: what the devices' chains held up to it goes there.
+        match super::device_writes::checkpoint_devices(
+            self.storage.as_ref(),
+            node,
+            &self.keys,
+            mirror,
+            c.upto as u64,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(%mirror, devices = n, "compacted devices' merged chains on a mirror"),
+            // Tried again with the next checkpoint (or the next run).
+            Err(e) => {
+                tracing::info!(%mirror, error = %format!("{e:#}"), "compacting devices' chains on a mirror")
+            }
         }
+        Ok(held)
     }
 
     /// Brings one mirror up to our chain's head, our checkpoint first; answers with the
