@@ -152,7 +152,8 @@ pub async fn note_merged(storage: &dyn Storage, upto: u64) -> anyhow::Result<()>
 
 /// Once `mirror` holds the owner's checkpoint `upto`, drops there what the devices'
 /// chains held that the checkpoint's snapshot holds too (see the module doc). Answers how
-/// many device chains the mirror compacted.
+/// many device chains the mirror compacted; a device whose chain could not be compacted
+/// is logged and passed over (tried again with the next checkpoint).
 pub async fn checkpoint_devices(
     storage: &dyn Storage,
     node: &Node,
@@ -170,39 +171,60 @@ pub async fn checkpoint_devices(
     }
     let mut n = 0;
     for (device, m) in noted.devices {
-        let head = if m.closed {
-            // Nothing more of it is merged: all it holds goes.
-            match node.mirror(mirror, Request::Head { namespace: device }).await {
-                Ok(Response::Head(h)) => h,
-                Ok(other) => bail!("the head of {device}'s chain: answered {other:?}"),
-                Err(e) => bail!("the head of {device}'s chain: {e}"),
+        // One device's chain failing leaves the others to go on.
+        match checkpoint_device(node, owner, mirror, device, m).await {
+            Ok(true) => n += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::info!(%mirror, %device, error = %format!("{e:#}"), "compacting a device's chain on a mirror")
             }
-        } else {
-            ChainHead {
-                seq: m.seq,
-                hash: m.hash,
-            }
-        };
-        if head.seq == 0 {
-            continue;
-        }
-        let checkpoint = Checkpoint::sign_merged(owner, device, head, super::now_ms());
-        let sealed = SealedCheckpoint {
-            checkpoint,
-            snapshot: Vec::new(),
-        };
-        match node.mirror(mirror, Request::Checkpoint(sealed)).await {
-            Ok(Response::Stored { .. }) => n += 1,
-            // Compacted there already, as far or further.
-            Ok(Response::Refused(Refusal::StaleCheckpoint { held, .. })) if held >= head.seq => {}
-            Ok(Response::Refused(r)) => {
-                bail!("compacting {device}'s chain: {}", super::owner::refusal_text(&r))
-            }
-            Ok(other) => bail!("compacting {device}'s chain: answered {other:?}"),
-            Err(e) => bail!("compacting {device}'s chain: {e}"),
         }
     }
     Ok(n)
+}
+
+/// Has `mirror` drop `device`'s chain up to where it was merged (`m`; all of it when
+/// closed); answers whether it dropped anything.
+async fn checkpoint_device(
+    node: &Node,
+    owner: &Keypair,
+    mirror: Identity,
+    device: Identity,
+    m: Merged,
+) -> anyhow::Result<bool> {
+    let held = match node.mirror(mirror, Request::Head { namespace: device }).await {
+        Ok(Response::Head(h)) => h,
+        Ok(other) => bail!("the head of its chain: answered {other:?}"),
+        Err(e) => bail!("the head of its chain: {e}"),
+    };
+    // A mirror the device never pushed to holds nothing of it.
+    if held.seq == 0 {
+        return Ok(false);
+    }
+    // Nothing more of a closed chain is merged: all the mirror holds goes.
+    let head = if m.closed {
+        held
+    } else {
+        ChainHead {
+            seq: m.seq,
+            hash: m.hash,
+        }
+    };
+    if head.seq == 0 {
+        return Ok(false);
+    }
+    let sealed = SealedCheckpoint {
+        checkpoint: Checkpoint::sign_merged(owner, device, head, super::now_ms()),
+        snapshot: Vec::new(),
+    };
+    match node.mirror(mirror, Request::Checkpoint(sealed)).await {
+        Ok(Response::Stored { .. }) => Ok(true),
+        // Compacted there already, as far or further.
+        Ok(Response::Refused(Refusal::StaleCheckpoint { held, .. })) if held >= head.seq => Ok(false),
+        Ok(Response::Refused(r)) => bail!(super::owner::refusal_text(&r)),
+        Ok(other) => bail!("answered {other:?}"),
+        Err(e) => bail!("{e}"),
+    }
 }
 
 async fn merged(storage: &dyn Storage) -> anyhow::Result<BTreeMap<Identity, Merged>> {
