@@ -10,10 +10,12 @@
 //! owner's namespace, [`Keeper::push_device`]) is taken when its certificate is its
 //! owner's, under the owner's grant: the owner's segments and all its devices' chains
 //! held here count against one quota (the devices seen are kept in the
-//! `mirror_device_owners` setting). An owner tells the mirror which of its devices it
-//! revoked ([`Keeper::set_revoked`], the `mirror_revoked_devices` setting); their pushes
-//! are refused from then on (`revoked`), whatever certificate they carry. Knows nothing
-//! of what segments hold.
+//! `mirror_device_owners` setting, once a push of theirs passed its checks: signed by
+//! the device's own key). A device's chain is checkpointed by that owner
+//! ([`Keeper::checkpoint`]); a granted namespace only by itself. An owner tells the
+//! mirror which of its devices it revoked ([`Keeper::set_revoked`], the
+//! `mirror_revoked_devices` setting); their pushes are refused from then on (`revoked`),
+//! whatever certificate they carry. Knows nothing of what segments hold.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -140,14 +142,23 @@ impl Keeper {
         let lock = self.lock(ns);
         let _held = lock.lock().await;
         // A device's chain is checkpointed by the owner it pushed for, under that owner's
-        // grant; an owner's chain by the owner.
-        let owner = self
-            .device_owners()
-            .await
-            .map_err(unavailable)?
-            .get(&ns)
-            .copied()
-            .unwrap_or(ns);
+        // grant; an owner's chain (a granted namespace) by the owner, whatever else it
+        // was ever said to be.
+        let granted = self
+            .grants
+            .of(&ns)
+            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?
+            .is_some();
+        let owner = match granted {
+            true => ns,
+            false => self
+                .device_owners()
+                .await
+                .map_err(unavailable)?
+                .get(&ns)
+                .copied()
+                .unwrap_or(ns),
+        };
         let grant = self
             .grants
             .of(&owner)
@@ -382,7 +393,12 @@ impl Keeper {
                 used: self.used(&cert.owner).await.map_err(unavailable)?,
             }),
         };
-        if allowance.is_some() {
+        let granted = allowance.is_some();
+        let stored = self.store(segment, allowance).await?;
+        // Only once the segment passed its checks (signed by the device's own key): the
+        // owner it speaks for then checkpoints its chain here, so a certificate alone,
+        // for a key its signer does not hold, must not make that owner's.
+        if granted {
             let _held = self.settings_lock.lock().await;
             let mut owners = self.device_owners().await.map_err(unavailable)?;
             if owners.get(&ns) != Some(&cert.owner) {
@@ -390,7 +406,7 @@ impl Keeper {
                 self.put_json_setting(DEVICE_OWNERS_SETTING, &owners).await?;
             }
         }
-        self.store(segment, allowance).await
+        Ok(stored)
     }
 
     /// Checks a segment against the chain held and `allowance`, then stores it. The
@@ -757,6 +773,53 @@ mod tests {
         assert_eq!(keeper.checkpoint(all).await, Ok(4));
         assert!(keeper.range(&device.identity(), 1, 9).await.unwrap().is_empty());
         assert_eq!(keeper.head(&device.identity()).await.unwrap(), whole);
+    }
+
+    #[tokio::test]
+    async fn an_owner_cannot_checkpoint_another_owners_chain_as_its_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
+        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
+        let (victim, attacker) = (Keypair::generate(), Keypair::generate());
+        for k in [&victim, &attacker] {
+            Grants::new(dir.path()).grant(k.identity(), 1 << 20).unwrap();
+        }
+        let to = [SealKey::generate().recipient()];
+        let v1 = seal(&victim, &to, ChainHead::default(), b"victim's", 1).unwrap();
+        assert_eq!(keeper.push(v1.clone()).await, Ok(1));
+        // The attacker certifies the victim's key as its device and pushes a segment
+        // claiming the victim's namespace: refused, and it makes the attacker nothing.
+        let cert = DeviceCert::sign(&attacker, victim.identity(), 1, 0);
+        let mut forged = seal(&attacker, &to, ChainHead::of(&v1.descriptor), b"x", 2).unwrap();
+        let mut d = forged.descriptor.to_bytes();
+        d[4..36].copy_from_slice(victim.identity().as_bytes());
+        forged.descriptor = plait_bridge::mirror::Descriptor::from_bytes(&d).unwrap();
+        assert_eq!(keeper.push_device(cert, forged).await, Err(Refusal::BadSignature));
+        assert!(keeper.device_owners().await.unwrap().is_empty());
+        let dropped = SealedCheckpoint {
+            checkpoint: Checkpoint::sign_merged(
+                &attacker,
+                victim.identity(),
+                ChainHead::of(&v1.descriptor),
+                9,
+            ),
+            snapshot: Vec::new(),
+        };
+        assert_eq!(
+            keeper.checkpoint(dropped.clone()).await,
+            Err(Refusal::BadSignature)
+        );
+        // Even a mapping from before (a granted namespace is its own owner's).
+        keeper
+            .put_json_setting(
+                DEVICE_OWNERS_SETTING,
+                &std::collections::BTreeMap::from([(victim.identity(), attacker.identity())]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(keeper.checkpoint(dropped).await, Err(Refusal::BadSignature));
+        assert_eq!(keeper.range(&victim.identity(), 1, 9).await.unwrap(), vec![v1]);
     }
 
     #[tokio::test]
