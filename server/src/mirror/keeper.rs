@@ -604,12 +604,18 @@ mod tests {
     use plait_bridge::Keypair;
     use plait_bridge::mirror::{SealKey, seal};
 
-    #[tokio::test]
-    async fn checks_then_stores_and_serves() {
+    /// A keeper on a fresh embedded store, its grants in the same temporary directory.
+    fn fresh() -> (tempfile::TempDir, Arc<dyn Storage>, Keeper) {
         let dir = tempfile::tempdir().unwrap();
         let s: Arc<dyn Storage> =
             Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
         let keeper = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
+        (dir, s, keeper)
+    }
+
+    #[tokio::test]
+    async fn checks_then_stores_and_serves() {
+        let (dir, _, keeper) = fresh();
         let owner = Keypair::generate();
         let ns = owner.identity();
         let to = [SealKey::generate().recipient()];
@@ -649,10 +655,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_device_chain_is_taken_under_its_owners_grant_and_certificate() {
-        let dir = tempfile::tempdir().unwrap();
-        let s: Arc<dyn Storage> =
-            Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
-        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
+        let (dir, _, keeper) = fresh();
         let owner = Keypair::generate();
         let device = Keypair::generate();
         let stranger = Keypair::generate();
@@ -714,10 +717,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_owner_checkpoints_what_it_merged_of_a_device_chain() {
-        let dir = tempfile::tempdir().unwrap();
-        let s: Arc<dyn Storage> =
-            Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
-        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
+        let (dir, _, keeper) = fresh();
         let (owner, device, stranger) = (Keypair::generate(), Keypair::generate(), Keypair::generate());
         Grants::new(dir.path()).grant(owner.identity(), 1 << 20).unwrap();
         let to = [SealKey::generate().recipient()];
@@ -777,10 +777,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_owner_cannot_checkpoint_another_owners_chain_as_its_device() {
-        let dir = tempfile::tempdir().unwrap();
-        let s: Arc<dyn Storage> =
-            Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
-        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
+        let (dir, _, keeper) = fresh();
         let (victim, attacker) = (Keypair::generate(), Keypair::generate());
         for k in [&victim, &attacker] {
             Grants::new(dir.path()).grant(k.identity(), 1 << 20).unwrap();
@@ -824,10 +821,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_device_its_owner_revoked_is_refused_from_then_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let s: Arc<dyn Storage> =
-            Arc::new(SqliteStorage::open(&dir.path().join("m.db"), CommitLimits::default()).unwrap());
-        let keeper = Keeper::new(s.clone(), Grants::new(dir.path()), &Default::default());
+        let (dir, s, keeper) = fresh();
         let owner = Keypair::generate();
         let (device, other) = (Keypair::generate(), Keypair::generate());
         let stranger = Keypair::generate();
