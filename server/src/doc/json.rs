@@ -58,10 +58,7 @@ impl JsonDoc {
     /// since the document last changed kept it (see `current`); kept for the next caller.
     pub fn render(&mut self) -> Vec<u8> {
         let heads = self.base.heads();
-        let value = match self.current.take() {
-            Some((at, v)) if same_set(&at, &heads) => v,
-            _ => self.value(),
-        };
+        let value = self.take_current(&heads);
         let body = serde_json::to_vec(&value).expect("JSON serializes");
         self.current = Some((heads, value));
         body
@@ -105,11 +102,10 @@ impl JsonDoc {
             None => (old_frontier.clone(), heads.clone()),
         };
         let on_current = same_set(&parent_heads, &heads);
-        let old = match self.current.take() {
-            Some((at, v)) if on_current && same_set(&at, &heads) => v,
-            // The current value reads faster than a value at given heads.
-            _ if on_current => self.value(),
-            _ => self.value_at_heads(&parent_heads),
+        let old = if on_current {
+            self.take_current(&heads)
+        } else {
+            self.value_at_heads(&parent_heads)
         };
         let new = match w.body {
             WriteBody::Full { media_type, body } => {
@@ -180,6 +176,16 @@ impl JsonDoc {
 }
 
 impl JsonDoc {
+    /// The current value (the document is at `heads`): the one kept, if it was kept at
+    /// those heads, else read out of automerge (the current value reads faster than a
+    /// value at given heads). Taken: the caller keeps it again.
+    fn take_current(&mut self, heads: &[ChangeHash]) -> Value {
+        match self.current.take() {
+            Some((at, v)) if same_set(&at, heads) => v,
+            _ => self.value(),
+        }
+    }
+
     /// Keeps `value` as the current value when it was read at the current `heads`.
     fn keep_current(&mut self, on_current: bool, heads: Vec<ChangeHash>, value: Value) {
         if on_current {

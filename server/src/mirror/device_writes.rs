@@ -192,11 +192,7 @@ async fn checkpoint_device(
     device: Identity,
     m: Merged,
 ) -> anyhow::Result<bool> {
-    let held = match node.mirror(mirror, Request::Head { namespace: device }).await {
-        Ok(Response::Head(h)) => h,
-        Ok(other) => bail!("the head of its chain: answered {other:?}"),
-        Err(e) => bail!("the head of its chain: {e}"),
-    };
+    let held = chain_head(node, mirror, device).await?;
     // A mirror the device never pushed to holds nothing of it.
     if held.seq == 0 {
         return Ok(false);
@@ -224,6 +220,23 @@ async fn checkpoint_device(
         Ok(Response::Refused(r)) => bail!(super::owner::refusal_text(&r)),
         Ok(other) => bail!("answered {other:?}"),
         Err(e) => bail!("{e}"),
+    }
+}
+
+/// Asks `mirror`; a refusal is an error naming its reason.
+async fn ask(node: &Node, mirror: Identity, req: Request) -> anyhow::Result<Response> {
+    match node.mirror(mirror, req).await {
+        Ok(Response::Refused(r)) => bail!(super::owner::refusal_text(&r)),
+        Ok(r) => Ok(r),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// Where `mirror`'s chain of `device` stands.
+async fn chain_head(node: &Node, mirror: Identity, device: Identity) -> anyhow::Result<ChainHead> {
+    match ask(node, mirror, Request::Head { namespace: device }).await? {
+        Response::Head(h) => Ok(h),
+        other => bail!("the head of {device}'s chain: answered {other:?}"),
     }
 }
 
@@ -310,14 +323,6 @@ impl Merger {
         Ok(n)
     }
 
-    async fn ask(&self, mirror: Identity, req: Request) -> anyhow::Result<Response> {
-        match self.node.mirror(mirror, req).await {
-            Ok(Response::Refused(r)) => bail!(super::owner::refusal_text(&r)),
-            Ok(r) => Ok(r),
-            Err(e) => bail!("{e}"),
-        }
-    }
-
     /// Merges `device`'s chain as `mirror` holds it past what was merged.
     async fn merge_from(
         &self,
@@ -326,10 +331,7 @@ impl Merger {
         revoked_ms: Option<u64>,
         merged: &mut BTreeMap<Identity, Merged>,
     ) -> anyhow::Result<usize> {
-        let head = match self.ask(mirror, Request::Head { namespace: device }).await? {
-            Response::Head(h) => h,
-            other => bail!("answered {other:?}"),
-        };
+        let head = chain_head(&self.node, mirror, device).await?;
         let mut at = merged.get(&device).copied().unwrap_or_default();
         let mut end = head.seq;
         if revoked_ms.is_some() {
@@ -348,16 +350,16 @@ impl Merger {
         };
         let mut n = 0;
         while chain.seq < end {
-            let list = match self
-                .ask(
-                    mirror,
-                    Request::Range {
-                        namespace: device,
-                        from: chain.seq + 1,
-                        to: end,
-                    },
-                )
-                .await?
+            let list = match ask(
+                &self.node,
+                mirror,
+                Request::Range {
+                    namespace: device,
+                    from: chain.seq + 1,
+                    to: end,
+                },
+            )
+            .await?
             {
                 Response::Segments(l) => l,
                 other => bail!("answered {other:?}"),

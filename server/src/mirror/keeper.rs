@@ -144,25 +144,13 @@ impl Keeper {
         // A device's chain is checkpointed by the owner it pushed for, under that owner's
         // grant; an owner's chain (a granted namespace) by the owner, whatever else it
         // was ever said to be.
-        let granted = self
-            .grants
-            .of(&ns)
-            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?
-            .is_some();
-        let owner = match granted {
-            true => ns,
-            false => self
-                .device_owners()
-                .await
-                .map_err(unavailable)?
-                .get(&ns)
-                .copied()
-                .unwrap_or(ns),
+        let (owner, grant) = match self.grant(&ns)? {
+            Some(g) => (ns, Some(g)),
+            None => match self.device_owners().await.map_err(unavailable)?.get(&ns).copied() {
+                Some(o) => (o, self.grant(&o)?),
+                None => (ns, None),
+            },
         };
-        let grant = self
-            .grants
-            .of(&owner)
-            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
         let upto = c.checkpoint.upto;
         let seq = upto.min(i64::MAX as u64) as i64;
         let allowance = match grant {
@@ -355,10 +343,7 @@ impl Keeper {
         let ns = segment.descriptor.namespace;
         let lock = self.lock(ns);
         let _held = lock.lock().await;
-        let grant = self
-            .grants
-            .of(&ns)
-            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
+        let grant = self.grant(&ns)?;
         let allowance = match grant {
             None => None,
             Some(g) => Some(Allowance {
@@ -382,10 +367,7 @@ impl Keeper {
         }
         let lock = self.lock(ns);
         let _held = lock.lock().await;
-        let grant = self
-            .grants
-            .of(&cert.owner)
-            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
+        let grant = self.grant(&cert.owner)?;
         let allowance = match grant {
             None => None,
             Some(g) => Some(Allowance {
@@ -436,12 +418,16 @@ impl Keeper {
         }
     }
 
+    /// `id`'s grant here, if it holds one.
+    fn grant(&self, id: &Identity) -> Result<Option<super::grants::Grant>, Refusal> {
+        self.grants
+            .of(id)
+            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))
+    }
+
     /// Whether `owner` holds a grant here (an invite for its device is made only then).
     pub fn granted(&self, owner: &Identity) -> Result<bool, Refusal> {
-        self.grants
-            .of(owner)
-            .map(|g| g.is_some())
-            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))
+        self.grant(owner).map(|g| g.is_some())
     }
 
     /// Keeps a device's sealed key bundle for `owner`, counted against its grant.
@@ -452,10 +438,7 @@ impl Keeper {
         expires_ms: u64,
         sealed: Vec<u8>,
     ) -> Result<(), Refusal> {
-        let grant = self
-            .grants
-            .of(&owner)
-            .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))?;
+        let grant = self.grant(&owner)?;
         let allowance = match grant {
             None => None,
             Some(g) => Some((g.quota, self.used(&owner).await.map_err(unavailable)?)),
