@@ -282,3 +282,108 @@ pub(super) fn start_resource(body: &WriteBody) -> Result<(Kind, String), EngineE
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use plait_bridge::Keypair;
+
+    use crate::engine::subscription::Delivery;
+    use crate::engine::{Engine, EngineConfig, Write};
+    use crate::model::{ResourceKey, ResourcePath};
+    use crate::storage::sqlite::SqliteStorage;
+    use crate::storage::{CommitLimits, Storage};
+    use crate::update::{Patch, Range, WriteBody};
+
+    fn insert(text: &str) -> Write {
+        Write::internal(WriteBody::Patches(vec![Patch {
+            range: Range::Text { start: 0, end: 0 },
+            content: Bytes::from(text.to_string()),
+        }]))
+    }
+
+    /// Many writers on one document, so that writes pile up in its mailbox and are stored
+    /// in rounds: a write is answered only once the store holds it, subscribers get every
+    /// change once, in order, and a fresh engine loads what the live one shows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_answered_and_told_in_order_once_stored() {
+        const WRITERS: usize = 48;
+        const EACH: usize = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let storage =
+            Arc::new(SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap());
+        let config = EngineConfig {
+            // No snapshot: every change stays in the log, where the test counts them.
+            snapshot_every: usize::MAX,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(storage.clone(), config.clone());
+        let key = ResourceKey::new(Keypair::generate().identity(), ResourcePath::new("/hot").unwrap());
+        engine.write(&key, insert("start")).await.unwrap();
+        let mut sub = engine.subscribe(&key, None, None).await.unwrap();
+        let mut version = match sub.next().await {
+            Some(Delivery::Own(u)) => u.version,
+            other => panic!("the first delivery is the state: {other:?}"),
+        };
+
+        let acked = Arc::new(AtomicUsize::new(0));
+        let mut writers = Vec::new();
+        for w in 0..WRITERS {
+            let (engine, key, storage, acked) = (engine.clone(), key.clone(), storage.clone(), acked.clone());
+            writers.push(tokio::spawn(async move {
+                for i in 0..EACH {
+                    let r = engine.write(&key, insert(&format!("<{w}.{i}>"))).await.unwrap();
+                    assert!(r.changed);
+                    let n = acked.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n % 40 == 0 {
+                        // Every write answered so far is in the store (one change each,
+                        // after the first).
+                        let l = storage.load(&key).await.unwrap().unwrap();
+                        assert!(l.changes.len() > n, "{n} answered, {} stored", l.changes.len());
+                    }
+                }
+            }));
+        }
+        let mut told = 0;
+        let mut last_seq = None;
+        while told < WRITERS * EACH {
+            let ev = match tokio::time::timeout(std::time::Duration::from_secs(30), sub.next()).await {
+                Ok(Some(Delivery::Shared(ev))) => ev,
+                other => panic!("after {told} events: {other:?}"),
+            };
+            assert_eq!(
+                ev.parents, version,
+                "each event starts where the one before ended"
+            );
+            if let Some(s) = last_seq {
+                assert_eq!(ev.seq, s + 1, "events are numbered without gaps");
+            }
+            last_seq = Some(ev.seq);
+            version = ev.version.clone();
+            told += 1;
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        let text = engine.read(&key).await.unwrap();
+        assert_eq!(
+            text.version, version,
+            "the last event reaches the state readers see"
+        );
+        let body = String::from_utf8(text.body.to_vec()).unwrap();
+        for w in 0..WRITERS {
+            for i in 0..EACH {
+                assert!(body.contains(&format!("<{w}.{i}>")), "<{w}.{i}> is in the text");
+            }
+        }
+        let stored = storage.load(&key).await.unwrap().unwrap();
+        assert_eq!(stored.changes.len(), 1 + WRITERS * EACH);
+        let fresh = Engine::new(storage.clone(), config);
+        let loaded = fresh.read(&key).await.unwrap();
+        assert_eq!(loaded.body, text.body);
+        assert_eq!(loaded.version, version);
+    }
+}
