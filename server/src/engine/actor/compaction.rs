@@ -95,22 +95,12 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use bytes::Bytes;
-    use plait_bridge::Keypair;
-
+    use super::super::testing::{fixture, insert};
     use super::{Counted, SinceSnapshot};
-    use crate::engine::{Engine, EngineConfig, Write};
-    use crate::model::{ResourceKey, ResourcePath};
+    use crate::engine::{Engine, EngineConfig};
+    use crate::model::ResourceKey;
     use crate::storage::sqlite::SqliteStorage;
-    use crate::storage::{CommitLimits, Seq, Storage};
-    use crate::update::{Patch, Range, WriteBody};
-
-    fn insert(text: &str) -> Write {
-        Write::internal(WriteBody::Patches(vec![Patch {
-            range: Range::Text { start: 0, end: 0 },
-            content: Bytes::from(text.to_string()),
-        }]))
-    }
+    use crate::storage::{Seq, Storage};
 
     /// The changes the store's snapshot of `key` covers and its size (0: none).
     async fn snapshot(storage: &Arc<SqliteStorage>, key: &ResourceKey) -> (Seq, usize) {
@@ -135,15 +125,12 @@ mod tests {
     /// the changes since have as many bytes as it; the text survives a fresh engine.
     #[tokio::test]
     async fn the_actor_snapshots_by_count_then_by_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage =
-            Arc::new(SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap());
         let config = EngineConfig {
             snapshot_every: 10,
             ..EngineConfig::default()
         };
-        let engine = Engine::new(storage.clone(), config.clone());
-        let key = ResourceKey::new(Keypair::generate().identity(), ResourcePath::new("/hot").unwrap());
+        let f = fixture(config.clone());
+        let (storage, engine, key) = (f.storage.clone(), f.engine.clone(), f.key.clone());
         // A first write of 20,000 letters that do not compress, then one-letter edits.
         let mut x = 7u64;
         let big: String = (0..20_000)

@@ -603,3 +603,46 @@ fn fail(c: Command, e: EngineError) {
         Command::Refresh => {}
     }
 }
+
+/// What the actor's tests share: an engine on a fresh embedded store, and a text edit.
+#[cfg(test)]
+mod testing {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use plait_bridge::Keypair;
+
+    use crate::engine::{Engine, EngineConfig, Write};
+    use crate::model::{ResourceKey, ResourcePath};
+    use crate::storage::CommitLimits;
+    use crate::storage::sqlite::SqliteStorage;
+    use crate::update::{Patch, Range, WriteBody};
+
+    /// An engine with `config` on a fresh embedded store, and a key of a new namespace.
+    pub(super) struct Fixture {
+        pub storage: Arc<SqliteStorage>,
+        pub engine: Engine,
+        pub key: ResourceKey,
+        _dir: tempfile::TempDir,
+    }
+
+    pub(super) fn fixture(config: EngineConfig) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let storage =
+            Arc::new(SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap());
+        Fixture {
+            engine: Engine::new(storage.clone(), config),
+            storage,
+            key: ResourceKey::new(Keypair::generate().identity(), ResourcePath::new("/hot").unwrap()),
+            _dir: dir,
+        }
+    }
+
+    /// An internal write inserting `text` at the start of a text document.
+    pub(super) fn insert(text: &str) -> Write {
+        Write::internal(WriteBody::Patches(vec![Patch {
+            range: Range::Text { start: 0, end: 0 },
+            content: Bytes::from(text.to_string()),
+        }]))
+    }
+}

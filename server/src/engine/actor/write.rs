@@ -288,22 +288,10 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use bytes::Bytes;
-    use plait_bridge::Keypair;
-
+    use super::super::testing::{fixture, insert};
     use crate::engine::subscription::Delivery;
-    use crate::engine::{Engine, EngineConfig, Write};
-    use crate::model::{ResourceKey, ResourcePath};
-    use crate::storage::sqlite::SqliteStorage;
-    use crate::storage::{CommitLimits, Storage};
-    use crate::update::{Patch, Range, WriteBody};
-
-    fn insert(text: &str) -> Write {
-        Write::internal(WriteBody::Patches(vec![Patch {
-            range: Range::Text { start: 0, end: 0 },
-            content: Bytes::from(text.to_string()),
-        }]))
-    }
+    use crate::engine::{Engine, EngineConfig};
+    use crate::storage::Storage;
 
     /// Many writers on one document, so that writes pile up in its mailbox and are stored
     /// in rounds: a write is answered only once the store holds it, subscribers get every
@@ -312,16 +300,13 @@ mod tests {
     async fn concurrent_writes_are_answered_and_told_in_order_once_stored() {
         const WRITERS: usize = 48;
         const EACH: usize = 40;
-        let dir = tempfile::tempdir().unwrap();
-        let storage =
-            Arc::new(SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap());
         let config = EngineConfig {
             // No snapshot: every change stays in the log, where the test counts them.
             snapshot_every: usize::MAX,
             ..EngineConfig::default()
         };
-        let engine = Engine::new(storage.clone(), config.clone());
-        let key = ResourceKey::new(Keypair::generate().identity(), ResourcePath::new("/hot").unwrap());
+        let f = fixture(config.clone());
+        let (storage, engine, key) = (f.storage.clone(), f.engine.clone(), f.key.clone());
         engine.write(&key, insert("start")).await.unwrap();
         let mut sub = engine.subscribe(&key, None, None).await.unwrap();
         let mut version = match sub.next().await {
