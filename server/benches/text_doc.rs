@@ -2,7 +2,11 @@
 //! source of a paper), applied the way the server applies PUTs: one labelled change per
 //! edit, through `TextDoc::apply`.
 //!
+//! Also: a text document new to a replica (a device restoring from a mirror), built from
+//! the one change that wrote it or loaded from the document saved whole (`new_document`).
+//!
 //! Run: `PLAIT_EDITING_TRACE=/path/to/automerge-paper.json.gz cargo bench -p plait-server --bench text_doc`
+//! (`-- new_document` for that group alone)
 //!
 //! The trace is `benchmark_data/automerge-paper.json.gz` in josephg/diamond-types (the same
 //! edits as automerge/automerge-perf). It is not on any package registry, so it is not a
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use plait_server::doc::{DocWrite, Document, TextDoc};
+use plait_server::doc::{DocWrite, Document, Outcome, TextDoc};
 use plait_server::model::Kind;
 use plait_server::update::{Patch, Range, WriteBody};
 
@@ -218,5 +222,58 @@ fn whole_body(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(text, whole_body, benches);
+/// A text document of N letters written in one PUT, as a replica that has none of it gets
+/// it: built from the change that wrote it (what a device restoring from a mirror does with
+/// a change entry), against loaded from the document saved whole (a snapshot entry).
+fn new_document(c: &mut Criterion) {
+    let mut g = c.benchmark_group("new_document");
+    g.sample_size(20).measurement_time(Duration::from_secs(5));
+    let mut x = 7u64;
+    for n in [500, 2_000, 4_000] {
+        let letters: String = (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b'a' + (x >> 59) as u8 % 26)
+            })
+            .collect();
+        let body = WriteBody::Full {
+            media_type: None,
+            body: Bytes::from(letters),
+        };
+        let mut d = TextDoc::new();
+        let w = DocWrite {
+            body: &body,
+            version: None,
+            parents: None,
+            agent_hint: Some("bench"),
+            force: true,
+            digest: None,
+            max_json_depth: plait_server::doc::json::MAX_JSON_DEPTH,
+        };
+        let change = match d.apply(&w, 0).expect("the write applies") {
+            Outcome::Applied(a) if a.earlier.is_empty() => a.change,
+            _ => panic!("one change"),
+        };
+        let mut doc = Document::Text(d);
+        let saved = doc.save().expect("text saves");
+        eprintln!(
+            "new_document/{n}: the change {} bytes, the document saved {} bytes",
+            change.len(),
+            saved.len()
+        );
+        g.bench_function(format!("from_change_{n}"), |b| {
+            b.iter(|| black_box(Document::load_automerge(Kind::Text, None, [&change[..]]).unwrap()))
+        });
+        g.bench_function(format!("from_saved_{n}"), |b| {
+            b.iter(|| {
+                black_box(Document::load_automerge(Kind::Text, Some(&saved), std::iter::empty()).unwrap())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(text, whole_body, new_document, benches);
 criterion_main!(text);
