@@ -343,14 +343,7 @@ impl Keeper {
         let ns = segment.descriptor.namespace;
         let lock = self.lock(ns);
         let _held = lock.lock().await;
-        let grant = self.grant(&ns)?;
-        let allowance = match grant {
-            None => None,
-            Some(g) => Some(Allowance {
-                quota: g.quota,
-                used: self.used(&ns).await.map_err(unavailable)?,
-            }),
-        };
+        let allowance = self.allowance(&ns).await?;
         self.store(segment, allowance).await
     }
 
@@ -367,14 +360,7 @@ impl Keeper {
         }
         let lock = self.lock(ns);
         let _held = lock.lock().await;
-        let grant = self.grant(&cert.owner)?;
-        let allowance = match grant {
-            None => None,
-            Some(g) => Some(Allowance {
-                quota: g.quota,
-                used: self.used(&cert.owner).await.map_err(unavailable)?,
-            }),
-        };
+        let allowance = self.allowance(&cert.owner).await?;
         let granted = allowance.is_some();
         let stored = self.store(segment, allowance).await?;
         // Only once the segment passed its checks (signed by the device's own key): the
@@ -423,6 +409,17 @@ impl Keeper {
         self.grants
             .of(id)
             .map_err(|e| Refusal::Unavailable(format!("the grant file: {e:#}")))
+    }
+
+    /// What `owner` may still store here under its grant: `None` without one.
+    async fn allowance(&self, owner: &Identity) -> Result<Option<Allowance>, Refusal> {
+        Ok(match self.grant(owner)? {
+            None => None,
+            Some(g) => Some(Allowance {
+                quota: g.quota,
+                used: self.used(owner).await.map_err(unavailable)?,
+            }),
+        })
     }
 
     /// Whether `owner` holds a grant here (an invite for its device is made only then).
