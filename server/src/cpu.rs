@@ -72,6 +72,27 @@ pub fn heavy<T: Send>(kind: Heavy, f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
+/// Document work on more than this many bytes (a large write, loading a long history,
+/// saving a big document) is moved off the async workers, which other connections need.
+pub const HEAVY_DOCUMENT_BYTES: u64 = 256 * 1024;
+
+/// Runs document work `f` from async code: at once when it is not `heavy`; else off the
+/// async workers, on a thread of lower priority ([`heavy`]), the worker handing its other
+/// tasks on meanwhile (`block_in_place`) on a multi-threaded runtime.
+pub fn document_work<T: Send>(heavy: bool, f: impl FnOnce() -> T + Send) -> T {
+    if !heavy {
+        return f();
+    }
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let run = || self::heavy(Heavy::Document, f);
+    if multi_thread {
+        tokio::task::block_in_place(run)
+    } else {
+        run()
+    }
+}
+
 /// Whether heavy work runs under `SCHED_IDLE` (`limits.heavy_work_idle`), for the whole
 /// process.
 pub fn set_idle(on: bool) {

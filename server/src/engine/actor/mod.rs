@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     Command, EngineConfig, EngineError, Event, Origin, ResourceHandle, Shared, State, Write, WriteResult,
 };
+use crate::cpu::{HEAVY_DOCUMENT_BYTES as HEAVY_BYTES, document_work as cpu_bound};
 use crate::doc::{BytesDoc, BytesValue, DocWrite, Document, Outcome};
 use crate::model::{Kind, ResourceKey, Version, VersionId};
 use crate::storage::{Hold, LoadedResource, NewChange, ResourceId, Seq, Storage, StorageError, Target};
@@ -44,29 +45,9 @@ const MAX_ROUND: usize = 1024;
 /// appended first; past it the writer is told to try again later (503).
 const MAX_REMAKES: usize = 8;
 
-/// Document work on more than this many bytes (a large write, loading a long history) is
-/// moved off the async workers, which other connections need.
-const HEAVY_BYTES: u64 = 256 * 1024;
-
 /// A history longer than this many stored changes makes reading past versions heavy work
 /// too, whatever the document's size.
 const HEAVY_HISTORY: Seq = 10_000;
-
-/// Runs `f`; heavy work moves off the async workers, which other connections need, to a
-/// thread of lower priority ([`crate::cpu::heavy`]).
-fn cpu_bound<T: Send>(heavy: bool, f: impl FnOnce() -> T + Send) -> T {
-    if !heavy {
-        return f();
-    }
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    let run = || crate::cpu::heavy(crate::cpu::Heavy::Document, f);
-    if multi_thread {
-        tokio::task::block_in_place(run)
-    } else {
-        run()
-    }
-}
 
 /// Document work done for `who` (a write's, or a read of past versions): refused while
 /// `who` owes more than the budget allows, run as [`cpu_bound`], and charged to `who` by
