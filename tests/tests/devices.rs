@@ -12,7 +12,7 @@ use plait_bridge::mirror::SealKey;
 use plait_bridge::mirror::device::DeviceLink;
 use plait_server::mirror::batch;
 use plait_tests::mirror::{
-    another, contains, device_join, holds, last_line, ok, owner_get, p2p_plait, put, raw_storage, run,
+    another, contains, device_join, holds, last_line, ok, owner_get, p2p_plait, put, raw_storage, run, until,
 };
 use plait_tests::on_both_stores;
 use plait_tests::plait::{Plait, Store};
@@ -265,7 +265,7 @@ on_both_stores!(
     a_revoked_device_cannot_open_what_is_sealed_after
 );
 
-/// A chain of many segments (one change each) is restored range by range, later ranges
+/// A chain of many segments (one resource each) is restored range by range, later ranges
 /// fetched while earlier ones are applied: every resource arrives, in the chain's order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_restores_a_long_chain_range_by_range() {
@@ -281,6 +281,7 @@ async fn a_device_restores_a_long_chain_range_by_range() {
     );
     let oid = last_line(&ok(&o, &["keygen"]));
     ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]);
+    ok(&o, &["mirror", "add", &last_line(&ok(&m, &["invite"]))]);
     for i in 0..N {
         put(
             &o,
@@ -290,14 +291,23 @@ async fn a_device_restores_a_long_chain_range_by_range() {
         )
         .await;
     }
-    // The last one written again: restored in order, the later value wins.
+    // Each resource new to the chain is sealed whole; once all are, the first is written
+    // again, and that change follows in a segment of its own: restored in order, the
+    // later value wins.
+    until("M holds every resource", || {
+        stored_ciphertexts(&m, &oid).len() >= N
+    })
+    .await;
     put(&o, "/many/0", "text/plain", b"value 0, again").await;
-    ok(&o, &["mirror", "add", &last_line(&ok(&m, &["invite"]))]);
+    until("M holds the second write", || {
+        stored_ciphertexts(&m, &oid).len() > N
+    })
+    .await;
     let link = last_line(&ok(&o, &["device", "link"]));
     let segments = stored_ciphertexts(&m, &oid).len();
     assert!(
         segments > N,
-        "{segments} segments: the chain should hold one change each"
+        "{segments} segments: the chain should hold one entry each"
     );
     o.kill9();
 

@@ -3,8 +3,10 @@
 //!
 //! **Sealing.** Every `segment_max_delay_ms` the [`Owner`] looks for resources of its
 //! namespace whose log grew past what it sealed (`through`, per path), and batches what is
-//! new — automerge changes (or the snapshot that folded them away), a bytes resource's
-//! latest value — into segments of at most `segment_max_bytes` of plaintext. Each is
+//! new — a resource new to the chain whole (its document saved whole, as a checkpoint
+//! holds it: a restoring device loads that in half the time it applies the changes that
+//! made it), then automerge changes (or the snapshot that folded them away), a bytes
+//! resource's latest value — into segments of at most `segment_max_bytes` of plaintext. Each is
 //! sealed with age to the owner's [`SealKey`] and signed as the next link of its chain,
 //! then stored in the owner's own store (`Storage::put_segment`, the outbox its pushers
 //! read), and only then is `through` advanced (a setting). After a crash between the two,
@@ -67,7 +69,7 @@ use super::MirrorSettings;
 use super::batch::{self, Entry, What};
 use super::shares::{self, Share};
 use crate::model::{Kind, ResourceKey, Version};
-use crate::storage::{Storage, StorageError, Take};
+use crate::storage::{Storage, Take};
 
 /// File name of the owner's list of mirrors in the data dir.
 pub const MIRRORS_FILE: &str = "mirrors.json";
@@ -380,38 +382,27 @@ impl Owner {
         self.status.lock().expect("push status").clone()
     }
 
-    /// What of one resource is not sealed yet.
+    /// What of one resource is not sealed yet. On the owner, a resource new to the chain
+    /// (`through` 0) goes whole ([`Self::whole`]); a device seals only its user's changes.
     async fn pending(
         &self,
         key: &ResourceKey,
         kind: Kind,
         media_type: &str,
         through: i64,
-    ) -> Result<Vec<Entry>, StorageError> {
+    ) -> anyhow::Result<Vec<Entry>> {
+        if through == 0 && self.device.is_none() {
+            return self.whole(key, kind, media_type).await;
+        }
         let Some(l) = self.storage.load(key).await? else {
             return Ok(Vec::new());
         };
-        let mut out = Vec::new();
         if kind == Kind::Bytes {
-            // Last writer wins: the latest value is what a restore needs.
-            if let (Some(c), Some(blob)) = (l.changes.last(), l.blob)
-                && c.seq > through
-                && self.sealable(c.author)
-            {
-                out.push(Entry {
-                    what: What::Value,
-                    kind,
-                    path: key.path.clone(),
-                    media_type: c.meta.clone().unwrap_or_else(|| media_type.to_string()),
-                    seq: l.row.head_seq,
-                    version: Some(c.version.clone()),
-                    parents: c.parents.clone(),
-                    at_ms: c.at_ms,
-                    data: blob,
-                });
-            }
-            return Ok(out);
+            return Ok(latest_value(key, media_type, l, through, |a| self.sealable(a))
+                .into_iter()
+                .collect());
         }
+        let mut out = Vec::new();
         if let Some((upto, snap)) = l.snapshot
             && upto > through
         {
@@ -446,6 +437,47 @@ impl Owner {
             });
         }
         Ok(out)
+    }
+
+    /// One resource's current state as a snapshot holds it: a bytes resource's latest
+    /// value, or a text or JSON document saved whole, standing at the log's head. A
+    /// device restoring a document loads it saved whole in about half the time it
+    /// applies the changes that made it, from fewer bytes (BENCHMARKS.md, "A resource new
+    /// to the device"); so the owner seals a resource new to its chain this way, as it
+    /// does every resource in a checkpoint.
+    async fn whole(&self, key: &ResourceKey, kind: Kind, media_type: &str) -> anyhow::Result<Vec<Entry>> {
+        let Some(l) = self.storage.load(key).await? else {
+            return Ok(Vec::new());
+        };
+        if kind == Kind::Bytes {
+            return Ok(latest_value(key, media_type, l, 0, |_| true)
+                .into_iter()
+                .collect());
+        }
+        let seq = l.row.head_seq;
+        let bytes = l.snapshot.as_ref().map_or(0, |(_, b)| b.len())
+            + l.changes.iter().map(|c| c.data.len()).sum::<usize>();
+        let heavy = bytes as u64 > crate::cpu::HEAVY_DOCUMENT_BYTES;
+        let saved = crate::cpu::document_work(heavy, || {
+            crate::doc::Document::load_automerge(
+                kind,
+                l.snapshot.as_ref().map(|(_, b)| b.as_ref()),
+                l.changes.iter().map(|c| c.data.as_ref()),
+            )
+            .map(|mut doc| doc.save().unwrap_or_default())
+        })
+        .with_context(|| format!("loading {}", key.path.as_str()))?;
+        Ok(vec![Entry {
+            what: What::Snapshot,
+            kind,
+            path: key.path.clone(),
+            media_type: media_type.to_string(),
+            seq,
+            version: None,
+            parents: Version::root(),
+            at_ms: 0,
+            data: Bytes::from(saved),
+        }])
     }
 
     /// Seals everything not sealed yet; answers with the number of segments made.
@@ -654,30 +686,7 @@ impl Owner {
                     continue;
                 }
                 let key = ResourceKey::new(ns, r.path.clone());
-                let Some(l) = self.storage.load(&key).await? else {
-                    continue;
-                };
-                if r.kind == Kind::Bytes {
-                    out.extend(self.pending(&key, r.kind, &r.media_type, 0).await?);
-                    continue;
-                }
-                let mut doc = crate::doc::Document::load_automerge(
-                    r.kind,
-                    l.snapshot.as_ref().map(|(_, b)| b.as_ref()),
-                    l.changes.iter().map(|c| c.data.as_ref()),
-                )
-                .with_context(|| format!("loading {}", r.path.as_str()))?;
-                out.push(Entry {
-                    what: What::Snapshot,
-                    kind: r.kind,
-                    path: r.path.clone(),
-                    media_type: r.media_type.clone(),
-                    seq: l.row.head_seq,
-                    version: None,
-                    parents: Version::root(),
-                    at_ms: 0,
-                    data: Bytes::from(doc.save().unwrap_or_default()),
-                });
+                out.extend(self.whole(&key, r.kind, &r.media_type).await?);
             }
         }
         Ok(out)
@@ -993,6 +1002,30 @@ impl Owner {
     }
 }
 
+/// A bytes resource's latest value as an entry, if it is newer than `through` and
+/// `sealable` takes its author (last writer wins: the latest value is what a restore
+/// needs).
+fn latest_value(
+    key: &ResourceKey,
+    media_type: &str,
+    l: crate::storage::LoadedResource,
+    through: i64,
+    sealable: impl Fn(Option<Identity>) -> bool,
+) -> Option<Entry> {
+    let (c, blob) = (l.changes.last()?, l.blob?);
+    (c.seq > through && sealable(c.author)).then(|| Entry {
+        what: What::Value,
+        kind: Kind::Bytes,
+        path: key.path.clone(),
+        media_type: c.meta.clone().unwrap_or_else(|| media_type.to_string()),
+        seq: l.row.head_seq,
+        version: Some(c.version.clone()),
+        parents: c.parents.clone(),
+        at_ms: c.at_ms,
+        data: blob,
+    })
+}
+
 /// How a mirror's refusal is shown (in `plait mirror list`, errors and logs).
 pub(super) fn refusal_text(r: &Refusal) -> String {
     format!("refused, {}: {r}", r.reason())
@@ -1014,6 +1047,60 @@ mod tests {
             data: Bytes::copy_from_slice(data),
             meta: None,
             blob: None,
+        }
+    }
+
+    /// Documents as the test writes them, and the letters it writes.
+    #[derive(Default)]
+    struct Texts {
+        docs: HashMap<String, crate::doc::TextDoc>,
+        x: u64,
+    }
+
+    impl Texts {
+        /// `n` random letters (incompressible but for their alphabet).
+        fn letters(&mut self, n: usize) -> String {
+            (0..n)
+                .map(|_| {
+                    self.x = self
+                        .x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    char::from(b'a' + (self.x >> 59) as u8 % 26)
+                })
+                .collect()
+        }
+
+        /// The automerge change that makes `path`'s text `text`, as version `v`.
+        fn put(&mut self, path: &str, v: &str, text: &str) -> NewChange {
+            let body = crate::update::WriteBody::Full {
+                media_type: None,
+                body: Bytes::copy_from_slice(text.as_bytes()),
+            };
+            let version = crate::model::VersionId::parse(v).unwrap();
+            let w = crate::doc::DocWrite {
+                body: &body,
+                version: Some(&version),
+                parents: None,
+                agent_hint: None,
+                force: true,
+                digest: None,
+                max_json_depth: crate::doc::json::MAX_JSON_DEPTH,
+            };
+            let doc = self.docs.entry(path.to_string()).or_default();
+            let crate::doc::Outcome::Applied(a) = doc.apply(&w, 1).unwrap() else {
+                panic!("{v} changes {path}");
+            };
+            assert!(a.earlier.is_empty(), "one change");
+            NewChange {
+                version,
+                parents: a.parents,
+                author: None,
+                at_ms: 1,
+                data: Bytes::from(a.change),
+                meta: None,
+                blob: None,
+            }
         }
     }
 
@@ -1100,39 +1187,55 @@ mod tests {
         let owner = start().await;
         assert_eq!(owner.seal_pending().await.unwrap(), 0);
 
-        // Ten 1000-byte changes: about four to a 4 KiB segment.
-        for i in 0..10u8 {
-            write(
-                &s,
-                ns,
-                &format!("doc{}", i % 3),
-                vec![change(&format!("a-{i}"), &[i; 1000])],
-            )
-            .await;
+        // Three documents new to the chain: each goes whole, as its document saved.
+        let mut t = Texts::default();
+        let mut first = Vec::new();
+        for i in 0..3 {
+            let (path, text) = (format!("doc{i}"), t.letters(1000));
+            write(&s, ns, &path, vec![t.put(&path, &format!("a-{i}"), &text)]).await;
+            first.push(text);
         }
-        let made = owner.seal_pending().await.unwrap();
-        assert!((3..=4).contains(&made), "{made}");
-        assert_eq!(owner.sealed_seq(), made as u64);
-        assert_eq!(owner.seal_pending().await.unwrap(), 0, "nothing new");
+        assert_eq!(owner.seal_pending().await.unwrap(), 1);
         let key = SealKey::load_or_create(&key_path).unwrap();
         let e = opened(&s, ns, &key).await;
-        assert_eq!(e.len(), 10);
-        assert!(e.iter().all(|e| e.what == What::Change && e.data.len() == 1000));
+        assert_eq!(e.len(), 3);
+        for (e, text) in e.iter().zip(&first) {
+            assert_eq!((e.what, e.seq), (What::Snapshot, 1));
+            let mut doc =
+                crate::doc::Document::load_automerge(Kind::Text, Some(&e.data), std::iter::empty::<&[u8]>())
+                    .unwrap();
+            assert_eq!(doc.render(), text.as_bytes());
+        }
+
+        // Ten changes of 1000 letters to them: about three to a 4 KiB segment.
+        for i in 0..10 {
+            let (path, text) = (format!("doc{}", i % 3), t.letters(1000));
+            let c = t.put(&path, &format!("b-{i}"), &text);
+            assert!(c.data.len() > 1000);
+            write(&s, ns, &path, vec![c]).await;
+        }
+        let made = owner.seal_pending().await.unwrap();
+        assert!((4..=5).contains(&made), "{made}");
+        assert_eq!(owner.sealed_seq(), 1 + made as u64);
+        assert_eq!(owner.seal_pending().await.unwrap(), 0, "nothing new");
+        let e = opened(&s, ns, &key).await;
+        assert_eq!(e.len(), 13);
+        assert!(e[3..].iter().all(|e| e.what == What::Change && e.seq > 1));
 
         // More, then a crash after the segment is stored but before the setting is: the
         // next start reads the segment and does not seal it again.
-        write(&s, ns, "doc0", vec![change("b-0", b"more")]).await;
+        write(&s, ns, "doc0", vec![t.put("doc0", "c-0", "more")]).await;
         let saved = s.get_setting(SEALED_SETTING).await.unwrap().unwrap();
         assert_eq!(owner.seal_pending().await.unwrap(), 1);
         s.put_setting(SEALED_SETTING, &saved).await.unwrap();
         drop(owner);
         let owner = start().await;
-        assert_eq!(owner.sealed_seq(), made as u64 + 1);
+        assert_eq!(owner.sealed_seq(), 1 + made as u64 + 1);
         assert_eq!(owner.seal_pending().await.unwrap(), 0);
-        write(&s, ns, "doc1", vec![change("c-0", b"after")]).await;
+        write(&s, ns, "doc1", vec![t.put("doc1", "d-0", "after")]).await;
         assert_eq!(owner.seal_pending().await.unwrap(), 1);
         let e = opened(&s, ns, &key).await;
-        assert_eq!(e.len(), 12);
+        assert_eq!(e.len(), 15);
         let mut seen = std::collections::HashSet::new();
         assert!(
             e.iter().all(|e| seen.insert((e.path.clone(), e.seq))),
@@ -1140,7 +1243,13 @@ mod tests {
         );
 
         // Compacted before it was sealed: the snapshot stands for the folded changes.
-        write(&s, ns, "doc2", vec![change("d-0", b"x"), change("d-1", b"y")]).await;
+        write(
+            &s,
+            ns,
+            "doc2",
+            vec![t.put("doc2", "e-0", "x"), t.put("doc2", "e-1", "y")],
+        )
+        .await;
         let l = s
             .load(&ResourceKey::new(ns, ResourcePath::new("doc2").unwrap()))
             .await
