@@ -1158,4 +1158,50 @@ mod tests {
         })
         .await;
     }
+
+    /// A store made before V6 (bytes values in a WITHOUT ROWID table) keeps its values,
+    /// moved to the table with row ids.
+    #[tokio::test]
+    async fn values_stored_before_blobs_had_row_ids_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let value: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let hash = blake3::hash(&value);
+        let ns = plait_bridge::Keypair::generate().identity();
+        {
+            let mut conn = open(&path, true).unwrap();
+            embedded::migrations::runner()
+                .set_target(refinery::Target::Version(5))
+                .run(&mut conn)
+                .unwrap();
+            conn.execute(
+                "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms)
+                 VALUES (?1, 'img', ?2, 'image/png', 1, 1, 1)",
+                params![ns.as_bytes().as_slice(), Kind::Bytes.code()],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO changes (resource_id, seq, version, parents, at_ms, data, meta)
+                 VALUES (1, 1, 'a-0', '', 1, ?1, 'image/png')",
+                [hash.as_bytes().as_slice()],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO blobs (hash, data, size) VALUES (?1, ?2, ?3)",
+                params![hash.as_bytes().as_slice(), value, value.len() as i64],
+            )
+            .unwrap();
+        }
+        let s = SqliteStorage::open(&path, CommitLimits::default()).unwrap();
+        let key = ResourceKey::new(ns, ResourcePath::new("img").unwrap());
+        let l = s.load(&key).await.unwrap().unwrap();
+        assert_eq!(l.blob.as_deref(), Some(&value[..]));
+        let sql: String = open(&path, false)
+            .unwrap()
+            .query_row("SELECT sql FROM sqlite_master WHERE name = 'blobs'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(!sql.contains("WITHOUT ROWID"), "{sql}");
+    }
 }
