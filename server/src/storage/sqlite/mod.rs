@@ -32,6 +32,9 @@ mod embedded {
     refinery::embed_migrations!("src/storage/sqlite_migrations");
 }
 
+/// Statements each connection keeps prepared.
+const STATEMENT_CACHE: usize = 32;
+
 /// Most idle read connections kept open.
 const MAX_IDLE_READERS: usize = 4;
 
@@ -149,6 +152,9 @@ fn open(path: &Path, write: bool) -> Result<Connection, StorageError> {
         .map_err(sql_err)?;
     conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;")
         .map_err(sql_err)?;
+    // Every statement of the write path is prepared once per connection (`prepare_cached`):
+    // room for all of them and the readers', beyond rusqlite's default of 16.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
 
@@ -475,7 +481,8 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
     let (id, head) = match target {
         Target::Existing { id, after } => {
             let head: Option<Seq> = t
-                .query_row("SELECT head_seq FROM resources WHERE id = ?1", [id], |r| r.get(0))
+                .prepare_cached("SELECT head_seq FROM resources WHERE id = ?1")
+                .and_then(|mut q| q.query_row([id], |r| r.get(0)))
                 .optional()
                 .map_err(sql_err)?;
             match head {
@@ -490,18 +497,20 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
             media_type,
         } => {
             let made = t
-                .execute(
+                .prepare_cached(
                     "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms, created_by)
                      VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5, ?6) ON CONFLICT (namespace, path) DO NOTHING",
-                    params![
+                )
+                .and_then(|mut q| {
+                    q.execute(params![
                         key.namespace.as_bytes().as_slice(),
                         key.path.as_str(),
                         kind.code(),
                         media_type,
                         now,
                         changes.first().and_then(|c| c.author.as_ref()).map(|a| a.as_bytes().to_vec()),
-                    ],
-                )
+                    ])
+                })
                 .map_err(sql_err)?;
             if made == 0 {
                 return Err(StorageError::Behind);
@@ -542,11 +551,9 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
                 .map_err(sql_err)?;
         }
     }
-    t.execute(
-        "UPDATE resources SET head_seq = ?2, updated_ms = ?3, bytes = bytes + ?4 WHERE id = ?1",
-        params![id, seq, now, added],
-    )
-    .map_err(sql_err)?;
+    t.prepare_cached("UPDATE resources SET head_seq = ?2, updated_ms = ?3, bytes = bytes + ?4 WHERE id = ?1")
+        .and_then(|mut q| q.execute(params![id, seq, now, added]))
+        .map_err(sql_err)?;
     Ok(Appended {
         resource: id,
         first_seq: head + 1,
@@ -565,27 +572,27 @@ fn seed(
 ) -> Result<Option<ResourceId>, StorageError> {
     let now = now_ms();
     let inserted = t
-        .execute(
+        .prepare_cached(
             "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms)
              VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5) ON CONFLICT (namespace, path) DO NOTHING",
-            params![
+        )
+        .and_then(|mut q| {
+            q.execute(params![
                 key.namespace.as_bytes().as_slice(),
                 key.path.as_str(),
                 kind.code(),
                 media_type,
                 now
-            ],
-        )
+            ])
+        })
         .map_err(sql_err)?;
     if inserted == 0 {
         return Ok(None);
     }
     let id = t.last_insert_rowid();
-    t.execute(
-        "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES (?1, 0, ?2, ?3)",
-        params![id, data, now],
-    )
-    .map_err(sql_err)?;
+    t.prepare_cached("INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES (?1, 0, ?2, ?3)")
+        .and_then(|mut q| q.execute(params![id, data, now]))
+        .map_err(sql_err)?;
     recount(t, id)?;
     Ok(Some(id))
 }
@@ -638,15 +645,15 @@ fn blob_hashes(t: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<Ve
 
 /// Recounts the bytes a resource occupies (after its log was folded or trimmed).
 fn recount(t: &Connection, id: ResourceId) -> Result<(), StorageError> {
-    t.execute(
+    t.prepare_cached(
         "UPDATE resources SET bytes =
             COALESCE((SELECT length(data) FROM snapshots WHERE resource_id = ?1), 0)
           + COALESCE((SELECT SUM(length(c.data) + COALESCE(b.size, 0)) FROM changes c
                       LEFT JOIN blobs b ON c.meta IS NOT NULL AND b.hash = c.data
                       WHERE c.resource_id = ?1), 0)
          WHERE id = ?1",
-        [id],
     )
+    .and_then(|mut q| q.execute([id]))
     .map(|_| ())
     .map_err(sql_err)
 }
