@@ -266,7 +266,10 @@ on_both_stores!(
 );
 
 /// A chain of many segments (one resource each) is restored range by range, later ranges
-/// fetched while earlier ones are applied: every resource arrives, in the chain's order.
+/// fetched while earlier ones are applied, and a segment applied while the one before it
+/// still is when the two hold different resources: every resource arrives, in the
+/// chain's order (the last, a bytes value written twice in consecutive segments, holds
+/// its second value).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_restores_a_long_chain_range_by_range() {
     const N: usize = 23;
@@ -282,23 +285,24 @@ async fn a_device_restores_a_long_chain_range_by_range() {
     let oid = last_line(&ok(&o, &["keygen"]));
     ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]);
     ok(&o, &["mirror", "add", &last_line(&ok(&m, &["invite"]))]);
+    let last = N - 1;
+    let ty = |i| {
+        if i == last {
+            "application/octet-stream"
+        } else {
+            "text/plain"
+        }
+    };
     for i in 0..N {
-        put(
-            &o,
-            &format!("/many/{i}"),
-            "text/plain",
-            format!("value {i}").as_bytes(),
-        )
-        .await;
+        put(&o, &format!("/many/{i}"), ty(i), format!("value {i}").as_bytes()).await;
     }
-    // Each resource new to the chain is sealed whole; once all are, the first is written
-    // again, and that change follows in a segment of its own: restored in order, the
-    // later value wins.
+    // Each resource new to the chain is sealed whole; once all are, the last is written
+    // again, in the next segment: restored in order, the later value wins.
     until("M holds every resource", || {
         stored_ciphertexts(&m, &oid).len() >= N
     })
     .await;
-    put(&o, "/many/0", "text/plain", b"value 0, again").await;
+    put(&o, &format!("/many/{last}"), ty(last), b"value last, again").await;
     until("M holds the second write", || {
         stored_ciphertexts(&m, &oid).len() > N
     })
@@ -324,12 +328,62 @@ async fn a_device_restores_a_long_chain_range_by_range() {
         &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
     );
     for i in 0..N {
-        let want = if i == 0 {
-            "value 0, again".to_string()
+        let want = if i == last {
+            "value last, again".to_string()
         } else {
             format!("value {i}")
         };
         let (status, body) = owner_get(&d, &format!("/~{oid}/many/{i}")).await;
         assert_eq!((status, String::from_utf8_lossy(&body).into_owned()), (200, want));
     }
+}
+
+/// A segment that holds a resource an earlier one still being applied holds waits for
+/// it: the earlier segment holds more resources than are applied at once, and the last
+/// of them, a bytes value, is written again in the next segment. The device must hold
+/// the second value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_waits_for_an_earlier_one_that_holds_the_same_resource() {
+    const N: usize = 100;
+    let m = p2p_plait(Store::Embedded);
+    let mut o = Plait::start_with_env(
+        Store::Embedded,
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+        &[("PLAIT_MIRROR__SEGMENT_MAX_DELAY_MS", "200")],
+    );
+    let oid = last_line(&ok(&o, &["keygen"]));
+    ok(&m, &["mirror", "grant", &oid, "--quota", "10MiB"]);
+    let ty = "application/octet-stream";
+    for i in 0..N {
+        put(&o, &format!("/wide/{i:03}"), ty, format!("value {i}").as_bytes()).await;
+    }
+    // All in one segment (the mirror is added after they are written), then the last again.
+    ok(&o, &["mirror", "add", &last_line(&ok(&m, &["invite"]))]);
+    until("M holds the first segment", || {
+        stored_ciphertexts(&m, &oid).len() == 1
+    })
+    .await;
+    let last = format!("/wide/{:03}", N - 1);
+    put(&o, &last, ty, b"the second value").await;
+    until("M holds the second segment", || {
+        stored_ciphertexts(&m, &oid).len() == 2
+    })
+    .await;
+    let link = last_line(&ok(&o, &["device", "link"]));
+    o.kill9();
+
+    let ddir = tempfile::tempdir().unwrap();
+    let (joined, out) = device_join(ddir.path(), &Store::Embedded, &link);
+    assert!(joined, "device join failed: {out}\nmirror log:\n{}", m.log());
+    assert!(
+        out.contains(&format!("restored {N} resources (2 segments)")),
+        "{out}"
+    );
+    let d = Plait::start_in(
+        Store::Embedded,
+        ddir.path(),
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+    );
+    let (status, body) = owner_get(&d, &format!("/~{oid}{last}")).await;
+    assert_eq!((status, &body[..]), (200, &b"the second value"[..]));
 }

@@ -5,7 +5,8 @@
 //! resource's entries in order), so that the store commits them together.
 //!
 //! A device restoring needs every segment ([`Opening::Every`]: ranges of whole segments,
-//! the next fetched while one is applied, with progress). A reader of a shared part, or a
+//! the next fetched while one is applied, and a segment started while the one before is
+//! still being applied when the two hold no resource in common; with progress). A reader of a shared part, or a
 //! device following, needs only what is sealed to it ([`Opening::Ours`]): it asks for
 //! the heads first (descriptors and the age headers of the ciphertexts) and fetches whole
 //! only the snapshot and segments that open with its keys, so a reader of a small part of
@@ -210,28 +211,74 @@ async fn every(c: Chain<'_>, from: ChainHead) -> anyhow::Result<Fetched> {
             }
         }
     };
+    // Segments are applied in the chain's order, and the next one starts while earlier
+    // ones are still being applied when it holds none of their resources (each resource's
+    // entries apply in the chain's order): the store's commits of one segment overlap the
+    // next one's document work. `chain` moves only past segments applied, in order.
     let applying = async {
+        use futures::StreamExt;
         let mut rx = rx; // owned here: dropped when applying stops, which stops the fetcher
-        while let Some(list) = rx.recv().await {
-            for s in list? {
-                let d = &s.descriptor;
-                if !s.follows(c.owner, chain) {
+        let mut received = std::collections::VecDeque::new();
+        let mut fetched_all = false;
+        // Opened, not started yet: where the chain stands after it, its size, its batch.
+        let mut next: Option<(ChainHead, u64, Opened)> = None;
+        let mut opened_to = chain;
+        // Started: what each holds, oldest first, beside their applications (same order).
+        let mut started: std::collections::VecDeque<(
+            ChainHead,
+            u64,
+            std::collections::HashSet<ResourcePath>,
+        )> = std::collections::VecDeque::new();
+        let mut applications = futures::stream::FuturesOrdered::new();
+        loop {
+            if next.is_none()
+                && let Some(s) = received.pop_front()
+            {
+                let s: SealedSegment = s;
+                if !s.follows(c.owner, opened_to) {
                     bail!(
                         "segment {} from the mirror does not follow the owner's chain",
-                        d.seq
+                        s.descriptor.seq
                     );
                 }
-                if c.apply(&s.ciphertext, Opening::Every, &mut touched).await? {
+                opened_to = ChainHead::of(&s.descriptor);
+                let opened = open_batch(&s.ciphertext, c.keys, Opening::Every)?
+                    .context("a segment is not sealed to this device")?;
+                next = Some((opened_to, s.ciphertext.len() as u64, opened));
+            }
+            if let Some((_, _, opened)) = &next
+                && started.len() < RESTORE_SEGMENTS_AT_ONCE
+                && started
+                    .iter()
+                    .all(|(_, _, paths)| opened.iter().all(|(p, _)| !paths.contains(p)))
+            {
+                let (head, bytes, opened) = next.take().expect("there is a next one");
+                let paths: std::collections::HashSet<ResourcePath> =
+                    opened.iter().map(|(p, _)| p.clone()).collect();
+                touched.extend(paths.iter().map(|p| p.as_str().to_string()));
+                started.push_back((head, bytes, paths));
+                applications.push_back(apply_opened(c.engine, c.owner, opened));
+                continue;
+            }
+            if started.is_empty() && next.is_none() && received.is_empty() && fetched_all {
+                return Ok(());
+            }
+            tokio::select! {
+                Some(applied) = applications.next(), if !started.is_empty() => {
+                    applied?;
+                    let (head, bytes, _) = started.pop_front().expect("one per application");
                     done.opened += 1;
+                    chain = head;
+                    done.head = chain;
+                    done.bytes += bytes;
+                    progress.update(chain.seq, done.bytes);
                 }
-                // Only once applied: a failure is fetched again from here.
-                chain = ChainHead::of(d);
-                done.head = chain;
-                done.bytes += s.ciphertext.len() as u64;
-                progress.update(chain.seq, done.bytes);
+                got = rx.recv(), if !fetched_all && received.is_empty() => match got {
+                    Some(list) => received.extend(list?),
+                    None => fetched_all = true,
+                },
             }
         }
-        Ok(())
     };
     let ((), applied) = tokio::join!(fetching, applying);
     applied?;
@@ -360,31 +407,27 @@ const RESTORE_RANGE_SEGMENTS: u64 = 4;
 /// default segment size, 128 MiB if every segment were as large as a push may carry).
 const RESTORE_RANGES_AHEAD: usize = 2;
 
+/// Segments being applied at once while restoring: the next starts while the last one's
+/// commits finish, if the two hold no resource in common.
+const RESTORE_SEGMENTS_AT_ONCE: usize = 2;
+
 /// Resources of one segment restored at once. The store commits what is waiting
 /// together, so a segment of many small resources costs a few commits, not one each.
 const RESTORE_CONCURRENCY: usize = 64;
 
-/// Opens one sealed batch and applies its entries to replicas of the owner's resources;
-/// `false` if it is not sealed to `keys` and need not be ([`Opening::Ours`]). Each
-/// resource's entries are applied in their order; different resources at once (up to
-/// [`RESTORE_CONCURRENCY`]). It returns once all of them are applied (or one failed).
-async fn apply(
-    engine: &Engine,
-    owner: Identity,
-    ciphertext: &[u8],
-    keys: &[&SealKey],
-    opening: Opening,
-    touched: &mut std::collections::BTreeSet<String>,
-) -> anyhow::Result<bool> {
-    use futures::{StreamExt, TryStreamExt};
+/// One sealed batch opened: each resource's entries, in the batch's order.
+type Opened = Vec<(ResourcePath, Vec<batch::Entry>)>;
+
+/// Opens one sealed batch; `None` if it is not sealed to `keys` and need not be
+/// ([`Opening::Ours`]).
+fn open_batch(ciphertext: &[u8], keys: &[&SealKey], opening: Opening) -> anyhow::Result<Option<Opened>> {
     let plain = match plait_bridge::mirror::open_with(keys, ciphertext) {
         Ok(p) => p,
-        Err(plait_bridge::mirror::SealError::NotSealedToUs) if opening == Opening::Ours => return Ok(false),
+        Err(plait_bridge::mirror::SealError::NotSealedToUs) if opening == Opening::Ours => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let entries = batch::decode(&plain).map_err(|e| anyhow::anyhow!("a sealed batch: {e}"))?;
-    // Each resource's entries, in the batch's order.
-    let mut per_resource: Vec<(ResourcePath, Vec<batch::Entry>)> = Vec::new();
+    let mut per_resource: Opened = Vec::new();
     let mut at = std::collections::HashMap::new();
     for e in entries {
         let i = *at.entry(e.path.clone()).or_insert_with(|| {
@@ -393,11 +436,36 @@ async fn apply(
         });
         per_resource[i].1.push(e);
     }
-    for (path, _) in &per_resource {
+    Ok(Some(per_resource))
+}
+
+/// Opens one sealed batch and applies its entries to replicas of the owner's resources;
+/// `false` if it is not sealed to `keys` and need not be ([`Opening::Ours`]). It returns
+/// once all of them are applied (or one failed).
+async fn apply(
+    engine: &Engine,
+    owner: Identity,
+    ciphertext: &[u8],
+    keys: &[&SealKey],
+    opening: Opening,
+    touched: &mut std::collections::BTreeSet<String>,
+) -> anyhow::Result<bool> {
+    let Some(opened) = open_batch(ciphertext, keys, opening)? else {
+        return Ok(false);
+    };
+    for (path, _) in &opened {
         touched.insert(path.as_str().to_string());
     }
+    apply_opened(engine, owner, opened).await?;
+    Ok(true)
+}
+
+/// Applies an opened batch: each resource's entries in their order, different resources
+/// at once (up to [`RESTORE_CONCURRENCY`]).
+async fn apply_opened(engine: &Engine, owner: Identity, opened: Opened) -> anyhow::Result<()> {
+    use futures::{StreamExt, TryStreamExt};
     // Owned futures (an engine handle and the entries each), so the stream is `Send`.
-    let restores = per_resource.into_iter().map(|(path, entries)| {
+    let restores = opened.into_iter().map(|(path, entries)| {
         let engine = engine.clone();
         async move {
             apply_resource(&engine, ResourceKey::new(owner, path.clone()), &entries)
@@ -408,8 +476,7 @@ async fn apply(
     futures::stream::iter(restores)
         .buffer_unordered(RESTORE_CONCURRENCY)
         .try_collect::<()>()
-        .await?;
-    Ok(true)
+        .await
 }
 
 /// Applies one resource's entries of a batch, in order: consecutive changes are imported
