@@ -265,6 +265,21 @@ on_both_stores!(
     a_revoked_device_cannot_open_what_is_sealed_after
 );
 
+/// A device joined with `link` into a fresh embedded data dir, whose join said `said`,
+/// serving.
+fn restored_device(m: &Plait, link: &str, said: &str) -> (tempfile::TempDir, Plait) {
+    let ddir = tempfile::tempdir().unwrap();
+    let (joined, out) = device_join(ddir.path(), &Store::Embedded, link);
+    assert!(joined, "device join failed: {out}\nmirror log:\n{}", m.log());
+    assert!(out.contains(said), "{out}");
+    let d = Plait::start_in(
+        Store::Embedded,
+        ddir.path(),
+        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+    );
+    (ddir, d)
+}
+
 /// A chain of many segments (one resource each) is restored range by range, later ranges
 /// fetched while earlier ones are applied, and a segment applied while the one before it
 /// still is when the two hold different resources: every resource arrives, in the
@@ -315,17 +330,10 @@ async fn a_device_restores_a_long_chain_range_by_range() {
     );
     o.kill9();
 
-    let ddir = tempfile::tempdir().unwrap();
-    let (joined, out) = device_join(ddir.path(), &Store::Embedded, &link);
-    assert!(joined, "device join failed: {out}\nmirror log:\n{}", m.log());
-    assert!(
-        out.contains(&format!("restored {N} resources ({segments} segments)")),
-        "{out}"
-    );
-    let d = Plait::start_in(
-        Store::Embedded,
-        ddir.path(),
-        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
+    let (_ddir, d) = restored_device(
+        &m,
+        &link,
+        &format!("restored {N} resources ({segments} segments)"),
     );
     for i in 0..N {
         let want = if i == last {
@@ -372,18 +380,7 @@ async fn a_segment_waits_for_an_earlier_one_that_holds_the_same_resource() {
     let link = last_line(&ok(&o, &["device", "link"]));
     o.kill9();
 
-    let ddir = tempfile::tempdir().unwrap();
-    let (joined, out) = device_join(ddir.path(), &Store::Embedded, &link);
-    assert!(joined, "device join failed: {out}\nmirror log:\n{}", m.log());
-    assert!(
-        out.contains(&format!("restored {N} resources (2 segments)")),
-        "{out}"
-    );
-    let d = Plait::start_in(
-        Store::Embedded,
-        ddir.path(),
-        &["--p2p-listen", "/ip4/127.0.0.1/tcp/0"],
-    );
+    let (_ddir, d) = restored_device(&m, &link, &format!("restored {N} resources (2 segments)"));
     let (status, body) = owner_get(&d, &format!("/~{oid}{last}")).await;
     assert_eq!((status, &body[..]), (200, &b"the second value"[..]));
 }
