@@ -392,7 +392,17 @@ impl Owner {
         through: i64,
     ) -> anyhow::Result<Vec<Entry>> {
         if through == 0 && self.device.is_none() {
-            return self.whole(key, kind, media_type).await;
+            match self.whole(key, kind, media_type).await {
+                Ok(whole) => return Ok(whole),
+                // One document that does not load must not stop the chain: its changes
+                // go as they are stored, as before it was new.
+                Err(e) if kind != Kind::Bytes => tracing::warn!(
+                    path = key.path.as_str(),
+                    error = %format!("{e:#}"),
+                    "sealing a new resource's changes: its document does not load"
+                ),
+                Err(e) => return Err(e),
+            }
         }
         let Some(l) = self.storage.load(key).await? else {
             return Ok(Vec::new());
@@ -1266,6 +1276,17 @@ mod tests {
             (What::Snapshot, &b"SNAPSHOT"[..])
         );
         assert_eq!(last.seq, l.row.head_seq);
+
+        // A new document that does not load (these bytes are not automerge's) goes as its
+        // stored changes, and sealing goes on.
+        write(&s, ns, "broken", vec![change("f-0", b"not automerge")]).await;
+        assert_eq!(owner.seal_pending().await.unwrap(), 1);
+        let e = opened(&s, ns, &key).await;
+        let last = e.last().unwrap();
+        assert_eq!(
+            (last.what, last.path.as_str(), last.data.as_ref()),
+            (What::Change, "broken", &b"not automerge"[..])
+        );
     }
 
     #[tokio::test]
