@@ -228,16 +228,14 @@ fn whole_body(c: &mut Criterion) {
 fn new_document(c: &mut Criterion) {
     let mut g = c.benchmark_group("new_document");
     g.sample_size(20).measurement_time(Duration::from_secs(5));
-    let mut x = 7u64;
     for n in [500, 2_000, 4_000] {
-        let letters: String = (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                char::from(b'a' + (x >> 59) as u8 % 26)
-            })
-            .collect();
+        let letters: String = rand::Rng::sample_iter(
+            rand::thread_rng(),
+            rand::distributions::Uniform::new_inclusive(b'a', b'z'),
+        )
+        .take(n)
+        .map(char::from)
+        .collect();
         let body = WriteBody::Full {
             media_type: None,
             body: Bytes::from(letters),

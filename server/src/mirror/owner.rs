@@ -1060,25 +1060,22 @@ mod tests {
         }
     }
 
-    /// Documents as the test writes them, and the letters it writes.
+    /// Documents as the test writes them.
     #[derive(Default)]
     struct Texts {
         docs: HashMap<String, crate::doc::TextDoc>,
-        x: u64,
     }
 
     impl Texts {
         /// `n` random letters (incompressible but for their alphabet).
         fn letters(&mut self, n: usize) -> String {
-            (0..n)
-                .map(|_| {
-                    self.x = self
-                        .x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    char::from(b'a' + (self.x >> 59) as u8 % 26)
-                })
-                .collect()
+            rand::Rng::sample_iter(
+                rand::thread_rng(),
+                rand::distributions::Uniform::new_inclusive(b'a', b'z'),
+            )
+            .take(n)
+            .map(char::from)
+            .collect()
         }
 
         /// The automerge change that makes `path`'s text `text`, as version `v`.

@@ -132,15 +132,13 @@ mod tests {
         let f = fixture(config.clone());
         let (storage, engine, key) = (f.storage.clone(), f.engine.clone(), f.key.clone());
         // A first write of 20,000 letters that do not compress, then one-letter edits.
-        let mut x = 7u64;
-        let big: String = (0..20_000)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                char::from(b'a' + (x >> 59) as u8 % 26)
-            })
-            .collect();
+        let big: String = rand::Rng::sample_iter(
+            rand::thread_rng(),
+            rand::distributions::Uniform::new_inclusive(b'a', b'z'),
+        )
+        .take(20_000)
+        .map(char::from)
+        .collect();
         engine.write(&key, insert(&big)).await.unwrap();
         for _ in 0..9 {
             engine.write(&key, insert("z")).await.unwrap();
