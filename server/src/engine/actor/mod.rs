@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     Command, EngineConfig, EngineError, Event, Origin, ResourceHandle, Shared, State, Write, WriteResult,
 };
-use crate::cpu::{HEAVY_DOCUMENT_BYTES as HEAVY_BYTES, document_work as cpu_bound};
+use crate::cpu::{HEAVY_DOCUMENT_BYTES, document_work};
 use crate::doc::{BytesDoc, BytesValue, DocWrite, Document, Outcome};
 use crate::model::{Kind, ResourceKey, Version, VersionId};
 use crate::storage::{Hold, LoadedResource, NewChange, ResourceId, Seq, Storage, StorageError, Target};
@@ -50,7 +50,7 @@ const MAX_REMAKES: usize = 8;
 const HEAVY_HISTORY: Seq = 10_000;
 
 /// Document work done for `who` (a write's, or a read of past versions): refused while
-/// `who` owes more than the budget allows, run as [`cpu_bound`], and charged to `who` by
+/// `who` owes more than the budget allows, run as [`document_work`], and charged to `who` by
 /// the CPU time it took, read only when `who` is metered. Asked here, on the actor, and not
 /// only before the request was queued: requests a client sent at once all passed that
 /// check before the first of them was charged.
@@ -62,9 +62,9 @@ fn metered_work<T: Send>(
 ) -> Result<T, EngineError> {
     limiter.check_work(who)?;
     if !limiter.meters_work(who) {
-        return Ok(cpu_bound(heavy, f));
+        return Ok(document_work(heavy, f));
     }
-    let (out, work) = cpu_bound(heavy, || crate::cpu::timed(f));
+    let (out, work) = document_work(heavy, || crate::cpu::timed(f));
     limiter.charge_work(who, work);
     Ok(out)
 }
@@ -288,7 +288,7 @@ impl Actor {
     ) -> Result<T, EngineError> {
         let heavy = match &self.res {
             Some(Res::Present(p)) => {
-                self.current().body.len() as u64 > HEAVY_BYTES || p.known_through > HEAVY_HISTORY
+                self.current().body.len() as u64 > HEAVY_DOCUMENT_BYTES || p.known_through > HEAVY_HISTORY
             }
             _ => false,
         };
@@ -314,7 +314,10 @@ impl Actor {
             None => Res::Missing,
             Some(l) => {
                 let bytes = l.snapshot.as_ref().map_or(0, |s| s.1.len()) + Counted::of(&l.changes).bytes;
-                Res::Present(Box::new(cpu_bound(bytes as u64 > HEAVY_BYTES, || build(l))?))
+                Res::Present(Box::new(document_work(
+                    bytes as u64 > HEAVY_DOCUMENT_BYTES,
+                    || build(l),
+                )?))
             }
         };
         self.res = Some(res);

@@ -11,7 +11,7 @@ impl Actor {
         // A replica that holds nothing of a long history gets the whole document.
         if have.is_empty() && p.kind != Kind::Bytes && p.doc.change_count() > SNAPSHOT_SYNC_AFTER {
             let heavy = p.doc.change_count() > 10_000;
-            let snapshot = cpu_bound(heavy, || p.doc.save()).map(Bytes::from);
+            let snapshot = document_work(heavy, || p.doc.save()).map(Bytes::from);
             if snapshot.is_some() {
                 return Some(crate::engine::Export {
                     kind: p.kind,
@@ -55,7 +55,7 @@ impl Actor {
         let before = self.current();
         let snapshot_bytes = snapshot.len();
         let heavy = snapshot_bytes > 64 << 10;
-        let doc = cpu_bound(heavy, || {
+        let doc = document_work(heavy, || {
             Document::load_automerge(kind, Some(snapshot.as_ref()), std::iter::empty::<&[u8]>())
         })?;
         match self
@@ -135,8 +135,8 @@ impl Actor {
                 kind.name()
             ))));
         }
-        let heavy = changes.iter().map(Bytes::len).sum::<usize>() as u64 > HEAVY_BYTES;
-        let fresh = match cpu_bound(heavy, || p.doc.import(changes.iter().map(|c| c.as_ref()))) {
+        let heavy = changes.iter().map(Bytes::len).sum::<usize>() as u64 > HEAVY_DOCUMENT_BYTES;
+        let fresh = match document_work(heavy, || p.doc.import(changes.iter().map(|c| c.as_ref()))) {
             Ok(f) => f,
             Err(e) => {
                 // The document may hold part of the batch: reload it from storage.

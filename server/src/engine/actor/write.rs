@@ -102,7 +102,7 @@ impl Actor {
                     self.config.limits.max_json_depth
                 },
             };
-            let heavy = w.size() > HEAVY_BYTES;
+            let heavy = w.size() > HEAVY_DOCUMENT_BYTES;
             // Refused by the work budget or by the document: either way, nothing applied.
             let applied = metered_work(&self.limiter, &w.writer, heavy, || p.doc.apply(&dw, now / 1000))
                 .and_then(|applied| applied.map_err(EngineError::from));
