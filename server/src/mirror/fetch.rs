@@ -218,23 +218,20 @@ async fn every(c: Chain<'_>, from: ChainHead) -> anyhow::Result<Fetched> {
     let applying = async {
         use futures::StreamExt;
         let mut rx = rx; // owned here: dropped when applying stops, which stops the fetcher
-        let mut received = std::collections::VecDeque::new();
+        let mut received: std::collections::VecDeque<SealedSegment> = std::collections::VecDeque::new();
         let mut fetched_all = false;
         // Opened, not started yet: where the chain stands after it, its size, its batch.
         let mut next: Option<(ChainHead, u64, Opened)> = None;
         let mut opened_to = chain;
-        // Started: what each holds, oldest first, beside their applications (same order).
-        let mut started: std::collections::VecDeque<(
-            ChainHead,
-            u64,
-            std::collections::HashSet<ResourcePath>,
-        )> = std::collections::VecDeque::new();
+        // Started, oldest first: the resources each holds, and its application, which
+        // answers with where the chain stands after it and its size.
+        let mut started: std::collections::VecDeque<std::collections::HashSet<ResourcePath>> =
+            std::collections::VecDeque::new();
         let mut applications = futures::stream::FuturesOrdered::new();
         loop {
             if next.is_none()
                 && let Some(s) = received.pop_front()
             {
-                let s: SealedSegment = s;
                 if !s.follows(c.owner, opened_to) {
                     bail!(
                         "segment {} from the mirror does not follow the owner's chain",
@@ -250,14 +247,15 @@ async fn every(c: Chain<'_>, from: ChainHead) -> anyhow::Result<Fetched> {
                 && started.len() < RESTORE_SEGMENTS_AT_ONCE
                 && started
                     .iter()
-                    .all(|(_, _, paths)| opened.iter().all(|(p, _)| !paths.contains(p)))
+                    .all(|paths| opened.iter().all(|(p, _)| !paths.contains(p)))
             {
                 let (head, bytes, opened) = next.take().expect("there is a next one");
                 let paths: std::collections::HashSet<ResourcePath> =
                     opened.iter().map(|(p, _)| p.clone()).collect();
                 touched.extend(paths.iter().map(|p| p.as_str().to_string()));
-                started.push_back((head, bytes, paths));
-                applications.push_back(apply_opened(c.engine, c.owner, opened));
+                started.push_back(paths);
+                let application = apply_opened(c.engine, c.owner, opened);
+                applications.push_back(async move { application.await.map(|()| (head, bytes)) });
                 continue;
             }
             if started.is_empty() && next.is_none() && received.is_empty() && fetched_all {
@@ -265,8 +263,8 @@ async fn every(c: Chain<'_>, from: ChainHead) -> anyhow::Result<Fetched> {
             }
             tokio::select! {
                 Some(applied) = applications.next(), if !started.is_empty() => {
-                    applied?;
-                    let (head, bytes, _) = started.pop_front().expect("one per application");
+                    let (head, bytes) = applied?;
+                    started.pop_front();
                     done.opened += 1;
                     chain = head;
                     done.head = chain;
