@@ -421,7 +421,13 @@ impl Federation {
                 let t = std::time::Instant::now();
                 let took = self
                     .engine
-                    .import_snapshot(key, kind, header.media_type, doc)
+                    .import_snapshot(
+                        key,
+                        kind,
+                        header.media_type,
+                        doc,
+                        crate::engine::SnapshotLoad::Now,
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
                 let import_ms = t.elapsed().as_millis() as u64;

@@ -318,6 +318,7 @@ pub(crate) enum Command {
         kind: Kind,
         media_type: String,
         snapshot: Bytes,
+        load: SnapshotLoad,
         reply: oneshot::Sender<Result<bool, EngineError>>,
     },
     /// A peer's changes to a replica: applied, stored, announced; `true` if any were new.
@@ -327,6 +328,19 @@ pub(crate) enum Command {
         changes: Vec<Bytes>,
         reply: oneshot::Sender<Result<bool, EngineError>>,
     },
+}
+
+/// When an imported whole document is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotLoad {
+    /// Now: a document that does not load is refused, and the replica stays empty. For
+    /// a document from a peer's node (federation), which a reader is usually waiting for.
+    Now,
+    /// At its first use, as every stored document is after a restart, unless someone
+    /// follows the resource already (then now, so that they get its state). For a
+    /// mirror's restore: thousands of documents nobody reads yet, each the owner's own
+    /// saved document in a segment whose signature and hash were checked.
+    AtFirstUse,
 }
 
 /// What a replica lacks of a resource, from the resource's home.
@@ -585,20 +599,23 @@ impl Engine {
             .await
     }
 
-    /// Federation, at an empty replica: takes the home's whole document as its start.
-    /// `false` when the replica already holds something (then changes are the way).
+    /// At an empty replica (federation, a mirror's restore): takes the home's whole
+    /// document as its start, loaded as `load` says. `false` when the replica already
+    /// holds something (then changes are the way).
     pub async fn import_snapshot(
         &self,
         key: &ResourceKey,
         kind: Kind,
         media_type: String,
         snapshot: Bytes,
+        load: SnapshotLoad,
     ) -> Result<bool, EngineError> {
         self.resource(key)
             .ask(|reply| Command::ImportSnapshot {
                 kind,
                 media_type,
                 snapshot,
+                load,
                 reply,
             })
             .await

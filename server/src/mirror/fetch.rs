@@ -498,7 +498,13 @@ async fn apply_resource(engine: &Engine, rkey: ResourceKey, entries: &[batch::En
             }
             What::Snapshot => {
                 let started = engine
-                    .import_snapshot(&rkey, e.kind, e.media_type.clone(), e.data.clone())
+                    .import_snapshot(
+                        &rkey,
+                        e.kind,
+                        e.media_type.clone(),
+                        e.data.clone(),
+                        crate::engine::SnapshotLoad::AtFirstUse,
+                    )
                     .await?;
                 if !started {
                     // The replica exists: what the snapshot holds that it lacks goes in

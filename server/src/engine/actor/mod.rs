@@ -23,7 +23,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Command, EngineConfig, EngineError, Event, Origin, ResourceHandle, Shared, State, Write, WriteResult,
+    Command, EngineConfig, EngineError, Event, Origin, ResourceHandle, Shared, SnapshotLoad, State, Write,
+    WriteResult,
 };
 use crate::cpu::{HEAVY_DOCUMENT_BYTES, document_work};
 use crate::doc::{BytesDoc, BytesValue, DocWrite, Document, Outcome};
@@ -245,9 +246,10 @@ impl Actor {
                     kind,
                     media_type,
                     snapshot,
+                    load,
                     reply,
                 } => {
-                    let r = self.import_snapshot(kind, media_type, snapshot).await;
+                    let r = self.import_snapshot(kind, media_type, snapshot, load).await;
                     let _ = reply.send(r);
                 }
                 Command::Import {

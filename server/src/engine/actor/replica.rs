@@ -38,11 +38,14 @@ impl Actor {
     }
 
     /// Starts an empty replica from its home's whole document, stored as one snapshot.
+    /// Loaded now, or (`SnapshotLoad::AtFirstUse`, when nobody follows the resource)
+    /// stored only and loaded by the next command, as after a restart.
     pub(super) async fn import_snapshot(
         &mut self,
         kind: Kind,
         media_type: String,
         snapshot: Bytes,
+        load: SnapshotLoad,
     ) -> Result<bool, EngineError> {
         if !matches!(self.res, Some(Res::Missing)) {
             return Ok(false);
@@ -51,6 +54,17 @@ impl Actor {
             return Err(EngineError::Doc(crate::doc::DocError::Corrupt(
                 "bytes resources have no automerge snapshot".into(),
             )));
+        }
+        if load == SnapshotLoad::AtFirstUse && self.shared.events.receiver_count() == 0 {
+            let created = self
+                .storage
+                .create_from_snapshot(&self.key, kind, &media_type, snapshot)
+                .await?;
+            // Either way the store now holds the resource: the next command loads it
+            // (readers of the shared state ask for it, as for a resource not loaded yet).
+            self.res = None;
+            self.shared.current.store(Arc::new(None));
+            return Ok(created.is_some());
         }
         let before = self.current();
         let snapshot_bytes = snapshot.len();
@@ -193,5 +207,108 @@ impl Actor {
                 Err(e.into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::super::testing::{Fixture, fixture, insert};
+    use crate::doc::Document;
+    use crate::engine::subscription::Delivery;
+    use crate::engine::{EngineConfig, EngineError, SnapshotLoad};
+    use crate::model::Kind;
+    use crate::storage::Storage;
+
+    /// A text document holding `text`, saved whole, as a home (or an owner's sealer)
+    /// sends it.
+    async fn saved_text(text: &str) -> Bytes {
+        let home = fixture(EngineConfig::default());
+        home.engine.write(&home.key, insert(text)).await.unwrap();
+        let stored = home.storage.load(&home.key).await.unwrap().unwrap();
+        let mut doc =
+            Document::load_automerge(Kind::Text, None, stored.changes.iter().map(|c| c.data.as_ref()))
+                .unwrap();
+        Bytes::from(doc.save().unwrap())
+    }
+
+    /// `f`'s resource takes `snapshot` as a text document.
+    async fn import(f: &Fixture, snapshot: Bytes, load: SnapshotLoad) -> Result<bool, EngineError> {
+        f.engine
+            .import_snapshot(&f.key, Kind::Text, "text/plain".into(), snapshot, load)
+            .await
+    }
+
+    /// Taken at first use: the snapshot is stored as it came, the document is not loaded
+    /// until a read asks for it, and that read gets its text.
+    #[tokio::test]
+    async fn a_snapshot_taken_at_first_use_is_stored_at_once_and_loaded_by_the_first_read() {
+        let snapshot = saved_text("restored from a mirror").await;
+        let f = fixture(EngineConfig::default());
+        let took = import(&f, snapshot.clone(), SnapshotLoad::AtFirstUse)
+            .await
+            .unwrap();
+        assert!(took, "the replica was empty");
+        let stored = f.storage.load(&f.key).await.unwrap().expect("stored");
+        assert_eq!(
+            stored.snapshot.map(|(_, s)| s),
+            Some(snapshot.clone()),
+            "stored as it came"
+        );
+        assert!(
+            f.engine.resource(&f.key).shared.current.load().is_none(),
+            "not loaded: readers must ask the resource's actor"
+        );
+        let read = f.engine.read(&f.key).await.unwrap();
+        assert_eq!(read.body.as_ref(), b"restored from a mirror");
+        assert!(
+            f.engine.resource(&f.key).shared.current.load().is_some(),
+            "the read loaded it"
+        );
+        let again = import(&f, snapshot, SnapshotLoad::AtFirstUse).await.unwrap();
+        assert!(!again, "a replica that holds the resource takes no snapshot");
+    }
+
+    /// Someone already follows the missing resource: the snapshot is loaded at once, so
+    /// that they are told its state.
+    #[tokio::test]
+    async fn a_followed_resource_takes_its_snapshot_loaded_and_tells_its_followers() {
+        let snapshot = saved_text("for the one waiting").await;
+        let f = fixture(EngineConfig::default());
+        let mut sub = f.engine.subscribe(&f.key, None, None).await.unwrap();
+        match sub.next().await {
+            Some(Delivery::Own(u)) => assert!(u.version.is_root(), "missing: {u:?}"),
+            other => panic!("the first delivery is the state: {other:?}"),
+        }
+        let took = import(&f, snapshot, SnapshotLoad::AtFirstUse).await.unwrap();
+        assert!(took);
+        let told = tokio::time::timeout(std::time::Duration::from_secs(10), sub.next())
+            .await
+            .expect("told in time");
+        let Some(Delivery::Shared(ev)) = told else {
+            panic!("an event for every follower: {told:?}")
+        };
+        assert_eq!(ev.reaches.as_ref().unwrap().body.as_ref(), b"for the one waiting");
+    }
+
+    /// A document that does not load: refused when loaded now (nothing stored); stored
+    /// when taken at first use, and then every read of it fails with the reason, as for
+    /// any stored document that does not load.
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_load_is_refused_now_or_fails_its_first_read() {
+        let broken = Bytes::from_static(b"\x85\x6f\x4a\x83 not an automerge document");
+        let f = fixture(EngineConfig::default());
+        let now = import(&f, broken.clone(), SnapshotLoad::Now).await;
+        assert!(matches!(now, Err(EngineError::Doc(_))), "{now:?}");
+        assert!(f.storage.load(&f.key).await.unwrap().is_none(), "nothing stored");
+
+        let took = import(&f, broken, SnapshotLoad::AtFirstUse).await.unwrap();
+        assert!(took);
+        let read = f.engine.read(&f.key).await;
+        assert!(
+            matches!(&read, Err(EngineError::Doc(e)) if e.to_string().contains("does not load")),
+            "{read:?}"
+        );
     }
 }
