@@ -737,36 +737,37 @@ impl Storage for SqliteStorage {
         let key = key.clone();
         self.read(move |conn| {
             let t = conn.transaction().map_err(sql_err)?;
+            // Every actor's first read: its statements are prepared once per connection.
             let row: Option<(i64, i16, String, Seq)> = t
-                .query_row(
+                .prepare_cached(
                     "SELECT id, kind, media_type, head_seq FROM resources WHERE namespace = ?1 AND path = ?2",
-                    params![key.namespace.as_bytes().as_slice(), key.path.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
+                .and_then(|mut q| {
+                    q.query_row(
+                        params![key.namespace.as_bytes().as_slice(), key.path.as_str()],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )
+                })
                 .optional()
                 .map_err(sql_err)?;
             let Some((id, code, media_type, head_seq)) = row else {
                 return Ok(None);
             };
             let snapshot: Option<(Seq, Vec<u8>)> = t
-                .query_row(
-                    "SELECT upto_seq, data FROM snapshots WHERE resource_id = ?1",
-                    [id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
+                .prepare_cached("SELECT upto_seq, data FROM snapshots WHERE resource_id = ?1")
+                .and_then(|mut q| q.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))))
                 .optional()
                 .map_err(sql_err)?;
             let after = snapshot.as_ref().map_or(0, |s| s.0);
             let changes = read_changes(&t, id, after)?;
             let blob = match changes.last() {
                 Some(c) if c.meta.is_some() => Some(
-                    t.query_row("SELECT data FROM blobs WHERE hash = ?1", [c.data.as_ref()], |r| {
-                        r.get::<_, Vec<u8>>(0)
-                    })
-                    .optional()
-                    .map_err(sql_err)?
-                    .ok_or_else(|| StorageError::Corrupt("a bytes value is missing".into()))?
-                    .into(),
+                    t.prepare_cached("SELECT data FROM blobs WHERE hash = ?1")
+                        .and_then(|mut q| q.query_row([c.data.as_ref()], |r| r.get::<_, Vec<u8>>(0)))
+                        .optional()
+                        .map_err(sql_err)?
+                        .ok_or_else(|| StorageError::Corrupt("a bytes value is missing".into()))?
+                        .into(),
                 ),
                 _ => None,
             };
