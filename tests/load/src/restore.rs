@@ -286,6 +286,7 @@ async fn verify(a: Verify) -> anyhow::Result<serde_json::Value> {
     let missing = Arc::new(AtomicU64::new(0));
     let wrong = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let (r2, b2, m2, w2) = (restored.clone(), bytes.clone(), missing.clone(), wrong.clone());
+    let t0 = Instant::now();
     each(addr, a.resources, a.concurrency, move |i, mut s, mut c| {
         let (auth, owner) = (auth.clone(), owner.clone());
         let (restored, bytes, missing, wrong) = (r2.clone(), b2.clone(), m2.clone(), w2.clone());
@@ -322,6 +323,8 @@ async fn verify(a: Verify) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({
         "workload": "restore-verify",
         "expected": a.resources,
+        // Each resource's first read since the device started: its document is loaded then.
+        "seconds": t0.elapsed().as_secs_f64(),
         "restored_equal": restored.load(Ordering::Relaxed),
         "restored_bytes": bytes.load(Ordering::Relaxed),
         "missing": missing.load(Ordering::Relaxed),
