@@ -53,6 +53,8 @@ async function put (p, body) {
         let restarted = false
         const benign = m => /Could not cancel multiplexed request: Error: status not ok: 404/.test(m) ||
             /Failed to load resource: the server responded with a status of 404/.test(m) ||
+            // A request still naming the dead multiplexer: 424, and the client makes a new one.
+            /Failed to load resource: the server responded with a status of 424/.test(m) ||
             /ERR_CONNECTION_REFUSED/.test(m)
         page.on('pageerror', e => errors.push(e.message))
         page.on('console', m => {
@@ -115,7 +117,8 @@ async function put (p, body) {
             mark('after the restart')
             // While the server was away the browser logged refused connections, and
             // braid-http 1.3 logs its DELETEs of requests on the dead multiplexer (which the
-            // new server does not know: 404), some of them later than this: what came until
+            // new server does not know: 404), and a late request through it is answered 424
+            // (the browser logs it), some of them later than this: what came until
             // now is dropped, and those kinds from now on (in the console handler, so that
             // none arriving later slips through); the page's own errors are in window.errors.
             errors.length = errorsBefore
