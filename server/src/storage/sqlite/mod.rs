@@ -476,13 +476,24 @@ impl super::Hold for SqliteHold {
     }
 }
 
+/// One row of `sql`, prepared once per connection (`prepare_cached`).
+fn cached_row<T, P: rusqlite::Params>(
+    t: &Connection,
+    sql: &str,
+    p: P,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    t.prepare_cached(sql)?.query_row(p, f)
+}
+
 fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appended, StorageError> {
     let now = now_ms();
     let (id, head) = match target {
         Target::Existing { id, after } => {
-            let head: Option<Seq> = t
-                .prepare_cached("SELECT head_seq FROM resources WHERE id = ?1")
-                .and_then(|mut q| q.query_row([id], |r| r.get(0)))
+            let head: Option<Seq> =
+                cached_row(t, "SELECT head_seq FROM resources WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
                 .optional()
                 .map_err(sql_err)?;
             match head {
@@ -738,36 +749,39 @@ impl Storage for SqliteStorage {
         self.read(move |conn| {
             let t = conn.transaction().map_err(sql_err)?;
             // Every actor's first read: its statements are prepared once per connection.
-            let row: Option<(i64, i16, String, Seq)> = t
-                .prepare_cached(
-                    "SELECT id, kind, media_type, head_seq FROM resources WHERE namespace = ?1 AND path = ?2",
-                )
-                .and_then(|mut q| {
-                    q.query_row(
-                        params![key.namespace.as_bytes().as_slice(), key.path.as_str()],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                    )
-                })
-                .optional()
-                .map_err(sql_err)?;
+            let row: Option<(i64, i16, String, Seq)> = cached_row(
+                &t,
+                "SELECT id, kind, media_type, head_seq FROM resources WHERE namespace = ?1 AND path = ?2",
+                params![key.namespace.as_bytes().as_slice(), key.path.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(sql_err)?;
             let Some((id, code, media_type, head_seq)) = row else {
                 return Ok(None);
             };
-            let snapshot: Option<(Seq, Vec<u8>)> = t
-                .prepare_cached("SELECT upto_seq, data FROM snapshots WHERE resource_id = ?1")
-                .and_then(|mut q| q.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))))
-                .optional()
-                .map_err(sql_err)?;
+            let snapshot: Option<(Seq, Vec<u8>)> = cached_row(
+                &t,
+                "SELECT upto_seq, data FROM snapshots WHERE resource_id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql_err)?;
             let after = snapshot.as_ref().map_or(0, |s| s.0);
             let changes = read_changes(&t, id, after)?;
             let blob = match changes.last() {
                 Some(c) if c.meta.is_some() => Some(
-                    t.prepare_cached("SELECT data FROM blobs WHERE hash = ?1")
-                        .and_then(|mut q| q.query_row([c.data.as_ref()], |r| r.get::<_, Vec<u8>>(0)))
-                        .optional()
-                        .map_err(sql_err)?
-                        .ok_or_else(|| StorageError::Corrupt("a bytes value is missing".into()))?
-                        .into(),
+                    cached_row(
+                        &t,
+                        "SELECT data FROM blobs WHERE hash = ?1",
+                        [c.data.as_ref()],
+                        |r| r.get::<_, Vec<u8>>(0),
+                    )
+                    .optional()
+                    .map_err(sql_err)?
+                    .ok_or_else(|| StorageError::Corrupt("a bytes value is missing".into()))?
+                    .into(),
                 ),
                 _ => None,
             };
