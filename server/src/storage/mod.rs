@@ -74,6 +74,38 @@ pub struct NewChange {
     pub blob: Option<Bytes>,
 }
 
+/// A resource to create with its first content (see [`Storage::create`]).
+#[derive(Debug, Clone)]
+pub struct NewResource {
+    pub key: ResourceKey,
+    pub kind: Kind,
+    pub media_type: String,
+    pub first: First,
+}
+
+/// What a new resource starts with.
+#[derive(Debug, Clone)]
+pub enum First {
+    /// One snapshot covering seq 0, so its first change will be seq 1 (a replica's first
+    /// sync).
+    Snapshot(Bytes),
+    /// Its first changes, from seq 1.
+    Changes(Vec<NewChange>),
+}
+
+impl NewResource {
+    /// The bytes it adds to the store (as its row's `bytes` counts them).
+    pub fn bytes(&self) -> usize {
+        match &self.first {
+            First::Snapshot(d) => d.len(),
+            First::Changes(cs) => cs
+                .iter()
+                .map(|c| c.data.len() + c.blob.as_ref().map_or(0, Bytes::len))
+                .sum(),
+        }
+    }
+}
+
 /// Everything needed to rebuild a resource's document.
 #[derive(Debug, Clone)]
 pub struct LoadedResource {
@@ -254,7 +286,21 @@ pub trait Storage: Send + Sync + 'static {
         kind: Kind,
         media_type: &str,
         data: Bytes,
-    ) -> Result<Option<ResourceId>, StorageError>;
+    ) -> Result<Option<ResourceId>, StorageError> {
+        let one = NewResource {
+            key: key.clone(),
+            kind,
+            media_type: media_type.to_string(),
+            first: First::Snapshot(data),
+        };
+        Ok(self.create(vec![one]).await?.pop().flatten())
+    }
+
+    /// Creates resources that do not exist yet, each with its first content, in one
+    /// transaction (a mirror's restore starts many at once). For each, in order: its id,
+    /// or `None` when it exists already; nothing of it is changed then. Of items with
+    /// the same key, one is created. Other processes are told of those created.
+    async fn create(&self, items: Vec<NewResource>) -> Result<Vec<Option<ResourceId>>, StorageError>;
 
     /// For bytes resources: drops changes before `keep_from` and values no change uses.
     async fn drop_changes_before(&self, id: ResourceId, keep_from: Seq) -> Result<(), StorageError>;

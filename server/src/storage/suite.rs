@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use plait_bridge::Keypair;
 
-use super::{NewChange, Storage, StorageError, Take, Target};
+use super::{First, NewChange, NewResource, Storage, StorageError, Take, Target};
 use crate::model::{Kind, ResourceKey, ResourcePath, Version, VersionId};
 
 fn change(v: &str, data: &[u8]) -> NewChange {
@@ -53,6 +53,7 @@ where
     concurrent_appends_are_gap_free(make().await).await;
     snapshots_fold_the_log(make().await).await;
     a_resource_can_start_from_a_snapshot(make().await).await;
+    many_resources_are_created_at_once(make().await).await;
     bytes_values_and_collection(make().await).await;
     deletes_remove_everything(make().await).await;
     listing_by_prefix(make().await).await;
@@ -476,6 +477,73 @@ async fn a_resource_can_start_from_a_snapshot(s: Arc<dyn Storage>) {
     let l = s.load(&k).await.unwrap().unwrap();
     assert_eq!(l.snapshot.unwrap().1, Bytes::from_static(b"SEED"));
     assert_eq!(l.changes.len(), 1);
+}
+
+/// `create`: many resources in one call, each from a snapshot or its first changes; those
+/// that exist (or whose key came earlier in the call) are left as they were.
+async fn many_resources_are_created_at_once(s: Arc<dyn Storage>) {
+    let ns = Keypair::generate();
+    let new = |path: &str, kind: Kind, first: First| NewResource {
+        key: key(&ns, path),
+        kind,
+        media_type: kind.default_media_type().to_string(),
+        first,
+    };
+    let snapshot = |d: &'static [u8]| First::Snapshot(Bytes::from_static(d));
+    let mut value = change("b-0", blake3::hash(b"PNG").as_bytes());
+    value.meta = Some("image/png".into());
+    value.blob = Some(Bytes::from_static(b"PNG"));
+    let there = s
+        .append(create(&key(&ns, "there"), Kind::Text), vec![change("a-0", b"1")])
+        .await
+        .unwrap();
+    let ids = s
+        .create(vec![
+            new("doc", Kind::Json, snapshot(b"SNAPSHOT")),
+            new("img", Kind::Bytes, First::Changes(vec![value.clone()])),
+            new("there", Kind::Text, snapshot(b"NOT TAKEN")),
+            new(
+                "notes",
+                Kind::Text,
+                First::Changes(vec![change("n-0", b"1"), change("n-1", b"2")]),
+            ),
+            new("doc", Kind::Json, snapshot(b"SECOND")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 5);
+    assert!(ids[0].is_some() && ids[1].is_some() && ids[3].is_some());
+    assert_eq!((ids[2], ids[4]), (None, None));
+    let doc = s.load(&key(&ns, "doc")).await.unwrap().unwrap();
+    assert_eq!((doc.row.id, doc.row.kind), (ids[0].unwrap(), Kind::Json));
+    assert_eq!(doc.snapshot, Some((0, Bytes::from_static(b"SNAPSHOT"))));
+    assert!(doc.changes.is_empty());
+    let img = s.load(&key(&ns, "img")).await.unwrap().unwrap();
+    assert_eq!(img.blob, Some(Bytes::from_static(b"PNG")));
+    assert_eq!(img.changes.last().unwrap().meta.as_deref(), Some("image/png"));
+    let notes = s.load(&key(&ns, "notes")).await.unwrap().unwrap();
+    assert_eq!(notes.changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2]);
+    let kept = s.load(&key(&ns, "there")).await.unwrap().unwrap();
+    assert_eq!(
+        (kept.row.id, kept.snapshot, kept.changes.len()),
+        (there.resource, None, 1)
+    );
+    // Counted as the single paths count them: the snapshot, the hash and value, the two
+    // changes, and the resource that was there already.
+    let expected = 8 + (32 + 3) + 2 + 1;
+    assert_eq!(s.namespace_bytes(&ns.identity()).await.unwrap(), expected);
+    // The logs go on where the first content ends.
+    let a = s
+        .append(on(ids[0].unwrap(), 0), vec![change("d-0", b"x")])
+        .await
+        .unwrap();
+    assert_eq!((a.first_seq, a.last_seq), (1, 1));
+    let a = s
+        .append(on(ids[3].unwrap(), 2), vec![change("n-2", b"3")])
+        .await
+        .unwrap();
+    assert_eq!(a.first_seq, 3);
+    assert!(s.create(Vec::new()).await.unwrap().is_empty());
 }
 
 async fn bytes_values_and_collection(s: Arc<dyn Storage>) {

@@ -27,9 +27,9 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::NoTls;
 
 use super::{
-    Appended, CommitLimits, LoadedResource, NewChange, Notice, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target, columns,
-    identity_from_bytes, key_from_row, kind_from_code, prefix_upper_bound,
+    Appended, CommitLimits, First, LoadedResource, NewChange, NewResource, Notice, ResourceId, ResourceRow,
+    ResourceSummary, Seq, Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target,
+    columns, identity_from_bytes, key_from_row, kind_from_code, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
@@ -847,43 +847,114 @@ impl Storage for PostgresStorage {
         tx.commit().await.map_err(pg_err)
     }
 
-    async fn create_from_snapshot(
-        &self,
-        key: &ResourceKey,
-        kind: Kind,
-        media_type: &str,
-        data: Bytes,
-    ) -> Result<Option<ResourceId>, StorageError> {
+    async fn create(&self, items: Vec<NewResource>) -> Result<Vec<Option<ResourceId>>, StorageError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
-        let row = tx
-            .query_opt(
-                "INSERT INTO resources (namespace, path, kind, media_type) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (namespace, path) DO NOTHING RETURNING id",
-                &[
-                    &key.namespace.as_bytes().as_slice(),
-                    &key.path.as_str(),
-                    &kind.code(),
-                    &media_type,
-                ],
+        let mut ids: Vec<Option<ResourceId>> = vec![None; items.len()];
+        let mut told: Vec<Appended> = Vec::new();
+        // Those that start with changes: appends that create their resource.
+        let (with_changes, jobs): (Vec<usize>, Vec<(Target, Vec<NewChange>)>) = items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match &r.first {
+                First::Changes(cs) => Some((
+                    i,
+                    (
+                        Target::Create {
+                            key: r.key.clone(),
+                            kind: r.kind,
+                            media_type: r.media_type.clone(),
+                        },
+                        cs.clone(),
+                    ),
+                )),
+                First::Snapshot(_) => None,
+            })
+            .unzip();
+        for (i, r) in with_changes.into_iter().zip(write_batch(&tx, &jobs).await?) {
+            match r {
+                Ok(a) => {
+                    ids[i] = Some(a.resource);
+                    told.push(a);
+                }
+                Err(StorageError::Behind) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Those that start with a snapshot: their rows, then their snapshots, one
+        // statement each. A key given twice is created once, for its first item.
+        let mut seen = std::collections::HashSet::new();
+        let snapshots: Vec<(usize, &NewResource, &Bytes)> = items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match &r.first {
+                First::Snapshot(d) => Some((i, r, d)),
+                First::Changes(_) => None,
+            })
+            .filter(|(_, r, _)| seen.insert(&r.key))
+            .collect();
+        if !snapshots.is_empty() {
+            let ns: Vec<&[u8]> = snapshots
+                .iter()
+                .map(|s| s.1.key.namespace.as_bytes().as_slice())
+                .collect();
+            let paths: Vec<&str> = snapshots.iter().map(|s| s.1.key.path.as_str()).collect();
+            let kinds: Vec<i16> = snapshots.iter().map(|s| s.1.kind.code()).collect();
+            let types: Vec<&str> = snapshots.iter().map(|s| s.1.media_type.as_str()).collect();
+            let sizes: Vec<i64> = snapshots.iter().map(|s| s.2.len() as i64).collect();
+            let insert = cached(
+                &tx,
+                "INSERT INTO resources (namespace, path, kind, media_type, bytes)
+                 SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::int2[], $4::text[], $5::int8[])
+                 ON CONFLICT (namespace, path) DO NOTHING
+                 RETURNING id, namespace, path",
             )
-            .await
-            .map_err(pg_err)?;
-        let Some(row) = row else { return Ok(None) };
-        let id: ResourceId = row.get(0);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        tx.execute(
-            "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES ($1, 0, $2, $3)",
-            &[&id, &data.as_ref(), &now],
-        )
-        .await
-        .map_err(pg_err)?;
-        recount(&tx, id).await?;
+            .await?;
+            let made: HashMap<(Vec<u8>, String), i64> = tx
+                .query(&insert, &[&ns, &paths, &kinds, &types, &sizes])
+                .await
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| ((r.get::<_, Vec<u8>>(1), r.get::<_, String>(2)), r.get(0)))
+                .collect();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let (mut s_id, mut s_data) = (Vec::new(), Vec::new());
+            for (i, r, data) in &snapshots {
+                let key = (
+                    r.key.namespace.as_bytes().to_vec(),
+                    r.key.path.as_str().to_string(),
+                );
+                if let Some(&id) = made.get(&key) {
+                    ids[*i] = Some(id);
+                    s_id.push(id);
+                    s_data.push(data.as_ref());
+                    told.push(Appended {
+                        resource: id,
+                        first_seq: 1,
+                        last_seq: 0,
+                    });
+                }
+            }
+            let insert = cached(
+                &tx,
+                "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms)
+                 SELECT id, 0, data, $3::int8 FROM UNNEST($1::int8[], $2::bytea[]) AS s(id, data)",
+            )
+            .await?;
+            tx.execute(&insert, &[&s_id, &s_data, &now])
+                .await
+                .map_err(pg_err)?;
+        }
         tx.commit().await.map_err(pg_err)?;
-        Ok(Some(id))
+        let entries: Vec<String> = told.iter().map(notice_entry).collect();
+        notify(&mut client, &self.origin, &entries).await;
+        Ok(ids)
     }
 
     async fn drop_changes_before(&self, id: ResourceId, keep_from: Seq) -> Result<(), StorageError> {

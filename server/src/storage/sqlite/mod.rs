@@ -22,11 +22,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, CommitLimits, LoadedResource, NewChange, ResourceId, ResourceRow, ResourceSummary, Seq,
-    Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target, columns,
-    identity_from_bytes, key_from_row, kind_from_code, prefix_upper_bound,
+    Appended, CommitLimits, First, LoadedResource, NewChange, NewResource, ResourceId, ResourceRow,
+    ResourceSummary, Seq, Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target,
+    columns, identity_from_bytes, key_from_row, kind_from_code, prefix_upper_bound,
 };
-use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
+use crate::model::{Namespace, ResourceKey, ResourcePath};
 
 mod embedded {
     refinery::embed_migrations!("src/storage/sqlite_migrations");
@@ -88,12 +88,9 @@ enum WriteJob {
         snapshot: Bytes,
         reply: Reply<()>,
     },
-    Seed {
-        key: ResourceKey,
-        kind: Kind,
-        media_type: String,
-        data: Bytes,
-        reply: Reply<Option<ResourceId>>,
+    Create {
+        items: Vec<NewResource>,
+        reply: Reply<Vec<Option<ResourceId>>>,
     },
 }
 
@@ -107,7 +104,8 @@ impl WriteJob {
                     .map(|c| c.data.len() + c.blob.as_ref().map_or(0, |b| b.len()))
                     .sum(),
             ),
-            WriteJob::Snapshot { data, .. } | WriteJob::Seed { data, .. } => (1, data.len()),
+            WriteJob::Snapshot { data, .. } => (1, data.len()),
+            WriteJob::Create { items, .. } => (items.len(), items.iter().map(NewResource::bytes).sum()),
             WriteJob::PutSegment { ciphertext, .. } => (1, ciphertext.len()),
             WriteJob::PutCheckpoint { snapshot, .. } => (1, snapshot.len()),
             _ => (1, 0),
@@ -243,9 +241,9 @@ enum Done {
     Appended(Reply<Appended>, Result<Appended, StorageError>),
     Unit(Reply<()>, Result<(), StorageError>),
     Bool(Reply<bool>, Result<bool, StorageError>),
-    Id(
-        Reply<Option<ResourceId>>,
-        Result<Option<ResourceId>, StorageError>,
+    Ids(
+        Reply<Vec<Option<ResourceId>>>,
+        Result<Vec<Option<ResourceId>>, StorageError>,
     ),
 }
 
@@ -266,7 +264,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<WriteJob>) {
                     Done::Appended(r, v) => drop(r.send(v)),
                     Done::Unit(r, v) => drop(r.send(v)),
                     Done::Bool(r, v) => drop(r.send(v)),
-                    Done::Id(r, v) => drop(r.send(v)),
+                    Done::Ids(r, v) => drop(r.send(v)),
                 }
             }
         }
@@ -277,7 +275,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<WriteJob>) {
                     Done::Appended(r, _) => drop(r.send(Err(e.clone()))),
                     Done::Unit(r, _) => drop(r.send(Err(e.clone()))),
                     Done::Bool(r, _) => drop(r.send(Err(e.clone()))),
-                    Done::Id(r, _) => drop(r.send(Err(e.clone()))),
+                    Done::Ids(r, _) => drop(r.send(Err(e.clone()))),
                 }
             }
         }
@@ -294,7 +292,7 @@ fn fail_all(batch: Vec<WriteJob>, e: StorageError) {
             | WriteJob::PutSegment { reply, .. }
             | WriteJob::PutCheckpoint { reply, .. } => drop(reply.send(Err(e.clone()))),
             WriteJob::Delete { reply, .. } => drop(reply.send(Err(e.clone()))),
-            WriteJob::Seed { reply, .. } => drop(reply.send(Err(e.clone()))),
+            WriteJob::Create { reply, .. } => drop(reply.send(Err(e.clone()))),
         }
     }
 }
@@ -333,13 +331,7 @@ fn run_in_savepoint(tx: &mut Transaction<'_>, job: WriteJob) -> Done {
             Done::Unit(reply, scoped(tx, |t| drop_before(t, id, keep_from)))
         }
         WriteJob::Delete { key, reply } => Done::Bool(reply, scoped(tx, |t| delete(t, &key))),
-        WriteJob::Seed {
-            key,
-            kind,
-            media_type,
-            data,
-            reply,
-        } => Done::Id(reply, scoped(tx, |t| seed(t, &key, kind, &media_type, &data))),
+        WriteJob::Create { items, reply } => Done::Ids(reply, scoped(tx, |t| create(t, &items))),
         WriteJob::PutSetting { name, value, reply } => Done::Unit(
             reply,
             scoped(tx, |t| {
@@ -572,40 +564,56 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
     })
 }
 
-/// Creates a resource whose whole content is a snapshot (covering seq 0); `None` if it
-/// exists already (nothing is changed then).
-fn seed(
-    t: &Connection,
-    key: &ResourceKey,
-    kind: Kind,
-    media_type: &str,
-    data: &[u8],
-) -> Result<Option<ResourceId>, StorageError> {
+/// Creates the resources of `items` that do not exist yet, each with its first content
+/// (see [`Storage::create`]).
+fn create(t: &Connection, items: &[NewResource]) -> Result<Vec<Option<ResourceId>>, StorageError> {
     let now = now_ms();
-    let inserted = t
-        .prepare_cached(
-            "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5) ON CONFLICT (namespace, path) DO NOTHING",
-        )
-        .and_then(|mut q| {
-            q.execute(params![
-                key.namespace.as_bytes().as_slice(),
-                key.path.as_str(),
-                kind.code(),
-                media_type,
-                now
-            ])
-        })
-        .map_err(sql_err)?;
-    if inserted == 0 {
-        return Ok(None);
+    let mut ids = Vec::with_capacity(items.len());
+    for r in items {
+        let target = Target::Create {
+            key: r.key.clone(),
+            kind: r.kind,
+            media_type: r.media_type.clone(),
+        };
+        let id = match &r.first {
+            First::Changes(changes) => match append(t, target, changes) {
+                Ok(a) => Some(a.resource),
+                Err(StorageError::Behind) => None,
+                Err(e) => return Err(e),
+            },
+            First::Snapshot(data) => {
+                let inserted = t
+                    .prepare_cached(
+                        "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms, bytes)
+                         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5, ?6) ON CONFLICT (namespace, path) DO NOTHING",
+                    )
+                    .and_then(|mut q| {
+                        q.execute(params![
+                            r.key.namespace.as_bytes().as_slice(),
+                            r.key.path.as_str(),
+                            r.kind.code(),
+                            r.media_type,
+                            now,
+                            data.len() as i64
+                        ])
+                    })
+                    .map_err(sql_err)?;
+                if inserted == 0 {
+                    None
+                } else {
+                    let id = t.last_insert_rowid();
+                    t.prepare_cached(
+                        "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES (?1, 0, ?2, ?3)",
+                    )
+                    .and_then(|mut q| q.execute(params![id, data.as_ref(), now]))
+                    .map_err(sql_err)?;
+                    Some(id)
+                }
+            }
+        };
+        ids.push(id);
     }
-    let id = t.last_insert_rowid();
-    t.prepare_cached("INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES (?1, 0, ?2, ?3)")
-        .and_then(|mut q| q.execute(params![id, data, now]))
-        .map_err(sql_err)?;
-    recount(t, id)?;
-    Ok(Some(id))
+    Ok(ids)
 }
 
 fn snapshot(t: &Connection, id: ResourceId, upto: Seq, data: &[u8]) -> Result<(), StorageError> {
@@ -848,22 +856,11 @@ impl Storage for SqliteStorage {
         self.write(|reply| WriteJob::Delete { key, reply }).await
     }
 
-    async fn create_from_snapshot(
-        &self,
-        key: &ResourceKey,
-        kind: Kind,
-        media_type: &str,
-        data: Bytes,
-    ) -> Result<Option<ResourceId>, StorageError> {
-        let (key, media_type) = (key.clone(), media_type.to_string());
-        self.write(|reply| WriteJob::Seed {
-            key,
-            kind,
-            media_type,
-            data,
-            reply,
-        })
-        .await
+    async fn create(&self, items: Vec<NewResource>) -> Result<Vec<Option<ResourceId>>, StorageError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(|reply| WriteJob::Create { items, reply }).await
     }
 
     async fn list(
@@ -1168,6 +1165,7 @@ impl Storage for SqliteStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Kind;
 
     #[tokio::test]
     async fn passes_the_storage_suite() {
