@@ -16,6 +16,7 @@
 //! [`Document`]: crate::doc::Document
 
 mod actor;
+mod create;
 pub mod limits;
 pub mod subscription;
 
@@ -34,6 +35,7 @@ use crate::model::{Kind, Namespace, ResourceKey, Version, VersionId};
 use crate::storage::{Notice, ResourceId, Storage, StorageError};
 use crate::update::{Update, UpdateBody, WriteBody};
 
+pub use create::Start;
 pub use limits::{WriteLimits, Writer};
 pub use subscription::{Delivery, Subscription};
 

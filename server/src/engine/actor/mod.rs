@@ -38,6 +38,7 @@ mod replica;
 mod write;
 
 use compaction::{Counted, SinceSnapshot};
+pub(super) use write::{start_resource, stored_changes};
 
 /// Most commands taken from the mailbox in one round.
 const MAX_ROUND: usize = 1024;
@@ -157,7 +158,7 @@ struct Present {
 /// Past this many changes, an empty replica is sent the whole document, not the changes.
 const SNAPSHOT_SYNC_AFTER: usize = 256;
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -590,9 +591,10 @@ fn fail(c: Command, e: EngineError) {
     }
 }
 
-/// What the actor's tests share: an engine on a fresh embedded store, and a text edit.
+/// What the engine's tests share: an engine on a fresh embedded store, a text edit, and a
+/// text document saved whole.
 #[cfg(test)]
-mod testing {
+pub(super) mod testing {
     use std::sync::Arc;
 
     use bytes::Bytes;
@@ -605,14 +607,14 @@ mod testing {
     use crate::update::{Patch, Range, WriteBody};
 
     /// An engine with `config` on a fresh embedded store, and a key of a new namespace.
-    pub(super) struct Fixture {
+    pub(in crate::engine) struct Fixture {
         pub storage: Arc<SqliteStorage>,
         pub engine: Engine,
         pub key: ResourceKey,
         _dir: tempfile::TempDir,
     }
 
-    pub(super) fn fixture(config: EngineConfig) -> Fixture {
+    pub(in crate::engine) fn fixture(config: EngineConfig) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let storage =
             Arc::new(SqliteStorage::open(&dir.path().join("s.db"), CommitLimits::default()).unwrap());
@@ -625,10 +627,26 @@ mod testing {
     }
 
     /// An internal write inserting `text` at the start of a text document.
-    pub(super) fn insert(text: &str) -> Write {
+    pub(in crate::engine) fn insert(text: &str) -> Write {
         Write::internal(WriteBody::Patches(vec![Patch {
             range: Range::Text { start: 0, end: 0 },
             content: Bytes::from(text.to_string()),
         }]))
+    }
+
+    /// A text document holding `text`, saved whole, as a home (or an owner's sealer)
+    /// sends it.
+    pub(in crate::engine) async fn saved_text(text: &str) -> Bytes {
+        use crate::storage::Storage;
+        let home = fixture(EngineConfig::default());
+        home.engine.write(&home.key, insert(text)).await.unwrap();
+        let stored = home.storage.load(&home.key).await.unwrap().unwrap();
+        let mut doc = crate::doc::Document::load_automerge(
+            crate::model::Kind::Text,
+            None,
+            stored.changes.iter().map(|c| c.data.as_ref()),
+        )
+        .unwrap();
+        Bytes::from(doc.save().unwrap())
     }
 }

@@ -214,24 +214,11 @@ impl Actor {
 mod tests {
     use bytes::Bytes;
 
-    use super::super::testing::{Fixture, fixture, insert};
-    use crate::doc::Document;
+    use super::super::testing::{Fixture, fixture, saved_text};
     use crate::engine::subscription::Delivery;
     use crate::engine::{EngineConfig, EngineError, SnapshotLoad};
     use crate::model::Kind;
     use crate::storage::Storage;
-
-    /// A text document holding `text`, saved whole, as a home (or an owner's sealer)
-    /// sends it.
-    async fn saved_text(text: &str) -> Bytes {
-        let home = fixture(EngineConfig::default());
-        home.engine.write(&home.key, insert(text)).await.unwrap();
-        let stored = home.storage.load(&home.key).await.unwrap().unwrap();
-        let mut doc =
-            Document::load_automerge(Kind::Text, None, stored.changes.iter().map(|c| c.data.as_ref()))
-                .unwrap();
-        Bytes::from(doc.save().unwrap())
-    }
 
     /// `f`'s resource takes `snapshot` as a text document.
     async fn import(f: &Fixture, snapshot: Bytes, load: SnapshotLoad) -> Result<bool, EngineError> {

@@ -119,42 +119,14 @@ impl Actor {
                     let v = p.doc.frontier();
                     replies.push((w, reply, v, false));
                 }
-                Ok(Outcome::Applied(a)) => {
-                    let (meta, blob) = match (&p.doc, &a.body) {
-                        (Document::Bytes(b), UpdateBody::Snapshot(body)) => {
-                            (b.current().map(|c| c.media_type.clone()), Some(body.clone()))
-                        }
-                        _ => (None, None),
-                    };
-                    let media_type = meta.clone().unwrap_or_else(|| p.media_type.clone());
-                    // A big text write's earlier changes, then its own (after the last of them).
-                    // Its document is saved as a snapshot at once: automerge loads a snapshot
-                    // in a fraction of the time and memory that replaying the run takes.
-                    big |= !a.earlier.is_empty();
-                    let stored_parents = match a.earlier.last() {
-                        Some(e) => Version::one(e.id.clone()),
-                        None => a.parents.clone(),
-                    };
-                    for e in a.earlier {
-                        changes.push(NewChange {
-                            version: e.id,
-                            parents: e.parents,
-                            author: w.author,
-                            at_ms: now,
-                            data: Bytes::from(e.change),
-                            meta: None,
-                            blob: None,
-                        });
-                    }
-                    changes.push(NewChange {
-                        version: a.id.clone(),
-                        parents: stored_parents,
-                        author: w.author,
-                        at_ms: now,
-                        data: Bytes::from(a.change),
-                        meta,
-                        blob,
-                    });
+                Ok(Outcome::Applied(mut a)) => {
+                    let stored = stored_changes(&p.doc, &mut a, w.author, now);
+                    big |= stored.len() > 1;
+                    let media_type = stored
+                        .last()
+                        .and_then(|c| c.meta.clone())
+                        .unwrap_or_else(|| p.media_type.clone());
+                    changes.extend(stored);
                     let peer = w.peer.clone();
                     replies.push((w, reply, a.event_version.clone(), true));
                     events.push(Event {
@@ -255,8 +227,54 @@ impl Actor {
     }
 }
 
+/// The changes an applied write stores: a big text write's earlier changes, then its own
+/// (after the last of them); for a bytes value, its media type with it and the value as
+/// its blob. More than one means the write was committed as a run of changes: its
+/// document is then saved as a snapshot at once, since automerge loads a snapshot in a
+/// fraction of the time and memory that replaying the run takes.
+pub(in crate::engine) fn stored_changes(
+    doc: &Document,
+    a: &mut crate::doc::Applied,
+    author: Option<plait_bridge::Identity>,
+    now: i64,
+) -> Vec<NewChange> {
+    let (meta, blob) = match (doc, &a.body) {
+        (Document::Bytes(b), UpdateBody::Snapshot(body)) => {
+            (b.current().map(|c| c.media_type.clone()), Some(body.clone()))
+        }
+        _ => (None, None),
+    };
+    let earlier = std::mem::take(&mut a.earlier);
+    let parents = match earlier.last() {
+        Some(e) => Version::one(e.id.clone()),
+        None => a.parents.clone(),
+    };
+    let mut changes: Vec<NewChange> = earlier
+        .into_iter()
+        .map(|e| NewChange {
+            version: e.id,
+            parents: e.parents,
+            author,
+            at_ms: now,
+            data: Bytes::from(e.change),
+            meta: None,
+            blob: None,
+        })
+        .collect();
+    changes.push(NewChange {
+        version: a.id.clone(),
+        parents,
+        author,
+        at_ms: now,
+        data: Bytes::from(std::mem::take(&mut a.change)),
+        meta,
+        blob,
+    });
+    changes
+}
+
 /// The kind and media type of a resource created by this write.
-pub(super) fn start_resource(body: &WriteBody) -> Result<(Kind, String), EngineError> {
+pub(in crate::engine) fn start_resource(body: &WriteBody) -> Result<(Kind, String), EngineError> {
     match body {
         WriteBody::Full { media_type, .. } => {
             let kind = Kind::for_media_type(media_type.as_deref());
