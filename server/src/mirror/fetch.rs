@@ -21,7 +21,7 @@ use plait_bridge::mirror::{ChainHead, Checkpoint, SealKey, SealedSegment};
 use plait_bridge::node::Node;
 
 use super::batch::{self, What};
-use crate::engine::Engine;
+use crate::engine::{Engine, Start};
 use crate::model::{ResourceKey, ResourcePath};
 use crate::progress::Progress;
 
@@ -409,9 +409,15 @@ const RESTORE_RANGES_AHEAD: usize = 2;
 /// commits finish, if the two hold no resource in common.
 const RESTORE_SEGMENTS_AT_ONCE: usize = 2;
 
-/// Resources of one segment restored at once. The store commits what is waiting
-/// together, so a segment of many small resources costs a few commits, not one each.
+/// Resources of one segment restored at once through their actors. The store commits what
+/// is waiting together, so a segment of many small resources costs a few commits, not
+/// one each.
 const RESTORE_CONCURRENCY: usize = 64;
+
+/// Resources created in one transaction when a batch starts them (a segment at the
+/// default size starts about a hundred of 10 KB each; a checkpoint's snapshot may start a
+/// whole namespace, created a few thousand at a time).
+const RESTORE_CREATE_AT_ONCE: usize = 1024;
 
 /// One sealed batch opened: each resource's entries, in the batch's order.
 type Opened = Vec<(ResourcePath, Vec<batch::Entry>)>;
@@ -458,23 +464,71 @@ async fn apply(
     Ok(true)
 }
 
-/// Applies an opened batch: each resource's entries in their order, different resources
-/// at once (up to [`RESTORE_CONCURRENCY`]).
+/// Applies an opened batch. The resources it starts that are not here yet (its first
+/// entry for them a snapshot or a value) are created together, up to
+/// [`RESTORE_CREATE_AT_ONCE`] in one transaction, outside their actors; then the entries
+/// left, each resource's in their order, different resources at once (up to
+/// [`RESTORE_CONCURRENCY`]).
 async fn apply_opened(engine: &Engine, owner: Identity, opened: Opened) -> anyhow::Result<()> {
     use futures::{StreamExt, TryStreamExt};
-    // Owned futures (an engine handle and the entries each), so the stream is `Send`.
-    let restores = opened.into_iter().map(|(path, entries)| {
-        let engine = engine.clone();
-        async move {
-            apply_resource(&engine, ResourceKey::new(owner, path.clone()), &entries)
-                .await
-                .with_context(|| format!("restoring {}", path.as_str()))
+    let (at, starts): (Vec<usize>, Vec<(ResourceKey, Start)>) = opened
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (path, entries))| {
+            let start = start_of(entries.first()?)?;
+            Some((i, (ResourceKey::new(owner, path.clone()), start)))
+        })
+        .unzip();
+    let mut done = vec![0usize; opened.len()];
+    for (at, starts) in at
+        .chunks(RESTORE_CREATE_AT_ONCE)
+        .zip(starts.chunks(RESTORE_CREATE_AT_ONCE))
+    {
+        let created = engine.create_many(starts).await.with_context(|| {
+            format!(
+                "restoring {} resources from {}",
+                starts.len(),
+                starts[0].0.path.as_str()
+            )
+        })?;
+        for (&i, created) in at.iter().zip(created) {
+            done[i] = usize::from(created);
         }
-    });
+    }
+    // Owned futures (an engine handle and the entries each), so the stream is `Send`.
+    let restores = opened
+        .into_iter()
+        .zip(done)
+        .filter(|((_, entries), done)| entries.len() > *done)
+        .map(|((path, entries), done)| {
+            let engine = engine.clone();
+            async move {
+                apply_resource(&engine, ResourceKey::new(owner, path.clone()), &entries[done..])
+                    .await
+                    .with_context(|| format!("restoring {}", path.as_str()))
+            }
+        });
     futures::stream::iter(restores)
         .buffer_unordered(RESTORE_CONCURRENCY)
         .try_collect::<()>()
         .await
+}
+
+/// What a resource starts with when its first entry in a batch can start it: a snapshot
+/// of a document, or a value.
+fn start_of(e: &batch::Entry) -> Option<Start> {
+    match e.what {
+        What::Snapshot if e.kind != crate::model::Kind::Bytes => Some(Start::Snapshot {
+            kind: e.kind,
+            media_type: e.media_type.clone(),
+            data: e.data.clone(),
+        }),
+        What::Value => Some(Start::Value {
+            media_type: e.media_type.clone(),
+            body: e.data.clone(),
+        }),
+        What::Snapshot | What::Change => None,
+    }
 }
 
 /// Applies one resource's entries of a batch, in order: consecutive changes are imported
