@@ -98,6 +98,8 @@ impl BytesDoc {
             }
         };
         super::check_digest(w.digest, &body)?;
+        // The value's address in the store, and the agent of an unversioned write.
+        let hash = blake3::hash(&body);
         if w.version.is_none()
             && !w.force
             && self
@@ -115,7 +117,7 @@ impl BytesDoc {
                 // seqs a client used up (by naming the largest) is passed over, for a
                 // random one at last, as automerge documents do (`AmDoc::choose_id`).
                 let next = |agent: &str| self.seen.get(agent).map_or(Some(0), |s| s.checked_add(1));
-                let hashed = format!("b{}", &blake3::hash(&body).to_hex()[..8]);
+                let hashed = format!("b{}", &hash.to_hex()[..8]);
                 let (agent, seq) = w
                     .agent_hint
                     .filter(|a| VersionId::new(*a, 0).is_ok())
@@ -135,7 +137,6 @@ impl BytesDoc {
             }
         };
         self.note(&id);
-        let hash = blake3::hash(&body);
         self.current = Some(BytesValue {
             id: id.clone(),
             media_type: media_type.clone(),
