@@ -26,7 +26,7 @@ use super::{
     ResourceSummary, Seq, Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target,
     columns, identity_from_bytes, key_from_row, kind_from_code, prefix_upper_bound,
 };
-use crate::model::{Namespace, ResourceKey, ResourcePath};
+use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
 mod embedded {
     refinery::embed_migrations!("src/storage/sqlite_migrations");
@@ -499,26 +499,11 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
             kind,
             media_type,
         } => {
-            let made = t
-                .prepare_cached(
-                    "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms, created_by)
-                     VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5, ?6) ON CONFLICT (namespace, path) DO NOTHING",
-                )
-                .and_then(|mut q| {
-                    q.execute(params![
-                        key.namespace.as_bytes().as_slice(),
-                        key.path.as_str(),
-                        kind.code(),
-                        media_type,
-                        now,
-                        changes.first().and_then(|c| c.author.as_ref()).map(|a| a.as_bytes().to_vec()),
-                    ])
-                })
-                .map_err(sql_err)?;
-            if made == 0 {
-                return Err(StorageError::Behind);
+            let by = changes.first().and_then(|c| c.author.as_ref());
+            match insert_resource(t, &key, kind, &media_type, now, by, 0)? {
+                Some(id) => (id, 0),
+                None => return Err(StorageError::Behind),
             }
-            (t.last_insert_rowid(), 0)
         }
     };
     let mut insert = t
@@ -564,6 +549,36 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
     })
 }
 
+/// A new resource's row, holding `bytes` so far; `None` if the resource exists.
+fn insert_resource(
+    t: &Connection,
+    key: &ResourceKey,
+    kind: Kind,
+    media_type: &str,
+    now: i64,
+    created_by: Option<&plait_bridge::Identity>,
+    bytes: i64,
+) -> Result<Option<ResourceId>, StorageError> {
+    let made = t
+        .prepare_cached(
+            "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms, created_by, bytes)
+             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5, ?6, ?7) ON CONFLICT (namespace, path) DO NOTHING",
+        )
+        .and_then(|mut q| {
+            q.execute(params![
+                key.namespace.as_bytes().as_slice(),
+                key.path.as_str(),
+                kind.code(),
+                media_type,
+                now,
+                created_by.map(|a| a.as_bytes().as_slice()),
+                bytes
+            ])
+        })
+        .map_err(sql_err)?;
+    Ok((made == 1).then(|| t.last_insert_rowid()))
+}
+
 /// Creates the resources of `items` that do not exist yet, each with its first content
 /// (see [`Storage::create`]).
 fn create(t: &Connection, items: &[NewResource]) -> Result<Vec<Option<ResourceId>>, StorageError> {
@@ -582,33 +597,15 @@ fn create(t: &Connection, items: &[NewResource]) -> Result<Vec<Option<ResourceId
                 Err(e) => return Err(e),
             },
             First::Snapshot(data) => {
-                let inserted = t
-                    .prepare_cached(
-                        "INSERT INTO resources (namespace, path, kind, media_type, head_seq, created_ms, updated_ms, bytes)
-                         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5, ?6) ON CONFLICT (namespace, path) DO NOTHING",
-                    )
-                    .and_then(|mut q| {
-                        q.execute(params![
-                            r.key.namespace.as_bytes().as_slice(),
-                            r.key.path.as_str(),
-                            r.kind.code(),
-                            r.media_type,
-                            now,
-                            data.len() as i64
-                        ])
-                    })
-                    .map_err(sql_err)?;
-                if inserted == 0 {
-                    None
-                } else {
-                    let id = t.last_insert_rowid();
+                let id = insert_resource(t, &r.key, r.kind, &r.media_type, now, None, data.len() as i64)?;
+                if let Some(id) = id {
                     t.prepare_cached(
                         "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES (?1, 0, ?2, ?3)",
                     )
                     .and_then(|mut q| q.execute(params![id, data.as_ref(), now]))
                     .map_err(sql_err)?;
-                    Some(id)
                 }
+                id
             }
         };
         ids.push(id);
@@ -1165,7 +1162,6 @@ impl Storage for SqliteStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Kind;
 
     #[tokio::test]
     async fn passes_the_storage_suite() {
