@@ -74,6 +74,14 @@ pub struct NewChange {
     pub blob: Option<Bytes>,
 }
 
+impl NewChange {
+    /// The bytes it adds to the store (as a resource row's `bytes` counts them): the
+    /// change, and a bytes value's blob.
+    pub fn stored_bytes(&self) -> usize {
+        self.data.len() + self.blob.as_ref().map_or(0, Bytes::len)
+    }
+}
+
 /// A resource to create with its first content (see [`Storage::create`]).
 #[derive(Debug, Clone)]
 pub struct NewResource {
@@ -98,10 +106,7 @@ impl NewResource {
     pub fn bytes(&self) -> usize {
         match &self.first {
             First::Snapshot(d) => d.len(),
-            First::Changes(cs) => cs
-                .iter()
-                .map(|c| c.data.len() + c.blob.as_ref().map_or(0, Bytes::len))
-                .sum(),
+            First::Changes(cs) => cs.iter().map(NewChange::stored_bytes).sum(),
         }
     }
 }
@@ -451,6 +456,14 @@ impl Default for CommitLimits {
             max_bytes: 16 << 20,
         }
     }
+}
+
+/// Milliseconds since the Unix epoch, as the stores keep times.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 pub(crate) fn kind_from_code(code: i16) -> Result<Kind, StorageError> {

@@ -29,7 +29,7 @@ use tokio_postgres::NoTls;
 use super::{
     Appended, CommitLimits, First, LoadedResource, NewChange, NewResource, Notice, ResourceId, ResourceRow,
     ResourceSummary, Seq, Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target,
-    columns, identity_from_bytes, key_from_row, kind_from_code, prefix_upper_bound,
+    columns, identity_from_bytes, key_from_row, kind_from_code, now_ms, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
@@ -164,12 +164,7 @@ async fn committer(
         let batch = {
             let mut rx = rx.lock().await;
             let Some(first) = rx.recv().await else { return };
-            let weight = |j: &AppendJob| {
-                j.changes
-                    .iter()
-                    .map(|c| c.data.len() + c.blob.as_ref().map_or(0, Bytes::len))
-                    .sum::<usize>()
-            };
+            let weight = |j: &AppendJob| j.changes.iter().map(NewChange::stored_bytes).sum::<usize>();
             let (mut n, mut bytes) = (first.changes.len(), weight(&first));
             let mut batch = vec![first];
             while n < limits.max_changes && bytes < limits.max_bytes {
@@ -242,9 +237,46 @@ async fn commit_batch(
     Ok(out)
 }
 
-/// A resource a batch creates: the job's index, its key, kind, media type, and who created
-/// it (the author of its first change).
-type CreateRow<'a> = (usize, &'a ResourceKey, Kind, &'a str, Option<&'a [u8]>);
+/// A resource row to make: its key, kind, media type, who created it (the author of its
+/// first change) and the bytes it holds so far.
+type NewRow<'a> = (&'a ResourceKey, Kind, &'a str, Option<&'a [u8]>, i64);
+
+/// Makes the rows of resources that do not exist yet, in one statement; the ids of those
+/// made, by namespace and path (a resource that exists already has none).
+async fn insert_resources<C: deadpool_postgres::GenericClient + Sync>(
+    tx: &C,
+    rows: &[NewRow<'_>],
+) -> Result<HashMap<(Vec<u8>, String), ResourceId>, StorageError> {
+    if rows.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ns: Vec<&[u8]> = rows.iter().map(|r| r.0.namespace.as_bytes().as_slice()).collect();
+    let paths: Vec<&str> = rows.iter().map(|r| r.0.path.as_str()).collect();
+    let kinds: Vec<i16> = rows.iter().map(|r| r.1.code()).collect();
+    let types: Vec<&str> = rows.iter().map(|r| r.2).collect();
+    let by: Vec<Option<&[u8]>> = rows.iter().map(|r| r.3).collect();
+    let bytes: Vec<i64> = rows.iter().map(|r| r.4).collect();
+    let insert = cached(
+        tx,
+        "INSERT INTO resources (namespace, path, kind, media_type, created_by, bytes)
+         SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::int2[], $4::text[], $5::bytea[], $6::int8[])
+         ON CONFLICT (namespace, path) DO NOTHING
+         RETURNING id, namespace, path",
+    )
+    .await?;
+    Ok(tx
+        .query(&insert, &[&ns, &paths, &kinds, &types, &by, &bytes])
+        .await
+        .map_err(pg_err)?
+        .iter()
+        .map(|r| ((r.get::<_, Vec<u8>>(1), r.get::<_, String>(2)), r.get(0)))
+        .collect())
+}
+
+/// Where a resource's row is found in what [`insert_resources`] made.
+fn row_key(key: &ResourceKey) -> (Vec<u8>, String) {
+    (key.namespace.as_bytes().to_vec(), key.path.as_str().to_string())
+}
 
 /// The statements of [`commit_batch`], in a transaction the caller commits.
 async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
@@ -255,7 +287,7 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
 
     // 1. Create the resources to be created; one that exists already (another writer just
     //    made it) is not what those changes were made on.
-    let creates: Vec<CreateRow<'_>> = jobs
+    let creates: Vec<(usize, NewRow<'_>)> = jobs
         .iter()
         .enumerate()
         .filter_map(|(i, (t, changes))| match t {
@@ -268,40 +300,16 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
                     .first()
                     .and_then(|c| c.author.as_ref())
                     .map(|a| a.as_bytes().as_slice());
-                Some((i, key, *kind, media_type.as_str(), by))
+                Some((i, (key, *kind, media_type.as_str(), by, 0)))
             }
             Target::Existing { .. } => None,
         })
         .collect();
-    if !creates.is_empty() {
-        let ns: Vec<&[u8]> = creates
-            .iter()
-            .map(|c| c.1.namespace.as_bytes().as_slice())
-            .collect();
-        let paths: Vec<&str> = creates.iter().map(|c| c.1.path.as_str()).collect();
-        let kinds: Vec<i16> = creates.iter().map(|c| c.2.code()).collect();
-        let types: Vec<&str> = creates.iter().map(|c| c.3).collect();
-        let by: Vec<Option<&[u8]>> = creates.iter().map(|c| c.4).collect();
-        let insert = cached(
-            tx,
-            "INSERT INTO resources (namespace, path, kind, media_type, created_by)
-             SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::int2[], $4::text[], $5::bytea[])
-             ON CONFLICT (namespace, path) DO NOTHING
-             RETURNING id, namespace, path",
-        )
-        .await?;
-        let rows = tx
-            .query(&insert, &[&ns, &paths, &kinds, &types, &by])
-            .await
-            .map_err(pg_err)?;
-        let mut made: HashMap<(Vec<u8>, String), i64> = HashMap::new();
-        for r in rows {
-            made.insert((r.get::<_, Vec<u8>>(1), r.get::<_, String>(2)), r.get(0));
-        }
-        for (i, key, _, _, _) in &creates {
-            let id = made.get(&(key.namespace.as_bytes().to_vec(), key.path.as_str().to_string()));
-            results[*i] = Some(id.map(|id| (*id, 0)).ok_or(StorageError::Behind));
-        }
+    let rows: Vec<NewRow<'_>> = creates.iter().map(|c| c.1).collect();
+    let made = insert_resources(tx, &rows).await?;
+    for (i, (key, ..)) in &creates {
+        let id = made.get(&row_key(key));
+        results[*i] = Some(id.map(|id| (*id, 0)).ok_or(StorageError::Behind));
     }
     for (i, (t, _)) in jobs.iter().enumerate() {
         if let Target::Existing { id, after } = t {
@@ -342,10 +350,8 @@ async fn write_batch<C: deadpool_postgres::GenericClient + Sync>(
                 Some(h) => {
                     *h += changes.len() as i64;
                     *counts.entry(id).or_default() += changes.len() as i64;
-                    *added.entry(id).or_default() += changes
-                        .iter()
-                        .map(|c| (c.data.len() + c.blob.as_ref().map_or(0, Bytes::len)) as i64)
-                        .sum::<i64>();
+                    *added.entry(id).or_default() +=
+                        changes.iter().map(|c| c.stored_bytes() as i64).sum::<i64>();
                     Ok(id)
                 }
             },
@@ -825,10 +831,7 @@ impl Storage for PostgresStorage {
         if exists.is_none() {
             return Err(StorageError::Gone);
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now = now_ms();
         tx.execute(
             "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT (resource_id) DO UPDATE SET upto_seq = EXCLUDED.upto_seq, data = EXCLUDED.data, at_ms = EXCLUDED.at_ms
@@ -851,29 +854,33 @@ impl Storage for PostgresStorage {
         if items.is_empty() {
             return Ok(Vec::new());
         }
+        let mut ids: Vec<Option<ResourceId>> = vec![None; items.len()];
+        // Those that start with changes are appends that create their resource; those
+        // that start with a snapshot, a row and a snapshot each. A key given twice as a
+        // snapshot is created once, for its first item.
+        let (mut with_changes, mut jobs) = (Vec::new(), Vec::new());
+        let mut snapshots: Vec<(usize, ResourceKey, Kind, String, Bytes)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in items.into_iter().enumerate() {
+            match r.first {
+                First::Changes(changes) => {
+                    with_changes.push(i);
+                    let target = Target::Create {
+                        key: r.key,
+                        kind: r.kind,
+                        media_type: r.media_type,
+                    };
+                    jobs.push((target, changes));
+                }
+                First::Snapshot(data) if seen.insert(r.key.clone()) => {
+                    snapshots.push((i, r.key, r.kind, r.media_type, data));
+                }
+                First::Snapshot(_) => {}
+            }
+        }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
-        let mut ids: Vec<Option<ResourceId>> = vec![None; items.len()];
         let mut told: Vec<Appended> = Vec::new();
-        // Those that start with changes: appends that create their resource.
-        let (with_changes, jobs): (Vec<usize>, Vec<(Target, Vec<NewChange>)>) = items
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| match &r.first {
-                First::Changes(cs) => Some((
-                    i,
-                    (
-                        Target::Create {
-                            key: r.key.clone(),
-                            kind: r.kind,
-                            media_type: r.media_type.clone(),
-                        },
-                        cs.clone(),
-                    ),
-                )),
-                First::Snapshot(_) => None,
-            })
-            .unzip();
         for (i, r) in with_changes.into_iter().zip(write_batch(&tx, &jobs).await?) {
             match r {
                 Ok(a) => {
@@ -884,63 +891,28 @@ impl Storage for PostgresStorage {
                 Err(e) => return Err(e),
             }
         }
-        // Those that start with a snapshot: their rows, then their snapshots, one
-        // statement each. A key given twice is created once, for its first item.
-        let mut seen = std::collections::HashSet::new();
-        let snapshots: Vec<(usize, &NewResource, &Bytes)> = items
+        let rows: Vec<NewRow<'_>> = snapshots
             .iter()
-            .enumerate()
-            .filter_map(|(i, r)| match &r.first {
-                First::Snapshot(d) => Some((i, r, d)),
-                First::Changes(_) => None,
+            .map(|(_, key, kind, media_type, data)| {
+                (key, *kind, media_type.as_str(), None, data.len() as i64)
             })
-            .filter(|(_, r, _)| seen.insert(&r.key))
             .collect();
-        if !snapshots.is_empty() {
-            let ns: Vec<&[u8]> = snapshots
-                .iter()
-                .map(|s| s.1.key.namespace.as_bytes().as_slice())
-                .collect();
-            let paths: Vec<&str> = snapshots.iter().map(|s| s.1.key.path.as_str()).collect();
-            let kinds: Vec<i16> = snapshots.iter().map(|s| s.1.kind.code()).collect();
-            let types: Vec<&str> = snapshots.iter().map(|s| s.1.media_type.as_str()).collect();
-            let sizes: Vec<i64> = snapshots.iter().map(|s| s.2.len() as i64).collect();
-            let insert = cached(
-                &tx,
-                "INSERT INTO resources (namespace, path, kind, media_type, bytes)
-                 SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::int2[], $4::text[], $5::int8[])
-                 ON CONFLICT (namespace, path) DO NOTHING
-                 RETURNING id, namespace, path",
-            )
-            .await?;
-            let made: HashMap<(Vec<u8>, String), i64> = tx
-                .query(&insert, &[&ns, &paths, &kinds, &types, &sizes])
-                .await
-                .map_err(pg_err)?
-                .iter()
-                .map(|r| ((r.get::<_, Vec<u8>>(1), r.get::<_, String>(2)), r.get(0)))
-                .collect();
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
-            let (mut s_id, mut s_data) = (Vec::new(), Vec::new());
-            for (i, r, data) in &snapshots {
-                let key = (
-                    r.key.namespace.as_bytes().to_vec(),
-                    r.key.path.as_str().to_string(),
-                );
-                if let Some(&id) = made.get(&key) {
-                    ids[*i] = Some(id);
-                    s_id.push(id);
-                    s_data.push(data.as_ref());
-                    told.push(Appended {
-                        resource: id,
-                        first_seq: 1,
-                        last_seq: 0,
-                    });
-                }
+        let made = insert_resources(&tx, &rows).await?;
+        let (mut s_id, mut s_data) = (Vec::new(), Vec::new());
+        for (i, key, _, _, data) in &snapshots {
+            if let Some(&id) = made.get(&row_key(key)) {
+                ids[*i] = Some(id);
+                s_id.push(id);
+                s_data.push(data.as_ref());
+                told.push(Appended {
+                    resource: id,
+                    first_seq: 1,
+                    last_seq: 0,
+                });
             }
+        }
+        if !s_id.is_empty() {
+            let now = now_ms();
             let insert = cached(
                 &tx,
                 "INSERT INTO snapshots (resource_id, upto_seq, data, at_ms)

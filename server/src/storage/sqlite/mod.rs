@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     Appended, CommitLimits, First, LoadedResource, NewChange, NewResource, ResourceId, ResourceRow,
     ResourceSummary, Seq, Storage, StorageError, StoredChange, StoredCheckpoint, StoredSegment, Take, Target,
-    columns, identity_from_bytes, key_from_row, kind_from_code, prefix_upper_bound,
+    columns, identity_from_bytes, key_from_row, kind_from_code, now_ms, prefix_upper_bound,
 };
 use crate::model::{Kind, Namespace, ResourceKey, ResourcePath};
 
@@ -97,13 +97,9 @@ enum WriteJob {
 impl WriteJob {
     fn weight(&self) -> (usize, usize) {
         match self {
-            WriteJob::Append { changes, .. } => (
-                changes.len(),
-                changes
-                    .iter()
-                    .map(|c| c.data.len() + c.blob.as_ref().map_or(0, |b| b.len()))
-                    .sum(),
-            ),
+            WriteJob::Append { changes, .. } => {
+                (changes.len(), changes.iter().map(NewChange::stored_bytes).sum())
+            }
             WriteJob::Snapshot { data, .. } => (1, data.len()),
             WriteJob::Create { items, .. } => (items.len(), items.iter().map(NewResource::bytes).sum()),
             WriteJob::PutSegment { ciphertext, .. } => (1, ciphertext.len()),
@@ -130,13 +126,6 @@ fn sql_err(e: rusqlite::Error) -> StorageError {
         }
         other => StorageError::Failed(other.to_string()),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn open(path: &Path, write: bool) -> Result<Connection, StorageError> {
@@ -521,7 +510,7 @@ fn append(t: &Connection, target: Target, changes: &[NewChange]) -> Result<Appen
     let mut added: i64 = 0;
     for c in changes {
         seq += 1;
-        added += (c.data.len() + c.blob.as_ref().map_or(0, |b| b.len())) as i64;
+        added += c.stored_bytes() as i64;
         insert
             .execute(params![
                 id,
@@ -585,17 +574,19 @@ fn create(t: &Connection, items: &[NewResource]) -> Result<Vec<Option<ResourceId
     let now = now_ms();
     let mut ids = Vec::with_capacity(items.len());
     for r in items {
-        let target = Target::Create {
-            key: r.key.clone(),
-            kind: r.kind,
-            media_type: r.media_type.clone(),
-        };
         let id = match &r.first {
-            First::Changes(changes) => match append(t, target, changes) {
-                Ok(a) => Some(a.resource),
-                Err(StorageError::Behind) => None,
-                Err(e) => return Err(e),
-            },
+            First::Changes(changes) => {
+                let target = Target::Create {
+                    key: r.key.clone(),
+                    kind: r.kind,
+                    media_type: r.media_type.clone(),
+                };
+                match append(t, target, changes) {
+                    Ok(a) => Some(a.resource),
+                    Err(StorageError::Behind) => None,
+                    Err(e) => return Err(e),
+                }
+            }
             First::Snapshot(data) => {
                 let id = insert_resource(t, &r.key, r.kind, &r.media_type, now, None, data.len() as i64)?;
                 if let Some(id) = id {
