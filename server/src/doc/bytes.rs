@@ -98,8 +98,6 @@ impl BytesDoc {
             }
         };
         super::check_digest(w.digest, &body)?;
-        // The value's address in the store, and the agent of an unversioned write.
-        let hash = blake3::hash(&body);
         if w.version.is_none()
             && !w.force
             && self
@@ -109,8 +107,12 @@ impl BytesDoc {
         {
             return Ok(Outcome::Unchanged);
         }
+        if w.version.is_some_and(|v| self.knows(v)) {
+            return Ok(Outcome::Unchanged);
+        }
+        // The value's address in the store, and the agent of an unversioned write.
+        let hash = blake3::hash(&body);
         let id = match w.version {
-            Some(v) if self.knows(v) => return Ok(Outcome::Unchanged),
             Some(v) => v.clone(),
             None => {
                 // The client's `Peer`, else one named by the value's hash. An agent whose

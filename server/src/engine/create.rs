@@ -38,7 +38,7 @@ impl Engine {
     /// For each, in order, whether it was created; one that was not is the caller's to
     /// write the usual way (it exists, or its actor has it).
     pub async fn create_many(&self, items: &[(ResourceKey, Start)]) -> Result<Vec<bool>, EngineError> {
-        let now = super::actor::now_ms();
+        let now = crate::storage::now_ms();
         let mut asked = Vec::new();
         let mut new = Vec::new();
         for (i, (key, start)) in items.iter().enumerate() {

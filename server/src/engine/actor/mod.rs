@@ -29,7 +29,9 @@ use super::{
 use crate::cpu::{HEAVY_DOCUMENT_BYTES, document_work};
 use crate::doc::{BytesDoc, BytesValue, DocWrite, Document, Outcome};
 use crate::model::{Kind, ResourceKey, Version, VersionId};
-use crate::storage::{Hold, LoadedResource, NewChange, ResourceId, Seq, Storage, StorageError, Target};
+use crate::storage::{
+    Hold, LoadedResource, NewChange, ResourceId, Seq, Storage, StorageError, Target, now_ms,
+};
 use crate::update::{Update, UpdateBody, WriteBody};
 
 mod compaction;
@@ -157,13 +159,6 @@ struct Present {
 
 /// Past this many changes, an empty replica is sent the whole document, not the changes.
 const SNAPSHOT_SYNC_AFTER: usize = 256;
-
-pub(super) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 type WriteReply = oneshot::Sender<Result<WriteResult, EngineError>>;
 
